@@ -1,0 +1,272 @@
+"""Module discovery: each folder with `*.tf` files is a module; its variables become a schema.
+
+Parsing HCL costs about 150 ms a module, so it happens once, at start. A request body is
+checked against the module's JSON Schema before terraform ever runs, and every field error
+is reported at once, in words that never repeat the value sent (it may be a secret).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hcl2
+import jsonschema
+from hcl2 import SerializationOptions
+from lark.exceptions import LarkError
+
+from .config import NAME_RE
+from .errors import ConfigError, FieldError, InvalidInput
+from .types import TfType, TypeSyntaxError, nullable, parse_type, to_schema
+
+logger = logging.getLogger(__name__)
+
+#: Paths the API uses itself; a module folder with one of these names is not served.
+RESERVED_NAMES = frozenset({"healthz", "readyz", "metrics", "jobs", "openapi", "docs"})
+
+_HCL_OPTIONS = SerializationOptions(
+    strip_string_quotes=True, explicit_blocks=False, with_comments=False
+)
+
+
+@dataclass(frozen=True)
+class Variable:
+    """One input variable of a module."""
+
+    name: str
+    type: TfType
+    required: bool
+    default: Any = None
+    nullable: bool = True
+    sensitive: bool = False
+    description: str = ""
+
+    def schema(self) -> dict[str, Any]:
+        """The JSON Schema of this variable's value."""
+        schema = to_schema(self.type)
+        if self.nullable:
+            schema = nullable(schema)
+        if self.description:
+            schema["description"] = self.description
+        if not self.required and self.default is not None and not self.sensitive:
+            schema["default"] = self.default
+        if self.sensitive:
+            schema["writeOnly"] = True
+        return schema
+
+
+@dataclass(frozen=True)
+class Output:
+    """One output of a module."""
+
+    name: str
+    description: str = ""
+    sensitive: bool = False
+
+
+@dataclass(frozen=True)
+class Module:
+    """A servable Terraform module, read once from its folder."""
+
+    name: str
+    path: Path
+    variables: Mapping[str, Variable]
+    outputs: Mapping[str, Output]
+    description: str = ""
+    schema: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def sensitive_variables(self) -> frozenset[str]:
+        """Names of the variables marked `sensitive`."""
+        return frozenset(n for n, v in self.variables.items() if v.sensitive)
+
+    def validate(self, body: Any) -> dict[str, Any]:
+        """Check a request body against the variables; raise `InvalidInput` listing all faults."""
+        if not isinstance(body, dict):
+            raise InvalidInput(
+                "the body must be a JSON object of variables",
+                [FieldError("", "must be a JSON object")],
+            )
+        validator = jsonschema.Draft202012Validator(self.schema)
+        errors: list[FieldError] = []
+        for error in validator.iter_errors(body):
+            errors.extend(_field_errors(error))
+        if errors:
+            unique = sorted(set(errors), key=lambda e: (e.field, e.message))
+            raise InvalidInput(
+                f"{len(unique)} problem(s) with the variables of module {self.name!r}", unique
+            )
+        return body
+
+    def secret_values(self, inputs: Mapping[str, Any]) -> list[str]:
+        """Every text form of every sensitive value (given or default), for scrubbing."""
+        found: list[str] = []
+        for name in self.sensitive_variables:
+            var = self.variables[name]
+            for value in (inputs.get(name), var.default):
+                found.extend(_leaves(value))
+        return sorted({s for s in found if s}, key=len, reverse=True)
+
+
+def _leaves(value: Any) -> Iterable[str]:
+    if value is None:
+        return
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _leaves(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _leaves(v)
+    elif isinstance(value, bool):
+        return  # "true"/"false" reveal next to nothing and scrubbing them would maim text
+    else:
+        yield str(value)
+
+
+def _describe(kind: Any) -> str:
+    names = {
+        "string": "a string",
+        "number": "a number",
+        "boolean": "true or false",
+        "array": "a list",
+        "object": "an object",
+        "null": "null",
+    }
+    if isinstance(kind, list):
+        return " or ".join(names.get(k, str(k)) for k in kind)
+    return names.get(kind, str(kind))
+
+
+def _path(parts: Iterable[Any]) -> str:
+    text = ""
+    for part in parts:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
+    return text
+
+
+def _field_errors(error: Any) -> list[FieldError]:
+    """Words for one schema error (a jsonschema ValidationError) that never echo the value."""
+    where = list(error.absolute_path)
+    here = _path(where)
+    rule = error.validator
+    if rule == "required":
+        missing = [n for n in error.validator_value if n not in error.instance]
+        what = "variable" if not where else "attribute"
+        return [FieldError(_path([*where, n]), f"required {what} is missing") for n in missing]
+    if rule == "additionalProperties" and error.validator_value is False:
+        known = set(error.schema.get("properties", {}))
+        what = "variable" if not where else "attribute"
+        return [
+            FieldError(_path([*where, n]), f"unknown {what}")
+            for n in error.instance
+            if n not in known
+        ]
+    if rule == "type":
+        return [FieldError(here, f"must be {_describe(error.validator_value)}")]
+    if rule in ("minItems", "maxItems"):
+        count = error.schema.get("minItems")
+        if count == error.schema.get("maxItems"):
+            return [FieldError(here, f"must have exactly {count} items")]
+        return [FieldError(here, f"must have {'at least' if rule == 'minItems' else 'at most'} "
+                                 f"{error.validator_value} items")]
+    if rule == "uniqueItems":
+        return [FieldError(here, "must not repeat an item (it is a set)")]
+    if rule == "items" and error.validator_value is False:
+        return [FieldError(here, "has more items than the tuple type allows")]
+    if rule == "anyOf":
+        # The only anyOf we emit is "<schema> or null": report the first branch's faults.
+        inner = [e for e in error.context or [] if e.relative_schema_path[0] == 0]
+        found = [fe for e in inner for fe in _field_errors(e)]
+        return found or [FieldError(here, "has the wrong type")]
+    return [FieldError(here, f"fails the {rule} rule")]
+
+
+def _first(value: Any) -> Any:
+    # python-hcl2 gives repeated attributes as lists in some versions; take the first.
+    return value[0] if isinstance(value, list) and value and not isinstance(value[0], dict) \
+        else value
+
+
+def _readme_summary(path: Path) -> str:
+    readme = path / "README.md"
+    if not readme.is_file():
+        return ""
+    paragraph: list[str] = []
+    for line in readme.read_text(encoding="utf-8").splitlines():
+        text = line.strip()
+        if text and not text.startswith(("#", "<!--", "```", "|")):
+            paragraph.append(text)
+        elif paragraph:
+            break
+    return " ".join(paragraph)
+
+
+def load_module(path: Path, name: str | None = None) -> Module:
+    """Read one module folder's variables and outputs (raises ConfigError if unreadable)."""
+    variables: dict[str, Variable] = {}
+    outputs: dict[str, Output] = {}
+    for tf in sorted(path.glob("*.tf")):
+        try:
+            doc = hcl2.loads(tf.read_text(encoding="utf-8"), serialization_options=_HCL_OPTIONS)
+        except (LarkError, ValueError) as e:
+            raise ConfigError(f"{tf}: cannot parse HCL: {type(e).__name__}") from e
+        for block in doc.get("variable", []):
+            for var_name, body in block.items():
+                try:
+                    tf_type = parse_type(_first(body.get("type")))
+                except TypeSyntaxError as e:
+                    raise ConfigError(f"{tf}: variable {var_name}: {e}") from e
+                variables[var_name] = Variable(
+                    name=var_name,
+                    type=tf_type,
+                    required="default" not in body,
+                    default=body.get("default"),
+                    nullable=bool(_first(body.get("nullable", True))),
+                    sensitive=bool(_first(body.get("sensitive", False))),
+                    description=str(_first(body.get("description", "")) or ""),
+                )
+        for block in doc.get("output", []):
+            for out_name, body in block.items():
+                outputs[out_name] = Output(
+                    name=out_name,
+                    description=str(_first(body.get("description", "")) or ""),
+                    sensitive=bool(_first(body.get("sensitive", False))),
+                )
+    schema: dict[str, Any] = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "type": "object",
+        "properties": {n: v.schema() for n, v in variables.items()},
+        "required": sorted(n for n, v in variables.items() if v.required),
+        "additionalProperties": False,
+    }
+    return Module(
+        name=name or path.name,
+        path=path,
+        variables=variables,
+        outputs=outputs,
+        description=_readme_summary(path),
+        schema=schema,
+    )
+
+
+def discover(modules_dir: Path) -> dict[str, Module]:
+    """Every subfolder of `modules_dir` holding `*.tf` files, by URL name."""
+    if not modules_dir.is_dir():
+        raise ConfigError(f"modules folder {modules_dir} does not exist")
+    found: dict[str, Module] = {}
+    for sub in sorted(modules_dir.iterdir()):
+        if not sub.is_dir() or not any(sub.glob("*.tf")):
+            continue
+        if not NAME_RE.match(sub.name) or sub.name in RESERVED_NAMES:
+            logger.warning("module folder %s skipped: its name cannot be a URL path", sub.name)
+            continue
+        found[sub.name] = load_module(sub)
+    if not found:
+        raise ConfigError(f"no modules (folders with *.tf files) in {modules_dir}")
+    return found

@@ -64,7 +64,8 @@ def serve(server: TFServer) -> int:
     logger.info(
         "serving %s on %s (auth %s, backend %s)", ", ".join(server.service.modules),
         server.url, config.auth, config.backend,
-        extra={"modules": list(server.service.modules), "url": server.url},
+        extra={"modules": list(server.service.modules), "url": server.url,
+               "state_dir": str(config.state_dir)},
     )
     server.serve_forever(poll_interval=0.2)
     if not server.wait_idle(config.shutdown_grace):

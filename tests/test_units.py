@@ -1,0 +1,206 @@
+"""Pure parts as tables: terraform arguments, environment, config, locks, scrubbing."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tfserver.config import PASSED_ENV, load
+from tfserver.errors import ConfigError, Conflict, Unavailable
+from tfserver.locks import InstanceLocks, RunSlots
+from tfserver.service import Scrubber, parse_lock_info, workspace_name
+from tfserver.terraform import RunResult, build_args, build_env, cli_config_text
+
+VF = Path("/s/tmp/x.tfvars.json")
+
+
+@pytest.mark.parametrize(
+    ("command", "kwargs", "expected"),
+    [
+        ("apply", {"var_file": VF, "lock_timeout": 0},
+         ["apply", "-json", "-auto-approve", "-input=false", "-no-color", "-lock-timeout=0s",
+          f"-var-file={VF}"]),
+        ("plan", {"var_file": VF, "lock_timeout": 12.7},
+         ["plan", "-json", "-input=false", "-no-color", "-lock-timeout=12s",
+          f"-var-file={VF}"]),
+        ("plan", {"var_file": VF, "destroy": True},
+         ["plan", "-json", "-destroy", "-input=false", "-no-color", f"-var-file={VF}"]),
+        ("destroy", {"var_file": VF, "lock_timeout": 5},
+         ["destroy", "-json", "-auto-approve", "-input=false", "-no-color", "-lock-timeout=5s",
+          f"-var-file={VF}"]),
+        ("init", {"backend_config": [("bucket", "b"), ("key", "k")]},
+         ["init", "-input=false", "-no-color", "-backend-config=bucket=b",
+          "-backend-config=key=k"]),
+        ("workspace new", {"lock_timeout": 3, "extra": ["t.x"]},
+         ["workspace", "new", "-no-color", "-lock-timeout=3s", "t.x"]),
+        ("workspace delete", {"extra": ["t.x"]}, ["workspace", "delete", "-no-color", "t.x"]),
+        ("force-unlock", {"extra": ["abc"]}, ["force-unlock", "-no-color", "-force", "abc"]),
+    ],
+)
+def test_build_args(command: str, kwargs: dict, expected: list[str]) -> None:
+    assert build_args(command, **kwargs) == expected
+
+
+def test_build_env_is_allowlist_plus_terraforms_own() -> None:
+    env = build_env({"PATH": "/bin"}, workspace="t.x", cli_config_file=Path("/c/rc"))
+    assert env == {"PATH": "/bin", "TF_IN_AUTOMATION": "1", "TF_INPUT": "0",
+                   "CHECKPOINT_DISABLE": "1", "TF_WORKSPACE": "t.x",
+                   "TF_CLI_CONFIG_FILE": "/c/rc"}
+
+
+def test_cli_config_text() -> None:
+    assert cli_config_text(Path("/c"), None) == 'plugin_cache_dir = "/c"\n'
+    text = cli_config_text(Path("/c"), Path("/m"))
+    assert 'filesystem_mirror {\n    path = "/m"' in text
+
+
+def test_run_result_reads_the_event_stream() -> None:
+    events = (
+        {"type": "diagnostic", "diagnostic": {"severity": "warning", "summary": "w"}},
+        {"type": "diagnostic", "diagnostic": {"severity": "error", "summary": "e",
+                                              "detail": "d"}},
+        {"type": "planned_change", "change": {"resource": {"addr": "a.b"}, "action": "create"}},
+        {"type": "apply_start"},
+        {"type": "change_summary", "changes": {"add": 1, "change": 2, "remove": 3,
+                                               "import": 0}},
+        {"type": "outputs", "outputs": {"o": {"value": 1}}},
+    )
+    r = RunResult(("apply",), 1, events)
+    assert not r.ok and r.apply_started
+    assert [d.summary for d in r.diagnostics] == ["e", "w"]
+    assert [d.summary for d in r.errors] == ["e"]
+    assert r.changes == {"add": 1, "change": 2, "remove": 3}
+    assert r.planned == [{"address": "a.b", "action": "create"}]
+    assert r.outputs == {"o": {"value": 1}}
+    assert RunResult(("plan",), 0).outputs is None
+    assert not RunResult(("plan",), 0, timed_out=True).ok
+
+
+def test_scrubber_removes_plain_and_escaped_forms() -> None:
+    scrub = Scrubber(["p@ss\"word", "12345"])
+    assert scrub('value "p@ss\\"word" and p@ss"word, 12345') == \
+        'value "(sensitive value)" and (sensitive value), (sensitive value)'
+    assert Scrubber([])("text") == "text"
+
+
+def test_parse_lock_info() -> None:
+    detail = """Error message: operation error S3: PutObject, StatusCode: 412
+Lock Info:
+  ID:        6f2b0c6e-1b6b-d1b4-59c8-5d8f3d0b7a11
+  Path:      bucket/tfserver/demo/local.x/terraform.tfstate
+  Operation: OperationTypeApply
+  Who:       root@host
+  Version:   1.11.4
+  Created:   2026-11-27 19:00:00.1 +0000 UTC
+  Info:
+
+Terraform acquires a state lock..."""
+    assert parse_lock_info(detail) == {
+        "id": "6f2b0c6e-1b6b-d1b4-59c8-5d8f3d0b7a11",
+        "path": "bucket/tfserver/demo/local.x/terraform.tfstate",
+        "operation": "OperationTypeApply",
+        "who": "root@host",
+        "version": "1.11.4",
+        "created": "2026-11-27 19:00:00.1 +0000 UTC",
+    }
+
+
+def test_workspace_names_cannot_cross_tenants() -> None:
+    assert workspace_name("local", "default") == "local.default"
+    # instance names hold no dot, so "<tenant>.<instance>" splits one way only
+    assert workspace_name("abc", "x").partition(".") == ("abc", ".", "x")
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "check"),
+    [
+        ([], {}, lambda c: (c.host, c.port, c.auth, c.backend) == ("127.0.0.1", 8000, "none",
+                                                                    "local")),
+        (["--port", "9"], {"TFSERVER_PORT": "7"}, lambda c: c.port == 9),
+        ([], {"TFSERVER_PORT": "7", "TFSERVER_HOST": "::1"}, lambda c: (c.port, c.host) == (
+            7, "::1")),
+        ([], {"TFSERVER_RUN_TIMEOUT": "2m", "TFSERVER_LOCK_WAIT": "1.5"},
+         lambda c: (c.run_timeout, c.lock_wait) == (120, 1.5)),
+        ([], {"TFSERVER_MAX_BODY": "2MiB"}, lambda c: c.max_body == 2 * 1024 * 1024),
+        ([], {"COGNITO_ISSUER": "https://idp/pool/", "TFSERVER_HOST": "0.0.0.0"},
+         lambda c: c.auth == "jwt" and c.auth_settings.jwk_url ==
+         "https://idp/pool/.well-known/jwks.json"),
+        ([], {"DIGITALOCEAN_API_TOKEN": "t", "OTHER": "x"},
+         lambda c: c.terraform_env == {"DIGITALOCEAN_TOKEN": "t"}),
+        ([], {"TFSERVER_PASS_ENV": "OTHER", "OTHER": "x", "PATH": "/bin"},
+         lambda c: c.terraform_env == {"OTHER": "x", "PATH": "/bin"}),
+        ([], {"TFSERVER_BACKEND": "s3", "TF_STATE_BUCKET": "b", "TF_STATE_LOCK_TABLE": "t"},
+         lambda c: c.s3 is not None and c.s3.bucket == "b" and c.s3.lock_table == "t"
+         and c.s3.use_lockfile),
+    ],
+)
+def test_config_table(argv: list[str], env: dict[str, str], check) -> None:  # noqa: ANN001
+    assert check(load(argv, env))
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"TFSERVER_HOST": "0.0.0.0"}, "refusing to serve without authentication"),
+        ({"TFSERVER_AUTH": "none", "TFSERVER_HOST": "10.1.2.3"}, "refusing"),
+        ({"TFSERVER_AUTH": "jwt"}, "needs COGNITO_ISSUER"),
+        ({"TFSERVER_BACKEND": "s3"}, "needs TF_STATE_BUCKET"),
+        ({"TFSERVER_BACKEND": "s3", "TF_STATE_BUCKET": "b", "TF_STATE_USE_LOCKFILE": "false"},
+         "needs a lock"),
+        ({"TFSERVER_RUN_TIMEOUT": "soon"}, "must be a number"),
+        ({"TFSERVER_MAX_BODY": "-1"}, "must be a size"),
+        ({"TFSERVER_TLS_CERT": "/c"}, "go together"),
+        ({"TFSERVER_BACKEND": "gcs"}, "local or s3"),
+    ],
+)
+def test_config_errors(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load([], env)
+
+
+def test_passed_env_has_no_server_settings() -> None:
+    assert not [k for k in PASSED_ENV if k.startswith(("TFSERVER_", "COGNITO", "JWK"))]
+
+
+def test_instance_lock_waits_then_conflicts() -> None:
+    locks = InstanceLocks()
+    held = threading.Event()
+    release = threading.Event()
+
+    def holder() -> None:
+        with locks.hold("k", 0):
+            held.set()
+            release.wait(10)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    held.wait(10)
+    assert locks.busy("k")
+    with pytest.raises(Conflict):
+        with locks.hold("k", 0):
+            pass
+    started = time.monotonic()
+    with pytest.raises(Conflict):
+        with locks.hold("k", 0.3):
+            pass
+    assert time.monotonic() - started >= 0.25
+    with locks.hold("other", 0):  # other keys are free
+        pass
+    threading.Timer(0.2, release.set).start()
+    with locks.hold("k", 5):  # waits for the holder
+        pass
+    t.join(10)
+    assert not locks.busy("k") and locks._entries == {}
+
+
+def test_run_slots_refuse_beyond_the_cap() -> None:
+    slots = RunSlots(2)
+    with slots.take(), slots.take():
+        with pytest.raises(Unavailable):
+            with slots.take():
+                pass
+    with slots.take():
+        pass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -106,10 +107,8 @@ class ServerProcess:
     def log_records(self) -> list[dict[str, Any]]:
         found = []
         for line in list(self.lines):
-            try:
+            with contextlib.suppress(ValueError):
                 found.append(json.loads(line))
-            except ValueError:
-                pass
         return found
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:

@@ -140,7 +140,8 @@ def test_body_not_json(server: ServerProcess) -> None:
     r = server.request("POST", "/basic", raw=b'{"name": NaN}',
                        headers={"Content-Type": "application/json"})
     assert r.status == 400
-    r = server.request("POST", "/basic", raw=b"\xff\xfe", headers={"Content-Type": "application/json"})
+    r = server.request("POST", "/basic", raw=b"\xff\xfe",
+                       headers={"Content-Type": "application/json"})
     assert r.status == 400
 
 
@@ -320,7 +321,8 @@ def test_sensitive_outputs_redacted_and_secret_never_returned(server: ServerProc
 
 def test_no_init_and_no_output_process_per_request(tmp: Path) -> None:
     shim, log = terraform_shim(tmp)
-    srv = start_server(tmp, env={"TFSERVER_TERRAFORM": str(shim)})
+    srv = start_server(tmp, env={"TFSERVER_TERRAFORM": str(shim),
+                                 "TFSERVER_TMP_DIR": str(tmp / "vars")})
     try:
         startup = log.read_text().splitlines()
         assert sum(1 for c in startup if c.startswith("init")) == 3  # once per module, at start
@@ -342,7 +344,7 @@ def test_no_init_and_no_output_process_per_request(tmp: Path) -> None:
         gone = calls("DELETE", "/basic/count")
         assert [c.split()[:2] for c in gone] == [["destroy", "-json"], ["workspace", "delete"]]
         # The var file is gone after each run.
-        assert list((tmp / "state" / "tmp").iterdir()) == []
+        assert list((tmp / "vars").iterdir()) == []
     finally:
         srv.stop()
 
@@ -373,7 +375,8 @@ def test_terraform_is_not_given_the_servers_environment(tmp: Path) -> None:
         "  }\n}\n"
     )
     srv = start_server(tmp, modules_dir=tmp / "mods",
-                       env={"SERVER_ONLY_SECRET": "do-not-pass", "DIGITALOCEAN_API_TOKEN": "dop_v1"})
+                       env={"SERVER_ONLY_SECRET": "do-not-pass",
+                            "DIGITALOCEAN_API_TOKEN": "dop_v1"})
     try:
         assert srv.request("POST", "/envdump", {}).status == 200
         env = dict(line.split("=", 1) for line in (tmp / "env.txt").read_text().splitlines()

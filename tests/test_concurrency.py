@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -41,7 +42,7 @@ def test_runs_on_one_instance_wait_and_never_overlap(tmp: Path) -> None:
             [a.body for a in answers]
         spans = sorted(intervals(journal).values())
         assert len(spans) == 4
-        for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+        for (_, end), (start, _) in itertools.pairwise(spans):
             assert start >= end, spans
     finally:
         srv.stop()

@@ -137,7 +137,7 @@ def test_workspace_names_cannot_cross_tenants() -> None:
          and c.s3.use_lockfile),
     ],
 )
-def test_config_table(argv: list[str], env: dict[str, str], check) -> None:  # noqa: ANN001
+def test_config_table(argv: list[str], env: dict[str, str], check) -> None:
     assert check(load(argv, env))
 
 
@@ -179,13 +179,11 @@ def test_instance_lock_waits_then_conflicts() -> None:
     t.start()
     held.wait(10)
     assert locks.busy("k")
-    with pytest.raises(Conflict):
-        with locks.hold("k", 0):
-            pass
+    with pytest.raises(Conflict), locks.hold("k", 0):
+        pass
     started = time.monotonic()
-    with pytest.raises(Conflict):
-        with locks.hold("k", 0.3):
-            pass
+    with pytest.raises(Conflict), locks.hold("k", 0.3):
+        pass
     assert time.monotonic() - started >= 0.25
     with locks.hold("other", 0):  # other keys are free
         pass
@@ -198,9 +196,23 @@ def test_instance_lock_waits_then_conflicts() -> None:
 
 def test_run_slots_refuse_beyond_the_cap() -> None:
     slots = RunSlots(2)
-    with slots.take(), slots.take():
-        with pytest.raises(Unavailable):
-            with slots.take():
-                pass
+    with slots.take(), slots.take(), pytest.raises(Unavailable), slots.take():
+        pass
     with slots.take():
         pass
+
+
+def test_var_files_go_to_a_private_tmpfs_folder(tmp_path: Path) -> None:
+    from tfserver.config import Config
+    from tfserver.service import _var_dir
+
+    chosen, owned = _var_dir(Config(state_dir=tmp_path))
+    try:
+        if Path("/dev/shm").is_dir():
+            assert owned and chosen.parent == Path("/dev/shm")
+            assert chosen.stat().st_mode & 0o777 == 0o700
+    finally:
+        if owned:
+            chosen.rmdir()
+    assert _var_dir(Config(state_dir=tmp_path, tmp_dir=tmp_path / "v")) == (tmp_path / "v",
+                                                                            False)

@@ -73,6 +73,7 @@ def serve(server: TFServer) -> int:
         logger.warning("grace period over: interrupted %d terraform run(s)", count)
         server.wait_idle(config.kill_grace + 5)
     server.server_close()
+    server.service.close()
     logger.info("stopped")
     return 0
 

@@ -50,6 +50,10 @@ class StateBackend(Protocol):
         """Names of the workspaces that have state."""
         ...
 
+    def exists(self, module: str, workspace: str) -> bool:
+        """True when the workspace has a state object (cheaper than reading it)."""
+        ...
+
     def save_inputs(self, module: str, workspace: str, inputs: dict[str, Any]) -> None:
         """Keep the variables of the last apply (destroy needs them again)."""
         ...
@@ -132,6 +136,10 @@ class LocalBackend:
                 continue
             return doc if isinstance(doc, dict) else None
         raise BackendError("local state is being rewritten; try again")
+
+    def exists(self, module: str, workspace: str) -> bool:
+        """The state file is there."""
+        return (self._module_dir(module) / workspace / "terraform.tfstate").is_file()
 
     def workspaces(self, module: str) -> list[str]:
         """Folders that hold a state file."""

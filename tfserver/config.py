@@ -118,6 +118,8 @@ class Config:
     kill_grace: float = 10.0
     shutdown_grace: float = 60.0
     read_timeout: float = 30.0
+    #: Where the short-lived var files go; None picks a private folder on tmpfs if any.
+    tmp_dir: Path | None = None
     terraform_bin: str = "terraform"
     cli_config_file: Path | None = None
     provider_mirror: Path | None = None
@@ -329,6 +331,7 @@ def load(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
                                60.0),
         read_timeout=_number(env.get("TFSERVER_READ_TIMEOUT"), "TFSERVER_READ_TIMEOUT", 30.0,
                              minimum=0.1),
+        tmp_dir=Path(env["TFSERVER_TMP_DIR"]) if env.get("TFSERVER_TMP_DIR") else None,
         terraform_bin=get(args.terraform, "TFSERVER_TERRAFORM") or "terraform",
         cli_config_file=Path(cli_config) if cli_config and Path(cli_config).is_file() else None,
         provider_mirror=Path(mirror) if mirror else None,

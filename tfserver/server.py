@@ -7,6 +7,7 @@ authenticator); handlers reach them through `self.server`. Every error leaves th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -118,6 +119,10 @@ class RequestHandler(BaseHTTPRequestHandler):
     """One connection: HTTP/1.1 with keep-alive; every answer has a Content-Length."""
 
     protocol_version = "HTTP/1.1"
+    # Headers and body leave in one write (http.server flushes after each request), and
+    # without Nagle's delay: two small sends would otherwise wait on the peer's delayed ACK.
+    wbufsize = 1 << 16
+    disable_nagle_algorithm = True
     server: TFServer
 
     def setup(self) -> None:
@@ -173,6 +178,10 @@ class RequestHandler(BaseHTTPRequestHandler):
             self.send_problem(TFServerError("an unexpected error occurred; see the server log "
                                             f"for request {self.request_id}"))
         finally:
+            # The answer is buffered: it must be on the wire before this request counts as
+            # done, or a shutdown waiting for idle could exit with it still in the buffer.
+            with contextlib.suppress(OSError):
+                self.wfile.flush()
             access_log.info(
                 "%s %s %s", self.command, self.url_path[:200], self.status,
                 extra={"method": self.command, "path": self.url_path[:200],

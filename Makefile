@@ -25,6 +25,7 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench.py
+	$(BIN)/python bench/bench_auth.py
 
 clean:
 	rm -rf $(VENV) .tfserver .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from support import ServerProcess, require_tool, start_server
+from support import Moto, ServerProcess, require_tool, start_moto, start_server
 
 
 @pytest.fixture(scope="session")
@@ -29,3 +29,12 @@ def server(tmp_path_factory: pytest.TempPathFactory, terraform_bin: str
 def tmp(tmp_path: Path) -> Path:
     """A short alias of tmp_path."""
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def moto() -> Iterator[Moto]:
+    """moto's server (S3, DynamoDB, Cognito) on a free loopback port, for the session."""
+    server = start_moto()
+    yield server
+    server.proc.terminate()
+    server.proc.wait(timeout=10)

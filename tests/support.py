@@ -179,3 +179,138 @@ def start_server(
         else:
             raise AssertionError("tfserver not ready: " + r.body.decode())
     return server
+
+
+class Jwks:
+    """A JWKS served on 127.0.0.1 by the test: counts fetches, can rotate keys or go down."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.keys: list[dict[str, Any]] = []
+        self.fetches = 0
+        self.down = False
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                owner.fetches += 1
+                if owner.down:
+                    self.send_error(503)
+                    return
+                data = json.dumps({"keys": owner.keys}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/jwks.json"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def publish(self, signer: Signer) -> None:
+        self.keys.append(signer.jwk())
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class Signer:
+    """An RSA key pair of the test's own, signing Cognito-shaped access tokens."""
+
+    ISSUER = "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_TEST"
+
+    def __init__(self, kid: str) -> None:
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        self.kid = kid
+        self.private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+    def jwk(self) -> dict[str, Any]:
+        import jwt
+
+        doc = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(self.private.public_key()))
+        doc.update({"kid": self.kid, "alg": "RS256", "use": "sig"})
+        return dict(doc)
+
+    def claims(self, client_id: str = "client-a", scopes: str = "", **over: Any
+               ) -> dict[str, Any]:
+        now = int(time.time())
+        claims: dict[str, Any] = {
+            "sub": client_id, "client_id": client_id, "iss": self.ISSUER,
+            "token_use": "access", "scope": scopes, "iat": now, "exp": now + 600,
+            "jti": os.urandom(8).hex(),
+        }
+        claims.update(over)
+        return {k: v for k, v in claims.items() if v is not None}
+
+    def token(self, client_id: str = "client-a", scopes: str = "", *,
+              headers: dict[str, Any] | None = None, **over: Any) -> str:
+        import jwt
+
+        return jwt.encode(self.claims(client_id, scopes, **over), self.private,
+                          algorithm="RS256", headers={"kid": self.kid, **(headers or {})})
+
+
+def bearer(token: str) -> dict[str, str]:
+    """The Authorization header for a token."""
+    return {"Authorization": f"Bearer {token}"}
+
+
+def free_port() -> int:
+    """A port that was free a moment ago on 127.0.0.1."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Moto:
+    """moto's server, a separate process on 127.0.0.1."""
+
+    proc: subprocess.Popen[bytes]
+    url: str
+
+    def client(self, service: str) -> Any:
+        import boto3
+
+        return boto3.client(service, endpoint_url=self.url, region_name="us-east-1",
+                            aws_access_key_id="test", aws_secret_access_key="test")
+
+    def aws_env(self) -> dict[str, str]:
+        """Environment for programs that talk to this moto."""
+        return {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def start_moto(timeout: float = 30) -> Moto:
+    """Start `moto_server` on a free port and wait until it answers."""
+    binary = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or \
+        shutil.which("moto_server")
+    if not binary:
+        require_tool("moto_server")
+    port = free_port()
+    proc = subprocess.Popen([str(binary), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            conn = http.client.HTTPConnection(f"127.0.0.1:{port}", timeout=2)
+            conn.request("GET", "/moto-api/")
+            conn.getresponse().read()
+            conn.close()
+            return Moto(proc, url)
+        except OSError:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("moto_server did not start")

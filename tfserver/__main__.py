@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from types import FrameType
 
 from . import logs
-from .auth import Authenticator, NoAuth
+from .auth import make_authenticator
 from .backend import make_backend
 from .config import Config, load
 from .errors import ConfigError
@@ -34,7 +34,7 @@ def build(config: Config) -> TFServer:
     )
     service = Service(config, modules, terraform, make_backend(config))
     service.prepare()
-    authenticator: Authenticator = NoAuth()
+    authenticator = make_authenticator(config)
     ssl_context = None
     if config.tls_cert is not None and config.tls_key is not None:
         from .tls import context_from_files
@@ -81,6 +81,10 @@ def serve(server: TFServer) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `tfserver` and `python -m tfserver`."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["token"]:
+        from .client import main as token_main
+
+        return token_main(args[1:], os.environ)
     try:
         config = load(args, os.environ)
         logs.configure(config.log_level)

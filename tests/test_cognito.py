@@ -1,0 +1,118 @@
+"""End to end against moto's Cognito, and the `tfserver token` helper."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+import pytest
+
+from support import ROOT, Moto, bearer, start_server
+
+
+def test_moto_cognito_access_token_is_accepted(tmp: Path, moto: Moto) -> None:
+    idp = moto.client("cognito-idp")
+    pool = idp.create_user_pool(PoolName="tfserver-test")["UserPool"]["Id"]
+    client_id = idp.create_user_pool_client(
+        UserPoolId=pool, ClientName="api", GenerateSecret=False,
+        ExplicitAuthFlows=["ALLOW_ADMIN_USER_PASSWORD_AUTH", "ALLOW_REFRESH_TOKEN_AUTH"],
+    )["UserPoolClient"]["ClientId"]
+    idp.admin_create_user(UserPoolId=pool, Username="ops", TemporaryPassword="Temp-Pass-123!")
+    idp.admin_set_user_password(UserPoolId=pool, Username="ops", Password="Real-Pass-456!",
+                                Permanent=True)
+    token = idp.admin_initiate_auth(
+        UserPoolId=pool, ClientId=client_id, AuthFlow="ADMIN_USER_PASSWORD_AUTH",
+        AuthParameters={"USERNAME": "ops", "PASSWORD": "Real-Pass-456!"},
+    )["AuthenticationResult"]["AccessToken"]
+
+    srv = start_server(tmp, env={
+        # moto signs with an AWS-style issuer and serves the JWKS under its own URL
+        "COGNITO_ISSUER": f"https://cognito-idp.us-east-1.amazonaws.com/{pool}",
+        "JWK_URL": f"{moto.url}/{pool}/.well-known/jwks.json",
+        "TFSERVER_CLIENT_IDS": client_id,
+        # moto's access tokens carry only this scope: let it stand for admin here
+        "TFSERVER_ADMIN_SCOPES": "aws.cognito.signin.user.admin",
+    })
+    try:
+        r = srv.request("PUT", "/basic/cognito", {"name": "from-moto"}, headers=bearer(token))
+        assert r.status == 201, r.body
+        assert r.json["outputs"]["name"] == "from-moto"
+        assert srv.request("GET", "/basic/cognito", headers=bearer(token)).status == 200
+        assert srv.request("GET", "/basic/cognito").status == 401
+        assert srv.request("DELETE", "/basic/cognito", headers=bearer(token)).status == 200
+    finally:
+        srv.stop()
+
+
+@pytest.fixture()
+def token_endpoint() -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """A small OAuth2 token endpoint that checks the client-credentials grant."""
+    seen: list[dict[str, Any]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"])).decode()
+            form = {k: v[0] for k, v in parse_qs(body).items()}
+            auth = self.headers.get("Authorization", "")
+            creds = base64.b64decode(auth.removeprefix("Basic ")).decode() if auth else ""
+            seen.append({"form": form, "creds": creds, "path": self.path})
+            ok = creds == "cid:csecret" and form.get("grant_type") == "client_credentials"
+            doc = {"access_token": "tok-123", "token_type": "Bearer"} if ok else \
+                {"error": "invalid_client"}
+            data = json.dumps(doc).encode()
+            self.send_response(200 if ok else 400)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", seen
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def run_token(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tfserver", "token"], cwd=ROOT,
+                          env={"PATH": os.environ["PATH"], **env}, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_token_helper_uses_the_client_credentials_grant(
+        token_endpoint: tuple[str, list[dict[str, Any]]]) -> None:
+    url, seen = token_endpoint
+    done = run_token({"COGNITO_DOMAIN": url, "TFSERVER_CLIENT_ID": "cid",
+                      "TFSERVER_CLIENT_SECRET": "csecret",
+                      "TFSERVER_TOKEN_SCOPES": "tfserver/demo.write tfserver/demo.read"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "tok-123\n"
+    assert seen[0]["path"] == "/oauth2/token"
+    assert seen[0]["form"]["scope"] == "tfserver/demo.write tfserver/demo.read"
+
+
+def test_token_helper_errors_are_clear(
+        token_endpoint: tuple[str, list[dict[str, Any]]]) -> None:
+    url, _ = token_endpoint
+    done = run_token({"TFSERVER_TOKEN_URL": url + "/oauth2/token", "TFSERVER_CLIENT_ID": "cid",
+                      "TFSERVER_CLIENT_SECRET": "wrong"})
+    assert done.returncode == 1
+    assert "answered 400 invalid_client" in done.stderr and "Traceback" not in done.stderr
+    assert "wrong" not in done.stderr
+    done = run_token({"TFSERVER_TOKEN_URL": url})
+    assert done.returncode == 2 and "TFSERVER_CLIENT_ID" in done.stderr
+    done = run_token({"TFSERVER_TOKEN_URL": "http://127.0.0.1:9/oauth2/token",
+                      "TFSERVER_CLIENT_ID": "a", "TFSERVER_CLIENT_SECRET": "b"})
+    assert done.returncode == 1 and "cannot get a token" in done.stderr

@@ -26,6 +26,7 @@ test: lint
 bench: $(STAMP)
 	$(BIN)/python bench/bench.py
 	$(BIN)/python bench/bench_auth.py
+	$(BIN)/python bench/bench_s3.py
 
 clean:
 	rm -rf $(VENV) .tfserver .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -12,19 +12,34 @@ import logging
 import os
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from .config import Config
+import boto3
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import BotoCoreError, ClientError
+
+from .config import Config, S3Settings
 from .errors import ConfigError, Unavailable
 
 logger = logging.getLogger(__name__)
 
 INPUTS_SUFFIX = ".inputs.json"
+STATE_NAME = "terraform.tfstate"
 
 
 class BackendError(Unavailable):
     """The state store cannot be reached or answered an error (503)."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What a GET of an instance shows: its state, and the lock held on it, if any."""
+
+    state: dict[str, Any] | None
+    lock: dict[str, str] | None
 
 
 class StateBackend(Protocol):
@@ -72,6 +87,10 @@ class StateBackend(Protocol):
 
     def check(self) -> None:
         """Raise `BackendError` when the store cannot be reached."""
+        ...
+
+    def snapshot(self, module: str, workspace: str) -> Snapshot:
+        """State and lock of a workspace, read together."""
         ...
 
 
@@ -173,6 +192,10 @@ class LocalBackend:
         """The local backend's lock lives in process memory and flock; not visible here."""
         return None
 
+    def snapshot(self, module: str, workspace: str) -> Snapshot:
+        """The state file; local locks are not visible from outside terraform."""
+        return Snapshot(self.read_state(module, workspace), None)
+
     def check(self) -> None:
         """The state folder must be writable."""
         try:
@@ -183,8 +206,211 @@ class LocalBackend:
             raise BackendError(f"state folder {self.root}: {e.strerror}") from e
 
 
+def s3_backend_config(settings: S3Settings, module: str) -> list[tuple[str, str]]:
+    """`-backend-config` pairs for a module's state in S3 (pure; no secrets: credentials
+    come from the standard AWS chain in terraform's environment)."""
+    pairs = [
+        ("bucket", settings.bucket),
+        ("key", STATE_NAME),
+        ("workspace_key_prefix", f"{settings.key_prefix}/{module}"),
+        ("region", settings.region),
+        ("use_lockfile", "true" if settings.use_lockfile else "false"),
+    ]
+    if settings.lock_table:
+        pairs.append(("dynamodb_table", settings.lock_table))
+    if settings.endpoint:
+        endpoints = {"s3": settings.endpoint, "sts": settings.endpoint}
+        if settings.lock_table:
+            endpoints["dynamodb"] = settings.dynamodb_endpoint or settings.endpoint
+        pairs += [
+            ("endpoints", json.dumps(endpoints, sort_keys=True)),
+            ("use_path_style", "true"),
+            ("skip_credentials_validation", "true"),
+            ("skip_requesting_account_id", "true"),
+            ("skip_metadata_api_check", "true"),
+            ("skip_region_validation", "true"),
+        ]
+    else:
+        pairs.append(("encrypt", "true"))
+    return pairs
+
+
+class S3Backend:
+    """State objects at `<prefix>/<module>/<workspace>/terraform.tfstate` in a bucket.
+
+    Terraform locks with the S3 lock file (`<state key>.tflock`) and/or a DynamoDB item
+    (`LockID = <bucket>/<state key>`); this class only reads them, to report who holds a
+    lock. The inputs kept for destroy live beside, at `<prefix>/_inputs/<module>/<ws>.json`.
+    """
+
+    name = "s3"
+    creates_workspaces = True
+
+    def __init__(self, settings: S3Settings, *, timeout: float = 10.0) -> None:
+        self.settings = settings
+        boto = BotoConfig(
+            region_name=settings.region,
+            connect_timeout=min(timeout, 5.0),
+            read_timeout=timeout,
+            retries={"max_attempts": 3, "mode": "standard"},
+            s3={"addressing_style": "path"} if settings.endpoint else {},
+        )
+        self.s3 = boto3.client("s3", endpoint_url=settings.endpoint, config=boto)
+        # A GET of an instance reads the state and the lock at once, not one after another.
+        self._pool = ThreadPoolExecutor(max_workers=12, thread_name_prefix="s3-read")
+        self.ddb = (
+            boto3.client("dynamodb", endpoint_url=settings.dynamodb_endpoint or settings.endpoint,
+                         config=boto)
+            if settings.lock_table else None
+        )
+
+    def state_key(self, module: str, workspace: str) -> str:
+        """The object key of a workspace's state."""
+        return f"{self.settings.key_prefix}/{module}/{workspace}/{STATE_NAME}"
+
+    def _inputs_key(self, module: str, workspace: str) -> str:
+        return f"{self.settings.key_prefix}/_inputs/{module}/{workspace}.json"
+
+    def override(self, module: str) -> dict[str, Any]:
+        """An empty s3 backend block; the settings come as `-backend-config` values."""
+        return {"terraform": {"backend": {"s3": {}}}}
+
+    def init_config(self, module: str) -> list[tuple[str, str]]:
+        """See `s3_backend_config`."""
+        return s3_backend_config(self.settings, module)
+
+    def _get(self, key: str) -> bytes | None:
+        try:
+            obj = self.s3.get_object(Bucket=self.settings.bucket, Key=key)
+            return bytes(obj["Body"].read())
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                return None
+            raise BackendError(f"S3 refused to read state: {_code(e)}") from e
+        except BotoCoreError as e:
+            raise BackendError(f"S3 cannot be reached: {type(e).__name__}") from e
+
+    def exists(self, module: str, workspace: str) -> bool:
+        """HEAD of the state object."""
+        try:
+            self.s3.head_object(Bucket=self.settings.bucket,
+                                Key=self.state_key(module, workspace))
+            return True
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                return False
+            raise BackendError(f"S3 refused to read state: {_code(e)}") from e
+        except BotoCoreError as e:
+            raise BackendError(f"S3 cannot be reached: {type(e).__name__}") from e
+
+    def read_state(self, module: str, workspace: str) -> dict[str, Any] | None:
+        """GET of the state object (no terraform, no lock)."""
+        data = self._get(self.state_key(module, workspace))
+        if data is None:
+            return None
+        try:
+            doc = json.loads(data)
+        except ValueError as e:
+            raise BackendError("the state object is not JSON") from e
+        return doc if isinstance(doc, dict) else None
+
+    def workspaces(self, module: str) -> list[str]:
+        """Workspaces with a state object under the module's prefix."""
+        prefix = f"{self.settings.key_prefix}/{module}/"
+        found = []
+        try:
+            pages = self.s3.get_paginator("list_objects_v2").paginate(
+                Bucket=self.settings.bucket, Prefix=prefix)
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    rest = str(obj["Key"])[len(prefix):]
+                    ws, _, name = rest.partition("/")
+                    if name == STATE_NAME:
+                        found.append(ws)
+        except (ClientError, BotoCoreError) as e:
+            raise BackendError(f"S3 cannot list workspaces: {type(e).__name__}") from e
+        return sorted(found)
+
+    def save_inputs(self, module: str, workspace: str, inputs: dict[str, Any]) -> None:
+        """PUT the inputs object."""
+        try:
+            self.s3.put_object(Bucket=self.settings.bucket,
+                               Key=self._inputs_key(module, workspace),
+                               Body=json.dumps(inputs).encode(),
+                               ContentType="application/json")
+        except (ClientError, BotoCoreError) as e:
+            raise BackendError(f"S3 refused to keep the inputs: {type(e).__name__}") from e
+
+    def load_inputs(self, module: str, workspace: str) -> dict[str, Any] | None:
+        """GET the inputs object, if any."""
+        data = self._get(self._inputs_key(module, workspace))
+        if data is None:
+            return None
+        try:
+            doc = json.loads(data)
+        except ValueError as e:
+            raise BackendError("the stored inputs are not JSON") from e
+        return doc if isinstance(doc, dict) else None
+
+    def delete_inputs(self, module: str, workspace: str) -> None:
+        """DELETE the inputs object."""
+        try:
+            self.s3.delete_object(Bucket=self.settings.bucket,
+                                  Key=self._inputs_key(module, workspace))
+        except (ClientError, BotoCoreError) as e:
+            raise BackendError(f"S3 refused to delete the inputs: {type(e).__name__}") from e
+
+    def lock_info(self, module: str, workspace: str) -> dict[str, str] | None:
+        """The lock file's content, or the DynamoDB lock item's, when one is held."""
+        key = self.state_key(module, workspace)
+        raw: str | None = None
+        if self.settings.use_lockfile:
+            data = self._get(key + ".tflock")
+            raw = data.decode("utf-8", "replace") if data else None
+        if raw is None and self.ddb is not None:
+            try:
+                item = self.ddb.get_item(
+                    TableName=str(self.settings.lock_table),
+                    Key={"LockID": {"S": f"{self.settings.bucket}/{key}"}},
+                    ConsistentRead=True,
+                ).get("Item")
+            except (ClientError, BotoCoreError) as e:
+                raise BackendError(f"DynamoDB cannot be read: {type(e).__name__}") from e
+            raw = (item or {}).get("Info", {}).get("S")
+        if not raw:
+            return None
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            return {"info": "unreadable lock record"}
+        return {str(k).lower(): str(v) for k, v in doc.items() if v not in (None, "")}
+
+    def snapshot(self, module: str, workspace: str) -> Snapshot:
+        """State and lock, fetched concurrently (the latency of one round trip)."""
+        state = self._pool.submit(self.read_state, module, workspace)
+        lock = self._pool.submit(self.lock_info, module, workspace)
+        return Snapshot(state.result(), lock.result())
+
+    def check(self) -> None:
+        """HEAD the bucket, and describe the lock table when there is one."""
+        try:
+            self.s3.head_bucket(Bucket=self.settings.bucket)
+            if self.ddb is not None:
+                self.ddb.describe_table(TableName=str(self.settings.lock_table))
+        except ClientError as e:
+            raise BackendError(f"state store: {_code(e)}") from e
+        except BotoCoreError as e:
+            raise BackendError(f"state store cannot be reached: {type(e).__name__}") from e
+
+
+def _code(error: Any) -> str:
+    return str(error.response.get("Error", {}).get("Code", "error"))
+
+
 def make_backend(config: Config) -> StateBackend:
     """The backend the configuration names."""
     if config.backend == "s3":
-        raise ConfigError("the s3 backend is not built yet")
+        if config.s3 is None:
+            raise ConfigError("the s3 backend needs its settings")
+        return S3Backend(config.s3)
     return LocalBackend(config.state_dir)

@@ -223,6 +223,12 @@ class RequestHandler(BaseHTTPRequestHandler):
             self.allow("GET", "PUT", "DELETE")
             svc.module(module)
             return self.instance_call(principal, module, parts[1], named=True)
+        if len(parts) == 3 and parts[2] == "lock":
+            self.allow("DELETE")
+            svc.module(module)
+            body = self.read_body(required=True)
+            lock_id = body.get("lock_id") if isinstance(body, dict) else None
+            return 200, svc.force_unlock(principal, module, parts[1], lock_id)
         raise NotFound(f"nothing at {path[:100]}")
 
     def instance_call(self, principal: Principal, module: str, instance: str,

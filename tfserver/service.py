@@ -283,32 +283,29 @@ class Service:
 
     def show(self, principal: Principal, name: str, instance: str) -> dict[str, Any]:
         """An instance's outputs and status, read from its state without terraform."""
-        m = self.module(name)
+        self.module(name)
         principal.require(name, "read")
         check_instance_name(instance)
         ws = workspace_name(principal.tenant_key, instance)
-        state = self.backend.read_state(name, ws)
+        snap = self.backend.snapshot(name, ws)
+        state = snap.state
         if state is None:
             raise NotFound(f"module {name} has no instance {instance!r}")
         outputs = {
             k: REDACTED if (v.get("sensitive") and not principal.admin) else v.get("value")
             for k, v in (state.get("outputs") or {}).items()
         }
-        inputs = self.backend.load_inputs(name, ws) or {}
         body: dict[str, Any] = {
             "module": name,
             "instance": instance,
             "outputs": outputs,
-            "inputs": {k: REDACTED if k in m.sensitive_variables and not principal.admin
-                       else v for k, v in inputs.items()},
             "resources": len(state.get("resources") or []),
             "serial": state.get("serial"),
             "terraform_version": state.get("terraform_version"),
             "status": "busy" if self.locks.busy((name, ws)) else "idle",
         }
-        lock = self.backend.lock_info(name, ws)
-        if lock:
-            body["lock"] = lock
+        if snap.lock:
+            body["lock"] = snap.lock
             body["status"] = "locked"
         return body
 
@@ -406,6 +403,34 @@ class Service:
              "changes": result.changes, "run_id": run_id}
         )
 
+    def force_unlock(self, principal: Principal, name: str, instance: str,
+                     lock_id: Any) -> dict[str, Any]:
+        """Admin: clear a backend lock left by a killed run (its id must match)."""
+        self.module(name)
+        principal.require_admin()
+        check_instance_name(instance)
+        if not isinstance(lock_id, str) or not lock_id.strip():
+            raise BadRequest("send the lock id to clear as {\"lock_id\": \"...\"}",
+                             extra={"errors": [{"field": "lock_id", "message": "required"}]})
+        ws = workspace_name(principal.tenant_key, instance)
+        copy = self.ensure_ready(name)
+        # Never while this server runs terraform on the instance: that lock is alive.
+        with self.locks.hold((name, ws), 0, what=f"instance {instance!r} of module {name}"):
+            held = self.backend.lock_info(name, ws)
+            if held is not None and held.get("id") not in (None, lock_id):
+                raise Conflict("that is not the id of the lock held now", lock=held)
+            result = self.terraform.run(
+                build_args("force-unlock", extra=[lock_id]),
+                cwd=copy.path, workspace=ws, timeout=min(self.config.run_timeout, 120))
+            if not result.ok:
+                logger.warning("force-unlock of %s/%s failed: %s", name, instance,
+                               result.stderr.strip()[-500:])
+                raise Conflict("terraform could not clear that lock: the id does not match "
+                               "a held lock", lock=held or {})
+        logger.warning("lock %s of %s/%s cleared by %s", lock_id, name, instance,
+                       principal.subject)
+        return {"module": name, "instance": instance, "unlocked": lock_id}
+
     # -- helpers ----------------------------------------------------------------------
 
     @contextmanager
@@ -493,6 +518,13 @@ class Service:
             tail = scrub(result.stderr.strip())[-1000:]
             logger.warning("terraform exited %d without diagnostics: %s",
                            result.returncode, tail)
+            if result.returncode < 0:
+                return UpstreamFailed(
+                    f"terraform was killed by signal {-result.returncode} during the run; "
+                    f"the state of instance {instance!r} may still be locked: GET the "
+                    "instance to see the lock, and an admin can clear it with "
+                    "DELETE .../lock"
+                )
             return UpstreamFailed(f"terraform exited with status {result.returncode}")
         summary = "; ".join(d["summary"] for d in diagnostics)
         if not result.apply_started and result.args[0] != "destroy":

@@ -314,3 +314,146 @@ def start_moto(timeout: float = 30) -> Moto:
             time.sleep(0.1)
     proc.kill()
     raise AssertionError("moto_server did not start")
+
+
+def self_signed(names: list[str], folder: Path, stem: str, *, ca: bool = True,
+                days: float = 1) -> tuple[Path, Path]:
+    """A self-signed certificate and key for `names` (DNS names or IP addresses)."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
+    alt: list[x509.GeneralName] = []
+    for n in names:
+        try:
+            alt.append(x509.IPAddress(ipaddress.ip_address(n)))
+        except ValueError:
+            alt.append(x509.DNSName(n))
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(hours=1))
+            .not_valid_after(now + dt.timedelta(days=days))
+            .add_extension(x509.SubjectAlternativeName(alt), critical=False)
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = folder / f"{stem}.crt", folder / f"{stem}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    key_path.chmod(0o600)
+    return cert_path, key_path
+
+
+@dataclass
+class Pebble:
+    """Let's Encrypt's test CA with a DNS server that resolves every name to 127.0.0.1."""
+
+    procs: list[subprocess.Popen[bytes]]
+    directory: str
+    ca_bundle: Path  # trusts Pebble's own HTTPS listener
+    root: Path  # the root Pebble signs certificates with (new at every start)
+    http_port: int  # where Pebble's VA connects for HTTP-01
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def start_pebble(folder: Path, timeout: float = 30) -> Pebble:
+    """Start pebble-challtestsrv (DNS only) and pebble on free loopback ports."""
+    import ssl
+
+    pebble_bin = require_tool("pebble")
+    chall_bin = require_tool("pebble-challtestsrv")
+    folder.mkdir(parents=True, exist_ok=True)
+    cert, key = self_signed(["localhost", "127.0.0.1"], folder, "pebble-https")
+    acme_port, mgmt_port, dns_port, chall_mgmt, http_port = (free_port() for _ in range(5))
+    config = folder / "pebble.json"
+    config.write_text(json.dumps({"pebble": {
+        "listenAddress": f"127.0.0.1:{acme_port}",
+        "managementListenAddress": f"127.0.0.1:{mgmt_port}",
+        "certificate": str(cert), "privateKey": str(key),
+        "httpPort": http_port, "tlsPort": free_port(),
+        "ocspResponderURL": "", "externalAccountBindingRequired": False,
+    }}))
+    log = open(folder / "pebble.log", "wb")  # noqa: SIM115 - lives as long as the processes
+    chall = subprocess.Popen(
+        [chall_bin, "-dns01", f"127.0.0.1:{dns_port}", "-http01", "", "-https01", "",
+         "-tlsalpn01", "", "-management", f"127.0.0.1:{chall_mgmt}", "-defaultIPv6", ""],
+        stdout=log, stderr=subprocess.STDOUT)
+    env = {**os.environ, "PEBBLE_VA_NOSLEEP": "1", "PEBBLE_WFE_NONCEREJECT": "0"}
+    pebble = subprocess.Popen([pebble_bin, "-config", str(config), "-dnsserver",
+                               f"127.0.0.1:{dns_port}"], stdout=log, stderr=subprocess.STDOUT,
+                              env=env)
+    ctx = ssl.create_default_context(cafile=str(cert))
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            conn = http.client.HTTPSConnection("127.0.0.1", mgmt_port, context=ctx, timeout=5)
+            conn.request("GET", "/roots/0")
+            resp = conn.getresponse()
+            body = resp.read()
+            conn.close()
+            if resp.status == 200:
+                break
+        except OSError:
+            pass
+        if time.monotonic() > deadline or pebble.poll() is not None:
+            chall.kill()
+            pebble.kill()
+            raise AssertionError("pebble did not start: " +
+                                 (folder / "pebble.log").read_text(errors="replace")[-2000:])
+        time.sleep(0.1)
+    root = folder / "pebble-root.pem"
+    root.write_bytes(body)
+    return Pebble([pebble, chall], f"https://127.0.0.1:{acme_port}/dir", cert, root,
+                  http_port)
+
+
+@dataclass
+class TLSAnswer:
+    """One HTTPS exchange with the certificate the server presented."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    serial: int
+
+
+def https_get(port: int, path: str, *, cafile: Path, hostname: str,
+              timeout: float = 10) -> TLSAnswer:
+    """GET over TLS to 127.0.0.1:port, trusting only `cafile`, checking `hostname`."""
+    import socket
+    import ssl
+
+    from cryptography import x509
+
+    ctx = ssl.create_default_context(cafile=str(cafile))
+    ctx.check_hostname = True
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw, \
+            ctx.wrap_socket(raw, server_hostname=hostname) as tls:
+        der = tls.getpeercert(binary_form=True)
+        assert der is not None
+        serial = x509.load_der_x509_certificate(der).serial_number
+        tls.sendall(f"GET {path} HTTP/1.1\r\nHost: {hostname}\r\n"
+                    "Connection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := tls.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return TLSAnswer(int(lines[0].split()[1]), headers, body, serial)

@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from types import FrameType
 
 from . import logs
@@ -19,12 +20,34 @@ from .modules import discover
 from .server import TFServer
 from .service import Service
 from .terraform import Terraform
+from .tls import (
+    AcmeError,
+    AcmeIssuer,
+    Certificates,
+    ChallengeServer,
+    ChallengeStore,
+    Renewer,
+    context_from_files,
+)
 
 logger = logging.getLogger("tfserver")
 
 
-def build(config: Config) -> TFServer:
-    """Every part of a server from its config (the server is bound but not serving)."""
+@dataclass
+class Parts:
+    """A wired server and the helpers that run beside it."""
+
+    server: TFServer
+    challenge: ChallengeServer | None = None
+    renewer: Renewer | None = None
+
+
+def build(config: Config) -> Parts:
+    """Every part of a server from its config (bound, with its certificate, not serving).
+
+    Raises ConfigError (bad settings, unusable certificate files) or AcmeError (no
+    certificate could be obtained); both end the start with a message, not a traceback.
+    """
     modules = discover(config.modules_dir)
     terraform = Terraform(
         binary=config.terraform_bin,
@@ -34,17 +57,33 @@ def build(config: Config) -> TFServer:
     )
     service = Service(config, modules, terraform, make_backend(config))
     service.prepare()
-    authenticator = make_authenticator(config)
-    ssl_context = None
+    server = TFServer(config, service, make_authenticator(config))
+    parts = Parts(server)
     if config.tls_cert is not None and config.tls_key is not None:
-        from .tls import context_from_files
+        server.certificates = Certificates(context_from_files(config.tls_cert, config.tls_key))
+    elif config.acme is not None:
+        store = ChallengeStore()
+        parts.challenge = ChallengeServer(config.host, config.acme.http_port, store,
+                                          https_port=server.server_address[1],
+                                          domains=config.acme.domains)
+        threading.Thread(target=parts.challenge.serve_forever, name="acme-http",
+                         daemon=True).start()
+        issuer = AcmeIssuer(config.acme, config.state_dir / "acme", store)
+        try:
+            issuer.ensure()
+            server.certificates = Certificates(issuer.context())
+        except BaseException:
+            parts.challenge.shutdown()
+            parts.challenge.server_close()
+            server.server_close()
+            raise
+        parts.renewer = Renewer(issuer, server.certificates, config.acme.check_interval)
+    return parts
 
-        ssl_context = context_from_files(config.tls_cert, config.tls_key)
-    return TFServer(config, service, authenticator, ssl_context)
 
-
-def serve(server: TFServer) -> int:
+def serve(parts: Parts) -> int:
     """Serve until SIGTERM or SIGINT, then stop gracefully; returns the exit status."""
+    server = parts.server
     config = server.config
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -61,6 +100,8 @@ def serve(server: TFServer) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     server.service.start()
+    if parts.renewer is not None:
+        parts.renewer.start()
     logger.info(
         "serving %s on %s (auth %s, backend %s)", ", ".join(server.service.modules),
         server.url, config.auth, config.backend,
@@ -68,6 +109,11 @@ def serve(server: TFServer) -> int:
                "state_dir": str(config.state_dir)},
     )
     server.serve_forever(poll_interval=0.2)
+    if parts.renewer is not None:
+        parts.renewer.stop_event.set()
+    if parts.challenge is not None:
+        parts.challenge.shutdown()
+        parts.challenge.server_close()
     if not server.wait_idle(config.shutdown_grace):
         count = server.service.terraform.interrupt_all()
         logger.warning("grace period over: interrupted %d terraform run(s)", count)
@@ -88,14 +134,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load(args, os.environ)
         logs.configure(config.log_level)
-        server = build(config)
-    except ConfigError as e:
+        parts = build(config)
+    except (ConfigError, AcmeError) as e:
         print(f"tfserver: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
         print(f"tfserver: error: cannot listen: {e.strerror}", file=sys.stderr)
         return 2
-    return serve(server)
+    return serve(parts)
 
 
 if __name__ == "__main__":

@@ -94,6 +94,10 @@ class AcmeSettings:
     directory: str = "https://acme-v02.api.letsencrypt.org/directory"
     ca_bundle: str | None = None
     http_port: int = 80
+    #: Renew when less than this many seconds are left (None: a third of the lifetime).
+    renew_before: float | None = None
+    #: How often the renewer looks at the certificate.
+    check_interval: float = 12 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -296,6 +300,11 @@ def load(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
             directory=env.get("TFSERVER_ACME_DIRECTORY") or AcmeSettings.directory,
             ca_bundle=env.get("TFSERVER_ACME_CA_BUNDLE") or None,
             http_port=int(_number(env.get("TFSERVER_HTTP_PORT"), "TFSERVER_HTTP_PORT", 80)),
+            renew_before=(_number(env.get("TFSERVER_ACME_RENEW_BEFORE"),
+                                  "TFSERVER_ACME_RENEW_BEFORE", 0)
+                          if env.get("TFSERVER_ACME_RENEW_BEFORE") else None),
+            check_interval=_number(env.get("TFSERVER_ACME_CHECK_INTERVAL"),
+                                   "TFSERVER_ACME_CHECK_INTERVAL", 12 * 3600.0, minimum=1),
         )
 
     terraform_env = {k: env[k] for k in PASSED_ENV if env.get(k)}

@@ -35,6 +35,7 @@ from .errors import (
 )
 from .logs import request_id
 from .service import Service
+from .tls import Certificates
 
 logger = logging.getLogger(__name__)
 access_log = logging.getLogger("tfserver.access")
@@ -55,12 +56,12 @@ class TFServer(ThreadingHTTPServer):
         config: Config,
         service: Service,
         authenticator: Authenticator,
-        ssl_context: ssl.SSLContext | None = None,
+        certificates: Certificates | None = None,
     ) -> None:
         self.config = config
         self.service = service
         self.authenticator = authenticator
-        self.ssl_context = ssl_context
+        self.certificates = certificates
         self.stopping = threading.Event()
         self._busy = 0
         self._busy_cond = threading.Condition()
@@ -70,10 +71,11 @@ class TFServer(ThreadingHTTPServer):
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         """Run the TLS handshake in the connection's own thread, with a deadline."""
-        if self.ssl_context is not None:
+        if self.certificates is not None:
             request.settimeout(self.config.read_timeout)
             try:
-                request = self.ssl_context.wrap_socket(request, server_side=True)
+                # The context of the moment: a renewal applies to the next connection.
+                request = self.certificates.context.wrap_socket(request, server_side=True)
             except (ssl.SSLError, OSError) as e:
                 logger.info("TLS handshake with %s failed: %s", client_address[0],
                             getattr(e, "reason", None) or type(e).__name__)
@@ -111,7 +113,7 @@ class TFServer(ThreadingHTTPServer):
     def url(self) -> str:
         """The base URL the server answers on."""
         host, port = self.server_address[:2]
-        scheme = "https" if self.ssl_context else "http"
+        scheme = "https" if self.certificates else "http"
         return f"{scheme}://{host!s}:{port}"
 
 
@@ -317,7 +319,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         self.send_header("X-Request-Id", self.request_id)
         self.send_header("Cache-Control", "no-store")
         self.send_header("X-Content-Type-Options", "nosniff")
-        if self.server.ssl_context is not None:
+        if self.server.certificates is not None:
             self.send_header("Strict-Transport-Security", "max-age=31536000")
         for key, value in {**self.extra_headers, **(headers or {})}.items():
             self.send_header(key, value)

@@ -1,11 +1,42 @@
-"""TLS: the server's `SSLContext` (TLS 1.2 or later only)."""
+"""TLS: the server's `SSLContext` (TLS 1.2 or later), and certificates from an ACME CA.
+
+`Certificates` holds the context new connections use; a renewal swaps it, so a new
+certificate applies to new connections without a restart. `AcmeIssuer` speaks ACME with
+certbot's `acme` library (no hand-written JOSE); `ChallengeServer` answers HTTP-01 on the
+plain HTTP port and redirects everything else there to HTTPS.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
+import logging
 import ssl
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any, cast
 
+import josepy
+import requests
+from acme import challenges, client, crypto_util, messages
+from acme import errors as acme_errors
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from josepy.jwk import JWKRSA
+
+from .backend import write_private
+from .config import AcmeSettings
 from .errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+CHALLENGE_PREFIX = "/.well-known/acme-challenge/"
+
+
+class AcmeError(Exception):
+    """Obtaining or renewing a certificate failed; the message names the cause."""
 
 
 def server_context() -> ssl.SSLContext:
@@ -24,3 +55,275 @@ def context_from_files(cert: Path, key: Path) -> ssl.SSLContext:
     except (OSError, ssl.SSLError) as e:
         raise ConfigError(f"cannot load the TLS certificate {cert} and key {key}: {e}") from e
     return ctx
+
+
+class Certificates:
+    """The context for new TLS connections; `swap` replaces it atomically."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self.context = context
+
+    def swap(self, context: ssl.SSLContext) -> None:
+        """Use `context` for every connection from now on (open ones keep theirs)."""
+        self.context = context
+
+
+class ChallengeStore:
+    """HTTP-01 key authorizations by token, shared by the issuer and the HTTP listener."""
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._answers: dict[str, str] = {}
+
+    def put(self, token: str, validation: str) -> None:
+        """Serve `validation` at the token's path."""
+        with self._mutex:
+            self._answers[token] = validation
+
+    def pop(self, token: str) -> None:
+        """Stop serving the token."""
+        with self._mutex:
+            self._answers.pop(token, None)
+
+    def get(self, token: str) -> str | None:
+        """The validation for a token, if one is pending."""
+        with self._mutex:
+            return self._answers.get(token)
+
+
+class ChallengeServer(ThreadingHTTPServer):
+    """Plain HTTP: `/.well-known/acme-challenge/<token>` answers, everything else 308s."""
+
+    daemon_threads = True
+
+    def __init__(self, host: str, port: int, store: ChallengeStore, https_port: int,
+                 domains: tuple[str, ...]) -> None:
+        self.store = store
+        self.https_port = https_port
+        self.domains = domains
+        super().__init__((host, port), _ChallengeHandler)
+
+
+class _ChallengeHandler(BaseHTTPRequestHandler):
+    server: ChallengeServer
+    protocol_version = "HTTP/1.1"
+
+    def setup(self) -> None:
+        self.request.settimeout(10)
+        super().setup()
+
+    def do_GET(self) -> None:
+        if self.path.startswith(CHALLENGE_PREFIX):
+            answer = self.server.store.get(self.path[len(CHALLENGE_PREFIX):])
+            if answer is None:
+                self._send(404, b"no such challenge\n", {})
+            else:
+                self._send(200, answer.encode(), {})
+            return
+        # Redirect to HTTPS on a name this server has a certificate for (no open redirect).
+        host = (self.headers.get("Host") or "").split(":")[0].lower()
+        if host not in self.server.domains:
+            host = self.server.domains[0]
+        port = "" if self.server.https_port == 443 else f":{self.server.https_port}"
+        self._send(308, b"", {"Location": f"https://{host}{port}{self.path}"})
+
+    do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_GET  # noqa: N815
+
+    def _send(self, status: int, body: bytes, headers: dict[str, str]) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib name
+        logger.debug("acme http: " + format, *args)
+
+
+def _load_key(path: Path) -> Any:
+    return serialization.load_pem_private_key(path.read_bytes(), password=None)
+
+
+def _pem(key: Any) -> bytes:
+    return bytes(key.private_bytes(serialization.Encoding.PEM,
+                                   serialization.PrivateFormat.PKCS8,
+                                   serialization.NoEncryption()))
+
+
+class AcmeIssuer:
+    """Obtains and renews one certificate for `settings.domains` (HTTP-01).
+
+    Files in `folder` (each 0600): `account.key`, `privkey.pem`, `fullchain.pem`. They are
+    reused on restart while the certificate is valid, covers the domains, and is not due.
+    """
+
+    def __init__(
+        self,
+        settings: AcmeSettings,
+        folder: Path,
+        store: ChallengeStore,
+        *,
+        timeout: float = 30.0,
+        poll_seconds: float = 120.0,
+        clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+    ) -> None:
+        self.settings = settings
+        self.folder = folder
+        self.store = store
+        self.timeout = timeout
+        self.poll_seconds = poll_seconds
+        self.clock = clock
+        self.account_key_path = folder / "account.key"
+        self.key_path = folder / "privkey.pem"
+        self.cert_path = folder / "fullchain.pem"
+
+    def certificate(self) -> x509.Certificate | None:
+        """The stored leaf certificate, if any and readable."""
+        try:
+            return x509.load_pem_x509_certificate(self.cert_path.read_bytes())
+        except (OSError, ValueError):
+            return None
+
+    def usable(self, cert: x509.Certificate | None) -> bool:
+        """True when the stored certificate covers the domains and is not due for renewal."""
+        if cert is None or not self.key_path.exists():
+            return False
+        try:
+            names = set(cert.extensions.get_extension_for_class(
+                x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName))
+        except x509.ExtensionNotFound:
+            return False
+        return set(self.settings.domains) <= names and not self.due(cert)
+
+    def due(self, cert: x509.Certificate) -> bool:
+        """Renewal is due when less than `renew_before` (default: a third) is left."""
+        lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
+        before = (dt.timedelta(seconds=self.settings.renew_before)
+                  if self.settings.renew_before is not None else lifetime / 3)
+        return cert.not_valid_after_utc - self.clock() <= before
+
+    def ensure(self) -> bool:
+        """Obtain a certificate unless a usable one is stored; True if it obtained one."""
+        if self.usable(self.certificate()):
+            logger.info("reusing the stored certificate for %s", ", ".join(self.settings.domains))
+            return False
+        self.obtain()
+        return True
+
+    def obtain(self) -> None:
+        """Run one ACME order to the end and store the key and chain; raises AcmeError."""
+        try:
+            self._obtain()
+        except AcmeError:
+            raise
+        except messages.Error as e:
+            kind = (e.typ or "").rsplit(":", 1)[-1]
+            if kind == "rateLimited":
+                raise AcmeError(f"the ACME CA rate-limited this server: {e.detail}") from e
+            raise AcmeError(f"the ACME CA refused: {kind or 'error'}: {e.detail}") from e
+        except acme_errors.ValidationError as e:
+            raise AcmeError(
+                "the CA could not validate the HTTP-01 challenge for "
+                f"{', '.join(self.settings.domains)}: is port {self.settings.http_port} "
+                "reachable from the CA at that name?") from e
+        except acme_errors.TimeoutError as e:
+            raise AcmeError("the ACME order did not complete in time") from e
+        except acme_errors.Error as e:
+            raise AcmeError(f"ACME failed: {type(e).__name__}: {e}") from e
+        except requests.exceptions.RequestException as e:
+            raise AcmeError(f"the ACME directory {self.settings.directory} cannot be "
+                            f"reached: {type(e).__name__}") from e
+        except josepy.errors.Error as e:
+            raise AcmeError(f"the ACME CA sent something unreadable: {e}") from e
+
+    def _client(self) -> client.ClientV2:
+        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.account_key_path.exists():
+            account_key = _load_key(self.account_key_path)
+        else:
+            account_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            write_private(self.account_key_path, _pem(account_key))
+        # requests takes a CA bundle path where acme's annotation says bool.
+        verify = cast(bool, self.settings.ca_bundle or True)
+        net = client.ClientNetwork(JWKRSA(key=account_key), verify_ssl=verify,
+                                   user_agent="tfserver", timeout=int(self.timeout))
+        directory = client.ClientV2.get_directory(self.settings.directory, net)
+        acme = client.ClientV2(directory, net)
+        registration = messages.NewRegistration.from_data(
+            email=self.settings.email, terms_of_service_agreed=True)
+        try:
+            net.account = acme.new_account(registration)
+        except acme_errors.ConflictError as e:
+            # The key is registered already: use that account.
+            net.account = acme.query_registration(
+                messages.RegistrationResource(uri=e.location, body=messages.Registration()))
+        return acme
+
+    def _obtain(self) -> None:
+        acme = self._client()
+        key = ec.generate_private_key(ec.SECP256R1())
+        csr = crypto_util.make_csr(_pem(key), list(self.settings.domains))
+        order = acme.new_order(csr)
+        account_key = acme.net.key
+        tokens = []
+        try:
+            for authz in order.authorizations:
+                chall = next((c for c in authz.body.challenges
+                              if isinstance(c.chall, challenges.HTTP01)), None)
+                if chall is None:
+                    raise AcmeError(f"the CA offers no HTTP-01 challenge for "
+                                    f"{authz.body.identifier.value}")
+                response, validation = chall.response_and_validation(account_key)
+                token = chall.chall.encode("token")
+                self.store.put(token, validation)
+                tokens.append(token)
+                acme.answer_challenge(chall, response)
+            deadline = dt.datetime.now() + dt.timedelta(seconds=self.poll_seconds)
+            order = acme.poll_and_finalize(order, deadline=deadline)
+        finally:
+            for token in tokens:
+                self.store.pop(token)
+        write_private(self.key_path, _pem(key))
+        write_private(self.cert_path, order.fullchain_pem.encode())
+        logger.info("obtained a certificate for %s", ", ".join(self.settings.domains))
+
+    def context(self) -> ssl.SSLContext:
+        """A server context with the stored certificate."""
+        return context_from_files(self.cert_path, self.key_path)
+
+
+class Renewer(threading.Thread):
+    """Checks the certificate every `interval` seconds; renews it when due.
+
+    A failed renewal keeps the current certificate in service and retries with back-off
+    (doubling from `interval` up to six hours), never faster than `interval`.
+    """
+
+    def __init__(self, issuer: AcmeIssuer, certificates: Certificates, interval: float) -> None:
+        super().__init__(name="acme-renewer", daemon=True)
+        self.issuer = issuer
+        self.certificates = certificates
+        self.interval = interval
+        self.stop_event = threading.Event()
+        self.renewals = 0
+
+    def run(self) -> None:
+        """Loop until `stop_event` is set."""
+        wait = self.interval
+        while not self.stop_event.wait(wait):
+            cert = self.issuer.certificate()
+            if cert is not None and not self.issuer.due(cert):
+                wait = self.interval
+                continue
+            try:
+                self.issuer.obtain()
+                self.certificates.swap(self.issuer.context())
+                self.renewals += 1
+                logger.info("certificate renewed; new connections use it")
+                wait = self.interval
+            except (AcmeError, ConfigError) as e:
+                wait = min(max(wait * 2, self.interval), 6 * 3600.0)
+                logger.error("certificate renewal failed (retry in %.0fs): %s", wait, e)

@@ -1,0 +1,246 @@
+"""TLS: certificates from files and from an ACME CA (Pebble, with real HTTP-01)."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from support import (
+    ROOT,
+    Pebble,
+    ServerProcess,
+    free_port,
+    https_get,
+    self_signed,
+    start_pebble,
+    start_server,
+)
+
+NAME = "tfserver.test"  # Pebble's DNS answers 127.0.0.1 for every name
+
+
+@pytest.fixture()
+def pebble(tmp: Path) -> Iterator[Pebble]:
+    ca = start_pebble(tmp / "pebble")
+    yield ca
+    ca.stop()
+
+
+def acme_env(pebble: Pebble, **extra: str) -> dict[str, str]:
+    return {
+        "TFSERVER_ACME_DOMAINS": NAME,
+        "TFSERVER_ACME_EMAIL": "ops@tfserver.test",
+        "TFSERVER_ACME_DIRECTORY": pebble.directory,
+        "TFSERVER_ACME_CA_BUNDLE": str(pebble.ca_bundle),
+        "TFSERVER_HTTP_PORT": str(pebble.http_port),
+        **extra,
+    }
+
+
+def port_of(srv: ServerProcess) -> int:
+    return int(srv.url.rsplit(":", 1)[1])
+
+
+def test_certificate_from_pebble_served_and_reused(tmp: Path, pebble: Pebble) -> None:
+    srv = start_server(tmp, env=acme_env(pebble), wait_modules=False, ready_timeout=90)
+    try:
+        assert srv.url.startswith("https://")
+        r = https_get(port_of(srv), "/healthz", cafile=pebble.root, hostname=NAME)
+        assert r.status == 200 and b'"ok"' in r.body
+        assert r.headers["Strict-Transport-Security"].startswith("max-age=")
+        first = r.serial
+        acme = tmp / "state" / "acme"
+        for name in ("account.key", "privkey.pem", "fullchain.pem"):
+            assert (acme / name).stat().st_mode & 0o777 == 0o600, name
+        # a client that does not trust Pebble's root, or checks another name, refuses
+        with pytest.raises(ssl.SSLCertVerificationError):
+            https_get(port_of(srv), "/healthz", cafile=pebble.ca_bundle, hostname=NAME)
+        with pytest.raises(ssl.SSLCertVerificationError):
+            https_get(port_of(srv), "/healthz", cafile=pebble.root, hostname="other.test")
+    finally:
+        assert srv.stop() == 0
+    again = start_server(tmp, env=acme_env(pebble), wait_modules=False)
+    try:
+        assert any("reusing the stored certificate" in r.get("message", "")
+                   for r in again.log_records())
+        assert https_get(port_of(again), "/healthz", cafile=pebble.root,
+                         hostname=NAME).serial == first
+    finally:
+        again.stop()
+
+
+def test_renewal_swaps_the_certificate_while_serving(tmp: Path, pebble: Pebble) -> None:
+    # Renew when less than ten years are left: Pebble's five-year certificates are due at
+    # once, so the renewer (checking every second) renews while the test watches.
+    env = acme_env(pebble, TFSERVER_ACME_RENEW_BEFORE=str(10 * 365 * 86400),
+                   TFSERVER_ACME_CHECK_INTERVAL="1")
+    srv = start_server(tmp, env=env, wait_modules=False, ready_timeout=90)
+    try:
+        port = port_of(srv)
+        first = https_get(port, "/healthz", cafile=pebble.root, hostname=NAME).serial
+        seen = {first}
+        failures = []
+        deadline = time.monotonic() + 90
+        while len(seen) < 2 and time.monotonic() < deadline:
+            try:
+                seen.add(https_get(port, "/healthz", cafile=pebble.root, hostname=NAME).serial)
+            except OSError as e:  # the server must keep answering throughout
+                failures.append(repr(e))
+            time.sleep(0.2)
+        assert len(seen) >= 2, "the certificate was never renewed"
+        assert failures == []
+        # The swap happens just before the log line: give the line a moment to arrive.
+        deadline = time.monotonic() + 10
+        while not any("certificate renewed" in r.get("message", "")
+                      for r in srv.log_records()):
+            assert time.monotonic() < deadline, srv.log_text()[-3000:]
+            time.sleep(0.1)
+    finally:
+        srv.stop()
+
+
+def test_http_port_redirects_and_serves_only_challenges(tmp: Path, pebble: Pebble) -> None:
+    srv = start_server(tmp, env=acme_env(pebble), wait_modules=False, ready_timeout=90)
+    try:
+        import http.client
+
+        conn = http.client.HTTPConnection("127.0.0.1", pebble.http_port, timeout=10)
+        conn.request("GET", "/demo/x?y=1", headers={"Host": f"{NAME}:{pebble.http_port}"})
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == 308
+        assert resp.getheader("Location") == f"https://{NAME}:{port_of(srv)}/demo/x?y=1"
+        conn.request("GET", "/", headers={"Host": "evil.example"})
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.getheader("Location").startswith(f"https://{NAME}:")  # no open redirect
+        conn.request("GET", "/.well-known/acme-challenge/unknown-token")
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == 404
+        conn.close()
+    finally:
+        srv.stop()
+
+
+@pytest.fixture()
+def file_tls(tmp: Path) -> Iterator[tuple[ServerProcess, Path]]:
+    cert, key = self_signed(["localhost", "127.0.0.1"], tmp, "server")
+    srv = start_server(tmp, env={"TFSERVER_TLS_CERT": str(cert), "TFSERVER_TLS_KEY": str(key),
+                                 "TFSERVER_READ_TIMEOUT": "2"}, wait_modules=False)
+    yield srv, cert
+    srv.stop()
+
+
+def test_tls_from_files(file_tls: tuple[ServerProcess, Path]) -> None:
+    srv, cert = file_tls
+    r = https_get(port_of(srv), "/healthz", cafile=cert, hostname="localhost")
+    assert r.status == 200 and "Strict-Transport-Security" in r.headers
+
+
+def tls11_client(cafile: Path) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(str(cafile))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+    ctx.set_ciphers("ALL:@SECLEVEL=0")
+    return ctx
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_tls_1_1_is_refused(file_tls: tuple[ServerProcess, Path], tmp: Path) -> None:
+    srv, cert = file_tls
+    ctx = tls11_client(cert)
+    # Control: this client really speaks TLS 1.1 to a server that allows it, so the
+    # refusal below is tfserver's doing, not a client that cannot try.
+    permissive = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    permissive.minimum_version = ssl.TLSVersion.TLSv1
+    permissive.set_ciphers("ALL:@SECLEVEL=0")
+    permissive.load_cert_chain(str(cert), str(tmp / "server.key"))
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        accepted: list[str] = []
+
+        def accept() -> None:
+            conn, _ = listener.accept()
+            with permissive.wrap_socket(conn, server_side=True) as tls:
+                accepted.append(str(tls.version()))
+
+        t = threading.Thread(target=accept)
+        t.start()
+        with socket.create_connection(listener.getsockname(), timeout=10) as raw, \
+                ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            assert tls.version() == "TLSv1.1"
+        t.join(10)
+    assert accepted == ["TLSv1.1"]
+    with socket.create_connection(("127.0.0.1", port_of(srv)), timeout=10) as raw, \
+            pytest.raises(ssl.SSLError):
+        ctx.wrap_socket(raw, server_hostname="localhost").close()
+    # TLS 1.2 with the same client settings goes through
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    with socket.create_connection(("127.0.0.1", port_of(srv)), timeout=10) as raw, \
+            ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+        assert tls.version() == "TLSv1.2"
+
+
+def test_plain_http_and_silent_clients_on_the_tls_port(
+        file_tls: tuple[ServerProcess, Path]) -> None:
+    srv, cert = file_tls
+    port = port_of(srv)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        started = time.monotonic()
+        with contextlib.suppress(ConnectionResetError):
+            s.recv(1024)
+        assert time.monotonic() - started < 8
+    # a client that connects and says nothing holds no thread beyond the read timeout
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(5)]
+    results = []
+
+    def probe() -> None:
+        results.append(https_get(port, "/healthz", cafile=cert, hostname="localhost").status)
+
+    t = threading.Thread(target=probe)
+    t.start()
+    t.join(15)
+    assert results == [200]
+    for s in idle:
+        s.settimeout(10)
+        assert s.recv(1024) == b""  # closed by the server after TFSERVER_READ_TIMEOUT
+        s.close()
+    assert srv.proc.poll() is None
+
+
+def run_start(env: dict[str, str], tmp: Path) -> subprocess.CompletedProcess[str]:
+    import os
+
+    return subprocess.run([sys.executable, "-m", "tfserver", "--port", "0"], cwd=ROOT,
+                          env={"PATH": os.environ["PATH"], "TFSERVER_STATE_DIR": str(tmp / "s"),
+                               **env},
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_unreachable_directory_is_a_clear_error(tmp: Path) -> None:
+    done = run_start({"TFSERVER_ACME_DOMAINS": NAME, "TFSERVER_HTTP_PORT": str(free_port()),
+                      "TFSERVER_ACME_DIRECTORY": f"https://127.0.0.1:{free_port()}/dir"}, tmp)
+    assert done.returncode == 2
+    assert "cannot be reached" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_failed_challenge_is_a_clear_error(tmp: Path, pebble: Pebble) -> None:
+    # tfserver answers challenges on another port than the one Pebble checks
+    env = acme_env(pebble, TFSERVER_HTTP_PORT=str(free_port()))
+    done = run_start(env, tmp)
+    assert done.returncode == 2, done.stderr
+    assert "could not validate the HTTP-01 challenge" in done.stderr
+    assert "Traceback" not in done.stderr

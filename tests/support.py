@@ -457,3 +457,28 @@ def https_get(port: int, path: str, *, cafile: Path, hostname: str,
     lines = head.decode().split("\r\n")
     headers = dict(line.split(": ", 1) for line in lines[1:])
     return TLSAnswer(int(lines[0].split()[1]), headers, body, serial)
+
+
+def aws_provider_mirror() -> Path:
+    """The offline filesystem mirror of hashicorp/aws the machine image ships.
+
+    TF_PLUGIN_MIRROR names it (.ci/run exports it); otherwise it is looked for as a folder
+    named tf-plugins near the root. Missing: skip, or fail under CI=true.
+    """
+    named = os.environ.get("TF_PLUGIN_MIRROR")
+    candidates = [Path(named)] if named else []
+    if not candidates:
+        try:
+            found = subprocess.run(["find", "/", "-maxdepth", "3", "-type", "d",
+                                    "-name", "tf-plugins"], capture_output=True, text=True,
+                                   timeout=60, check=False).stdout.split()
+        except subprocess.TimeoutExpired:
+            found = []
+        candidates = [Path(p) for p in found]
+    for path in candidates:
+        if (path / "registry.terraform.io" / "hashicorp" / "aws").is_dir():
+            return path
+    reason = "no offline mirror of the hashicorp/aws provider (TF_PLUGIN_MIRROR, tf-plugins)"
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(reason)
+    pytest.skip(reason)

@@ -1,0 +1,191 @@
+variable "app_name" {
+  type        = string
+  default     = "tfserver"
+  description = "Name of the App Platform app."
+
+  validation {
+    condition     = can(regex("^[a-z][a-z0-9-]{1,30}[a-z0-9]$", var.app_name))
+    error_message = "App names are 3-32 lowercase letters, digits and dashes."
+  }
+}
+
+variable "region" {
+  type        = string
+  default     = "nyc"
+  description = "App Platform region slug, such as nyc, ams, fra, sfo, sgp, lon, tor, blr, syd."
+
+  validation {
+    condition     = can(regex("^[a-z]{3}$", var.region))
+    error_message = "The region is a three-letter App Platform slug such as nyc."
+  }
+}
+
+variable "domain" {
+  type        = string
+  description = "Custom domain; App Platform issues and renews its Let's Encrypt certificate."
+
+  validation {
+    condition     = can(regex("^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\\.)+[a-z]{2,}$", var.domain))
+    error_message = "The domain must be a lowercase host name such as tfserver.example.com."
+  }
+}
+
+variable "dns_zone" {
+  type        = string
+  default     = null
+  description = "DigitalOcean DNS zone of the domain, if DigitalOcean hosts it (records are then made for you)."
+}
+
+variable "instance_count" {
+  type        = number
+  default     = 2
+  description = "Instances of tfserver; at least two, sharing state and locks in S3."
+
+  validation {
+    condition     = var.instance_count >= 2 && floor(var.instance_count) == var.instance_count
+    error_message = "Run at least two instances."
+  }
+}
+
+variable "instance_size_slug" {
+  type        = string
+  default     = "apps-s-1vcpu-1gb"
+  description = "App Platform instance size."
+}
+
+variable "image_registry_type" {
+  type        = string
+  default     = "DOCR"
+  description = "Where the image lives: DOCR, DOCKER_HUB or GHCR."
+
+  validation {
+    condition     = contains(["DOCR", "DOCKER_HUB", "GHCR"], var.image_registry_type)
+    error_message = "The registry type is DOCR, DOCKER_HUB or GHCR."
+  }
+}
+
+variable "image_registry" {
+  type        = string
+  default     = null
+  description = "Registry namespace (Docker Hub or GHCR user); unused for DOCR."
+}
+
+variable "image_repository" {
+  type        = string
+  default     = "tfserver"
+  description = "Image repository."
+}
+
+variable "image_tag" {
+  type        = string
+  description = "Image tag to run (a version, not latest)."
+
+  validation {
+    condition     = var.image_tag != "latest" && can(regex("^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$", var.image_tag))
+    error_message = "Name a real tag, not latest."
+  }
+}
+
+variable "cognito_issuer" {
+  type        = string
+  description = "Output issuer of deploy/auth (COGNITO_ISSUER)."
+
+  validation {
+    condition     = can(regex("^https://cognito-idp\\.[a-z0-9-]+\\.amazonaws\\.com/[A-Za-z0-9_-]+$", var.cognito_issuer))
+    error_message = "The issuer is https://cognito-idp.<region>.amazonaws.com/<pool id>."
+  }
+}
+
+variable "jwks_url" {
+  type        = string
+  description = "Output jwks_url of deploy/auth (JWK_URL)."
+}
+
+variable "client_ids" {
+  type        = list(string)
+  description = "App client IDs allowed to call tfserver (output client_id of deploy/auth)."
+
+  validation {
+    condition     = length(var.client_ids) > 0
+    error_message = "Allow at least one client."
+  }
+}
+
+variable "scope_prefix" {
+  type        = string
+  default     = "tfserver"
+  description = "Scope prefix, as in deploy/auth."
+}
+
+variable "state_bucket" {
+  type        = string
+  description = "Output bucket of deploy/state (TF_STATE_BUCKET)."
+}
+
+variable "state_region" {
+  type        = string
+  description = "Output region of deploy/state (TF_STATE_REGION)."
+}
+
+variable "state_lock_table" {
+  type        = string
+  description = "Output lock_table of deploy/state (TF_STATE_LOCK_TABLE)."
+}
+
+variable "state_key_prefix" {
+  type        = string
+  default     = "tfserver"
+  description = "Output key_prefix of deploy/state (TF_STATE_KEY_PREFIX)."
+}
+
+variable "aws_access_key_id" {
+  type        = string
+  sensitive   = true
+  description = "Access key of credentials limited by deploy/state's tfserver_policy_json."
+}
+
+variable "aws_secret_access_key" {
+  type        = string
+  sensitive   = true
+  description = "Secret of those credentials."
+}
+
+variable "modules_digitalocean_token" {
+  type        = string
+  sensitive   = true
+  default     = null
+  description = "DigitalOcean token the droplet module uses (DIGITALOCEAN_TOKEN inside the app)."
+}
+
+variable "max_runs" {
+  type        = number
+  default     = 4
+  description = "Terraform runs at once per instance (TFSERVER_MAX_RUNS)."
+
+  validation {
+    condition     = var.max_runs >= 1
+    error_message = "At least one run."
+  }
+}
+
+variable "run_timeout_seconds" {
+  type        = number
+  default     = 1800
+  description = "Deadline of one request's terraform runs (TFSERVER_RUN_TIMEOUT)."
+
+  validation {
+    condition     = var.run_timeout_seconds >= 10
+    error_message = "At least 10 seconds."
+  }
+}
+
+variable "lock_wait_seconds" {
+  type        = number
+  default     = 30
+  description = "How long a run waits for a busy instance (TFSERVER_LOCK_WAIT)."
+
+  validation {
+    condition     = var.lock_wait_seconds >= 0
+    error_message = "Zero or more seconds."
+  }
+}

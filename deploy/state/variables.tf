@@ -1,0 +1,47 @@
+variable "region" {
+  type        = string
+  description = "AWS region of the bucket and the table, such as eu-west-1."
+
+  validation {
+    condition     = can(regex("^[a-z]{2}(-[a-z]+)+-[0-9]$", var.region))
+    error_message = "The region must be an AWS region name such as eu-west-1."
+  }
+}
+
+variable "bucket_name" {
+  type        = string
+  description = "Name of the state bucket (globally unique)."
+
+  validation {
+    condition     = can(regex("^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", var.bucket_name))
+    error_message = "The bucket name must be 3-63 lowercase letters, digits, dots or dashes."
+  }
+}
+
+variable "lock_table_name" {
+  type        = string
+  default     = "tfserver-locks"
+  description = "Name of the DynamoDB lock table."
+
+  validation {
+    condition     = can(regex("^[A-Za-z0-9_.-]{3,255}$", var.lock_table_name))
+    error_message = "The table name must be 3-255 letters, digits, dots, dashes or underscores."
+  }
+}
+
+variable "key_prefix" {
+  type        = string
+  default     = "tfserver"
+  description = "Key prefix under which tfserver keeps state (TF_STATE_KEY_PREFIX)."
+
+  validation {
+    condition     = can(regex("^[A-Za-z0-9][A-Za-z0-9_/-]*[A-Za-z0-9]$", var.key_prefix))
+    error_message = "The prefix must be letters, digits, dashes, underscores or slashes."
+  }
+}
+
+variable "force_destroy" {
+  type        = bool
+  default     = false
+  description = "Allow destroy to delete a bucket that still holds state (tests only)."
+}

@@ -482,3 +482,23 @@ def aws_provider_mirror() -> Path:
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
         pytest.fail(reason)
     pytest.skip(reason)
+
+
+def moto_user_token(idp: Any, pool: str) -> tuple[str, str]:
+    """(access token, client id) of a user signed in through a new client of `pool`.
+
+    moto issues tokens only through the user-password flows (its /oauth2/token answers
+    500), so tests that need a token moto signed use an admin password sign-in.
+    """
+    client_id = idp.create_user_pool_client(
+        UserPoolId=pool, ClientName="test-user-flow", GenerateSecret=False,
+        ExplicitAuthFlows=["ALLOW_ADMIN_USER_PASSWORD_AUTH", "ALLOW_REFRESH_TOKEN_AUTH"],
+    )["UserPoolClient"]["ClientId"]
+    idp.admin_create_user(UserPoolId=pool, Username="ops", TemporaryPassword="Temp-Pass-123!")
+    idp.admin_set_user_password(UserPoolId=pool, Username="ops", Password="Real-Pass-456!",
+                                Permanent=True)
+    token = idp.admin_initiate_auth(
+        UserPoolId=pool, ClientId=client_id, AuthFlow="ADMIN_USER_PASSWORD_AUTH",
+        AuthParameters={"USERNAME": "ops", "PASSWORD": "Real-Pass-456!"},
+    )["AuthenticationResult"]["AccessToken"]
+    return str(token), str(client_id)

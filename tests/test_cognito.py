@@ -16,23 +16,13 @@ from urllib.parse import parse_qs
 
 import pytest
 
-from support import ROOT, Moto, bearer, start_server
+from support import ROOT, Moto, bearer, moto_user_token, start_server
 
 
 def test_moto_cognito_access_token_is_accepted(tmp: Path, moto: Moto) -> None:
     idp = moto.client("cognito-idp")
     pool = idp.create_user_pool(PoolName="tfserver-test")["UserPool"]["Id"]
-    client_id = idp.create_user_pool_client(
-        UserPoolId=pool, ClientName="api", GenerateSecret=False,
-        ExplicitAuthFlows=["ALLOW_ADMIN_USER_PASSWORD_AUTH", "ALLOW_REFRESH_TOKEN_AUTH"],
-    )["UserPoolClient"]["ClientId"]
-    idp.admin_create_user(UserPoolId=pool, Username="ops", TemporaryPassword="Temp-Pass-123!")
-    idp.admin_set_user_password(UserPoolId=pool, Username="ops", Password="Real-Pass-456!",
-                                Permanent=True)
-    token = idp.admin_initiate_auth(
-        UserPoolId=pool, ClientId=client_id, AuthFlow="ADMIN_USER_PASSWORD_AUTH",
-        AuthParameters={"USERNAME": "ops", "PASSWORD": "Real-Pass-456!"},
-    )["AuthenticationResult"]["AccessToken"]
+    token, client_id = moto_user_token(idp, pool)
 
     srv = start_server(tmp, env={
         # moto signs with an AWS-style issuer and serves the JWKS under its own URL

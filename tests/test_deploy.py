@@ -18,7 +18,15 @@ from typing import Any
 import hcl2
 import pytest
 
-from support import ROOT, Moto, aws_provider_mirror, bearer, require_tool, start_server
+from support import (
+    ROOT,
+    Moto,
+    aws_provider_mirror,
+    bearer,
+    moto_user_token,
+    require_tool,
+    start_server,
+)
 from tfserver.config import PASSED_ENV
 
 TF_TIMEOUT = 300
@@ -132,17 +140,7 @@ def test_auth_stack_then_tfserver_accepts_its_pools_tokens(tmp: Path, moto: Moto
                                                         "tfserver/slow.write"]
         # moto cannot issue client-credentials tokens (its /oauth2/token answers 500), so
         # sign in a user through a second client of the same pool to get a token it signs.
-        user_client = idp.create_user_pool_client(
-            UserPoolId=pool, ClientName="test-user-flow",
-            ExplicitAuthFlows=["ALLOW_ADMIN_USER_PASSWORD_AUTH", "ALLOW_REFRESH_TOKEN_AUTH"],
-        )["UserPoolClient"]["ClientId"]
-        idp.admin_create_user(UserPoolId=pool, Username="ops", TemporaryPassword="Tmp-Pass-1!")
-        idp.admin_set_user_password(UserPoolId=pool, Username="ops", Password="Pass-Word-2!",
-                                    Permanent=True)
-        token = idp.admin_initiate_auth(
-            UserPoolId=pool, ClientId=user_client, AuthFlow="ADMIN_USER_PASSWORD_AUTH",
-            AuthParameters={"USERNAME": "ops", "PASSWORD": "Pass-Word-2!"},
-        )["AuthenticationResult"]["AccessToken"]
+        token, user_client = moto_user_token(idp, pool)
         srv = start_server(tmp / "srv", env={
             "COGNITO_ISSUER": out["issuer"],
             # the stack's JWKS URL is AWS's; moto serves the pool's keys under its own URL

@@ -12,7 +12,9 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -280,85 +282,59 @@ class S3Backend:
         return s3_backend_config(self.settings, module)
 
     def _get(self, key: str) -> bytes | None:
+        """An object's bytes, or None when there is no such object."""
         try:
-            obj = self.s3.get_object(Bucket=self.settings.bucket, Key=key)
-            return bytes(obj["Body"].read())
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
-                return None
-            raise BackendError(f"S3 refused to read state: {_code(e)}") from e
-        except BotoCoreError as e:
-            raise BackendError(f"S3 cannot be reached: {type(e).__name__}") from e
+            with _aws("S3 cannot read state", missing_ok=True):
+                return bytes(self.s3.get_object(Bucket=self.settings.bucket,
+                                                Key=key)["Body"].read())
+        except _Missing:
+            return None
 
     def exists(self, module: str, workspace: str) -> bool:
         """HEAD of the state object."""
         try:
-            self.s3.head_object(Bucket=self.settings.bucket,
-                                Key=self.state_key(module, workspace))
+            with _aws("S3 cannot read state", missing_ok=True):
+                self.s3.head_object(Bucket=self.settings.bucket,
+                                    Key=self.state_key(module, workspace))
             return True
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
-                return False
-            raise BackendError(f"S3 refused to read state: {_code(e)}") from e
-        except BotoCoreError as e:
-            raise BackendError(f"S3 cannot be reached: {type(e).__name__}") from e
+        except _Missing:
+            return False
 
     def read_state(self, module: str, workspace: str) -> dict[str, Any] | None:
         """GET of the state object (no terraform, no lock)."""
-        data = self._get(self.state_key(module, workspace))
-        if data is None:
-            return None
-        try:
-            doc = json.loads(data)
-        except ValueError as e:
-            raise BackendError("the state object is not JSON") from e
-        return doc if isinstance(doc, dict) else None
+        return _json_object(self._get(self.state_key(module, workspace)), "the state object")
 
     def workspaces(self, module: str) -> list[str]:
         """Workspaces with a state object under the module's prefix."""
         prefix = f"{self.settings.key_prefix}/{module}/"
         found = []
-        try:
+        with _aws("S3 cannot list workspaces"):
             pages = self.s3.get_paginator("list_objects_v2").paginate(
                 Bucket=self.settings.bucket, Prefix=prefix)
             for page in pages:
                 for obj in page.get("Contents", []):
-                    rest = str(obj["Key"])[len(prefix):]
-                    ws, _, name = rest.partition("/")
+                    ws, _, name = str(obj["Key"])[len(prefix):].partition("/")
                     if name == STATE_NAME:
                         found.append(ws)
-        except (ClientError, BotoCoreError) as e:
-            raise BackendError(f"S3 cannot list workspaces: {type(e).__name__}") from e
         return sorted(found)
 
     def save_inputs(self, module: str, workspace: str, inputs: dict[str, Any]) -> None:
         """PUT the inputs object."""
-        try:
+        with _aws("S3 cannot keep the inputs"):
             self.s3.put_object(Bucket=self.settings.bucket,
                                Key=self._inputs_key(module, workspace),
                                Body=json.dumps(inputs).encode(),
                                ContentType="application/json")
-        except (ClientError, BotoCoreError) as e:
-            raise BackendError(f"S3 refused to keep the inputs: {type(e).__name__}") from e
 
     def load_inputs(self, module: str, workspace: str) -> dict[str, Any] | None:
         """GET the inputs object, if any."""
-        data = self._get(self._inputs_key(module, workspace))
-        if data is None:
-            return None
-        try:
-            doc = json.loads(data)
-        except ValueError as e:
-            raise BackendError("the stored inputs are not JSON") from e
-        return doc if isinstance(doc, dict) else None
+        return _json_object(self._get(self._inputs_key(module, workspace)), "the stored inputs")
 
     def delete_inputs(self, module: str, workspace: str) -> None:
         """DELETE the inputs object."""
-        try:
+        with _aws("S3 cannot delete the inputs"):
             self.s3.delete_object(Bucket=self.settings.bucket,
                                   Key=self._inputs_key(module, workspace))
-        except (ClientError, BotoCoreError) as e:
-            raise BackendError(f"S3 refused to delete the inputs: {type(e).__name__}") from e
 
     def lock_info(self, module: str, workspace: str) -> dict[str, str] | None:
         """The lock file's content, or the DynamoDB lock item's, when one is held."""
@@ -368,14 +344,12 @@ class S3Backend:
             data = self._get(key + ".tflock")
             raw = data.decode("utf-8", "replace") if data else None
         if raw is None and self.ddb is not None:
-            try:
+            with _aws("DynamoDB cannot be read"):
                 item = self.ddb.get_item(
                     TableName=str(self.settings.lock_table),
                     Key={"LockID": {"S": f"{self.settings.bucket}/{key}"}},
                     ConsistentRead=True,
                 ).get("Item")
-            except (ClientError, BotoCoreError) as e:
-                raise BackendError(f"DynamoDB cannot be read: {type(e).__name__}") from e
             raw = (item or {}).get("Info", {}).get("S")
         if not raw:
             return None
@@ -393,18 +367,39 @@ class S3Backend:
 
     def check(self) -> None:
         """HEAD the bucket, and describe the lock table when there is one."""
-        try:
+        with _aws("state store"):
             self.s3.head_bucket(Bucket=self.settings.bucket)
             if self.ddb is not None:
                 self.ddb.describe_table(TableName=str(self.settings.lock_table))
-        except ClientError as e:
-            raise BackendError(f"state store: {_code(e)}") from e
-        except BotoCoreError as e:
-            raise BackendError(f"state store cannot be reached: {type(e).__name__}") from e
 
 
-def _code(error: Any) -> str:
-    return str(error.response.get("Error", {}).get("Code", "error"))
+class _Missing(Exception):
+    """The object (or bucket) asked for does not exist; callers decide what that means."""
+
+
+@contextmanager
+def _aws(what: str, *, missing_ok: bool = False) -> Iterator[None]:
+    """Translate botocore's errors into `BackendError` (503); with `missing_ok`, a missing
+    object becomes `_Missing` for the caller to handle."""
+    try:
+        yield
+    except ClientError as e:
+        code = str(e.response.get("Error", {}).get("Code", "error"))
+        if missing_ok and code in ("NoSuchKey", "404", "NotFound"):
+            raise _Missing(code) from e
+        raise BackendError(f"{what}: {code}") from e
+    except BotoCoreError as e:
+        raise BackendError(f"{what}: cannot be reached ({type(e).__name__})") from e
+
+
+def _json_object(data: bytes | None, what: str) -> dict[str, Any] | None:
+    if data is None:
+        return None
+    try:
+        doc = json.loads(data)
+    except ValueError as e:
+        raise BackendError(f"{what} is not JSON") from e
+    return doc if isinstance(doc, dict) else None
 
 
 def make_backend(config: Config) -> StateBackend:

@@ -168,6 +168,13 @@ def test_tenants_with_the_same_instance_name_are_apart(
     admin = bearer(signer.token("client-admin", "tfserver/admin"))
     everyone = srv.request("GET", "/basic", headers=admin).json["instances"]
     assert sum(1 for i in everyone if i["instance"] == "shared") == 2
+    # ... and reaches them with ?tenant=<key>, which nobody else may use
+    a_key = hashlib.sha256(b"client-a").hexdigest()[:24]
+    assert {"instance": "only-a", "tenant": a_key} in everyone
+    seen = srv.request("GET", f"/basic/only-a?tenant={a_key}", headers=admin)
+    assert seen.status == 200 and seen.json["outputs"]["name"] == "a"
+    assert srv.request("GET", f"/basic/only-a?tenant={a_key}", headers=b).status == 403
+    assert srv.request("GET", "/basic/only-a?tenant=../x", headers=admin).status == 400
     mine = srv.request("PUT", "/basic/adm", {"name": "x", "token": "admin-visible-token"},
                        headers=admin)
     assert mine.json["outputs"]["token_out"] == "admin-visible-token"

@@ -48,8 +48,6 @@ class StateBackend(Protocol):
     """What the service needs of a state store."""
 
     name: str
-    #: True when terraform creates a workspace's state on first apply by itself.
-    creates_workspaces: bool
 
     def override(self, module: str) -> dict[str, Any]:
         """The `terraform { backend ... }` block, as JSON, for the module's working copy."""
@@ -113,7 +111,6 @@ class LocalBackend:
     """State files under `<state_dir>/state/<module>/<workspace>/terraform.tfstate`."""
 
     name = "local"
-    creates_workspaces = True
 
     def __init__(self, state_dir: Path) -> None:
         self.root = state_dir / "state"
@@ -246,7 +243,6 @@ class S3Backend:
     """
 
     name = "s3"
-    creates_workspaces = True
 
     def __init__(self, settings: S3Settings, *, timeout: float = 10.0) -> None:
         self.settings = settings

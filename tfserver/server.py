@@ -230,7 +230,8 @@ class RequestHandler(BaseHTTPRequestHandler):
             svc.module(module)
             body = self.read_body(required=True)
             lock_id = body.get("lock_id") if isinstance(body, dict) else None
-            return 200, svc.force_unlock(principal, module, parts[1], lock_id)
+            return 200, svc.force_unlock(principal, module, parts[1], lock_id,
+                                         tenant=self.param("tenant"))
         raise NotFound(f"nothing at {path[:100]}")
 
     def instance_call(self, principal: Principal, module: str, instance: str,
@@ -238,13 +239,15 @@ class RequestHandler(BaseHTTPRequestHandler):
         """GET / apply / destroy of one module instance."""
         svc = self.server.service
         dry_run = self.flag("dry_run")
+        tenant = self.param("tenant")
         if self.command == "GET":
             if named:
-                return 200, svc.show(principal, module, instance)
+                return 200, svc.show(principal, module, instance, tenant)
             return 200, svc.describe(principal, module)
         if self.command == "DELETE":
             self.read_body(required=False)
-            return 200, svc.destroy(principal, module, instance, dry_run=dry_run).body
+            return 200, svc.destroy(principal, module, instance, dry_run=dry_run,
+                                    tenant=tenant).body
         body = self.read_body(required=True)
         outcome = svc.apply(principal, module, instance, body, dry_run=dry_run)
         if named and outcome.created:
@@ -256,6 +259,11 @@ class RequestHandler(BaseHTTPRequestHandler):
         """Raise 405 unless the request's method is one of `methods`."""
         if self.command not in methods:
             raise MethodNotAllowed(self.command, list(methods))
+
+    def param(self, name: str) -> str | None:
+        """A query parameter's last value, if given."""
+        values = self.query.get(name)
+        return values[-1] if values else None
 
     def flag(self, name: str) -> bool:
         """A boolean query parameter (`?dry_run=true`); anything else is a 400."""

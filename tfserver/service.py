@@ -60,6 +60,9 @@ def workspace_name(tenant_key: str, instance: str) -> str:
     return f"{tenant_key}.{instance}"
 
 
+_TENANT_KEY = re.compile(r"^([0-9a-f]{24}|local)$")
+
+
 def check_instance_name(instance: str) -> None:
     """Raise 400 unless the name is a valid instance name."""
     if not NAME_RE.match(instance):
@@ -67,6 +70,19 @@ def check_instance_name(instance: str) -> None:
             f"instance names match {NAME_RE.pattern}",
             extra={"errors": [{"field": "instance", "message": "invalid name"}]},
         )
+
+
+def target_workspace(principal: Principal, instance: str, tenant: str | None) -> str:
+    """The workspace a request names: the caller's own instance, or for an admin that
+    passes `?tenant=<key>` (as listings show it), another tenant's."""
+    check_instance_name(instance)
+    if tenant is None or tenant == principal.tenant_key:
+        return workspace_name(principal.tenant_key, instance)
+    principal.require_admin()
+    if not _TENANT_KEY.match(tenant):
+        raise BadRequest("tenant keys are 24 hex digits, as instance listings show them",
+                         extra={"errors": [{"field": "tenant", "message": "invalid key"}]})
+    return workspace_name(tenant, instance)
 
 
 class Scrubber:
@@ -281,12 +297,12 @@ class Service:
             "instances": self.instances(principal, name),
         }
 
-    def show(self, principal: Principal, name: str, instance: str) -> dict[str, Any]:
+    def show(self, principal: Principal, name: str, instance: str,
+             tenant: str | None = None) -> dict[str, Any]:
         """An instance's outputs and status, read from its state without terraform."""
         self.module(name)
         principal.require(name, "read")
-        check_instance_name(instance)
-        ws = workspace_name(principal.tenant_key, instance)
+        ws = target_workspace(principal, instance, tenant)
         snap = self.backend.snapshot(name, ws)
         state = snap.state
         if state is None:
@@ -331,9 +347,9 @@ class Service:
         deadline = time.monotonic() + self.config.run_timeout
         copy = self.ensure_ready(name)
         with self._exclusive(name, ws, instance):
+            # Terraform creates a new workspace's state on its first apply (TF_WORKSPACE),
+            # in the local and the S3 backend alike: no `workspace new` process is needed.
             existed = self.backend.exists(name, ws)
-            if not existed and not self.backend.creates_workspaces and not dry_run:
-                self._workspace_new(copy, ws, deadline, scrub)
             command = "plan" if dry_run else "apply"
             with self._var_file(inputs) as var_file:
                 result = self.terraform.run(
@@ -350,7 +366,7 @@ class Service:
             if not result.ok:
                 raise self._failure(result, scrub, instance)
             if dry_run:
-                return RunOutcome(self._plan_body(name, instance, run_id, result, scrub))
+                return RunOutcome(self._plan_body(name, instance, run_id, result))
             outputs = self._outputs(principal, name, ws, result)
         return RunOutcome(
             {
@@ -370,12 +386,12 @@ class Service:
         instance: str,
         *,
         dry_run: bool = False,
+        tenant: str | None = None,
     ) -> RunOutcome:
         """Destroy an instance (or plan its destruction) and forget its workspace."""
         m = self.module(name)
         principal.require(name, "write")
-        check_instance_name(instance)
-        ws = workspace_name(principal.tenant_key, instance)
+        ws = target_workspace(principal, instance, tenant)
         run_id = uuid.uuid4().hex
         deadline = time.monotonic() + self.config.run_timeout
         copy = self.ensure_ready(name)
@@ -395,7 +411,7 @@ class Service:
             if not result.ok:
                 raise self._failure(result, scrub, instance)
             if dry_run:
-                return RunOutcome(self._plan_body(name, instance, run_id, result, scrub))
+                return RunOutcome(self._plan_body(name, instance, run_id, result))
             self._workspace_delete(copy, ws, deadline, scrub)
             self.backend.delete_inputs(name, ws)
         return RunOutcome(
@@ -404,15 +420,14 @@ class Service:
         )
 
     def force_unlock(self, principal: Principal, name: str, instance: str,
-                     lock_id: Any) -> dict[str, Any]:
+                     lock_id: Any, tenant: str | None = None) -> dict[str, Any]:
         """Admin: clear a backend lock left by a killed run (its id must match)."""
         self.module(name)
         principal.require_admin()
-        check_instance_name(instance)
+        ws = target_workspace(principal, instance, tenant)
         if not isinstance(lock_id, str) or not lock_id.strip():
             raise BadRequest("send the lock id to clear as {\"lock_id\": \"...\"}",
                              extra={"errors": [{"field": "lock_id", "message": "required"}]})
-        ws = workspace_name(principal.tenant_key, instance)
         copy = self.ensure_ready(name)
         # Never while this server runs terraform on the instance: that lock is alive.
         with self.locks.hold((name, ws), 0, what=f"instance {instance!r} of module {name}"):
@@ -452,14 +467,6 @@ class Service:
         finally:
             path.unlink(missing_ok=True)
 
-    def _workspace_new(self, copy: WorkingCopy, ws: str, deadline: float,
-                       scrub: Scrubber) -> None:
-        result = self.terraform.run(
-            build_args("workspace new", lock_timeout=self.config.lock_wait, extra=[ws]),
-            cwd=copy.path, workspace="default", timeout=_remaining(deadline))
-        if not result.ok and "already exists" not in result.stderr:
-            raise self._failure(result, scrub, ws)
-
     def _workspace_delete(self, copy: WorkingCopy, ws: str, deadline: float,
                           scrub: Scrubber) -> None:
         result = self.terraform.run(
@@ -485,8 +492,8 @@ class Service:
                 outputs[key] = REDACTED
         return outputs
 
-    def _plan_body(self, name: str, instance: str, run_id: str, result: RunResult,
-                   scrub: Scrubber) -> dict[str, Any]:
+    def _plan_body(self, name: str, instance: str, run_id: str,
+                   result: RunResult) -> dict[str, Any]:
         return {
             "module": name,
             "instance": instance,

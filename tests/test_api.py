@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from support import ROOT, ServerProcess, start_server, terraform_shim
+from support import ServerProcess, start_server, terraform_shim
 
 SECRET = "s3cr3t-Value-Zq9x"  # a sensitive value that must never come back or be logged
 SHORT_SECRET = "tiny-Qz7"  # fails the token validation, whose message repeats the value
@@ -386,10 +386,3 @@ def test_terraform_is_not_given_the_servers_environment(tmp: Path) -> None:
         assert env["TF_WORKSPACE"] == "local.default"
     finally:
         srv.stop()
-
-
-def test_readme_quick_start_is_make_run_and_make_test() -> None:
-    text = (ROOT / "README.md").read_text()
-    start = text.index("```")
-    block = text[start:text.index("```", start + 3)]
-    assert [line for line in block.splitlines()[1:] if line.strip()] == ["make run", "make test"]

@@ -1,0 +1,100 @@
+"""README's quick start: the server's embedded defaults, and every curl example as written."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from support import ROOT, ServerProcess, request
+
+README = (ROOT / "README.md").read_text()
+
+
+def test_quick_start_is_make_run_then_make_test() -> None:
+    start = README.index("```")
+    block = README[start:README.index("```", start + 3)]
+    assert [line for line in block.splitlines()[1:] if line.strip()] == ["make run", "make test"]
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^run: .*\n\t\$\(BIN\)/python -m tfserver$", makefile, re.M)
+    assert re.search(r"^test: ", makefile, re.M)
+
+
+def curl_examples() -> list[list[str]]:
+    """The curl commands of the walkthrough after the quick start, as argument lists."""
+    section = README[README.index("In another terminal"):README.index("## API")]
+    commands = []
+    for block in re.findall(r"```sh\n(.*?)```", section, re.S):
+        text = block.replace("\\\n", " ")
+        for line in text.splitlines():
+            line = line.strip()
+            if line.startswith("curl "):
+                commands.append(shlex.split(line))
+    return commands
+
+
+def as_request(argv: list[str]) -> tuple[str, str, dict[str, str], bytes | None]:
+    method, headers, data, url = "GET", {}, None, ""
+    i = 1
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "-X":
+            method, i = argv[i + 1], i + 1
+        elif arg == "-H":
+            key, _, value = argv[i + 1].partition(": ")
+            headers[key], i = value, i + 1
+        elif arg == "-d":
+            data, i = argv[i + 1].encode(), i + 1
+            method = "POST" if method == "GET" else method
+        elif arg.startswith("http"):
+            url = arg
+        i += 1
+    assert url.startswith("http://127.0.0.1:8000"), url
+    return method, url.removeprefix("http://127.0.0.1:8000"), headers, data
+
+
+def start_defaults(cwd: Path) -> ServerProcess:
+    """`python -m tfserver` as `make run` starts it: no settings but a free port."""
+    proc = subprocess.Popen([sys.executable, "-m", "tfserver", "--port", "0"], cwd=cwd,
+                            env={"PATH": os.environ["PATH"], "HOME": str(cwd)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    srv = ServerProcess(proc)
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 30
+    while not srv.url and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        srv.lines.append(line)
+        if '"url": "' in line:
+            srv.url = json.loads(line)["url"]
+    assert srv.url.startswith("http://127.0.0.1:"), "".join(srv.lines)
+    while srv.request("GET", "/demo").status != 200:  # droplet cannot init offline
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return srv
+
+
+def test_every_curl_example_works_on_the_embedded_defaults(tmp: Path) -> None:
+    srv = start_defaults(tmp)
+    try:
+        examples = curl_examples()
+        assert len(examples) >= 9
+        for argv in examples[:-1]:
+            method, path, headers, data = as_request(argv)
+            r = request(srv.url, method, path, headers=headers, raw=data)
+            assert 200 <= r.status < 300, (argv, r.body)
+        # the last example is the documented 400, shown with its exact answer
+        method, path, headers, data = as_request(examples[-1])
+        r = request(srv.url, method, path, headers=headers, raw=data)
+        shown = json.loads(re.search(r"```json\n(.*?)```", README, re.S).group(1))
+        assert r.status == 400 and r.json == shown
+        # the defaults: local state under ./.tfserver, the repo's modules
+        assert (tmp / ".tfserver" / "work" / "demo").is_dir()
+        assert srv.request("GET", "/readyz").status == 503  # droplet: no provider offline
+    finally:
+        srv.proc.terminate()
+        assert srv.proc.wait(timeout=30) == 0

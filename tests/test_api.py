@@ -386,3 +386,17 @@ def test_terraform_is_not_given_the_servers_environment(tmp: Path) -> None:
         assert env["TF_WORKSPACE"] == "local.default"
     finally:
         srv.stop()
+
+
+def test_rejected_update_keeps_the_inputs_destroy_needs(server: ServerProcess) -> None:
+    # The kept inputs are written while terraform runs; a run that changed nothing must
+    # put the previous ones back, or the destroy below would fail the token validation.
+    good = {"name": "keep", "token": "long-enough-token-1"}
+    assert server.request("PUT", "/basic/keep", good).status == 201
+    bad = server.request("PUT", "/basic/keep", {"name": "keep", "token": "short"})
+    assert bad.status == 422
+    r = server.request("DELETE", "/basic/keep")
+    assert r.status == 200, r.body
+    # a new instance whose first run is rejected leaves no inputs behind
+    assert server.request("PUT", "/basic/never", {"name": "n", "token": "short"}).status == 422
+    assert not list(Path(server_state_dir(server)).glob("inputs/basic/local.never*"))

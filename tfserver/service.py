@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,6 +150,7 @@ class Service:
         self.slots = RunSlots(config.max_runs)
         self.terraform_version: str | None = None
         self._init_mutex = threading.Lock()  # the plugin cache is not safe for parallel init
+        self._io = ThreadPoolExecutor(max_workers=config.max_runs, thread_name_prefix="io")
         self.var_dir = config.state_dir / "tmp"
         self._own_var_dir = False
         self.copies = {
@@ -174,6 +176,7 @@ class Service:
 
     def close(self) -> None:
         """Remove what only this process used (its private var-file folder)."""
+        self._io.shutdown(wait=True)
         if self._own_var_dir:
             shutil.rmtree(self.var_dir, ignore_errors=True)
 
@@ -351,6 +354,10 @@ class Service:
             # in the local and the S3 backend alike: no `workspace new` process is needed.
             existed = self.backend.exists(name, ws)
             command = "plan" if dry_run else "apply"
+            # Destroy needs the same variables again, so they are kept durably. The write
+            # goes on while terraform runs (it is off the request's critical path: a
+            # rename on disk, a PUT on S3) and is undone if terraform changed nothing.
+            keeping = None if dry_run else self._io.submit(self._keep_inputs, name, ws, inputs)
             with self._var_file(inputs) as var_file:
                 result = self.terraform.run(
                     build_args(command, var_file=var_file, lock_timeout=self.config.lock_wait),
@@ -359,10 +366,10 @@ class Service:
                     timeout=_remaining(deadline),
                 )
             self._log_run(run_id, name, instance, result, scrub)
-            if (not dry_run and (result.ok or result.apply_started)
-                    and self.backend.load_inputs(name, ws) != inputs):
-                # Destroy needs the same variables again; keep them once resources may exist.
-                self.backend.save_inputs(name, ws, inputs)
+            if keeping is not None:
+                previous = keeping.result()
+                if not (result.ok or result.apply_started) and previous != inputs:
+                    self._restore_inputs(name, ws, previous)
             if not result.ok:
                 raise self._failure(result, scrub, instance)
             if dry_run:
@@ -454,6 +461,21 @@ class Service:
         what = f"instance {instance!r} of module {name}"
         with self.locks.hold((name, ws), self.config.lock_wait, what=what), self.slots.take():
             yield
+
+    def _keep_inputs(self, name: str, ws: str,
+                     inputs: dict[str, Any]) -> dict[str, Any] | None:
+        """Store the inputs unless they are stored already; return what was there."""
+        previous = self.backend.load_inputs(name, ws)
+        if previous != inputs:
+            self.backend.save_inputs(name, ws, inputs)
+        return previous
+
+    def _restore_inputs(self, name: str, ws: str, previous: dict[str, Any] | None) -> None:
+        """Put back the inputs of the last apply that changed something."""
+        if previous is None:
+            self.backend.delete_inputs(name, ws)
+        else:
+            self.backend.save_inputs(name, ws, previous)
 
     @contextmanager
     def _var_file(self, inputs: Mapping[str, Any]) -> Iterator[Path]:

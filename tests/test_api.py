@@ -400,3 +400,20 @@ def test_rejected_update_keeps_the_inputs_destroy_needs(server: ServerProcess) -
     # a new instance whose first run is rejected leaves no inputs behind
     assert server.request("PUT", "/basic/never", {"name": "n", "token": "short"}).status == 422
     assert not list(Path(server_state_dir(server)).glob("inputs/basic/local.never*"))
+
+
+def test_http_servers_own_errors_are_problem_documents(server: ServerProcess) -> None:
+    host, port = server.url.split("//")[1].split(":")
+    for raw, status in ((b"FOO /basic HTTP/1.1\r\nHost: x\r\n\r\n", b"501"),
+                        (b"GET /basic HTTP/1.1 extra\r\n\r\n", b"400"),
+                        (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", b"414")):
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(raw)
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 " + status), head
+        assert b"Content-Type: application/problem+json" in head
+        assert json.loads(body)["status"] == int(status)
+        assert b"extra" not in body and b"aaaa" not in body  # the request is not echoed

@@ -291,3 +291,18 @@ def test_admin_scope_can_be_mapped_by_config(jwks: Jwks, signer: Signer) -> None
     assert p.admin and p.can("basic", "write")
     p = auth.authenticate(f"Bearer {signer.token(scopes='tfserver/basic.read')}")
     assert not p.admin and p.can("basic", "read") and not p.can("basic", "write")
+
+
+def test_a_token_in_a_malformed_request_line_is_not_logged(
+        auth_server: tuple[ServerProcess, Path]) -> None:
+    import socket
+
+    srv, _ = auth_server
+    secret = "eyJhbGciOiJSUzI1NiJ9.leaked-token-value.sig"
+    host, port = srv.url.split("//")[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(f"GET /basic?access_token={secret} HTTP/1.1 junk\r\n\r\n".encode())
+        assert s.recv(1024).startswith(b"HTTP/1.1 400")
+    time.sleep(0.3)
+    assert "Bad request" in srv.log_text()  # the error itself is logged...
+    assert "leaked-token-value" not in srv.log_text()  # ...without the token

@@ -16,6 +16,7 @@ import ssl
 import threading
 import time
 import uuid
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -148,7 +149,8 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     def log_error(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         """Protocol errors found by http.server (bad request line, timeouts)."""
-        logger.warning("http: " + format, *(str(a)[:200] for a in args))
+        # Arguments may hold a raw request line: cut query strings (a token could be there).
+        logger.warning("http: " + format, *(str(a).split("?")[0][:200] for a in args))
 
     # -- the request ------------------------------------------------------------------
 
@@ -336,6 +338,22 @@ class RequestHandler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
+
+    def send_error(self, code: int, message: str | None = None,
+                   explain: str | None = None) -> None:
+        """Errors http.server finds itself (bad request line, unknown method, headers too
+        long): a problem document too, never an HTML page that echoes the request line."""
+        status = HTTPStatus(code)
+        self.log_error("code %d, message %s", code, message)
+        # A request line too broken to name its version still gets an HTTP/1.1 answer.
+        self.request_version = "HTTP/1.1"
+        self.close_connection = True
+        if not hasattr(self, "request_id"):
+            self.request_id = uuid.uuid4().hex
+        self.extra_headers = {}
+        self.send_json(code, {"type": "about:blank", "title": status.phrase, "status": code,
+                              "detail": status.description},
+                       "application/problem+json")
 
     def send_problem(self, error: TFServerError) -> None:
         """Write an RFC 9457 problem document for `error`."""

@@ -251,7 +251,13 @@ class Terraform:
             logger.warning("terraform pid %d ignored SIGINT; killing it", proc.pid)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            return proc.communicate()
+            try:
+                return proc.communicate(timeout=self.kill_grace)
+            except subprocess.TimeoutExpired:
+                # A process outside the group still holds the pipes: stop reading them.
+                logger.error("terraform pid %d: output pipes still open after SIGKILL", proc.pid)
+                proc.wait(timeout=self.kill_grace)
+                return "", ""
 
     def interrupt_all(self) -> int:
         """Send SIGINT to every live terraform (once); returns how many were running."""
@@ -271,23 +277,11 @@ class Terraform:
 
     def version(self, timeout: float = 30.0) -> str | None:
         """Terraform's version, or None when the binary cannot run."""
-        try:
-            done = subprocess.run(
-                [self.binary, "version", "-json"],
-                env=build_env(self.base_env, workspace="default",
-                              cli_config_file=self.cli_config_file),
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                check=False,
-            )
-        except (OSError, subprocess.SubprocessError):
-            return None
-        if done.returncode != 0:
+        result = self.run(["version", "-json"], cwd=Path.cwd(), timeout=timeout)
+        if not result.ok:
             return None
         try:
-            return str(json.loads(done.stdout).get("terraform_version"))
+            return str(json.loads(result.stdout).get("terraform_version"))
         except (ValueError, AttributeError):
             return None
 

@@ -111,3 +111,20 @@ def test_timed_out_run_answers_504_and_releases_the_instance(tmp: Path) -> None:
         assert srv.request("DELETE", "/slow/late").status == 200
     finally:
         srv.stop()
+
+
+def churn(srv: ServerProcess, prefix: str, count: int = 4) -> list[tuple[int, int]]:
+    """Create and destroy `count` instances at once; their (PUT, DELETE) statuses."""
+    def one(i: int) -> tuple[int, int]:
+        put = srv.request("PUT", f"/basic/{prefix}-{i}", {"name": f"n{i}"}).status
+        return put, srv.request("DELETE", f"/basic/{prefix}-{i}").status
+
+    with ThreadPoolExecutor(count) as pool:
+        return list(pool.map(one, range(count)))
+
+
+def test_workspaces_created_and_deleted_in_parallel(server: ServerProcess) -> None:
+    # Every run names its workspace with TF_WORKSPACE: no shared .terraform/environment.
+    assert churn(server, "churn") == [(201, 200)] * 4  # as many as the run cap allows
+    listed = [i["instance"] for i in server.request("GET", "/basic").json["instances"]]
+    assert not [name for name in listed if name.startswith("churn-")]

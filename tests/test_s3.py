@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from support import Jwks, Moto, Signer, bearer, start_server, terraform_shim
-from test_concurrency import intervals, put_slow
+from test_concurrency import churn, intervals, put_slow
 from tfserver.backend import s3_backend_config
 from tfserver.config import S3Settings
 
@@ -81,6 +81,7 @@ def test_apply_get_destroy_in_each_lock_mode(tmp: Path, moto: Moto, store: dict[
         assert {"instance": "remote", "href": "/basic/remote"} in listed
         assert len(log.read_text().splitlines()) == calls  # reads ran no terraform
         assert_no_locks(moto, bucket)
+        assert churn(srv, "par", 4) == [(201, 200)] * 4  # workspaces made and dropped at once
         assert srv.request("DELETE", "/basic/remote").status == 200
         assert srv.request("GET", "/basic/remote").status == 404
         assert [k for k in keys(moto, bucket) if "remote" in k] == []

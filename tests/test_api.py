@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import socket
@@ -417,3 +418,29 @@ def test_http_servers_own_errors_are_problem_documents(server: ServerProcess) ->
         assert b"Content-Type: application/problem+json" in head
         assert json.loads(body)["status"] == int(status)
         assert b"extra" not in body and b"aaaa" not in body  # the request is not echoed
+
+
+def test_connection_cap_closes_extra_connections(tmp: Path) -> None:
+    srv = start_server(tmp, env={"TFSERVER_MAX_CONNECTIONS": "3", "TFSERVER_READ_TIMEOUT": "2"})
+    host, port = srv.url.split("//")[1].split(":")
+    try:
+        idle = [socket.create_connection((host, int(port)), timeout=10) for _ in range(3)]
+        time.sleep(0.3)
+        with socket.create_connection((host, int(port)), timeout=10) as extra:
+            extra.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            with contextlib.suppress(ConnectionResetError):
+                assert extra.recv(1024) == b""  # closed without an answer
+        for s in idle:  # the read timeout frees their places
+            assert s.recv(1024) == b""
+            s.close()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if srv.request("GET", "/healthz").status == 200:
+                    break
+            except (ConnectionError, http.client.RemoteDisconnected):
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    finally:
+        srv.stop()

@@ -122,6 +122,7 @@ class Config:
     kill_grace: float = 10.0
     shutdown_grace: float = 60.0
     read_timeout: float = 30.0
+    max_connections: int = 256
     #: Where the short-lived var files go; None picks a private folder on tmpfs if any.
     tmp_dir: Path | None = None
     terraform_bin: str = "terraform"
@@ -341,6 +342,8 @@ def load(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
         read_timeout=_number(env.get("TFSERVER_READ_TIMEOUT"), "TFSERVER_READ_TIMEOUT", 30.0,
                              minimum=0.1),
         tmp_dir=Path(env["TFSERVER_TMP_DIR"]) if env.get("TFSERVER_TMP_DIR") else None,
+        max_connections=int(_number(env.get("TFSERVER_MAX_CONNECTIONS"),
+                                    "TFSERVER_MAX_CONNECTIONS", 256, minimum=1)),
         terraform_bin=get(args.terraform, "TFSERVER_TERRAFORM") or "terraform",
         cli_config_file=Path(cli_config) if cli_config and Path(cli_config).is_file() else None,
         provider_mirror=Path(mirror) if mirror else None,

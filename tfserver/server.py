@@ -64,11 +64,34 @@ class TFServer(ThreadingHTTPServer):
         self.authenticator = authenticator
         self.certificates = certificates
         self.stopping = threading.Event()
+        # One thread per connection: cap them, so idle or slow clients cannot pile up
+        # threads (each is also cut off after TFSERVER_READ_TIMEOUT).
+        self._connections = threading.BoundedSemaphore(config.max_connections)
         self._busy = 0
         self._busy_cond = threading.Condition()
         if ":" in config.host:
             self.address_family = socket.AF_INET6
         super().__init__((config.host, config.port), RequestHandler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Start the connection's thread, or close it at once when the cap is reached."""
+        if not self._connections.acquire(blocking=False):
+            logger.warning("connection limit (%d) reached: closing a new connection from %s",
+                           self.config.max_connections, client_address[0])
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._connections.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """Serve the connection, then give its place back."""
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._connections.release()
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         """Run the TLS handshake in the connection's own thread, with a deadline."""

@@ -444,3 +444,19 @@ def test_connection_cap_closes_extra_connections(tmp: Path) -> None:
             time.sleep(0.1)
     finally:
         srv.stop()
+
+
+def test_an_unread_body_closes_the_connection(server: ServerProcess) -> None:
+    conn = http.client.HTTPConnection(server.url.split("//")[1], timeout=30)
+    try:
+        conn.request("POST", "/nosuch", body=b'{"name": "GET /healthz HTTP/1.1"}',
+                     headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == 404
+        assert resp.getheader("Connection") == "close"  # never read the body as a request
+        conn.request("GET", "/healthz")  # http.client reconnects
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.read()
+    finally:
+        conn.close()

@@ -185,6 +185,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         self.request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
         token = request_id.set(self.request_id)
         self.status = 0
+        self.body_consumed = False
         self.extra_headers: dict[str, str] = {}
         url = urlsplit(self.path)
         self.url_path = url.path
@@ -319,6 +320,7 @@ class RequestHandler(BaseHTTPRequestHandler):
                 f"the body is {length} bytes; the limit is {self.server.config.max_body}"
             )
         data = self.rfile.read(length) if length else b""
+        self.body_consumed = True
         if len(data) != length:
             self.close_connection = True
             raise BadRequest("the body ended before Content-Length bytes")
@@ -346,6 +348,12 @@ class RequestHandler(BaseHTTPRequestHandler):
         """Write a JSON answer with length, request id and security headers."""
         data = (json.dumps(body, indent=2) + "\n").encode()
         self.status = status
+        if not getattr(self, "body_consumed", True) and (
+                self.headers.get("Transfer-Encoding")
+                or self.headers.get("Content-Length", "0").strip() not in ("", "0")):
+            # An answer given before the body was read (401, 404, 405...): the body is
+            # still in the stream and would be taken for the next request. Close instead.
+            self.close_connection = True
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))

@@ -216,3 +216,23 @@ def test_var_files_go_to_a_private_tmpfs_folder(tmp_path: Path) -> None:
             chosen.rmdir()
     assert _var_dir(Config(state_dir=tmp_path, tmp_dir=tmp_path / "v")) == (tmp_path / "v",
                                                                             False)
+
+
+def test_var_dirs_of_dead_servers_are_removed(tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    from tfserver.service import remove_orphan_var_dirs
+
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    gone_pid = finished.pid  # a process that has ended (and was reaped)
+    orphan = tmp_path / f"tfserver-vars-{gone_pid}-abc"
+    orphan.mkdir()
+    (orphan / "x.tfvars.json").write_text('{"password": "left-behind"}')
+    alive = tmp_path / f"tfserver-vars-{os.getpid()}-def"
+    alive.mkdir()
+    other = tmp_path / "tfserver-vars-notapid-x"
+    other.mkdir()
+    remove_orphan_var_dirs(tmp_path)
+    assert not orphan.exists() and alive.exists() and other.exists()

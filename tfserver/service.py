@@ -620,8 +620,25 @@ def _var_dir(config: Config) -> tuple[Path, bool]:
         return config.tmp_dir, False
     shm = Path("/dev/shm")  # noqa: S108 - a private mkdtemp inside it, mode 0700
     if shm.is_dir() and os.access(shm, os.W_OK):
-        return Path(tempfile.mkdtemp(prefix="tfserver-vars-", dir=shm)), True
+        remove_orphan_var_dirs(shm)
+        return Path(tempfile.mkdtemp(prefix=f"tfserver-vars-{os.getpid()}-", dir=shm)), True
     return config.state_dir / "tmp", False
+
+
+def remove_orphan_var_dirs(parent: Path) -> None:
+    """Remove var-file folders of this user's tfserver processes that are gone (a server
+    killed mid-run would otherwise leave a var file, secrets included, until reboot)."""
+    for folder in parent.glob("tfserver-vars-*-*"):
+        try:
+            pid = int(folder.name.split("-")[2])
+            if folder.stat().st_uid != os.getuid():
+                continue
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+            logger.info("removed %s, left by a stopped tfserver", folder)
+        except (ValueError, OSError):
+            continue
 
 
 def _remaining(deadline: float) -> float:

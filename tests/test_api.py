@@ -424,8 +424,29 @@ def test_connection_cap_closes_extra_connections(tmp: Path) -> None:
     srv = start_server(tmp, env={"TFSERVER_MAX_CONNECTIONS": "3", "TFSERVER_READ_TIMEOUT": "2"})
     host, port = srv.url.split("//")[1].split(":")
     try:
-        idle = [socket.create_connection((host, int(port)), timeout=10) for _ in range(3)]
-        time.sleep(0.3)
+        def still_open(s: socket.socket) -> bool:
+            s.setblocking(False)
+            try:
+                return s.recv(1, socket.MSG_PEEK) != b""
+            except BlockingIOError:
+                return True  # nothing to read, not closed
+            except ConnectionError:
+                return False
+            finally:
+                s.settimeout(10)
+
+        # Earlier connections' threads may hold a place for a moment: retry until all
+        # three idle connections were really accepted (bounded).
+        for _ in range(20):
+            idle = [socket.create_connection((host, int(port)), timeout=10) for _ in range(3)]
+            time.sleep(0.3)
+            if all(still_open(s) for s in idle):
+                break
+            for s in idle:
+                s.close()
+            time.sleep(2.5)  # past the read timeout: every place is free again
+        else:
+            raise AssertionError("could not hold three connections open")
         with socket.create_connection((host, int(port)), timeout=10) as extra:
             extra.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
             with contextlib.suppress(ConnectionResetError):

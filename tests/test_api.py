@@ -481,3 +481,21 @@ def test_an_unread_body_closes_the_connection(server: ServerProcess) -> None:
         assert resp.status == 200 and resp.read()
     finally:
         conn.close()
+
+
+def test_a_module_in_json_syntax_is_served(tmp: Path) -> None:
+    mod = tmp / "mods" / "jsonmod"
+    mod.mkdir(parents=True)
+    (mod / "main.tf.json").write_text(json.dumps({
+        "variable": {"name": {"type": "string"}},
+        "resource": {"terraform_data": {"this": {"input": "${var.name}"}}},
+        "output": {"name": {"value": "${terraform_data.this.output}"}},
+    }))
+    srv = start_server(tmp, modules_dir=tmp / "mods")
+    try:
+        assert srv.request("PUT", "/jsonmod/a", {"name": 1}).status == 400
+        r = srv.request("PUT", "/jsonmod/a", {"name": "from-json"})
+        assert r.status == 201 and r.json["outputs"] == {"name": "from-json"}
+        assert srv.request("DELETE", "/jsonmod/a").status == 200
+    finally:
+        srv.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -135,3 +136,21 @@ def test_broken_hcl_is_a_config_error(tmp_path: Path) -> None:
     (tmp_path / "bad.tf").write_text('variable "x" {\n  type = lisst(string)\n}\n')
     with pytest.raises(ConfigError, match="unknown type"):
         load_module(tmp_path)
+
+
+def test_json_syntax_modules_are_read_too(tmp_path: Path) -> None:
+    (tmp_path / "variables.tf.json").write_text(json.dumps({
+        "variable": {
+            "name": {"type": "string", "description": "who"},
+            "sizes": {"type": "list(number)", "default": [1]},
+            "secret": [{"type": "string", "sensitive": True, "default": None}],
+        },
+        "output": {"hello": {"value": "${var.name}", "description": "greeting"}},
+    }))
+    m = load_module(tmp_path, "jsonmod")
+    assert m.schema["required"] == ["name"]
+    assert m.schema["properties"]["sizes"]["items"] == {"type": "number"}
+    assert m.sensitive_variables == {"secret"}
+    assert m.outputs["hello"].description == "greeting"
+    with pytest.raises(InvalidInput):
+        m.validate({"sizes": ["x"]})

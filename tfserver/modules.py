@@ -7,8 +7,9 @@ is reported at once, in words that never repeat the value sent (it may be a secr
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -207,15 +208,36 @@ def _readme_summary(path: Path) -> str:
     return " ".join(paragraph)
 
 
+def _documents(path: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """Each configuration file of a module, parsed: native syntax with python-hcl2, JSON
+    syntax (`*.tf.json`) with json, both in python-hcl2's shape (block type -> list of
+    {label: body})."""
+    for tf in sorted(path.glob("*.tf")):
+        try:
+            yield tf, hcl2.loads(tf.read_text(encoding="utf-8"),
+                                 serialization_options=_HCL_OPTIONS)
+        except (LarkError, ValueError) as e:
+            raise ConfigError(f"{tf}: cannot parse HCL: {type(e).__name__}") from e
+    for tf in sorted(path.glob("*.tf.json")):
+        try:
+            raw = json.loads(tf.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise ConfigError(f"{tf}: not JSON: {e}") from e
+        doc: dict[str, Any] = {}
+        for kind in ("variable", "output"):
+            blocks = raw.get(kind, []) if isinstance(raw, dict) else []
+            for block in blocks if isinstance(blocks, list) else [blocks]:
+                for label, body in (block or {}).items():
+                    body = body[0] if isinstance(body, list) and body else body
+                    doc.setdefault(kind, []).append({label: body})
+        yield tf, doc
+
+
 def load_module(path: Path, name: str | None = None) -> Module:
     """Read one module folder's variables and outputs (raises ConfigError if unreadable)."""
     variables: dict[str, Variable] = {}
     outputs: dict[str, Output] = {}
-    for tf in sorted(path.glob("*.tf")):
-        try:
-            doc = hcl2.loads(tf.read_text(encoding="utf-8"), serialization_options=_HCL_OPTIONS)
-        except (LarkError, ValueError) as e:
-            raise ConfigError(f"{tf}: cannot parse HCL: {type(e).__name__}") from e
+    for tf, doc in _documents(path):
         for block in doc.get("variable", []):
             for var_name, body in block.items():
                 try:
@@ -256,12 +278,12 @@ def load_module(path: Path, name: str | None = None) -> Module:
 
 
 def discover(modules_dir: Path) -> dict[str, Module]:
-    """Every subfolder of `modules_dir` holding `*.tf` files, by URL name."""
+    """Every subfolder of `modules_dir` holding `*.tf` or `*.tf.json` files, by URL name."""
     if not modules_dir.is_dir():
         raise ConfigError(f"modules folder {modules_dir} does not exist")
     found: dict[str, Module] = {}
     for sub in sorted(modules_dir.iterdir()):
-        if not sub.is_dir() or not any(sub.glob("*.tf")):
+        if not sub.is_dir() or not (any(sub.glob("*.tf")) or any(sub.glob("*.tf.json"))):
             continue
         if not NAME_RE.match(sub.name) or sub.name in RESERVED_NAMES:
             logger.warning("module folder %s skipped: its name cannot be a URL path", sub.name)

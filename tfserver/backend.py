@@ -119,6 +119,9 @@ class LocalBackend:
     def _module_dir(self, module: str) -> Path:
         return self.root / module
 
+    def _state_path(self, module: str, workspace: str) -> Path:
+        return self._module_dir(module) / workspace / STATE_NAME
+
     def override(self, module: str) -> dict[str, Any]:
         """A local backend whose workspaces live in the server's state folder."""
         base = self._module_dir(module)
@@ -139,7 +142,7 @@ class LocalBackend:
 
     def read_state(self, module: str, workspace: str) -> dict[str, Any] | None:
         """Read the state file; retries briefly, since terraform rewrites it in place."""
-        path = self._module_dir(module) / workspace / "terraform.tfstate"
+        path = self._state_path(module, workspace)
         for attempt in range(5):
             try:
                 text = path.read_text(encoding="utf-8")
@@ -157,14 +160,14 @@ class LocalBackend:
 
     def exists(self, module: str, workspace: str) -> bool:
         """The state file is there."""
-        return (self._module_dir(module) / workspace / "terraform.tfstate").is_file()
+        return self._state_path(module, workspace).is_file()
 
     def workspaces(self, module: str) -> list[str]:
         """Folders that hold a state file."""
         base = self._module_dir(module)
         if not base.is_dir():
             return []
-        return sorted(p.name for p in base.iterdir() if (p / "terraform.tfstate").is_file())
+        return sorted(p.name for p in base.iterdir() if (p / STATE_NAME).is_file())
 
     def _inputs_path(self, module: str, workspace: str) -> Path:
         return self.inputs_root / module / (workspace + INPUTS_SUFFIX)

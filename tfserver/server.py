@@ -381,10 +381,9 @@ class RequestHandler(BaseHTTPRequestHandler):
         self.close_connection = True
         if not hasattr(self, "request_id"):
             self.request_id = uuid.uuid4().hex
-        self.extra_headers = {}
-        self.send_json(code, {"type": "about:blank", "title": status.phrase, "status": code,
-                              "detail": status.description},
-                       "application/problem+json")
+        error = TFServerError(status.description)
+        error.status = status
+        self.send_problem(error)
 
     def send_problem(self, error: TFServerError) -> None:
         """Write an RFC 9457 problem document for `error`."""

@@ -122,6 +122,31 @@ class ServerProcess:
             raise
 
 
+def launch(argv: list[str], *, cwd: Path, env: dict[str, str],
+           ready_timeout: float = 30) -> ServerProcess:
+    """Start a tfserver command and wait (bounded) for the log line naming its URL."""
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = ServerProcess(proc)
+    found = threading.Event()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            server.lines.append(line.rstrip("\n"))
+            if not found.is_set() and '"url": "' in line:
+                server.url = json.loads(line)["url"]
+                found.set()
+        found.set()
+
+    server._reader = threading.Thread(target=read, daemon=True)
+    server._reader.start()
+    if not found.wait(ready_timeout) or not server.url:
+        proc.kill()
+        raise AssertionError("tfserver did not start:\n" + server.log_text())
+    return server
+
+
 def start_server(
     tmp: Path,
     *,
@@ -143,32 +168,8 @@ def start_server(
         "PYTHONUNBUFFERED": "1",
     }
     full_env.update(env or {})
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tfserver", *(args or [])],
-        cwd=ROOT,
-        env=full_env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    server = ServerProcess(proc)
-    found = threading.Event()
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            server.lines.append(line.rstrip("\n"))
-            if not found.is_set() and '"url": "' in line:
-                server.url = json.loads(line)["url"]
-                found.set()
-        found.set()
-
-    server._reader = threading.Thread(target=read, daemon=True)
-    server._reader.start()
-    if not found.wait(ready_timeout) or not server.url:
-        proc.kill()
-        raise AssertionError("tfserver did not start:\n" + server.log_text())
+    server = launch([sys.executable, "-m", "tfserver", *(args or [])], cwd=ROOT, env=full_env,
+                    ready_timeout=ready_timeout)
     if wait_modules:
         deadline = time.monotonic() + ready_timeout
         while time.monotonic() < deadline:

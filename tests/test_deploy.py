@@ -10,7 +10,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from support import (
     Moto,
     aws_provider_mirror,
     bearer,
+    launch,
     moto_user_token,
     require_tool,
     start_server,
@@ -279,19 +279,11 @@ def test_container_entrypoint_outside_docker(tmp: Path) -> None:
     done = subprocess.run([script], env=base, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "refusing to serve without authentication" in done.stderr
     # With an issuer configured (as App Platform sets it), the same command serves.
-    proc = subprocess.Popen([script], env={**base, "COGNITO_ISSUER": "https://issuer.test/p",
-                                           "JWK_URL": "http://127.0.0.1:9/jwks"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    srv = launch([script], cwd=tmp, env={**base, "COGNITO_ISSUER": "https://issuer.test/p",
+                                         "JWK_URL": "http://127.0.0.1:9/jwks"})
     try:
-        url = ""
-        deadline = time.monotonic() + 30
-        assert proc.stdout is not None
-        while not url and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if '"url": "' in line:
-                url = json.loads(line)["url"]
-        assert url.startswith("http://0.0.0.0:")
-        port = url.rsplit(":", 1)[1]
+        assert srv.url.startswith("http://0.0.0.0:")
+        port = srv.url.rsplit(":", 1)[1]
         # the image's HEALTHCHECK command, run as Docker would
         check = subprocess.run(health, env={**base, "TFSERVER_PORT": port}, timeout=30,
                                capture_output=True, text=True)
@@ -300,5 +292,4 @@ def test_container_entrypoint_outside_docker(tmp: Path) -> None:
                               capture_output=True, text=True)
         assert down.returncode != 0
     finally:
-        proc.terminate()
-        assert proc.wait(timeout=30) == 0
+        assert srv.stop() == 0

@@ -6,12 +6,11 @@ import json
 import os
 import re
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from support import ROOT, ServerProcess, request
+from support import ROOT, ServerProcess, launch, request
 
 README = (ROOT / "README.md").read_text()
 
@@ -60,18 +59,10 @@ def as_request(argv: list[str]) -> tuple[str, str, dict[str, str], bytes | None]
 
 def start_defaults(cwd: Path) -> ServerProcess:
     """`python -m tfserver` as `make run` starts it: no settings but a free port."""
-    proc = subprocess.Popen([sys.executable, "-m", "tfserver", "--port", "0"], cwd=cwd,
-                            env={"PATH": os.environ["PATH"], "HOME": str(cwd)},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    srv = ServerProcess(proc)
-    assert proc.stdout is not None
+    srv = launch([sys.executable, "-m", "tfserver", "--port", "0"], cwd=cwd,
+                 env={"PATH": os.environ["PATH"], "HOME": str(cwd)})
+    assert srv.url.startswith("http://127.0.0.1:"), srv.log_text()
     deadline = time.monotonic() + 30
-    while not srv.url and time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        srv.lines.append(line)
-        if '"url": "' in line:
-            srv.url = json.loads(line)["url"]
-    assert srv.url.startswith("http://127.0.0.1:"), "".join(srv.lines)
     while srv.request("GET", "/demo").status != 200:  # droplet cannot init offline
         assert time.monotonic() < deadline
         time.sleep(0.05)

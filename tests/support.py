@@ -182,6 +182,16 @@ def start_server(
     return server
 
 
+def reply_json(handler: Any, status: int, doc: Any) -> None:
+    """Answer a test server's request (a BaseHTTPRequestHandler) with a JSON document."""
+    data = json.dumps(doc).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
 class Jwks:
     """A JWKS served on 127.0.0.1 by the test: counts fetches, can rotate keys or go down."""
 
@@ -199,12 +209,7 @@ class Jwks:
                 if owner.down:
                     self.send_error(503)
                     return
-                data = json.dumps({"keys": owner.keys}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                reply_json(self, 200, {"keys": owner.keys})
 
             def log_message(self, *args: Any) -> None:
                 pass

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import json
 import os
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from urllib.parse import parse_qs
 
 import pytest
 
-from support import ROOT, Moto, bearer, moto_user_token, start_server
+from support import ROOT, Moto, bearer, moto_user_token, reply_json, start_server
 
 
 def test_moto_cognito_access_token_is_accepted(tmp: Path, moto: Moto) -> None:
@@ -58,12 +57,7 @@ def token_endpoint() -> Iterator[tuple[str, list[dict[str, Any]]]]:
             ok = creds == "cid:csecret" and form.get("grant_type") == "client_credentials"
             doc = {"access_token": "tok-123", "token_type": "Bearer"} if ok else \
                 {"error": "invalid_client"}
-            data = json.dumps(doc).encode()
-            self.send_response(200 if ok else 400)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            reply_json(self, 200 if ok else 400, doc)
 
         def log_message(self, *args: Any) -> None:
             pass

@@ -1,4 +1,4 @@
-"""ACME failure handling with small fakes behind tfserver's own classes."""
+"""ACME failure handling with small fakes injected where tfserver's own seams are."""
 
 from __future__ import annotations
 
@@ -22,37 +22,56 @@ from tfserver.tls import (
 SETTINGS = AcmeSettings(domains=("tfserver.test",), directory="https://acme.invalid/dir")
 
 
-class RateLimited(AcmeIssuer):
-    def _obtain(self) -> None:
+class RateLimitingCA:
+    """An ACME client whose CA refuses every order with a rate limit."""
+
+    def __init__(self, account_key: object) -> None:
+        self.account_key = account_key
+
+    def new_order(self, csr_pem: bytes) -> object:
         raise messages.Error(typ="urn:ietf:params:acme:error:rateLimited",
                              detail="too many certificates already issued")
 
+    def answer_challenge(self, challb: object, response: object) -> object:
+        raise AssertionError("never reached")
+
+    def poll_and_finalize(self, orderr: object, deadline: object = None) -> object:
+        raise AssertionError("never reached")
+
 
 def test_rate_limit_is_named(tmp_path: Path) -> None:
+    issuer = AcmeIssuer(SETTINGS, tmp_path, ChallengeStore(), connect=RateLimitingCA)
     with pytest.raises(AcmeError, match="rate-limited this server: too many certificates"):
-        RateLimited(SETTINGS, tmp_path, ChallengeStore()).obtain()
+        issuer.obtain()
+    # the account key was made and kept for the next attempt
+    assert (tmp_path / "account.key").stat().st_mode & 0o777 == 0o600
 
 
-class Failing(AcmeIssuer):
-    """Always due, never renews; records when it was asked."""
+class Failing:
+    """A certificate source that is always due and never renews; records when asked."""
 
-    def __init__(self, *args: object, **kw: object) -> None:
-        super().__init__(*args, **kw)  # type: ignore[arg-type]
+    def __init__(self) -> None:
         self.attempts: list[float] = []
 
-    def certificate(self):  # type: ignore[no-untyped-def]
+    def certificate(self) -> None:
         return None
+
+    def due(self, cert: object) -> bool:
+        return True
 
     def obtain(self) -> None:
         self.attempts.append(time.monotonic())
         raise AcmeError("the ACME directory cannot be reached")
+
+    def context(self) -> object:
+        raise AssertionError("never reached")
 
 
 def test_failed_renewal_keeps_the_certificate_and_backs_off(tmp_path: Path) -> None:
     cert, key = self_signed(["tfserver.test"], tmp_path, "current")
     current = context_from_files(cert, key)
     certificates = Certificates(current)
-    issuer = Failing(SETTINGS, tmp_path, ChallengeStore())
+    issuer = Failing()
     renewer = Renewer(issuer, certificates, interval=0.05)
     renewer.start()
     try:

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from tfserver.config import PASSED_ENV, load
+from tfserver.config import PASSED_ENV, S3Settings, load
 from tfserver.errors import ConfigError, Conflict, Unavailable
 from tfserver.locks import InstanceLocks, RunSlots
-from tfserver.service import Scrubber, parse_lock_info, workspace_name
-from tfserver.terraform import RunResult, build_args, build_env, cli_config_text
+from tfserver.names import workspace_name
+from tfserver.scrub import Scrubber
+from tfserver.terraform import RunResult, build_args, build_env, cli_config_text, parse_lock_info
 
 VF = Path("/s/tmp/x.tfvars.json")
 
@@ -117,8 +119,8 @@ def test_workspace_names_cannot_cross_tenants() -> None:
 @pytest.mark.parametrize(
     ("argv", "env", "check"),
     [
-        ([], {}, lambda c: (c.host, c.port, c.auth, c.backend) == ("127.0.0.1", 8000, "none",
-                                                                    "local")),
+        ([], {}, lambda c: (c.host, c.port, c.auth, c.backend.name) == ("127.0.0.1", 8000,
+                                                                         "none", "local")),
         (["--port", "9"], {"TFSERVER_PORT": "7"}, lambda c: c.port == 9),
         ([], {"TFSERVER_PORT": "7", "TFSERVER_HOST": "::1"}, lambda c: (c.port, c.host) == (
             7, "::1")),
@@ -133,8 +135,8 @@ def test_workspace_names_cannot_cross_tenants() -> None:
         ([], {"TFSERVER_PASS_ENV": "OTHER", "OTHER": "x", "PATH": "/bin"},
          lambda c: c.terraform_env == {"OTHER": "x", "PATH": "/bin"}),
         ([], {"TFSERVER_BACKEND": "s3", "TF_STATE_BUCKET": "b", "TF_STATE_LOCK_TABLE": "t"},
-         lambda c: c.s3 is not None and c.s3.bucket == "b" and c.s3.lock_table == "t"
-         and c.s3.use_lockfile),
+         lambda c: isinstance(c.backend, S3Settings) and c.backend.bucket == "b"
+         and c.backend.lock_table == "t" and c.backend.use_lockfile),
     ],
 )
 def test_config_table(argv: list[str], env: dict[str, str], check) -> None:
@@ -150,15 +152,109 @@ def test_config_table(argv: list[str], env: dict[str, str], check) -> None:
         ({"TFSERVER_BACKEND": "s3"}, "needs TF_STATE_BUCKET"),
         ({"TFSERVER_BACKEND": "s3", "TF_STATE_BUCKET": "b", "TF_STATE_USE_LOCKFILE": "false"},
          "needs a lock"),
-        ({"TFSERVER_RUN_TIMEOUT": "soon"}, "must be a number"),
+        ({"TFSERVER_RUN_TIMEOUT": "soon"}, "TFSERVER_RUN_TIMEOUT must be a duration"),
         ({"TFSERVER_MAX_BODY": "-1"}, "must be a size"),
         ({"TFSERVER_TLS_CERT": "/c"}, "go together"),
-        ({"TFSERVER_BACKEND": "gcs"}, "local or s3"),
+        ({"TFSERVER_BACKEND": "gcs"}, "TFSERVER_BACKEND must be one of local, s3, not 'gcs'"),
     ],
 )
 def test_config_errors(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load([], env)
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "expected"),
+    [
+        # integers: whole ASCII numbers within bounds, nothing else
+        ("TFSERVER_PORT", "8080", 8080),
+        ("TFSERVER_PORT", " 0 ", 0),
+        ("TFSERVER_PORT", "1m", "TFSERVER_PORT must be a whole number, not '1m'"),
+        ("TFSERVER_PORT", "80.5", "TFSERVER_PORT must be a whole number"),
+        ("TFSERVER_PORT", "70000", "TFSERVER_PORT must be between 0 and 65535"),
+        ("TFSERVER_PORT", "\u00b2", "TFSERVER_PORT must be a whole number"),
+        ("TFSERVER_MAX_RUNS", "2.9", "TFSERVER_MAX_RUNS must be a whole number"),
+        ("TFSERVER_MAX_RUNS", "0", "TFSERVER_MAX_RUNS must be at least 1"),
+        ("TFSERVER_MAX_CONNECTIONS", "12", 12),
+        # durations: seconds, or with a unit
+        ("TFSERVER_RUN_TIMEOUT", "90", 90.0),
+        ("TFSERVER_RUN_TIMEOUT", "1.5", 1.5),
+        ("TFSERVER_RUN_TIMEOUT", "500ms", 0.5),
+        ("TFSERVER_RUN_TIMEOUT", "5m", 300.0),
+        ("TFSERVER_RUN_TIMEOUT", "2h", 7200.0),
+        ("TFSERVER_RUN_TIMEOUT", "1d", 86400.0),
+        ("TFSERVER_RUN_TIMEOUT", "0", "TFSERVER_RUN_TIMEOUT must be at least 0.1s"),
+        ("TFSERVER_RUN_TIMEOUT", "-5", "TFSERVER_RUN_TIMEOUT must be a duration"),
+        ("TFSERVER_RUN_TIMEOUT", "5 minutes", "TFSERVER_RUN_TIMEOUT must be a duration"),
+        ("TFSERVER_LOCK_WAIT", "0", 0.0),
+        # sizes
+        ("TFSERVER_MAX_BODY", "2MiB", 2 * 1024 * 1024),
+        ("TFSERVER_MAX_BODY", "512KiB", 512 * 1024),
+        ("TFSERVER_MAX_BODY", "1000", 1000),
+        ("TFSERVER_MAX_BODY", "0", "TFSERVER_MAX_BODY must be at least 1 bytes"),
+        ("TFSERVER_MAX_BODY", "1.5MiB", "TFSERVER_MAX_BODY must be a size"),
+        # booleans: one parser
+        ("TF_STATE_USE_LOCKFILE", "off", False),
+        ("TF_STATE_USE_LOCKFILE", "YES", True),
+        ("TF_STATE_USE_LOCKFILE", "maybe", "TF_STATE_USE_LOCKFILE must be true or false"),
+        # choices
+        ("TFSERVER_LOG_LEVEL", "debug", "DEBUG"),
+        ("TFSERVER_LOG_LEVEL", "verbose",
+         "TFSERVER_LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
+        ("TFSERVER_AUTH", "NONE", "none"),
+        ("TFSERVER_AUTH", "basic", "TFSERVER_AUTH must be one of none, jwt"),
+        # lists and paths
+        ("TFSERVER_CLIENT_IDS", "a, b,,a", frozenset({"a", "b"})),
+        ("TFSERVER_STATE_DIR", "/var/lib/x", Path("/var/lib/x")),
+        # empty means unset: the default
+        ("TFSERVER_PORT", "", 8000),
+    ],
+)
+def test_every_setting_kind_parses_or_names_the_fault(env: str, value: str,
+                                                      expected: object) -> None:
+    from tfserver.config import SETTINGS, _values
+
+    value = value.encode().decode("unicode_escape")
+    if isinstance(expected, str) and expected.startswith(env):
+        with pytest.raises(ConfigError, match="^" + re.escape(expected)):
+            _values([], {env: value})
+        return
+    assert _values([], {env: value})[env] == expected
+    assert env in {s.env for s in SETTINGS}
+
+
+def test_flags_win_and_are_parsed_like_their_variables() -> None:
+    assert load(["--port", "9"], {"TFSERVER_PORT": "7"}).port == 9
+    with pytest.raises(ConfigError, match="TFSERVER_PORT must be a whole number, not '1m'"):
+        load(["--port", "1m"], {})
+    assert load(["--log-level", "warning"], {}).log_level == "WARNING"
+
+
+def test_version_and_help_come_from_the_table(capsys: pytest.CaptureFixture[str]) -> None:
+    from tfserver import __version__
+    from tfserver.config import SETTINGS, parser
+
+    with pytest.raises(SystemExit) as done:
+        parser().parse_args(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"tfserver {__version__}"
+    text = parser().format_help()
+    for s in SETTINGS:
+        assert s.env in text, s.env
+        if s.flag:
+            assert s.flag in text
+
+
+def test_readme_settings_table_is_the_config_table() -> None:
+    from support import ROOT
+    from tfserver.config import markdown_table
+
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("<!-- settings -->") + len("<!-- settings -->")
+    end = readme.index("<!-- /settings -->")
+    assert readme[start:end].strip() == markdown_table(), \
+        "regenerate README's table: python -c 'from tfserver.config import markdown_table; " \
+        "print(markdown_table())'"
 
 
 def test_passed_env_has_no_server_settings() -> None:
@@ -203,10 +299,9 @@ def test_run_slots_refuse_beyond_the_cap() -> None:
 
 
 def test_var_files_go_to_a_private_tmpfs_folder(tmp_path: Path) -> None:
-    from tfserver.config import Config
-    from tfserver.service import _var_dir
+    from tfserver.workdir import _var_dir
 
-    chosen, owned = _var_dir(Config(state_dir=tmp_path))
+    chosen, owned = _var_dir(None, tmp_path / "tmp")
     try:
         if Path("/dev/shm").is_dir():
             assert owned and chosen.parent == Path("/dev/shm")
@@ -214,15 +309,14 @@ def test_var_files_go_to_a_private_tmpfs_folder(tmp_path: Path) -> None:
     finally:
         if owned:
             chosen.rmdir()
-    assert _var_dir(Config(state_dir=tmp_path, tmp_dir=tmp_path / "v")) == (tmp_path / "v",
-                                                                            False)
+    assert _var_dir(tmp_path / "v", tmp_path / "tmp") == (tmp_path / "v", False)
 
 
 def test_var_dirs_of_dead_servers_are_removed(tmp_path: Path) -> None:
     import os
     import subprocess
 
-    from tfserver.service import remove_orphan_var_dirs
+    from tfserver.workdir import remove_orphan_var_dirs
 
     finished = subprocess.Popen(["true"])
     finished.wait()

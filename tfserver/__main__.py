@@ -15,13 +15,12 @@ from . import logs
 from .auth import make_authenticator
 from .backend import make_backend
 from .config import Config, load
-from .errors import ConfigError
+from .errors import TFServerError
 from .modules import discover
 from .server import TFServer
 from .service import Service
 from .terraform import Terraform
 from .tls import (
-    AcmeError,
     AcmeIssuer,
     Certificates,
     ChallengeServer,
@@ -45,18 +44,15 @@ class Parts:
 def build(config: Config) -> Parts:
     """Every part of a server from its config (bound, with its certificate, not serving).
 
-    Raises ConfigError (bad settings, unusable certificate files) or AcmeError (no
-    certificate could be obtained); both end the start with a message, not a traceback.
+    Raises ConfigError (bad settings, unusable certificate files), AcmeError (no
+    certificate could be obtained) or another error of the package's tree (a module that
+    cannot be read); each ends the start with a message, not a traceback.
     """
     modules = discover(config.modules_dir)
-    terraform = Terraform(
-        binary=config.terraform_bin,
-        base_env=config.terraform_env,
-        cli_config_file=config.cli_config_file,
-        kill_grace=config.kill_grace,
-    )
+    terraform = Terraform(binary=config.terraform_bin, base_env=config.terraform_env,
+                          kill_grace=config.kill_grace)
     service = Service(config, modules, terraform, make_backend(config))
-    service.prepare()
+    terraform.cli_config_file = service.prepare(config.cli_config_file)
     server = TFServer(config, service, make_authenticator(config))
     parts = Parts(server)
     if config.tls_cert is not None and config.tls_key is not None:
@@ -89,7 +85,7 @@ def serve(parts: Parts) -> int:
     def on_signal(signum: int, frame: FrameType | None) -> None:
         if server.stopping.is_set():
             logger.warning("second signal: interrupting terraform runs now")
-            server.service.terraform.interrupt_all()
+            server.service.runner.interrupt_all()
             return
         logger.info("signal %s: stopping; runs in flight may take up to %gs",
                     signal.Signals(signum).name, config.shutdown_grace)
@@ -104,7 +100,7 @@ def serve(parts: Parts) -> int:
         parts.renewer.start()
     logger.info(
         "serving %s on %s (auth %s, backend %s)", ", ".join(server.service.modules),
-        server.url, config.auth, config.backend,
+        server.url, config.auth, config.backend.name,
         extra={"modules": list(server.service.modules), "url": server.url,
                "state_dir": str(config.state_dir)},
     )
@@ -115,7 +111,7 @@ def serve(parts: Parts) -> int:
         parts.challenge.shutdown()
         parts.challenge.server_close()
     if not server.wait_idle(config.shutdown_grace):
-        count = server.service.terraform.interrupt_all()
+        count = server.service.runner.interrupt_all()
         logger.warning("grace period over: interrupted %d terraform run(s)", count)
         server.wait_idle(config.kill_grace + 5)
     server.server_close()
@@ -135,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load(args, os.environ)
         logs.configure(config.log_level)
         parts = build(config)
-    except (ConfigError, AcmeError) as e:
+    except TFServerError as e:
         print(f"tfserver: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import ssl
 import threading
@@ -16,11 +15,9 @@ from jwt import PyJWK, PyJWKClient, PyJWKSet
 
 from .config import AuthSettings, Config
 from .errors import Forbidden, Unauthorized, Unavailable
+from .names import LOCAL_TENANT, tenant_key
 
 logger = logging.getLogger(__name__)
-
-#: Tenant key of callers when authentication is off.
-LOCAL_TENANT = "local"
 
 
 @dataclass(frozen=True)
@@ -40,7 +37,7 @@ class Principal:
         """The tenant's part of workspace names: fixed-length hex, so names cannot collide."""
         if self.tenant == LOCAL_TENANT and self.all_modules:
             return LOCAL_TENANT
-        return hashlib.sha256(self.tenant.encode()).hexdigest()[:24]
+        return tenant_key(self.tenant)
 
     def can(self, module: str, access: str) -> bool:
         """True if the caller may `access` ("read" or "write") the module."""

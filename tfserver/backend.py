@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +23,8 @@ from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
 from .config import Config, S3Settings
-from .errors import ConfigError, Unavailable
+from .errors import Unavailable
+from .files import private_dir, write_private
 
 logger = logging.getLogger(__name__)
 
@@ -93,18 +93,9 @@ class StateBackend(Protocol):
         """State and lock of a workspace, read together."""
         ...
 
-
-def write_private(path: Path, data: bytes) -> None:
-    """Write a file readable by the owner only, atomically (temp file and rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    def close(self) -> None:
+        """Release what the backend holds (threads, connections)."""
+        ...
 
 
 class LocalBackend:
@@ -201,11 +192,14 @@ class LocalBackend:
     def check(self) -> None:
         """The state folder must be writable."""
         try:
-            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            private_dir(self.root)
             if not os.access(self.root, os.W_OK):
                 raise BackendError(f"state folder {self.root} is not writable")
         except OSError as e:
             raise BackendError(f"state folder {self.root}: {e.strerror}") from e
+
+    def close(self) -> None:
+        """Nothing to release."""
 
 
 def s3_backend_config(settings: S3Settings, module: str) -> list[tuple[str, str]]:
@@ -258,7 +252,7 @@ class S3Backend:
         )
         self.s3 = boto3.client("s3", endpoint_url=settings.endpoint, config=boto)
         # A GET of an instance reads the state and the lock at once, not one after another.
-        self._pool = ThreadPoolExecutor(max_workers=12, thread_name_prefix="s3-read")
+        self._readers = ThreadPoolExecutor(max_workers=12, thread_name_prefix="s3-read")
         self.ddb = (
             boto3.client("dynamodb", endpoint_url=settings.dynamodb_endpoint or settings.endpoint,
                          config=boto)
@@ -282,22 +276,26 @@ class S3Backend:
 
     def _get(self, key: str) -> bytes | None:
         """An object's bytes, or None when there is no such object."""
-        try:
-            with _aws("S3 cannot read state", missing_ok=True):
+        with _aws("S3 cannot read state"):
+            try:
                 return bytes(self.s3.get_object(Bucket=self.settings.bucket,
                                                 Key=key)["Body"].read())
-        except _Missing:
-            return None
+            except ClientError as e:
+                if _missing(e):
+                    return None
+                raise
 
     def exists(self, module: str, workspace: str) -> bool:
         """HEAD of the state object."""
-        try:
-            with _aws("S3 cannot read state", missing_ok=True):
+        with _aws("S3 cannot read state"):
+            try:
                 self.s3.head_object(Bucket=self.settings.bucket,
                                     Key=self.state_key(module, workspace))
-            return True
-        except _Missing:
-            return False
+            except ClientError as e:
+                if _missing(e):
+                    return False
+                raise
+        return True
 
     def read_state(self, module: str, workspace: str) -> dict[str, Any] | None:
         """GET of the state object (no terraform, no lock)."""
@@ -360,8 +358,8 @@ class S3Backend:
 
     def snapshot(self, module: str, workspace: str) -> Snapshot:
         """State and lock, fetched concurrently (the latency of one round trip)."""
-        state = self._pool.submit(self.read_state, module, workspace)
-        lock = self._pool.submit(self.lock_info, module, workspace)
+        state = self._readers.submit(self.read_state, module, workspace)
+        lock = self._readers.submit(self.lock_info, module, workspace)
         return Snapshot(state.result(), lock.result())
 
     def check(self) -> None:
@@ -371,21 +369,23 @@ class S3Backend:
             if self.ddb is not None:
                 self.ddb.describe_table(TableName=str(self.settings.lock_table))
 
+    def close(self) -> None:
+        """Stop the reader threads."""
+        self._readers.shutdown(wait=True)
 
-class _Missing(Exception):
-    """The object (or bucket) asked for does not exist; callers decide what that means."""
+
+def _missing(error: ClientError) -> bool:
+    """True when S3 says the object does not exist."""
+    return str(error.response.get("Error", {}).get("Code")) in ("NoSuchKey", "404", "NotFound")
 
 
 @contextmanager
-def _aws(what: str, *, missing_ok: bool = False) -> Iterator[None]:
-    """Translate botocore's errors into `BackendError` (503); with `missing_ok`, a missing
-    object becomes `_Missing` for the caller to handle."""
+def _aws(what: str) -> Iterator[None]:
+    """Translate botocore's errors into `BackendError` (503)."""
     try:
         yield
     except ClientError as e:
         code = str(e.response.get("Error", {}).get("Code", "error"))
-        if missing_ok and code in ("NoSuchKey", "404", "NotFound"):
-            raise _Missing(code) from e
         raise BackendError(f"{what}: {code}") from e
     except BotoCoreError as e:
         raise BackendError(f"{what}: cannot be reached ({type(e).__name__})") from e
@@ -403,8 +403,6 @@ def _json_object(data: bytes | None, what: str) -> dict[str, Any] | None:
 
 def make_backend(config: Config) -> StateBackend:
     """The backend the configuration names."""
-    if config.backend == "s3":
-        if config.s3 is None:
-            raise ConfigError("the s3 backend needs its settings")
-        return S3Backend(config.s3)
+    if isinstance(config.backend, S3Settings):
+        return S3Backend(config.backend)
     return LocalBackend(config.state_dir)

@@ -16,10 +16,10 @@ import urllib.parse
 import urllib.request
 from collections.abc import Mapping, Sequence
 
-from .errors import ConfigError
+from .errors import ConfigError, TFServerError
 
 
-class TokenError(Exception):
+class TokenError(TFServerError):
     """The token endpoint could not be reached or refused the client."""
 
 

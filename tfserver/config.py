@@ -1,7 +1,9 @@
-"""Configuration: command-line flags and environment variables into one frozen `Config`.
+"""Configuration: one table of settings drives parsing, `--help` and README's table.
 
-Every flag has an environment variable and flags win. `load(argv, environ)` is pure: it
-reads only what it is given, so tests build configs without touching `os.environ`.
+Every setting is an environment variable; a few also have a command-line flag, and flags
+win. `load(argv, environ)` is pure: it reads only what it is given, so tests build configs
+without touching `os.environ`. A bad value is a `ConfigError` naming the setting, which
+`__main__` prints as one line before exiting with status 2.
 """
 
 from __future__ import annotations
@@ -9,14 +11,13 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
+from . import __version__
 from .errors import ConfigError
-
-#: The repository's modules folder, served when nothing else is configured.
-DEFAULT_MODULES_DIR = Path(__file__).resolve().parent.parent / "modules"
 
 #: Environment variables handed to terraform when the server's environment has them:
 #: provider credentials and the settings programs need to reach the network. Nothing else
@@ -54,7 +55,230 @@ PASSED_ENV = (
     "AWS_CONTAINER_AUTHORIZATION_TOKEN",
 )
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
+
+# -- parsers: text in, a typed value out, or ValueError with the reason -------------------
+
+Parser = Callable[[str], Any]
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h|d)?$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_SIZE = re.compile(r"^(\d+)\s*(KiB|MiB|GiB|k|M|G)?$")
+_SIZE_UNITS = {"KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "k": 1000, "M": 1000**2,
+               "G": 1000**3, None: 1}
+
+
+def parse_bool(text: str) -> bool:
+    """`true/yes/on/1` or `false/no/off/0`, any case; else ValueError."""
+    word = text.strip().lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from `90`, `1.5`, `500ms`, `90s`, `5m`, `24h` or `7d`."""
+    m = _DURATION.match(text.strip())
+    if not m:
+        raise ValueError("must be a duration such as 90, 90s, 5m, 24h or 7d")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+def _text(text: str) -> str:
+    return text.strip()
+
+
+def _integer(low: int, high: int | None = None) -> Parser:
+    def parse(text: str) -> int:
+        if not text.strip().isdigit() or not text.strip().isascii():
+            raise ValueError("must be a whole number")
+        value = int(text.strip())
+        if value < low or (high is not None and value > high):
+            raise ValueError(f"must be between {low} and {high}" if high is not None
+                             else f"must be at least {low}")
+        return value
+    return parse
+
+
+def _duration(low: float = 0.0) -> Parser:
+    def parse(text: str) -> float:
+        value = parse_duration(text)
+        if value < low:
+            raise ValueError(f"must be at least {low:g}s")
+        return value
+    return parse
+
+
+def _size(low: int = 1) -> Parser:
+    def parse(text: str) -> int:
+        m = _SIZE.match(text.strip())
+        if not m:
+            raise ValueError("must be a size in bytes, or with KiB, MiB or GiB")
+        value = int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+        if value < low:
+            raise ValueError(f"must be at least {low} bytes")
+        return value
+    return parse
+
+
+def _choice(*values: str, fold: Callable[[str], str] = str.lower) -> Parser:
+    def parse(text: str) -> str:
+        word = fold(text.strip())
+        if word not in values:
+            raise ValueError(f"must be one of {', '.join(values)}")
+        return word
+    return parse
+
+
+def _path(text: str) -> Path:
+    return Path(text.strip())
+
+
+def _words(text: str) -> frozenset[str]:
+    return frozenset(w.strip() for w in text.split(",") if w.strip())
+
+
+def _domains(text: str) -> tuple[str, ...]:
+    return tuple(sorted(_words(text)))
+
+
+# -- the table ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: its variable, optional flag, parser, typed default and meaning."""
+
+    env: str
+    parse: Parser
+    default: Any
+    help: str
+    flag: str | None = None
+    #: How the default reads in `--help` and README, when `str(default)` would not do.
+    shown: str | None = None
+
+    @property
+    def shown_default(self) -> str:
+        """The default as documentation shows it."""
+        if self.shown is not None:
+            return self.shown
+        if self.default in (None, frozenset(), ()):
+            return ""
+        if isinstance(self.default, bool):
+            return "true" if self.default else "false"
+        return str(self.default)
+
+
+MiB = 1024 * 1024
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("TFSERVER_HOST", _text, "127.0.0.1", "listen address", flag="--host"),
+    Setting("TFSERVER_PORT", _integer(0, 65535), 8000, "listen port (0 picks a free one)",
+            flag="--port"),
+    Setting("TFSERVER_MODULES_DIR", _path, Path(__file__).resolve().parent.parent / "modules",
+            "each subfolder with `*.tf` or `*.tf.json` files is served at `/<folder>`",
+            flag="--modules-dir", shown="the repo's `modules/`"),
+    Setting("TFSERVER_STATE_DIR", _path, Path(".tfserver"),
+            "working copies, local state, kept inputs, temp var files", flag="--state-dir",
+            shown="`.tfserver/`"),
+    Setting("TFSERVER_AUTH", _choice("none", "jwt"), None,
+            "`none` refuses to start on a non-loopback address", flag="--auth",
+            shown="`jwt` if `COGNITO_ISSUER` is set, else `none`"),
+    Setting("COGNITO_ISSUER", _text, None, "token issuer to require (turns auth on)"),
+    Setting("JWK_URL", _text, None, "where the issuer's signing keys are",
+            shown="issuer + `/.well-known/jwks.json`"),
+    Setting("TFSERVER_CLIENT_IDS", _words, frozenset(),
+            "comma list of accepted `client_id` claims", shown="any"),
+    Setting("TFSERVER_SCOPE_PREFIX", _text, "tfserver",
+            "scopes are `<prefix>/<module>.read`, `.write` and `<prefix>/admin`"),
+    Setting("TFSERVER_ADMIN_SCOPES", _words, frozenset(),
+            "comma list of other scopes that count as admin"),
+    Setting("TFSERVER_JWT_LEEWAY", _duration(), 30.0, "clock skew allowed on token times",
+            shown="30 s"),
+    Setting("TFSERVER_JWKS_TIMEOUT", _duration(0.1), 5.0, "timeout of one JWKS fetch",
+            shown="5 s"),
+    Setting("TFSERVER_JWKS_MIN_REFRESH", _duration(), 60.0,
+            "at most one JWKS fetch this often for unknown key ids", shown="60 s"),
+    Setting("TFSERVER_JWKS_CACHE_TTL", _duration(1.0), 3600.0,
+            "how long fetched keys are used before a refresh", shown="1 h"),
+    Setting("TFSERVER_BACKEND", _choice("local", "s3"), "local",
+            "where state lives: `local` or `s3`", flag="--backend"),
+    Setting("TF_STATE_BUCKET", _text, None, "S3 bucket of the state (s3 backend)"),
+    Setting("TF_STATE_REGION", _text, None, "its region", shown="`AWS_REGION`, else us-east-1"),
+    Setting("TF_STATE_KEY_PREFIX", _text, "tfserver", "key prefix of everything tfserver keeps"),
+    Setting("TF_STATE_LOCK_TABLE", _text, None, "DynamoDB lock table"),
+    Setting("TF_STATE_USE_LOCKFILE", parse_bool, True,
+            "S3-native lock file; at least one lock is required"),
+    Setting("TF_STATE_ENDPOINT", _text, None, "S3-compatible endpoint (Spaces, MinIO, tests)",
+            shown="AWS"),
+    Setting("TF_STATE_DYNAMODB_ENDPOINT", _text, None, "DynamoDB endpoint",
+            shown="`TF_STATE_ENDPOINT`"),
+    Setting("TFSERVER_TLS_CERT", _path, None, "serve HTTPS with this certificate chain"),
+    Setting("TFSERVER_TLS_KEY", _path, None, "and this key"),
+    Setting("TFSERVER_ACME_DOMAINS", _domains, (),
+            "obtain and renew a certificate for these names (comma list)"),
+    Setting("TFSERVER_ACME_EMAIL", _text, None, "contact address of the ACME account"),
+    Setting("TFSERVER_ACME_DIRECTORY", _text, LETS_ENCRYPT, "the ACME CA",
+            shown="Let's Encrypt production"),
+    Setting("TFSERVER_ACME_CA_BUNDLE", _text, None, "CA bundle to trust the ACME CA with",
+            shown="system CAs"),
+    Setting("TFSERVER_HTTP_PORT", _integer(0, 65535), 80,
+            "plain HTTP port: HTTP-01 challenges, redirects to HTTPS"),
+    Setting("TFSERVER_ACME_RENEW_BEFORE", _duration(), None,
+            "renew when less than this is left", shown="a third of the lifetime"),
+    Setting("TFSERVER_ACME_CHECK_INTERVAL", _duration(1.0), 12 * 3600.0,
+            "how often the certificate is looked at", shown="12 h"),
+    Setting("TFSERVER_MAX_BODY", _size(1), MiB, "largest request body (`2MiB`, `512KiB`)",
+            shown="1 MiB"),
+    Setting("TFSERVER_RUN_TIMEOUT", _duration(0.1), 1800.0,
+            "deadline of one request's terraform runs", shown="1800 s"),
+    Setting("TFSERVER_MAX_RUNS", _integer(1), 4, "terraform runs at once; more get 503"),
+    Setting("TFSERVER_LOCK_WAIT", _duration(), 0.0,
+            "how long a run waits for a busy instance before 409; terraform's `-lock-timeout`",
+            shown="0 s"),
+    Setting("TFSERVER_KILL_GRACE", _duration(), 10.0,
+            "after SIGINT, how long terraform gets before SIGKILL", shown="10 s"),
+    Setting("TFSERVER_SHUTDOWN_GRACE", _duration(), 60.0,
+            "on SIGTERM, how long runs in flight get before they are interrupted",
+            shown="60 s"),
+    Setting("TFSERVER_READ_TIMEOUT", _duration(0.1), 30.0,
+            "socket read timeout (slow or idle clients are cut off)", shown="30 s"),
+    Setting("TFSERVER_MAX_CONNECTIONS", _integer(1), 256,
+            "open connections (a thread each); more are closed at once"),
+    Setting("TFSERVER_TERRAFORM", _text, "terraform", "the terraform binary",
+            flag="--terraform"),
+    Setting("TFSERVER_TMP_DIR", _path, None, "where the short-lived 0600 var files go",
+            shown="a private folder in `/dev/shm`, else `<state>/tmp`"),
+    Setting("TF_CLI_CONFIG_FILE", _path, None,
+            "terraform CLI config, used as is when the file exists",
+            shown="tfserver's own, with a plugin cache"),
+    Setting("TFSERVER_PROVIDER_MIRROR", _path, None,
+            "a filesystem mirror to install providers from (no downloads)"),
+    Setting("TFSERVER_PASS_ENV", _words, frozenset(),
+            "comma list of extra environment variables terraform may see"),
+    Setting("TFSERVER_LOG_LEVEL", _choice(*LOG_LEVELS, fold=str.upper), "INFO",
+            "log level of the JSON lines on stderr", flag="--log-level"),
+)
+
+_BY_ENV = {s.env: s for s in SETTINGS}
+
+
+def default(env: str) -> Any:
+    """The typed default of a setting (the one place defaults are written)."""
+    return _BY_ENV[env].default
+
+
+# -- the typed configuration -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LocalSettings:
+    """State in files under the state folder."""
+
+    name: Literal["local"] = "local"
 
 
 @dataclass(frozen=True)
@@ -63,11 +287,15 @@ class S3Settings:
 
     bucket: str
     region: str
-    key_prefix: str = "tfserver"
+    key_prefix: str = default("TF_STATE_KEY_PREFIX")
     lock_table: str | None = None
-    use_lockfile: bool = True
+    use_lockfile: bool = default("TF_STATE_USE_LOCKFILE")
     endpoint: str | None = None
     dynamodb_endpoint: str | None = None
+    name: Literal["s3"] = "s3"
+
+
+BackendSettings = LocalSettings | S3Settings
 
 
 @dataclass(frozen=True)
@@ -77,12 +305,12 @@ class AuthSettings:
     issuer: str = ""
     jwk_url: str = ""
     client_ids: frozenset[str] = frozenset()
-    scope_prefix: str = "tfserver"
+    scope_prefix: str = default("TFSERVER_SCOPE_PREFIX")
     admin_scopes: frozenset[str] = frozenset()
-    leeway: float = 30.0
-    jwks_timeout: float = 5.0
-    jwks_min_refresh: float = 60.0
-    jwks_cache_ttl: float = 3600.0
+    leeway: float = default("TFSERVER_JWT_LEEWAY")
+    jwks_timeout: float = default("TFSERVER_JWKS_TIMEOUT")
+    jwks_min_refresh: float = default("TFSERVER_JWKS_MIN_REFRESH")
+    jwks_cache_ttl: float = default("TFSERVER_JWKS_CACHE_TTL")
 
 
 @dataclass(frozen=True)
@@ -91,44 +319,43 @@ class AcmeSettings:
 
     domains: tuple[str, ...]
     email: str | None = None
-    directory: str = "https://acme-v02.api.letsencrypt.org/directory"
+    directory: str = default("TFSERVER_ACME_DIRECTORY")
     ca_bundle: str | None = None
-    http_port: int = 80
+    http_port: int = default("TFSERVER_HTTP_PORT")
     #: Renew when less than this many seconds are left (None: a third of the lifetime).
     renew_before: float | None = None
     #: How often the renewer looks at the certificate.
-    check_interval: float = 12 * 3600.0
+    check_interval: float = default("TFSERVER_ACME_CHECK_INTERVAL")
 
 
 @dataclass(frozen=True)
 class Config:
     """Everything the server needs, built once at start."""
 
-    host: str = "127.0.0.1"
-    port: int = 8000
-    modules_dir: Path = DEFAULT_MODULES_DIR
-    state_dir: Path = Path(".tfserver")
-    auth: str = "none"
+    host: str = default("TFSERVER_HOST")
+    port: int = default("TFSERVER_PORT")
+    modules_dir: Path = default("TFSERVER_MODULES_DIR")
+    state_dir: Path = default("TFSERVER_STATE_DIR")
+    auth: Literal["none", "jwt"] = "none"
     auth_settings: AuthSettings = field(default_factory=AuthSettings)
-    backend: str = "local"
-    s3: S3Settings | None = None
+    backend: BackendSettings = field(default_factory=LocalSettings)
     tls_cert: Path | None = None
     tls_key: Path | None = None
     acme: AcmeSettings | None = None
-    max_body: int = 1024 * 1024
-    run_timeout: float = 1800.0
-    max_runs: int = 4
-    lock_wait: float = 0.0
-    kill_grace: float = 10.0
-    shutdown_grace: float = 60.0
-    read_timeout: float = 30.0
-    max_connections: int = 256
+    max_body: int = default("TFSERVER_MAX_BODY")
+    run_timeout: float = default("TFSERVER_RUN_TIMEOUT")
+    max_runs: int = default("TFSERVER_MAX_RUNS")
+    lock_wait: float = default("TFSERVER_LOCK_WAIT")
+    kill_grace: float = default("TFSERVER_KILL_GRACE")
+    shutdown_grace: float = default("TFSERVER_SHUTDOWN_GRACE")
+    read_timeout: float = default("TFSERVER_READ_TIMEOUT")
+    max_connections: int = default("TFSERVER_MAX_CONNECTIONS")
     #: Where the short-lived var files go; None picks a private folder on tmpfs if any.
     tmp_dir: Path | None = None
-    terraform_bin: str = "terraform"
+    terraform_bin: str = default("TFSERVER_TERRAFORM")
     cli_config_file: Path | None = None
     provider_mirror: Path | None = None
-    log_level: str = "INFO"
+    log_level: str = default("TFSERVER_LOG_LEVEL")
     #: What terraform gets of the server's environment (see PASSED_ENV); never logged.
     terraform_env: Mapping[str, str] = field(default_factory=dict, repr=False)
 
@@ -148,101 +375,73 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _flag_or_env(value: str | None, environ: Mapping[str, str], name: str) -> str | None:
-    if value is not None:
-        return value
-    got = environ.get(name)
-    return got if got not in (None, "") else None
-
-
-def _number(raw: str | None, name: str, default: float, *, minimum: float = 0) -> float:
-    if raw is None:
-        return default
-    text = raw.strip().lower()
-    scale = 1.0
-    for suffix, factor in (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0)):
-        if text.endswith(suffix) and text[: -len(suffix)].replace(".", "", 1).isdigit():
-            text, scale = text[: -len(suffix)], factor
-            break
-    try:
-        value = float(text) * scale
-    except ValueError:
-        raise ConfigError(f"{name} must be a number, not {raw!r}") from None
-    if value < minimum:
-        raise ConfigError(f"{name} must be at least {minimum}, not {raw!r}")
-    return value
-
-
-def _size(raw: str | None, name: str, default: int) -> int:
-    if raw is None:
-        return default
-    text = raw.strip()
-    units = {"KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "k": 1000, "M": 1000**2}
-    for unit, factor in units.items():
-        if text.endswith(unit) and text[: -len(unit)].isdigit():
-            return int(text[: -len(unit)]) * factor
-    if text.isdigit() and int(text) > 0:
-        return int(text)
-    raise ConfigError(f"{name} must be a size in bytes (or with KiB/MiB), not {raw!r}")
-
-
-def _bool(raw: str | None, name: str, default: bool) -> bool:
-    if raw is None:
-        return default
-    text = raw.strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"{name} must be true or false, not {raw!r}")
-
-
-def _words(raw: str | None) -> frozenset[str]:
-    return frozenset(w.strip() for w in (raw or "").split(",") if w.strip())
+# -- the command line ------------------------------------------------------------------
 
 
 def parser() -> argparse.ArgumentParser:
-    """The command line of `tfserver` (serve) with its environment variables in the help."""
+    """The command line of `tfserver` (serve); its help lists every setting."""
+    env_only = "\n".join(
+        f"  {s.env}" + (f" [{s.shown_default}]" if s.shown_default else "") + f": {s.help}"
+        for s in SETTINGS if s.flag is None)
     p = argparse.ArgumentParser(
         prog="tfserver",
         description="Serve Terraform modules as an HTTP API: POST/PUT apply, DELETE destroys.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
-            "Every flag has an environment variable (shown in brackets); flags win. "
-            "More settings are environment-only: see README.md. "
-            "'tfserver token' fetches a Cognito access token (client credentials)."
-        ),
+            "Every flag has an environment variable (shown in brackets); flags win.\n"
+            "Settings from the environment only:\n" + env_only + "\n\n"
+            "'tfserver token' prints a Cognito access token (client credentials)."
+        ).replace("`", ""),
     )
-    p.add_argument("--host", help="listen address [TFSERVER_HOST, 127.0.0.1]")
-    p.add_argument("--port", type=int, help="listen port [TFSERVER_PORT, 8000]")
-    p.add_argument("--modules-dir", help="folder of modules [TFSERVER_MODULES_DIR]")
-    p.add_argument("--state-dir", help="working copies, local state [TFSERVER_STATE_DIR]")
-    p.add_argument(
-        "--auth", choices=("none", "jwt"), help="[TFSERVER_AUTH, jwt when COGNITO_ISSUER is set]"
-    )
-    p.add_argument("--backend", choices=("local", "s3"), help="[TFSERVER_BACKEND, local]")
-    p.add_argument("--terraform", help="terraform binary [TFSERVER_TERRAFORM, terraform]")
-    p.add_argument("--log-level", help="[TFSERVER_LOG_LEVEL, INFO]")
+    p.add_argument("--version", action="version", version=f"tfserver {__version__}")
+    for s in SETTINGS:
+        if s.flag is not None:
+            shown = f", {s.shown_default}" if s.shown_default else ""
+            p.add_argument(s.flag, dest=s.env, metavar=s.flag[2:].upper().replace("-", "_"),
+                           help=f"{s.help} [{s.env}{shown}]".replace("`", ""))
     return p
+
+
+def markdown_table() -> str:
+    """README's table of settings, made from `SETTINGS`."""
+    lines = ["| env | flag | default | meaning |", "|---|---|---|---|"]
+    for s in SETTINGS:
+        flag = f"`{s.flag}`" if s.flag else ""
+        lines.append(f"| `{s.env}` | {flag} | {s.shown_default} | {s.help} |")
+    return "\n".join(lines)
+
+
+# -- loading ---------------------------------------------------------------------------
+
+
+def _values(argv: Sequence[str], environ: Mapping[str, str]) -> dict[str, Any]:
+    """Every setting's typed value: the flag, else the variable, else the default.
+
+    An empty variable counts as unset (as shells and container platforms write them).
+    """
+    args = vars(parser().parse_args(list(argv)))
+    values: dict[str, Any] = {}
+    for s in SETTINGS:
+        raw = args.get(s.env)
+        if raw is None:
+            raw = environ.get(s.env)
+        if raw is None or not raw.strip():
+            values[s.env] = s.default
+            continue
+        try:
+            values[s.env] = s.parse(raw)
+        except ValueError as e:
+            shown = raw if len(raw) <= 60 else raw[:57] + "..."
+            raise ConfigError(f"{s.env} {e}, not {shown!r}") from None
+    return values
 
 
 def load(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
     """Build the `Config` from command-line arguments and an environment."""
-    args = parser().parse_args(list(argv))
-    env = environ
-
-    def get(flag: str | None, name: str) -> str | None:
-        return _flag_or_env(flag, env, name)
-
-    host = get(args.host, "TFSERVER_HOST") or "127.0.0.1"
-    port = int(_number(get(None if args.port is None else str(args.port), "TFSERVER_PORT"),
-                       "TFSERVER_PORT", 8000))
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"TFSERVER_PORT must be a port number, not {port}")
-
-    issuer = (env.get("COGNITO_ISSUER") or "").rstrip("/")
-    auth = get(args.auth, "TFSERVER_AUTH") or ("jwt" if issuer else "none")
-    if auth not in ("none", "jwt"):
-        raise ConfigError(f"TFSERVER_AUTH must be none or jwt, not {auth!r}")
+    v = _values(argv, environ)
+    host: str = v["TFSERVER_HOST"]
+    issuer = (v["COGNITO_ISSUER"] or "").rstrip("/")
+    auth: Literal["none", "jwt"] = v["TFSERVER_AUTH"] or ("jwt" if issuer else "none")
     if auth == "none" and not is_loopback(host):
         raise ConfigError(
             f"refusing to serve without authentication on {host}: "
@@ -250,103 +449,95 @@ def load(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
         )
     if auth == "jwt" and not issuer:
         raise ConfigError("TFSERVER_AUTH=jwt needs COGNITO_ISSUER")
-    auth_settings = AuthSettings(
-        issuer=issuer,
-        jwk_url=env.get("JWK_URL") or (issuer + "/.well-known/jwks.json" if issuer else ""),
-        client_ids=_words(env.get("TFSERVER_CLIENT_IDS")),
-        scope_prefix=env.get("TFSERVER_SCOPE_PREFIX") or "tfserver",
-        admin_scopes=_words(env.get("TFSERVER_ADMIN_SCOPES")),
-        leeway=_number(env.get("TFSERVER_JWT_LEEWAY"), "TFSERVER_JWT_LEEWAY", 30.0),
-        jwks_timeout=_number(env.get("TFSERVER_JWKS_TIMEOUT"), "TFSERVER_JWKS_TIMEOUT", 5.0,
-                             minimum=0.1),
-        jwks_min_refresh=_number(env.get("TFSERVER_JWKS_MIN_REFRESH"),
-                                 "TFSERVER_JWKS_MIN_REFRESH", 60.0),
-        jwks_cache_ttl=_number(env.get("TFSERVER_JWKS_CACHE_TTL"), "TFSERVER_JWKS_CACHE_TTL",
-                               3600.0, minimum=1),
-    )
-
-    backend = get(args.backend, "TFSERVER_BACKEND") or "local"
-    s3: S3Settings | None = None
-    if backend == "s3":
-        bucket = env.get("TF_STATE_BUCKET")
-        if not bucket:
-            raise ConfigError("TFSERVER_BACKEND=s3 needs TF_STATE_BUCKET")
-        s3 = S3Settings(
-            bucket=bucket,
-            region=env.get("TF_STATE_REGION") or env.get("AWS_REGION") or "us-east-1",
-            key_prefix=(env.get("TF_STATE_KEY_PREFIX") or "tfserver").strip("/"),
-            lock_table=env.get("TF_STATE_LOCK_TABLE") or None,
-            use_lockfile=_bool(env.get("TF_STATE_USE_LOCKFILE"), "TF_STATE_USE_LOCKFILE", True),
-            endpoint=env.get("TF_STATE_ENDPOINT") or None,
-            dynamodb_endpoint=env.get("TF_STATE_DYNAMODB_ENDPOINT") or None,
-        )
-        if not s3.lock_table and not s3.use_lockfile:
-            raise ConfigError(
-                "the s3 backend needs a lock: set TF_STATE_LOCK_TABLE or TF_STATE_USE_LOCKFILE"
-            )
-    elif backend != "local":
-        raise ConfigError(f"TFSERVER_BACKEND must be local or s3, not {backend!r}")
-
-    cert, key = env.get("TFSERVER_TLS_CERT"), env.get("TFSERVER_TLS_KEY")
-    if bool(cert) != bool(key):
+    cert, key = v["TFSERVER_TLS_CERT"], v["TFSERVER_TLS_KEY"]
+    if (cert is None) != (key is None):
         raise ConfigError("TFSERVER_TLS_CERT and TFSERVER_TLS_KEY go together")
-    acme: AcmeSettings | None = None
-    domains = tuple(sorted(_words(env.get("TFSERVER_ACME_DOMAINS"))))
-    if domains:
-        if cert:
-            raise ConfigError("set either TFSERVER_TLS_CERT/KEY or TFSERVER_ACME_DOMAINS")
-        acme = AcmeSettings(
-            domains=domains,
-            email=env.get("TFSERVER_ACME_EMAIL") or None,
-            directory=env.get("TFSERVER_ACME_DIRECTORY") or AcmeSettings.directory,
-            ca_bundle=env.get("TFSERVER_ACME_CA_BUNDLE") or None,
-            http_port=int(_number(env.get("TFSERVER_HTTP_PORT"), "TFSERVER_HTTP_PORT", 80)),
-            renew_before=(_number(env.get("TFSERVER_ACME_RENEW_BEFORE"),
-                                  "TFSERVER_ACME_RENEW_BEFORE", 0)
-                          if env.get("TFSERVER_ACME_RENEW_BEFORE") else None),
-            check_interval=_number(env.get("TFSERVER_ACME_CHECK_INTERVAL"),
-                                   "TFSERVER_ACME_CHECK_INTERVAL", 12 * 3600.0, minimum=1),
-        )
-
-    terraform_env = {k: env[k] for k in PASSED_ENV if env.get(k)}
-    # The original read DIGITALOCEAN_API_TOKEN; the provider reads DIGITALOCEAN_TOKEN.
-    if "DIGITALOCEAN_TOKEN" not in terraform_env and env.get("DIGITALOCEAN_API_TOKEN"):
-        terraform_env["DIGITALOCEAN_TOKEN"] = env["DIGITALOCEAN_API_TOKEN"]
-    for extra in _words(env.get("TFSERVER_PASS_ENV")):
-        if env.get(extra):
-            terraform_env[extra] = env[extra]
-
-    cli_config = env.get("TF_CLI_CONFIG_FILE")
-    mirror = env.get("TFSERVER_PROVIDER_MIRROR")
-    state_dir = Path(get(args.state_dir, "TFSERVER_STATE_DIR") or ".tfserver")
+    if cert is not None and v["TFSERVER_ACME_DOMAINS"]:
+        raise ConfigError("set either TFSERVER_TLS_CERT/KEY or TFSERVER_ACME_DOMAINS")
+    cli_config: Path | None = v["TF_CLI_CONFIG_FILE"]
     return Config(
         host=host,
-        port=port,
-        modules_dir=Path(get(args.modules_dir, "TFSERVER_MODULES_DIR") or DEFAULT_MODULES_DIR),
-        state_dir=state_dir.absolute(),
+        port=v["TFSERVER_PORT"],
+        modules_dir=v["TFSERVER_MODULES_DIR"],
+        state_dir=v["TFSERVER_STATE_DIR"].absolute(),
         auth=auth,
-        auth_settings=auth_settings,
-        backend=backend,
-        s3=s3,
-        tls_cert=Path(cert) if cert else None,
-        tls_key=Path(key) if key else None,
-        acme=acme,
-        max_body=_size(env.get("TFSERVER_MAX_BODY"), "TFSERVER_MAX_BODY", 1024 * 1024),
-        run_timeout=_number(env.get("TFSERVER_RUN_TIMEOUT"), "TFSERVER_RUN_TIMEOUT", 1800.0,
-                            minimum=0.1),
-        max_runs=int(_number(env.get("TFSERVER_MAX_RUNS"), "TFSERVER_MAX_RUNS", 4, minimum=1)),
-        lock_wait=_number(env.get("TFSERVER_LOCK_WAIT"), "TFSERVER_LOCK_WAIT", 0.0),
-        kill_grace=_number(env.get("TFSERVER_KILL_GRACE"), "TFSERVER_KILL_GRACE", 10.0),
-        shutdown_grace=_number(env.get("TFSERVER_SHUTDOWN_GRACE"), "TFSERVER_SHUTDOWN_GRACE",
-                               60.0),
-        read_timeout=_number(env.get("TFSERVER_READ_TIMEOUT"), "TFSERVER_READ_TIMEOUT", 30.0,
-                             minimum=0.1),
-        tmp_dir=Path(env["TFSERVER_TMP_DIR"]) if env.get("TFSERVER_TMP_DIR") else None,
-        max_connections=int(_number(env.get("TFSERVER_MAX_CONNECTIONS"),
-                                    "TFSERVER_MAX_CONNECTIONS", 256, minimum=1)),
-        terraform_bin=get(args.terraform, "TFSERVER_TERRAFORM") or "terraform",
-        cli_config_file=Path(cli_config) if cli_config and Path(cli_config).is_file() else None,
-        provider_mirror=Path(mirror) if mirror else None,
-        log_level=(get(args.log_level, "TFSERVER_LOG_LEVEL") or "INFO").upper(),
-        terraform_env=terraform_env,
+        auth_settings=_auth_settings(v, issuer),
+        backend=_backend_settings(v, environ),
+        tls_cert=cert,
+        tls_key=key,
+        acme=_acme_settings(v),
+        max_body=v["TFSERVER_MAX_BODY"],
+        run_timeout=v["TFSERVER_RUN_TIMEOUT"],
+        max_runs=v["TFSERVER_MAX_RUNS"],
+        lock_wait=v["TFSERVER_LOCK_WAIT"],
+        kill_grace=v["TFSERVER_KILL_GRACE"],
+        shutdown_grace=v["TFSERVER_SHUTDOWN_GRACE"],
+        read_timeout=v["TFSERVER_READ_TIMEOUT"],
+        max_connections=v["TFSERVER_MAX_CONNECTIONS"],
+        tmp_dir=v["TFSERVER_TMP_DIR"],
+        terraform_bin=v["TFSERVER_TERRAFORM"],
+        cli_config_file=cli_config if cli_config is not None and cli_config.is_file() else None,
+        provider_mirror=v["TFSERVER_PROVIDER_MIRROR"],
+        log_level=v["TFSERVER_LOG_LEVEL"],
+        terraform_env=_terraform_env(environ, v["TFSERVER_PASS_ENV"]),
     )
+
+
+def _auth_settings(v: Mapping[str, Any], issuer: str) -> AuthSettings:
+    return AuthSettings(
+        issuer=issuer,
+        jwk_url=v["JWK_URL"] or (issuer + "/.well-known/jwks.json" if issuer else ""),
+        client_ids=v["TFSERVER_CLIENT_IDS"],
+        scope_prefix=v["TFSERVER_SCOPE_PREFIX"],
+        admin_scopes=v["TFSERVER_ADMIN_SCOPES"],
+        leeway=v["TFSERVER_JWT_LEEWAY"],
+        jwks_timeout=v["TFSERVER_JWKS_TIMEOUT"],
+        jwks_min_refresh=v["TFSERVER_JWKS_MIN_REFRESH"],
+        jwks_cache_ttl=v["TFSERVER_JWKS_CACHE_TTL"],
+    )
+
+
+def _backend_settings(v: Mapping[str, Any], environ: Mapping[str, str]) -> BackendSettings:
+    if v["TFSERVER_BACKEND"] == "local":
+        return LocalSettings()
+    bucket = v["TF_STATE_BUCKET"]
+    if not bucket:
+        raise ConfigError("TFSERVER_BACKEND=s3 needs TF_STATE_BUCKET")
+    settings = S3Settings(
+        bucket=bucket,
+        region=v["TF_STATE_REGION"] or environ.get("AWS_REGION") or "us-east-1",
+        key_prefix=v["TF_STATE_KEY_PREFIX"].strip("/"),
+        lock_table=v["TF_STATE_LOCK_TABLE"],
+        use_lockfile=v["TF_STATE_USE_LOCKFILE"],
+        endpoint=v["TF_STATE_ENDPOINT"],
+        dynamodb_endpoint=v["TF_STATE_DYNAMODB_ENDPOINT"],
+    )
+    if not settings.lock_table and not settings.use_lockfile:
+        raise ConfigError(
+            "the s3 backend needs a lock: set TF_STATE_LOCK_TABLE or TF_STATE_USE_LOCKFILE")
+    return settings
+
+
+def _acme_settings(v: Mapping[str, Any]) -> AcmeSettings | None:
+    if not v["TFSERVER_ACME_DOMAINS"]:
+        return None
+    return AcmeSettings(
+        domains=v["TFSERVER_ACME_DOMAINS"],
+        email=v["TFSERVER_ACME_EMAIL"],
+        directory=v["TFSERVER_ACME_DIRECTORY"],
+        ca_bundle=v["TFSERVER_ACME_CA_BUNDLE"],
+        http_port=v["TFSERVER_HTTP_PORT"],
+        renew_before=v["TFSERVER_ACME_RENEW_BEFORE"],
+        check_interval=v["TFSERVER_ACME_CHECK_INTERVAL"],
+    )
+
+
+def _terraform_env(environ: Mapping[str, str], extra: frozenset[str]) -> dict[str, str]:
+    env = {k: environ[k] for k in PASSED_ENV if environ.get(k)}
+    # The original read DIGITALOCEAN_API_TOKEN; the provider reads DIGITALOCEAN_TOKEN.
+    if "DIGITALOCEAN_TOKEN" not in env and environ.get("DIGITALOCEAN_API_TOKEN"):
+        env["DIGITALOCEAN_TOKEN"] = environ["DIGITALOCEAN_API_TOKEN"]
+    for name in extra:
+        if environ.get(name):
+            env[name] = environ[name]
+    return env

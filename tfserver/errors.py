@@ -1,8 +1,11 @@
-"""The exception tree: every error a client may see carries its HTTP status.
+"""The exception tree: one root, `TFServerError`, and every error carries its HTTP status.
 
-One root (`TFServerError`), mapped to an RFC 9457 problem document in exactly one
-place (`server.RequestHandler.send_problem`). Anything that is not a `TFServerError`
-is a bug: the client gets a bare 500 and the traceback goes to the log only.
+Errors a client may see are mapped to an RFC 9457 problem document in exactly one place
+(`server.RequestHandler.send_problem`). Errors of start-up (`ConfigError`, and `AcmeError`,
+`TypeSyntaxError`, `TokenError` in their own modules) hang under the same root and end the
+start with one line. Anything that is not a `TFServerError` is a bug: the client gets a
+bare 500 and the traceback goes to the log only. Foreign errors (botocore, jwt, acme,
+subprocess) are translated at their module's boundary with `raise ... from e`.
 """
 
 from __future__ import annotations
@@ -159,6 +162,17 @@ class UpstreamFailed(TFServerError):
     status = HTTPStatus.BAD_GATEWAY
 
 
+class RunKilled(UpstreamFailed):
+    """Terraform died by a signal mid-run: its state lock may be left behind (502)."""
+
+    def __init__(self, signal_number: int, instance: str) -> None:
+        super().__init__(
+            f"terraform was killed by signal {signal_number} during the run; the state of "
+            f"instance {instance!r} may still be locked: GET the instance to see the lock, "
+            "and an admin can clear it with DELETE .../lock"
+        )
+
+
 class Unavailable(TFServerError):
     """Too many runs at once, or not ready (503, with `Retry-After`)."""
 
@@ -174,5 +188,5 @@ class Timeout(TFServerError):
     status = HTTPStatus.GATEWAY_TIMEOUT
 
 
-class ConfigError(Exception):
+class ConfigError(TFServerError):
     """The configuration cannot work; raised at start, before serving."""

@@ -19,14 +19,11 @@ import jsonschema
 from hcl2 import SerializationOptions
 from lark.exceptions import LarkError
 
-from .config import NAME_RE
 from .errors import ConfigError, FieldError, InvalidInput
+from .names import NAME_RE, RESERVED_NAMES
 from .types import TfType, TypeSyntaxError, nullable, parse_type, to_schema
 
 logger = logging.getLogger(__name__)
-
-#: Paths the API uses itself; a module folder with one of these names is not served.
-RESERVED_NAMES = frozenset({"healthz", "readyz", "metrics", "jobs", "openapi", "docs"})
 
 _HCL_OPTIONS = SerializationOptions(
     strip_string_quotes=True, explicit_blocks=False, with_comments=False

@@ -23,7 +23,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from . import __version__
 from .auth import Authenticator, Principal
-from .config import Config
+from .config import Config, parse_bool
 from .errors import (
     BadRequest,
     LengthRequired,
@@ -35,7 +35,16 @@ from .errors import (
     UnsupportedMediaType,
 )
 from .logs import request_id
-from .service import Service
+from .service import (
+    Applied,
+    Destroyed,
+    InstanceView,
+    ModuleView,
+    Planned,
+    Readiness,
+    Service,
+    Unlocked,
+)
 from .tls import Certificates
 
 logger = logging.getLogger(__name__)
@@ -231,17 +240,14 @@ class RequestHandler(BaseHTTPRequestHandler):
             return 200, {"status": "ok"}
         if parts == ["readyz"]:
             self.allow("GET")
-            ok, report = self.server.service.readiness()
-            if not ok:
-                problem = Unavailable("not ready: a part below is not working", retry_after=5)
-                problem.extra.update(report)
-                raise problem
-            return 200, {"status": "ready", **report}
+            return self.readiness(self.server.service.readiness())
         principal = self.server.authenticator.authenticate(self.headers.get("Authorization"))
         svc = self.server.service
         if not parts:
             self.allow("GET")
-            return 200, svc.index(principal)
+            return 200, {"modules": [{"name": m.name, "href": f"/{m.name}",
+                                      "description": m.description}
+                                     for m in svc.index(principal)]}
         module = parts[0]
         if len(parts) == 1:
             self.allow("GET", "POST", "DELETE")
@@ -256,9 +262,19 @@ class RequestHandler(BaseHTTPRequestHandler):
             svc.module(module)
             body = self.read_body(required=True)
             lock_id = body.get("lock_id") if isinstance(body, dict) else None
-            return 200, svc.force_unlock(principal, module, parts[1], lock_id,
-                                         tenant=self.param("tenant"))
+            return 200, render(svc.force_unlock(principal, module, parts[1], lock_id,
+                                                tenant=self.param("tenant")))
         raise NotFound(f"nothing at {path[:100]}")
+
+    def readiness(self, report: Readiness) -> tuple[int, dict[str, Any]]:
+        """200 with the report, or 503 with the same report."""
+        parts = {"terraform": report.terraform, "modules": report.modules,
+                 "backend": report.backend}
+        if not report.ok:
+            problem = Unavailable("not ready: a part below is not working", retry_after=5)
+            problem.extra.update(parts)
+            raise problem
+        return 200, {"status": "ready", **parts}
 
     def instance_call(self, principal: Principal, module: str, instance: str,
                       *, named: bool) -> tuple[int, dict[str, Any]]:
@@ -268,18 +284,18 @@ class RequestHandler(BaseHTTPRequestHandler):
         tenant = self.param("tenant")
         if self.command == "GET":
             if named:
-                return 200, svc.show(principal, module, instance, tenant)
-            return 200, svc.describe(principal, module)
+                return 200, render(svc.show(principal, module, instance, tenant))
+            return 200, render(svc.describe(principal, module))
         if self.command == "DELETE":
             self.read_body(required=False)
-            return 200, svc.destroy(principal, module, instance, dry_run=dry_run,
-                                    tenant=tenant).body
+            return 200, render(svc.destroy(principal, module, instance, dry_run=dry_run,
+                                           tenant=tenant))
         body = self.read_body(required=True)
         outcome = svc.apply(principal, module, instance, body, dry_run=dry_run)
-        if named and outcome.created:
+        if named and isinstance(outcome, Applied) and outcome.created:
             self.extra_headers = {"Location": f"/{module}/{instance}"}
-            return 201, outcome.body
-        return 200, outcome.body
+            return 201, render(outcome)
+        return 200, render(outcome)
 
     def allow(self, *methods: str) -> None:
         """Raise 405 unless the request's method is one of `methods`."""
@@ -296,12 +312,12 @@ class RequestHandler(BaseHTTPRequestHandler):
         values = self.query.get(name)
         if not values:
             return False
-        value = values[-1].lower()
-        if value in ("", "1", "true", "yes"):
-            return True
-        if value in ("0", "false", "no"):
-            return False
-        raise BadRequest(f"query parameter {name} must be true or false")
+        if not values[-1]:
+            return True  # `?dry_run` alone
+        try:
+            return parse_bool(values[-1])
+        except ValueError:
+            raise BadRequest(f"query parameter {name} must be true or false") from None
 
     def read_body(self, *, required: bool) -> Any:
         """The JSON body, within the size limit; an empty body is `{}`."""
@@ -390,6 +406,47 @@ class RequestHandler(BaseHTTPRequestHandler):
         self.extra_headers = {}
         self.send_json(int(error.status), error.problem(), "application/problem+json",
                        error.headers)
+
+
+Result = Applied | Planned | Destroyed | InstanceView | ModuleView | Unlocked
+
+
+def render(result: Result) -> dict[str, Any]:
+    """The JSON body of a service result."""
+    if isinstance(result, Applied):
+        return {"module": result.module, "instance": result.instance,
+                "outputs": result.outputs, "changes": result.changes, "run_id": result.run_id}
+    if isinstance(result, Planned):
+        return {"module": result.module, "instance": result.instance, "dry_run": True,
+                "changes": result.changes, "planned": result.planned,
+                "run_id": result.run_id}
+    if isinstance(result, Destroyed):
+        return {"module": result.module, "instance": result.instance, "destroyed": True,
+                "changes": result.changes, "run_id": result.run_id}
+    if isinstance(result, InstanceView):
+        body: dict[str, Any] = {
+            "module": result.module, "instance": result.instance, "outputs": result.outputs,
+            "resources": result.resources, "serial": result.serial,
+            "terraform_version": result.terraform_version,
+            "status": "busy" if result.busy else "idle",
+        }
+        if result.lock:
+            body["lock"] = result.lock
+            body["status"] = "locked"
+        return body
+    if isinstance(result, ModuleView):
+        m = result.module
+        return {
+            "module": m.name,
+            "description": m.description,
+            "variables": m.schema,
+            "outputs": {o.name: {"description": o.description, "sensitive": o.sensitive}
+                        for o in m.outputs.values()},
+            "instances": [{"instance": i.instance, "tenant": i.tenant} if i.tenant
+                          else {"instance": i.instance, "href": f"/{m.name}/{i.instance}"}
+                          for i in result.instances],
+        }
+    return {"module": result.module, "instance": result.instance, "unlocked": result.lock_id}
 
 
 def _no_constant(name: str) -> Any:

@@ -1,45 +1,110 @@
 """The one place that runs terraform.
 
-`build_args` makes argument lists (pure, table-tested); `Terraform.run` starts the process
-with an allowlisted environment, reads the `-json` event stream, and enforces a deadline:
-SIGINT first (terraform then stops cleanly and releases its state lock), SIGKILL to the
-whole process group only after a grace period.
+`build_args` makes argument lists and `build_env` environments (pure, table-tested).
+`Terraform.run` starts the process, reads the `-json` event stream line by line as it
+comes (handing each event to the caller), and enforces a deadline: SIGINT first
+(terraform then stops cleanly and releases its state lock), SIGKILL to the whole process
+group only after a grace period. What terraform said is parsed once, here, into typed
+objects: `Diagnostic` (with the variable it is about), the lock holder, and the `Failure`
+kind of a run that did not succeed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Protocol
 
 logger = logging.getLogger(__name__)
 
 #: Commands that take `-json` and report through the event stream.
 JSON_COMMANDS = frozenset({"apply", "plan", "destroy"})
+#: How much of stderr a result keeps (the end of it, where the errors are).
+STDERR_KEEP = 64 * 1024
+_LOCK_SUMMARIES = ("Error acquiring the state lock", "Error locking state")
+_LOCK_FIELD = re.compile(r"^\s*(ID|Path|Operation|Who|Version|Created|Info):\s*(.*)$")
+_BOX = "╷│╵ "
+
+EventSink = Callable[[dict[str, Any]], None]
+
+
+class Failure(enum.Enum):
+    """Why a run did not succeed, decided from what terraform and the runner saw."""
+
+    LOCKED = "locked"  #: another run holds the state lock
+    TIMED_OUT = "timed out"  #: the deadline passed; terraform was interrupted
+    INTERRUPTED = "interrupted"  #: the server is stopping; terraform was interrupted
+    CANCELED = "canceled"  #: a caller canceled the run
+    KILLED = "killed"  #: terraform died by a signal; its lock may be left behind
+    REJECTED = "rejected"  #: terraform refused the inputs before changing anything
+    FAILED = "failed"  #: terraform failed while changing resources (or said nothing)
 
 
 @dataclass(frozen=True)
 class Diagnostic:
-    """One error or warning terraform reported."""
+    """One error or warning terraform reported, and the variable it is about, if any."""
 
     severity: str
     summary: str
     detail: str = ""
     address: str = ""
+    variable: str = ""
+
+    @classmethod
+    def from_event(cls, event: Mapping[str, Any]) -> Diagnostic:
+        """The diagnostic of a `diagnostic` event (a missing severity counts as error)."""
+        d = event.get("diagnostic") or {}
+        variable = ""
+        for value in ((d.get("snippet") or {}).get("values") or []):
+            traversal = str(value.get("traversal", "")) if isinstance(value, dict) else ""
+            if traversal.startswith("var."):
+                variable = re.split(r"[.\[]", traversal[4:], maxsplit=1)[0]
+                break
+        return cls(
+            severity=str(d.get("severity") or "error"),
+            summary=str(d.get("summary", "")),
+            detail=str(d.get("detail", "")),
+            address=str(d.get("address", "")),
+            variable=variable,
+        )
+
+
+def parse_lock_info(detail: str) -> dict[str, str]:
+    """The `Lock Info:` block of terraform's "Error acquiring the state lock"."""
+    info: dict[str, str] = {}
+    for line in detail.splitlines():
+        m = _LOCK_FIELD.match(line)
+        if m and m.group(2).strip():
+            info[m.group(1).lower()] = m.group(2).strip()
+    return info
+
+
+def error_text(stderr: str, limit: int = 2000) -> str:
+    """Terraform's human error output from its first `Error:` on, without the box drawn
+    around it (all of it, not only the first line), at most `limit` characters."""
+    lines = [line.strip().lstrip(_BOX).rstrip() for line in stderr.splitlines()]
+    start = next((i for i, line in enumerate(lines) if line.startswith("Error:")), None)
+    if start is None:
+        return "\n".join(line for line in lines if line)[-limit:]
+    kept = lines[start:]
+    text = re.sub(r"\n{3,}", "\n\n", "\n".join(kept)).strip()
+    return text[:limit]
 
 
 @dataclass(frozen=True)
 class RunResult:
-    """What one terraform process did; see `ok`. Any non-zero exit is a failure."""
+    """What one terraform process did. Any non-zero exit is a failure (see `failure`)."""
 
     args: tuple[str, ...]
     returncode: int
@@ -49,29 +114,18 @@ class RunResult:
     duration: float = 0.0
     timed_out: bool = False
     interrupted: bool = False
+    canceled: bool = False
+    diagnostics: tuple[Diagnostic, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        found = [Diagnostic.from_event(e) for e in self.events if e.get("type") == "diagnostic"]
+        found.sort(key=lambda d: d.severity != "error")
+        object.__setattr__(self, "diagnostics", tuple(found))
 
     @property
     def ok(self) -> bool:
-        """True when terraform exited 0 within its deadline."""
-        return self.returncode == 0 and not self.timed_out and not self.interrupted
-
-    @property
-    def diagnostics(self) -> list[Diagnostic]:
-        """The diagnostics of the `-json` stream, errors first."""
-        found = []
-        for event in self.events:
-            if event.get("type") != "diagnostic":
-                continue
-            d = event.get("diagnostic") or {}
-            found.append(
-                Diagnostic(
-                    severity=str(d.get("severity", "error")),
-                    summary=str(d.get("summary", "")),
-                    detail=str(d.get("detail", "")),
-                    address=str(d.get("address", "")),
-                )
-            )
-        return sorted(found, key=lambda d: d.severity != "error")
+        """True when terraform exited 0 and nobody stopped it."""
+        return self.failure is None
 
     @property
     def errors(self) -> list[Diagnostic]:
@@ -79,8 +133,35 @@ class RunResult:
         return [d for d in self.diagnostics if d.severity == "error"]
 
     @property
+    def lock(self) -> dict[str, str] | None:
+        """Who holds the state lock, when the run failed because it was held."""
+        for d in self.errors:
+            if d.summary.startswith(_LOCK_SUMMARIES):
+                return parse_lock_info(d.detail)
+        return None
+
+    @property
+    def failure(self) -> Failure | None:
+        """Why the run did not succeed, or None when it did."""
+        if self.canceled:
+            return Failure.CANCELED
+        if self.interrupted:
+            return Failure.INTERRUPTED
+        if self.timed_out:
+            return Failure.TIMED_OUT
+        if self.returncode == 0:
+            return None
+        if self.lock is not None:
+            return Failure.LOCKED
+        if not self.errors:
+            return Failure.KILLED if self.returncode < 0 else Failure.FAILED
+        if not self.apply_started and self.args[:1] != ("destroy",):
+            return Failure.REJECTED
+        return Failure.FAILED
+
+    @property
     def outputs(self) -> dict[str, dict[str, Any]] | None:
-        """The `outputs` event: name to {sensitive, type, value (absent if sensitive)}."""
+        """The last `outputs` event: name to {sensitive, type, value (absent if sensitive)}."""
         for event in reversed(self.events):
             if event.get("type") == "outputs":
                 outputs = event.get("outputs")
@@ -89,7 +170,7 @@ class RunResult:
 
     @property
     def changes(self) -> dict[str, int]:
-        """Resources added, changed and removed (from the `change_summary` event)."""
+        """Resources added, changed and removed (from the last `change_summary` event)."""
         for event in reversed(self.events):
             if event.get("type") == "change_summary":
                 c = event.get("changes") or {}
@@ -121,6 +202,7 @@ def build_args(
     lock_timeout: float | None = None,
     destroy: bool = False,
     backend_config: Sequence[tuple[str, str]] = (),
+    reconfigure: bool = False,
     extra: Sequence[str] = (),
 ) -> list[str]:
     """The argument list for one terraform command (without the binary).
@@ -148,6 +230,8 @@ def build_args(
     if var_file is not None:
         args.append(f"-var-file={var_file}")
     if verb == "init":
+        if reconfigure:
+            args.append("-reconfigure")
         args += [f"-backend-config={k}={v}" for k, v in backend_config]
     if verb == "force-unlock":
         args.append("-force")
@@ -169,10 +253,93 @@ def build_env(
     return env
 
 
-@dataclass
-class _Live:
-    proc: subprocess.Popen[str]
-    interrupted: bool = False
+def parse_event(line: str) -> dict[str, Any] | None:
+    """One line of terraform's `-json` stream as an event, or None for anything else."""
+    line = line.strip()
+    if not line.startswith("{"):
+        return None
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return None
+    return event if isinstance(event, dict) else None
+
+
+class RunControl:
+    """A handle on one run's process, for a caller that may want to stop it.
+
+    `interrupt` sends SIGINT (terraform stops at a safe point and releases its lock);
+    `kill` sends SIGKILL to the whole process group. Either may come before the process
+    has started: the runner then acts on it as soon as it starts. `reason` says who
+    stopped the run first: "cancel" (a caller) or "shutdown" (the server).
+    """
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._proc: subprocess.Popen[str] | None = None
+        self.reason: str | None = None
+        self.killed = False
+
+    def attach(self, proc: subprocess.Popen[str]) -> None:
+        """Called by the runner once the process runs."""
+        with self._mutex:
+            self._proc = proc
+            reason, killed = self.reason, self.killed
+        if killed:
+            _kill_group(proc)
+        elif reason is not None:
+            _signal(proc, signal.SIGINT)
+
+    def interrupt(self, reason: str) -> bool:
+        """Ask terraform to stop (SIGINT); False if it was asked already."""
+        with self._mutex:
+            first = self.reason is None
+            if first:
+                self.reason = reason
+            proc = self._proc
+        if first and proc is not None:
+            _signal(proc, signal.SIGINT)
+        return first
+
+    def kill(self, reason: str) -> None:
+        """Kill terraform and everything it started (SIGKILL to the process group)."""
+        with self._mutex:
+            self.reason = self.reason or reason
+            self.killed = True
+            proc = self._proc
+        if proc is not None:
+            _kill_group(proc)
+
+
+def _signal(proc: subprocess.Popen[str], sig: int) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+
+
+def _kill_group(proc: subprocess.Popen[str]) -> None:
+    # The group outlives its leader while any member lives (a provisioner's child, say),
+    # and its id is not reused meanwhile: killing it after terraform exited is safe.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+class Runner(Protocol):
+    """What the service needs of a terraform runner (tests pass a small fake)."""
+
+    def run(self, args: Sequence[str], *, cwd: Path, workspace: str = "default",
+            timeout: float, on_event: EventSink | None = None,
+            control: RunControl | None = None) -> RunResult:
+        """Run `terraform <args>` in `cwd` and return what it did."""
+        ...
+
+    def version(self, timeout: float = 30.0) -> str | None:
+        """Terraform's version, or None when it cannot run."""
+        ...
+
+    def interrupt_all(self) -> int:
+        """Interrupt every live run (the server is stopping); how many there were."""
+        ...
 
 
 @dataclass
@@ -183,8 +350,9 @@ class Terraform:
     base_env: Mapping[str, str] = field(repr=False)
     cli_config_file: Path | None = None
     kill_grace: float = 10.0
-    _live: dict[int, _Live] = field(default_factory=dict, init=False, repr=False)
+    _live: dict[int, RunControl] = field(default_factory=dict, init=False, repr=False)
     _mutex: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _stopping: bool = field(default=False, init=False, repr=False)
 
     def run(
         self,
@@ -193,10 +361,13 @@ class Terraform:
         cwd: Path,
         workspace: str = "default",
         timeout: float,
+        on_event: EventSink | None = None,
+        control: RunControl | None = None,
     ) -> RunResult:
         """Run `terraform <args>` in `cwd`; on timeout interrupt it and mark the result."""
         argv = [self.binary, *args]
         env = build_env(self.base_env, workspace=workspace, cli_config_file=self.cli_config_file)
+        control = control or RunControl()
         started = time.monotonic()
         try:
             proc = subprocess.Popen(
@@ -217,57 +388,76 @@ class Terraform:
             logger.error("cannot start terraform %s: %s", self.binary, e.strerror)
             return RunResult(tuple(args), returncode=127, stderr=str(e.strerror),
                              duration=time.monotonic() - started)
-        live = _Live(proc)
         with self._mutex:
-            self._live[proc.pid] = live
+            self._live[proc.pid] = control
+            stopping = self._stopping
+        control.attach(proc)
+        if stopping:
+            control.interrupt("shutdown")
+        streamed = bool(args) and args[0] in JSON_COMMANDS
+        events: list[dict[str, Any]] = []
+        out: list[str] = []
+        err: list[str] = []
+        assert proc.stdout is not None and proc.stderr is not None
+        readers = [
+            threading.Thread(target=_read_stdout, daemon=True, name=f"tf-out-{proc.pid}",
+                             args=(proc.stdout, streamed, events, out, on_event)),
+            threading.Thread(target=_read_tail, daemon=True, name=f"tf-err-{proc.pid}",
+                             args=(proc.stderr, err)),
+        ]
+        for reader in readers:
+            reader.start()
         timed_out = False
         try:
-            try:
-                stdout, stderr = proc.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                stdout, stderr = self._stop(proc)
+            timed_out = self._wait(proc, started + timeout, control)
         finally:
             with self._mutex:
                 self._live.pop(proc.pid, None)
-        events = tuple(_events(stdout)) if args and args[0] in JSON_COMMANDS else ()
+            if timed_out or control.reason is not None:
+                # A provisioner's child (a `sleep`) outlives terraform's SIGINT with parent
+                # 1; nothing of a stopped run may keep running.
+                _kill_group(proc)
+            for reader in readers:
+                reader.join(self.kill_grace)
+            if any(r.is_alive() for r in readers):
+                logger.error("terraform pid %d: output still open after it ended", proc.pid)
         return RunResult(
             args=tuple(args),
             returncode=proc.returncode,
-            events=events,
-            stdout=stdout,
-            stderr=stderr,
+            events=tuple(events),
+            stdout="".join(out),
+            stderr="".join(err),
             duration=time.monotonic() - started,
             timed_out=timed_out,
-            interrupted=live.interrupted,
+            interrupted=control.reason == "shutdown",
+            canceled=control.reason == "cancel",
         )
 
-    def _stop(self, proc: subprocess.Popen[str]) -> tuple[str, str]:
-        """SIGINT, wait the grace period, then SIGKILL the process group."""
+    def _wait(self, proc: subprocess.Popen[str], deadline: float,
+              control: RunControl) -> bool:
+        """Wait for the process; past the deadline interrupt it, then kill its group.
+        Returns True when the deadline passed."""
         try:
-            proc.send_signal(signal.SIGINT)
-            return proc.communicate(timeout=self.kill_grace)
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            return False
+        except subprocess.TimeoutExpired:
+            pass
+        _signal(proc, signal.SIGINT)
+        try:
+            proc.wait(timeout=self.kill_grace)
         except subprocess.TimeoutExpired:
             logger.warning("terraform pid %d ignored SIGINT; killing it", proc.pid)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            try:
-                return proc.communicate(timeout=self.kill_grace)
-            except subprocess.TimeoutExpired:
-                # A process outside the group still holds the pipes: stop reading them.
-                logger.error("terraform pid %d: output pipes still open after SIGKILL", proc.pid)
-                proc.wait(timeout=self.kill_grace)
-                return "", ""
+            _kill_group(proc)
+            proc.wait(timeout=self.kill_grace)
+        return True
 
     def interrupt_all(self) -> int:
         """Send SIGINT to every live terraform (once); returns how many were running."""
         with self._mutex:
+            self._stopping = True
             live = list(self._live.values())
-        for item in live:
-            if not item.interrupted and item.proc.poll() is None:
-                item.interrupted = True
-                with contextlib.suppress(ProcessLookupError):
-                    item.proc.send_signal(signal.SIGINT)
+        for control in live:
+            control.interrupt("shutdown")
         return len(live)
 
     def running(self) -> int:
@@ -286,19 +476,34 @@ class Terraform:
             return None
 
 
-def _events(stdout: str) -> list[dict[str, Any]]:
-    found = []
-    for line in stdout.splitlines():
-        line = line.strip()
-        if not line.startswith("{"):
-            continue
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(event, dict):
-            found.append(event)
-    return found
+def _read_stdout(stream: IO[str], streamed: bool, events: list[dict[str, Any]],
+                 out: list[str], on_event: EventSink | None) -> None:
+    """Read terraform's stdout as it comes: events from the `-json` stream, or text."""
+    with stream:
+        for line in stream:
+            if not streamed:
+                out.append(line)
+                continue
+            event = parse_event(line)
+            if event is None:
+                continue
+            events.append(event)
+            if on_event is not None:
+                try:
+                    on_event(event)
+                except Exception:  # a listener's bug must not stop the reading
+                    logger.exception("event listener failed")
+
+
+def _read_tail(stream: IO[str], into: list[str]) -> None:
+    """Read a stream to its end, keeping only its last STDERR_KEEP characters."""
+    kept = 0
+    with stream:
+        for line in stream:
+            into.append(line)
+            kept += len(line)
+            while kept > STDERR_KEEP and len(into) > 1:
+                kept -= len(into.pop(0))
 
 
 def cli_config_text(plugin_cache_dir: Path, provider_mirror: Path | None) -> str:
@@ -313,3 +518,4 @@ def cli_config_text(plugin_cache_dir: Path, provider_mirror: Path | None) -> str
             "}",
         ]
     return "\n".join(lines) + "\n"
+

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import josepy
 import requests
@@ -26,17 +26,40 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from josepy.jwk import JWKRSA
 
-from .backend import write_private
 from .config import AcmeSettings
-from .errors import ConfigError
+from .errors import ConfigError, TFServerError
+from .files import write_private
 
 logger = logging.getLogger(__name__)
 
 CHALLENGE_PREFIX = "/.well-known/acme-challenge/"
 
 
-class AcmeError(Exception):
+class AcmeError(TFServerError):
     """Obtaining or renewing a certificate failed; the message names the cause."""
+
+
+class AcmeClient(Protocol):
+    """The ACME verbs tfserver uses; certbot's `acme.client.ClientV2` has them, and tests
+    pass a small fake through `AcmeIssuer(connect=...)`."""
+
+    def new_order(self, csr_pem: bytes) -> messages.OrderResource:
+        """Order a certificate for the CSR's names."""
+        ...
+
+    def answer_challenge(self, challb: messages.ChallengeBody,
+                         response: challenges.ChallengeResponse) -> Any:
+        """Tell the CA a challenge is ready."""
+        ...
+
+    def poll_and_finalize(self, orderr: messages.OrderResource,
+                          deadline: dt.datetime | None = None) -> messages.OrderResource:
+        """Wait for the authorizations, finalise, and fetch the chain."""
+        ...
+
+
+#: Makes a client registered with the CA for an account key.
+AcmeConnect = Callable[[JWKRSA], AcmeClient]
 
 
 def server_context() -> ssl.SSLContext:
@@ -169,8 +192,10 @@ class AcmeIssuer:
         timeout: float = 30.0,
         poll_seconds: float = 120.0,
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+        connect: AcmeConnect | None = None,
     ) -> None:
         self.settings = settings
+        self.connect: AcmeConnect = connect or self._connect
         self.folder = folder
         self.store = store
         self.timeout = timeout
@@ -239,17 +264,22 @@ class AcmeIssuer:
         except josepy.errors.Error as e:
             raise AcmeError(f"the ACME CA sent something unreadable: {e}") from e
 
-    def _client(self) -> client.ClientV2:
+    def _account_key(self) -> JWKRSA:
+        """The ACME account's key, made on first use and kept (0600)."""
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         if self.account_key_path.exists():
-            account_key = _load_key(self.account_key_path)
+            key = _load_key(self.account_key_path)
         else:
-            account_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-            write_private(self.account_key_path, _pem(account_key))
+            key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            write_private(self.account_key_path, _pem(key))
+        return JWKRSA(key=key)
+
+    def _connect(self, account_key: JWKRSA) -> AcmeClient:
+        """The network client: the directory, then the account (new, or the key's own)."""
         # requests takes a CA bundle path where acme's annotation says bool.
         verify = cast(bool, self.settings.ca_bundle or True)
-        net = client.ClientNetwork(JWKRSA(key=account_key), verify_ssl=verify,
-                                   user_agent="tfserver", timeout=int(self.timeout))
+        net = client.ClientNetwork(account_key, verify_ssl=verify, user_agent="tfserver",
+                                   timeout=int(self.timeout))
         directory = client.ClientV2.get_directory(self.settings.directory, net)
         acme = client.ClientV2(directory, net)
         registration = messages.NewRegistration.from_data(
@@ -260,14 +290,14 @@ class AcmeIssuer:
             # The key is registered already: use that account.
             net.account = acme.query_registration(
                 messages.RegistrationResource(uri=e.location, body=messages.Registration()))
-        return acme
+        return cast(AcmeClient, acme)
 
     def _obtain(self) -> None:
-        acme = self._client()
+        account_key = self._account_key()
+        acme = self.connect(account_key)
         key = ec.generate_private_key(ec.SECP256R1())
         csr = crypto_util.make_csr(_pem(key), list(self.settings.domains))
         order = acme.new_order(csr)
-        account_key = acme.net.key
         tokens = []
         try:
             for authz in order.authorizations:
@@ -295,6 +325,26 @@ class AcmeIssuer:
         return context_from_files(self.cert_path, self.key_path)
 
 
+class CertificateSource(Protocol):
+    """What the renewer needs of an issuer (`AcmeIssuer`, or a test's fake)."""
+
+    def certificate(self) -> x509.Certificate | None:
+        """The certificate in service, if any."""
+        ...
+
+    def due(self, cert: x509.Certificate) -> bool:
+        """True when it should be renewed."""
+        ...
+
+    def obtain(self) -> None:
+        """Get a new one; raises AcmeError."""
+        ...
+
+    def context(self) -> ssl.SSLContext:
+        """A server context with the current certificate."""
+        ...
+
+
 class Renewer(threading.Thread):
     """Checks the certificate every `interval` seconds; renews it when due.
 
@@ -302,7 +352,8 @@ class Renewer(threading.Thread):
     (doubling from `interval` up to six hours), never faster than `interval`.
     """
 
-    def __init__(self, issuer: AcmeIssuer, certificates: Certificates, interval: float) -> None:
+    def __init__(self, issuer: CertificateSource, certificates: Certificates,
+                 interval: float) -> None:
         super().__init__(name="acme-renewer", daemon=True)
         self.issuer = issuer
         self.certificates = certificates

@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import TFServerError
+
 PRIMITIVES = ("string", "number", "bool", "any")
 COLLECTIONS = ("list", "set", "map")
 
@@ -26,7 +28,7 @@ _TOKEN = re.compile(
 )
 
 
-class TypeSyntaxError(ValueError):
+class TypeSyntaxError(TFServerError):
     """A type constraint this parser cannot read."""
 
 

@@ -1,0 +1,181 @@
+"""A run's outcome → the answer, as a table, with a small fake runner (no terraform)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from support import TEST_MODULES
+from tfserver.auth import Principal
+from tfserver.backend import LocalBackend
+from tfserver.config import Config
+from tfserver.errors import TFServerError
+from tfserver.modules import load_module
+from tfserver.service import Applied, Destroyed, Planned, Service
+from tfserver.terraform import EventSink, RunControl, RunResult, error_text
+
+SECRET = "hunter2-Zq9x-secret"
+LOCAL = Principal(subject="local", tenant="local", all_modules=True)
+
+
+class FakeRunner:
+    """Answers every terraform command with a canned result; records what it was asked."""
+
+    def __init__(self, result: RunResult) -> None:
+        self.result = result
+        self.calls: list[tuple[str, ...]] = []
+
+    def run(self, args: Sequence[str], *, cwd: Path, workspace: str = "default",
+            timeout: float, on_event: EventSink | None = None,
+            control: RunControl | None = None) -> RunResult:
+        self.calls.append(tuple(args))
+        if args[0] in ("init", "workspace"):
+            return RunResult(tuple(args), 0)
+        for event in self.result.events:
+            if on_event is not None:
+                on_event(event)
+        return RunResult(tuple(args), self.result.returncode, self.result.events,
+                         stderr=self.result.stderr, timed_out=self.result.timed_out,
+                         interrupted=self.result.interrupted, canceled=self.result.canceled)
+
+    def version(self, timeout: float = 30.0) -> str | None:
+        return "1.11.4"
+
+    def interrupt_all(self) -> int:
+        return 0
+
+
+def diag(summary: str, detail: str = "", severity: str | None = "error",
+         variable: str | None = None) -> dict[str, Any]:
+    d: dict[str, Any] = {"summary": summary, "detail": detail}
+    if severity is not None:
+        d["severity"] = severity
+    if variable:
+        d["snippet"] = {"values": [{"traversal": f"var.{variable}", "statement": "is ..."}]}
+    return {"type": "diagnostic", "diagnostic": d}
+
+
+APPLY_START = {"type": "apply_start", "hook": {"resource": {"addr": "terraform_data.this"}}}
+LOCK_DETAIL = f"""Error message: ConditionalCheckFailedException
+Lock Info:
+  ID:        6f2b0c6e-1b6b
+  Path:      b/tfserver/basic/local.x/terraform.tfstate
+  Operation: OperationTypeApply
+  Who:       root@host {SECRET}
+  Version:   1.11.4
+  Created:   2026-11-27 19:00:00 +0000 UTC
+  Info:
+"""
+
+CASES = [
+    # (id, result, status, words in the detail, extra checks on the problem)
+    ("no-severity diagnostic at plan time",
+     RunResult(("apply",), 1, (diag("Invalid value", f"too short {SECRET}", severity=None,
+                                    variable="token"),)),
+     422, "rejected the inputs",
+     {"errors": [{"field": "token", "message": "too short (sensitive value)"}]}),
+    ("validation failure names the variable",
+     RunResult(("apply",), 1, (diag("Invalid value for variable", "bad", variable="name"),
+                               diag("a warning", severity="warning"))),
+     422, "Invalid value for variable",
+     {"errors": [{"field": "name", "message": "bad"}]}),
+    ("provider plan check without a variable",
+     RunResult(("apply",), 1, (diag("Unsupported region", "nope"),)),
+     422, "Unsupported region", {}),
+    ("state locked elsewhere",
+     RunResult(("apply",), 1, (diag("Error acquiring the state lock", LOCK_DETAIL),)),
+     409, "locked by another run", {}),
+    ("deadline", RunResult(("apply",), 1, timed_out=True), 504, "deadline of 7s", {}),
+    ("shutdown", RunResult(("apply",), 1, interrupted=True), 503, "shutting down", {}),
+    ("canceled", RunResult(("apply",), 1, canceled=True), 409, "canceled", {}),
+    ("killed", RunResult(("apply",), -9), 502, "killed by signal 9", {}),
+    ("failed at apply",
+     RunResult(("apply",), 1, (APPLY_START, diag("local-exec provisioner error",
+                                                 f"exit status 3 {SECRET}"))),
+     502, "failed while applying", {}),
+    ("silent non-zero exit", RunResult(("apply",), 1), 502, "exited with status 1", {}),
+]
+
+
+@pytest.fixture()
+def service(tmp_path: Path) -> Any:
+    def make(result: RunResult) -> Service:
+        config = Config(state_dir=tmp_path / "state", run_timeout=7.0,
+                        tmp_dir=tmp_path / "vars")
+        modules = {"basic": load_module(TEST_MODULES / "basic")}
+        svc = Service(config, modules, FakeRunner(result), LocalBackend(config.state_dir))
+        svc.prepare(None)
+        return svc
+    return make
+
+
+@pytest.mark.parametrize(("case", "result", "status", "words", "extra"), CASES,
+                         ids=[c[0] for c in CASES])
+def test_failed_run_becomes_its_problem(service: Any, case: str, result: RunResult,
+                                        status: int, words: str, extra: dict[str, Any]
+                                        ) -> None:
+    svc = service(result)
+    with pytest.raises(TFServerError) as raised:
+        svc.apply(LOCAL, "basic", "x", {"name": "n", "token": SECRET})
+    problem = raised.value.problem()
+    assert problem["status"] == status, problem
+    assert words in problem["detail"]
+    for key, value in extra.items():
+        assert problem[key] == value
+    assert SECRET not in repr(problem) and SECRET not in str(raised.value.headers)
+    if status == 409 and "lock" in problem:
+        assert problem["lock"]["id"] == "6f2b0c6e-1b6b"
+        assert problem["lock"]["who"] == "root@host (sensitive value)"
+
+
+def test_successful_runs_become_typed_results(service: Any, tmp_path: Path) -> None:
+    outputs = {"type": "outputs", "outputs": {"name": {"value": "n", "sensitive": False},
+                                              "token_out": {"sensitive": True}}}
+    summary = {"type": "change_summary", "changes": {"add": 1, "change": 0, "remove": 0}}
+    svc = service(RunResult(("apply",), 0, (APPLY_START, summary, outputs)))
+    applied = svc.apply(LOCAL, "basic", "x", {"name": "n"})
+    assert applied == Applied("basic", "x", {"name": "n", "token_out": "<sensitive>"},
+                              {"add": 1, "change": 0, "remove": 0}, applied.run_id,
+                              created=True)
+    planned = svc.apply(LOCAL, "basic", "x", {"name": "n"}, dry_run=True)
+    assert isinstance(planned, Planned) and planned.changes["add"] == 1
+    # destroy needs state: make the local backend see one
+    state = tmp_path / "state" / "state" / "basic" / "local.x" / "terraform.tfstate"
+    state.parent.mkdir(parents=True)
+    state.write_text('{"outputs": {}, "resources": []}')
+    destroyed = svc.destroy(LOCAL, "basic", "x")
+    assert isinstance(destroyed, Destroyed)
+    assert [c[0] for c in svc.runner.calls] == ["init", "apply", "plan", "destroy",
+                                                "workspace"]
+
+
+def test_destroy_failing_before_apply_is_502_not_422(service: Any, tmp_path: Path) -> None:
+    svc = service(RunResult(("destroy",), 1, (diag("Provider error", "no"),)))
+    state = tmp_path / "state" / "state" / "basic" / "local.y" / "terraform.tfstate"
+    state.parent.mkdir(parents=True)
+    state.write_text('{"outputs": {}, "resources": []}')
+    with pytest.raises(TFServerError) as raised:
+        svc.destroy(LOCAL, "basic", "y")
+    assert raised.value.problem()["status"] == 502
+
+
+def test_init_errors_keep_terraforms_whole_message() -> None:
+    stderr = """
+╷
+│ Error: Failed to query available provider packages
+│
+│ Could not retrieve the list of available versions for provider
+│ digitalocean/digitalocean: could not connect to registry.terraform.io: dial
+│ tcp: lookup registry.terraform.io: no such host
+╵
+
+"""
+    assert error_text(stderr) == (
+        "Error: Failed to query available provider packages\n\n"
+        "Could not retrieve the list of available versions for provider\n"
+        "digitalocean/digitalocean: could not connect to registry.terraform.io: dial\n"
+        "tcp: lookup registry.terraform.io: no such host")
+    assert error_text("plain words\n") == "plain words"

@@ -1,0 +1,52 @@
+"""Files only the server's user may read: state, inputs, run records, plans, keys."""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+
+def private_dir(path: Path) -> Path:
+    """Create `path` (and parents) with mode 0700, and tighten it if it existed looser."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if path.stat().st_mode & 0o077:
+        path.chmod(0o700)
+    return path
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write a file readable by the owner only, atomically (temp file and rename)."""
+    private_dir(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def tighten_tree(root: Path) -> int:
+    """Take group and other permissions off everything under `root`; returns how many
+    entries changed.
+
+    Terraform writes state 0644 in 0755 folders; the umask the server runs terraform with
+    covers what is written from now on, this covers what an earlier run or another tool
+    left behind. Symbolic links are not followed.
+    """
+    changed = 0
+    if not root.is_dir() or root.is_symlink():
+        return 0
+    for folder, _dirs, files in os.walk(root):
+        for name in [folder, *(os.path.join(folder, f) for f in files)]:
+            try:
+                st = os.lstat(name)
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISLNK(st.st_mode) and st.st_mode & 0o077:
+                os.chmod(name, stat.S_IMODE(st.st_mode) & 0o700)
+                changed += 1
+    return changed

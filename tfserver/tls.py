@@ -301,6 +301,16 @@ class AcmeIssuer:
         tokens = []
         try:
             for authz in order.authorizations:
+                status = authz.body.status
+                if status == messages.STATUS_VALID:
+                    # The CA reused an authorization this account proved before (Let's
+                    # Encrypt for a while, Pebble at random): its challenge is done, and
+                    # answering it again is refused ("Cannot update challenge with status
+                    # valid").
+                    continue
+                if status not in (None, messages.STATUS_PENDING):
+                    raise AcmeError(f"the CA's authorization for "
+                                    f"{authz.body.identifier.value} is {status.name}")
                 chall = next((c for c in authz.body.challenges
                               if isinstance(c.chall, challenges.HTTP01)), None)
                 if chall is None:

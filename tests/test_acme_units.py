@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from tfserver.tls import (
     ChallengeStore,
     Renewer,
     context_from_files,
+    retry_delay,
 )
 
 SETTINGS = AcmeSettings(domains=("tfserver.test",), directory="https://acme.invalid/dir")
@@ -67,25 +69,88 @@ class Failing:
         raise AssertionError("never reached")
 
 
-def test_failed_renewal_keeps_the_certificate_and_backs_off(tmp_path: Path) -> None:
+def retries_logged(caplog: pytest.LogCaptureFixture) -> list[float]:
+    """The `retry_in` of each "renewal failed" line, in order."""
+    return [r.__dict__["retry_in"] for r in caplog.records
+            if r.getMessage().startswith("certificate renewal failed")]
+
+
+def test_failed_renewal_keeps_the_certificate_and_backs_off(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     cert, key = self_signed(["tfserver.test"], tmp_path, "current")
     current = context_from_files(cert, key)
     certificates = Certificates(current)
     issuer = Failing()
-    renewer = Renewer(issuer, certificates, interval=0.05)
+    caplog.set_level(logging.INFO, logger="tfserver.tls")
+    renewer = Renewer(issuer, certificates, interval=0.01, first_retry=0.01, max_retry=0.04)
     renewer.start()
     try:
         deadline = time.monotonic() + 10
-        while len(issuer.attempts) < 4 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        while len(issuer.attempts) < 6 and time.monotonic() < deadline:
+            time.sleep(0.02)
     finally:
         renewer.stop_event.set()
         renewer.join(5)
-    assert len(issuer.attempts) >= 4
-    gaps = [b - a for a, b in zip(issuer.attempts, issuer.attempts[1:], strict=False)]
-    assert gaps[1] > gaps[0] * 1.5 and gaps[2] > gaps[1] * 1.5  # doubling back-off
+    assert len(issuer.attempts) >= 6
+    # the schedule the renewer chose (read from its log, so a busy machine cannot blur it):
+    # doubling from the first retry, then held at the cap while the certificate is due
+    assert retries_logged(caplog)[:6] == [0.01, 0.02, 0.04, 0.04, 0.04, 0.04]
     assert certificates.context is current  # still serving the old certificate
     assert renewer.renewals == 0
+
+
+H = 3600.0
+
+
+@pytest.mark.parametrize(("failures", "interval", "first", "most", "expected"), [
+    (1, 12 * H, 120, H, 120),  # one failure of a due certificate: two minutes, not hours
+    (2, 12 * H, 120, H, 240),
+    (5, 12 * H, 120, H, 1920),
+    (6, 12 * H, 120, H, H),  # 3840 s capped at an hour
+    (10_000, 12 * H, 120, H, H),  # no overflow after weeks of failures
+    (1, 1, 120, H, 1),  # a check interval shorter than the first retry wins
+    (3, 1, 120, H, 4),
+    (1, 0.05, 0.05, 0.2, 0.05),
+    (4, 0.05, 0.05, 0.2, 0.2),
+])
+def test_retry_schedule(failures: int, interval: float, first: float, most: float,
+                        expected: float) -> None:
+    assert retry_delay(failures, interval=interval, first=first, most=most) == expected
+
+
+class FailsOnce(Failing):
+    """Due; the first renewal fails, the next one works."""
+
+    def __init__(self, context: object) -> None:
+        super().__init__()
+        self.renewed = context
+
+    def obtain(self) -> None:
+        if not self.attempts:
+            super().obtain()
+        self.attempts.append(time.monotonic())
+
+    def context(self) -> object:
+        return self.renewed
+
+
+def test_a_renewal_after_one_failure_swaps_the_new_certificate_in(tmp_path: Path) -> None:
+    cert, key = self_signed(["tfserver.test"], tmp_path, "current")
+    certificates = Certificates(context_from_files(cert, key))
+    new_cert, new_key = self_signed(["tfserver.test"], tmp_path, "new")
+    renewed = context_from_files(new_cert, new_key)
+    renewer = Renewer(FailsOnce(renewed), certificates, interval=0.05,
+                      first_retry=0.05, max_retry=0.05)
+    renewer.start()
+    try:
+        deadline = time.monotonic() + 10
+        while renewer.renewals == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        renewer.stop_event.set()
+        renewer.join(5)
+    assert renewer.renewals >= 1
+    assert certificates.context is renewed
 
 
 # --- authorizations the CA reuses ---------------------------------------------------------

@@ -355,36 +355,56 @@ class CertificateSource(Protocol):
         ...
 
 
+def retry_delay(failures: int, *, interval: float, first: float, most: float) -> float:
+    """Seconds to wait after the `failures`-th failed renewal in a row (1, 2, ...).
+
+    `first` (never more than `interval`), doubling at each failure, at most `most`.
+    """
+    return min(min(first, interval) * 2.0 ** min(failures - 1, 64), most)
+
+
 class Renewer(threading.Thread):
     """Checks the certificate every `interval` seconds; renews it when due.
 
-    A failed renewal keeps the current certificate in service and retries with back-off
-    (doubling from `interval` up to six hours), never faster than `interval`.
+    A failed renewal keeps the current certificate in service and retries soon, because a
+    due certificate is urgent: after `first_retry` seconds (or `interval` if that is
+    shorter), then twice as long after each failure in a row, never longer than
+    `max_retry`. With the defaults (2 min doubling to 1 h) one transient failure costs two
+    minutes, and a CA that keeps refusing is asked at most five times in any hour (Let's
+    Encrypt allows five failed authorizations of a name an hour).
     """
 
     def __init__(self, issuer: CertificateSource, certificates: Certificates,
-                 interval: float) -> None:
+                 interval: float, *, first_retry: float = 120.0,
+                 max_retry: float = 3600.0) -> None:
         super().__init__(name="acme-renewer", daemon=True)
         self.issuer = issuer
         self.certificates = certificates
         self.interval = interval
+        self.first_retry = first_retry
+        self.max_retry = max_retry
         self.stop_event = threading.Event()
         self.renewals = 0
 
     def run(self) -> None:
         """Loop until `stop_event` is set."""
         wait = self.interval
+        failures = 0
         while not self.stop_event.wait(wait):
             cert = self.issuer.certificate()
             if cert is not None and not self.issuer.due(cert):
-                wait = self.interval
+                wait, failures = self.interval, 0
                 continue
             try:
                 self.issuer.obtain()
                 self.certificates.swap(self.issuer.context())
-                self.renewals += 1
-                logger.info("certificate renewed; new connections use it")
-                wait = self.interval
             except (AcmeError, ConfigError) as e:
-                wait = min(max(wait * 2, self.interval), 6 * 3600.0)
-                logger.error("certificate renewal failed (retry in %.0fs): %s", wait, e)
+                failures += 1
+                wait = retry_delay(failures, interval=self.interval, first=self.first_retry,
+                                   most=self.max_retry)
+                logger.error("certificate renewal failed (retry in %.0fs): %s", wait, e,
+                             extra={"retry_in": wait, "failures": failures})
+                continue
+            self.renewals += 1
+            wait, failures = self.interval, 0
+            logger.info("certificate renewed; new connections use it")

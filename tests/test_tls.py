@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
+import signal
 import socket
 import ssl
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from support import (
     ROOT,
@@ -24,6 +29,7 @@ from support import (
     start_pebble,
     start_server,
 )
+from tfserver.tls import Certificates, context_from_files
 
 NAME = "tfserver.test"  # Pebble's DNS answers 127.0.0.1 for every name
 
@@ -270,3 +276,161 @@ def test_failed_challenge_is_a_clear_error(tmp: Path, pebble: Pebble) -> None:
     assert done.returncode == 2, done.stderr
     assert "could not validate the HTTP-01 challenge" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+# --- reloading the certificate files (SIGHUP) ----------------------------------------------
+
+def served_serial(context: ssl.SSLContext, cafile: Path) -> int:
+    """The serial of the certificate `context` presents in a handshake (in memory)."""
+    to_server, to_client = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = ssl.create_default_context(cafile=str(cafile)).wrap_bio(
+        to_client, to_server, server_hostname="localhost")
+    from_client, from_server = ssl.MemoryBIO(), ssl.MemoryBIO()
+    server = context.wrap_bio(from_client, from_server, server_side=True)
+    done: set[ssl.SSLObject] = set()
+    for _ in range(20):  # a handshake takes two or three round trips
+        for side in (client, server):
+            with contextlib.suppress(ssl.SSLWantReadError):
+                side.do_handshake()
+                done.add(side)
+        from_client.write(to_server.read())
+        to_client.write(from_server.read())
+        if len(done) == 2:
+            der = client.getpeercert(binary_form=True)
+            assert der is not None
+            return x509.load_der_x509_certificate(der).serial_number
+    raise AssertionError("the in-memory handshake did not finish")
+
+
+def serial_of(cert: Path) -> int:
+    return x509.load_pem_x509_certificate(cert.read_bytes()).serial_number
+
+
+def certificate_in(folder: Path) -> tuple[Path, Path]:
+    """server.crt and server.key for localhost, named (CN) after the folder: a client that
+    trusts several of them tells them apart by subject."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return self_signed([f"{folder.name}.test", "localhost", "127.0.0.1"], folder, "server")
+
+
+def reload_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.getMessage().startswith("TLS ")]
+
+
+def test_reload_puts_new_files_in_service(tmp: Path, caplog: pytest.LogCaptureFixture
+                                          ) -> None:
+    cert, key = certificate_in(tmp)
+    certificates = Certificates(context_from_files(cert, key))
+    assert served_serial(certificates.context, cert) == serial_of(cert)
+    new_cert, new_key = certificate_in(tmp / "next")
+    os.replace(new_cert, cert)
+    os.replace(new_key, key)
+    caplog.set_level(logging.INFO, logger="tfserver.tls")
+    assert certificates.reload(cert, key) is True
+    assert served_serial(certificates.context, cert) == serial_of(cert)
+    [line] = reload_lines(caplog)
+    assert line.levelno == logging.INFO
+    assert f"serial {serial_of(cert):x}" in line.getMessage() and str(cert) in line.getMessage()
+
+
+def encrypted_key(key: Path) -> None:
+    private = serialization.load_pem_private_key(key.read_bytes(), password=None)
+    key.write_bytes(private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"a passphrase")))
+
+
+@pytest.mark.parametrize(("break_files", "reason"), [
+    (lambda cert, key, other_key: os.replace(other_key, key), "key values mismatch"),
+    (lambda cert, key, other_key: cert.write_text("not a certificate\n"),
+     "cannot read the TLS certificate"),
+    (lambda cert, key, other_key: cert.unlink(), "No such file or directory"),
+    (lambda cert, key, other_key: key.unlink(), "No such file or directory"),
+    (lambda cert, key, other_key: key.write_text("-----BEGIN PRIVATE KEY-----\nx\n"),
+     "cannot load the TLS certificate"),
+    (lambda cert, key, other_key: encrypted_key(key), "the key is encrypted"),
+], ids=["key-of-another-certificate", "garbage-certificate", "no-certificate", "no-key",
+        "garbage-key", "encrypted-key"])
+def test_reload_keeps_the_current_certificate_when_the_files_are_broken(
+        tmp: Path, caplog: pytest.LogCaptureFixture,
+        break_files: Callable[[Path, Path, Path], object], reason: str) -> None:
+    cert, key = certificate_in(tmp)
+    certificates = Certificates(context_from_files(cert, key))
+    current, serial = certificates.context, serial_of(cert)
+    trusted = tmp / "trusted.crt"
+    trusted.write_bytes(cert.read_bytes())
+    _, other_key = certificate_in(tmp / "other")
+    key_text = key.read_text()
+    break_files(cert, key, other_key)
+    caplog.set_level(logging.INFO, logger="tfserver.tls")
+    assert certificates.reload(cert, key) is False
+    assert certificates.context is current
+    assert served_serial(certificates.context, trusted) == serial
+    [line] = reload_lines(caplog)
+    assert line.levelno == logging.ERROR and reason in line.getMessage(), line.getMessage()
+    assert "stays in service" in line.getMessage()
+    secret = "".join(key_text.splitlines()[1:-1])  # the key's base64 body
+    for text in (line.getMessage(), caplog.text):
+        assert secret[:40] not in text.replace("\n", "")
+
+
+def wait_for(what: str, check: Callable[[], bool], srv: ServerProcess,
+             timeout: float = 30) -> None:
+    """Poll `check` until true (bounded), failing with the server's log."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if check():
+                return
+        except OSError:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                srv.proc.wait(timeout=2)
+            if srv.proc.poll() is None:
+                raise  # refused a connection while running: it must keep serving
+        if srv.proc.poll() is not None:
+            raise AssertionError(f"tfserver exited ({srv.proc.returncode}) waiting for {what}"
+                                 " (is SIGHUP handled in __main__?):\n" + srv.log_text()[-4000:])
+        assert time.monotonic() < deadline, f"no {what} in {timeout:g}s:\n" + \
+            srv.log_text()[-4000:]
+        time.sleep(0.1)
+
+
+def test_sighup_reloads_the_tls_files(tmp: Path) -> None:
+    cert, key = certificate_in(tmp)
+    srv = start_server(tmp, env={"TFSERVER_TLS_CERT": str(cert), "TFSERVER_TLS_KEY": str(key)},
+                       wait_modules=False)
+    try:
+        port = port_of(srv)
+        old = serial_of(cert)
+        next_cert, next_key = certificate_in(tmp / "next")
+        new = serial_of(next_cert)
+        trust = tmp / "trust.pem"  # both: either handshake works and the serial tells
+        trust.write_bytes(cert.read_bytes() + next_cert.read_bytes())
+        assert https_get(port, "/healthz", cafile=trust, hostname="localhost").serial == old
+
+        def served() -> int:
+            answer = https_get(port, "/healthz", cafile=trust, hostname="localhost")
+            assert answer.status == 200  # the server keeps serving throughout
+            return answer.serial
+
+        def reloads(word: str) -> int:
+            return sum(m.startswith(f"TLS {word}") for m in messages(srv))
+
+        os.replace(next_cert, cert)
+        os.replace(next_key, key)
+        srv.proc.send_signal(signal.SIGHUP)
+        wait_for("new certificate on new connections", lambda: served() == new, srv)
+        assert reloads("certificate reloaded") == 1, srv.log_text()[-3000:]
+
+        # a broken replacement (a certificate whose key is not the one beside it) is refused
+        # and the certificate in service stays
+        third_cert, _ = certificate_in(tmp / "third")
+        trust.write_bytes(trust.read_bytes() + third_cert.read_bytes())
+        os.replace(third_cert, cert)
+        srv.proc.send_signal(signal.SIGHUP)
+        wait_for("log line refusing the broken files", lambda: reloads("files not") == 1, srv)
+        assert served() == new
+        assert reloads("certificate reloaded") == 1
+        assert srv.proc.poll() is None
+    finally:
+        srv.stop()

@@ -73,15 +73,25 @@ def server_context() -> ssl.SSLContext:
 def context_from_files(cert: Path, key: Path) -> ssl.SSLContext:
     """A server context with the certificate chain and key from PEM files."""
     ctx = server_context()
+    asked: list[bool] = []
+
+    def no_passphrase() -> bytes:
+        # Without a callback OpenSSL prompts on the terminal for an encrypted key: a server
+        # (or its SIGHUP handler) would hang there.
+        asked.append(True)
+        return b""
+
     try:
-        ctx.load_cert_chain(str(cert), str(key))
+        ctx.load_cert_chain(str(cert), str(key), password=no_passphrase)
     except (OSError, ssl.SSLError) as e:
-        raise ConfigError(f"cannot load the TLS certificate {cert} and key {key}: {e}") from e
+        reason = "the key is encrypted; give an unencrypted key (mode 0600)" if asked else e
+        raise ConfigError(f"cannot load the TLS certificate {cert} and key {key}: {reason}"
+                          ) from e
     return ctx
 
 
 class Certificates:
-    """The context for new TLS connections; `swap` replaces it atomically."""
+    """The context for new TLS connections; `swap` and `reload` replace it atomically."""
 
     def __init__(self, context: ssl.SSLContext) -> None:
         self.context = context
@@ -89,6 +99,32 @@ class Certificates:
     def swap(self, context: ssl.SSLContext) -> None:
         """Use `context` for every connection from now on (open ones keep theirs)."""
         self.context = context
+
+    def reload(self, cert: Path, key: Path) -> bool:
+        """Re-read the certificate chain and key files (SIGHUP); True if they are in service.
+
+        Files that cannot be read, or a key that does not match the certificate, leave the
+        current context in service. One log line either way, naming the files and the new
+        certificate's serial and expiry or the reason; never anything of the key. Fit for a
+        signal handler: it takes no lock of its own and never prompts for a passphrase.
+        """
+        try:
+            try:
+                leaf = x509.load_pem_x509_certificate(cert.read_bytes())
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"cannot read the TLS certificate {cert}: "
+                                  f"{getattr(e, 'strerror', None) or e}") from e
+            context = context_from_files(cert, key)
+        except ConfigError as e:
+            logger.error("TLS files not reloaded, the current certificate stays in service: %s",
+                         e, extra={"tls_cert": str(cert), "tls_key": str(key)})
+            return False
+        self.swap(context)
+        logger.info("TLS certificate reloaded from %s (serial %x, valid until %s); new "
+                    "connections use it", cert, leaf.serial_number,
+                    leaf.not_valid_after_utc.isoformat(),
+                    extra={"tls_cert": str(cert), "tls_key": str(key)})
+        return True
 
 
 class ChallengeStore:

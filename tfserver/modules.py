@@ -21,6 +21,7 @@ from lark.exceptions import LarkError
 
 from .errors import ConfigError, FieldError, InvalidInput
 from .names import NAME_RE, RESERVED_NAMES
+from .scrub import Secret
 from .types import TfType, TypeSyntaxError, nullable, parse_type, to_schema
 
 logger = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ class Module:
         validator = jsonschema.Draft202012Validator(self.schema)
         errors: list[FieldError] = []
         for error in validator.iter_errors(body):
-            errors.extend(_field_errors(error))
+            errors.extend(_field_errors(error, self.sensitive_variables))
         if errors:
             unique = sorted(set(errors), key=lambda e: (e.field, e.message))
             raise InvalidInput(
@@ -99,29 +100,34 @@ class Module:
             )
         return body
 
-    def secret_values(self, inputs: Mapping[str, Any]) -> list[str]:
-        """Every text form of every sensitive value (given or default), for scrubbing."""
-        found: list[str] = []
-        for name in self.sensitive_variables:
+    def secret_values(self, inputs: Mapping[str, Any]) -> list[Secret]:
+        """Every leaf of every sensitive value (given or default), for `Scrubber`, which
+        knows the forms each is printed in; the longest first."""
+        found: dict[tuple[type, Secret], Secret] = {}
+        for name in sorted(self.sensitive_variables):
             var = self.variables[name]
             for value in (inputs.get(name), var.default):
-                found.extend(_leaves(value))
-        return sorted({s for s in found if s}, key=len, reverse=True)
+                # Keyed by type too: 1 and 1.0 are equal but print differently.
+                found.update(((type(leaf), leaf), leaf) for leaf in _leaves(value))
+        leaves = [leaf for leaf in found.values() if leaf != ""]
+        return sorted(leaves, key=lambda leaf: len(leaf) if isinstance(leaf, str) else -1,
+                      reverse=True)
 
 
-def _leaves(value: Any) -> Iterable[str]:
-    if value is None:
-        return
+def _leaves(value: Any) -> Iterator[Secret]:
+    """The strings and numbers inside a value: each is printed on its own (a map's values,
+    a list's items); keys are names, not secrets, and scrubbing words such as `password`
+    would maim every text."""
     if isinstance(value, dict):
         for v in value.values():
             yield from _leaves(v)
-    elif isinstance(value, list):
+    elif isinstance(value, list | tuple):
         for v in value:
             yield from _leaves(v)
     elif isinstance(value, bool):
         return  # "true"/"false" reveal next to nothing and scrubbing them would maim text
-    else:
-        yield str(value)
+    elif isinstance(value, str | int | float):
+        yield value
 
 
 def _describe(kind: Any) -> str:
@@ -148,9 +154,15 @@ def _path(parts: Iterable[Any]) -> str:
     return text
 
 
-def _field_errors(error: Any) -> list[FieldError]:
-    """Words for one schema error (a jsonschema ValidationError) that never echo the value."""
+def _field_errors(error: Any, hidden: frozenset[str]) -> list[FieldError]:
+    """Words for one schema error (a jsonschema ValidationError) that never echo the value.
+
+    Inside a sensitive variable (`hidden`) only the variable is named: the rest of a path
+    is made of the value's own map keys and list positions, which are part of the secret.
+    """
     where = list(error.absolute_path)
+    if where and where[0] in hidden:
+        return [FieldError(str(where[0]), e.message) for e in _field_errors(error, frozenset())]
     here = _path(where)
     rule = error.validator
     if rule == "required":
@@ -180,7 +192,7 @@ def _field_errors(error: Any) -> list[FieldError]:
     if rule == "anyOf":
         # The only anyOf we emit is "<schema> or null": report the first branch's faults.
         inner = [e for e in error.context or [] if e.relative_schema_path[0] == 0]
-        found = [fe for e in inner for fe in _field_errors(e)]
+        found = [fe for e in inner for fe in _field_errors(e, frozenset())]
         return found or [FieldError(here, "has the wrong type")]
     return [FieldError(here, f"fails the {rule} rule")]
 

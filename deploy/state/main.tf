@@ -1,5 +1,8 @@
-# tfserver's state infrastructure: the bucket that holds every module instance's state and
-# the DynamoDB table that locks it (the original's lock; the S3 lock file works too).
+# tfserver's state infrastructure and the identity that uses it: the bucket that holds every
+# module instance's state (and tfserver's inputs, run records, plans) under one key prefix,
+# the DynamoDB table that locks it, and the runtime IAM user whose only permissions are that
+# prefix and that table. App Platform is not AWS and cannot assume a role, so the runtime
+# identity is a user with an access key; the key goes to the app as a SECRET (see README).
 
 terraform {
   required_version = ">= 1.10"
@@ -27,6 +30,27 @@ resource "aws_s3_bucket_versioning" "state" {
   versioning_configuration {
     status = "Enabled"
   }
+}
+
+# Versions keep every state a run overwrote (a way back after a bad apply); under tfserver's
+# prefix old ones go after a while, so run records and plans it deletes do not pile up.
+resource "aws_s3_bucket_lifecycle_configuration" "state" {
+  bucket = aws_s3_bucket.state.id
+
+  rule {
+    id     = "expire-old-versions"
+    status = "Enabled"
+
+    filter {
+      prefix = "${var.key_prefix}/"
+    }
+
+    noncurrent_version_expiration {
+      noncurrent_days = var.noncurrent_version_days
+    }
+  }
+
+  depends_on = [aws_s3_bucket_versioning.state]
 }
 
 resource "aws_s3_bucket_server_side_encryption_configuration" "state" {
@@ -58,8 +82,11 @@ resource "aws_dynamodb_table" "locks" {
   }
 }
 
-# What tfserver needs and nothing more: its prefix of the bucket, and the lock table.
+# What tfserver (and the terraform it runs) calls, and nothing more. Checked statement by
+# statement in tests/test_deploy.py, allowed and denied calls alike.
 data "aws_iam_policy_document" "tfserver" {
+  # Terraform lists a module's workspaces under <prefix>/<module>/, tfserver lists its own
+  # folders under <prefix>/: listing with any other prefix is refused.
   statement {
     sid       = "ListStatePrefix"
     actions   = ["s3:ListBucket"]
@@ -72,15 +99,76 @@ data "aws_iam_policy_document" "tfserver" {
     }
   }
 
+  # s3:ListBucket for requests that carry no prefix at all. Two calls need it: HeadBucket
+  # (tfserver's readiness check; its permission is s3:ListBucket, with no s3:prefix in the
+  # request), and S3 answering 404 rather than 403 for a key that does not exist yet (it
+  # does so only for callers allowed to list the bucket), which terraform and tfserver rely
+  # on for new workspaces. The price: a listing without a prefix shows the names (never the
+  # contents) of every key in this bucket, which is tfserver's own.
   statement {
-    sid       = "ReadWriteState"
+    sid       = "BucketLevelChecks"
+    actions   = ["s3:ListBucket"]
+    resources = [aws_s3_bucket.state.arn]
+
+    condition {
+      test     = "Null"
+      variable = "s3:prefix"
+      values   = ["true"]
+    }
+  }
+
+  # State, lock files, kept inputs, run records, event logs, saved plans, idempotency keys:
+  # all under the prefix. Conditional writes (If-None-Match) need no other permission.
+  statement {
+    sid       = "ReadWriteUnderPrefix"
     actions   = ["s3:GetObject", "s3:PutObject", "s3:DeleteObject"]
     resources = ["${aws_s3_bucket.state.arn}/${var.key_prefix}/*"]
   }
 
+  # Terraform's S3 backend keeps the default workspace's state at the bare `key`, outside
+  # workspace_key_prefix: tfserver's backend settings make that terraform.tfstate at the
+  # bucket's root, which `terraform init` reads (and finds missing: tfserver only ever uses
+  # named workspaces). Reading it is all that is allowed there.
+  statement {
+    sid       = "DefaultWorkspaceProbe"
+    actions   = ["s3:GetObject"]
+    resources = ["${aws_s3_bucket.state.arn}/terraform.tfstate"]
+  }
+
+  # Terraform's DynamoDB lock (and its state digest item), and tfserver reading who holds it.
   statement {
     sid       = "Locks"
     actions   = ["dynamodb:DescribeTable", "dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:DeleteItem"]
     resources = [aws_dynamodb_table.locks.arn]
+  }
+}
+
+resource "aws_iam_user" "runtime" {
+  name = var.runtime_user_name
+  path = "/tfserver/"
+}
+
+resource "aws_iam_user_policy" "runtime" {
+  name   = "tfserver-state"
+  user   = aws_iam_user.runtime.name
+  policy = data.aws_iam_policy_document.tfserver.json
+}
+
+# The secret lands in this stack's state (as with any aws_iam_access_key): keep that state in
+# the encrypted bucket (README step 3), never on a laptop or in git. Rotate by replacing it.
+resource "aws_iam_access_key" "runtime" {
+  user = aws_iam_user.runtime.name
+}
+
+# The settings a tfserver needs to use this store, as a file a shell can source.
+module "env" {
+  source = "../envfile"
+  vars = {
+    TFSERVER_BACKEND      = "s3"
+    TF_STATE_BUCKET       = aws_s3_bucket.state.id
+    TF_STATE_REGION       = var.region
+    TF_STATE_KEY_PREFIX   = var.key_prefix
+    TF_STATE_LOCK_TABLE   = aws_dynamodb_table.locks.name
+    TF_STATE_USE_LOCKFILE = "true"
   }
 }

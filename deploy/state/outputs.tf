@@ -18,19 +18,41 @@ output "key_prefix" {
   value       = var.key_prefix
 }
 
-output "tfserver_env" {
-  description = "tfserver's settings for this state store, ready to export."
-  value = {
-    TFSERVER_BACKEND      = "s3"
-    TF_STATE_BUCKET       = aws_s3_bucket.state.id
-    TF_STATE_REGION       = var.region
-    TF_STATE_KEY_PREFIX   = var.key_prefix
-    TF_STATE_LOCK_TABLE   = aws_dynamodb_table.locks.name
-    TF_STATE_USE_LOCKFILE = "true"
-  }
+output "runtime_user_arn" {
+  description = "The IAM user tfserver runs as."
+  value       = aws_iam_user.runtime.arn
 }
 
 output "tfserver_policy_json" {
-  description = "Least-privilege IAM policy for the credentials tfserver uses."
+  description = "The runtime user's policy: the bucket's key prefix and the lock table, nothing else."
   value       = data.aws_iam_policy_document.tfserver.json
+}
+
+# The runtime user's access key. Sensitive: `terraform output` prints it only when named,
+# and README pipes it straight into deploy/app's apply (TF_VAR_*), never into a file.
+output "access_key_id" {
+  description = "Runtime user's access key ID (AWS_ACCESS_KEY_ID of the app, a SECRET there)."
+  value       = aws_iam_access_key.runtime.id
+  sensitive   = true
+}
+
+output "secret_access_key" {
+  description = "Runtime user's secret access key (AWS_SECRET_ACCESS_KEY of the app, a SECRET there)."
+  value       = aws_iam_access_key.runtime.secret
+  sensitive   = true
+}
+
+output "app_inputs" {
+  description = "deploy/app's variables that come from this stack: `terraform output -json app_inputs > ../app/state.auto.tfvars.json`."
+  value = {
+    state_bucket     = aws_s3_bucket.state.id
+    state_region     = var.region
+    state_lock_table = aws_dynamodb_table.locks.name
+    state_key_prefix = var.key_prefix
+  }
+}
+
+output "env" {
+  description = "tfserver's settings for this state store as `export K='V'` lines (no secret): `terraform output -raw env`."
+  value       = module.env.text
 }

@@ -32,11 +32,33 @@ variable "lock_table_name" {
 variable "key_prefix" {
   type        = string
   default     = "tfserver"
-  description = "Key prefix under which tfserver keeps state (TF_STATE_KEY_PREFIX)."
+  description = "Key prefix under which tfserver keeps everything (TF_STATE_KEY_PREFIX); the runtime user may touch nothing else."
 
   validation {
     condition     = can(regex("^[A-Za-z0-9][A-Za-z0-9_/-]*[A-Za-z0-9]$", var.key_prefix))
     error_message = "The prefix must be letters, digits, dashes, underscores or slashes."
+  }
+}
+
+variable "runtime_user_name" {
+  type        = string
+  default     = "tfserver-runtime"
+  description = "Name of the IAM user tfserver runs as (its access key goes to the app)."
+
+  validation {
+    condition     = can(regex("^[A-Za-z0-9+=,.@_-]{1,64}$", var.runtime_user_name))
+    error_message = "IAM user names are 1-64 letters, digits and +=,.@_- characters."
+  }
+}
+
+variable "noncurrent_version_days" {
+  type        = number
+  default     = 90
+  description = "Days an overwritten or deleted object's old version is kept before it expires."
+
+  validation {
+    condition     = var.noncurrent_version_days >= 1 && floor(var.noncurrent_version_days) == var.noncurrent_version_days
+    error_message = "Keep old versions at least one whole day."
   }
 }
 

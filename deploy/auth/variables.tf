@@ -26,12 +26,28 @@ variable "domain_prefix" {
 
 variable "modules" {
   type        = list(string)
-  default     = ["demo", "droplet"]
-  description = "Modules tfserver serves: each gets a read and a write scope."
+  default     = null
+  description = "Modules tfserver serves, each with a read and a write scope; default: every folder of ../../modules with Terraform files."
+}
+
+variable "tenants" {
+  type        = map(list(string))
+  default     = {}
+  description = "Tenants by name, each with the scopes (without the prefix) its client may ask for, such as [\"droplet.read\", \"droplet.write\"]."
 
   validation {
-    condition     = alltrue([for m in var.modules : can(regex("^[a-z0-9][a-z0-9_-]{0,62}$", m))])
-    error_message = "Module names match ^[a-z0-9][a-z0-9_-]{0,62}$, as tfserver's URLs do."
+    condition     = alltrue([for t in keys(var.tenants) : can(regex("^[a-z0-9][a-z0-9_-]{0,62}$", t)) && t != "admin"])
+    error_message = "Tenant names match ^[a-z0-9][a-z0-9_-]{0,62}$ and are not admin."
+  }
+
+  validation {
+    condition     = alltrue(flatten([for scopes in values(var.tenants) : [for s in scopes : can(regex("^[a-z0-9][a-z0-9_-]{0,62}\\.(read|write)$", s))]]))
+    error_message = "Tenant scopes are <module>.read or <module>.write; admin belongs to the admin client only."
+  }
+
+  validation {
+    condition     = alltrue([for scopes in values(var.tenants) : length(setsubtract(scopes, local.module_scopes)) == 0])
+    error_message = "A tenant asks for a scope of a module that is not served (served: ${join(", ", local.served_modules)})."
   }
 }
 
@@ -43,23 +59,6 @@ variable "scope_prefix" {
   validation {
     condition     = can(regex("^[A-Za-z0-9_.:-]{1,256}$", var.scope_prefix))
     error_message = "The prefix must be letters, digits, dots, colons, dashes or underscores."
-  }
-}
-
-variable "client_name" {
-  type        = string
-  default     = "tfserver-client"
-  description = "Name of the client-credentials app client."
-}
-
-variable "client_scopes" {
-  type        = list(string)
-  default     = null
-  description = "Scopes (without the prefix) the client may ask for; default: every module's read and write, not admin."
-
-  validation {
-    condition     = var.client_scopes == null || alltrue([for s in coalesce(var.client_scopes, []) : can(regex("^(admin|[a-z0-9][a-z0-9_-]{0,62}\\.(read|write))$", s))])
-    error_message = "Scopes are admin, <module>.read or <module>.write."
   }
 }
 

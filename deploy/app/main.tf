@@ -1,7 +1,8 @@
 # tfserver on DigitalOcean App Platform: the image, at least two instances behind the
-# platform's load balancer (they share state and locks in S3), a health check, secrets as
-# SECRET env vars, and a custom domain for which App Platform obtains and renews a Let's
-# Encrypt (ACME) certificate and terminates TLS.
+# platform's load balancer (they share state and locks in S3), readiness on /readyz and
+# liveness on /healthz, the environment of env.tf with credentials as SECRET env vars, and a
+# custom domain for which App Platform obtains and renews a Let's Encrypt (ACME) certificate
+# and terminates TLS.
 
 terraform {
   required_version = ">= 1.10"
@@ -16,35 +17,6 @@ terraform {
 
 # Reads DIGITALOCEAN_TOKEN from the environment of whoever runs this stack.
 provider "digitalocean" {}
-
-locals {
-  # Settings tfserver reads (see README: Configuration), wired from deploy/state and
-  # deploy/auth outputs.
-  plain_env = {
-    TFSERVER_HOST           = "0.0.0.0"
-    TFSERVER_PORT           = "8000"
-    TFSERVER_AUTH           = "jwt"
-    COGNITO_ISSUER          = var.cognito_issuer
-    JWK_URL                 = var.jwks_url
-    TFSERVER_CLIENT_IDS     = join(",", var.client_ids)
-    TFSERVER_SCOPE_PREFIX   = var.scope_prefix
-    TFSERVER_BACKEND        = "s3"
-    TF_STATE_BUCKET         = var.state_bucket
-    TF_STATE_REGION         = var.state_region
-    TF_STATE_KEY_PREFIX     = var.state_key_prefix
-    TF_STATE_LOCK_TABLE     = var.state_lock_table
-    TF_STATE_USE_LOCKFILE   = "true"
-    TFSERVER_MAX_RUNS       = tostring(var.max_runs)
-    TFSERVER_RUN_TIMEOUT    = tostring(var.run_timeout_seconds)
-    TFSERVER_LOCK_WAIT      = tostring(var.lock_wait_seconds)
-    TFSERVER_SHUTDOWN_GRACE = "60"
-  }
-  secret_env = {
-    AWS_ACCESS_KEY_ID     = var.aws_access_key_id
-    AWS_SECRET_ACCESS_KEY = var.aws_secret_access_key
-    DIGITALOCEAN_TOKEN    = var.modules_digitalocean_token
-  }
-}
 
 resource "digitalocean_app" "tfserver" {
   spec {
@@ -70,12 +42,26 @@ resource "digitalocean_app" "tfserver" {
         tag           = var.image_tag
       }
 
+      # Readiness: traffic (and a rolling deploy's switch-over) only once terraform is
+      # found, the state store answers and every module is initialised.
       health_check {
-        http_path             = "/healthz"
+        http_path             = "/readyz"
         initial_delay_seconds = 10
         period_seconds        = 10
         timeout_seconds       = 5
+        success_threshold     = 1
         failure_threshold     = 3
+      }
+
+      # Liveness: restart an instance whose process stopped answering. /healthz needs
+      # nothing outside the process, so a slow state store never restarts the fleet.
+      liveness_health_check {
+        http_path             = "/healthz"
+        initial_delay_seconds = 30
+        period_seconds        = 10
+        timeout_seconds       = 5
+        success_threshold     = 1
+        failure_threshold     = 6
       }
 
       dynamic "env" {
@@ -89,7 +75,7 @@ resource "digitalocean_app" "tfserver" {
       }
 
       dynamic "env" {
-        for_each = nonsensitive(toset([for k, v in local.secret_env : k if v != null]))
+        for_each = toset(keys(local.secret_env))
         content {
           key   = env.value
           value = local.secret_env[env.value]

@@ -103,7 +103,7 @@ variable "jwks_url" {
 
 variable "client_ids" {
   type        = list(string)
-  description = "App client IDs allowed to call tfserver (output client_id of deploy/auth)."
+  description = "Clients allowed to call tfserver (TFSERVER_CLIENT_IDS): output client_ids of deploy/auth."
 
   validation {
     condition     = length(var.client_ids) > 0
@@ -114,7 +114,7 @@ variable "client_ids" {
 variable "scope_prefix" {
   type        = string
   default     = "tfserver"
-  description = "Scope prefix, as in deploy/auth."
+  description = "Scope prefix (TFSERVER_SCOPE_PREFIX), as in deploy/auth."
 }
 
 variable "state_bucket" {
@@ -141,20 +141,19 @@ variable "state_key_prefix" {
 variable "aws_access_key_id" {
   type        = string
   sensitive   = true
-  description = "Access key of credentials limited by deploy/state's tfserver_policy_json."
+  description = "Output access_key_id of deploy/state: the runtime user's key (AWS_ACCESS_KEY_ID)."
 }
 
 variable "aws_secret_access_key" {
   type        = string
   sensitive   = true
-  description = "Secret of those credentials."
+  description = "Output secret_access_key of deploy/state (AWS_SECRET_ACCESS_KEY)."
 }
 
 variable "modules_digitalocean_token" {
   type        = string
   sensitive   = true
-  default     = null
-  description = "DigitalOcean token the droplet module uses (DIGITALOCEAN_TOKEN inside the app)."
+  description = "DigitalOcean token the droplet module uses (DIGITALOCEAN_TOKEN inside the app): a custom-scoped token with the droplet scopes only (README)."
 }
 
 variable "max_runs" {
@@ -187,5 +186,27 @@ variable "lock_wait_seconds" {
   validation {
     condition     = var.lock_wait_seconds >= 0
     error_message = "Zero or more seconds."
+  }
+}
+
+variable "policy_file" {
+  type        = string
+  default     = "/app/policy.toml"
+  description = "Governance policy inside the image (TFSERVER_POLICY); the Dockerfile copies deploy/policy.toml there."
+
+  validation {
+    condition     = startswith(var.policy_file, "/")
+    error_message = "Give the policy's absolute path inside the image."
+  }
+}
+
+variable "trusted_proxies" {
+  type        = list(string)
+  default     = ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"]
+  description = "Addresses or CIDRs whose X-Forwarded-For tfserver believes (TFSERVER_TRUSTED_PROXIES): App Platform's edge, which reaches the container from private addresses (unverified: see README)."
+
+  validation {
+    condition     = length(var.trusted_proxies) > 0 && alltrue([for p in var.trusted_proxies : can(cidrhost(strcontains(p, "/") ? p : (strcontains(p, ":") ? "${p}/128" : "${p}/32"), 0))])
+    error_message = "Give IPv4 or IPv6 addresses or CIDRs, at least one."
   }
 }

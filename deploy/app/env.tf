@@ -1,0 +1,36 @@
+# The app's environment: settings tfserver reads (README: Configuration), wired from the
+# outputs of deploy/state and deploy/auth (their app_inputs). No provider is involved, so
+# tests evaluate this file on its own and start a tfserver with the result.
+
+locals {
+  plain_env = {
+    TFSERVER_HOST           = "0.0.0.0"
+    TFSERVER_PORT           = "8000"
+    TFSERVER_AUTH           = "jwt"
+    COGNITO_ISSUER          = var.cognito_issuer
+    JWK_URL                 = var.jwks_url
+    TFSERVER_CLIENT_IDS     = join(",", var.client_ids)
+    TFSERVER_SCOPE_PREFIX   = var.scope_prefix
+    TFSERVER_BACKEND        = "s3"
+    TF_STATE_BUCKET         = var.state_bucket
+    TF_STATE_REGION         = var.state_region
+    TF_STATE_KEY_PREFIX     = var.state_key_prefix
+    TF_STATE_LOCK_TABLE     = var.state_lock_table
+    TF_STATE_USE_LOCKFILE   = "true"
+    TFSERVER_MAX_RUNS       = tostring(var.max_runs)
+    TFSERVER_RUN_TIMEOUT    = tostring(var.run_timeout_seconds)
+    TFSERVER_LOCK_WAIT      = tostring(var.lock_wait_seconds)
+    TFSERVER_SHUTDOWN_GRACE = "60"
+    # The governance policy baked into the image (Dockerfile: deploy/policy.toml).
+    TFSERVER_POLICY = var.policy_file
+    # Every connection comes from App Platform's edge, so per-address limits and logged
+    # client addresses need the address it forwards, and one address is every client.
+    TFSERVER_TRUSTED_PROXIES        = join(",", var.trusted_proxies)
+    TFSERVER_MAX_CONNECTIONS_PER_IP = "0"
+  }
+  secret_env = {
+    AWS_ACCESS_KEY_ID     = var.aws_access_key_id
+    AWS_SECRET_ACCESS_KEY = var.aws_secret_access_key
+    DIGITALOCEAN_TOKEN    = var.modules_digitalocean_token
+  }
+}

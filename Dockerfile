@@ -57,6 +57,8 @@ COPY --from=wheels /wheels /wheels
 RUN pip install --no-cache-dir --no-index --find-links=/wheels tfserver \
  && rm -rf /wheels
 COPY modules/ /app/modules/
+# The governance policy (deploy/app points TFSERVER_POLICY at it); read-only like the modules.
+COPY deploy/policy.toml /app/policy.toml
 ENV PYTHONUNBUFFERED=1 \
     TFSERVER_HOST=0.0.0.0 \
     TFSERVER_PORT=8000 \

@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench clean settings-table
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,13 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench.py
 	$(BIN)/python bench/bench_auth.py
 	$(BIN)/python bench/bench_s3.py
+
+# Rewrite README's table of settings from the one table in tfserver/config.py.
+settings-table: $(STAMP)
+	$(BIN)/python -c 'import re, pathlib; from tfserver.config import markdown_table; \
+	p = pathlib.Path("README.md"); t = p.read_text(); \
+	p.write_text(re.sub(r"(?s)<!-- settings -->.*?<!-- /settings -->", \
+	"<!-- settings -->\n" + markdown_table() + "\n<!-- /settings -->", t))'
 
 clean:
 	rm -rf $(VENV) .tfserver .pytest_cache .mypy_cache .ruff_cache *.egg-info

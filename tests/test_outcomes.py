@@ -13,8 +13,9 @@ from tfserver.auth import Principal
 from tfserver.backend import LocalBackend
 from tfserver.config import Config
 from tfserver.errors import TFServerError
+from tfserver.execute import Applied, Destroyed, Planned
 from tfserver.modules import load_module
-from tfserver.service import Applied, Destroyed, Planned, Service
+from tfserver.service import Service
 from tfserver.terraform import EventSink, RunControl, RunResult, error_text
 
 SECRET = "hunter2-Zq9x-secret"
@@ -32,6 +33,9 @@ class FakeRunner:
             timeout: float, on_event: EventSink | None = None,
             control: RunControl | None = None) -> RunResult:
         self.calls.append(tuple(args))
+        for arg in args:
+            if arg.startswith("-out="):
+                Path(arg[5:]).write_bytes(b"a saved plan")
         if args[0] in ("init", "workspace"):
             return RunResult(tuple(args), 0)
         for event in self.result.events:
@@ -100,6 +104,12 @@ CASES = [
 ]
 
 
+def sync(svc: Service, submitted: Any) -> Any:
+    """What the synchronous call answers: wait for the run, then its outcome or error."""
+    assert svc.wait(submitted, 30)
+    return svc.result(LOCAL, submitted)
+
+
 @pytest.fixture()
 def service(tmp_path: Path) -> Any:
     def make(result: RunResult) -> Service:
@@ -119,7 +129,7 @@ def test_failed_run_becomes_its_problem(service: Any, case: str, result: RunResu
                                         ) -> None:
     svc = service(result)
     with pytest.raises(TFServerError) as raised:
-        svc.apply(LOCAL, "basic", "x", {"name": "n", "token": SECRET})
+        sync(svc, svc.apply(LOCAL, "basic", "x", {"name": "n", "token": SECRET}))
     problem = raised.value.problem()
     assert problem["status"] == status, problem
     assert words in problem["detail"]
@@ -136,17 +146,17 @@ def test_successful_runs_become_typed_results(service: Any, tmp_path: Path) -> N
                                               "token_out": {"sensitive": True}}}
     summary = {"type": "change_summary", "changes": {"add": 1, "change": 0, "remove": 0}}
     svc = service(RunResult(("apply",), 0, (APPLY_START, summary, outputs)))
-    applied = svc.apply(LOCAL, "basic", "x", {"name": "n"})
+    applied = sync(svc, svc.apply(LOCAL, "basic", "x", {"name": "n"}))
     assert applied == Applied("basic", "x", {"name": "n", "token_out": "<sensitive>"},
                               {"add": 1, "change": 0, "remove": 0}, applied.run_id,
                               created=True)
-    planned = svc.apply(LOCAL, "basic", "x", {"name": "n"}, dry_run=True)
+    planned = sync(svc, svc.apply(LOCAL, "basic", "x", {"name": "n"}, dry_run=True))
     assert isinstance(planned, Planned) and planned.changes["add"] == 1
     # destroy needs state: make the local backend see one
     state = tmp_path / "state" / "state" / "basic" / "local.x" / "terraform.tfstate"
     state.parent.mkdir(parents=True)
     state.write_text('{"outputs": {}, "resources": []}')
-    destroyed = svc.destroy(LOCAL, "basic", "x")
+    destroyed = sync(svc, svc.destroy(LOCAL, "basic", "x"))
     assert isinstance(destroyed, Destroyed)
     assert [c[0] for c in svc.runner.calls] == ["init", "apply", "plan", "destroy",
                                                 "workspace"]
@@ -158,7 +168,7 @@ def test_destroy_failing_before_apply_is_502_not_422(service: Any, tmp_path: Pat
     state.parent.mkdir(parents=True)
     state.write_text('{"outputs": {}, "resources": []}')
     with pytest.raises(TFServerError) as raised:
-        svc.destroy(LOCAL, "basic", "y")
+        sync(svc, svc.destroy(LOCAL, "basic", "y"))
     assert raised.value.problem()["status"] == 502
 
 

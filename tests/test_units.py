@@ -11,7 +11,7 @@ import pytest
 
 from tfserver.config import PASSED_ENV, S3Settings, load
 from tfserver.errors import ConfigError, Conflict, Unavailable
-from tfserver.locks import InstanceLocks, RunSlots
+from tfserver.locks import Scheduler, Ticket
 from tfserver.names import workspace_name
 from tfserver.scrub import Scrubber
 from tfserver.terraform import RunResult, build_args, build_env, cli_config_text, parse_lock_info
@@ -253,49 +253,72 @@ def test_readme_settings_table_is_the_config_table() -> None:
     start = readme.index("<!-- settings -->") + len("<!-- settings -->")
     end = readme.index("<!-- /settings -->")
     assert readme[start:end].strip() == markdown_table(), \
-        "regenerate README's table: python -c 'from tfserver.config import markdown_table; " \
-        "print(markdown_table())'"
+        "README's table of settings is out of date: make settings-table"
 
 
 def test_passed_env_has_no_server_settings() -> None:
     assert not [k for k in PASSED_ENV if k.startswith(("TFSERVER_", "COGNITO", "JWK"))]
 
 
-def test_instance_lock_waits_then_conflicts() -> None:
-    locks = InstanceLocks()
-    held = threading.Event()
-    release = threading.Event()
-
-    def holder() -> None:
-        with locks.hold("k", 0):
-            held.set()
-            release.wait(10)
-
-    t = threading.Thread(target=holder)
-    t.start()
-    held.wait(10)
-    assert locks.busy("k")
-    with pytest.raises(Conflict), locks.hold("k", 0):
-        pass
-    started = time.monotonic()
-    with pytest.raises(Conflict), locks.hold("k", 0.3):
-        pass
-    assert time.monotonic() - started >= 0.25
-    with locks.hold("other", 0):  # other keys are free
-        pass
-    threading.Timer(0.2, release.set).start()
-    with locks.hold("k", 5):  # waits for the holder
-        pass
-    t.join(10)
-    assert not locks.busy("k") and locks._entries == {}
+def ticket(key: str, sync: bool, started: list[str], tag: str) -> Ticket:
+    return Ticket(key, f"instance {key}", sync=sync, on_start=lambda: started.append(tag))
 
 
-def test_run_slots_refuse_beyond_the_cap() -> None:
-    slots = RunSlots(2)
-    with slots.take(), slots.take(), pytest.raises(Unavailable), slots.take():
+def test_a_synchronous_run_waits_for_its_lane_then_conflicts() -> None:
+    sched = Scheduler(slots=4, queue_depth=8)
+    started: list[str] = []
+    holder = ticket("k", True, started, "holder")
+    sched.enqueue(holder)
+    assert started == ["holder"] and sched.busy("k")
+    with pytest.raises(Conflict):
+        sched.enqueue(ticket("k", True, started, "now"))  # no patience: 409 at once
+    t0 = time.monotonic()
+    with pytest.raises(Conflict) as waited:
+        sched.enqueue(ticket("k", True, started, "patient"), wait=0.3)
+    assert time.monotonic() - t0 >= 0.25 and waited.value.headers["Retry-After"] == "1"
+    sched.enqueue(ticket("other", True, started, "other"))  # other lanes are free
+    threading.Timer(0.2, sched.finish, args=(holder,)).start()
+    sched.enqueue(ticket("k", True, started, "next"), wait=5)  # waits for the holder
+    assert started == ["holder", "other", "next"]
+
+
+def test_slots_refuse_synchronous_runs_and_queue_async_ones_in_order() -> None:
+    sched = Scheduler(slots=1, queue_depth=2)
+    started: list[str] = []
+    first = ticket("a", True, started, "first")
+    sched.enqueue(first)
+    with pytest.raises(Unavailable):
+        sched.enqueue(ticket("b", True, started, "sync-b"))  # never waits for a slot
+    queued = [ticket("c", False, started, f"c{i}") for i in range(2)]
+    other = ticket("d", False, started, "d0")
+    for t in (*queued, other):
+        sched.enqueue(t)
+    assert sched.position(queued[0]) == 1 and sched.position(queued[1]) == 2
+    with pytest.raises(Conflict, match="queue"):
+        sched.enqueue(ticket("c", False, started, "c-full"))
+    assert sched.counts() == (1, 3) and started == ["first"]
+    sched.finish(first)
+    assert started == ["first", "c0"]  # the oldest waiting run takes the free slot
+    sched.finish(queued[0])
+    assert started == ["first", "c0", "c1"]  # then the next oldest, whatever its lane
+    assert sched.withdraw(other) and not sched.withdraw(other)
+    sched.finish(queued[1])
+    assert started == ["first", "c0", "c1"] and sched.counts() == (0, 0)
+    assert sched._lanes == {}
+
+
+def test_hold_takes_an_idle_lane_only() -> None:
+    sched = Scheduler(slots=1, queue_depth=1)
+    started: list[str] = []
+    with sched.hold("k", "instance k"):
+        assert sched.busy("k")
+        with pytest.raises(Conflict):
+            sched.enqueue(ticket("k", True, started, "x"))
+    busy = ticket("k", True, started, "y")
+    sched.enqueue(busy)
+    with pytest.raises(Conflict), sched.hold("k", "instance k"):
         pass
-    with slots.take():
-        pass
+    assert [t.on_start for t in sched.close()] == []
 
 
 def test_var_files_go_to_a_private_tmpfs_folder(tmp_path: Path) -> None:

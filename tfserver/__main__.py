@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import FrameType
@@ -93,8 +94,16 @@ def serve(parts: Parts) -> int:
         # shutdown() waits for serve_forever to return: never call it from its own thread.
         threading.Thread(target=server.shutdown, name="shutdown", daemon=True).start()
 
+    def on_hangup(signum: int, frame: FrameType | None) -> None:
+        if server.certificates is None or config.tls_cert is None or config.tls_key is None:
+            logger.info("SIGHUP: no TLS files to reload (TFSERVER_TLS_CERT/KEY are not set)")
+            return
+        server.certificates.reload(config.tls_cert, config.tls_key)
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # Without a handler SIGHUP would end the server; with one it reloads TLS files.
+    signal.signal(signal.SIGHUP, on_hangup)
     server.service.start()
     if parts.renewer is not None:
         parts.renewer.start()
@@ -105,14 +114,24 @@ def serve(parts: Parts) -> int:
                "state_dir": str(config.state_dir)},
     )
     server.serve_forever(poll_interval=0.2)
+    # Close the listener at once: a load balancer sees refused connections and moves on,
+    # instead of connections that wait unaccepted and are reset at exit.
+    server.socket.close()
     if parts.renewer is not None:
         parts.renewer.stop_event.set()
     if parts.challenge is not None:
         parts.challenge.shutdown()
         parts.challenge.server_close()
-    if not server.wait_idle(config.shutdown_grace):
+    runs = server.service.runs
+    dropped = runs.close_queues()
+    if dropped:
+        logger.info("canceled %d queued run(s)", dropped)
+    deadline = time.monotonic() + config.shutdown_grace
+    if not (runs.wait_idle(config.shutdown_grace)
+            and server.wait_idle(max(0.0, deadline - time.monotonic()))):
         count = server.service.runner.interrupt_all()
         logger.warning("grace period over: interrupted %d terraform run(s)", count)
+        runs.wait_idle(config.kill_grace + 5)
         server.wait_idle(config.kill_grace + 5)
     server.server_close()
     server.service.close()
@@ -127,6 +146,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .client import main as token_main
 
         return token_main(args[1:], os.environ)
+    if args[:1] == ["run"]:
+        from .runcli import main as run_main
+
+        return run_main(args[1:], os.environ)
     try:
         config = load(args, os.environ)
         logs.configure(config.log_level)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -44,10 +45,37 @@ class Snapshot:
     lock: dict[str, str] | None
 
 
+class ObjectStore(Protocol):
+    """Small documents by key beside the state: run records, event logs, saved plans,
+    idempotency keys. Keys are `/`-separated; listings are of one folder (a prefix that
+    ends with `/`), in key order."""
+
+    def put(self, key: str, data: bytes) -> None:
+        """Write (or replace) the object, readable by the server only."""
+        ...
+
+    def put_new(self, key: str, data: bytes) -> bool:
+        """Write the object only if there is none yet; False if there was (atomic)."""
+        ...
+
+    def get(self, key: str) -> bytes | None:
+        """The object's bytes, or None when there is none."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Remove the object (no error when it is gone already)."""
+        ...
+
+    def keys(self, folder: str, *, start_after: str = "", limit: int = 1000) -> list[str]:
+        """Names (not whole keys) in the folder after `start_after`, in order."""
+        ...
+
+
 class StateBackend(Protocol):
     """What the service needs of a state store."""
 
     name: str
+    objects: ObjectStore
 
     def override(self, module: str) -> dict[str, Any]:
         """The `terraform { backend ... }` block, as JSON, for the module's working copy."""
@@ -98,6 +126,69 @@ class StateBackend(Protocol):
         ...
 
 
+class LocalObjects:
+    """Objects as 0600 files under a 0700 folder."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _path(self, key: str) -> Path:
+        parts = key.split("/")
+        if any(p in ("", ".", "..") for p in parts):
+            raise ValueError(f"bad object key {key!r}")
+        return self.root.joinpath(*parts)
+
+    def put(self, key: str, data: bytes) -> None:
+        """Write through a temporary file and a rename: readers never see half of it."""
+        try:
+            write_private(self._path(key), data)
+        except OSError as e:
+            raise BackendError(f"cannot write {key}: {e.strerror}") from e
+
+    def put_new(self, key: str, data: bytes) -> bool:
+        """Write a temporary file, then hard-link it in place: the link fails if the name
+        exists, so exactly one writer wins, and the winner's content is whole."""
+        path = self._path(key)
+        try:
+            private_dir(path.parent)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".new-")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.link(tmp, path)
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
+        except OSError as e:
+            raise BackendError(f"cannot write {key}: {e.strerror}") from e
+
+    def get(self, key: str) -> bytes | None:
+        """The file's bytes."""
+        try:
+            return self._path(key).read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as e:
+            raise BackendError(f"cannot read {key}: {e.strerror}") from e
+
+    def delete(self, key: str) -> None:
+        """Remove the file."""
+        self._path(key).unlink(missing_ok=True)
+
+    def keys(self, folder: str, *, start_after: str = "", limit: int = 1000) -> list[str]:
+        """The folder's file names, sorted."""
+        path = self._path(folder.rstrip("/"))
+        try:
+            with os.scandir(path) as entries:
+                names = sorted(e.name for e in entries
+                               if not e.name.startswith(".") and e.is_file())
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return [n for n in names if n > start_after][:limit]
+
+
 class LocalBackend:
     """State files under `<state_dir>/state/<module>/<workspace>/terraform.tfstate`."""
 
@@ -106,6 +197,7 @@ class LocalBackend:
     def __init__(self, state_dir: Path) -> None:
         self.root = state_dir / "state"
         self.inputs_root = state_dir / "inputs"
+        self.objects: ObjectStore = LocalObjects(state_dir)
 
     def _module_dir(self, module: str) -> Path:
         return self.root / module
@@ -202,6 +294,66 @@ class LocalBackend:
         """Nothing to release."""
 
 
+class S3Objects:
+    """Objects under `<prefix>/` in the state bucket (server-side encrypted like state)."""
+
+    def __init__(self, s3: Any, bucket: str, prefix: str) -> None:
+        self.s3 = s3
+        self.bucket = bucket
+        self.prefix = prefix
+
+    def put(self, key: str, data: bytes) -> None:
+        """PUT the object."""
+        with _aws(f"S3 cannot write {key}"):
+            self.s3.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=data)
+
+    def put_new(self, key: str, data: bytes) -> bool:
+        """A conditional PUT (`If-None-Match: *`): S3 answers 412 when the key exists."""
+        with _aws(f"S3 cannot write {key}"):
+            try:
+                self.s3.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=data,
+                                   IfNoneMatch="*")
+            except ClientError as e:
+                code = str(e.response.get("Error", {}).get("Code"))
+                if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                    return False
+                raise
+        return True
+
+    def get(self, key: str) -> bytes | None:
+        """GET the object, or None."""
+        with _aws(f"S3 cannot read {key}"):
+            try:
+                return bytes(self.s3.get_object(Bucket=self.bucket,
+                                                Key=self.prefix + key)["Body"].read())
+            except ClientError as e:
+                if _missing(e):
+                    return None
+                raise
+
+    def delete(self, key: str) -> None:
+        """DELETE the object."""
+        with _aws(f"S3 cannot delete {key}"):
+            self.s3.delete_object(Bucket=self.bucket, Key=self.prefix + key)
+
+    def keys(self, folder: str, *, start_after: str = "", limit: int = 1000) -> list[str]:
+        """One LIST call per 1000 names (S3 lists in key order)."""
+        base = self.prefix + folder
+        names: list[str] = []
+        after = base + start_after if start_after else ""
+        with _aws(f"S3 cannot list {folder}"):
+            while len(names) < limit:
+                page = self.s3.list_objects_v2(Bucket=self.bucket, Prefix=base,
+                                               Delimiter="/", StartAfter=after,
+                                               MaxKeys=min(1000, limit - len(names)))
+                found = [str(o["Key"])[len(base):] for o in page.get("Contents", [])]
+                names += found
+                if not page.get("IsTruncated") or not found:
+                    break
+                after = base + found[-1]
+        return names
+
+
 def s3_backend_config(settings: S3Settings, module: str) -> list[tuple[str, str]]:
     """`-backend-config` pairs for a module's state in S3 (pure; no secrets: credentials
     come from the standard AWS chain in terraform's environment)."""
@@ -258,6 +410,8 @@ class S3Backend:
                          config=boto)
             if settings.lock_table else None
         )
+        self.objects: ObjectStore = S3Objects(self.s3, settings.bucket,
+                                              f"{settings.key_prefix}/")
 
     def state_key(self, module: str, workspace: str) -> str:
         """The object key of a workspace's state."""

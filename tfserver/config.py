@@ -233,6 +233,8 @@ SETTINGS: tuple[Setting, ...] = (
             "how often the certificate is looked at", shown="12 h"),
     Setting("TFSERVER_MAX_BODY", _size(1), MiB, "largest request body (`2MiB`, `512KiB`)",
             shown="1 MiB"),
+    Setting("TFSERVER_MAX_DEPTH", _integer(1, 1000), 32,
+            "deepest nesting of arrays and objects in a body; deeper is 400"),
     Setting("TFSERVER_RUN_TIMEOUT", _duration(0.1), 1800.0,
             "deadline of one request's terraform runs", shown="1800 s"),
     Setting("TFSERVER_MAX_RUNS", _integer(1), 4, "terraform runs at once; more get 503"),
@@ -248,6 +250,17 @@ SETTINGS: tuple[Setting, ...] = (
             "socket read timeout (slow or idle clients are cut off)", shown="30 s"),
     Setting("TFSERVER_MAX_CONNECTIONS", _integer(1), 256,
             "open connections (a thread each); more are closed at once"),
+    Setting("TFSERVER_QUEUE_DEPTH", _integer(0), 8,
+            "async runs that may wait per instance; more get 409"),
+    Setting("TFSERVER_PLAN_TTL", _duration(1.0), 3600.0,
+            "how long a dry run's saved plan can be applied", shown="1 h"),
+    Setting("TFSERVER_RUN_RETENTION", _duration(60.0), 30 * 86400.0,
+            "how long run records and event logs are kept", shown="30 d"),
+    Setting("TFSERVER_IDEMPOTENCY_TTL", _duration(1.0), 86400.0,
+            "how long an Idempotency-Key answers with its run", shown="24 h"),
+    Setting("TFSERVER_REPLICA_ID", _text, None,
+            "this replica's name in run records (leftovers of the same name are marked "
+            "lost at start)", shown="the host name"),
     Setting("TFSERVER_TERRAFORM", _text, "terraform", "the terraform binary",
             flag="--terraform"),
     Setting("TFSERVER_TMP_DIR", _path, None, "where the short-lived 0600 var files go",
@@ -343,6 +356,7 @@ class Config:
     tls_key: Path | None = None
     acme: AcmeSettings | None = None
     max_body: int = default("TFSERVER_MAX_BODY")
+    max_depth: int = default("TFSERVER_MAX_DEPTH")
     run_timeout: float = default("TFSERVER_RUN_TIMEOUT")
     max_runs: int = default("TFSERVER_MAX_RUNS")
     lock_wait: float = default("TFSERVER_LOCK_WAIT")
@@ -350,6 +364,11 @@ class Config:
     shutdown_grace: float = default("TFSERVER_SHUTDOWN_GRACE")
     read_timeout: float = default("TFSERVER_READ_TIMEOUT")
     max_connections: int = default("TFSERVER_MAX_CONNECTIONS")
+    queue_depth: int = default("TFSERVER_QUEUE_DEPTH")
+    plan_ttl: float = default("TFSERVER_PLAN_TTL")
+    run_retention: float = default("TFSERVER_RUN_RETENTION")
+    idempotency_ttl: float = default("TFSERVER_IDEMPOTENCY_TTL")
+    replica: str | None = None
     #: Where the short-lived var files go; None picks a private folder on tmpfs if any.
     tmp_dir: Path | None = None
     terraform_bin: str = default("TFSERVER_TERRAFORM")
@@ -390,7 +409,8 @@ def parser() -> argparse.ArgumentParser:
         epilog=(
             "Every flag has an environment variable (shown in brackets); flags win.\n"
             "Settings from the environment only:\n" + env_only + "\n\n"
-            "'tfserver token' prints a Cognito access token (client credentials)."
+            "'tfserver token' prints a Cognito access token (client credentials);\n"
+            "'tfserver run METHOD URL [-d JSON]' starts a run and follows it."
         ).replace("`", ""),
     )
     p.add_argument("--version", action="version", version=f"tfserver {__version__}")
@@ -467,6 +487,7 @@ def load(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
         tls_key=key,
         acme=_acme_settings(v),
         max_body=v["TFSERVER_MAX_BODY"],
+        max_depth=v["TFSERVER_MAX_DEPTH"],
         run_timeout=v["TFSERVER_RUN_TIMEOUT"],
         max_runs=v["TFSERVER_MAX_RUNS"],
         lock_wait=v["TFSERVER_LOCK_WAIT"],
@@ -474,6 +495,11 @@ def load(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
         shutdown_grace=v["TFSERVER_SHUTDOWN_GRACE"],
         read_timeout=v["TFSERVER_READ_TIMEOUT"],
         max_connections=v["TFSERVER_MAX_CONNECTIONS"],
+        queue_depth=v["TFSERVER_QUEUE_DEPTH"],
+        plan_ttl=v["TFSERVER_PLAN_TTL"],
+        run_retention=v["TFSERVER_RUN_RETENTION"],
+        idempotency_ttl=v["TFSERVER_IDEMPOTENCY_TTL"],
+        replica=v["TFSERVER_REPLICA_ID"],
         tmp_dir=v["TFSERVER_TMP_DIR"],
         terraform_bin=v["TFSERVER_TERRAFORM"],
         cli_config_file=cli_config if cli_config is not None and cli_config.is_file() else None,

@@ -16,35 +16,27 @@ import ssl
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from . import __version__
-from .auth import Authenticator, Principal
+from .auth import Authenticator
 from .config import Config, parse_bool
 from .errors import (
     BadRequest,
     LengthRequired,
-    MethodNotAllowed,
-    NotFound,
     PayloadTooLarge,
     TFServerError,
     Unavailable,
     UnsupportedMediaType,
 )
+from .jsonbody import parse_body
 from .logs import request_id
-from .service import (
-    Applied,
-    Destroyed,
-    InstanceView,
-    ModuleView,
-    Planned,
-    Readiness,
-    Service,
-    Unlocked,
-)
+from .routes import route
+from .service import Service
 from .tls import Certificates
 
 logger = logging.getLogger(__name__)
@@ -159,6 +151,14 @@ class RequestHandler(BaseHTTPRequestHandler):
     wbufsize = 1 << 16
     disable_nagle_algorithm = True
     server: TFServer
+    # Per-request state; `dispatch` resets it, and these defaults hold for the errors
+    # http.server answers itself before a request is dispatched.
+    status = 0
+    body_consumed = True
+    raw_body = b""
+    streaming = False
+    preferences: list[str] = []
+    request_id = ""
 
     def setup(self) -> None:
         """Bound every socket read by the configured timeout (slow clients are cut off)."""
@@ -195,7 +195,9 @@ class RequestHandler(BaseHTTPRequestHandler):
         token = request_id.set(self.request_id)
         self.status = 0
         self.body_consumed = False
-        self.extra_headers: dict[str, str] = {}
+        self.raw_body = b""
+        self.streaming = False
+        self.preferences = _preferences(self.headers.get_all("Prefer") or [])
         url = urlsplit(self.path)
         self.url_path = url.path
         self.query = parse_qs(url.query, keep_blank_values=True)
@@ -203,8 +205,9 @@ class RequestHandler(BaseHTTPRequestHandler):
             if self.server.stopping.is_set():
                 self.close_connection = True
                 raise Unavailable("the server is shutting down", retry_after=10)
-            status, body = self.route()
-            self.send_json(status, body)
+            reply = route(self)
+            if reply is not None:
+                self.send_json(reply.status, reply.body, headers=reply.headers)
         except TFServerError as e:
             self.send_problem(e)
         except (TimeoutError, ConnectionError) as e:
@@ -228,79 +231,6 @@ class RequestHandler(BaseHTTPRequestHandler):
             )
             request_id.reset(token)
             self.server.leave()
-
-    def route(self) -> tuple[int, dict[str, Any]]:
-        """Find the handler for the path and method, authenticate, and call it."""
-        path = self.url_path
-        if len(path) > 1 and path.endswith("/"):
-            path = path[:-1]
-        parts = [] if path == "/" else path.lstrip("/").split("/")
-        if parts == ["healthz"]:
-            self.allow("GET")
-            return 200, {"status": "ok"}
-        if parts == ["readyz"]:
-            self.allow("GET")
-            return self.readiness(self.server.service.readiness())
-        principal = self.server.authenticator.authenticate(self.headers.get("Authorization"))
-        svc = self.server.service
-        if not parts:
-            self.allow("GET")
-            return 200, {"modules": [{"name": m.name, "href": f"/{m.name}",
-                                      "description": m.description}
-                                     for m in svc.index(principal)]}
-        module = parts[0]
-        if len(parts) == 1:
-            self.allow("GET", "POST", "DELETE")
-            svc.module(module)
-            return self.instance_call(principal, module, "default", named=False)
-        if len(parts) == 2:
-            self.allow("GET", "PUT", "DELETE")
-            svc.module(module)
-            return self.instance_call(principal, module, parts[1], named=True)
-        if len(parts) == 3 and parts[2] == "lock":
-            self.allow("DELETE")
-            svc.module(module)
-            body = self.read_body(required=True)
-            lock_id = body.get("lock_id") if isinstance(body, dict) else None
-            return 200, render(svc.force_unlock(principal, module, parts[1], lock_id,
-                                                tenant=self.param("tenant")))
-        raise NotFound(f"nothing at {path[:100]}")
-
-    def readiness(self, report: Readiness) -> tuple[int, dict[str, Any]]:
-        """200 with the report, or 503 with the same report."""
-        parts = {"terraform": report.terraform, "modules": report.modules,
-                 "backend": report.backend}
-        if not report.ok:
-            problem = Unavailable("not ready: a part below is not working", retry_after=5)
-            problem.extra.update(parts)
-            raise problem
-        return 200, {"status": "ready", **parts}
-
-    def instance_call(self, principal: Principal, module: str, instance: str,
-                      *, named: bool) -> tuple[int, dict[str, Any]]:
-        """GET / apply / destroy of one module instance."""
-        svc = self.server.service
-        dry_run = self.flag("dry_run")
-        tenant = self.param("tenant")
-        if self.command == "GET":
-            if named:
-                return 200, render(svc.show(principal, module, instance, tenant))
-            return 200, render(svc.describe(principal, module))
-        if self.command == "DELETE":
-            self.read_body(required=False)
-            return 200, render(svc.destroy(principal, module, instance, dry_run=dry_run,
-                                           tenant=tenant))
-        body = self.read_body(required=True)
-        outcome = svc.apply(principal, module, instance, body, dry_run=dry_run)
-        if named and isinstance(outcome, Applied) and outcome.created:
-            self.extra_headers = {"Location": f"/{module}/{instance}"}
-            return 201, render(outcome)
-        return 200, render(outcome)
-
-    def allow(self, *methods: str) -> None:
-        """Raise 405 unless the request's method is one of `methods`."""
-        if self.command not in methods:
-            raise MethodNotAllowed(self.command, list(methods))
 
     def param(self, name: str) -> str | None:
         """A query parameter's last value, if given."""
@@ -337,6 +267,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             )
         data = self.rfile.read(length) if length else b""
         self.body_consumed = True
+        self.raw_body = data
         if len(data) != length:
             self.close_connection = True
             raise BadRequest("the body ended before Content-Length bytes")
@@ -349,12 +280,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             raise UnsupportedMediaType(
                 f"send the variables as application/json, not {kind[:60] or 'no type'}"
             )
-        try:
-            return json.loads(data.decode("utf-8"), parse_constant=_no_constant)
-        except UnicodeDecodeError:
-            raise BadRequest("the body is not UTF-8") from None
-        except ValueError as e:
-            raise BadRequest(f"the body is not valid JSON: {_json_reason(e)}") from None
+        return parse_body(data, max_depth=self.server.config.max_depth)
 
     # -- answers ----------------------------------------------------------------------
 
@@ -364,7 +290,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         """Write a JSON answer with length, request id and security headers."""
         data = (json.dumps(body, indent=2) + "\n").encode()
         self.status = status
-        if not getattr(self, "body_consumed", True) and (
+        if not self.body_consumed and (
                 self.headers.get("Transfer-Encoding")
                 or self.headers.get("Content-Length", "0").strip() not in ("", "0")):
             # An answer given before the body was read (401, 404, 405...): the body is
@@ -378,7 +304,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         self.send_header("X-Content-Type-Options", "nosniff")
         if self.server.certificates is not None:
             self.send_header("Strict-Transport-Security", "max-age=31536000")
-        for key, value in {**self.extra_headers, **(headers or {})}.items():
+        for key, value in (headers or {}).items():
             self.send_header(key, value)
         if self.close_connection:
             self.send_header("Connection", "close")
@@ -395,66 +321,55 @@ class RequestHandler(BaseHTTPRequestHandler):
         # A request line too broken to name its version still gets an HTTP/1.1 answer.
         self.request_version = "HTTP/1.1"
         self.close_connection = True
-        if not hasattr(self, "request_id"):
+        if not self.request_id:
             self.request_id = uuid.uuid4().hex
         error = TFServerError(status.description)
         error.status = status
         self.send_problem(error)
 
     def send_problem(self, error: TFServerError) -> None:
-        """Write an RFC 9457 problem document for `error`."""
-        self.extra_headers = {}
+        """Write an RFC 9457 problem document for `error` (unless a stream has begun: then
+        the only honest answer left is to close the connection)."""
+        if self.streaming:
+            self.close_connection = True
+            logger.warning("stream ended by an error: %s", error.detail)
+            return
         self.send_json(int(error.status), error.problem(), "application/problem+json",
                        error.headers)
 
+    def start_stream(self, content_type: str) -> Callable[[bytes], None] | None:
+        """Send a 200 whose body follows in chunks; returns the chunk writer (an empty
+        chunk ends the body), or None for HEAD."""
+        self.status = 200
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("X-Request-Id", self.request_id)
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("X-Accel-Buffering", "no")
+        if self.server.certificates is not None:
+            self.send_header("Strict-Transport-Security", "max-age=31536000")
+        if self.command == "HEAD":
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return None
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.wfile.flush()
+        self.streaming = True
 
-Result = Applied | Planned | Destroyed | InstanceView | ModuleView | Unlocked
-
-
-def render(result: Result) -> dict[str, Any]:
-    """The JSON body of a service result."""
-    if isinstance(result, Applied):
-        return {"module": result.module, "instance": result.instance,
-                "outputs": result.outputs, "changes": result.changes, "run_id": result.run_id}
-    if isinstance(result, Planned):
-        return {"module": result.module, "instance": result.instance, "dry_run": True,
-                "changes": result.changes, "planned": result.planned,
-                "run_id": result.run_id}
-    if isinstance(result, Destroyed):
-        return {"module": result.module, "instance": result.instance, "destroyed": True,
-                "changes": result.changes, "run_id": result.run_id}
-    if isinstance(result, InstanceView):
-        body: dict[str, Any] = {
-            "module": result.module, "instance": result.instance, "outputs": result.outputs,
-            "resources": result.resources, "serial": result.serial,
-            "terraform_version": result.terraform_version,
-            "status": "busy" if result.busy else "idle",
-        }
-        if result.lock:
-            body["lock"] = result.lock
-            body["status"] = "locked"
-        return body
-    if isinstance(result, ModuleView):
-        m = result.module
-        return {
-            "module": m.name,
-            "description": m.description,
-            "variables": m.schema,
-            "outputs": {o.name: {"description": o.description, "sensitive": o.sensitive}
-                        for o in m.outputs.values()},
-            "instances": [{"instance": i.instance, "tenant": i.tenant} if i.tenant
-                          else {"instance": i.instance, "href": f"/{m.name}/{i.instance}"}
-                          for i in result.instances],
-        }
-    return {"module": result.module, "instance": result.instance, "unlocked": result.lock_id}
+        def write(data: bytes) -> None:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+        return write
 
 
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _json_reason(error: ValueError) -> str:
-    if isinstance(error, json.JSONDecodeError):
-        return f"{error.msg} at line {error.lineno} column {error.colno}"
-    return str(error)[:100]
-
+def _preferences(values: list[str]) -> list[str]:
+    """The tokens of `Prefer` headers (RFC 7240), lower-cased, without parameters."""
+    found = []
+    for value in values:
+        for token in value.split(","):
+            token = token.split(";")[0].strip().lower()
+            if token:
+                found.append(token.replace(" ", ""))
+    return found

@@ -1,90 +1,51 @@
-"""The operations of the API, free of HTTP: apply, plan, destroy, read, list.
+"""The operations of the API, free of HTTP: apply, plan, destroy, read, list, runs.
 
-One operation: authorise → validate → lock → run → a typed result (`Applied`, `Planned`,
-`Destroyed`, `InstanceView`, ...). The server turns results into JSON, statuses and
-headers; this module never speaks HTTP. Terraform's verdicts become errors of the
-package's tree in one function, `problem_for`, and every text in them is scrubbed.
+One operation: authorise → validate → queue → run → a typed result. Runs go through
+`Runs` (the instance's lane, records, events); what a run does is `Executor.execute`.
+The server turns results into JSON, statuses and headers; this module never speaks HTTP.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+import socket
 import time
-import uuid
 from collections.abc import Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from .auth import Principal
-from .backend import StateBackend
+from .backend import LocalBackend, StateBackend
 from .config import Config
-from .errors import (
-    BadRequest,
-    Conflict,
-    FieldError,
-    NotFound,
-    Rejected,
-    RunKilled,
-    TFServerError,
-    Timeout,
-    Unavailable,
-    UpstreamFailed,
+from .errors import BadRequest, Conflict, NotFound, Rejected, TFServerError
+from .execute import (
+    Applied,
+    Destroyed,
+    Executor,
+    Operation,
+    Outcome,
+    Planned,
+    RunSpec,
+    redacted,
 )
-from .files import private_dir, write_private
-from .locks import InstanceLocks, RunSlots
+from .files import private_dir, tighten_tree, write_private
+from .locks import Scheduler
 from .modules import Module
 from .names import check_instance_name, check_tenant_key, split_workspace, workspace_name
+from .runs import Run, RunProblem, Runs
+from .runstore import ACTIVE, RunRecord, RunStore, new_run_id
 from .scrub import Scrubber
-from .terraform import Failure, RunControl, Runner, RunResult, build_args, cli_config_text
+from .terraform import REDACTED, Runner, api_event, build_args, cli_config_text
 from .workdir import VarFiles, WorkingCopies
 
 logger = logging.getLogger(__name__)
 
-REDACTED = "<sensitive>"
+__all__ = ["Applied", "Destroyed", "Planned", "Service"]
 
-Operation = Literal["apply", "plan", "destroy", "plan-destroy"]
-
-
-# -- typed results --------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Applied:
-    """An apply that succeeded: the outputs (redacted for the caller) and the changes."""
-
-    module: str
-    instance: str
-    outputs: dict[str, Any]
-    changes: dict[str, int]
-    run_id: str
-    created: bool
-
-
-@dataclass(frozen=True)
-class Planned:
-    """A plan (a dry run): what an apply or destroy would change."""
-
-    module: str
-    instance: str
-    changes: dict[str, int]
-    planned: list[dict[str, str]]
-    run_id: str
-
-
-@dataclass(frozen=True)
-class Destroyed:
-    """A destroy that succeeded; the instance is gone."""
-
-    module: str
-    instance: str
-    changes: dict[str, int]
-    run_id: str
-
-
-Outcome = Applied | Planned | Destroyed
+#: Idempotency keys: 1-255 visible ASCII characters.
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 
 
 @dataclass(frozen=True)
@@ -136,81 +97,52 @@ class Readiness:
     modules: dict[str, str]
 
 
-@dataclass
-class RunSpec:
-    """One run, decided and checked, ready for terraform."""
+@dataclass(frozen=True)
+class RunPage:
+    """Some runs, newest first, and the id to continue after (None at the end)."""
 
-    module: Module
-    instance: str
-    workspace: str
-    operation: Operation
-    inputs: dict[str, Any]
-    principal: Principal
-    scrub: Scrubber
-    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    runs: list[RunRecord]
+    next_after: str | None
+    #: The caller's own tenant (records of other tenants show theirs).
+    viewer_tenant: str
 
 
-# -- terraform's verdict as an error ----------------------------------------------------
+@dataclass(frozen=True)
+class Idempotency:
+    """An Idempotency-Key and the fingerprint of the request that carried it."""
+
+    key: str
+    fingerprint: str
 
 
-def problem_for(result: RunResult, scrub: Scrubber, instance: str,
-                run_timeout: float) -> TFServerError:
-    """The error to answer for a failed run; every text terraform wrote passes `scrub`."""
-    kind = result.failure
-    if kind is Failure.INTERRUPTED:
-        return Unavailable("the server is shutting down; the run was interrupted")
-    if kind is Failure.CANCELED:
-        return Conflict("the run was canceled", retry_after=1)
-    if kind is Failure.TIMED_OUT:
-        return Timeout(f"the run passed its deadline of {run_timeout:g}s and was "
-                       "interrupted; terraform released its lock")
-    if kind is Failure.LOCKED:
-        return Conflict(f"the state of instance {instance!r} is locked by another run",
-                        lock={k: scrub(v) for k, v in (result.lock or {}).items()})
-    if kind is Failure.KILLED:
-        return RunKilled(-result.returncode, instance)
-    errors = result.errors
-    diagnostics = [{"summary": scrub(d.summary), "detail": scrub(d.detail)}
-                   | ({"address": d.address} if d.address else {}) for d in errors]
-    if not diagnostics:
-        return UpstreamFailed(f"terraform exited with status {result.returncode}")
-    summary = "; ".join(d["summary"] for d in diagnostics)
-    if kind is Failure.REJECTED:
-        fields = [FieldError(d.variable, scrub(d.detail or d.summary).splitlines()[0])
-                  for d in errors if d.variable]
-        return Rejected(
-            f"terraform rejected the inputs: {summary}",
-            extra={"diagnostics": diagnostics} | (
-                {"errors": [{"field": f.field, "message": f.message} for f in fields]}
-                if fields else {}),
-        )
-    return UpstreamFailed(f"terraform failed while applying: {summary}",
-                          extra={"diagnostics": diagnostics})
+@dataclass(frozen=True)
+class Submitted:
+    """A run that a request started (or found again by its idempotency key)."""
+
+    run_id: str
+    run: Run | None
+    replayed: bool = False
 
 
 class Service:
     """Everything the HTTP layer can ask for, given a `Principal`."""
 
-    def __init__(
-        self,
-        config: Config,
-        modules: Mapping[str, Module],
-        runner: Runner,
-        backend: StateBackend,
-    ) -> None:
+    def __init__(self, config: Config, modules: Mapping[str, Module], runner: Runner,
+                 backend: StateBackend) -> None:
         self.config = config
         self.modules = dict(modules)
         self.runner = runner
         self.backend = backend
-        self.locks = InstanceLocks()
-        self.slots = RunSlots(config.max_runs)
         self.terraform_version: str | None = None
         self.copies = WorkingCopies(config.state_dir / "work", modules, runner, backend,
                                     init_timeout=config.run_timeout)
-        self.var_files: VarFiles | None = None
-        # Keeps inputs while terraform runs (off the request's critical path).
-        self._background = ThreadPoolExecutor(max_workers=config.max_runs,
-                                              thread_name_prefix="keep-inputs")
+        self.store = RunStore(backend.objects)
+        self.runs = Runs(self.store, Scheduler(config.max_runs, config.queue_depth),
+                         replica=config.replica or socket.gethostname(),
+                         kill_grace=config.kill_grace, retention=config.run_retention)
+        self.executor = Executor(runner, backend, self.copies, self.store,
+                                 run_timeout=config.run_timeout, lock_wait=config.lock_wait,
+                                 plan_ttl=config.plan_ttl, max_workers=config.max_runs)
 
     # -- start-up ---------------------------------------------------------------------
 
@@ -218,9 +150,13 @@ class Service:
         """Create the state folder, the CLI config and every working copy (no terraform);
         returns the CLI config file terraform is to use."""
         state = private_dir(self.config.state_dir)
+        changed = tighten_tree(state)
+        if changed:
+            logger.warning("state folder %s: took group and other permissions off %d "
+                           "files and folders", state, changed)
         for sub in ("work", "tmp", "plugin-cache"):
             private_dir(state / sub)
-        self.var_files = VarFiles(self.config.tmp_dir, state / "tmp")
+        self.executor.var_files = VarFiles(self.config.tmp_dir, state / "tmp")
         if cli_config_file is None:
             cli_config_file = state / "terraformrc"
             write_private(cli_config_file, cli_config_text(
@@ -229,17 +165,18 @@ class Service:
         return cli_config_file
 
     def start(self) -> None:
-        """Check terraform and initialise every module (in the background, once)."""
+        """Check terraform, initialise every module (in the background, once), and start
+        the runs' heartbeat."""
         self.terraform_version = self.runner.version()
         if self.terraform_version is None:
             logger.error("terraform (%s) cannot run; runs will fail", self.config.terraform_bin)
         self.copies.start()
+        self.runs.start(all_leftovers=isinstance(self.backend, LocalBackend))
 
     def close(self) -> None:
         """Release threads and remove what only this process used."""
-        self._background.shutdown(wait=True)
-        if self.var_files is not None:
-            self.var_files.close()
+        self.runs.stop()
+        self.executor.close()
         self.backend.close()
 
     def readiness(self) -> Readiness:
@@ -307,87 +244,219 @@ class Service:
             resources=len(state.get("resources") or []),
             serial=state.get("serial"),
             terraform_version=state.get("terraform_version"),
-            busy=self.locks.busy((name, ws)),
+            busy=self.runs.scheduler.busy((name, ws)),
             lock=snap.lock,
         )
 
     # -- runs -------------------------------------------------------------------------
 
-    def apply(self, principal: Principal, name: str, instance: str, body: Any,
-              *, dry_run: bool = False) -> Applied | Planned:
-        """Apply (or plan, with `dry_run`) an instance with the body's variables."""
-        spec = self.apply_spec(principal, name, instance, body, dry_run=dry_run)
-        with self._exclusive(spec):
-            outcome = self.execute(spec)
-        assert not isinstance(outcome, Destroyed)
-        return outcome
-
-    def destroy(self, principal: Principal, name: str, instance: str, *,
-                dry_run: bool = False, tenant: str | None = None) -> Destroyed | Planned:
-        """Destroy an instance (or plan its destruction) and forget its workspace."""
-        spec = self.destroy_spec(principal, name, instance, dry_run=dry_run, tenant=tenant)
-        with self._exclusive(spec):
-            outcome = self.execute(spec)
-        assert not isinstance(outcome, Applied)
-        return outcome
-
-    def apply_spec(self, principal: Principal, name: str, instance: str, body: Any,
-                   *, dry_run: bool = False) -> RunSpec:
-        """Authorise and validate an apply (or plan) of the caller's instance."""
+    def apply(self, principal: Principal, name: str, instance: str, body: Any, *,
+              dry_run: bool = False, asynchronous: bool = False,
+              idempotency: Idempotency | None = None) -> Submitted:
+        """Start an apply (or plan, with `dry_run`) of the caller's instance."""
         m = self.module(name)
         principal.require(name, "write")
         check_instance_name(instance)
         inputs = m.validate(body)
-        return RunSpec(m, instance, workspace_name(principal.tenant_key, instance),
+        spec = RunSpec(m, instance, workspace_name(principal.tenant_key, instance),
                        "plan" if dry_run else "apply", inputs, principal,
                        Scrubber(m.secret_values(inputs)))
+        return self._submit(spec, asynchronous, idempotency)
 
-    def destroy_spec(self, principal: Principal, name: str, instance: str, *,
-                     dry_run: bool = False, tenant: str | None = None) -> RunSpec:
-        """Authorise a destroy (or its plan); the inputs are read when it runs."""
+    def destroy(self, principal: Principal, name: str, instance: str, *,
+                dry_run: bool = False, tenant: str | None = None,
+                asynchronous: bool = False,
+                idempotency: Idempotency | None = None) -> Submitted:
+        """Start a destroy (or its plan); the inputs are read when it runs."""
         m = self.module(name)
         principal.require(name, "write")
         ws = self._target(principal, instance, tenant)
-        return RunSpec(m, instance, ws, "plan-destroy" if dry_run else "destroy", {},
+        spec = RunSpec(m, instance, ws, "plan-destroy" if dry_run else "destroy", {},
                        principal, Scrubber(m.secret_values({})))
+        return self._submit(spec, asynchronous, idempotency)
 
-    def execute(self, spec: RunSpec, control: RunControl | None = None) -> Outcome:
-        """Run terraform for a spec whose instance this caller holds; the typed outcome,
-        or the error of `problem_for`."""
-        name, ws = spec.module.name, spec.workspace
-        deadline = time.monotonic() + self.config.run_timeout
-        wc = self.copies.ready(name)
-        existed = self.backend.exists(name, ws)
-        if spec.operation in ("destroy", "plan-destroy"):
-            if not existed:
-                raise NotFound(f"module {name} has no instance {spec.instance!r}")
-            spec.inputs = self.backend.load_inputs(name, ws) or {}
-            spec.scrub = Scrubber(spec.module.secret_values(spec.inputs))
-        # Destroy needs the same variables again, so they are kept durably. The write
-        # goes on while terraform runs (a rename on disk, a PUT on S3) and is undone if
-        # terraform changed nothing.
-        keeping = (self._background.submit(self._keep_inputs, name, ws, spec.inputs)
-                   if spec.operation == "apply" else None)
-        assert self.var_files is not None, "prepare() first"
-        with self.var_files.file(spec.inputs) as var_file:
-            result = self.runner.run(
-                _args(spec.operation, var_file, self.config.lock_wait),
-                cwd=wc.path, workspace=ws, timeout=_remaining(deadline), control=control)
-        self._log_run(spec, result)
-        if keeping is not None:
-            previous = keeping.result()
-            if not (result.ok or result.apply_started) and previous != spec.inputs:
-                self._restore_inputs(name, ws, previous)
-        if not result.ok:
-            raise problem_for(result, spec.scrub, spec.instance, self.config.run_timeout)
-        if spec.operation in ("plan", "plan-destroy"):
-            return Planned(name, spec.instance, result.changes, result.planned, spec.run_id)
-        if spec.operation == "destroy":
-            self._workspace_delete(spec, wc.path, deadline)
-            self.backend.delete_inputs(name, ws)
-            return Destroyed(name, spec.instance, result.changes, spec.run_id)
-        return Applied(name, spec.instance, self._outputs(spec, result), result.changes,
-                       spec.run_id, created=not existed)
+    def apply_plan(self, principal: Principal, plan_id: str, *, asynchronous: bool = False,
+                   idempotency: Idempotency | None = None) -> Submitted:
+        """Apply exactly the plan a dry run saved (409 when expired, used or stale)."""
+        plan = self._visible(principal, self.runs.record(plan_id))
+        if plan.operation not in ("plan", "plan-destroy") or plan.status != "succeeded":
+            raise Conflict(f"run {plan_id} is not a plan that succeeded", retry_after=0)
+        m = self.module(plan.module)
+        principal.require(m.name, "write")
+        meta = self.store.plan_meta(plan_id)
+        if meta is None or float(meta.get("expires_at", 0)) <= time.time():
+            raise Conflict("the saved plan expired or was used", retry_after=0)
+        inputs = dict(meta.get("inputs") or {})
+        spec = RunSpec(m, plan.instance, plan.workspace,
+                       "destroy" if plan.operation == "plan-destroy" else "apply", inputs,
+                       principal, Scrubber(m.secret_values(inputs)), plan_of=plan_id)
+        return self._submit(spec, asynchronous, idempotency)
+
+    def _submit(self, spec: RunSpec, asynchronous: bool,
+                idempotency: Idempotency | None) -> Submitted:
+        spec.run_id = new_run_id()
+        tenant = spec.principal.tenant_key
+        if idempotency is not None:
+            found = self._replay(tenant, spec, idempotency)
+            if found is not None:
+                return found
+        if spec.plan_of is not None and not self.store.claim_plan(spec.plan_of, spec.run_id):
+            self._drop_key(tenant, idempotency)
+            raise Conflict("the saved plan was applied already", retry_after=0)
+        record = RunRecord(id=spec.run_id, module=spec.module.name, instance=spec.instance,
+                           workspace=spec.workspace, tenant=tenant,
+                           subject=spec.principal.subject, operation=spec.operation,
+                           plan_of=spec.plan_of,
+                           idempotency_key=idempotency.key if idempotency else None)
+        run = Run(record, lambda r: self._job(r, spec), spec.scrub, sync=not asynchronous)
+        what = f"instance {spec.instance!r} of module {spec.module.name}"
+        try:
+            self.runs.submit(run, what=what,
+                             wait=0.0 if asynchronous else self.config.lock_wait)
+        except TFServerError:
+            self._drop_key(tenant, idempotency)
+            if spec.plan_of is not None:
+                self.store.objects.delete(f"_plans/{spec.plan_of}.used")
+            raise
+        if spec.plan_of is not None:
+            self._mark_plan_applied(spec.plan_of, spec.run_id)
+        return Submitted(spec.run_id, run)
+
+    def _replay(self, tenant: str, spec: RunSpec, idem: Idempotency) -> Submitted | None:
+        """The run an earlier request with this key started, or None after claiming the
+        key for `spec`; 422 when the key came with another request."""
+        if not _IDEMPOTENCY_KEY.match(idem.key):
+            raise BadRequest("Idempotency-Key must be 1-255 visible ASCII characters",
+                             extra={"errors": [{"field": "Idempotency-Key",
+                                                "message": "malformed"}]})
+        existing = self.store.claim_key(tenant, idem.key, {
+            "fingerprint": idem.fingerprint, "run_id": spec.run_id,
+            "expires_at": time.time() + self.config.idempotency_ttl}, time.time())
+        if existing is None:
+            return None
+        if existing.get("fingerprint") != idem.fingerprint:
+            raise Rejected("this Idempotency-Key was used with another request")
+        run_id = str(existing.get("run_id"))
+        local = self.runs.local(run_id)
+        if local is None:
+            try:
+                self.runs.record(run_id)
+            except NotFound:
+                # The first request with this key is still being admitted (or was
+                # refused a moment ago): the draft's answer to a concurrent duplicate.
+                raise Conflict("a request with this Idempotency-Key is in progress",
+                               retry_after=1) from None
+        return Submitted(run_id, local, replayed=True)
+
+    def _drop_key(self, tenant: str, idem: Idempotency | None) -> None:
+        if idem is not None:
+            self.store.drop_key(tenant, idem.key)
+
+    def _mark_plan_applied(self, plan_id: str, run_id: str) -> None:
+        """Note on the plan's record that it is used (best effort; the mark is the
+        `.used` object)."""
+        try:
+            record = self.store.get(plan_id)
+            if record is not None and record.plan is not None:
+                record.plan["applied_by"] = run_id
+                self.store.save(record)
+        except TFServerError as e:
+            logger.warning("plan %s: could not note its use: %s", plan_id, e.detail)
+
+    def _job(self, run: Run, spec: RunSpec) -> Outcome:
+        """What a run does: terraform through the executor, its events relayed."""
+        def relay(raw: dict[str, Any]) -> None:
+            event = api_event(raw)
+            if event is not None:
+                run.emit(event.pop("type"), **event)
+
+        outcome = self.executor.execute(spec, control=run.control, on_event=relay)
+        record = run.record
+        record.changes = outcome.changes
+        if isinstance(outcome, Applied):
+            record.outputs, record.created = redacted(spec.module, outcome.outputs), \
+                outcome.created
+        elif isinstance(outcome, Planned):
+            record.planned = outcome.planned
+            record.plan = {"expires_at": time.time() + self.config.plan_ttl,
+                           "applied_by": None}
+        return outcome
+
+    def wait(self, submitted: Submitted, timeout: float | None) -> bool:
+        """Wait for the run to end (at most `timeout` seconds); True if it ended."""
+        if submitted.run is not None:
+            return submitted.run.done.wait(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self.runs.record(submitted.run_id).status not in ACTIVE:
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(0.25)
+
+    def result(self, principal: Principal, submitted: Submitted) -> Outcome:
+        """The ended run's outcome as the synchronous call answers it; raises its error."""
+        run = submitted.run
+        if run is not None and run.done.is_set() and not submitted.replayed:
+            if run.error is not None:
+                raise run.error
+            outcome: Outcome = run.result
+            return outcome
+        return _outcome_of(self.runs.record(submitted.run_id))
+
+    def record(self, principal: Principal, run_id: str) -> RunRecord:
+        """One run's record (404 for another tenant's, unless admin)."""
+        return self._visible(principal, self.runs.record(run_id))
+
+    def list_runs(self, principal: Principal, *, module: str | None = None,
+                  instance: str | None = None, tenant: str | None = None,
+                  status: str | None = None, limit: int = 20,
+                  after: str = "") -> RunPage:
+        """Runs newest first: the caller's (an admin: everyone's, or one tenant's), of
+        one module or instance, of one status."""
+        if module is not None:
+            self.module(module)
+            principal.require(module, "read")
+        key = principal.tenant_key
+        if instance is not None:
+            ws = self._target(principal, instance, tenant)
+            key = ws.partition(".")[0]
+        scope: str | None = key if (instance is not None or not principal.admin) else None
+        found: list[RunRecord] = []
+        cursor = after
+        scanned = 0
+        while len(found) < limit and scanned < 2000:
+            ids = self.runs.store.ids(tenant=scope, module=module, instance=instance,
+                                      after=cursor, limit=100)
+            if not ids:
+                cursor = ""
+                break
+            scanned += len(ids)
+            cursor = ids[-1]
+            for record in self.runs.records(ids):
+                if (module is None or record.module == module) and \
+                        (status is None or record.status == status) and \
+                        (principal.admin or principal.can(record.module, "read")):
+                    found.append(record)
+                    if len(found) == limit:
+                        cursor = record.id
+                        break
+            if len(ids) < 100 and len(found) < limit:
+                cursor = ""
+                break
+        return RunPage(found, cursor or None, principal.tenant_key)
+
+    def cancel(self, principal: Principal, run_id: str, *, force: bool) -> RunRecord:
+        """Cancel a run (409 when it already ended)."""
+        record = self._visible(principal, self.runs.record(run_id))
+        principal.require(record.module, "write")
+        return self.runs.cancel(run_id, force=force)
+
+    def follow(self, principal: Principal, run_id: str,
+               after: int = 0) -> Iterator[list[dict[str, Any]]]:
+        """The run's events after `after`, replayed and then live, until it ends."""
+        self.record(principal, run_id)
+        return self.runs.follow(run_id, after)
 
     def force_unlock(self, principal: Principal, name: str, instance: str,
                      lock_id: Any, tenant: str | None = None) -> Unlocked:
@@ -400,7 +469,7 @@ class Service:
                              extra={"errors": [{"field": "lock_id", "message": "required"}]})
         wc = self.copies.ready(name)
         # Never while this server runs terraform on the instance: that lock is alive.
-        with self.locks.hold((name, ws), 0, what=f"instance {instance!r} of module {name}"):
+        with self.runs.scheduler.hold((name, ws), f"instance {instance!r} of module {name}"):
             held = self.backend.lock_info(name, ws)
             if held is not None and held.get("id") not in (None, lock_id):
                 raise Conflict("that is not the id of the lock held now", lock=held)
@@ -428,76 +497,27 @@ class Service:
         check_tenant_key(tenant)
         return workspace_name(tenant, instance)
 
-    @contextmanager
-    def _exclusive(self, spec: RunSpec) -> Iterator[None]:
-        """The instance lock, then a run slot (so a waiting run holds no slot)."""
-        what = f"instance {spec.instance!r} of module {spec.module.name}"
-        with self.locks.hold((spec.module.name, spec.workspace), self.config.lock_wait,
-                             what=what), self.slots.take():
-            yield
-
-    def _keep_inputs(self, name: str, ws: str,
-                     inputs: dict[str, Any]) -> dict[str, Any] | None:
-        """Store the inputs unless they are stored already; return what was there."""
-        previous = self.backend.load_inputs(name, ws)
-        if previous != inputs:
-            self.backend.save_inputs(name, ws, inputs)
-        return previous
-
-    def _restore_inputs(self, name: str, ws: str, previous: dict[str, Any] | None) -> None:
-        """Put back the inputs of the last apply that changed something."""
-        if previous is None:
-            self.backend.delete_inputs(name, ws)
-        else:
-            self.backend.save_inputs(name, ws, previous)
-
-    def _workspace_delete(self, spec: RunSpec, cwd: Path, deadline: float) -> None:
-        result = self.runner.run(
-            build_args("workspace delete", lock_timeout=self.config.lock_wait,
-                       extra=[spec.workspace]),
-            cwd=cwd, workspace="default", timeout=_remaining(deadline))
-        if not result.ok:
-            logger.warning("workspace %s of %s not deleted after destroy: %s", spec.workspace,
-                           spec.module.name, spec.scrub(result.stderr.strip())[-500:])
-
-    def _outputs(self, spec: RunSpec, result: RunResult) -> dict[str, Any]:
-        """The apply's outputs; sensitive ones redacted unless the caller is an admin (who
-        gets them from the state: the event stream never carries their values)."""
-        admin = spec.principal.admin
-        events = result.outputs or {}
-        needs_state = admin and any(v.get("sensitive") for v in events.values())
-        state = (self.backend.read_state(spec.module.name, spec.workspace)
-                 if needs_state else None)
-        from_state = (state or {}).get("outputs") or {}
-        outputs: dict[str, Any] = {}
-        for key, out in events.items():
-            if not out.get("sensitive"):
-                outputs[key] = out.get("value")
-            elif admin and key in from_state:
-                outputs[key] = from_state[key].get("value")
-            else:
-                outputs[key] = REDACTED
-        return outputs
-
-    def _log_run(self, spec: RunSpec, result: RunResult) -> None:
-        logger.info(
-            "terraform %s %s/%s exited %d in %.3fs",
-            result.args[0], spec.module.name, spec.instance, result.returncode,
-            result.duration,
-            extra={"run_id": spec.run_id, "changes": result.changes,
-                   "timed_out": result.timed_out},
-        )
-        for d in result.errors:
-            logger.warning("terraform: %s: %s", spec.scrub(d.summary),
-                           spec.scrub(d.detail)[:1000], extra={"run_id": spec.run_id})
+    def _visible(self, principal: Principal, record: RunRecord) -> RunRecord:
+        """The record if the caller may see it; else 404, as if there were none."""
+        if record.tenant != principal.tenant_key and not principal.admin:
+            raise NotFound(f"no run {record.id!r}")
+        if not principal.can(record.module, "read"):
+            raise NotFound(f"no run {record.id!r}")
+        return record
 
 
-def _args(operation: Operation, var_file: Path, lock_wait: float) -> list[str]:
-    """The terraform command of an operation."""
-    if operation == "plan-destroy":
-        return build_args("plan", destroy=True, var_file=var_file, lock_timeout=lock_wait)
-    return build_args(operation, var_file=var_file, lock_timeout=lock_wait)
-
-
-def _remaining(deadline: float) -> float:
-    return max(0.1, deadline - time.monotonic())
+def _outcome_of(record: RunRecord) -> Outcome:
+    """A stored run's outcome, as its synchronous call answered (outputs redacted)."""
+    if record.status != "succeeded":
+        raise RunProblem(record.problem or {
+            "type": "about:blank", "title": "Service Unavailable", "status": 503,
+            "detail": f"the run is {record.status}: the replica that ran it stopped"})
+    changes = record.changes or {"add": 0, "change": 0, "remove": 0}
+    op: Operation = record.operation  # type: ignore[assignment]
+    if op in ("plan", "plan-destroy"):
+        return Planned(record.module, record.instance, changes, record.planned or [],
+                       record.id)
+    if op == "destroy":
+        return Destroyed(record.module, record.instance, changes, record.id)
+    return Applied(record.module, record.instance, record.outputs or {}, changes, record.id,
+                   created=bool(record.created))

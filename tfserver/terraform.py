@@ -33,6 +33,11 @@ JSON_COMMANDS = frozenset({"apply", "plan", "destroy"})
 #: How much of stderr a result keeps (the end of it, where the errors are).
 STDERR_KEEP = 64 * 1024
 _LOCK_SUMMARIES = ("Error acquiring the state lock", "Error locking state")
+_STALE_PLAN = "Saved plan is stale"
+#: What a sensitive output reads as, wherever outputs are shown to a non-admin.
+REDACTED = "<sensitive>"
+_RESOURCE_PHASES = {"apply_start": "start", "apply_progress": "progress",
+                    "apply_complete": "done", "apply_errored": "errored"}
 _LOCK_FIELD = re.compile(r"^\s*(ID|Path|Operation|Who|Version|Created|Info):\s*(.*)$")
 _BOX = "╷│╵ "
 
@@ -47,6 +52,7 @@ class Failure(enum.Enum):
     INTERRUPTED = "interrupted"  #: the server is stopping; terraform was interrupted
     CANCELED = "canceled"  #: a caller canceled the run
     KILLED = "killed"  #: terraform died by a signal; its lock may be left behind
+    STALE_PLAN = "stale plan"  #: the state changed since the saved plan was made
     REJECTED = "rejected"  #: terraform refused the inputs before changing anything
     FAILED = "failed"  #: terraform failed while changing resources (or said nothing)
 
@@ -153,6 +159,8 @@ class RunResult:
             return None
         if self.lock is not None:
             return Failure.LOCKED
+        if any(d.summary == _STALE_PLAN for d in self.errors):
+            return Failure.STALE_PLAN
         if not self.errors:
             return Failure.KILLED if self.returncode < 0 else Failure.FAILED
         if not self.apply_started and self.args[:1] != ("destroy",):
@@ -203,11 +211,15 @@ def build_args(
     destroy: bool = False,
     backend_config: Sequence[tuple[str, str]] = (),
     reconfigure: bool = False,
+    plan_out: Path | None = None,
+    plan_file: Path | None = None,
     extra: Sequence[str] = (),
 ) -> list[str]:
     """The argument list for one terraform command (without the binary).
 
-    Always non-interactive and colourless; `-json` where the command streams events.
+    Always non-interactive and colourless; `-json` where the command streams events. A
+    plan may be saved (`plan_out`), and an apply may apply a saved plan (`plan_file`,
+    which takes no variables).
     """
     words = command.split()
     args = list(words)
@@ -227,8 +239,10 @@ def build_args(
     )
     if lock_timeout is not None and takes_lock:
         args.append(f"-lock-timeout={max(0, int(lock_timeout))}s")
-    if var_file is not None:
+    if var_file is not None and plan_file is None:
         args.append(f"-var-file={var_file}")
+    if plan_out is not None and verb == "plan":
+        args.append(f"-out={plan_out}")
     if verb == "init":
         if reconfigure:
             args.append("-reconfigure")
@@ -236,6 +250,8 @@ def build_args(
     if verb == "force-unlock":
         args.append("-force")
     args += list(extra)
+    if plan_file is not None and verb == "apply":
+        args.append(str(plan_file))
     return args
 
 
@@ -251,6 +267,40 @@ def build_env(
     if cli_config_file is not None:
         env["TF_CLI_CONFIG_FILE"] = str(cli_config_file)
     return env
+
+
+def api_event(raw: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A terraform `-json` event as an event of tfserver's API (without `seq` and `time`),
+    or None for the kinds the API does not show. Sensitive output values are redacted
+    (terraform's stream carries none anyway); other text is the caller's to scrub."""
+    kind = raw.get("type")
+    if kind in _RESOURCE_PHASES:
+        hook = raw.get("hook") or {}
+        event: dict[str, Any] = {"type": "resource",
+                                 "address": str((hook.get("resource") or {}).get("addr", "")),
+                                 "action": str(hook.get("action", "")),
+                                 "phase": _RESOURCE_PHASES[str(kind)]}
+        if isinstance(hook.get("elapsed_seconds"), int | float):
+            event["elapsed_s"] = hook["elapsed_seconds"]
+        return event
+    if kind == "change_summary":
+        changes = raw.get("changes") or {}
+        if changes.get("operation") != "plan":
+            return None
+        return {"type": "planned",
+                "changes": {k: int(changes.get(k, 0)) for k in ("add", "change", "remove")}}
+    if kind == "diagnostic":
+        d = Diagnostic.from_event(raw)
+        return {"type": "diagnostic", "severity": d.severity, "summary": d.summary,
+                "detail": d.detail, "address": d.address}
+    if kind == "outputs":
+        outputs = raw.get("outputs") or {}
+        if not isinstance(outputs, dict) or any("action" in v for v in outputs.values()):
+            return None  # the plan's preview of the outputs, without values
+        return {"type": "outputs",
+                "outputs": {k: REDACTED if v.get("sensitive") else v.get("value")
+                            for k, v in outputs.items()}}
+    return None
 
 
 def parse_event(line: str) -> dict[str, Any] | None:
@@ -383,6 +433,8 @@ class Terraform:
                 # Own process group: a Ctrl-C meant for the server does not hit terraform
                 # mid-apply, and SIGKILL can take the providers down with it.
                 start_new_session=True,
+                # State, backups and plan files hold secrets in clear: owner only.
+                umask=0o077,
             )
         except OSError as e:
             logger.error("cannot start terraform %s: %s", self.binary, e.strerror)

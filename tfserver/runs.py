@@ -1,0 +1,441 @@
+"""Runs as resources: records, events, the per-instance queue, cancel, heartbeats.
+
+Every apply, destroy and plan is a `Run`. The replica that runs it keeps it in memory
+(events reach followers on this replica at once) and writes its record and event log to
+the backend's object store at least every `heartbeat` seconds, so any replica can read,
+follow and cancel it. A stored record whose heartbeat is older than `lost_after` shows as
+`lost`. What a run does is the service's job (a callable); this module knows no HTTP and
+no terraform.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from http import HTTPStatus
+from typing import Any
+
+from .errors import Conflict, NotFound, TFServerError
+from .locks import Scheduler, Ticket
+from .runstore import ENDED, RunRecord, RunStore, is_run_id
+from .scrub import Scrubber
+from .terraform import RunControl
+
+logger = logging.getLogger(__name__)
+
+#: How long a follower waits for news before it yields an empty batch (a keep-alive).
+FOLLOW_IDLE = 15.0
+#: How often a follower on another replica reads the stored event log.
+FOLLOW_POLL = 1.0
+
+
+class RunProblem(TFServerError):
+    """A failed run's stored problem document, answered again (for example to an
+    idempotent retry): its status and fields are the original answer's."""
+
+    def __init__(self, problem: dict[str, Any]) -> None:
+        super().__init__(str(problem.get("detail", "")),
+                         extra={k: v for k, v in problem.items()
+                                if k not in ("type", "title", "status", "detail")})
+        self.stored = problem
+        try:
+            self.status = HTTPStatus(int(problem.get("status", 500)))
+        except ValueError:
+            self.status = HTTPStatus.INTERNAL_SERVER_ERROR
+
+    def problem(self) -> dict[str, Any]:
+        """The stored document as it was."""
+        return dict(self.stored)
+
+
+@dataclass(eq=False)
+class Run:
+    """One run on this replica: its record, events, place in line and process handle."""
+
+    record: RunRecord
+    job: Callable[[Run], Any]
+    scrub: Scrubber
+    sync: bool = False
+    events: list[dict[str, Any]] = field(default_factory=list)
+    control: RunControl = field(default_factory=RunControl)
+    done: threading.Event = field(default_factory=threading.Event)
+    #: What the job returned (a service result), or the error it raised.
+    result: Any = None
+    error: TFServerError | None = None
+    ticket: Ticket | None = None
+    cancel_asked_at: float | None = None
+    _cond: threading.Condition = field(default_factory=threading.Condition)
+    #: Held while the run's record is written: the heartbeat never overwrites the final
+    #: record with an older one.
+    _store_lock: threading.Lock = field(default_factory=threading.Lock)
+    _flushed: int = 0
+    _final: bool = False
+
+    def emit(self, kind: str, **fields: Any) -> None:
+        """Add an event (every string scrubbed) and wake the followers."""
+        with self._cond:
+            event = {"seq": len(self.events) + 1, "time": time.time(), "type": kind,
+                     **_scrubbed(fields, self.scrub)}
+            self.events.append(event)
+            self._cond.notify_all()
+
+    def events_after(self, seq: int, timeout: float) -> list[dict[str, Any]]:
+        """Events after `seq`, waiting up to `timeout` for the first one."""
+        with self._cond:
+            if len(self.events) <= seq and not self.done.is_set():
+                self._cond.wait(timeout)
+            return self.events[seq:]
+
+    def wake(self) -> None:
+        """Wake the followers (the run ended)."""
+        with self._cond:
+            self._cond.notify_all()
+
+
+def _scrubbed(value: Any, scrub: Scrubber) -> Any:
+    if isinstance(value, str):
+        return scrub(value)
+    if isinstance(value, dict):
+        return {k: _scrubbed(v, scrub) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrubbed(v, scrub) for v in value]
+    return value
+
+
+class Runs:
+    """The runs of this replica, and the door to every replica's runs."""
+
+    def __init__(self, store: RunStore, scheduler: Scheduler, *, replica: str,
+                 kill_grace: float, heartbeat: float = 2.0, lost_after: float = 10.0,
+                 retention: float = 30 * 86400.0,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.scheduler = scheduler
+        self.replica = replica
+        self.kill_grace = kill_grace
+        self.heartbeat = heartbeat
+        self.lost_after = lost_after
+        self.retention = retention
+        self.clock = clock
+        self._mutex = threading.Lock()
+        self._live: dict[str, Run] = {}
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+        self._all_leftovers = False
+        self._leftovers_done = True
+
+    # -- start and stop ---------------------------------------------------------------
+
+    def start(self, *, all_leftovers: bool = False) -> None:
+        """Mark this replica's leftover runs lost (every leftover, when the store is this
+        server's alone), then beat in the background."""
+        self._all_leftovers = all_leftovers
+        self._leftovers_done = False
+        self._mark_leftovers()
+        self._beat = threading.Thread(target=self._beat_loop, name="runs-heartbeat",
+                                      daemon=True)
+        self._beat.start()
+
+    def _mark_leftovers(self) -> None:
+        """Mark lost the runs an earlier process of this replica left active (retried by
+        the heartbeat while the backend cannot be reached)."""
+        try:
+            for tenant, run_id in self.store.active():
+                if not self._all_leftovers and \
+                        self.store.active_replica(tenant, run_id) != self.replica:
+                    continue
+                if self.local(run_id) is not None:
+                    continue
+                record = self.store.get(run_id)
+                if record is not None and record.active:
+                    logger.warning("run %s was left %s by an earlier start; marked lost",
+                                   run_id, record.status)
+                    record.status, record.finished_at = "lost", self.clock()
+                    record.queue_position = None
+                    self.store.save(record)
+            self._leftovers_done = True
+        except TFServerError as e:
+            logger.warning("leftover runs not checked yet: %s", e.detail)
+
+    def close_queues(self) -> int:
+        """Refuse new runs and cancel every queued one (the server is stopping)."""
+        dropped = self.scheduler.close()
+        for ticket in dropped:
+            run = self._run_of(ticket)
+            if run is not None:
+                self._end_unstarted(run, "canceled", "the server stopped before the run began")
+        return len(dropped)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no run of this replica is running; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._mutex:
+                live = [r for r in self._live.values() if not r.done.is_set()]
+            if not live:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            live[0].done.wait(min(left, 0.5))
+
+    def stop(self) -> None:
+        """Stop the heartbeat (after the last run ended)."""
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join(5)
+        self._flush_all()
+
+    # -- submitting -------------------------------------------------------------------
+
+    def submit(self, run: Run, *, what: str, wait: float = 0.0) -> Run:
+        """Queue the run on its instance's lane; a synchronous run waits up to `wait` for
+        the instance. Raises 409/503 when the run is refused (then nothing is stored)."""
+        record = run.record
+        record.replica = self.replica
+        run.ticket = Ticket((record.module, record.workspace), what, sync=run.sync,
+                            on_start=lambda: self._start(run))
+        with self._mutex:
+            self._live[record.id] = run
+        try:
+            if not run.sync:
+                run.emit("queued")
+                self._store_new(run)
+            self.scheduler.enqueue(run.ticket, wait=wait)
+        except TFServerError:
+            with self._mutex:
+                self._live.pop(record.id, None)
+            if not run.sync:
+                self.store.delete(record)
+            raise
+        if not run.sync and record.started_at is None:
+            record.queue_position = self.scheduler.position(run.ticket)
+        return run
+
+    def _store_new(self, run: Run) -> None:
+        run.record.heartbeat_at = self.clock()
+        self.store.create(run.record)
+
+    def _start(self, run: Run) -> None:
+        """The scheduler admitted the run: run its job in a thread of its own."""
+        threading.Thread(target=self._execute, args=(run,), name=f"run-{run.record.id[:8]}",
+                         daemon=True).start()
+
+    def _execute(self, run: Run) -> None:
+        record = run.record
+        record.status, record.started_at, record.queue_position = "running", self.clock(), None
+        if run.sync:
+            self._store_new(run)
+        run.emit("started")
+        try:
+            run.result = run.job(run)
+            record.status = "succeeded"
+        except TFServerError as e:
+            run.error = e
+            record.status = "canceled" if run.control.reason == "cancel" else "failed"
+            record.problem = e.problem()
+        except Exception:
+            logger.exception("run %s failed unexpectedly", record.id)
+            run.error = TFServerError(f"the run failed unexpectedly; see the server log for "
+                                      f"run {record.id}")
+            record.status, record.problem = "failed", run.error.problem()
+        finally:
+            self._finish(run)
+
+    def _finish(self, run: Run) -> None:
+        record = run.record
+        record.finished_at = self.clock()
+        if run.control.killed:
+            record.cancel, record.state_may_be_locked = "forced", True
+        run.emit("finished", status=record.status, changes=record.changes,
+                 problem=record.problem)
+        try:
+            self._flush(run, final=True)
+        except TFServerError as e:
+            logger.error("run %s: its final record could not be stored: %s", record.id, e)
+        if run.ticket is not None:
+            self.scheduler.finish(run.ticket)
+        run.done.set()
+        run.wake()
+        with self._mutex:
+            self._live.pop(record.id, None)
+
+    def _end_unstarted(self, run: Run, status: str, detail: str) -> None:
+        """End a run that never started (canceled while queued)."""
+        run.record.status = status
+        run.record.queue_position = None
+        run.error = Conflict(detail, retry_after=1)
+        run.record.problem = run.error.problem()
+        self._finish(run)
+
+    # -- reading ----------------------------------------------------------------------
+
+    def local(self, run_id: str) -> Run | None:
+        """The run, if this replica holds it."""
+        with self._mutex:
+            return self._live.get(run_id)
+
+    def record(self, run_id: str) -> RunRecord:
+        """The run's record as any replica would show it (404 if none)."""
+        run = self.local(run_id) if is_run_id(run_id) else None
+        if run is not None:
+            shown = replace(run.record)
+            if run.ticket is not None and shown.status == "queued":
+                shown.queue_position = self.scheduler.position(run.ticket)
+            return shown
+        record = self.store.get(run_id) if is_run_id(run_id) else None
+        if record is None:
+            raise NotFound(f"no run {run_id[:40]!r}")
+        if record.active and self.clock() - record.heartbeat_at > self.lost_after:
+            record.status = "lost"
+            record.state_may_be_locked = record.started_at is not None
+        return record
+
+    def records(self, ids: list[str]) -> list[RunRecord]:
+        """Records of several runs, skipping any that vanished meanwhile."""
+        found = []
+        for run_id in ids:
+            try:
+                found.append(self.record(run_id))
+            except NotFound:
+                continue
+        return found
+
+    def follow(self, run_id: str, after: int = 0) -> Iterator[list[dict[str, Any]]]:
+        """Batches of events after `after`: the stored ones, then live ones as they
+        come, until the run's `finished` event; an empty batch means "still waiting"."""
+        run = self.local(run_id)
+        if run is not None:
+            yield from self._follow_local(run, after)
+            return
+        yield from self._follow_stored(run_id, after)
+
+    def _follow_local(self, run: Run, after: int) -> Iterator[list[dict[str, Any]]]:
+        seq = after
+        while True:
+            batch = run.events_after(seq, FOLLOW_IDLE)
+            if batch:
+                seq = batch[-1]["seq"]
+                yield batch
+            if any(e["type"] == "finished" for e in batch):
+                return
+            if run.done.is_set() and len(run.events) <= seq:
+                return
+
+    def _follow_stored(self, run_id: str, after: int) -> Iterator[list[dict[str, Any]]]:
+        seq = after
+        idle = 0.0
+        while True:
+            events = [e for e in self.store.get_events(run_id) if e.get("seq", 0) > seq]
+            if events:
+                seq = events[-1]["seq"]
+                idle = 0.0
+                yield events
+                if any(e.get("type") == "finished" for e in events):
+                    return
+            record = self.record(run_id)
+            if record.status == "lost" or (record.status in ENDED and not events):
+                return
+            time.sleep(FOLLOW_POLL)
+            idle += FOLLOW_POLL
+            if idle >= FOLLOW_IDLE:
+                idle = 0.0
+                yield []
+
+    # -- cancel -----------------------------------------------------------------------
+
+    def cancel(self, run_id: str, *, force: bool) -> RunRecord:
+        """Cancel a queued run at once, interrupt a running one (kill it when forced, or
+        on a second cancel after the kill grace). 409 when it already ended."""
+        run = self.local(run_id)
+        if run is None:
+            record = self.record(run_id)
+            if not record.active:
+                raise Conflict(f"run {run_id} already ended ({record.status})", retry_after=0)
+            self.store.request_cancel(run_id, force=force)
+            record.cancel = record.cancel or "requested"
+            return record
+        self._cancel_local(run, force)
+        return self.record(run_id)
+
+    def _cancel_local(self, run: Run, force: bool) -> None:
+        if run.done.is_set():
+            raise Conflict(f"run {run.record.id} already ended ({run.record.status})",
+                           retry_after=0)
+        if run.ticket is not None and self.scheduler.withdraw(run.ticket):
+            self._end_unstarted(run, "canceled", "the run was canceled before it began")
+            return
+        now = time.monotonic()
+        second = run.cancel_asked_at is not None and now - run.cancel_asked_at >= \
+            self.kill_grace
+        run.record.cancel = run.record.cancel or "requested"
+        if force or second:
+            run.control.kill("cancel")
+            run.record.cancel, run.record.state_may_be_locked = "forced", True
+        elif run.control.interrupt("cancel"):
+            run.cancel_asked_at = now
+        run.emit("canceling", force=force or second)
+
+    # -- heartbeat --------------------------------------------------------------------
+
+    def _beat_loop(self) -> None:
+        next_purge = 0.0
+        while not self._stop.wait(self.heartbeat):
+            try:
+                if not self._leftovers_done:
+                    self._mark_leftovers()
+                self._beat_once()
+                if time.monotonic() >= next_purge:
+                    next_purge = time.monotonic() + 3600.0
+                    self.store.purge(runs_before=self.clock() - self.retention,
+                                     now=self.clock())
+            except TFServerError as e:
+                logger.warning("run heartbeat: the backend failed: %s", e.detail)
+
+    def _beat_once(self) -> None:
+        """Write every active run's record and new events; act on cancels left by other
+        replicas."""
+        with self._mutex:
+            live = list(self._live.values())
+        for run in live:
+            if run.done.is_set() or run.record.status not in ("queued", "running"):
+                continue
+            if run.record.status == "running" or not run.sync:
+                self._flush(run)
+            forced = self.store.cancel_request(run.record.id)
+            if forced is not None:
+                with contextlib.suppress(Conflict):  # it ended meanwhile
+                    self._cancel_local(run, forced)
+
+    def _flush(self, run: Run, *, final: bool = False) -> None:
+        """Store the run's record (with a fresh heartbeat) and its events if new ones came."""
+        with run._store_lock:
+            if run._final:
+                return
+            run._final = final
+            record = run.record
+            record.heartbeat_at = self.clock()
+            if run.ticket is not None and record.status == "queued":
+                record.queue_position = self.scheduler.position(run.ticket)
+            count = len(run.events)
+            if count != run._flushed:
+                self.store.put_events(record.id, run.events[:count])
+                run._flushed = count
+            self.store.save(replace(record))
+
+    def _flush_all(self) -> None:
+        with self._mutex:
+            live = list(self._live.values())
+        for run in live:
+            try:
+                self._flush(run)
+            except TFServerError:
+                continue
+
+    def _run_of(self, ticket: Ticket) -> Run | None:
+        with self._mutex:
+            return next((r for r in self._live.values() if r.ticket is ticket), None)

@@ -30,6 +30,10 @@ _HCL_OPTIONS = SerializationOptions(
     strip_string_quotes=True, explicit_blocks=False, with_comments=False
 )
 
+#: Variables the server fills when a module declares them, so a module can name and tag
+#: what it creates after its owner; a client never sets them (DESIGN: Governance).
+RESERVED_VARIABLES = frozenset({"tfserver_tenant", "tfserver_instance", "tfserver_module"})
+
 
 @dataclass(frozen=True)
 class Variable:
@@ -75,12 +79,20 @@ class Module:
     variables: Mapping[str, Variable]
     outputs: Mapping[str, Output]
     description: str = ""
+    #: The JSON Schema of a request body: published (GET /{module}, OpenAPI) and enforced
+    #: by `validate`. A policy narrows it with `dataclasses.replace(module, schema=...)`.
     schema: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def sensitive_variables(self) -> frozenset[str]:
         """Names of the variables marked `sensitive`."""
         return frozenset(n for n, v in self.variables.items() if v.sensitive)
+
+    @property
+    def reserved(self) -> frozenset[str]:
+        """The reserved variables this module declares: the server fills them, clients
+        never see them in the schema and may not send them."""
+        return RESERVED_VARIABLES & self.variables.keys()
 
     def validate(self, body: Any) -> dict[str, Any]:
         """Check a request body against the variables; raise `InvalidInput` listing all faults."""
@@ -90,8 +102,11 @@ class Module:
                 [FieldError("", "must be a JSON object")],
             )
         validator = jsonschema.Draft202012Validator(self.schema)
-        errors: list[FieldError] = []
-        for error in validator.iter_errors(body):
+        errors = [FieldError(n, "is set by the server") for n in self.reserved & body.keys()]
+        # The schema leaves reserved variables out, so without this it would call them
+        # unknown; they are known, just not the client's to set.
+        rest = {k: v for k, v in body.items() if k not in self.reserved}
+        for error in validator.iter_errors(rest):
             errors.extend(_field_errors(error, self.sensitive_variables))
         if errors:
             unique = sorted(set(errors), key=lambda e: (e.field, e.message))
@@ -99,6 +114,15 @@ class Module:
                 f"{len(unique)} problem(s) with the variables of module {self.name!r}", unique
             )
         return body
+
+    def fill_reserved(self, inputs: Mapping[str, Any], *, tenant: str,
+                      instance: str) -> dict[str, Any]:
+        """`inputs` plus the reserved variables this module declares: `tfserver_tenant`
+        (the tenant as the principal names it: its client id, or subject),
+        `tfserver_instance` and `tfserver_module` (this module's name)."""
+        values = {"tfserver_tenant": tenant, "tfserver_instance": instance,
+                  "tfserver_module": self.name}
+        return {**inputs, **{n: values[n] for n in sorted(self.reserved)}}
 
     def secret_values(self, inputs: Mapping[str, Any]) -> list[Secret]:
         """Every leaf of every sensitive value (given or default), for `Scrubber`, which
@@ -154,15 +178,41 @@ def _path(parts: Iterable[Any]) -> str:
     return text
 
 
-def _field_errors(error: Any, hidden: frozenset[str]) -> list[FieldError]:
+def _shown(value: Any) -> str:
+    """A value of the schema (an allowed value, a bound) as a message shows it."""
+    if isinstance(value, str) and value and "," not in value and value.strip() == value:
+        return value
+    return json.dumps(value, sort_keys=True)
+
+
+#: Messages of the bounds a policy may add (DESIGN: Governance), by keyword.
+_BOUNDS = {
+    "minimum": "must be at least {}",
+    "maximum": "must be at most {}",
+    "exclusiveMinimum": "must be greater than {}",
+    "exclusiveMaximum": "must be less than {}",
+    "multipleOf": "must be a multiple of {}",
+    "pattern": "must match the pattern {}",
+    "minLength": "must be at least {} characters long",
+    "maxLength": "must be at most {} characters long",
+    "minProperties": "must have at least {} entries",
+    "maxProperties": "must have at most {} entries",
+}
+
+
+def _field_errors(error: Any, hidden: frozenset[str], *,
+                  secret: bool = False) -> list[FieldError]:
     """Words for one schema error (a jsonschema ValidationError) that never echo the value.
 
     Inside a sensitive variable (`hidden`) only the variable is named: the rest of a path
     is made of the value's own map keys and list positions, which are part of the secret.
+    Nor are its allowed values listed (`secret`): next to a refusal they narrow down what
+    was sent. Bounds and patterns are named: they say what a value must be, not what it is.
     """
     where = list(error.absolute_path)
     if where and where[0] in hidden:
-        return [FieldError(str(where[0]), e.message) for e in _field_errors(error, frozenset())]
+        return [FieldError(str(where[0]), e.message)
+                for e in _field_errors(error, frozenset(), secret=True)]
     here = _path(where)
     rule = error.validator
     if rule == "required":
@@ -192,8 +242,17 @@ def _field_errors(error: Any, hidden: frozenset[str]) -> list[FieldError]:
     if rule == "anyOf":
         # The only anyOf we emit is "<schema> or null": report the first branch's faults.
         inner = [e for e in error.context or [] if e.relative_schema_path[0] == 0]
-        found = [fe for e in inner for fe in _field_errors(e, frozenset())]
+        found = [fe for e in inner for fe in _field_errors(e, frozenset(), secret=secret)]
         return found or [FieldError(here, "has the wrong type")]
+    if rule in ("enum", "const"):
+        if secret:
+            return [FieldError(here, "is not an allowed value")]
+        allowed = error.validator_value if rule == "enum" else [error.validator_value]
+        if len(allowed) == 1:
+            return [FieldError(here, f"must be {_shown(allowed[0])}")]
+        return [FieldError(here, f"must be one of {', '.join(_shown(v) for v in allowed)}")]
+    if rule in _BOUNDS:
+        return [FieldError(here, _BOUNDS[rule].format(_shown(error.validator_value)))]
     return [FieldError(here, f"fails the {rule} rule")]
 
 
@@ -253,6 +312,10 @@ def load_module(path: Path, name: str | None = None) -> Module:
                     tf_type = parse_type(_first(body.get("type")))
                 except TypeSyntaxError as e:
                     raise ConfigError(f"{tf}: variable {var_name}: {e}") from e
+                if var_name in RESERVED_VARIABLES and tf_type.kind != "string":
+                    raise ConfigError(f"{tf}: variable {var_name}: the server fills it with "
+                                      f"a string, so declare it with type = string, not "
+                                      f"{tf_type}")
                 variables[var_name] = Variable(
                     name=var_name,
                     type=tf_type,
@@ -269,11 +332,13 @@ def load_module(path: Path, name: str | None = None) -> Module:
                     description=str(_first(body.get("description", "")) or ""),
                     sensitive=bool(_first(body.get("sensitive", False))),
                 )
+    # Reserved variables are the server's to fill: clients never see them.
+    public = {n: v for n, v in variables.items() if n not in RESERVED_VARIABLES}
     schema: dict[str, Any] = {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "type": "object",
-        "properties": {n: v.schema() for n, v in variables.items()},
-        "required": sorted(n for n, v in variables.items() if v.required),
+        "properties": {n: v.schema() for n, v in public.items()},
+        "required": sorted(n for n, v in public.items() if v.required),
         "additionalProperties": False,
     }
     return Module(

@@ -26,8 +26,14 @@ def test_every_terraform_folder_is_fmt_clean() -> None:
 def test_droplet_keeps_the_originals_contract() -> None:
     m = load_module(ROOT / "modules" / "droplet")
     v = m.variables
-    for name in ("image", "name", "region", "size"):
+    for name in ("image", "region", "size"):
         assert v[name].required and v[name].type.kind == "string", name
+    # name became optional (issue 13): the droplet is named after its instance by default
+    assert not v["name"].required and v["name"].default is None
+    assert v["name"].type.kind == "string"
+    # the server fills these; clients never see them
+    assert m.reserved == {"tfserver_tenant", "tfserver_instance", "tfserver_module"}
+    assert not m.reserved & set(m.schema["properties"])
     for name in ("monitoring", "ipv6"):
         assert not v[name].required and v[name].default is False
         assert v[name].type.kind == "bool"

@@ -1,9 +1,11 @@
 variable "name" {
   type        = string
-  description = "Droplet hostname: letters, digits, dots and dashes."
+  default     = null
+  description = "Droplet hostname: letters, digits, dots and dashes. Defaults to the instance's name."
 
   validation {
-    condition     = can(regex("^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$", var.name))
+    # can() turns the regex's error on null into false; null picks the instance's name.
+    condition     = var.name == null || can(regex("^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$", var.name))
     error_message = "The name must be a valid hostname: letters, digits, dots and dashes."
   }
 }
@@ -59,5 +61,38 @@ variable "ssh_keys" {
 variable "tags" {
   type        = list(string)
   default     = []
-  description = "Tags to attach to the droplet."
+  nullable    = false
+  description = "Tags to attach to the droplet, besides the tfserver-... tags the server sets."
+
+  validation {
+    # tfserver-... tags name the droplet's owner: a client must not be able to forge them.
+    condition = alltrue([
+      for tag in var.tags :
+      can(regex("^[A-Za-z0-9:_-]{1,255}$", tag)) && !startswith(tag, "tfserver-")
+    ])
+    error_message = "Tags are 1 to 255 letters, digits, colons, dashes and underscores, and do not start with tfserver- (the server sets those)."
+  }
+}
+
+# Filled by tfserver with the caller's tenant, the instance and this module's name (a client
+# that sends them gets 400). The empty defaults keep the module usable without tfserver.
+variable "tfserver_tenant" {
+  type        = string
+  default     = ""
+  nullable    = false
+  description = "Set by tfserver: the tenant (client id) the droplet belongs to."
+}
+
+variable "tfserver_instance" {
+  type        = string
+  default     = ""
+  nullable    = false
+  description = "Set by tfserver: the instance the droplet belongs to."
+}
+
+variable "tfserver_module" {
+  type        = string
+  default     = ""
+  nullable    = false
+  description = "Set by tfserver: the module's name as tfserver serves it."
 }

@@ -237,7 +237,10 @@ def _number_forms(value: int | float) -> set[str]:
         return _decimal_forms(Decimal(value))
     # tfserver writes a float with repr (the shortest digits that read back the same),
     # so those digits are the exact number terraform holds.
-    return _decimal_forms(Decimal(repr(value))) | {repr(value)}
+    forms = _decimal_forms(Decimal(repr(value))) | {repr(value)}
+    if value == 0:
+        forms |= _decimal_forms(Decimal(0))  # terraform has no negative zero: -0.0 is 0
+    return forms
 
 
 def _decimal_forms(exact: Decimal) -> set[str]:

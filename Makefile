@@ -3,33 +3,40 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-stamp
+# Serving needs the package only; testing adds its tools (moto, mypy, ruff, ...).
+RUN_STAMP  := $(VENV)/.run-stamp
+TEST_STAMP := $(VENV)/.test-stamp
 
 .PHONY: run test lint bench clean settings-table
 
-$(STAMP): setup.cfg pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
-	touch $(STAMP)
 
-run: $(STAMP)
+$(RUN_STAMP): setup.cfg pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --disable-pip-version-check -e .
+	touch $(RUN_STAMP)
+
+$(TEST_STAMP): setup.cfg pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $(RUN_STAMP) $(TEST_STAMP)
+
+run: $(RUN_STAMP)
 	$(BIN)/python -m tfserver
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(BIN)/ruff check tfserver tests bench
 	$(BIN)/mypy tfserver
 
 test: lint
 	$(BIN)/pytest
 
-bench: $(STAMP)
+bench: $(TEST_STAMP)
 	$(BIN)/python bench/bench.py
 	$(BIN)/python bench/bench_auth.py
 	$(BIN)/python bench/bench_s3.py
 
 # Rewrite README's table of settings from the one table in tfserver/config.py.
-settings-table: $(STAMP)
+settings-table: $(RUN_STAMP)
 	$(BIN)/python -c 'import re, pathlib; from tfserver.config import markdown_table; \
 	p = pathlib.Path("README.md"); t = p.read_text(); \
 	p.write_text(re.sub(r"(?s)<!-- settings -->.*?<!-- /settings -->", \

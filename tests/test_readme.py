@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -58,7 +59,9 @@ def as_request(argv: list[str]) -> tuple[str, str, dict[str, str], bytes | None]
 
 
 def start_defaults(cwd: Path) -> ServerProcess:
-    """`python -m tfserver` as `make run` starts it: no settings but a free port."""
+    """`python -m tfserver` as `make run` starts it: no settings but a free port, in a
+    working directory that holds the repo's `modules/` (the default modules folder)."""
+    shutil.copytree(ROOT / "modules", cwd / "modules")
     srv = launch([sys.executable, "-m", "tfserver", "--port", "0"], cwd=cwd,
                  env={"PATH": os.environ["PATH"], "HOME": str(cwd)})
     assert srv.url.startswith("http://127.0.0.1:"), srv.log_text()
@@ -83,9 +86,24 @@ def test_every_curl_example_works_on_the_embedded_defaults(tmp: Path) -> None:
         r = request(srv.url, method, path, headers=headers, raw=data)
         shown = json.loads(re.search(r"```json\n(.*?)```", README, re.S).group(1))
         assert r.status == 400 and r.json == shown
-        # the defaults: local state under ./.tfserver, the repo's modules
+        # the defaults: local state under ./.tfserver, ./modules
         assert (tmp / ".tfserver" / "work" / "demo").is_dir()
-        assert srv.request("GET", "/readyz").status == 503  # droplet: no provider offline
+        # ready means "can serve": the droplet module (no provider offline) is named as
+        # failed, and answers 503 on its own; the start logged no error and no traceback
+        deadline = time.monotonic() + 60
+        while (ready := srv.request("GET", "/readyz")).status != 200:
+            assert time.monotonic() < deadline, ready.body
+            time.sleep(0.1)
+        assert ready.json["modules"]["demo"] == "ready"
+        assert ready.json["modules"]["droplet"].startswith("failed: Error: ")
+        assert srv.request("PUT", "/droplet/x", {"name": "x", "image": "i", "region": "r",
+                                                  "size": "s"}).status == 503
+        records = srv.log_records()
+        assert not [r for r in records if r.get("level") in ("error", "critical")], records
+        assert "Traceback" not in srv.log_text()
+        warning = next(r["message"] for r in records if "cannot be served yet" in
+                       r.get("message", ""))
+        assert "TFSERVER_PROVIDER_MIRROR" in warning
     finally:
         srv.proc.terminate()
         assert srv.proc.wait(timeout=30) == 0

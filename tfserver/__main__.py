@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import FrameType
 
 from . import logs
 from .auth import make_authenticator
 from .backend import make_backend
 from .config import Config, load
-from .errors import TFServerError
+from .errors import ConfigError, TFServerError
 from .modules import discover
+from .policy import Policy, load_policy
 from .server import TFServer
 from .service import Service
 from .terraform import Terraform
@@ -32,6 +34,9 @@ from .tls import (
 
 logger = logging.getLogger("tfserver")
 
+#: The longest integer (in digits) the server reads from terraform's output and state.
+MAX_INT_DIGITS = 100_000
+
 
 @dataclass
 class Parts:
@@ -40,6 +45,8 @@ class Parts:
     server: TFServer
     challenge: ChallengeServer | None = None
     renewer: Renewer | None = None
+    #: The governance policy the modules were narrowed by (quotas and TTLs for the service).
+    policy: Policy = field(default_factory=Policy.empty)
 
 
 def build(config: Config) -> Parts:
@@ -49,13 +56,19 @@ def build(config: Config) -> Parts:
     certificate could be obtained) or another error of the package's tree (a module that
     cannot be read); each ends the start with a message, not a traceback.
     """
+    binary = shutil.which(config.terraform_bin)
+    if binary is None:
+        raise ConfigError(f"TFSERVER_TERRAFORM: {config.terraform_bin!r} is not an "
+                          "executable terraform binary (not found on PATH)")
     modules = discover(config.modules_dir)
-    terraform = Terraform(binary=config.terraform_bin, base_env=config.terraform_env,
-                          kill_grace=config.kill_grace)
+    policy = load_policy(config.policy, modules)
+    modules = policy.narrowed(modules)
+    terraform = Terraform(binary=binary, base_env=config.terraform_env,
+                          kill_grace=config.kill_grace, memory_limit=config.run_memory)
     service = Service(config, modules, terraform, make_backend(config))
     terraform.cli_config_file = service.prepare(config.cli_config_file)
     server = TFServer(config, service, make_authenticator(config))
-    parts = Parts(server)
+    parts = Parts(server, policy=policy)
     if config.tls_cert is not None and config.tls_key is not None:
         server.certificates = Certificates(context_from_files(config.tls_cert, config.tls_key))
     elif config.acme is not None:
@@ -150,6 +163,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .runcli import main as run_main
 
         return run_main(args[1:], os.environ)
+    # Everything the server writes (state, plans, keys, var files) is for its user only.
+    os.umask(0o077)
+    # Terraform may print numbers longer than Python's default limit for int() (4,300
+    # digits); request bodies are bounded far below this on their own (jsonbody).
+    sys.set_int_max_str_digits(MAX_INT_DIGITS)
     try:
         config = load(args, os.environ)
         logs.configure(config.log_level)

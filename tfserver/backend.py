@@ -39,10 +39,13 @@ class BackendError(Unavailable):
 
 @dataclass(frozen=True)
 class Snapshot:
-    """What a GET of an instance shows: its state, and the lock held on it, if any."""
+    """What a GET of an instance shows: its state, and the lock held on it, if any.
+    `stale` when the state is the last complete one while a newer one is being written
+    (or was left half written by a killed run)."""
 
     state: dict[str, Any] | None
     lock: dict[str, str] | None
+    stale: bool = False
 
 
 class ObjectStore(Protocol):
@@ -224,26 +227,31 @@ class LocalBackend:
         return []
 
     def read_state(self, module: str, workspace: str) -> dict[str, Any] | None:
-        """Read the state file; retries briefly, since terraform rewrites it in place."""
+        """The state document, or its last complete version (see `read`)."""
+        return self.read(module, workspace)[0]
+
+    def read(self, module: str, workspace: str) -> tuple[dict[str, Any] | None, bool]:
+        """(state, stale): the state file, or when it is being rewritten or was left
+        half written by a killed run, terraform's backup of the last complete one.
+
+        Terraform's local backend rewrites `terraform.tfstate` in place, so a reader may
+        catch it partial, and a SIGKILL mid-write leaves it empty; before its first write
+        of a run it copies the previous state to `terraform.tfstate.backup`.
+        """
         path = self._state_path(module, workspace)
-        for attempt in range(5):
-            try:
-                text = path.read_text(encoding="utf-8")
-            except FileNotFoundError:
-                return None
-            except OSError as e:
-                raise BackendError(f"cannot read local state: {e.strerror}") from e
-            try:
-                doc = json.loads(text)
-            except ValueError:
-                time.sleep(0.02 * (attempt + 1))  # caught mid-write; bounded
-                continue
-            return doc if isinstance(doc, dict) else None
-        raise BackendError("local state is being rewritten; try again")
+        for attempt in range(3):
+            doc = _read_json(path)
+            if not isinstance(doc, _Unreadable):
+                return doc, False
+            time.sleep(0.01 * (attempt + 1))  # caught mid-write: a moment may finish it
+        backup = _read_json(path.with_name(STATE_NAME + ".backup"))
+        if isinstance(backup, dict):
+            return backup, True
+        return None, False  # a first write that never completed: no instance yet
 
     def exists(self, module: str, workspace: str) -> bool:
-        """The state file is there."""
-        return self._state_path(module, workspace).is_file()
+        """A readable state (or a backup of one) is there."""
+        return self.read(module, workspace)[0] is not None
 
     def workspaces(self, module: str) -> list[str]:
         """Folders that hold a state file."""
@@ -279,7 +287,8 @@ class LocalBackend:
 
     def snapshot(self, module: str, workspace: str) -> Snapshot:
         """The state file; local locks are not visible from outside terraform."""
-        return Snapshot(self.read_state(module, workspace), None)
+        state, stale = self.read(module, workspace)
+        return Snapshot(state, None, stale)
 
     def check(self) -> None:
         """The state folder must be writable."""
@@ -352,6 +361,28 @@ class S3Objects:
                     break
                 after = base + found[-1]
         return names
+
+
+class _Unreadable:
+    """The marker of a file that exists but holds no complete JSON document."""
+
+
+_UNREADABLE = _Unreadable()
+
+
+def _read_json(path: Path) -> dict[str, Any] | _Unreadable | None:
+    """A JSON object file: its document, None when missing, or `_UNREADABLE`."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise BackendError(f"cannot read local state: {e.strerror}") from e
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return _UNREADABLE
+    return doc if isinstance(doc, dict) else _UNREADABLE
 
 
 def s3_backend_config(settings: S3Settings, module: str) -> list[tuple[str, str]]:

@@ -178,9 +178,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TFSERVER_HOST", _text, "127.0.0.1", "listen address", flag="--host"),
     Setting("TFSERVER_PORT", _integer(0, 65535), 8000, "listen port (0 picks a free one)",
             flag="--port"),
-    Setting("TFSERVER_MODULES_DIR", _path, Path(__file__).resolve().parent.parent / "modules",
+    Setting("TFSERVER_MODULES_DIR", _path, Path("modules"),
             "each subfolder with `*.tf` or `*.tf.json` files is served at `/<folder>`",
-            flag="--modules-dir", shown="the repo's `modules/`"),
+            flag="--modules-dir", shown="`./modules` (of the working directory)"),
     Setting("TFSERVER_STATE_DIR", _path, Path(".tfserver"),
             "working copies, local state, kept inputs, temp var files", flag="--state-dir",
             shown="`.tfserver/`"),
@@ -204,6 +204,12 @@ SETTINGS: tuple[Setting, ...] = (
             "at most one JWKS fetch this often for unknown key ids", shown="60 s"),
     Setting("TFSERVER_JWKS_CACHE_TTL", _duration(1.0), 3600.0,
             "how long fetched keys are used before a refresh", shown="1 h"),
+    Setting("COGNITO_DOMAIN", _text, None,
+            "the user pool's domain (`<prefix>.auth.<region>.amazoncognito.com`)"),
+    Setting("TFSERVER_TOKEN_URL", _text, None,
+            "client-credentials token endpoint, as the OpenAPI document and `tfserver "
+            "token` name it", shown="`https://$COGNITO_DOMAIN/oauth2/token`, else the "
+            "issuer's `/oauth2/token`"),
     Setting("TFSERVER_BACKEND", _choice("local", "s3"), "local",
             "where state lives: `local` or `s3`", flag="--backend"),
     Setting("TF_STATE_BUCKET", _text, None, "S3 bucket of the state (s3 backend)"),
@@ -250,6 +256,11 @@ SETTINGS: tuple[Setting, ...] = (
             "socket read timeout (slow or idle clients are cut off)", shown="30 s"),
     Setting("TFSERVER_MAX_CONNECTIONS", _integer(1), 256,
             "open connections (a thread each); more are closed at once"),
+    Setting("TFSERVER_MAX_CONNECTIONS_PER_IP", _integer(0), 32,
+            "open connections one client address may hold (0: no cap, behind a proxy)"),
+    Setting("TFSERVER_REQUEST_TIMEOUT", _duration(0.1), 30.0,
+            "a request's head and body must arrive within this (idle keep-alive time "
+            "counts); slower clients are cut off", shown="30 s"),
     Setting("TFSERVER_QUEUE_DEPTH", _integer(0), 8,
             "async runs that may wait per instance; more get 409"),
     Setting("TFSERVER_PLAN_TTL", _duration(1.0), 3600.0,
@@ -258,11 +269,17 @@ SETTINGS: tuple[Setting, ...] = (
             "how long run records and event logs are kept", shown="30 d"),
     Setting("TFSERVER_IDEMPOTENCY_TTL", _duration(1.0), 86400.0,
             "how long an Idempotency-Key answers with its run", shown="24 h"),
+    Setting("TFSERVER_POLICY", _path, None,
+            "TOML policy file: quotas, allowed values, TTLs (README: Governance)",
+            flag="--policy"),
     Setting("TFSERVER_REPLICA_ID", _text, None,
             "this replica's name in run records (leftovers of the same name are marked "
             "lost at start)", shown="the host name"),
     Setting("TFSERVER_TERRAFORM", _text, "terraform", "the terraform binary",
             flag="--terraform"),
+    Setting("TFSERVER_RUN_MEMORY", _size(0), 4 * 1024 * MiB,
+            "address space each terraform process and provider may take (RLIMIT_AS; "
+            "GOMEMLIMIT at half); 0 for no cap", shown="4 GiB"),
     Setting("TFSERVER_TMP_DIR", _path, None, "where the short-lived 0600 var files go",
             shown="a private folder in `/dev/shm`, else `<state>/tmp`"),
     Setting("TF_CLI_CONFIG_FILE", _path, None,
@@ -324,6 +341,8 @@ class AuthSettings:
     jwks_timeout: float = default("TFSERVER_JWKS_TIMEOUT")
     jwks_min_refresh: float = default("TFSERVER_JWKS_MIN_REFRESH")
     jwks_cache_ttl: float = default("TFSERVER_JWKS_CACHE_TTL")
+    #: Where clients get tokens (client credentials): shown in the OpenAPI document.
+    token_url: str = ""
 
 
 @dataclass(frozen=True)
@@ -364,14 +383,19 @@ class Config:
     shutdown_grace: float = default("TFSERVER_SHUTDOWN_GRACE")
     read_timeout: float = default("TFSERVER_READ_TIMEOUT")
     max_connections: int = default("TFSERVER_MAX_CONNECTIONS")
+    max_connections_per_ip: int = default("TFSERVER_MAX_CONNECTIONS_PER_IP")
+    request_timeout: float = default("TFSERVER_REQUEST_TIMEOUT")
     queue_depth: int = default("TFSERVER_QUEUE_DEPTH")
     plan_ttl: float = default("TFSERVER_PLAN_TTL")
     run_retention: float = default("TFSERVER_RUN_RETENTION")
     idempotency_ttl: float = default("TFSERVER_IDEMPOTENCY_TTL")
+    #: The governance policy file (None: no quotas, TTLs or narrowed values).
+    policy: Path | None = None
     replica: str | None = None
     #: Where the short-lived var files go; None picks a private folder on tmpfs if any.
     tmp_dir: Path | None = None
     terraform_bin: str = default("TFSERVER_TERRAFORM")
+    run_memory: int = default("TFSERVER_RUN_MEMORY")
     cli_config_file: Path | None = None
     provider_mirror: Path | None = None
     log_level: str = default("TFSERVER_LOG_LEVEL")
@@ -478,7 +502,7 @@ def load(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
     return Config(
         host=host,
         port=v["TFSERVER_PORT"],
-        modules_dir=v["TFSERVER_MODULES_DIR"],
+        modules_dir=v["TFSERVER_MODULES_DIR"].absolute(),
         state_dir=v["TFSERVER_STATE_DIR"].absolute(),
         auth=auth,
         auth_settings=_auth_settings(v, issuer),
@@ -495,13 +519,17 @@ def load(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
         shutdown_grace=v["TFSERVER_SHUTDOWN_GRACE"],
         read_timeout=v["TFSERVER_READ_TIMEOUT"],
         max_connections=v["TFSERVER_MAX_CONNECTIONS"],
+        max_connections_per_ip=v["TFSERVER_MAX_CONNECTIONS_PER_IP"],
+        request_timeout=v["TFSERVER_REQUEST_TIMEOUT"],
         queue_depth=v["TFSERVER_QUEUE_DEPTH"],
         plan_ttl=v["TFSERVER_PLAN_TTL"],
         run_retention=v["TFSERVER_RUN_RETENTION"],
         idempotency_ttl=v["TFSERVER_IDEMPOTENCY_TTL"],
+        policy=v["TFSERVER_POLICY"],
         replica=v["TFSERVER_REPLICA_ID"],
         tmp_dir=v["TFSERVER_TMP_DIR"],
         terraform_bin=v["TFSERVER_TERRAFORM"],
+        run_memory=v["TFSERVER_RUN_MEMORY"],
         cli_config_file=cli_config if cli_config is not None and cli_config.is_file() else None,
         provider_mirror=v["TFSERVER_PROVIDER_MIRROR"],
         log_level=v["TFSERVER_LOG_LEVEL"],
@@ -520,7 +548,19 @@ def _auth_settings(v: Mapping[str, Any], issuer: str) -> AuthSettings:
         jwks_timeout=v["TFSERVER_JWKS_TIMEOUT"],
         jwks_min_refresh=v["TFSERVER_JWKS_MIN_REFRESH"],
         jwks_cache_ttl=v["TFSERVER_JWKS_CACHE_TTL"],
+        token_url=_token_url(v, issuer),
     )
+
+
+def _token_url(v: Mapping[str, Any], issuer: str) -> str:
+    """TFSERVER_TOKEN_URL, else the token endpoint of COGNITO_DOMAIN (as `tfserver token`
+    finds it), else a guess from the issuer (an OAuth server's usual path)."""
+    if v["TFSERVER_TOKEN_URL"]:
+        return str(v["TFSERVER_TOKEN_URL"])
+    domain = (v["COGNITO_DOMAIN"] or "").rstrip("/")
+    if domain:
+        return (domain if "://" in domain else f"https://{domain}") + "/oauth2/token"
+    return issuer + "/oauth2/token" if issuer else ""
 
 
 def _backend_settings(v: Mapping[str, Any], environ: Mapping[str, str]) -> BackendSettings:

@@ -199,6 +199,10 @@ class Executor:
                 self._restore_inputs(name, ws, previous)
         if not result.ok:
             raise problem_for(result, spec.scrub, spec.instance, self.run_timeout)
+        if result.unreadable and spec.operation == "apply" and result.outputs is None:
+            # Never answer an apply with outputs made up of nulls.
+            raise UpstreamFailed("the apply ended, but terraform's report of it could not "
+                                 "be read; GET the instance to see its outputs")
         if spec.operation in ("plan", "plan-destroy"):
             if saved is not None:
                 self._save_plan(spec, saved)

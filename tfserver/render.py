@@ -35,6 +35,8 @@ def render(result: Result) -> dict[str, Any]:
         if result.lock:
             body["lock"] = result.lock
             body["status"] = "locked"
+        if result.stale:
+            body["stale"] = True
         return body
     if isinstance(result, ModuleView):
         m = result.module

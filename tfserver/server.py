@@ -8,6 +8,7 @@ authenticator); handlers reach them through `self.server`. Every error leaves th
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import re
@@ -25,6 +26,7 @@ from urllib.parse import parse_qs, urlsplit
 from . import __version__
 from .auth import Authenticator
 from .config import Config, parse_bool
+from .connections import ConnectionLimits, DeadlineReader
 from .errors import (
     BadRequest,
     LengthRequired,
@@ -43,6 +45,9 @@ logger = logging.getLogger(__name__)
 access_log = logging.getLogger("tfserver.access")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+#: At most this much of a refused body is read after the answer, for at most this long.
+DRAIN_LIMIT = 4 * 1024 * 1024
+DRAIN_SECONDS = 5.0
 _JSON_TYPES = ("application/json",)
 
 
@@ -65,9 +70,10 @@ class TFServer(ThreadingHTTPServer):
         self.authenticator = authenticator
         self.certificates = certificates
         self.stopping = threading.Event()
-        # One thread per connection: cap them, so idle or slow clients cannot pile up
-        # threads (each is also cut off after TFSERVER_READ_TIMEOUT).
-        self._connections = threading.BoundedSemaphore(config.max_connections)
+        # One thread per connection: cap them, in all and per client address, so idle or
+        # slow clients cannot pile up threads (see connections.py).
+        self.limits = ConnectionLimits(config.max_connections,
+                                       config.max_connections_per_ip)
         self._busy = 0
         self._busy_cond = threading.Condition()
         if ":" in config.host:
@@ -75,16 +81,17 @@ class TFServer(ThreadingHTTPServer):
         super().__init__((config.host, config.port), RequestHandler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        """Start the connection's thread, or close it at once when the cap is reached."""
-        if not self._connections.acquire(blocking=False):
-            logger.warning("connection limit (%d) reached: closing a new connection from %s",
-                           self.config.max_connections, client_address[0])
+        """Start the connection's thread, or close it at once when a cap is reached."""
+        refused = self.limits.admit(client_address[0])
+        if refused is not None:
+            logger.warning("%s: closing a new connection from %s", refused,
+                           client_address[0])
             self.shutdown_request(request)
             return
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._connections.release()
+            self.limits.release(client_address[0])
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
@@ -92,7 +99,7 @@ class TFServer(ThreadingHTTPServer):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._connections.release()
+            self.limits.release(client_address[0])
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         """Run the TLS handshake in the connection's own thread, with a deadline."""
@@ -159,11 +166,48 @@ class RequestHandler(BaseHTTPRequestHandler):
     streaming = False
     preferences: list[str] = []
     request_id = ""
+    url_path = ""
+    command = ""  # http.server sets these once it has read a request line
+    path = ""
 
     def setup(self) -> None:
-        """Bound every socket read by the configured timeout (slow clients are cut off)."""
-        self.request.settimeout(self.server.config.read_timeout)
+        """Bound every socket read by the read timeout, and each request's head and body
+        by the request deadline (slow clients are cut off)."""
+        config = self.server.config
+        self.request.settimeout(config.read_timeout)
         super().setup()
+        self.reader = DeadlineReader(self.connection, config.read_timeout)
+        self.rfile = io.BufferedReader(self.reader, 1 << 16)
+
+    def handle_one_request(self) -> None:
+        """One request: its head and body must arrive within TFSERVER_REQUEST_TIMEOUT."""
+        self.reader.arm(self.server.config.request_timeout)
+        super().handle_one_request()
+
+    def parse_request(self) -> bool:
+        """http.server's parsing, without HTTP/0.9: a request line without a version would
+        get an answer without a status line or headers."""
+        if not super().parse_request():
+            return False
+        if self.request_version == "HTTP/0.9":
+            self.send_error(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED)
+            return False
+        return True
+
+    def handle_expect_100(self) -> bool:
+        """`Expect: 100-continue`: 100 only for a body that will be read; a body over the
+        limit gets its 413 before the client sends it."""
+        length = self.headers.get("Content-Length", "")
+        if length.isascii() and length.strip().isdigit() and \
+                int(length) > self.server.config.max_body:
+            self.close_connection = True
+            self.send_problem(PayloadTooLarge(
+                f"the body is {int(length)} bytes; the limit is {self.server.config.max_body}"))
+            self._log_access(0.0)
+            return False
+        ok = super().handle_expect_100()
+        self.wfile.flush()  # the 100 must reach the client before it sends the body
+        return ok
 
     # Every method goes through `dispatch`, so unknown ones get 405 rather than 501.
     def do_GET(self) -> None:
@@ -180,9 +224,13 @@ class RequestHandler(BaseHTTPRequestHandler):
         """Access lines are written by `dispatch`, with timing and request id."""
 
     def log_error(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
-        """Protocol errors found by http.server (bad request line, timeouts)."""
-        # Arguments may hold a raw request line: cut query strings (a token could be there).
-        logger.warning("http: " + format, *(str(a).split("?")[0][:200] for a in args))
+        """Protocol errors found by http.server (bad request line, timeouts), one line."""
+        try:
+            text = format % args
+        except (TypeError, ValueError):
+            text = " ".join([format, *map(str, args)])
+        # The text may hold a raw request line: cut query strings (a token could be there).
+        logger.warning("http: %s", " ".join(word.split("?")[0] for word in text.split())[:300])
 
     # -- the request ------------------------------------------------------------------
 
@@ -205,6 +253,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             if self.server.stopping.is_set():
                 self.close_connection = True
                 raise Unavailable("the server is shutting down", retry_after=10)
+            self._check_framing()
             reply = route(self)
             if reply is not None:
                 self.send_json(reply.status, reply.body, headers=reply.headers)
@@ -222,15 +271,49 @@ class RequestHandler(BaseHTTPRequestHandler):
             # done, or a shutdown waiting for idle could exit with it still in the buffer.
             with contextlib.suppress(OSError):
                 self.wfile.flush()
-            access_log.info(
-                "%s %s %s", self.command, self.url_path[:200], self.status,
-                extra={"method": self.command, "path": self.url_path[:200],
-                       "status": self.status,
-                       "duration_ms": round((time.monotonic() - started) * 1000, 1),
-                       "client": self.client_address[0]},
-            )
+            if self.close_connection and not self.body_consumed:
+                self._drain()
+            self._log_access(time.monotonic() - started)
             request_id.reset(token)
             self.server.leave()
+
+    def _log_access(self, seconds: float) -> None:
+        """The access line of a request (also of one http.server refused itself)."""
+        path = self.url_path or self.path.split("?")[0]
+        method = self.command or "-"
+        access_log.info(
+            "%s %s %s", method, path[:200], self.status,
+            extra={"method": method, "path": path[:200], "status": self.status,
+                   "duration_ms": round(seconds * 1000, 1),
+                   "client": self.client_address[0]},
+        )
+
+    def _check_framing(self) -> None:
+        """One plain Content-Length, or none (RFC 9112 §6.3): anything else could make a
+        proxy and this server disagree on where the next request starts (smuggling)."""
+        lengths = self.headers.get_all("Content-Length") or []
+        if len(lengths) > 1:
+            self.close_connection = True
+            raise BadRequest("more than one Content-Length header")
+        if lengths and not (lengths[0].strip().isascii() and lengths[0].strip().isdigit()):
+            self.close_connection = True
+            raise BadRequest("Content-Length is not a number")
+        self.connection.settimeout(self.server.config.read_timeout)
+
+    def _drain(self) -> None:
+        """Read (and drop) a bounded part of an unread body after the answer, so that the
+        client can read the answer (closing with unread data resets the connection)."""
+        length = self.headers.get("Content-Length", "")
+        left = min(int(length), DRAIN_LIMIT) if length.isascii() and length.isdigit() \
+            else DRAIN_LIMIT
+        with contextlib.suppress(OSError, ValueError):
+            self.connection.shutdown(socket.SHUT_WR)
+            self.reader.arm(DRAIN_SECONDS)
+            while left > 0:
+                chunk = self.rfile.read1(min(left, 1 << 16))
+                if not chunk:
+                    break
+                left -= len(chunk)
 
     def param(self, name: str) -> str | None:
         """A query parameter's last value, if given."""
@@ -266,6 +349,7 @@ class RequestHandler(BaseHTTPRequestHandler):
                 f"the body is {length} bytes; the limit is {self.server.config.max_body}"
             )
         data = self.rfile.read(length) if length else b""
+        self.reader.arm(None)  # the request is in: writes go on at the read timeout
         self.body_consumed = True
         self.raw_body = data
         if len(data) != length:
@@ -312,6 +396,31 @@ class RequestHandler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(data)
 
+    def send_bytes(self, status: int, data: bytes, content_type: str,
+                   headers: dict[str, str] | None = None) -> None:
+        """Write a body that is not JSON (the docs page and its assets) with length,
+        request id and security headers; `headers` may replace the defaults (such as
+        `Cache-Control`)."""
+        self.status = status
+        if not self.body_consumed and (
+                self.headers.get("Transfer-Encoding")
+                or self.headers.get("Content-Length", "0").strip() not in ("", "0")):
+            self.close_connection = True  # as in send_json: an unread body
+        fields = {"Content-Type": content_type, "Content-Length": str(len(data)),
+                  "X-Request-Id": self.request_id, "Cache-Control": "no-store",
+                  "X-Content-Type-Options": "nosniff"}
+        if self.server.certificates is not None:
+            fields["Strict-Transport-Security"] = "max-age=31536000"
+        fields.update(headers or {})
+        if self.close_connection:
+            fields["Connection"] = "close"
+        self.send_response(status)
+        for key, value in fields.items():
+            self.send_header(key, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
     def send_error(self, code: int, message: str | None = None,
                    explain: str | None = None) -> None:
         """Errors http.server finds itself (bad request line, unknown method, headers too
@@ -326,6 +435,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         error = TFServerError(status.description)
         error.status = status
         self.send_problem(error)
+        self._log_access(0.0)
 
     def send_problem(self, error: TFServerError) -> None:
         """Write an RFC 9457 problem document for `error` (unless a stream has begun: then

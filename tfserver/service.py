@@ -76,6 +76,8 @@ class InstanceView:
     terraform_version: Any
     busy: bool
     lock: dict[str, str] | None
+    #: The state shown is the last complete one; a newer one is being written.
+    stale: bool = False
 
 
 @dataclass(frozen=True)
@@ -180,8 +182,10 @@ class Service:
         self.backend.close()
 
     def readiness(self) -> Readiness:
-        """Whether every part works, and a report of each."""
-        ok = self.terraform_version is not None and self.copies.all_ready()
+        """Whether the server can serve (terraform runs, the backend answers, no module is
+        still initialising), and a report of each part: a module that failed to
+        initialise is named there and answers 503 itself."""
+        ok = self.terraform_version is not None and self.copies.settled()
         try:
             self.backend.check()
             backend = f"{self.backend.name}: ok"
@@ -246,6 +250,7 @@ class Service:
             terraform_version=state.get("terraform_version"),
             busy=self.runs.scheduler.busy((name, ws)),
             lock=snap.lock,
+            stale=snap.stale,
         )
 
     # -- runs -------------------------------------------------------------------------

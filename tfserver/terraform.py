@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+import resource
 import signal
 import subprocess
 import threading
@@ -121,6 +122,8 @@ class RunResult:
     timed_out: bool = False
     interrupted: bool = False
     canceled: bool = False
+    #: Lines of the `-json` stream that could not be read (never silently dropped).
+    unreadable: int = 0
     diagnostics: tuple[Diagnostic, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -256,10 +259,15 @@ def build_args(
 
 
 def build_env(
-    base: Mapping[str, str], *, workspace: str, cli_config_file: Path | None
+    base: Mapping[str, str], *, workspace: str, cli_config_file: Path | None,
+    memory_limit: int = 0,
 ) -> dict[str, str]:
     """The whole environment of a terraform process: the allowlist plus terraform's own."""
     env = dict(base)
+    if memory_limit:
+        # Go's soft limit: the collector works harder well before the hard cap (RLIMIT_AS,
+        # set by the runner) would make an allocation fail.
+        env["GOMEMLIMIT"] = f"{memory_limit // 2 // (1024 * 1024)}MiB"
     env["TF_IN_AUTOMATION"] = "1"
     env["TF_INPUT"] = "0"
     env["CHECKPOINT_DISABLE"] = "1"  # no version check calls to HashiCorp on every run
@@ -400,6 +408,8 @@ class Terraform:
     base_env: Mapping[str, str] = field(repr=False)
     cli_config_file: Path | None = None
     kill_grace: float = 10.0
+    #: Address space each terraform process (and provider) may take; 0 for no cap.
+    memory_limit: int = 0
     _live: dict[int, RunControl] = field(default_factory=dict, init=False, repr=False)
     _mutex: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _stopping: bool = field(default=False, init=False, repr=False)
@@ -416,26 +426,12 @@ class Terraform:
     ) -> RunResult:
         """Run `terraform <args>` in `cwd`; on timeout interrupt it and mark the result."""
         argv = [self.binary, *args]
-        env = build_env(self.base_env, workspace=workspace, cli_config_file=self.cli_config_file)
+        env = build_env(self.base_env, workspace=workspace, cli_config_file=self.cli_config_file,
+                        memory_limit=self.memory_limit)
         control = control or RunControl()
         started = time.monotonic()
         try:
-            proc = subprocess.Popen(
-                argv,
-                cwd=cwd,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                encoding="utf-8",
-                errors="replace",
-                # Own process group: a Ctrl-C meant for the server does not hit terraform
-                # mid-apply, and SIGKILL can take the providers down with it.
-                start_new_session=True,
-                # State, backups and plan files hold secrets in clear: owner only.
-                umask=0o077,
-            )
+            proc = self._start(argv, cwd, env)
         except OSError as e:
             logger.error("cannot start terraform %s: %s", self.binary, e.strerror)
             return RunResult(tuple(args), returncode=127, stderr=str(e.strerror),
@@ -446,19 +442,8 @@ class Terraform:
         control.attach(proc)
         if stopping:
             control.interrupt("shutdown")
-        streamed = bool(args) and args[0] in JSON_COMMANDS
-        events: list[dict[str, Any]] = []
-        out: list[str] = []
-        err: list[str] = []
-        assert proc.stdout is not None and proc.stderr is not None
-        readers = [
-            threading.Thread(target=_read_stdout, daemon=True, name=f"tf-out-{proc.pid}",
-                             args=(proc.stdout, streamed, events, out, on_event)),
-            threading.Thread(target=_read_tail, daemon=True, name=f"tf-err-{proc.pid}",
-                             args=(proc.stderr, err)),
-        ]
-        for reader in readers:
-            reader.start()
+        output = _Output(proc, streamed=bool(args) and args[0] in JSON_COMMANDS,
+                         on_event=on_event)
         timed_out = False
         try:
             timed_out = self._wait(proc, started + timeout, control)
@@ -469,21 +454,46 @@ class Terraform:
                 # A provisioner's child (a `sleep`) outlives terraform's SIGINT with parent
                 # 1; nothing of a stopped run may keep running.
                 _kill_group(proc)
-            for reader in readers:
-                reader.join(self.kill_grace)
-            if any(r.is_alive() for r in readers):
-                logger.error("terraform pid %d: output still open after it ended", proc.pid)
+            output.join(self.kill_grace)
         return RunResult(
             args=tuple(args),
             returncode=proc.returncode,
-            events=tuple(events),
-            stdout="".join(out),
-            stderr="".join(err),
+            events=tuple(output.events),
+            stdout="".join(output.out),
+            stderr="".join(output.err),
             duration=time.monotonic() - started,
             timed_out=timed_out,
             interrupted=control.reason == "shutdown",
             canceled=control.reason == "cancel",
+            unreadable=output.unreadable,
         )
+
+    def _start(self, argv: list[str], cwd: Path, env: dict[str, str]
+               ) -> subprocess.Popen[str]:
+        """Start terraform in its own session, owner-only files, under the memory cap."""
+        proc = subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+            # Own process group: a Ctrl-C meant for the server does not hit terraform
+            # mid-apply, and SIGKILL can take the providers down with it.
+            start_new_session=True,
+            # State, backups and plan files hold secrets in clear: owner only.
+            umask=0o077,
+        )
+        if self.memory_limit:
+            # Set at once after the exec: terraform reads its configuration before it
+            # allocates much, and every provider it starts inherits the limit.
+            with contextlib.suppress(ProcessLookupError, PermissionError, ValueError):
+                resource.prlimit(proc.pid, resource.RLIMIT_AS,
+                                 (self.memory_limit, self.memory_limit))
+        return proc
 
     def _wait(self, proc: subprocess.Popen[str], deadline: float,
               control: RunControl) -> bool:
@@ -528,34 +538,66 @@ class Terraform:
             return None
 
 
-def _read_stdout(stream: IO[str], streamed: bool, events: list[dict[str, Any]],
-                 out: list[str], on_event: EventSink | None) -> None:
-    """Read terraform's stdout as it comes: events from the `-json` stream, or text."""
-    with stream:
-        for line in stream:
-            if not streamed:
-                out.append(line)
-                continue
-            event = parse_event(line)
-            if event is None:
-                continue
-            events.append(event)
-            if on_event is not None:
-                try:
-                    on_event(event)
-                except Exception:  # a listener's bug must not stop the reading
-                    logger.exception("event listener failed")
+class _Output:
+    """terraform's stdout and stderr, read as they come by two threads: events from the
+    `-json` stream (each handed to `on_event` at once) or text, and stderr's tail."""
 
+    def __init__(self, proc: subprocess.Popen[str], *, streamed: bool,
+                 on_event: EventSink | None) -> None:
+        self.pid = proc.pid
+        self.streamed = streamed
+        self.on_event = on_event
+        self.events: list[dict[str, Any]] = []
+        self.out: list[str] = []
+        self.err: list[str] = []
+        #: Lines of the stream that could not be read (never silently dropped).
+        self.unreadable = 0
+        assert proc.stdout is not None and proc.stderr is not None
+        self.threads = [
+            threading.Thread(target=self._read_stdout, args=(proc.stdout,), daemon=True,
+                             name=f"tf-out-{proc.pid}"),
+            threading.Thread(target=self._read_stderr, args=(proc.stderr,), daemon=True,
+                             name=f"tf-err-{proc.pid}"),
+        ]
+        for thread in self.threads:
+            thread.start()
 
-def _read_tail(stream: IO[str], into: list[str]) -> None:
-    """Read a stream to its end, keeping only its last STDERR_KEEP characters."""
-    kept = 0
-    with stream:
-        for line in stream:
-            into.append(line)
-            kept += len(line)
-            while kept > STDERR_KEEP and len(into) > 1:
-                kept -= len(into.pop(0))
+    def join(self, timeout: float) -> None:
+        """Wait for both streams to end (they do once terraform and its children exit)."""
+        for thread in self.threads:
+            thread.join(timeout)
+        if any(t.is_alive() for t in self.threads):
+            logger.error("terraform pid %d: output still open after it ended", self.pid)
+
+    def _read_stdout(self, stream: IO[str]) -> None:
+        with stream:
+            for line in stream:
+                if not self.streamed:
+                    self.out.append(line)
+                    continue
+                event = parse_event(line)
+                if event is None:
+                    if line.lstrip().startswith("{"):
+                        self.unreadable += 1
+                        logger.error("a line of terraform's -json stream cannot be read "
+                                     "(%d characters)", len(line))
+                    continue
+                self.events.append(event)
+                if self.on_event is not None:
+                    try:
+                        self.on_event(event)
+                    except Exception:  # a listener's bug must not stop the reading
+                        logger.exception("event listener failed")
+
+    def _read_stderr(self, stream: IO[str]) -> None:
+        """Read stderr to its end, keeping only its last STDERR_KEEP characters."""
+        kept = 0
+        with stream:
+            for line in stream:
+                self.err.append(line)
+                kept += len(line)
+                while kept > STDERR_KEEP and len(self.err) > 1:
+                    kept -= len(self.err.pop(0))
 
 
 def cli_config_text(plugin_cache_dir: Path, provider_mirror: Path | None) -> str:

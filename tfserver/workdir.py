@@ -24,7 +24,7 @@ from typing import Any
 
 from .backend import StateBackend
 from .errors import TFServerError, Unavailable
-from .files import private_dir
+from .files import private_dir, tighten_tree
 from .modules import Module
 from .terraform import Runner, build_args, error_text
 
@@ -79,11 +79,14 @@ class WorkingCopies:
             wc.module.path,
             wc.path,
             dirs_exist_ok=True,
+            # New files under the server's umask (owner only), not the modules' modes.
+            copy_function=shutil.copyfile,
             ignore=shutil.ignore_patterns(".terraform", "terraform.tfstate*", "*.tfvars",
                                           "*.tfvars.json", ".terraform.tfstate.lock.info"),
         )
         override = self.backend.override(wc.module.name)
         (wc.path / OVERRIDE_FILE).write_text(json.dumps(override, indent=2) + "\n")
+        tighten_tree(wc.path)  # copytree copied the module folders' own modes
 
     def start(self) -> None:
         """Initialise every module in the background (once each)."""
@@ -136,7 +139,13 @@ class WorkingCopies:
         wc.error = ("terraform init timed out" if result.timed_out
                     else error_text(result.stderr or result.stdout)
                     or f"exit status {result.returncode}")
-        logger.error("module %s: terraform init failed: %s", name, wc.error)
+        # A warning, not an error: the server serves the other modules; this one answers
+        # 503 and init is tried again on use.
+        logger.warning("module %s cannot be served yet: terraform init failed (tried again "
+                       "on use, at most every %ds). If it needs providers, give the server "
+                       "network access to their registry, or a provider mirror "
+                       "(TFSERVER_PROVIDER_MIRROR): %s", name, int(INIT_RETRY_SECONDS),
+                       wc.error)
         raise _not_initialised(name, wc.error)
 
     def report(self) -> dict[str, str]:
@@ -144,9 +153,10 @@ class WorkingCopies:
         return {n: wc.status if wc.status != "failed" else f"failed: {wc.error}"
                 for n, wc in self.copies.items()}
 
-    def all_ready(self) -> bool:
-        """True when every module is initialised."""
-        return all(wc.status == "ready" for wc in self.copies.values())
+    def settled(self) -> bool:
+        """True when no module is still to be initialised (each is ready, or failed and
+        answers 503 on its own)."""
+        return all(wc.status in ("ready", "failed") for wc in self.copies.values())
 
 
 def _fingerprint(override: Mapping[str, Any], backend_config: list[tuple[str, str]]) -> str:

@@ -1,0 +1,93 @@
+"""What one client may hold: connections per address and in all, and how long a request
+may take to arrive.
+
+One thread serves each connection, so slow or idle clients cost threads. A cap on all
+connections bounds the threads; a cap per client address keeps one address from taking
+every place (0 turns it off, for a server behind a proxy whose address every client
+shares); a deadline for the whole request head and body keeps a client that trickles a
+byte every few seconds from holding its place forever (the socket's read timeout alone
+limits each read, not the request).
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+
+class ConnectionLimits:
+    """Counts open connections, in all and per client address."""
+
+    def __init__(self, total: int, per_address: int) -> None:
+        self.total = total
+        self.per_address = per_address
+        self._mutex = threading.Lock()
+        self._open = 0
+        self._by_address: dict[str, int] = {}
+
+    def admit(self, address: str) -> str | None:
+        """Count a new connection and return None; or return why it is refused."""
+        with self._mutex:
+            if self._open >= self.total:
+                return f"connection limit ({self.total}) reached"
+            held = self._by_address.get(address, 0)
+            if self.per_address and held >= self.per_address:
+                return f"limit of {self.per_address} connections per address reached"
+            self._open += 1
+            self._by_address[address] = held + 1
+            return None
+
+    def release(self, address: str) -> None:
+        """A connection admitted for `address` closed."""
+        with self._mutex:
+            self._open -= 1
+            left = self._by_address.get(address, 1) - 1
+            if left:
+                self._by_address[address] = left
+            else:
+                self._by_address.pop(address, None)
+
+    def open(self) -> int:
+        """Connections open now."""
+        with self._mutex:
+            return self._open
+
+
+class DeadlineReader(io.RawIOBase):
+    """A socket's reads under a deadline for the whole request, not only for each read.
+
+    `arm(seconds)` sets the deadline for the reads to come (None: only the per-read
+    timeout); a read past it raises TimeoutError, like a socket timeout.
+    """
+
+    def __init__(self, sock: socket.socket, read_timeout: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.sock = sock
+        self.read_timeout = read_timeout
+        self.clock = clock
+        self.deadline: float | None = None
+
+    def arm(self, seconds: float | None) -> None:
+        """Reads from now on must be done within `seconds` (None: no deadline)."""
+        self.deadline = None if seconds is None else self.clock() + seconds
+        if seconds is None:
+            self.sock.settimeout(self.read_timeout)
+
+    def readable(self) -> bool:
+        """Always."""
+        return True
+
+    def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]
+        """Read what the socket has, waiting at most until the deadline."""
+        timeout = self.read_timeout
+        if self.deadline is not None:
+            left = self.deadline - self.clock()
+            if left <= 0:
+                raise TimeoutError("the request took too long to arrive")
+            timeout = min(timeout, left)
+        self.sock.settimeout(timeout)
+        return self.sock.recv_into(buffer)

@@ -43,10 +43,11 @@ def body(seconds: float = 0, tag: str = "run", journal: Path | None = None,
 
 
 def wait_run(server: ServerProcess, run_id: str, statuses: tuple[str, ...] = (
-        "succeeded", "failed", "canceled", "lost"), timeout: float = 90) -> dict[str, Any]:
+        "succeeded", "failed", "canceled", "lost"), timeout: float = 90,
+        headers: dict[str, str] | None = None) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
-        r = server.request("GET", f"/runs/{run_id}")
+        r = server.request("GET", f"/runs/{run_id}", headers=headers)
         assert r.status == 200, r.body
         if r.json["status"] in statuses:
             return dict(r.json)

@@ -65,7 +65,7 @@ def build(config: Config) -> Parts:
     modules = policy.narrowed(modules)
     terraform = Terraform(binary=binary, base_env=config.terraform_env,
                           kill_grace=config.kill_grace, memory_limit=config.run_memory)
-    service = Service(config, modules, terraform, make_backend(config))
+    service = Service(config, modules, terraform, make_backend(config), policy)
     terraform.cli_config_file = service.prepare(config.cli_config_file)
     server = TFServer(config, service, make_authenticator(config))
     parts = Parts(server, policy=policy)

@@ -272,6 +272,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TFSERVER_POLICY", _path, None,
             "TOML policy file: quotas, allowed values, TTLs (README: Governance)",
             flag="--policy"),
+    Setting("TFSERVER_REAP_INTERVAL", _duration(0.5), 30.0,
+            "how often each replica looks for expired instances to destroy", shown="30 s"),
     Setting("TFSERVER_REPLICA_ID", _text, None,
             "this replica's name in run records (leftovers of the same name are marked "
             "lost at start)", shown="the host name"),
@@ -392,6 +394,7 @@ class Config:
     #: The governance policy file (None: no quotas, TTLs or narrowed values).
     policy: Path | None = None
     replica: str | None = None
+    reap_interval: float = default("TFSERVER_REAP_INTERVAL")
     #: Where the short-lived var files go; None picks a private folder on tmpfs if any.
     tmp_dir: Path | None = None
     terraform_bin: str = default("TFSERVER_TERRAFORM")
@@ -527,6 +530,7 @@ def load(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
         idempotency_ttl=v["TFSERVER_IDEMPOTENCY_TTL"],
         policy=v["TFSERVER_POLICY"],
         replica=v["TFSERVER_REPLICA_ID"],
+        reap_interval=v["TFSERVER_REAP_INTERVAL"],
         tmp_dir=v["TFSERVER_TMP_DIR"],
         terraform_bin=v["TFSERVER_TERRAFORM"],
         run_memory=v["TFSERVER_RUN_MEMORY"],

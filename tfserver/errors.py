@@ -99,6 +99,25 @@ class Forbidden(TFServerError):
         super().__init__(detail, headers={"WWW-Authenticate": challenge})
 
 
+class QuotaExceeded(TFServerError):
+    """A quota of the policy is reached: 403 with the limit and the count."""
+
+    status = HTTPStatus.FORBIDDEN
+
+    def __init__(self, detail: str, *, limit: int, count: int) -> None:
+        super().__init__(detail, extra={"limit": limit, "count": count})
+
+
+class TooManyRuns(TFServerError):
+    """The tenant's concurrent-run limit is reached (429, with `Retry-After`)."""
+
+    status = HTTPStatus.TOO_MANY_REQUESTS
+
+    def __init__(self, detail: str, *, limit: int, retry_after: int = 10) -> None:
+        super().__init__(detail, headers={"Retry-After": str(retry_after)},
+                         extra={"limit": limit})
+
+
 class NotFound(TFServerError):
     """Unknown module, instance or job (404)."""
 

@@ -28,6 +28,7 @@ from .errors import (
     UpstreamFailed,
 )
 from .modules import Module
+from .expiry import Expiries
 from .runstore import RunStore
 from .scrub import Scrubber
 from .terraform import (
@@ -56,6 +57,8 @@ class Applied:
     changes: dict[str, int]
     run_id: str
     created: bool
+    #: When the instance expires after this apply (seconds since the epoch), if it does.
+    expires_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,12 @@ class RunSpec:
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     #: The dry run whose saved plan this run applies (its inputs are in `inputs`).
     plan_of: str | None = None
+    #: An apply: seconds the instance lives from its success on (None: leave it be).
+    ttl: float | None = None
+    #: When the instance expired as the run was submitted (None: never, or not asked).
+    expires: float | None = None
+    #: A destroy by the reaper: the expiry it acts on (the run stops if it moved).
+    expiry: float | None = None
 
 
 def problem_for(result: RunResult, scrub: Scrubber, instance: str,
@@ -140,12 +149,13 @@ class Executor:
     """Runs terraform for specs whose instance the caller holds."""
 
     def __init__(self, runner: Runner, backend: StateBackend, copies: WorkingCopies,
-                 store: RunStore, *, run_timeout: float, lock_wait: float,
-                 plan_ttl: float, max_workers: int) -> None:
+                 store: RunStore, expiries: Expiries, *, run_timeout: float,
+                 lock_wait: float, plan_ttl: float, max_workers: int) -> None:
         self.runner = runner
         self.backend = backend
         self.copies = copies
         self.store = store
+        self.expiries = expiries
         self.run_timeout = run_timeout
         self.lock_wait = lock_wait
         self.plan_ttl = plan_ttl
@@ -168,6 +178,12 @@ class Executor:
         wc = self.copies.ready(name)
         existed = self.backend.exists(name, ws)
         destroying = spec.operation in ("destroy", "plan-destroy")
+        if spec.expiry is not None:
+            current = self.expiries.get(name, ws)
+            if current is None or int(current) != int(spec.expiry):
+                # A later apply moved the expiry (or the instance went) meanwhile.
+                raise Conflict("the instance's expiry moved; it is not destroyed",
+                               retry_after=0)
         if destroying and spec.plan_of is None:
             if not existed:
                 raise NotFound(f"module {name} has no instance {spec.instance!r}")
@@ -210,9 +226,14 @@ class Executor:
         if destroying:
             self._workspace_delete(spec, wc.path, deadline)
             self.backend.delete_inputs(name, ws)
+            self.expiries.clear(name, ws)
             return Destroyed(name, spec.instance, result.changes, spec.run_id)
+        expires_at = spec.expires
+        if spec.ttl is not None:
+            expires_at = time.time() + spec.ttl
+            self.expiries.set(name, ws, expires_at)
         return Applied(name, spec.instance, self._outputs(spec, result), result.changes,
-                       spec.run_id, created=not existed)
+                       spec.run_id, created=not existed, expires_at=expires_at)
 
     def _plan_file(self, spec: RunSpec, var_file: Path) -> Path | None:
         """Where the plan is saved (a dry run) or read from (applying a saved plan), on

@@ -96,6 +96,11 @@ class Limits:
     default_ttl: float | None = None
     max_ttl: float | None = None
 
+    @property
+    def expires(self) -> bool:
+        """True when instances expire by default under these limits."""
+        return self.default_ttl is not None or self.max_ttl is not None
+
     def ttl(self, requested: float | None) -> float | None:
         """The TTL of an apply: `requested` (from `?ttl=`), else `default_ttl`.
 

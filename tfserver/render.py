@@ -16,8 +16,12 @@ Result = Applied | Planned | Destroyed | InstanceView | ModuleView | Unlocked
 def render(result: Result) -> dict[str, Any]:
     """The JSON body of a service result."""
     if isinstance(result, Applied):
-        return {"module": result.module, "instance": result.instance,
-                "outputs": result.outputs, "changes": result.changes, "run_id": result.run_id}
+        applied: dict[str, Any] = {
+            "module": result.module, "instance": result.instance, "outputs": result.outputs,
+            "changes": result.changes, "run_id": result.run_id}
+        if result.expires_at is not None:
+            applied["expires_at"] = rfc3339(result.expires_at)
+        return applied
     if isinstance(result, Planned):
         return {"module": result.module, "instance": result.instance, "dry_run": True,
                 "changes": result.changes, "planned": result.planned,
@@ -31,6 +35,7 @@ def render(result: Result) -> dict[str, Any]:
             "resources": result.resources, "serial": result.serial,
             "terraform_version": result.terraform_version,
             "status": "busy" if result.busy else "idle",
+            "expires_at": rfc3339(result.expires_at),
         }
         if result.lock:
             body["lock"] = result.lock

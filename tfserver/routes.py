@@ -119,7 +119,8 @@ def _instance(h: RequestHandler, principal: Principal, module: str, instance: st
     else:
         body = h.read_body(required=True)
         submitted = svc.apply(principal, module, instance, body, dry_run=dry_run,
-                              asynchronous=asynchronous, idempotency=_idempotency(h))
+                              asynchronous=asynchronous, idempotency=_idempotency(h),
+                              ttl=h.param("ttl"))
     return _answer(h, principal, submitted, wait, named=named)
 
 

@@ -144,9 +144,9 @@ class Runs:
         """Mark lost the runs an earlier process of this replica left active (retried by
         the heartbeat while the backend cannot be reached)."""
         try:
-            for tenant, run_id in self.store.active():
+            for tenant, module, run_id in self.store.active():
                 if not self._all_leftovers and \
-                        self.store.active_replica(tenant, run_id) != self.replica:
+                        self.store.active_replica(tenant, module, run_id) != self.replica:
                     continue
                 if self.local(run_id) is not None:
                     continue
@@ -294,6 +294,12 @@ class Runs:
             record.status = "lost"
             record.state_may_be_locked = record.started_at is not None
         return record
+
+    def in_flight(self, tenant: str, module: str) -> list[RunRecord]:
+        """The tenant's runs of the module that are queued or running on any replica
+        (runs whose replica stopped beating are not counted)."""
+        ids = [r for t, m, r in self.store.active() if t == tenant and m == module]
+        return [record for record in self.records(ids) if record.active]
 
     def records(self, ids: list[str]) -> list[RunRecord]:
         """Records of several runs, skipping any that vanished meanwhile."""

@@ -7,7 +7,7 @@ bucket under its prefix), so any replica can answer for any run. The layout:
     _runs/events/<id>.ndjson                     its event log
     _runs/by-tenant/<tenant>/<id>                an empty index entry per run
     _runs/by-instance/<tenant>/<module>/<instance>/<id>
-    _runs/active/<tenant>.<id>                   while queued or running: {"replica"}
+    _runs/active/<tenant>.<module>.<id>          while queued or running: {"replica"}
     _runs/cancel/<id>                            a cancel asked on another replica
     _plans/<id>.tfplan, _plans/<id>.json         a saved plan and what applying it needs
     _plans/<id>.used                             written once, by the run that applies it
@@ -126,14 +126,18 @@ class RunStore:
         self.objects.put(f"_runs/by-tenant/{t}/{r}", b"")
         self.objects.put(f"_runs/by-instance/{t}/{record.module}/{record.instance}/{r}", b"")
         if record.active:
-            self.objects.put(f"_runs/active/{t}.{r}",
+            self.objects.put(self._active(record),
                              json.dumps({"replica": record.replica}).encode())
+
+    @staticmethod
+    def _active(record: RunRecord) -> str:
+        return f"_runs/active/{record.tenant}.{record.module}.{record.id}"
 
     def save(self, record: RunRecord) -> None:
         """Replace the record; an ended run loses its active marker."""
         self.objects.put(f"_runs/records/{record.id}.json", record.to_json())
         if not record.active:
-            self.objects.delete(f"_runs/active/{record.tenant}.{record.id}")
+            self.objects.delete(self._active(record))
             self.objects.delete(f"_runs/cancel/{record.id}")
 
     def get(self, run_id: str) -> RunRecord | None:
@@ -152,17 +156,18 @@ class RunStore:
                   else f"_runs/by-tenant/{tenant}/")
         return self.objects.keys(folder, start_after=after, limit=limit)
 
-    def active(self) -> list[tuple[str, str]]:
-        """(tenant, run id) of every run some replica holds queued or running."""
+    def active(self) -> list[tuple[str, str, str]]:
+        """(tenant, module, run id) of every run some replica holds queued or running."""
         found = []
         for name in self.objects.keys("_runs/active/", limit=100_000):
-            tenant, _, run_id = name.partition(".")
-            found.append((tenant, run_id))
+            tenant, _, rest = name.partition(".")
+            module, _, run_id = rest.partition(".")
+            found.append((tenant, module, run_id))
         return found
 
-    def active_replica(self, tenant: str, run_id: str) -> str | None:
+    def active_replica(self, tenant: str, module: str, run_id: str) -> str | None:
         """Which replica holds an active run."""
-        data = self.objects.get(f"_runs/active/{tenant}.{run_id}")
+        data = self.objects.get(f"_runs/active/{tenant}.{module}.{run_id}")
         try:
             return str(json.loads(data)["replica"]) if data else None
         except (ValueError, KeyError, TypeError):
@@ -173,7 +178,7 @@ class RunStore:
         t, r = record.tenant, record.id
         for key in (f"_runs/by-tenant/{t}/{r}",
                     f"_runs/by-instance/{t}/{record.module}/{record.instance}/{r}",
-                    f"_runs/events/{r}.ndjson", f"_runs/active/{t}.{r}",
+                    f"_runs/events/{r}.ndjson", self._active(record),
                     f"_runs/cancel/{r}", f"_plans/{r}.tfplan", f"_plans/{r}.json",
                     f"_plans/{r}.used", f"_runs/records/{r}.json"):
             self.objects.delete(key)

@@ -20,6 +20,7 @@ from .auth import Principal
 from .backend import LocalBackend, StateBackend
 from .config import Config
 from .errors import BadRequest, Conflict, NotFound, Rejected, TFServerError
+from .expiry import Due, Expiries, Reaper
 from .execute import (
     Applied,
     Destroyed,
@@ -31,9 +32,11 @@ from .execute import (
     redacted,
 )
 from .files import private_dir, tighten_tree, write_private
+from .governance import Governance
 from .locks import Scheduler
 from .modules import Module
 from .names import check_instance_name, check_tenant_key, split_workspace, workspace_name
+from .policy import Policy, parse_ttl
 from .runs import Run, RunProblem, Runs
 from .runstore import ACTIVE, RunRecord, RunStore, new_run_id
 from .scrub import Scrubber
@@ -78,6 +81,8 @@ class InstanceView:
     lock: dict[str, str] | None
     #: The state shown is the last complete one; a newer one is being written.
     stale: bool = False
+    #: When the instance expires (seconds since the epoch), if it does.
+    expires_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -130,7 +135,7 @@ class Service:
     """Everything the HTTP layer can ask for, given a `Principal`."""
 
     def __init__(self, config: Config, modules: Mapping[str, Module], runner: Runner,
-                 backend: StateBackend) -> None:
+                 backend: StateBackend, policy: Policy | None = None) -> None:
         self.config = config
         self.modules = dict(modules)
         self.runner = runner
@@ -142,9 +147,13 @@ class Service:
         self.runs = Runs(self.store, Scheduler(config.max_runs, config.queue_depth),
                          replica=config.replica or socket.gethostname(),
                          kill_grace=config.kill_grace, retention=config.run_retention)
-        self.executor = Executor(runner, backend, self.copies, self.store,
+        self.expiries = Expiries(backend.objects)
+        self.governance = Governance(policy or Policy.empty(), backend, self.runs)
+        self.executor = Executor(runner, backend, self.copies, self.store, self.expiries,
                                  run_timeout=config.run_timeout, lock_wait=config.lock_wait,
                                  plan_ttl=config.plan_ttl, max_workers=config.max_runs)
+        self.reaper = Reaper(self.expiries, self._reap, self._run_status,
+                             replica=self.runs.replica, interval=config.reap_interval)
 
     # -- start-up ---------------------------------------------------------------------
 
@@ -174,9 +183,11 @@ class Service:
             logger.error("terraform (%s) cannot run; runs will fail", self.config.terraform_bin)
         self.copies.start()
         self.runs.start(all_leftovers=isinstance(self.backend, LocalBackend))
+        self.reaper.start()
 
     def close(self) -> None:
         """Release threads and remove what only this process used."""
+        self.reaper.stop_event.set()
         self.runs.stop()
         self.executor.close()
         self.backend.close()
@@ -251,21 +262,29 @@ class Service:
             busy=self.runs.scheduler.busy((name, ws)),
             lock=snap.lock,
             stale=snap.stale,
+            expires_at=self.expiries.get(name, ws),
         )
 
     # -- runs -------------------------------------------------------------------------
 
     def apply(self, principal: Principal, name: str, instance: str, body: Any, *,
               dry_run: bool = False, asynchronous: bool = False,
-              idempotency: Idempotency | None = None) -> Submitted:
-        """Start an apply (or plan, with `dry_run`) of the caller's instance."""
+              idempotency: Idempotency | None = None, ttl: str | None = None) -> Submitted:
+        """Start an apply (or plan, with `dry_run`) of the caller's instance; `ttl` (as
+        `?ttl=` gives it) sets when the instance expires."""
         m = self.module(name)
         principal.require(name, "write")
         check_instance_name(instance)
-        inputs = m.validate(body)
-        spec = RunSpec(m, instance, workspace_name(principal.tenant_key, instance),
-                       "plan" if dry_run else "apply", inputs, principal,
+        requested = parse_ttl(ttl) if ttl is not None else None
+        inputs = m.fill_reserved(m.validate(body), tenant=principal.tenant,
+                                 instance=instance)
+        ws = workspace_name(principal.tenant_key, instance)
+        spec = RunSpec(m, instance, ws, "plan" if dry_run else "apply", inputs, principal,
                        Scrubber(m.secret_values(inputs)))
+        limits = self.governance.limits(principal, name)
+        if not dry_run and (requested is not None or limits.expires):
+            spec.expires = self.expiries.get(name, ws)
+            spec.ttl = self.governance.ttl(limits, requested, expires=spec.expires is not None)
         return self._submit(spec, asynchronous, idempotency)
 
     def destroy(self, principal: Principal, name: str, instance: str, *,
@@ -298,18 +317,30 @@ class Service:
         return self._submit(spec, asynchronous, idempotency)
 
     def _submit(self, spec: RunSpec, asynchronous: bool,
-                idempotency: Idempotency | None) -> Submitted:
+                idempotency: Idempotency | None, *, governed: bool = True) -> Submitted:
         spec.run_id = new_run_id()
+        # Idempotency keys are the caller's; the run belongs to the instance's tenant.
         tenant = spec.principal.tenant_key
+        owner = spec.workspace.partition(".")[0]
         if idempotency is not None:
             found = self._replay(tenant, spec, idempotency)
             if found is not None:
                 return found
+        if governed:
+            try:
+                limits = self.governance.limits(spec.principal, spec.module.name)
+                self.governance.check_runs(limits, owner, spec.module.name)
+                if spec.operation == "apply":
+                    self.governance.check_create(limits, owner, spec.module.name,
+                                                 spec.instance)
+            except TFServerError:
+                self._drop_key(tenant, idempotency)
+                raise
         if spec.plan_of is not None and not self.store.claim_plan(spec.plan_of, spec.run_id):
             self._drop_key(tenant, idempotency)
             raise Conflict("the saved plan was applied already", retry_after=0)
         record = RunRecord(id=spec.run_id, module=spec.module.name, instance=spec.instance,
-                           workspace=spec.workspace, tenant=tenant,
+                           workspace=spec.workspace, tenant=owner,
                            subject=spec.principal.subject, operation=spec.operation,
                            plan_of=spec.plan_of,
                            idempotency_key=idempotency.key if idempotency else None)
@@ -326,6 +357,27 @@ class Service:
         if spec.plan_of is not None:
             self._mark_plan_applied(spec.plan_of, spec.run_id)
         return Submitted(spec.run_id, run)
+
+    def _reap(self, due: Due) -> str | None:
+        """Start the destroy of an expired instance as a run of `tfserver:ttl`; None when
+        the instance is being changed here now (the reaper tries again later)."""
+        module = self.modules.get(due.module)
+        parts = split_workspace(due.workspace)
+        if module is None or parts is None:
+            return None
+        if self.runs.scheduler.busy((due.module, due.workspace)):
+            return None
+        reaper = Principal(subject="tfserver:ttl", tenant="tfserver:ttl", admin=True)
+        spec = RunSpec(module, parts[1], due.workspace, "destroy", {}, reaper,
+                       Scrubber(module.secret_values({})), expiry=due.expires_at)
+        return self._submit(spec, asynchronous=True, idempotency=None,
+                            governed=False).run_id
+
+    def _run_status(self, run_id: str) -> str:
+        try:
+            return self.runs.record(run_id).status
+        except NotFound:
+            return "lost"
 
     def _replay(self, tenant: str, spec: RunSpec, idem: Idempotency) -> Submitted | None:
         """The run an earlier request with this key started, or None after claiming the

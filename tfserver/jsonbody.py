@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from itertools import accumulate
 from types import MappingProxyType
 from typing import Any
@@ -83,7 +84,10 @@ def parse_body(data: bytes, *, max_depth: int = MAX_DEPTH, max_values: int = MAX
         if too_deep:  # the walk agrees with the count; this is only a safety net
             raise BadRequest(f"the body nests deeper than {max_depth} levels")
     try:
-        return json.loads(text, parse_constant=_no_constant)
+        # Only non-ASCII keys (sent as such or \u-escaped) can clash once normalized.
+        plain = text.isascii() and "\\u" not in text
+        return json.loads(text, parse_constant=_no_constant,
+                          object_pairs_hook=None if plain else _nfc_distinct)
     except RecursionError:  # cannot happen within max_depth; never let it be a 500
         raise BadRequest(f"the body nests deeper than {max_depth} levels") from None
     except ValueError as e:
@@ -192,6 +196,17 @@ def _name(token: str) -> str:
 def _fault(field: str, message: str) -> InvalidInput:
     where = f"field {field}" if field else "the body"
     return InvalidInput(f"{where} {message}", [FieldError(field, message)])
+
+
+def _nfc_distinct(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object of the body, unless two of its keys are one once Unicode-normalized:
+    terraform normalizes strings (NFC) and refuses such an object as a duplicate, which
+    no schema can say in advance."""
+    found = dict(pairs)
+    if len({unicodedata.normalize("NFC", key) for key in found}) != len(found):
+        raise _fault("", "holds an object with two keys that are the same once "
+                         "Unicode-normalized (NFC)")
+    return found
 
 
 def _no_constant(name: str) -> Any:

@@ -34,6 +34,8 @@ bench: $(TEST_STAMP)
 	$(BIN)/python bench/bench.py
 	$(BIN)/python bench/bench_auth.py
 	$(BIN)/python bench/bench_s3.py
+	$(BIN)/python bench/bench_runs.py
+	$(BIN)/python bench/bench_ops.py
 
 # Rewrite README's table of settings from the one table in tfserver/config.py.
 settings-table: $(RUN_STAMP)

@@ -107,3 +107,32 @@ def test_every_curl_example_works_on_the_embedded_defaults(tmp: Path) -> None:
     finally:
         srv.proc.terminate()
         assert srv.proc.wait(timeout=30) == 0
+
+
+def runs_examples() -> list[list[str]]:
+    """The curl commands of README's Runs section, as argument lists."""
+    section = README[README.index("## Runs"):README.index("### The command-line client")]
+    block = re.findall(r"```sh\n(.*?)```", section, re.S)[0].replace("\\\n", " ")
+    return [shlex.split(line.strip()) for line in block.splitlines()
+            if line.strip().startswith("curl ")]
+
+
+def test_the_runs_examples_work_as_written(tmp: Path) -> None:
+    srv = start_defaults(tmp)
+    try:
+        ids: dict[str, str] = {}
+        statuses = []
+        for argv in runs_examples():
+            argv = [a.replace("$RUN", ids.get("RUN", "")).replace("$PLAN", ids.get("PLAN", ""))
+                    for a in argv]
+            method, path, headers, data = as_request(argv)
+            r = request(srv.url, method, path, headers=headers, raw=data)
+            statuses.append(r.status)
+            if "RUN" not in ids:
+                ids["RUN"] = r.json["id"]
+            elif "dry_run=true" in path:
+                ids["PLAN"] = r.json["run_id"]
+        assert statuses == [202, 200, 200, 200, 200, 200, 409, 200, 200, 200, 200], statuses
+    finally:
+        srv.proc.terminate()
+        assert srv.proc.wait(timeout=30) == 0

@@ -67,7 +67,9 @@ def build(config: Config) -> Parts:
                           kill_grace=config.kill_grace, memory_limit=config.run_memory)
     service = Service(config, modules, terraform, make_backend(config), policy)
     terraform.cli_config_file = service.prepare(config.cli_config_file)
-    server = TFServer(config, service, make_authenticator(config))
+    fetched = service.metrics.jwks_fetches
+    server = TFServer(config, service, make_authenticator(
+        config, on_fetch=lambda result: fetched.labels(result).inc()))
     parts = Parts(server, policy=policy)
     if config.tls_cert is not None and config.tls_key is not None:
         server.certificates = Certificates(context_from_files(config.tls_cert, config.tls_key))
@@ -170,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.set_int_max_str_digits(MAX_INT_DIGITS)
     try:
         config = load(args, os.environ)
-        logs.configure(config.log_level)
+        logs.configure(config.log_level, config.log_format)
         parts = build(config)
     except TFServerError as e:
         print(f"tfserver: error: {e}", file=sys.stderr)

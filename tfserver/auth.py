@@ -27,6 +27,8 @@ class Principal:
     subject: str
     tenant: str
     scopes: frozenset[str] = frozenset()
+    #: The token's `client_id` claim (the audit log names it), if any.
+    client_id: str | None = None
     admin: bool = False
     #: When True every module may be read and written (authentication is off).
     all_modules: bool = False
@@ -100,8 +102,11 @@ class KeySource:
         min_refresh: float = 60.0,
         ttl: float = 3600.0,
         clock: Callable[[], float] = time.monotonic,
+        on_fetch: Callable[[str], None] | None = None,
     ) -> None:
         self._fetch = fetch
+        #: Told "ok" or "error" after each fetch (metrics).
+        self.on_fetch = on_fetch
         self.min_refresh = min_refresh
         self.ttl = ttl
         self._clock = clock
@@ -113,11 +118,13 @@ class KeySource:
 
     @classmethod
     def from_url(cls, url: str, *, timeout: float, min_refresh: float, ttl: float,
-                 ssl_context: ssl.SSLContext | None = None) -> KeySource:
+                 ssl_context: ssl.SSLContext | None = None,
+                 on_fetch: Callable[[str], None] | None = None) -> KeySource:
         """A key source that fetches from `url` with PyJWT's client (its cache off)."""
         client = PyJWKClient(url, cache_jwk_set=False, cache_keys=False, timeout=timeout,
                              ssl_context=ssl_context)
-        return cls(lambda: client.get_jwk_set(refresh=True), min_refresh=min_refresh, ttl=ttl)
+        return cls(lambda: client.get_jwk_set(refresh=True), min_refresh=min_refresh, ttl=ttl,
+                   on_fetch=on_fetch)
 
     def get(self, kid: str) -> PyJWK:
         """The key with this id; raises Unauthorized (unknown) or Unavailable (no JWKS)."""
@@ -148,7 +155,11 @@ class KeySource:
                 # Retry a failed fetch sooner than a successful one, but still bounded.
                 self._next_fetch = now + min(5.0, self.min_refresh)
                 logger.warning("JWKS fetch failed: %s", type(e).__name__)
+                if self.on_fetch is not None:
+                    self.on_fetch("error")
                 return
+            if self.on_fetch is not None:
+                self.on_fetch("ok")
             self._keys = {k.key_id: k for k in jwk_set.keys
                           if k.key_id and k.public_key_use in (None, "sig")}
             self._fetched_at = now
@@ -222,17 +233,19 @@ class JWTAuth:
         return Principal(
             subject=subject,
             tenant=tenant,
+            client_id=str(client_id) if client_id else None,
             scopes=scopes,
             admin=bool(scopes & self.admin_scopes),
             scope_prefix=self.settings.scope_prefix,
         )
 
 
-def make_authenticator(config: Config) -> Authenticator:
-    """The authenticator the configuration asks for."""
+def make_authenticator(config: Config,
+                       on_fetch: Callable[[str], None] | None = None) -> Authenticator:
+    """The authenticator the configuration asks for (`on_fetch` hears of JWKS fetches)."""
     if config.auth == "none":
         return NoAuth()
     s = config.auth_settings
     keys = KeySource.from_url(s.jwk_url, timeout=s.jwks_timeout, min_refresh=s.jwks_min_refresh,
-                              ttl=s.jwks_cache_ttl)
+                              ttl=s.jwks_cache_ttl, on_fetch=on_fetch)
     return JWTAuth(s, keys)

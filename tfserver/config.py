@@ -145,6 +145,19 @@ def _domains(text: str) -> tuple[str, ...]:
     return tuple(sorted(_words(text)))
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _networks(text: str) -> tuple[Network, ...]:
+    found = []
+    for word in sorted(_words(text)):
+        try:
+            found.append(ipaddress.ip_network(word, strict=False))
+        except ValueError:
+            raise ValueError(f"must be addresses or CIDRs; {word[:40]!r} is neither") from None
+    return tuple(found)
+
+
 # -- the table ------------------------------------------------------------------------
 
 
@@ -292,7 +305,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TFSERVER_PASS_ENV", _words, frozenset(),
             "comma list of extra environment variables terraform may see"),
     Setting("TFSERVER_LOG_LEVEL", _choice(*LOG_LEVELS, fold=str.upper), "INFO",
-            "log level of the JSON lines on stderr", flag="--log-level"),
+            "log level of the lines on stderr", flag="--log-level"),
+    Setting("TFSERVER_LOG_FORMAT", _choice("auto", "json", "text"), "auto",
+            "`json` lines, `text` for a person, `auto`: text on a terminal, else JSON"),
+    Setting("TFSERVER_TRUSTED_PROXIES", _networks, (),
+            "comma list of proxy addresses or CIDRs whose `X-Forwarded-For` is believed "
+            "(App Platform's edge); they are also exempt from the per-address cap"),
 )
 
 _BY_ENV = {s.env: s for s in SETTINGS}
@@ -402,6 +420,8 @@ class Config:
     cli_config_file: Path | None = None
     provider_mirror: Path | None = None
     log_level: str = default("TFSERVER_LOG_LEVEL")
+    log_format: str = default("TFSERVER_LOG_FORMAT")
+    trusted_proxies: tuple[Network, ...] = ()
     #: What terraform gets of the server's environment (see PASSED_ENV); never logged.
     terraform_env: Mapping[str, str] = field(default_factory=dict, repr=False)
 
@@ -537,6 +557,8 @@ def load(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
         cli_config_file=cli_config if cli_config is not None and cli_config.is_file() else None,
         provider_mirror=v["TFSERVER_PROVIDER_MIRROR"],
         log_level=v["TFSERVER_LOG_LEVEL"],
+        log_format=v["TFSERVER_LOG_FORMAT"],
+        trusted_proxies=v["TFSERVER_TRUSTED_PROXIES"],
         terraform_env=_terraform_env(environ, v["TFSERVER_PASS_ENV"]),
     )
 

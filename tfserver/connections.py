@@ -28,13 +28,14 @@ class ConnectionLimits:
         self._open = 0
         self._by_address: dict[str, int] = {}
 
-    def admit(self, address: str) -> str | None:
-        """Count a new connection and return None; or return why it is refused."""
+    def admit(self, address: str, *, per_address: bool = True) -> str | None:
+        """Count a new connection and return None; or return why it is refused. A trusted
+        proxy's address (`per_address` False) is not held to the per-address cap."""
         with self._mutex:
             if self._open >= self.total:
                 return f"connection limit ({self.total}) reached"
             held = self._by_address.get(address, 0)
-            if self.per_address and held >= self.per_address:
+            if per_address and self.per_address and held >= self.per_address:
                 return f"limit of {self.per_address} connections per address reached"
             self._open += 1
             self._by_address[address] = held + 1

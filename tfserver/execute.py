@@ -27,8 +27,8 @@ from .errors import (
     Unavailable,
     UpstreamFailed,
 )
-from .modules import Module
 from .expiry import Expiries
+from .modules import Module
 from .runstore import RunStore
 from .scrub import Scrubber
 from .terraform import (

@@ -13,11 +13,11 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import render
+from . import metrics, render
 from .auth import Principal
 from .errors import BadRequest, MethodNotAllowed, NotFound, Unavailable
 from .execute import Applied
-from .service import Idempotency, Submitted
+from .service import Idempotency, Origin, Submitted
 
 if TYPE_CHECKING:
     from .server import RequestHandler
@@ -54,6 +54,13 @@ def route(h: RequestHandler) -> Reply | None:
             raise problem
         return Reply(200, {"status": "ready", **render.readiness(report)})
     principal = h.server.authenticator.authenticate(h.headers.get("Authorization"))
+    h.principal = principal
+    if parts == ["metrics"]:
+        allow(h, "GET")
+        if h.server.config.auth == "jwt":
+            principal.require_admin()
+        h.send_bytes(200, h.server.service.metrics.render(), metrics.CONTENT_TYPE)
+        return None
     if not parts:
         allow(h, "GET")
         return Reply(200, {"modules": [{"name": m.name, "href": f"/{m.name}",
@@ -62,6 +69,37 @@ def route(h: RequestHandler) -> Reply | None:
     if parts[0] == "runs":
         return _runs_route(h, principal, parts[1:])
     return _module_route(h, principal, parts)
+
+
+_RUN_ROUTES = {"events", "cancel", "apply"}
+_INSTANCE_ROUTES = {"lock", "runs"}
+_FIXED = {"healthz", "readyz", "metrics", "openapi.json", "runs"}
+
+
+def template(path: str) -> tuple[str, str | None, str | None]:
+    """The route template of a path (a bounded set, for metrics labels), and the module
+    and instance it names, if any."""
+    parts = [p for p in path.split("/") if p]
+    if not parts:
+        return "/", None, None
+    head = parts[0]
+    if head == "docs":
+        return "/docs", None, None
+    if head in _FIXED:
+        if len(parts) == 1:
+            return f"/{head}", None, None
+        if head == "runs" and len(parts) == 2:
+            return "/runs/{id}", None, None
+        if head == "runs" and len(parts) == 3 and parts[2] in _RUN_ROUTES:
+            return f"/runs/{{id}}/{parts[2]}", None, None
+        return "unmatched", None, None
+    if len(parts) == 1:
+        return "/{module}", head, "default"
+    if len(parts) == 2:
+        return "/{module}/{instance}", head, parts[1]
+    if len(parts) == 3 and parts[2] in _INSTANCE_ROUTES:
+        return f"/{{module}}/{{instance}}/{parts[2]}", head, parts[1]
+    return "unmatched", None, None
 
 
 def allow(h: RequestHandler, *methods: str) -> None:
@@ -115,12 +153,12 @@ def _instance(h: RequestHandler, principal: Principal, module: str, instance: st
         h.read_body(required=False)
         submitted = svc.destroy(principal, module, instance, dry_run=dry_run,
                                 tenant=h.param("tenant"), asynchronous=asynchronous,
-                                idempotency=_idempotency(h))
+                                idempotency=_idempotency(h), origin=_origin(h))
     else:
         body = h.read_body(required=True)
         submitted = svc.apply(principal, module, instance, body, dry_run=dry_run,
                               asynchronous=asynchronous, idempotency=_idempotency(h),
-                              ttl=h.param("ttl"))
+                              ttl=h.param("ttl"), origin=_origin(h))
     return _answer(h, principal, submitted, wait, named=named)
 
 
@@ -173,7 +211,7 @@ def _runs_route(h: RequestHandler, principal: Principal, rest: list[str]) -> Rep
         h.read_body(required=False)
         asynchronous, wait = prefer(h)
         submitted = svc.apply_plan(principal, run_id, asynchronous=asynchronous,
-                                   idempotency=_idempotency(h))
+                                   idempotency=_idempotency(h), origin=_origin(h))
         return _answer(h, principal, submitted, wait, named=True)
     raise NotFound(f"nothing at {h.url_path[:100]}")
 
@@ -213,6 +251,10 @@ def prefer(h: RequestHandler) -> tuple[bool, float | None]:
     if "respond-async" in prefs:
         return True, wait or 0.0
     return wait is not None, wait
+
+
+def _origin(h: RequestHandler) -> Origin:
+    return Origin(h.client_ip, h.request_id)
 
 
 def _idempotency(h: RequestHandler) -> Idempotency | None:

@@ -112,7 +112,8 @@ class Runs:
     def __init__(self, store: RunStore, scheduler: Scheduler, *, replica: str,
                  kill_grace: float, heartbeat: float = 2.0, lost_after: float = 10.0,
                  retention: float = 30 * 86400.0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 on_finish: Callable[[RunRecord], None] | None = None) -> None:
         self.store = store
         self.scheduler = scheduler
         self.replica = replica
@@ -121,6 +122,8 @@ class Runs:
         self.lost_after = lost_after
         self.retention = retention
         self.clock = clock
+        #: Told of every run that ends here (metrics, the audit log).
+        self.on_finish = on_finish
         self._mutex = threading.Lock()
         self._live: dict[str, Run] = {}
         self._stop = threading.Event()
@@ -259,6 +262,11 @@ class Runs:
             logger.error("run %s: its final record could not be stored: %s", record.id, e)
         if run.ticket is not None:
             self.scheduler.finish(run.ticket)
+        if self.on_finish is not None:
+            try:
+                self.on_finish(replace(record))
+            except Exception:  # a listener's bug must not keep the run from ending
+                logger.exception("run %s: a listener of its end failed", record.id)
         run.done.set()
         run.wake()
         with self._mutex:

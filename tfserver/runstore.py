@@ -85,6 +85,11 @@ class RunRecord:
     #: The run whose saved plan this run applies.
     plan_of: str | None = None
     idempotency_key: str | None = None
+    #: Who asked, for the audit log: the token's client id, the client's address, and
+    #: the request's id.
+    client_id: str | None = None
+    client_address: str | None = None
+    request_id: str | None = None
     replica: str = ""
     heartbeat_at: float = field(default_factory=time.time)
     #: "requested" once a cancel was asked, "forced" once the process group was killed.

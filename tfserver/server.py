@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import ipaddress
 import json
 import logging
 import re
@@ -24,8 +25,8 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from . import __version__
-from .auth import Authenticator
-from .config import Config, parse_bool
+from .auth import Authenticator, Principal
+from .config import Config, Network, parse_bool
 from .connections import ConnectionLimits, DeadlineReader
 from .errors import (
     BadRequest,
@@ -36,8 +37,8 @@ from .errors import (
     UnsupportedMediaType,
 )
 from .jsonbody import parse_body
-from .logs import request_id
-from .routes import route
+from .logs import audit_log, request_id
+from .routes import route, template
 from .service import Service
 from .tls import Certificates
 
@@ -45,6 +46,9 @@ logger = logging.getLogger(__name__)
 access_log = logging.getLogger("tfserver.access")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+PROBLEM = "application/problem+json"
+#: Methods that change something: each gets an audit line.
+_CHANGING = frozenset({"POST", "PUT", "DELETE", "PATCH"})
 #: At most this much of a refused body is read after the answer, for at most this long.
 DRAIN_LIMIT = 4 * 1024 * 1024
 DRAIN_SECONDS = 5.0
@@ -80,9 +84,14 @@ class TFServer(ThreadingHTTPServer):
             self.address_family = socket.AF_INET6
         super().__init__((config.host, config.port), RequestHandler)
 
+    def trusted(self, address: str) -> bool:
+        """True for a peer in TFSERVER_TRUSTED_PROXIES (whose X-Forwarded-For is believed)."""
+        return _in(address, self.config.trusted_proxies)
+
     def process_request(self, request: Any, client_address: Any) -> None:
         """Start the connection's thread, or close it at once when a cap is reached."""
-        refused = self.limits.admit(client_address[0])
+        refused = self.limits.admit(client_address[0],
+                                    per_address=not self.trusted(client_address[0]))
         if refused is not None:
             logger.warning("%s: closing a new connection from %s", refused,
                            client_address[0])
@@ -169,6 +178,12 @@ class RequestHandler(BaseHTTPRequestHandler):
     url_path = ""
     command = ""  # http.server sets these once it has read a request line
     path = ""
+    principal: Principal | None = None
+    client_ip = ""
+    query: dict[str, list[str]] = {}
+    #: What the audit line names: the run an answer carried, the title of a problem.
+    audit_run: str | None = None
+    audit_title: str | None = None
 
     def setup(self) -> None:
         """Bound every socket read by the read timeout, and each request's head and body
@@ -245,6 +260,9 @@ class RequestHandler(BaseHTTPRequestHandler):
         self.body_consumed = False
         self.raw_body = b""
         self.streaming = False
+        self.principal = None
+        self.audit_run = self.audit_title = None
+        self.client_ip = self._client_ip()
         self.preferences = _preferences(self.headers.get_all("Prefer") or [])
         url = urlsplit(self.path)
         self.url_path = url.path
@@ -278,15 +296,62 @@ class RequestHandler(BaseHTTPRequestHandler):
             self.server.leave()
 
     def _log_access(self, seconds: float) -> None:
-        """The access line of a request (also of one http.server refused itself)."""
+        """The access line of a request (also of one http.server refused itself), its
+        metrics, and for a state-changing request its audit line."""
         path = self.url_path or self.path.split("?")[0]
         method = self.command or "-"
+        tenant = self.principal.tenant_key if self.principal is not None else None
+        client = self.client_ip or self.client_address[0]
         access_log.info(
             "%s %s %s", method, path[:200], self.status,
             extra={"method": method, "path": path[:200], "status": self.status,
-                   "duration_ms": round(seconds * 1000, 1),
-                   "client": self.client_address[0]},
+                   "duration_ms": round(seconds * 1000, 1), "client": client,
+                   "tenant": tenant},
         )
+        route_template, module, instance = template(path)
+        self.server.service.metrics.request(method, route_template, self.status, seconds)
+        if method in _CHANGING:
+            self._audit(route_template, module, instance, client)
+
+    def _audit(self, route_template: str, module: str | None, instance: str | None,
+               client: str) -> None:
+        """One line of who changed (or tried to change) what, and the outcome."""
+        p = self.principal
+        audit_log.info(
+            "%s %s: %s", self.command, route_template, self.status,
+            extra={"event": "request",
+                   "who": {"subject": p.subject if p else None,
+                           "client_id": p.client_id if p else None,
+                           "tenant": p.tenant_key if p else None, "address": client},
+                   "what": {"method": self.command, "route": route_template,
+                            "module": module, "instance": instance,
+                            "run_id": self.audit_run, "request_id": self.request_id,
+                            "idempotency_key": self._header("Idempotency-Key"),
+                            "dry_run": "dry_run" in self.query},
+                   "outcome": {"status": self.status, "title": self.audit_title}})
+
+    def _header(self, name: str) -> str | None:
+        """A request header, cut short (None before headers were read)."""
+        headers = getattr(self, "headers", None)  # http.server sets it with the request
+        value = headers.get(name) if headers is not None else None
+        return value[:255] if value else None
+
+    def _client_ip(self) -> str:
+        """The client's address: the peer's, or when the peer is a trusted proxy, the
+        last address in X-Forwarded-For that is not a trusted proxy itself."""
+        peer = str(self.client_address[0])
+        if not self.server.trusted(peer):
+            return peer
+        hops = [h.strip() for v in self.headers.get_all("X-Forwarded-For") or []
+                for h in v.split(",")]
+        for hop in reversed(hops):
+            try:
+                ipaddress.ip_address(hop)
+            except ValueError:
+                return peer  # a header we cannot read is not believed
+            if not self.server.trusted(hop):
+                return hop
+        return peer
 
     def _check_framing(self) -> None:
         """One plain Content-Length, or none (RFC 9112 §6.3): anything else could make a
@@ -373,6 +438,9 @@ class RequestHandler(BaseHTTPRequestHandler):
                   headers: dict[str, str] | None = None) -> None:
         """Write a JSON answer with length, request id and security headers."""
         data = (json.dumps(body, indent=2) + "\n").encode()
+        run = body.get("run_id") or (body.get("id") if "operation" in body else None)
+        self.audit_run = str(run) if run else None
+        self.audit_title = str(body["title"]) if content_type == PROBLEM else None
         self.status = status
         if not self.body_consumed and (
                 self.headers.get("Transfer-Encoding")
@@ -444,8 +512,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             self.close_connection = True
             logger.warning("stream ended by an error: %s", error.detail)
             return
-        self.send_json(int(error.status), error.problem(), "application/problem+json",
-                       error.headers)
+        self.send_json(int(error.status), error.problem(), PROBLEM, error.headers)
 
     def start_stream(self, content_type: str) -> Callable[[bytes], None] | None:
         """Send a 200 whose body follows in chunks; returns the chunk writer (an empty
@@ -472,6 +539,17 @@ class RequestHandler(BaseHTTPRequestHandler):
             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
             self.wfile.flush()
         return write
+
+
+def _in(address: str, networks: tuple[Network, ...]) -> bool:
+    """True when `address` falls in one of `networks` (False for anything unreadable)."""
+    if not networks:
+        return False
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in networks)
 
 
 def _preferences(values: list[str]) -> list[str]:

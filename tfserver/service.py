@@ -20,7 +20,6 @@ from .auth import Principal
 from .backend import LocalBackend, StateBackend
 from .config import Config
 from .errors import BadRequest, Conflict, NotFound, Rejected, TFServerError
-from .expiry import Due, Expiries, Reaper
 from .execute import (
     Applied,
     Destroyed,
@@ -31,9 +30,12 @@ from .execute import (
     RunSpec,
     redacted,
 )
+from .expiry import Due, Expiries, Reaper
 from .files import private_dir, tighten_tree, write_private
 from .governance import Governance
 from .locks import Scheduler
+from .logs import audit_log
+from .metrics import Metrics
 from .modules import Module
 from .names import check_instance_name, check_tenant_key, split_workspace, workspace_name
 from .policy import Policy, parse_ttl
@@ -123,6 +125,14 @@ class Idempotency:
 
 
 @dataclass(frozen=True)
+class Origin:
+    """Where a request came from, for the run's record and the audit log."""
+
+    address: str | None = None
+    request_id: str | None = None
+
+
+@dataclass(frozen=True)
 class Submitted:
     """A run that a request started (or found again by its idempotency key)."""
 
@@ -144,9 +154,12 @@ class Service:
         self.copies = WorkingCopies(config.state_dir / "work", modules, runner, backend,
                                     init_timeout=config.run_timeout)
         self.store = RunStore(backend.objects)
+        self.metrics = Metrics()
         self.runs = Runs(self.store, Scheduler(config.max_runs, config.queue_depth),
                          replica=config.replica or socket.gethostname(),
-                         kill_grace=config.kill_grace, retention=config.run_retention)
+                         kill_grace=config.kill_grace, retention=config.run_retention,
+                         on_finish=self._finished)
+        self.metrics.watch(self.runs.scheduler.counts, self.copies.report, list(modules))
         self.expiries = Expiries(backend.objects)
         self.governance = Governance(policy or Policy.empty(), backend, self.runs)
         self.executor = Executor(runner, backend, self.copies, self.store, self.expiries,
@@ -269,7 +282,8 @@ class Service:
 
     def apply(self, principal: Principal, name: str, instance: str, body: Any, *,
               dry_run: bool = False, asynchronous: bool = False,
-              idempotency: Idempotency | None = None, ttl: str | None = None) -> Submitted:
+              idempotency: Idempotency | None = None, ttl: str | None = None,
+              origin: Origin | None = None) -> Submitted:
         """Start an apply (or plan, with `dry_run`) of the caller's instance; `ttl` (as
         `?ttl=` gives it) sets when the instance expires."""
         m = self.module(name)
@@ -289,18 +303,19 @@ class Service:
 
     def destroy(self, principal: Principal, name: str, instance: str, *,
                 dry_run: bool = False, tenant: str | None = None,
-                asynchronous: bool = False,
-                idempotency: Idempotency | None = None) -> Submitted:
+                asynchronous: bool = False, idempotency: Idempotency | None = None,
+                origin: Origin | None = None) -> Submitted:
         """Start a destroy (or its plan); the inputs are read when it runs."""
         m = self.module(name)
         principal.require(name, "write")
         ws = self._target(principal, instance, tenant)
         spec = RunSpec(m, instance, ws, "plan-destroy" if dry_run else "destroy", {},
                        principal, Scrubber(m.secret_values({})))
-        return self._submit(spec, asynchronous, idempotency)
+        return self._submit(spec, asynchronous, idempotency, origin=origin)
 
     def apply_plan(self, principal: Principal, plan_id: str, *, asynchronous: bool = False,
-                   idempotency: Idempotency | None = None) -> Submitted:
+                   idempotency: Idempotency | None = None,
+                   origin: Origin | None = None) -> Submitted:
         """Apply exactly the plan a dry run saved (409 when expired, used or stale)."""
         plan = self._visible(principal, self.runs.record(plan_id))
         if plan.operation not in ("plan", "plan-destroy") or plan.status != "succeeded":
@@ -314,10 +329,10 @@ class Service:
         spec = RunSpec(m, plan.instance, plan.workspace,
                        "destroy" if plan.operation == "plan-destroy" else "apply", inputs,
                        principal, Scrubber(m.secret_values(inputs)), plan_of=plan_id)
-        return self._submit(spec, asynchronous, idempotency)
+        return self._submit(spec, asynchronous, idempotency, origin=origin)
 
-    def _submit(self, spec: RunSpec, asynchronous: bool,
-                idempotency: Idempotency | None, *, governed: bool = True) -> Submitted:
+    def _submit(self, spec: RunSpec, asynchronous: bool, idempotency: Idempotency | None,
+                *, governed: bool = True, origin: Origin | None = None) -> Submitted:
         spec.run_id = new_run_id()
         # Idempotency keys are the caller's; the run belongs to the instance's tenant.
         tenant = spec.principal.tenant_key
@@ -343,13 +358,18 @@ class Service:
                            workspace=spec.workspace, tenant=owner,
                            subject=spec.principal.subject, operation=spec.operation,
                            plan_of=spec.plan_of,
-                           idempotency_key=idempotency.key if idempotency else None)
+                           idempotency_key=idempotency.key if idempotency else None,
+                           client_id=spec.principal.client_id,
+                           client_address=origin.address if origin else None,
+                           request_id=origin.request_id if origin else None)
         run = Run(record, lambda r: self._job(r, spec), spec.scrub, sync=not asynchronous)
         what = f"instance {spec.instance!r} of module {spec.module.name}"
         try:
             self.runs.submit(run, what=what,
                              wait=0.0 if asynchronous else self.config.lock_wait)
-        except TFServerError:
+        except TFServerError as e:
+            if isinstance(e, Conflict):
+                self.metrics.lock_conflicts.labels(spec.module.name).inc()
             self._drop_key(tenant, idempotency)
             if spec.plan_of is not None:
                 self.store.objects.delete(f"_plans/{spec.plan_of}.used")
@@ -372,6 +392,26 @@ class Service:
                        Scrubber(module.secret_values({})), expiry=due.expires_at)
         return self._submit(spec, asynchronous=True, idempotency=None,
                             governed=False).run_id
+
+    def _finished(self, record: RunRecord) -> None:
+        """A run ended here: count it, and write its audit line."""
+        seconds = (record.finished_at - record.started_at
+                   if record.started_at is not None and record.finished_at is not None
+                   else None)
+        self.metrics.run(record.module, record.operation, record.status, seconds)
+        audit_log.info(
+            "run %s %s %s/%s: %s", record.id, record.operation, record.module,
+            record.instance, record.status,
+            extra={"event": "run",
+                   "who": {"subject": record.subject, "client_id": record.client_id,
+                           "tenant": record.tenant, "address": record.client_address},
+                   "what": {"module": record.module, "instance": record.instance,
+                            "operation": record.operation, "run_id": record.id,
+                            "idempotency_key": record.idempotency_key,
+                            "request_id": record.request_id},
+                   "outcome": {"status": record.status, "changes": record.changes,
+                               "problem": (record.problem or {}).get("title"),
+                               "seconds": None if seconds is None else round(seconds, 3)}})
 
     def _run_status(self, run_id: str) -> str:
         try:
@@ -427,7 +467,12 @@ class Service:
             if event is not None:
                 run.emit(event.pop("type"), **event)
 
-        outcome = self.executor.execute(spec, control=run.control, on_event=relay)
+        try:
+            outcome = self.executor.execute(spec, control=run.control, on_event=relay)
+        except Conflict as e:
+            if "lock" in e.extra:  # the state was locked by a run elsewhere
+                self.metrics.lock_conflicts.labels(spec.module.name).inc()
+            raise
         record = run.record
         record.changes = outcome.changes
         if isinstance(outcome, Applied):

@@ -1,0 +1,83 @@
+"""Prometheus metrics (prometheus_client), in a registry of the server's own.
+
+Labels never carry a tenant or a raw path: `route` is the route template
+(`/{module}/{instance}`), methods outside HTTP's own are counted as `other`, and modules
+are the served ones (a fixed set).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+#: The content type of `render()`'s text format.
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+#: Runs take seconds to many minutes (a droplet: about one).
+_RUN_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+                1800.0)
+
+
+class Metrics:
+    """Every metric of DESIGN.md's Operability section."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.http_requests = Counter("tfserver_http_requests_total",
+                                     "HTTP requests answered", ["method", "route", "status"],
+                                     registry=r)
+        self.http_duration = Histogram("tfserver_http_request_duration_seconds",
+                                       "Time to answer an HTTP request (a stream: to its end)",
+                                       ["route"], registry=r)
+        self.runs = Counter("tfserver_runs_total", "Runs that ended",
+                            ["module", "operation", "status"], registry=r)
+        self.run_duration = Histogram("tfserver_run_duration_seconds",
+                                      "Time from a run's start to its end",
+                                      ["module", "operation"], buckets=_RUN_BUCKETS,
+                                      registry=r)
+        self.running = Gauge("tfserver_runs_running", "Runs running on this replica",
+                             registry=r)
+        self.queued = Gauge("tfserver_runs_queued", "Runs queued on this replica",
+                            registry=r)
+        self.lock_conflicts = Counter("tfserver_lock_conflicts_total",
+                                      "Requests refused because an instance was busy or "
+                                      "its state locked", ["module"], registry=r)
+        self.jwks_fetches = Counter("tfserver_jwks_fetches_total",
+                                    "Fetches of the token signing keys", ["result"],
+                                    registry=r)
+        for result in ("ok", "error"):
+            self.jwks_fetches.labels(result)  # shown at 0 before the first fetch
+        self.module_ready = Gauge("tfserver_module_ready",
+                                  "1 when the module is initialised and can run",
+                                  ["module"], registry=r)
+
+    def watch(self, counts: Callable[[], tuple[int, int]],
+              modules: Callable[[], Mapping[str, str]], names: list[str]) -> None:
+        """Read the run counts and the modules' readiness when scraped."""
+        self.running.set_function(lambda: counts()[0])
+        self.queued.set_function(lambda: counts()[1])
+        for name in names:
+            self.module_ready.labels(name).set_function(_ready(modules, name))
+
+    def request(self, method: str, route: str, status: int, seconds: float) -> None:
+        """An HTTP request was answered."""
+        label = method if method in _METHODS else "other"
+        self.http_requests.labels(label, route, str(status)).inc()
+        self.http_duration.labels(route).observe(seconds)
+
+    def run(self, module: str, operation: str, status: str, seconds: float | None) -> None:
+        """A run ended."""
+        self.runs.labels(module, operation, status).inc()
+        if seconds is not None:
+            self.run_duration.labels(module, operation).observe(seconds)
+
+    def render(self) -> bytes:
+        """The text format a Prometheus server scrapes."""
+        return bytes(generate_latest(self.registry))
+
+
+def _ready(modules: Callable[[], Mapping[str, str]], name: str) -> Callable[[], float]:
+    return lambda: 1.0 if modules().get(name) == "ready" else 0.0

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import metrics, render
+from . import docs, metrics, render
 from .auth import Principal
 from .errors import BadRequest, MethodNotAllowed, NotFound, Unavailable
 from .execute import Applied
@@ -53,6 +53,14 @@ def route(h: RequestHandler) -> Reply | None:
             problem.extra.update(render.readiness(report))
             raise problem
         return Reply(200, {"status": "ready", **render.readiness(report)})
+    if parts == ["openapi.json"]:
+        allow(h, "GET")
+        svc = h.server.service
+        return Reply(200, svc.api.document(svc.modules, _reader(h)))
+    if parts[:1] == ["docs"]:
+        allow(h, "GET")
+        _docs(h, "/".join(parts[1:]))
+        return None
     principal = h.server.authenticator.authenticate(h.headers.get("Authorization"))
     h.principal = principal
     if parts == ["metrics"]:
@@ -69,6 +77,29 @@ def route(h: RequestHandler) -> Reply | None:
     if parts[0] == "runs":
         return _runs_route(h, principal, parts[1:])
     return _module_route(h, principal, parts)
+
+
+def _reader(h: RequestHandler) -> Principal | None:
+    """Who reads the API's document: the token's principal, or None for a caller without
+    a token while auth is on (it sees no module, and the docs page can load the document
+    before the caller authorizes)."""
+    authorization = h.headers.get("Authorization")
+    if authorization is None and h.server.config.auth == "jwt":
+        return None
+    return h.server.authenticator.authenticate(authorization)
+
+
+def _docs(h: RequestHandler, name: str) -> None:
+    """The docs page and its files, with the page's Content-Security-Policy."""
+    found = docs.asset(name)
+    if found is None:
+        raise NotFound(f"nothing at {h.url_path[:100]}")
+    headers = {"Content-Security-Policy": docs.content_security_policy(
+        h.server.config.auth_settings.token_url if h.server.config.auth == "jwt" else ""),
+        "Referrer-Policy": "no-referrer"}
+    if found.cacheable:
+        headers["Cache-Control"] = "public, max-age=3600"
+    h.send_bytes(200, found.data, found.content_type, headers)
 
 
 _RUN_ROUTES = {"events", "cancel", "apply"}

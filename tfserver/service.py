@@ -38,6 +38,7 @@ from .logs import audit_log
 from .metrics import Metrics
 from .modules import Module
 from .names import check_instance_name, check_tenant_key, split_workspace, workspace_name
+from .openapi import ApiDescription, DocSettings
 from .policy import Policy, parse_ttl
 from .runs import Run, RunProblem, Runs
 from .runstore import ACTIVE, RunRecord, RunStore, new_run_id
@@ -167,6 +168,8 @@ class Service:
                                  plan_ttl=config.plan_ttl, max_workers=config.max_runs)
         self.reaper = Reaper(self.expiries, self._reap, self._run_status,
                              replica=self.runs.replica, interval=config.reap_interval)
+        #: The modules' OpenAPI description, each module's part made once (openapi.py).
+        self.api = ApiDescription(DocSettings.from_config(config))
 
     # -- start-up ---------------------------------------------------------------------
 

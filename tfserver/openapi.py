@@ -622,6 +622,13 @@ def base_document(settings: DocSettings) -> dict[str, Any]:
             "responses": _answers(settings, {"200": {
                 "description": "The page.", "content": {"text/html": {
                     "schema": {"type": "string"}}}}}, authenticated=False)}},
+        "/metrics": {"get": {
+            "operationId": "get_metrics", "tags": server,
+            "summary": "Prometheus metrics (admin when auth is on)",
+            **_security(settings, f"{settings.scope_prefix}/admin"),
+            "responses": _answers(settings, {"200": {
+                "description": "The Prometheus text format.", "content": {"text/plain": {
+                    "schema": {"type": "string"}}}}}, *((403,) if settings.auth else ()))}},
         "/runs": {"get": {
             "operationId": "list_runs", "summary": "The caller's runs (admin: all), newest "
             "first", "tags": runs, **anyone,

@@ -98,22 +98,37 @@ def serve(parts: Parts) -> int:
     server = parts.server
     config = server.config
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        if server.stopping.is_set():
+    signals = 0
+    mutex = threading.Lock()
+
+    def stop(signum: int) -> None:
+        nonlocal signals
+        with mutex:
+            signals += 1
+            first = signals == 1
+        if not first:
             logger.warning("second signal: interrupting terraform runs now")
             server.service.runner.interrupt_all()
             return
         logger.info("signal %s: stopping; runs in flight may take up to %gs",
                     signal.Signals(signum).name, config.shutdown_grace)
         server.stopping.set()
-        # shutdown() waits for serve_forever to return: never call it from its own thread.
-        threading.Thread(target=server.shutdown, name="shutdown", daemon=True).start()
+        server.shutdown()  # waits for serve_forever to return (in the main thread)
 
-    def on_hangup(signum: int, frame: FrameType | None) -> None:
+    def hang_up() -> None:
         if server.certificates is None or config.tls_cert is None or config.tls_key is None:
             logger.info("SIGHUP: no TLS files to reload (TFSERVER_TLS_CERT/KEY are not set)")
             return
         server.certificates.reload(config.tls_cert, config.tls_key)
+
+    # Signal handlers only start a thread: logging (or any I/O) inside a handler can land
+    # in the middle of the main thread's own write to stderr and fail as a reentrant call,
+    # which lost the signal.
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        threading.Thread(target=stop, args=(signum,), name="stop", daemon=True).start()
+
+    def on_hangup(signum: int, frame: FrameType | None) -> None:
+        threading.Thread(target=hang_up, name="reload-tls", daemon=True).start()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)

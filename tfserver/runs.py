@@ -126,43 +126,23 @@ class Runs:
         self.on_finish = on_finish
         self._mutex = threading.Lock()
         self._live: dict[str, Run] = {}
-        self._stop = threading.Event()
-        self._beat: threading.Thread | None = None
-        self._all_leftovers = False
-        self._leftovers_done = True
+        self.keeper = Keeper(self)
 
     # -- start and stop ---------------------------------------------------------------
 
     def start(self, *, all_leftovers: bool = False) -> None:
         """Mark this replica's leftover runs lost (every leftover, when the store is this
-        server's alone), then beat in the background."""
-        self._all_leftovers = all_leftovers
-        self._leftovers_done = False
-        self._mark_leftovers()
-        self._beat = threading.Thread(target=self._beat_loop, name="runs-heartbeat",
-                                      daemon=True)
-        self._beat.start()
+        server's alone), then keep the store up to date in the background."""
+        self.keeper.all_leftovers = all_leftovers
+        self.keeper.mark_leftovers()
+        self.keeper.start()
 
-    def _mark_leftovers(self) -> None:
-        """Mark lost the runs an earlier process of this replica left active (retried by
-        the heartbeat while the backend cannot be reached)."""
-        try:
-            for tenant, module, run_id in self.store.active():
-                if not self._all_leftovers and \
-                        self.store.active_replica(tenant, module, run_id) != self.replica:
-                    continue
-                if self.local(run_id) is not None:
-                    continue
-                record = self.store.get(run_id)
-                if record is not None and record.active:
-                    logger.warning("run %s was left %s by an earlier start; marked lost",
-                                   run_id, record.status)
-                    record.status, record.finished_at = "lost", self.clock()
-                    record.queue_position = None
-                    self.store.save(record)
-            self._leftovers_done = True
-        except TFServerError as e:
-            logger.warning("leftover runs not checked yet: %s", e.detail)
+    def stop(self) -> None:
+        """Stop the heartbeat (after the last run ended) and store what is left."""
+        self.keeper.stop_event.set()
+        if self.keeper.is_alive():
+            self.keeper.join(5)
+        self.keeper.flush_all()
 
     def close_queues(self) -> int:
         """Refuse new runs and cancel every queued one (the server is stopping)."""
@@ -185,13 +165,6 @@ class Runs:
             if left <= 0:
                 return False
             live[0].done.wait(min(left, 0.5))
-
-    def stop(self) -> None:
-        """Stop the heartbeat (after the last run ended)."""
-        self._stop.set()
-        if self._beat is not None:
-            self._beat.join(5)
-        self._flush_all()
 
     # -- submitting -------------------------------------------------------------------
 
@@ -257,7 +230,7 @@ class Runs:
         run.emit("finished", status=record.status, changes=record.changes,
                  problem=record.problem)
         try:
-            self._flush(run, final=True)
+            self.keeper.flush(run, final=True)
         except TFServerError as e:
             logger.error("run %s: its final record could not be stored: %s", record.id, e)
         if run.ticket is not None:
@@ -319,47 +292,6 @@ class Runs:
                 continue
         return found
 
-    def follow(self, run_id: str, after: int = 0) -> Iterator[list[dict[str, Any]]]:
-        """Batches of events after `after`: the stored ones, then live ones as they
-        come, until the run's `finished` event; an empty batch means "still waiting"."""
-        run = self.local(run_id)
-        if run is not None:
-            yield from self._follow_local(run, after)
-            return
-        yield from self._follow_stored(run_id, after)
-
-    def _follow_local(self, run: Run, after: int) -> Iterator[list[dict[str, Any]]]:
-        seq = after
-        while True:
-            batch = run.events_after(seq, FOLLOW_IDLE)
-            if batch:
-                seq = batch[-1]["seq"]
-                yield batch
-            if any(e["type"] == "finished" for e in batch):
-                return
-            if run.done.is_set() and len(run.events) <= seq:
-                return
-
-    def _follow_stored(self, run_id: str, after: int) -> Iterator[list[dict[str, Any]]]:
-        seq = after
-        idle = 0.0
-        while True:
-            events = [e for e in self.store.get_events(run_id) if e.get("seq", 0) > seq]
-            if events:
-                seq = events[-1]["seq"]
-                idle = 0.0
-                yield events
-                if any(e.get("type") == "finished" for e in events):
-                    return
-            record = self.record(run_id)
-            if record.status == "lost" or (record.status in ENDED and not events):
-                return
-            time.sleep(FOLLOW_POLL)
-            idle += FOLLOW_POLL
-            if idle >= FOLLOW_IDLE:
-                idle = 0.0
-                yield []
-
     # -- cancel -----------------------------------------------------------------------
 
     def cancel(self, run_id: str, *, force: bool) -> RunRecord:
@@ -375,6 +307,23 @@ class Runs:
             return record
         self._cancel_local(run, force)
         return self.record(run_id)
+
+    def follow(self, run_id: str, after: int = 0) -> Iterator[list[dict[str, Any]]]:
+        """Batches of events after `after`: the stored ones, then live ones as they
+        come, until the run's `finished` event; an empty batch means "still waiting"."""
+        run = self.local(run_id)
+        if run is not None:
+            return _follow_local(run, after)
+        return _follow_stored(self, run_id, after)
+
+    def live(self) -> list[Run]:
+        """The runs this replica holds now."""
+        with self._mutex:
+            return list(self._live.values())
+
+    def cancel_local(self, run: Run, force: bool) -> None:
+        """Cancel a run this replica holds (see `cancel`)."""
+        self._cancel_local(run, force)
 
     def _cancel_local(self, run: Run, force: bool) -> None:
         if run.done.is_set():
@@ -394,62 +343,127 @@ class Runs:
             run.cancel_asked_at = now
         run.emit("canceling", force=force or second)
 
-    # -- heartbeat --------------------------------------------------------------------
+    def _run_of(self, ticket: Ticket) -> Run | None:
+        with self._mutex:
+            return next((r for r in self._live.values() if r.ticket is ticket), None)
 
-    def _beat_loop(self) -> None:
+
+def _follow_local(run: Run, after: int) -> Iterator[list[dict[str, Any]]]:
+    """A run of this replica: events as they are emitted (no polling)."""
+    seq = after
+    while True:
+        batch = run.events_after(seq, FOLLOW_IDLE)
+        if batch:
+            seq = batch[-1]["seq"]
+            yield batch
+        if any(e["type"] == "finished" for e in batch):
+            return
+        if run.done.is_set() and len(run.events) <= seq:
+            return
+
+
+def _follow_stored(runs: Runs, run_id: str, after: int) -> Iterator[list[dict[str, Any]]]:
+    """A run of another replica: its stored event log, read every FOLLOW_POLL seconds."""
+    seq = after
+    idle = 0.0
+    while True:
+        events = [e for e in runs.store.get_events(run_id) if e.get("seq", 0) > seq]
+        if events:
+            seq = events[-1]["seq"]
+            idle = 0.0
+            yield events
+            if any(e.get("type") == "finished" for e in events):
+                return
+        record = runs.record(run_id)
+        if record.status == "lost" or (record.status in ENDED and not events):
+            return
+        time.sleep(FOLLOW_POLL)
+        idle += FOLLOW_POLL
+        if idle >= FOLLOW_IDLE:
+            idle = 0.0
+            yield []
+
+
+class Keeper(threading.Thread):
+    """Keeps this replica's runs in the store: every `heartbeat` seconds it writes each
+    active run's record (a fresh heartbeat) and new events, acts on cancels other replicas
+    left, and hourly deletes what is past its retention."""
+
+    def __init__(self, runs: Runs) -> None:
+        super().__init__(name="runs-heartbeat", daemon=True)
+        self.runs = runs
+        self.store = runs.store
+        self.stop_event = threading.Event()
+        self.all_leftovers = False
+        self._leftovers_done = False
+
+    def run(self) -> None:
+        """Beat until stopped."""
         next_purge = 0.0
-        while not self._stop.wait(self.heartbeat):
+        while not self.stop_event.wait(self.runs.heartbeat):
             try:
                 if not self._leftovers_done:
-                    self._mark_leftovers()
-                self._beat_once()
+                    self.mark_leftovers()
+                self.beat()
                 if time.monotonic() >= next_purge:
                     next_purge = time.monotonic() + 3600.0
-                    self.store.purge(runs_before=self.clock() - self.retention,
-                                     now=self.clock())
+                    now = self.runs.clock()
+                    self.store.purge(runs_before=now - self.runs.retention, now=now)
             except TFServerError as e:
                 logger.warning("run heartbeat: the backend failed: %s", e.detail)
 
-    def _beat_once(self) -> None:
+    def mark_leftovers(self) -> None:
+        """Mark lost the runs an earlier process of this replica left active (retried by
+        the heartbeat while the backend cannot be reached)."""
+        try:
+            for tenant, module, run_id in self.store.active():
+                if not self.all_leftovers and self.store.active_replica(
+                        tenant, module, run_id) != self.runs.replica:
+                    continue
+                if self.runs.local(run_id) is not None:
+                    continue
+                record = self.store.get(run_id)
+                if record is not None and record.active:
+                    logger.warning("run %s was left %s by an earlier start; marked lost",
+                                   run_id, record.status)
+                    record.status, record.finished_at = "lost", self.runs.clock()
+                    record.queue_position = None
+                    self.store.save(record)
+            self._leftovers_done = True
+        except TFServerError as e:
+            logger.warning("leftover runs not checked yet: %s", e.detail)
+
+    def beat(self) -> None:
         """Write every active run's record and new events; act on cancels left by other
         replicas."""
-        with self._mutex:
-            live = list(self._live.values())
-        for run in live:
+        for run in self.runs.live():
             if run.done.is_set() or run.record.status not in ("queued", "running"):
                 continue
             if run.record.status == "running" or not run.sync:
-                self._flush(run)
+                self.flush(run)
             forced = self.store.cancel_request(run.record.id)
             if forced is not None:
                 with contextlib.suppress(Conflict):  # it ended meanwhile
-                    self._cancel_local(run, forced)
+                    self.runs.cancel_local(run, forced)
 
-    def _flush(self, run: Run, *, final: bool = False) -> None:
+    def flush(self, run: Run, *, final: bool = False) -> None:
         """Store the run's record (with a fresh heartbeat) and its events if new ones came."""
         with run._store_lock:
             if run._final:
                 return
             run._final = final
             record = run.record
-            record.heartbeat_at = self.clock()
+            record.heartbeat_at = self.runs.clock()
             if run.ticket is not None and record.status == "queued":
-                record.queue_position = self.scheduler.position(run.ticket)
+                record.queue_position = self.runs.scheduler.position(run.ticket)
             count = len(run.events)
             if count != run._flushed:
                 self.store.put_events(record.id, run.events[:count])
                 run._flushed = count
             self.store.save(replace(record))
 
-    def _flush_all(self) -> None:
-        with self._mutex:
-            live = list(self._live.values())
-        for run in live:
-            try:
-                self._flush(run)
-            except TFServerError:
-                continue
-
-    def _run_of(self, ticket: Ticket) -> Run | None:
-        with self._mutex:
-            return next((r for r in self._live.values() if r.ticket is ticket), None)
+    def flush_all(self) -> None:
+        """Store every run this replica holds (at stop)."""
+        for run in self.runs.live():
+            with contextlib.suppress(TFServerError):
+                self.flush(run)

@@ -27,8 +27,12 @@ lint: $(TEST_STAMP)
 	$(BIN)/ruff check tfserver tests bench
 	$(BIN)/mypy tfserver
 
+# The suite's files run in parallel (each file's tests in one worker: their servers are
+# module fixtures); most of the time is spent waiting on terraform and sockets.
+JOBS ?= 3
+
 test: lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(JOBS) --dist loadfile
 
 bench: $(TEST_STAMP)
 	$(BIN)/python bench/bench.py

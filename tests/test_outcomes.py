@@ -106,8 +106,8 @@ CASES = [
 
 def sync(svc: Service, submitted: Any) -> Any:
     """What the synchronous call answers: wait for the run, then its outcome or error."""
-    assert svc.wait(submitted, 30)
-    return svc.result(LOCAL, submitted)
+    assert svc.history.wait(submitted, 30)
+    return svc.history.result(LOCAL, submitted)
 
 
 @pytest.fixture()

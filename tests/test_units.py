@@ -353,3 +353,23 @@ def test_var_dirs_of_dead_servers_are_removed(tmp_path: Path) -> None:
     other.mkdir()
     remove_orphan_var_dirs(tmp_path)
     assert not orphan.exists() and alive.exists() and other.exists()
+
+
+@pytest.mark.parametrize(
+    ("peer", "forwarded", "expected"),
+    [
+        ("203.0.113.9", ["198.51.100.7"], "203.0.113.9"),  # not a proxy: header ignored
+        ("10.0.0.2", ["198.51.100.7"], "198.51.100.7"),
+        ("10.0.0.2", ["198.51.100.7, 10.0.0.3"], "198.51.100.7"),  # trusted hops skipped
+        ("10.0.0.2", ["1.2.3.4", "198.51.100.7"], "198.51.100.7"),  # the last untrusted
+        ("10.0.0.2", ["not-an-address"], "10.0.0.2"),  # unreadable: not believed
+        ("10.0.0.2", [], "10.0.0.2"),
+        ("10.0.0.2", ["10.0.0.4"], "10.0.0.2"),
+        ("10.0.0.2", ["2001:db8::1"], "2001:db8::1"),
+    ],
+)
+def test_client_address_behind_trusted_proxies(peer: str, forwarded: list[str],
+                                               expected: str) -> None:
+    from tfserver.connections import client_address
+
+    assert client_address(peer, forwarded, lambda a: a.startswith("10.")) == expected

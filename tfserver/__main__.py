@@ -97,7 +97,27 @@ def serve(parts: Parts) -> int:
     """Serve until SIGTERM or SIGINT, then stop gracefully; returns the exit status."""
     server = parts.server
     config = server.config
+    _install_signals(parts)
+    server.service.start()
+    if parts.renewer is not None:
+        parts.renewer.start()
+    logger.info(
+        "serving %s on %s (auth %s, backend %s)", ", ".join(server.service.modules),
+        server.url, config.auth, config.backend.name,
+        extra={"modules": list(server.service.modules), "url": server.url,
+               "state_dir": str(config.state_dir)},
+    )
+    server.serve_forever(poll_interval=0.2)
+    _stop(parts)
+    logger.info("stopped")
+    return 0
 
+
+def _install_signals(parts: Parts) -> None:
+    """SIGTERM and SIGINT stop (a second one interrupts the runs); SIGHUP reloads TLS
+    files (without a handler it would end the server)."""
+    server = parts.server
+    config = server.config
     signals = 0
     mutex = threading.Lock()
 
@@ -121,9 +141,9 @@ def serve(parts: Parts) -> int:
             return
         server.certificates.reload(config.tls_cert, config.tls_key)
 
-    # Signal handlers only start a thread: logging (or any I/O) inside a handler can land
-    # in the middle of the main thread's own write to stderr and fail as a reentrant call,
-    # which lost the signal.
+    # Handlers only start a thread: logging (or any I/O) inside a handler can land in the
+    # middle of the main thread's own write to stderr and fail as a reentrant call, which
+    # lost the signal.
     def on_signal(signum: int, frame: FrameType | None) -> None:
         threading.Thread(target=stop, args=(signum,), name="stop", daemon=True).start()
 
@@ -132,18 +152,14 @@ def serve(parts: Parts) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    # Without a handler SIGHUP would end the server; with one it reloads TLS files.
     signal.signal(signal.SIGHUP, on_hangup)
-    server.service.start()
-    if parts.renewer is not None:
-        parts.renewer.start()
-    logger.info(
-        "serving %s on %s (auth %s, backend %s)", ", ".join(server.service.modules),
-        server.url, config.auth, config.backend.name,
-        extra={"modules": list(server.service.modules), "url": server.url,
-               "state_dir": str(config.state_dir)},
-    )
-    server.serve_forever(poll_interval=0.2)
+
+
+def _stop(parts: Parts) -> None:
+    """After serve_forever: close the listener, cancel queued runs, give runs and requests
+    in flight the grace period, then interrupt what is left, and release everything."""
+    server = parts.server
+    config = server.config
     # Close the listener at once: a load balancer sees refused connections and moves on,
     # instead of connections that wait unaccepted and are reset at exit.
     server.socket.close()
@@ -165,8 +181,6 @@ def serve(parts: Parts) -> int:
         server.wait_idle(config.kill_grace + 5)
     server.server_close()
     server.service.close()
-    logger.info("stopped")
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,6 +12,7 @@ limits each read, not the request).
 from __future__ import annotations
 
 import io
+import ipaddress
 import socket
 import threading
 import time
@@ -92,3 +93,20 @@ class DeadlineReader(io.RawIOBase):
             timeout = min(timeout, left)
         self.sock.settimeout(timeout)
         return self.sock.recv_into(buffer)
+
+
+def client_address(peer: str, forwarded: list[str], trusted: Callable[[str], bool]) -> str:
+    """The client's address: the peer's, or when the peer is a trusted proxy, the last
+    address of `X-Forwarded-For` (its header values, in order) that is not a trusted proxy
+    itself. A header that is not a list of addresses is not believed."""
+    if not trusted(peer):
+        return peer
+    hops = [hop.strip() for value in forwarded for hop in value.split(",")]
+    for hop in reversed(hops):
+        try:
+            ipaddress.ip_address(hop)
+        except ValueError:
+            return peer
+        if not trusted(hop):
+            return hop
+    return peer

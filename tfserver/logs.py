@@ -12,12 +12,18 @@ import json
 import logging
 import sys
 import time
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from .auth import Principal
+    from .runstore import RunRecord
 
 #: The id of the request the current thread serves ("-" outside a request).
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 #: Who did what, and with what outcome: never a variable's value, a token or a header.
 audit_log = logging.getLogger("tfserver.audit")
+#: A line per request.
+access_log = logging.getLogger("tfserver.access")
 
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message"}
 
@@ -69,3 +75,41 @@ def configure(level: str = "INFO", fmt: str = "auto", stream: TextIO | None = No
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+
+
+def audit_run(record: RunRecord, seconds: float | None) -> None:
+    """The audit line of a run that ended: who, what, and how it went."""
+    audit_log.info(
+        "run %s %s %s/%s: %s", record.id, record.operation, record.module, record.instance,
+        record.status,
+        extra={"event": "run",
+               "who": {"subject": record.subject, "client_id": record.client_id,
+                       "tenant": record.tenant, "address": record.client_address},
+               "what": {"module": record.module, "instance": record.instance,
+                        "operation": record.operation, "run_id": record.id,
+                        "idempotency_key": record.idempotency_key,
+                        "request_id": record.request_id},
+               "outcome": {"status": record.status, "changes": record.changes,
+                           "problem": (record.problem or {}).get("title"),
+                           "seconds": None if seconds is None else round(seconds, 3)}})
+
+
+def log_access(method: str, path: str, status: int, seconds: float, client: str,
+               tenant: str | None) -> None:
+    """The access line of a request (the path without its query: a token could be there)."""
+    access_log.info("%s %s %s", method, path[:200], status,
+                    extra={"method": method, "path": path[:200], "status": status,
+                           "duration_ms": round(seconds * 1000, 1), "client": client,
+                           "tenant": tenant})
+
+
+def audit_request(who: Principal | None, address: str, *, status: int, title: str | None,
+                  what: dict[str, Any]) -> None:
+    """The audit line of a state-changing request (refused ones too)."""
+    audit_log.info(
+        "%s %s: %s", what.get("method"), what.get("route"), status,
+        extra={"event": "request",
+               "who": {"subject": who.subject if who else None,
+                       "client_id": who.client_id if who else None,
+                       "tenant": who.tenant_key if who else None, "address": address},
+               "what": what, "outcome": {"status": status, "title": title}})

@@ -6,9 +6,11 @@ import time
 from typing import Any
 from urllib.parse import urlencode
 
+from .catalog import InstanceView, ModuleView
 from .execute import Applied, Destroyed, Planned
+from .history import RunPage
 from .runstore import RunRecord, rfc3339
-from .service import InstanceView, ModuleView, Readiness, RunPage, Unlocked
+from .service import Readiness, Unlocked
 
 Result = Applied | Planned | Destroyed | InstanceView | ModuleView | Unlocked
 

@@ -17,7 +17,8 @@ from . import docs, metrics, render
 from .auth import Principal
 from .errors import BadRequest, MethodNotAllowed, NotFound, Unavailable
 from .execute import Applied
-from .service import Idempotency, Origin, Submitted
+from .history import Idempotency, Submitted
+from .service import Origin
 
 if TYPE_CHECKING:
     from .server import RequestHandler
@@ -73,7 +74,7 @@ def route(h: RequestHandler) -> Reply | None:
         allow(h, "GET")
         return Reply(200, {"modules": [{"name": m.name, "href": f"/{m.name}",
                                         "description": m.description}
-                                       for m in h.server.service.index(principal)]})
+                                       for m in h.server.service.catalog.index(principal)]})
     if parts[0] == "runs":
         return _runs_route(h, principal, parts[1:])
     return _module_route(h, principal, parts)
@@ -146,22 +147,22 @@ def _module_route(h: RequestHandler, principal: Principal, parts: list[str]) -> 
     module = parts[0]
     if len(parts) == 1:
         allow(h, "GET", "POST", "DELETE")
-        svc.module(module)
+        svc.catalog.module(module)
         return _instance(h, principal, module, "default", named=False)
     if len(parts) == 2:
         allow(h, "GET", "PUT", "DELETE")
-        svc.module(module)
+        svc.catalog.module(module)
         return _instance(h, principal, module, parts[1], named=True)
     if len(parts) == 3 and parts[2] == "lock":
         allow(h, "DELETE")
-        svc.module(module)
+        svc.catalog.module(module)
         body = h.read_body(required=True)
         lock_id = body.get("lock_id") if isinstance(body, dict) else None
         return Reply(200, render.render(svc.force_unlock(principal, module, parts[1], lock_id,
                                                          tenant=h.param("tenant"))))
     if len(parts) == 3 and parts[2] == "runs":
         allow(h, "GET")
-        page = svc.list_runs(principal, module=module, instance=parts[1],
+        page = svc.history.list_runs(principal, module=module, instance=parts[1],
                              tenant=h.param("tenant"), limit=_limit(h),
                              after=h.param("before") or "")
         return Reply(200, render.run_page(page, f"/{module}/{parts[1]}/runs",
@@ -175,9 +176,9 @@ def _instance(h: RequestHandler, principal: Principal, module: str, instance: st
     svc = h.server.service
     if h.command in ("GET", "HEAD"):
         if named:
-            return Reply(200, render.render(svc.show(principal, module, instance,
+            return Reply(200, render.render(svc.catalog.show(principal, module, instance,
                                                      h.param("tenant"))))
-        return Reply(200, render.render(svc.describe(principal, module)))
+        return Reply(200, render.render(svc.catalog.describe(principal, module)))
     dry_run = h.flag("dry_run")
     asynchronous, wait = prefer(h)
     if h.command == "DELETE":
@@ -198,15 +199,15 @@ def _answer(h: RequestHandler, principal: Principal, submitted: Submitted,
     """The run's outcome when it ends within the wait (None: as long as it takes), else
     202 with its record."""
     svc = h.server.service
-    if not svc.wait(submitted, wait):
-        record = svc.record(principal, submitted.run_id)
+    if not svc.history.wait(submitted, wait):
+        record = svc.history.record(principal, submitted.run_id)
         applied = [p for p in ("respond-async", f"wait={int(wait or 0)}")
                    if p in h.preferences]
         headers = {"Location": f"/runs/{submitted.run_id}"}
         if applied:
             headers["Preference-Applied"] = ", ".join(applied)
         return Reply(202, render.run(record, principal.tenant_key), headers)
-    outcome = svc.result(principal, submitted)
+    outcome = svc.history.result(principal, submitted)
     headers = {}
     if wait is not None and f"wait={int(wait)}" in h.preferences:
         headers["Preference-Applied"] = f"wait={int(wait)}"
@@ -220,14 +221,14 @@ def _runs_route(h: RequestHandler, principal: Principal, rest: list[str]) -> Rep
     svc = h.server.service
     if not rest:
         allow(h, "GET")
-        page = svc.list_runs(principal, module=h.param("module"), status=h.param("status"),
+        page = svc.history.list_runs(principal, module=h.param("module"), status=h.param("status"),
                              limit=_limit(h), after=h.param("before") or "")
         return Reply(200, render.run_page(page, "/runs", _kept(h, "module", "status",
                                                                 "limit")))
     run_id = rest[0]
     if len(rest) == 1:
         allow(h, "GET")
-        return Reply(200, render.run(svc.record(principal, run_id), principal.tenant_key))
+        return Reply(200, render.run(svc.history.record(principal, run_id), principal.tenant_key))
     if rest[1:] == ["events"]:
         allow(h, "GET")
         _stream(h, principal, run_id)
@@ -235,7 +236,7 @@ def _runs_route(h: RequestHandler, principal: Principal, rest: list[str]) -> Rep
     if rest[1:] == ["cancel"]:
         allow(h, "POST")
         h.read_body(required=False)
-        record = svc.cancel(principal, run_id, force=h.flag("force"))
+        record = svc.history.cancel(principal, run_id, force=h.flag("force"))
         return Reply(202, render.run(record, principal.tenant_key))
     if rest[1:] == ["apply"]:
         allow(h, "POST")
@@ -253,7 +254,7 @@ def _stream(h: RequestHandler, principal: Principal, run_id: str) -> None:
     after_text = (h.headers.get("Last-Event-ID") if sse else None) or h.param("after") or "0"
     if not after_text.isascii() or not after_text.isdigit() or len(after_text) > 9:
         raise BadRequest("Last-Event-ID and ?after= take an event's seq number")
-    batches = h.server.service.follow(principal, run_id, int(after_text))
+    batches = h.server.service.history.follow(principal, run_id, int(after_text))
     write = h.start_stream("text/event-stream" if sse else "application/x-ndjson")
     if write is None:
         return  # HEAD

@@ -207,34 +207,37 @@ class Runs:
         if run.sync:
             self._store_new(run)
         run.emit("started")
+        status = "failed"
         try:
             run.result = run.job(run)
-            record.status = "succeeded"
+            status = "succeeded"
         except TFServerError as e:
             run.error = e
-            record.status = "canceled" if run.control.reason == "cancel" else "failed"
-            record.problem = e.problem()
+            status = "canceled" if run.control.reason == "cancel" else "failed"
         except Exception:
             logger.exception("run %s failed unexpectedly", record.id)
             run.error = TFServerError(f"the run failed unexpectedly; see the server log for "
                                       f"run {record.id}")
-            record.status, record.problem = "failed", run.error.problem()
         finally:
-            self._finish(run)
+            self._finish(run, status)
 
-    def _finish(self, run: Run) -> None:
+    def _finish(self, run: Run, status: str) -> None:
+        """End the run: free its lane first (whoever sees it ended may use the instance at
+        once), then its record, its `finished` event, the store, the listeners."""
         record = run.record
         record.finished_at = self.clock()
+        if run.ticket is not None:
+            self.scheduler.finish(run.ticket)
+        if run.error is not None:
+            record.problem = run.error.problem()
         if run.control.killed:
             record.cancel, record.state_may_be_locked = "forced", True
-        run.emit("finished", status=record.status, changes=record.changes,
-                 problem=record.problem)
+        record.status = status
+        run.emit("finished", status=status, changes=record.changes, problem=record.problem)
         try:
             self.keeper.flush(run, final=True)
         except TFServerError as e:
             logger.error("run %s: its final record could not be stored: %s", record.id, e)
-        if run.ticket is not None:
-            self.scheduler.finish(run.ticket)
         if self.on_finish is not None:
             try:
                 self.on_finish(replace(record))
@@ -247,11 +250,9 @@ class Runs:
 
     def _end_unstarted(self, run: Run, status: str, detail: str) -> None:
         """End a run that never started (canceled while queued)."""
-        run.record.status = status
         run.record.queue_position = None
         run.error = Conflict(detail, retry_after=1)
-        run.record.problem = run.error.problem()
-        self._finish(run)
+        self._finish(run, status)
 
     # -- reading ----------------------------------------------------------------------
 
@@ -275,6 +276,31 @@ class Runs:
             record.status = "lost"
             record.state_may_be_locked = record.started_at is not None
         return record
+
+    def page(self, *, tenant: str | None, module: str | None, instance: str | None,
+             after: str, limit: int, keep: Callable[[RunRecord], bool]
+             ) -> tuple[list[RunRecord], str | None]:
+        """Up to `limit` records that `keep` accepts, newest first, after the run id
+        `after`: a tenant's (or everyone's, `tenant` None), of a module or an instance;
+        and the id to continue after, or None at the end. Scans at most 2,000 runs."""
+        found: list[RunRecord] = []
+        cursor = after
+        scanned = 0
+        while len(found) < limit and scanned < 2000:
+            ids = self.store.ids(tenant=tenant, module=module, instance=instance,
+                                 after=cursor, limit=100)
+            if not ids:
+                return found, None
+            scanned += len(ids)
+            cursor = ids[-1]
+            for record in self.records(ids):
+                if (module is None or record.module == module) and keep(record):
+                    found.append(record)
+                    if len(found) == limit:
+                        return found, record.id
+            if len(ids) < 100:
+                return found, None
+        return found, cursor
 
     def in_flight(self, tenant: str, module: str) -> list[RunRecord]:
         """The tenant's runs of the module that are queued or running on any replica

@@ -27,7 +27,7 @@ from urllib.parse import parse_qs, urlsplit
 from . import __version__
 from .auth import Authenticator, Principal
 from .config import Config, Network, parse_bool
-from .connections import ConnectionLimits, DeadlineReader
+from .connections import ConnectionLimits, DeadlineReader, client_address
 from .errors import (
     BadRequest,
     LengthRequired,
@@ -37,13 +37,12 @@ from .errors import (
     UnsupportedMediaType,
 )
 from .jsonbody import parse_body
-from .logs import audit_log, request_id
+from .logs import audit_request, log_access, request_id
 from .routes import route, template
 from .service import Service
 from .tls import Certificates
 
 logger = logging.getLogger(__name__)
-access_log = logging.getLogger("tfserver.access")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 PROBLEM = "application/problem+json"
@@ -158,8 +157,10 @@ class TFServer(ThreadingHTTPServer):
         return f"{scheme}://{host!s}:{port}"
 
 
-class RequestHandler(BaseHTTPRequestHandler):
-    """One connection: HTTP/1.1 with keep-alive; every answer has a Content-Length."""
+class Connection(BaseHTTPRequestHandler):
+    """One connection, HTTP/1.1 with keep-alive: requests read within their limits (a
+    deadline for head and body, one plain Content-Length, a bounded body), and answers
+    written with their length and the headers every answer carries, or as a stream."""
 
     protocol_version = "HTTP/1.1"
     # Headers and body leave in one write (http.server flushes after each request), and
@@ -209,28 +210,6 @@ class RequestHandler(BaseHTTPRequestHandler):
             return False
         return True
 
-    def handle_expect_100(self) -> bool:
-        """`Expect: 100-continue`: 100 only for a body that will be read; a body over the
-        limit gets its 413 before the client sends it."""
-        length = self.headers.get("Content-Length", "")
-        if length.isascii() and length.strip().isdigit() and \
-                int(length) > self.server.config.max_body:
-            self.close_connection = True
-            self.send_problem(PayloadTooLarge(
-                f"the body is {int(length)} bytes; the limit is {self.server.config.max_body}"))
-            self._log_access(0.0)
-            return False
-        ok = super().handle_expect_100()
-        self.wfile.flush()  # the 100 must reach the client before it sends the body
-        return ok
-
-    # Every method goes through `dispatch`, so unknown ones get 405 rather than 501.
-    def do_GET(self) -> None:
-        """Serve GET."""
-        self.dispatch()
-
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_GET  # noqa: N815
-
     def version_string(self) -> str:
         """The Server header: the product only, not the Python version."""
         return f"tfserver/{__version__}"
@@ -248,6 +227,186 @@ class RequestHandler(BaseHTTPRequestHandler):
         logger.warning("http: %s", " ".join(word.split("?")[0] for word in text.split())[:300])
 
     # -- the request ------------------------------------------------------------------
+
+    def _check_framing(self) -> None:
+        """One plain Content-Length, or none (RFC 9112 §6.3): anything else could make a
+        proxy and this server disagree on where the next request starts (smuggling)."""
+        lengths = self.headers.get_all("Content-Length") or []
+        if len(lengths) > 1:
+            self.close_connection = True
+            raise BadRequest("more than one Content-Length header")
+        if lengths and not (lengths[0].strip().isascii() and lengths[0].strip().isdigit()):
+            self.close_connection = True
+            raise BadRequest("Content-Length is not a number")
+        self.connection.settimeout(self.server.config.read_timeout)
+
+    def _drain(self) -> None:
+        """Read (and drop) a bounded part of an unread body after the answer, so that the
+        client can read the answer (closing with unread data resets the connection)."""
+        length = self.headers.get("Content-Length", "")
+        left = min(int(length), DRAIN_LIMIT) if length.isascii() and length.isdigit() \
+            else DRAIN_LIMIT
+        with contextlib.suppress(OSError, ValueError):
+            self.connection.shutdown(socket.SHUT_WR)
+            self.reader.arm(DRAIN_SECONDS)
+            while left > 0:
+                chunk = self.rfile.read1(min(left, 1 << 16))
+                if not chunk:
+                    break
+                left -= len(chunk)
+
+    def read_body(self, *, required: bool) -> Any:
+        """The JSON body, within the size limit; an empty body is `{}`."""
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            raise LengthRequired("send the body with a Content-Length, not chunked")
+        raw_length = self.headers.get("Content-Length", "0").strip() or "0"
+        if not raw_length.isdigit():
+            self.close_connection = True
+            raise BadRequest("Content-Length is not a number")
+        length = int(raw_length)
+        if length > self.server.config.max_body:
+            # The body stays unread: the connection cannot be reused.
+            self.close_connection = True
+            raise PayloadTooLarge(
+                f"the body is {length} bytes; the limit is {self.server.config.max_body}"
+            )
+        data = self.rfile.read(length) if length else b""
+        self.reader.arm(None)  # the request is in: writes go on at the read timeout
+        self.body_consumed = True
+        self.raw_body = data
+        if len(data) != length:
+            self.close_connection = True
+            raise BadRequest("the body ended before Content-Length bytes")
+        if not required:
+            return None
+        if not data.strip():
+            return {}
+        kind = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if kind not in _JSON_TYPES:
+            raise UnsupportedMediaType(
+                f"send the variables as application/json, not {kind[:60] or 'no type'}"
+            )
+        return parse_body(data, max_depth=self.server.config.max_depth)
+
+    # -- answers ----------------------------------------------------------------------
+
+    def send_json(self, status: int, body: dict[str, Any],
+                  content_type: str = "application/json",
+                  headers: dict[str, str] | None = None) -> None:
+        """Write a JSON answer (see `send_bytes`)."""
+        run = body.get("run_id") or (body.get("id") if "operation" in body else None)
+        self.audit_run = str(run) if run else None
+        self.audit_title = str(body["title"]) if content_type == PROBLEM else None
+        self.send_bytes(status, (json.dumps(body, indent=2) + "\n").encode(), content_type,
+                        headers)
+
+    def send_bytes(self, status: int, data: bytes, content_type: str,
+                   headers: dict[str, str] | None = None) -> None:
+        """Write an answer with its length, the request id and the security headers;
+        `headers` are added (and may replace a default such as `Cache-Control`). The
+        answer goes out in one write with the headers."""
+        self.status = status
+        if not self.body_consumed and (
+                self.headers.get("Transfer-Encoding")
+                or self.headers.get("Content-Length", "0").strip() not in ("", "0")):
+            # An answer given before the body was read (401, 404, 405...): the body is
+            # still in the stream and would be taken for the next request. Close instead.
+            self.close_connection = True
+        fields = {**self._fields(content_type), "Content-Length": str(len(data)),
+                  **(headers or {})}
+        if self.close_connection:
+            fields["Connection"] = "close"
+        self.send_response(status)
+        for key, value in fields.items():
+            self.send_header(key, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def _fields(self, content_type: str) -> dict[str, str]:
+        """The headers of every answer."""
+        fields = {"Content-Type": content_type, "X-Request-Id": self.request_id,
+                  "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+        if self.server.certificates is not None:
+            fields["Strict-Transport-Security"] = "max-age=31536000"
+        return fields
+
+    def answered(self, seconds: float) -> None:
+        """A hook: an answer went out (`RequestHandler` logs it and counts it)."""
+
+    def send_error(self, code: int, message: str | None = None,
+                   explain: str | None = None) -> None:
+        """Errors http.server finds itself (bad request line, unknown method, headers too
+        long): a problem document too, never an HTML page that echoes the request line."""
+        status = HTTPStatus(code)
+        self.log_error("code %d, message %s", code, message)
+        # A request line too broken to name its version still gets an HTTP/1.1 answer.
+        self.request_version = "HTTP/1.1"
+        self.close_connection = True
+        if not self.request_id:
+            self.request_id = uuid.uuid4().hex
+        error = TFServerError(status.description)
+        error.status = status
+        self.send_problem(error)
+        self.answered(0.0)
+
+    def send_problem(self, error: TFServerError) -> None:
+        """Write an RFC 9457 problem document for `error` (unless a stream has begun: then
+        the only honest answer left is to close the connection)."""
+        if self.streaming:
+            self.close_connection = True
+            logger.warning("stream ended by an error: %s", error.detail)
+            return
+        self.send_json(int(error.status), error.problem(), PROBLEM, error.headers)
+
+    def start_stream(self, content_type: str) -> Callable[[bytes], None] | None:
+        """Send a 200 whose body follows in chunks; returns the chunk writer (an empty
+        chunk ends the body), or None for HEAD."""
+        self.status = 200
+        self.send_response(200)
+        for key, value in {**self._fields(content_type), "X-Accel-Buffering": "no"}.items():
+            self.send_header(key, value)
+        if self.command == "HEAD":
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return None
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.wfile.flush()
+        self.streaming = True
+
+        def write(data: bytes) -> None:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+        return write
+
+
+class RequestHandler(Connection):
+    """A request: routed, answered, and logged (access line, metrics, audit line); the
+    one place errors become answers."""
+
+    def handle_expect_100(self) -> bool:
+        """`Expect: 100-continue`: 100 only for a body that will be read; a body over the
+        limit gets its 413 before the client sends it."""
+        length = self.headers.get("Content-Length", "")
+        if length.isascii() and length.strip().isdigit() and \
+                int(length) > self.server.config.max_body:
+            self.close_connection = True
+            self.send_problem(PayloadTooLarge(
+                f"the body is {int(length)} bytes; the limit is {self.server.config.max_body}"))
+            self.answered(0.0)
+            return False
+        ok = super().handle_expect_100()
+        self.wfile.flush()  # the 100 must reach the client before it sends the body
+        return ok
+
+    # Every method goes through `dispatch`, so unknown ones get 405 rather than 501.
+    def do_GET(self) -> None:
+        """Serve GET."""
+        self.dispatch()
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_GET  # noqa: N815
 
     def dispatch(self) -> None:
         """Route one request and answer it; the one place errors become responses."""
@@ -291,44 +450,29 @@ class RequestHandler(BaseHTTPRequestHandler):
                 self.wfile.flush()
             if self.close_connection and not self.body_consumed:
                 self._drain()
-            self._log_access(time.monotonic() - started)
+            self.answered(time.monotonic() - started)
             request_id.reset(token)
             self.server.leave()
 
-    def _log_access(self, seconds: float) -> None:
+    def answered(self, seconds: float) -> None:
         """The access line of a request (also of one http.server refused itself), its
         metrics, and for a state-changing request its audit line."""
         path = self.url_path or self.path.split("?")[0]
         method = self.command or "-"
-        tenant = self.principal.tenant_key if self.principal is not None else None
+        p = self.principal
         client = self.client_ip or self.client_address[0]
-        access_log.info(
-            "%s %s %s", method, path[:200], self.status,
-            extra={"method": method, "path": path[:200], "status": self.status,
-                   "duration_ms": round(seconds * 1000, 1), "client": client,
-                   "tenant": tenant},
-        )
+        log_access(method, path, self.status, seconds, client,
+                   p.tenant_key if p is not None else None)
         route_template, module, instance = template(path)
         self.server.service.metrics.request(method, route_template, self.status, seconds)
         if method in _CHANGING:
-            self._audit(route_template, module, instance, client)
-
-    def _audit(self, route_template: str, module: str | None, instance: str | None,
-               client: str) -> None:
-        """One line of who changed (or tried to change) what, and the outcome."""
-        p = self.principal
-        audit_log.info(
-            "%s %s: %s", self.command, route_template, self.status,
-            extra={"event": "request",
-                   "who": {"subject": p.subject if p else None,
-                           "client_id": p.client_id if p else None,
-                           "tenant": p.tenant_key if p else None, "address": client},
-                   "what": {"method": self.command, "route": route_template,
-                            "module": module, "instance": instance,
-                            "run_id": self.audit_run, "request_id": self.request_id,
-                            "idempotency_key": self._header("Idempotency-Key"),
-                            "dry_run": "dry_run" in self.query},
-                   "outcome": {"status": self.status, "title": self.audit_title}})
+            audit_request(
+                p, client, status=self.status, title=self.audit_title,
+                what={"method": method, "route": route_template, "module": module,
+                      "instance": instance, "run_id": self.audit_run,
+                      "request_id": self.request_id,
+                      "idempotency_key": self._header("Idempotency-Key"),
+                      "dry_run": "dry_run" in self.query})
 
     def _header(self, name: str) -> str | None:
         """A request header, cut short (None before headers were read)."""
@@ -337,48 +481,10 @@ class RequestHandler(BaseHTTPRequestHandler):
         return value[:255] if value else None
 
     def _client_ip(self) -> str:
-        """The client's address: the peer's, or when the peer is a trusted proxy, the
-        last address in X-Forwarded-For that is not a trusted proxy itself."""
-        peer = str(self.client_address[0])
-        if not self.server.trusted(peer):
-            return peer
-        hops = [h.strip() for v in self.headers.get_all("X-Forwarded-For") or []
-                for h in v.split(",")]
-        for hop in reversed(hops):
-            try:
-                ipaddress.ip_address(hop)
-            except ValueError:
-                return peer  # a header we cannot read is not believed
-            if not self.server.trusted(hop):
-                return hop
-        return peer
-
-    def _check_framing(self) -> None:
-        """One plain Content-Length, or none (RFC 9112 §6.3): anything else could make a
-        proxy and this server disagree on where the next request starts (smuggling)."""
-        lengths = self.headers.get_all("Content-Length") or []
-        if len(lengths) > 1:
-            self.close_connection = True
-            raise BadRequest("more than one Content-Length header")
-        if lengths and not (lengths[0].strip().isascii() and lengths[0].strip().isdigit()):
-            self.close_connection = True
-            raise BadRequest("Content-Length is not a number")
-        self.connection.settimeout(self.server.config.read_timeout)
-
-    def _drain(self) -> None:
-        """Read (and drop) a bounded part of an unread body after the answer, so that the
-        client can read the answer (closing with unread data resets the connection)."""
-        length = self.headers.get("Content-Length", "")
-        left = min(int(length), DRAIN_LIMIT) if length.isascii() and length.isdigit() \
-            else DRAIN_LIMIT
-        with contextlib.suppress(OSError, ValueError):
-            self.connection.shutdown(socket.SHUT_WR)
-            self.reader.arm(DRAIN_SECONDS)
-            while left > 0:
-                chunk = self.rfile.read1(min(left, 1 << 16))
-                if not chunk:
-                    break
-                left -= len(chunk)
+        """The client's address (see `connections.client_address`)."""
+        return client_address(str(self.client_address[0]),
+                              self.headers.get_all("X-Forwarded-For") or [],
+                              self.server.trusted)
 
     def param(self, name: str) -> str | None:
         """A query parameter's last value, if given."""
@@ -396,149 +502,6 @@ class RequestHandler(BaseHTTPRequestHandler):
             return parse_bool(values[-1])
         except ValueError:
             raise BadRequest(f"query parameter {name} must be true or false") from None
-
-    def read_body(self, *, required: bool) -> Any:
-        """The JSON body, within the size limit; an empty body is `{}`."""
-        if self.headers.get("Transfer-Encoding"):
-            self.close_connection = True
-            raise LengthRequired("send the body with a Content-Length, not chunked")
-        raw_length = self.headers.get("Content-Length", "0").strip() or "0"
-        if not raw_length.isdigit():
-            self.close_connection = True
-            raise BadRequest("Content-Length is not a number")
-        length = int(raw_length)
-        if length > self.server.config.max_body:
-            # The body stays unread: the connection cannot be reused.
-            self.close_connection = True
-            raise PayloadTooLarge(
-                f"the body is {length} bytes; the limit is {self.server.config.max_body}"
-            )
-        data = self.rfile.read(length) if length else b""
-        self.reader.arm(None)  # the request is in: writes go on at the read timeout
-        self.body_consumed = True
-        self.raw_body = data
-        if len(data) != length:
-            self.close_connection = True
-            raise BadRequest("the body ended before Content-Length bytes")
-        if not required:
-            return None
-        if not data.strip():
-            return {}
-        kind = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
-        if kind not in _JSON_TYPES:
-            raise UnsupportedMediaType(
-                f"send the variables as application/json, not {kind[:60] or 'no type'}"
-            )
-        return parse_body(data, max_depth=self.server.config.max_depth)
-
-    # -- answers ----------------------------------------------------------------------
-
-    def send_json(self, status: int, body: dict[str, Any],
-                  content_type: str = "application/json",
-                  headers: dict[str, str] | None = None) -> None:
-        """Write a JSON answer with length, request id and security headers."""
-        data = (json.dumps(body, indent=2) + "\n").encode()
-        run = body.get("run_id") or (body.get("id") if "operation" in body else None)
-        self.audit_run = str(run) if run else None
-        self.audit_title = str(body["title"]) if content_type == PROBLEM else None
-        self.status = status
-        if not self.body_consumed and (
-                self.headers.get("Transfer-Encoding")
-                or self.headers.get("Content-Length", "0").strip() not in ("", "0")):
-            # An answer given before the body was read (401, 404, 405...): the body is
-            # still in the stream and would be taken for the next request. Close instead.
-            self.close_connection = True
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("X-Request-Id", self.request_id)
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Content-Type-Options", "nosniff")
-        if self.server.certificates is not None:
-            self.send_header("Strict-Transport-Security", "max-age=31536000")
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
-
-    def send_bytes(self, status: int, data: bytes, content_type: str,
-                   headers: dict[str, str] | None = None) -> None:
-        """Write a body that is not JSON (the docs page and its assets) with length,
-        request id and security headers; `headers` may replace the defaults (such as
-        `Cache-Control`)."""
-        self.status = status
-        if not self.body_consumed and (
-                self.headers.get("Transfer-Encoding")
-                or self.headers.get("Content-Length", "0").strip() not in ("", "0")):
-            self.close_connection = True  # as in send_json: an unread body
-        fields = {"Content-Type": content_type, "Content-Length": str(len(data)),
-                  "X-Request-Id": self.request_id, "Cache-Control": "no-store",
-                  "X-Content-Type-Options": "nosniff"}
-        if self.server.certificates is not None:
-            fields["Strict-Transport-Security"] = "max-age=31536000"
-        fields.update(headers or {})
-        if self.close_connection:
-            fields["Connection"] = "close"
-        self.send_response(status)
-        for key, value in fields.items():
-            self.send_header(key, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
-
-    def send_error(self, code: int, message: str | None = None,
-                   explain: str | None = None) -> None:
-        """Errors http.server finds itself (bad request line, unknown method, headers too
-        long): a problem document too, never an HTML page that echoes the request line."""
-        status = HTTPStatus(code)
-        self.log_error("code %d, message %s", code, message)
-        # A request line too broken to name its version still gets an HTTP/1.1 answer.
-        self.request_version = "HTTP/1.1"
-        self.close_connection = True
-        if not self.request_id:
-            self.request_id = uuid.uuid4().hex
-        error = TFServerError(status.description)
-        error.status = status
-        self.send_problem(error)
-        self._log_access(0.0)
-
-    def send_problem(self, error: TFServerError) -> None:
-        """Write an RFC 9457 problem document for `error` (unless a stream has begun: then
-        the only honest answer left is to close the connection)."""
-        if self.streaming:
-            self.close_connection = True
-            logger.warning("stream ended by an error: %s", error.detail)
-            return
-        self.send_json(int(error.status), error.problem(), PROBLEM, error.headers)
-
-    def start_stream(self, content_type: str) -> Callable[[bytes], None] | None:
-        """Send a 200 whose body follows in chunks; returns the chunk writer (an empty
-        chunk ends the body), or None for HEAD."""
-        self.status = 200
-        self.send_response(200)
-        self.send_header("Content-Type", content_type)
-        self.send_header("X-Request-Id", self.request_id)
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Content-Type-Options", "nosniff")
-        self.send_header("X-Accel-Buffering", "no")
-        if self.server.certificates is not None:
-            self.send_header("Strict-Transport-Security", "max-age=31536000")
-        if self.command == "HEAD":
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return None
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-        self.wfile.flush()
-        self.streaming = True
-
-        def write(data: bytes) -> None:
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-            self.wfile.flush()
-        return write
 
 
 def _in(address: str, networks: tuple[Network, ...]) -> bool:

@@ -31,7 +31,7 @@ from support import (
     terraform_shim,
 )
 from test_runs import MODULES as RUN_MODULES
-from test_runs import sleepers
+from test_runs import sleepers, wait_sleeping
 
 HOSTILE_MODULES = ROOT / "tests" / "modules_hostile"
 
@@ -296,10 +296,7 @@ def test_timeout_and_shutdown_leave_no_process(tmp: Path) -> None:
         assert sleepers("47") == []
         running = server.request("PUT", "/steps/stop", {"seconds": 53},
                                  headers={"Prefer": "respond-async"})
-        deadline = time.monotonic() + 20
-        while not sleepers("53"):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_sleeping("53")
         assert running.status == 202
         server.proc.send_signal(signal.SIGTERM)
         assert server.proc.wait(timeout=60) == 0

@@ -161,6 +161,14 @@ def sleepers(seconds: str) -> list[int]:
     return found
 
 
+def wait_sleeping(seconds: str, timeout: float = 30) -> None:
+    """Block (bounded) until a run's `sleep <seconds>` is running."""
+    deadline = time.monotonic() + timeout
+    while not sleepers(seconds):
+        assert time.monotonic() < deadline, f"no sleep {seconds} started"
+        time.sleep(0.05)
+
+
 def test_cancel_a_running_run_leaves_no_lock_and_no_process(
         srv: tuple[ServerProcess, Path]) -> None:
     server, _ = srv
@@ -168,10 +176,7 @@ def test_cancel_a_running_run_leaves_no_lock_and_no_process(
     for _, line in stream(server, run_id):
         if json.loads(line)["type"] == "resource":
             break
-    deadline = time.monotonic() + 20
-    while not sleepers("37"):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_sleeping("37")
     r = server.request("POST", f"/runs/{run_id}/cancel")
     assert r.status == 202 and r.json["cancel"] == "requested", r.body
     done = wait_run(server, run_id, timeout=30)
@@ -399,11 +404,7 @@ def test_ctrl_c_in_the_command_line_client_cancels_the_run(
     proc = cli(server, "PUT", f"{server.url}/steps/cli-cancel", "-d",
                json.dumps(body(39, "cancel-me")))
     assert proc.stderr is not None
-    deadline = time.monotonic() + 60
-    seen = []
-    while not sleepers("39"):
-        assert time.monotonic() < deadline, seen
-        time.sleep(0.1)
+    wait_sleeping("39", timeout=60)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 1, err

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from support import Moto, ServerProcess, start_server
-from test_runs import ASYNC, MODULES, SECRET, body, sleepers, stream, wait_run
+from test_runs import ASYNC, MODULES, SECRET, body, sleepers, stream, wait_run, wait_sleeping
 from test_s3 import MODES, store
 
 __all__ = ["store"]
@@ -42,10 +42,7 @@ def test_start_on_one_replica_read_follow_and_cancel_on_the_other(
             "runs"]]
 
         long = a.request("PUT", "/steps/shared", body(41, "to-cancel"), headers=ASYNC).json
-        deadline = time.monotonic() + 30
-        while not sleepers("41"):
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        wait_sleeping("41")
         r = b.request("POST", f"/runs/{long['id']}/cancel")
         assert r.status == 202 and r.json["cancel"] == "requested", r.body
         ended = wait_run(b, long["id"], timeout=30)  # A acts within its heartbeat

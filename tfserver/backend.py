@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +24,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from .config import Config, S3Settings
 from .errors import Unavailable
-from .files import private_dir, write_private
+from .files import create_private, private_dir, write_private
 
 logger = logging.getLogger(__name__)
 
@@ -149,21 +148,9 @@ class LocalObjects:
             raise BackendError(f"cannot write {key}: {e.strerror}") from e
 
     def put_new(self, key: str, data: bytes) -> bool:
-        """Write a temporary file, then hard-link it in place: the link fails if the name
-        exists, so exactly one writer wins, and the winner's content is whole."""
-        path = self._path(key)
+        """Create the file only if absent (see `files.create_private`)."""
         try:
-            private_dir(path.parent)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".new-")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                os.link(tmp, path)
-                return True
-            except FileExistsError:
-                return False
-            finally:
-                os.unlink(tmp)
+            return create_private(self._path(key), data)
         except OSError as e:
             raise BackendError(f"cannot write {key}: {e.strerror}") from e
 

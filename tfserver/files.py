@@ -16,17 +16,41 @@ def private_dir(path: Path) -> Path:
     return path
 
 
-def write_private(path: Path, data: bytes) -> None:
-    """Write a file readable by the owner only, atomically (temp file and rename)."""
+def _staged(path: Path, data: bytes) -> str:
+    """`data` in a new owner-only temporary file beside `path` (its name)."""
     private_dir(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write a file readable by the owner only, atomically (temp file and rename)."""
+    tmp = _staged(path, data)
+    try:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def create_private(path: Path, data: bytes) -> bool:
+    """Create an owner-only file unless one exists; False if it did. The content is
+    written aside and hard-linked in place: the link fails if the name exists, so of
+    writers racing for one name exactly one wins, and readers never see it half written."""
+    tmp = _staged(path, data)
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)
 
 
 def tighten_tree(root: Path) -> int:

@@ -109,8 +109,8 @@ def test_an_instance_expires_and_the_reaper_destroys_it(
                           headers=who).status == 400  # beyond max_ttl
     r = server.request("PUT", "/steps/brief?ttl=2s", steps_body(0), headers=who)
     assert r.status == 201 and r.json["expires_at"].endswith("Z"), r.body
-    shown = server.request("GET", "/steps/brief", headers=who).json
-    assert shown["expires_at"] == r.json["expires_at"]
+    # (GET shows expires_at: checked on the longer-lived instance below, as a loaded
+    # machine may reap this one before a GET gets there)
     wait_gone(server, "/steps/brief", who)
     runs = server.request("GET", "/steps/brief/runs", headers=who).json["runs"]
     assert [(x["operation"], x["who"]["subject"], x["status"]) for x in runs[:2]] == [

@@ -726,6 +726,7 @@ def check_added_tenant(book: Runbook, before: list[str], env: dict[str, str]) ->
     assert clients == [*before, ids["globex"]]
     inputs = json.loads((book.work / "deploy/app/auth.auto.tfvars.json").read_text())
     assert inputs == {"cognito_issuer": env["COGNITO_ISSUER"], "jwks_url": env["JWK_URL"],
+                      "token_url": book.output("auth", "token_url"),
                       "client_ids": clients, "scope_prefix": "tfserver"}
     return list(clients)
 

@@ -9,6 +9,7 @@ locals {
     TFSERVER_AUTH           = "jwt"
     COGNITO_ISSUER          = var.cognito_issuer
     JWK_URL                 = var.jwks_url
+    TFSERVER_TOKEN_URL      = var.token_url
     TFSERVER_CLIENT_IDS     = join(",", var.client_ids)
     TFSERVER_SCOPE_PREFIX   = var.scope_prefix
     TFSERVER_BACKEND        = "s3"

@@ -101,6 +101,12 @@ variable "jwks_url" {
   description = "Output jwks_url of deploy/auth (JWK_URL)."
 }
 
+variable "token_url" {
+  type        = string
+  default     = ""
+  description = "Output token_url of deploy/auth (TFSERVER_TOKEN_URL): named in the OpenAPI document and allowed by the docs page's Content-Security-Policy."
+}
+
 variable "client_ids" {
   type        = list(string)
   description = "Clients allowed to call tfserver (TFSERVER_CLIENT_IDS): output client_ids of deploy/auth."

@@ -60,6 +60,7 @@ output "app_inputs" {
   value = {
     cognito_issuer = local.issuer
     jwks_url       = "${local.issuer}/.well-known/jwks.json"
+    token_url      = "https://${aws_cognito_user_pool_domain.this.domain}.auth.${var.region}.amazoncognito.com/oauth2/token"
     client_ids     = local.client_ids
     scope_prefix   = var.scope_prefix
   }

@@ -200,4 +200,9 @@ def test_a_human_log_format_for_a_terminal(tmp: Path) -> None:
         assert " info " in line and "tfserver: serving basic, fails, slow on http://" in line
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        try:
+            assert proc.wait(timeout=30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()  # never leave a server behind, whatever failed
+                proc.wait(timeout=10)

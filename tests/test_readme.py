@@ -105,8 +105,7 @@ def test_every_curl_example_works_on_the_embedded_defaults(tmp: Path) -> None:
                        r.get("message", ""))
         assert "TFSERVER_PROVIDER_MIRROR" in warning
     finally:
-        srv.proc.terminate()
-        assert srv.proc.wait(timeout=30) == 0
+        assert srv.stop(timeout=30) == 0  # SIGTERM; killed if it does not stop
 
 
 def runs_examples() -> list[list[str]]:
@@ -134,5 +133,4 @@ def test_the_runs_examples_work_as_written(tmp: Path) -> None:
                 ids["PLAN"] = r.json["run_id"]
         assert statuses == [202, 200, 200, 200, 200, 200, 409, 200, 200, 200, 200], statuses
     finally:
-        srv.proc.terminate()
-        assert srv.proc.wait(timeout=30) == 0
+        assert srv.stop(timeout=30) == 0  # SIGTERM; killed if it does not stop

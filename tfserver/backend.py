@@ -237,8 +237,15 @@ class LocalBackend:
         return None, False  # a first write that never completed: no instance yet
 
     def exists(self, module: str, workspace: str) -> bool:
-        """A readable state (or a backup of one) is there."""
-        return self.read(module, workspace)[0] is not None
+        """A state is there: a state file that is not empty (an empty one is what a kill
+        mid-write leaves), or terraform's backup of the last complete one."""
+        path = self._state_path(module, workspace)
+        try:
+            if path.stat().st_size > 0:
+                return True
+        except FileNotFoundError:
+            return False
+        return path.with_name(STATE_NAME + ".backup").is_file()
 
     def workspaces(self, module: str) -> list[str]:
         """Folders that hold a state file."""

@@ -74,6 +74,7 @@ class Run:
     _store_lock: threading.Lock = field(default_factory=threading.Lock)
     _flushed: int = 0
     _final: bool = False
+    _created: bool = False
 
     def emit(self, kind: str, **fields: Any) -> None:
         """Add an event (every string scrubbed) and wake the followers."""
@@ -193,8 +194,7 @@ class Runs:
         return run
 
     def _store_new(self, run: Run) -> None:
-        run.record.heartbeat_at = self.clock()
-        self.store.create(run.record)
+        self.keeper.create(run)
 
     def _start(self, run: Run) -> None:
         """The scheduler admitted the run: run its job in a thread of its own."""
@@ -204,8 +204,6 @@ class Runs:
     def _execute(self, run: Run) -> None:
         record = run.record
         record.status, record.started_at, record.queue_position = "running", self.clock(), None
-        if run.sync:
-            self._store_new(run)
         run.emit("started")
         status = "failed"
         try:
@@ -234,17 +232,19 @@ class Runs:
             record.cancel, record.state_may_be_locked = "forced", True
         record.status = status
         run.emit("finished", status=status, changes=record.changes, problem=record.problem)
-        try:
-            self.keeper.flush(run, final=True)
-        except TFServerError as e:
-            logger.error("run %s: its final record could not be stored: %s", record.id, e)
         if self.on_finish is not None:
             try:
                 self.on_finish(replace(record))
             except Exception:  # a listener's bug must not keep the run from ending
                 logger.exception("run %s: a listener of its end failed", record.id)
+        # The caller waiting on the run answers now; the store follows (the run stays
+        # this replica's, so readers see it, until its record is stored).
         run.done.set()
         run.wake()
+        try:
+            self.keeper.flush(run, final=True)
+        except TFServerError as e:
+            logger.error("run %s: its final record could not be stored: %s", record.id, e)
         with self._mutex:
             self._live.pop(record.id, None)
 
@@ -472,6 +472,14 @@ class Keeper(threading.Thread):
                 with contextlib.suppress(Conflict):  # it ended meanwhile
                     self.runs.cancel_local(run, forced)
 
+    def create(self, run: Run) -> None:
+        """Store a new run: its record, index entries and active marker (an async run,
+        as it is queued; raises when the store cannot take it)."""
+        with run._store_lock:
+            run.record.heartbeat_at = self.runs.clock()
+            self.store.create(replace(run.record))
+            run._created = True
+
     def flush(self, run: Run, *, final: bool = False) -> None:
         """Store the run's record (with a fresh heartbeat) and its events if new ones came."""
         with run._store_lock:
@@ -486,7 +494,13 @@ class Keeper(threading.Thread):
             if count != run._flushed:
                 self.store.put_events(record.id, run.events[:count])
                 run._flushed = count
-            self.store.save(replace(record))
+            if run._created:
+                self.store.save(replace(record))
+            else:
+                # A synchronous run is stored at its first heartbeat (or its end, if
+                # sooner): nothing is written before terraform starts.
+                self.store.create(replace(record))
+                run._created = True
 
     def flush_all(self) -> None:
         """Store every run this replica holds (at stop)."""

@@ -444,13 +444,15 @@ class RequestHandler(Connection):
             self.send_problem(TFServerError("an unexpected error occurred; see the server log "
                                             f"for request {self.request_id}"))
         finally:
+            # Counted and logged before the answer leaves: a client that reads it and then
+            # scrapes /metrics (or the log) finds it there.
+            self.answered(time.monotonic() - started)
             # The answer is buffered: it must be on the wire before this request counts as
             # done, or a shutdown waiting for idle could exit with it still in the buffer.
             with contextlib.suppress(OSError):
                 self.wfile.flush()
             if self.close_connection and not self.body_consumed:
                 self._drain()
-            self.answered(time.monotonic() - started)
             request_id.reset(token)
             self.server.leave()
 

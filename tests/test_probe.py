@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
+import struct
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -52,6 +55,17 @@ output "name" {
 }
 """
 
+# Takes a second and a half: a run to follow and to cut a stream of.
+PAUSE = """
+resource "terraform_data" "this" {
+  triggers_replace = [timestamp()]
+
+  provisioner "local-exec" {
+    command = "sleep 1.5"
+  }
+}
+"""
+
 # `timed` expires by default and at most after 2 h; `plain` and `leaky` have no TTL.
 POLICY = """
 [modules.timed]
@@ -65,7 +79,8 @@ def probe(tmp_path_factory: pytest.TempPathFactory, terraform_bin: str
           ) -> Iterator[ServerProcess]:
     tmp = tmp_path_factory.mktemp("probe")
     modules = tmp / "modules"
-    for name, text in (("plain", PLAIN), ("timed", PLAIN), ("leaky", LEAKY)):
+    for name, text in (("plain", PLAIN), ("timed", PLAIN), ("leaky", LEAKY),
+                       ("pause", PAUSE)):
         (modules / name).mkdir(parents=True)
         (modules / name / "main.tf").write_text(text)
     policy = tmp / "policy.toml"
@@ -139,3 +154,30 @@ def test_a_dry_run_with_a_ttl_past_max_ttl_is_refused_like_the_apply(
     planned = probe.request("PUT", "/timed/long?dry_run=true&ttl=99h", {"name": "l"})
     assert planned.status == 400, (planned.status, planned.body[:300])
 
+
+
+def test_a_client_that_cuts_its_event_stream_is_no_error_in_the_log(
+        probe: ServerProcess) -> None:
+    """A follower that goes away mid-stream (closed, or reset) is an ordinary event: each
+    one was logged at error level with two tracebacks (BrokenPipeError from http.server's
+    own flush after the handler), so any client could fill the log with errors."""
+    started = probe.request("PUT", "/pause/cut", {}, headers={"Prefer": "respond-async"})
+    assert started.status == 202, started.body
+    run_id = started.json["id"]
+    seen = len(probe.lines)
+    host, port = probe.url.split("//")[1].split(":")
+    for reset, accept in ((False, ""), (True, "Accept: text/event-stream\r\n")):
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(f"GET /runs/{run_id}/events HTTP/1.1\r\nHost: x\r\n{accept}\r\n"
+                      .encode())
+            assert s.recv(100).startswith(b"HTTP/1.1 200")
+            if reset:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    deadline = time.monotonic() + 30
+    while probe.request("GET", f"/runs/{run_id}").json["status"] in ("queued", "running"):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    time.sleep(0.5)  # the followers' last writes
+    errors = [line[:300] for line in probe.lines[seen:]
+              if '"level": "error"' in line or "Traceback" in line]
+    assert errors == []

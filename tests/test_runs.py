@@ -428,3 +428,14 @@ def test_the_live_progress_line() -> None:
     text = out.getvalue()
     assert "\r[0/3] resource: a.b create" in text and "\r[1/3] resource: a.b create" in text
     assert text.endswith("\r")  # the line is cleared before the final JSON
+
+
+def test_a_synchronous_run_is_listed_as_soon_as_it_answers(srv: tuple[ServerProcess, Path]
+                                                          ) -> None:
+    server, _ = srv
+    for i in range(10):
+        answer = server.request("PUT", "/steps/listed", body(0, f"l{i}"))
+        assert answer.status in (200, 201), answer.body
+        runs = server.request("GET", "/steps/listed/runs?limit=1").json["runs"]
+        assert runs[0]["id"] == answer.json["run_id"], i  # read your writes
+    assert server.request("DELETE", "/steps/listed").status == 200

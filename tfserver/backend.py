@@ -133,6 +133,8 @@ class LocalObjects:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        # Folders known to exist (private): a run writes several objects into few folders.
+        self._folders: set[Path] = set()
 
     def _path(self, key: str) -> Path:
         parts = key.split("/")
@@ -140,10 +142,24 @@ class LocalObjects:
             raise ValueError(f"bad object key {key!r}")
         return self.root.joinpath(*parts)
 
+    def _folder(self, path: Path) -> None:
+        if path.parent not in self._folders:
+            private_dir(path.parent)
+            self._folders.add(path.parent)
+
     def put(self, key: str, data: bytes) -> None:
-        """Write through a temporary file and a rename: readers never see half of it."""
+        """Write through a temporary file and a rename: readers never see half of it
+        (an empty object, an index entry, is only created)."""
+        path = self._path(key)
         try:
-            write_private(self._path(key), data)
+            self._folder(path)
+            if data:
+                write_private(path, data)
+            else:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+        except FileNotFoundError:
+            self._folders.discard(path.parent)  # removed meanwhile: make it again
+            write_private(path, data)
         except OSError as e:
             raise BackendError(f"cannot write {key}: {e.strerror}") from e
 

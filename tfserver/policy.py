@@ -117,6 +117,11 @@ class Limits:
         return requested
 
 
+#: The longest `?ttl=` taken even without a policy's `max_ttl` (an expiry must stay a
+#: date that can be written down).
+TTL_CEILING = 3650 * 86400.0
+
+
 def parse_ttl(text: str) -> float:
     """Seconds from a `?ttl=` value such as `2h`, `90m` or `7d`; 400 naming `ttl` else."""
     try:
@@ -125,6 +130,8 @@ def parse_ttl(text: str) -> float:
         raise _ttl_error("must be a duration such as 90m, 24h or 7d") from None
     if not seconds > 0:
         raise _ttl_error("must be a positive duration")
+    if not math.isfinite(seconds) or seconds > TTL_CEILING:
+        raise _ttl_error(f"must be at most {format_duration(TTL_CEILING)}")
     return seconds
 
 

@@ -22,7 +22,6 @@ from typing import Any
 from .errors import Conflict, NotFound, TFServerError
 from .locks import Scheduler, Ticket
 from .runstore import ENDED, RunRecord, RunStore, is_run_id
-from .scrub import Scrubber
 from .terraform import RunControl
 
 logger = logging.getLogger(__name__)
@@ -58,7 +57,9 @@ class Run:
 
     record: RunRecord
     job: Callable[[Run], Any]
-    scrub: Scrubber
+    #: Scrubs the run's events; a destroy learns its secrets (the kept inputs) only once
+    #: it runs, so this may be a view of a scrubber that changes.
+    scrub: Callable[[str], str]
     sync: bool = False
     events: list[dict[str, Any]] = field(default_factory=list)
     control: RunControl = field(default_factory=RunControl)
@@ -97,7 +98,7 @@ class Run:
             self._cond.notify_all()
 
 
-def _scrubbed(value: Any, scrub: Scrubber) -> Any:
+def _scrubbed(value: Any, scrub: Callable[[str], str]) -> Any:
     if isinstance(value, str):
         return scrub(value)
     if isinstance(value, dict):
@@ -237,14 +238,14 @@ class Runs:
                 self.on_finish(replace(record))
             except Exception:  # a listener's bug must not keep the run from ending
                 logger.exception("run %s: a listener of its end failed", record.id)
-        # The caller waiting on the run answers now; the store follows (the run stays
-        # this replica's, so readers see it, until its record is stored).
-        run.done.set()
-        run.wake()
+        # Stored before the caller waiting on the run answers: a client that lists the
+        # instance's runs right after its answer finds this one (read your writes).
         try:
             self.keeper.flush(run, final=True)
         except TFServerError as e:
             logger.error("run %s: its final record could not be stored: %s", record.id, e)
+        run.done.set()
+        run.wake()
         with self._mutex:
             self._live.pop(record.id, None)
 

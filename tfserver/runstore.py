@@ -54,8 +54,11 @@ def rfc3339(epoch: float | None) -> str | None:
     """An RFC 3339 UTC time with milliseconds, or None."""
     if epoch is None:
         return None
-    return dt.datetime.fromtimestamp(epoch, dt.UTC).isoformat(timespec="milliseconds") \
-        .replace("+00:00", "Z")
+    try:
+        moment = dt.datetime.fromtimestamp(epoch, dt.UTC)
+    except (OverflowError, OSError, ValueError):
+        return None  # not a date (a record written by hand, or damaged)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass
@@ -125,8 +128,9 @@ class RunStore:
     # -- records ---------------------------------------------------------------------
 
     def create(self, record: RunRecord) -> None:
-        """Store a new record with its index entries and its active marker."""
-        self.save(record)
+        """Store a new record with its index entries and its active marker (none for a
+        run stored only once it ended)."""
+        self.objects.put(f"_runs/records/{record.id}.json", record.to_json())
         t, r = record.tenant, record.id
         self.objects.put(f"_runs/by-tenant/{t}/{r}", b"")
         self.objects.put(f"_runs/by-instance/{t}/{record.module}/{record.instance}/{r}", b"")

@@ -196,9 +196,23 @@ class Connection(BaseHTTPRequestHandler):
         self.rfile = io.BufferedReader(self.reader, 1 << 16)
 
     def handle_one_request(self) -> None:
-        """One request: its head and body must arrive within TFSERVER_REQUEST_TIMEOUT."""
+        """One request: its head and body must arrive within TFSERVER_REQUEST_TIMEOUT. A
+        client that goes away (a stream it cut, say) ends the connection quietly: that is
+        routine, not an error."""
         self.reader.arm(self.server.config.request_timeout)
-        super().handle_one_request()
+        try:
+            super().handle_one_request()
+        except (ConnectionError, TimeoutError) as e:
+            self.close_connection = True
+            logger.info("client connection lost: %s", type(e).__name__)
+
+    def finish(self) -> None:
+        """Flush and close the connection's files; a client that went away (a stream it
+        cut) leaves nothing to tell, and is no error."""
+        with contextlib.suppress(OSError):
+            super().finish()
+        with contextlib.suppress(OSError):
+            self.rfile.close()
 
     def parse_request(self) -> bool:
         """http.server's parsing, without HTTP/0.9: a request line without a version would

@@ -181,10 +181,13 @@ class Service:
         spec = RunSpec(m, instance, ws, "plan" if dry_run else "apply", inputs, principal,
                        Scrubber(m.secret_values(inputs)))
         limits = self.governance.limits(principal, name)
-        if not dry_run and (requested is not None or limits.expires):
+        if dry_run:
+            if requested is not None:
+                limits.ttl(requested)  # refused as the apply would refuse it
+        elif requested is not None or limits.expires:
             spec.expires = self.expiries.get(name, ws)
             spec.ttl = self.governance.ttl(limits, requested, expires=spec.expires is not None)
-        return self._submit(spec, asynchronous, idempotency)
+        return self._submit(spec, asynchronous, idempotency, origin=origin)
 
     def destroy(self, principal: Principal, name: str, instance: str, *,
                 dry_run: bool = False, tenant: str | None = None,
@@ -214,6 +217,11 @@ class Service:
         spec = RunSpec(m, plan.instance, plan.workspace,
                        "destroy" if plan.operation == "plan-destroy" else "apply", inputs,
                        principal, Scrubber(m.secret_values(inputs)), plan_of=plan_id)
+        limits = self.governance.limits(principal, m.name)
+        if spec.operation == "apply" and limits.expires:
+            # The policy's expiry holds for a saved plan's apply as for any other.
+            spec.expires = self.expiries.get(m.name, plan.workspace)
+            spec.ttl = self.governance.ttl(limits, None, expires=spec.expires is not None)
         return self._submit(spec, asynchronous, idempotency, origin=origin)
 
     def _submit(self, spec: RunSpec, asynchronous: bool, idempotency: Idempotency | None,
@@ -247,7 +255,8 @@ class Service:
                            client_id=spec.principal.client_id,
                            client_address=origin.address if origin else None,
                            request_id=origin.request_id if origin else None)
-        run = Run(record, lambda r: self._job(r, spec), spec.scrub, sync=not asynchronous)
+        run = Run(record, lambda r: self._job(r, spec), lambda text: spec.scrub(text),
+                  sync=not asynchronous)
         what = f"instance {spec.instance!r} of module {spec.module.name}"
         try:
             self.runs.submit(run, what=what,

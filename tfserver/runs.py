@@ -238,14 +238,14 @@ class Runs:
                 self.on_finish(replace(record))
             except Exception:  # a listener's bug must not keep the run from ending
                 logger.exception("run %s: a listener of its end failed", record.id)
-        # Stored before the caller waiting on the run answers: a client that lists the
-        # instance's runs right after its answer finds this one (read your writes).
+        # The caller waiting on the run answers now; the store follows. Until the record
+        # is stored the run stays this replica's, so `record` and `page` still show it.
+        run.done.set()
+        run.wake()
         try:
             self.keeper.flush(run, final=True)
         except TFServerError as e:
             logger.error("run %s: its final record could not be stored: %s", record.id, e)
-        run.done.set()
-        run.wake()
         with self._mutex:
             self._live.pop(record.id, None)
 
@@ -284,6 +284,28 @@ class Runs:
         """Up to `limit` records that `keep` accepts, newest first, after the run id
         `after`: a tenant's (or everyone's, `tenant` None), of a module or an instance;
         and the id to continue after, or None at the end. Scans at most 2,000 runs."""
+        if after:
+            return self._stored_page(tenant, module, instance, after, limit, keep)
+        # Runs of this replica not stored yet (a synchronous run is stored at its first
+        # heartbeat, or just after its answer) are the newest: the first page has them.
+        # Taken before the store is read: a run stored in between is then in one or both.
+        pending = [replace(r.record) for r in self.live() if not r._created
+                   and (tenant is None or r.record.tenant == tenant)
+                   and (module is None or r.record.module == module)
+                   and (instance is None or r.record.instance == instance)
+                   and keep(r.record)]
+        found, cursor = self._stored_page(tenant, module, instance, after, limit, keep)
+        if pending:
+            merged = sorted({r.id: r for r in (*pending, *found)}.values(), key=lambda r: r.id)
+            if len(merged) > limit:
+                merged = merged[:limit]
+                cursor = merged[-1].id
+            found = merged
+        return found, cursor
+
+    def _stored_page(self, tenant: str | None, module: str | None, instance: str | None,
+                     after: str, limit: int, keep: Callable[[RunRecord], bool]
+                     ) -> tuple[list[RunRecord], str | None]:
         found: list[RunRecord] = []
         cursor = after
         scanned = 0

@@ -199,6 +199,8 @@ def _answer(h: RequestHandler, principal: Principal, submitted: Submitted,
     """The run's outcome when it ends within the wait (None: as long as it takes), else
     202 with its record."""
     svc = h.server.service
+    if submitted.run is not None:
+        h.after_answer.append(submitted.run.answered.set)
     if not svc.history.wait(submitted, wait):
         record = svc.history.record(principal, submitted.run_id)
         applied = [p for p in ("respond-async", f"wait={int(wait or 0)}")

@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 FOLLOW_IDLE = 15.0
 #: How often a follower on another replica reads the stored event log.
 FOLLOW_POLL = 1.0
+#: How long a synchronous run's final record waits for its caller to take the outcome.
+_ANSWER_FIRST = 0.05
 
 
 class RunProblem(TFServerError):
@@ -64,6 +66,9 @@ class Run:
     events: list[dict[str, Any]] = field(default_factory=list)
     control: RunControl = field(default_factory=RunControl)
     done: threading.Event = field(default_factory=threading.Event)
+    #: Set once a synchronous caller's answer is on the wire: the final record waits
+    #: for it (at most `_ANSWER_FIRST`), so the answer does not compete with the store.
+    answered: threading.Event = field(default_factory=threading.Event)
     #: What the job returned (a service result), or the error it raised.
     result: Any = None
     error: TFServerError | None = None
@@ -242,6 +247,10 @@ class Runs:
         # is stored the run stays this replica's, so `record` and `page` still show it.
         run.done.set()
         run.wake()
+        if run.sync:
+            # Writing the record at once took the GIL from the waking caller (about 1 ms
+            # of its answer); the record waits until the answer is out.
+            run.answered.wait(_ANSWER_FIRST)
         try:
             self.keeper.flush(run, final=True)
         except TFServerError as e:

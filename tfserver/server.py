@@ -435,6 +435,7 @@ class RequestHandler(Connection):
         self.streaming = False
         self.principal = None
         self.audit_run = self.audit_title = None
+        self.after_answer: list[Callable[[], None]] = []
         self.client_ip = self._client_ip()
         self.preferences = _preferences(self.headers.get_all("Prefer") or [])
         url = urlsplit(self.path)
@@ -465,6 +466,8 @@ class RequestHandler(Connection):
             # done, or a shutdown waiting for idle could exit with it still in the buffer.
             with contextlib.suppress(OSError):
                 self.wfile.flush()
+            for then in self.after_answer:
+                then()
             if self.close_connection and not self.body_consumed:
                 self._drain()
             request_id.reset(token)

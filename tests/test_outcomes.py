@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,11 @@ class FakeRunner:
 
     def run(self, args: Sequence[str], *, cwd: Path, workspace: str = "default",
             timeout: float, on_event: EventSink | None = None,
-            control: RunControl | None = None) -> RunResult:
+            control: RunControl | None = None,
+            on_start: Callable[[], None] | None = None) -> RunResult:
         self.calls.append(tuple(args))
+        if on_start is not None:
+            on_start()
         for arg in args:
             if arg.startswith("-out="):
                 Path(arg[5:]).write_bytes(b"a saved plan")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -190,17 +190,21 @@ class Executor:
             spec.inputs = self.backend.load_inputs(name, ws) or {}
             spec.scrub = Scrubber(spec.module.secret_values(spec.inputs))
         # Destroy needs the same variables again, so they are kept durably. The write
-        # goes on while terraform runs (a rename on disk, a PUT on S3) and is undone if
-        # terraform changed nothing.
-        keeping = (self._background.submit(self._keep_inputs, name, ws, spec.inputs)
-                   if spec.operation == "apply" else None)
+        # starts once terraform runs and goes on meanwhile (a rename on disk, a PUT on
+        # S3); it is undone if terraform changed nothing.
+        keeping: list[Future[dict[str, Any] | None]] = []
+
+        def keep() -> None:
+            keeping.append(self._background.submit(self._keep_inputs, name, ws, spec.inputs))
+
         assert self.var_files is not None, "the service prepares the var files first"
         with self.var_files.file(spec.inputs) as var_file:
             plan_file = self._plan_file(spec, var_file)
             try:
                 result = self.runner.run(
                     self._args(spec, var_file, plan_file), cwd=wc.path, workspace=ws,
-                    timeout=_remaining(deadline), control=control, on_event=on_event)
+                    timeout=_remaining(deadline), control=control, on_event=on_event,
+                    on_start=keep if spec.operation == "apply" else None)
                 saved = (plan_file.read_bytes() if plan_file is not None and result.ok
                          and spec.plan_of is None else None)
             finally:
@@ -209,8 +213,8 @@ class Executor:
         self._log_run(spec, result)
         if spec.plan_of is not None:
             self.store.drop_plan(spec.plan_of)  # used, whatever the outcome
-        if keeping is not None:
-            previous = keeping.result()
+        if keeping:
+            previous = keeping[0].result()
             if not (result.ok or result.apply_started) and previous != spec.inputs:
                 self._restore_inputs(name, ws, previous)
         if not result.ok:
@@ -312,7 +316,10 @@ class Executor:
         return outputs
 
     def _log_run(self, spec: RunSpec, result: RunResult) -> None:
-        logger.info(
+        # A run that went well has its audit line (status, changes, time); this line is
+        # for following terraform itself, and costs a synchronous answer its writing.
+        logger.log(
+            logging.INFO if result.returncode != 0 or result.timed_out else logging.DEBUG,
             "terraform %s %s/%s exited %d in %.3fs",
             result.args[0], spec.module.name, spec.instance, result.returncode,
             result.duration,

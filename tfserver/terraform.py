@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import resource
+import selectors
 import signal
 import subprocess
 import threading
@@ -25,7 +26,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import Any, Protocol
 
 logger = logging.getLogger(__name__)
 
@@ -334,11 +335,11 @@ class RunControl:
 
     def __init__(self) -> None:
         self._mutex = threading.Lock()
-        self._proc: subprocess.Popen[str] | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
         self.reason: str | None = None
         self.killed = False
 
-    def attach(self, proc: subprocess.Popen[str]) -> None:
+    def attach(self, proc: subprocess.Popen[bytes]) -> None:
         """Called by the runner once the process runs."""
         with self._mutex:
             self._proc = proc
@@ -369,13 +370,22 @@ class RunControl:
             _kill_group(proc)
 
 
-def _signal(proc: subprocess.Popen[str], sig: int) -> None:
+def _signal(proc: subprocess.Popen[bytes], sig: int) -> None:
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(sig)
 
 
-def _kill_group(proc: subprocess.Popen[str]) -> None:
+def _reaped(proc: subprocess.Popen[bytes], until: float) -> bool:
+    """Wait for the process to exit until the monotonic time `until`; True if it did."""
+    try:
+        proc.wait(timeout=max(0.0, until - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        return False
+    return True
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     # The group outlives its leader while any member lives (a provisioner's child, say),
     # and its id is not reused meanwhile: killing it after terraform exited is safe.
     with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -387,8 +397,10 @@ class Runner(Protocol):
 
     def run(self, args: Sequence[str], *, cwd: Path, workspace: str = "default",
             timeout: float, on_event: EventSink | None = None,
-            control: RunControl | None = None) -> RunResult:
-        """Run `terraform <args>` in `cwd` and return what it did."""
+            control: RunControl | None = None,
+            on_start: Callable[[], None] | None = None) -> RunResult:
+        """Run `terraform <args>` in `cwd` and return what it did; `on_start` is called
+        once the process runs."""
         ...
 
     def version(self, timeout: float = 30.0) -> str | None:
@@ -423,8 +435,11 @@ class Terraform:
         timeout: float,
         on_event: EventSink | None = None,
         control: RunControl | None = None,
+        on_start: Callable[[], None] | None = None,
     ) -> RunResult:
-        """Run `terraform <args>` in `cwd`; on timeout interrupt it and mark the result."""
+        """Run `terraform <args>` in `cwd`; on timeout interrupt it and mark the result.
+        `on_start` is called once the process runs (work that can wait until then should:
+        before, it delays terraform)."""
         argv = [self.binary, *args]
         env = build_env(self.base_env, workspace=workspace, cli_config_file=self.cli_config_file,
                         memory_limit=self.memory_limit)
@@ -444,17 +459,21 @@ class Terraform:
             control.interrupt("shutdown")
         output = _Output(proc, streamed=bool(args) and args[0] in JSON_COMMANDS,
                          on_event=on_event)
-        timed_out = False
+        timed_out = waited = False
         try:
+            if on_start is not None:
+                on_start()
             timed_out = self._wait(proc, output, started + timeout)
+            waited = True
         finally:
             with self._mutex:
                 self._live.pop(proc.pid, None)
-            if timed_out or control.reason is not None:
+            if timed_out or control.reason is not None or not waited:
                 # A provisioner's child (a `sleep`) outlives terraform's SIGINT with parent
-                # 1; nothing of a stopped run may keep running.
+                # 1; nothing of a stopped run (or of one this failed to watch) may keep
+                # running.
                 _kill_group(proc)
-            output.join(self.kill_grace)
+            output.close(self.kill_grace)
         return RunResult(
             args=tuple(args),
             returncode=proc.returncode,
@@ -469,7 +488,7 @@ class Terraform:
         )
 
     def _start(self, argv: list[str], cwd: Path, env: dict[str, str]
-               ) -> subprocess.Popen[str]:
+               ) -> subprocess.Popen[bytes]:
         """Start terraform in its own session, owner-only files, under the memory cap."""
         proc = subprocess.Popen(
             argv,
@@ -478,9 +497,6 @@ class Terraform:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            text=True,
-            encoding="utf-8",
-            errors="replace",
             # Own process group: a Ctrl-C meant for the server does not hit terraform
             # mid-apply, and SIGKILL can take the providers down with it.
             start_new_session=True,
@@ -495,26 +511,23 @@ class Terraform:
                                  (self.memory_limit, self.memory_limit))
         return proc
 
-    def _wait(self, proc: subprocess.Popen[str], output: _Output, deadline: float) -> bool:
-        """Wait for the process; past the deadline interrupt it, then kill its group.
-        Returns True when the deadline passed.
+    def _wait(self, proc: subprocess.Popen[bytes], output: _Output, deadline: float) -> bool:
+        """Read terraform's output until it exits; past the deadline interrupt it, then
+        kill its group. Returns True when the deadline passed.
 
-        The wait is on the end of terraform's stdout (a thread join, woken at once):
+        The end of terraform's stdout is the sign it exited (the selector wakes at once):
         `Popen.wait(timeout)` polls with sleeps that grow to 50 ms, which cost every run
-        up to that much after terraform was done.
+        up to that much after terraform was done. Output is read while it winds down, too,
+        so a full pipe never keeps it from stopping.
         """
-        output.stdout_closed(max(0.0, deadline - time.monotonic()))
-        try:
-            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        if output.pump(deadline) and _reaped(proc, deadline):
             return False
-        except subprocess.TimeoutExpired:
-            pass
         _signal(proc, signal.SIGINT)
-        try:
-            proc.wait(timeout=self.kill_grace)
-        except subprocess.TimeoutExpired:
+        grace = time.monotonic() + self.kill_grace
+        if not (output.pump(grace) and _reaped(proc, grace)):
             logger.warning("terraform pid %d ignored SIGINT; killing it", proc.pid)
             _kill_group(proc)
+            output.pump(time.monotonic() + self.kill_grace)
             proc.wait(timeout=self.kill_grace)
         return True
 
@@ -544,10 +557,15 @@ class Terraform:
 
 
 class _Output:
-    """terraform's stdout and stderr, read as they come by two threads: events from the
-    `-json` stream (each handed to `on_event` at once) or text, and stderr's tail."""
+    """terraform's stdout and stderr, read as they come by the run's own thread through one
+    selector: events from the `-json` stream (each handed to `on_event` at once) or text,
+    and stderr's tail.
 
-    def __init__(self, proc: subprocess.Popen[str], *, streamed: bool,
+    No reader threads: starting two for every run cost about 0.4 ms before terraform could
+    be waited on, and waking them as it ended more again.
+    """
+
+    def __init__(self, proc: subprocess.Popen[bytes], *, streamed: bool,
                  on_event: EventSink | None) -> None:
         self.pid = proc.pid
         self.streamed = streamed
@@ -557,57 +575,89 @@ class _Output:
         self.err: list[str] = []
         #: Lines of the stream that could not be read (never silently dropped).
         self.unreadable = 0
+        self._err_kept = 0
         assert proc.stdout is not None and proc.stderr is not None
-        self.threads = [
-            threading.Thread(target=self._read_stdout, args=(proc.stdout,), daemon=True,
-                             name=f"tf-out-{proc.pid}"),
-            threading.Thread(target=self._read_stderr, args=(proc.stderr,), daemon=True,
-                             name=f"tf-err-{proc.pid}"),
-        ]
-        for thread in self.threads:
-            thread.start()
+        self._stdout_fd = proc.stdout.fileno()
+        self._selector = selectors.DefaultSelector()
+        self._partial: dict[int, bytes] = {}
+        for stream, on_line in ((proc.stdout, self._stdout_line),
+                                (proc.stderr, self._stderr_line)):
+            os.set_blocking(stream.fileno(), False)
+            self._selector.register(stream, selectors.EVENT_READ, on_line)
+            self._partial[stream.fileno()] = b""
 
-    def stdout_closed(self, timeout: float) -> bool:
-        """Wait (at most `timeout`) for stdout to end, as it does when terraform exits."""
-        self.threads[0].join(timeout)
-        return not self.threads[0].is_alive()
+    def pump(self, until: float, *, both: bool = False) -> bool:
+        """Read what comes until stdout ends (with `both`, stderr too) or the monotonic
+        time `until` passes; True when it ended."""
+        while self._open(both):
+            left = until - time.monotonic()
+            if left <= 0:
+                return False
+            for key, _ in self._selector.select(left):
+                self._read(key)
+        return True
 
-    def join(self, timeout: float) -> None:
-        """Wait for both streams to end (they do once terraform and its children exit)."""
-        for thread in self.threads:
-            thread.join(timeout)
-        if any(t.is_alive() for t in self.threads):
+    def close(self, timeout: float) -> None:
+        """Read both streams to their end (they end once terraform and its children exit),
+        waiting at most `timeout`, then close them."""
+        if not self.pump(time.monotonic() + timeout, both=True):
             logger.error("terraform pid %d: output still open after it ended", self.pid)
+        for key in list(self._selector.get_map().values()):
+            self._selector.unregister(key.fileobj)
+            key.fileobj.close()  # type: ignore[union-attr]
+        self._selector.close()
 
-    def _read_stdout(self, stream: IO[str]) -> None:
-        with stream:
-            for line in stream:
-                if not self.streamed:
-                    self.out.append(line)
-                    continue
-                event = parse_event(line)
-                if event is None:
-                    if line.lstrip().startswith("{"):
-                        self.unreadable += 1
-                        logger.error("a line of terraform's -json stream cannot be read "
-                                     "(%d characters)", len(line))
-                    continue
-                self.events.append(event)
-                if self.on_event is not None:
-                    try:
-                        self.on_event(event)
-                    except Exception:  # a listener's bug must not stop the reading
-                        logger.exception("event listener failed")
+    def _open(self, both: bool) -> bool:
+        streams = self._selector.get_map()
+        return bool(streams) if both else self._stdout_fd in streams
 
-    def _read_stderr(self, stream: IO[str]) -> None:
-        """Read stderr to its end, keeping only its last STDERR_KEEP characters."""
-        kept = 0
-        with stream:
-            for line in stream:
-                self.err.append(line)
-                kept += len(line)
-                while kept > STDERR_KEEP and len(self.err) > 1:
-                    kept -= len(self.err.pop(0))
+    def _read(self, key: selectors.SelectorKey) -> None:
+        fd = key.fd
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        on_line: Callable[[str], None] = key.data
+        if not chunk:  # the end: the last line may lack its newline
+            rest, self._partial[fd] = self._partial[fd], b""
+            if rest:
+                on_line(_decoded(rest))
+            self._selector.unregister(key.fileobj)
+            key.fileobj.close()  # type: ignore[union-attr]
+            return
+        *lines, self._partial[fd] = (self._partial[fd] + chunk).split(b"\n")
+        for line in lines:
+            on_line(_decoded(line + b"\n"))
+
+    def _stdout_line(self, line: str) -> None:
+        if not self.streamed:
+            self.out.append(line)
+            return
+        event = parse_event(line)
+        if event is None:
+            if line.lstrip().startswith("{"):
+                self.unreadable += 1
+                logger.error("a line of terraform's -json stream cannot be read "
+                             "(%d characters)", len(line))
+            return
+        self.events.append(event)
+        if self.on_event is not None:
+            try:
+                self.on_event(event)
+            except Exception:  # a listener's bug must not stop the reading
+                logger.exception("event listener failed")
+
+    def _stderr_line(self, line: str) -> None:
+        """Keep stderr's last STDERR_KEEP characters."""
+        self.err.append(line)
+        self._err_kept += len(line)
+        while self._err_kept > STDERR_KEEP and len(self.err) > 1:
+            self._err_kept -= len(self.err.pop(0))
+
+
+def _decoded(line: bytes) -> str:
+    """A line of terraform's output as text (as a text-mode pipe would read it)."""
+    return line.decode("utf-8", "replace").replace("\r\n", "\n")
 
 
 def cli_config_text(plugin_cache_dir: Path, provider_mirror: Path | None) -> str:

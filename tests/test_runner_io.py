@@ -1,0 +1,196 @@
+"""The runner's reading of a process's output, and the run threads.
+
+The process here is a small stand-in script, not terraform: what is tested is how
+`Terraform.run` reads pipes (events as they come, partial lines, bad bytes, a flood of
+output, a process that ignores SIGINT), which real terraform cannot be made to do on cue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tfserver.runs import Workers
+from tfserver.terraform import STDERR_KEEP, RunControl, Terraform
+
+
+def runner(tmp_path: Path, script: str, kill_grace: float = 2.0) -> Terraform:
+    """A runner whose 'terraform' is a Python script (its argv is ignored)."""
+    path = tmp_path / "fake-terraform"
+    path.write_text(f"#!{sys.executable}\nimport os, sys, time, signal, json\n{script}\n")
+    path.chmod(0o755)
+    return Terraform(binary=str(path), base_env={"PATH": "/usr/bin:/bin"},
+                     kill_grace=kill_grace)
+
+
+def test_events_reach_the_listener_while_the_process_still_runs(tmp_path: Path) -> None:
+    tf = runner(tmp_path, """
+w = sys.stdout
+w.write(json.dumps({"type": "version", "@message": "v"}) + "\\n"); w.flush()
+time.sleep(1.0)
+# A line written in two pieces is one event.
+line = json.dumps({"type": "change_summary", "changes": {"add": 1, "change": 0, "remove": 0}})
+w.write(line[:10]); w.flush(); time.sleep(0.2); w.write(line[10:] + "\\n"); w.flush()
+""")
+    seen: list[tuple[float, str]] = []
+    started = time.monotonic()
+    result = tf.run(["apply"], cwd=tmp_path, timeout=30,
+                    on_event=lambda e: seen.append((time.monotonic() - started, e["type"])))
+    assert result.returncode == 0
+    assert [t for _, t in seen] == ["version", "change_summary"]
+    assert seen[0][0] < 0.9, "the first event came only when the process ended"
+    assert result.changes == {"add": 1, "change": 0, "remove": 0}
+
+
+def test_text_output_keeps_its_last_line_and_replaces_bad_bytes(tmp_path: Path) -> None:
+    tf = runner(tmp_path, r"""
+sys.stdout.buffer.write(b'{"a": 1}\r\nno newline at the end \xff\xfe'); sys.stdout.flush()
+sys.stderr.buffer.write(b"Error: \xe2\x82"); sys.stderr.flush()
+sys.stderr.buffer.write(b"\xac sign\n"); sys.exit(3)
+""")
+    result = tf.run(["output", "-json"], cwd=tmp_path, timeout=30)
+    assert result.returncode == 3
+    assert result.stdout == '{"a": 1}\nno newline at the end \ufffd\ufffd'
+    assert result.stderr == "Error: \u20ac sign\n"  # a character split across writes
+
+
+def test_unreadable_event_lines_are_counted_not_dropped(tmp_path: Path) -> None:
+    tf = runner(tmp_path, """
+print('{"type": "version"}'); print('{"type": broken'); print('plain text')
+""")
+    result = tf.run(["plan"], cwd=tmp_path, timeout=30)
+    assert [e["type"] for e in result.events] == ["version"]
+    assert result.unreadable == 1
+
+
+def test_a_flood_of_output_is_read_and_stderr_keeps_its_tail(tmp_path: Path) -> None:
+    # Far more than a pipe holds, on both streams at once: nothing may block.
+    tf = runner(tmp_path, """
+for i in range(20000):
+    sys.stdout.write(json.dumps({"type": "log", "@message": "x" * 40, "i": i}) + "\\n")
+    sys.stderr.write(f"line {i:06d} " + "y" * 30 + "\\n")
+""")
+    result = tf.run(["apply"], cwd=tmp_path, timeout=60)
+    assert result.returncode == 0
+    assert len(result.events) == 20000
+    assert len(result.stderr) <= STDERR_KEEP + 100
+    assert result.stderr.endswith("line 019999 " + "y" * 30 + "\n")
+
+
+def test_past_the_deadline_sigint_then_the_group_is_killed(tmp_path: Path) -> None:
+    marker = tmp_path / "child.pid"
+    tf = runner(tmp_path, f"""
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+import subprocess
+child = subprocess.Popen(["sleep", "60"])
+open({str(marker)!r}, "w").write(str(child.pid))
+print('{{"type": "version"}}', flush=True)
+while True:
+    sys.stdout.write("still here\\n"); sys.stdout.flush(); time.sleep(0.01)
+""", kill_grace=0.5)
+    started = time.monotonic()
+    result = tf.run(["apply"], cwd=tmp_path, timeout=1.0)
+    assert result.timed_out
+    assert result.returncode == -9
+    assert time.monotonic() - started < 10
+    child = int(marker.read_text())
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{child}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stat = Path(f"/proc/{child}/stat")
+    assert not stat.exists() or stat.read_text().split()[2] == "Z", "the group's child lives"
+    assert tf.running() == 0
+
+
+def test_cancel_interrupts_a_process_that_prints_nothing(tmp_path: Path) -> None:
+    tf = runner(tmp_path, """
+signal.signal(signal.SIGINT, lambda *a: sys.exit(1))
+time.sleep(60)
+""")
+    control = RunControl()
+    threading.Timer(0.3, control.interrupt, args=("cancel",)).start()
+    started = time.monotonic()
+    result = tf.run(["apply"], cwd=tmp_path, timeout=60, control=control)
+    assert result.canceled and result.returncode == 1
+    assert time.monotonic() - started < 10
+
+
+def test_a_missing_binary_is_exit_127(tmp_path: Path) -> None:
+    tf = Terraform(binary=str(tmp_path / "nowhere"), base_env={})
+    result = tf.run(["version"], cwd=tmp_path, timeout=5)
+    assert result.returncode == 127
+
+
+def test_workers_reuse_idle_threads_and_isolate_jobs() -> None:
+    workers = Workers("t", idle_for=5.0)
+    names: list[str] = []
+    done = threading.Event()
+
+    def job() -> None:
+        names.append(threading.current_thread().name)
+        done.set()
+
+    for _ in range(3):
+        done.clear()
+        workers.submit(job)
+        assert done.wait(5)
+        time.sleep(0.05)  # the thread goes back to idle
+    assert len(set(names)) == 1, names
+
+    # A failing job does not take its thread down; busy threads make the pool grow.
+    release = threading.Event()
+    workers.submit(lambda: 1 / 0)  # type: ignore[func-returns-value]
+    time.sleep(0.05)
+    started = threading.Barrier(3, timeout=5)
+    for _ in range(2):
+        workers.submit(lambda: (started.wait(), release.wait(5)))  # type: ignore[func-returns-value]
+    started.wait()  # two jobs run at once: a second thread was started
+    release.set()
+
+
+def test_idle_workers_end() -> None:
+    workers = Workers("idle", idle_for=0.1)
+    ran = threading.Event()
+    workers.submit(ran.set)
+    assert ran.wait(5)
+    deadline = time.monotonic() + 5
+    while any(t.name.startswith("idle-") for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "an idle worker did not end"
+        time.sleep(0.02)
+    ran.clear()
+    workers.submit(ran.set)  # a new thread starts for the next job
+    assert ran.wait(5)
+
+
+
+def test_a_failing_start_hook_leaves_no_process_behind(tmp_path: Path) -> None:
+    marker = tmp_path / "pid"
+    tf = runner(tmp_path, f"""
+open({str(marker)!r}, "w").write(str(os.getpid()))
+time.sleep(60)
+""")
+
+    def hook() -> None:
+        deadline = time.monotonic() + 5
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        raise RuntimeError("the hook failed")
+
+    with pytest.raises(RuntimeError):
+        tf.run(["apply"], cwd=tmp_path, timeout=60, on_start=hook)
+    pid = int(marker.read_text())
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        stat = Path(f"/proc/{pid}/stat")
+        with contextlib.suppress(FileNotFoundError):
+            if stat.read_text().split()[2] == "Z":
+                break
+        time.sleep(0.02)
+    else:
+        assert not Path(f"/proc/{pid}").exists(), "the process outlived its runner"
+    assert tf.running() == 0

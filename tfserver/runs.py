@@ -296,7 +296,7 @@ class Runs:
         `after`: a tenant's (or everyone's, `tenant` None), of a module or an instance;
         and the id to continue after, or None at the end. Scans at most 2,000 runs."""
         if after:
-            return self._stored_page(tenant, module, instance, after, limit, keep)
+            return _stored_page(self, tenant, module, instance, after, limit, keep)
         # Runs of this replica not stored yet (a synchronous run is stored at its first
         # heartbeat, or just after its answer) are the newest: the first page has them.
         # Taken before the store is read: a run stored in between is then in one or both.
@@ -305,35 +305,13 @@ class Runs:
                    and (module is None or r.record.module == module)
                    and (instance is None or r.record.instance == instance)
                    and keep(r.record)]
-        found, cursor = self._stored_page(tenant, module, instance, after, limit, keep)
+        found, cursor = _stored_page(self, tenant, module, instance, after, limit, keep)
         if pending:
             merged = sorted({r.id: r for r in (*pending, *found)}.values(), key=lambda r: r.id)
             if len(merged) > limit:
                 merged = merged[:limit]
                 cursor = merged[-1].id
             found = merged
-        return found, cursor
-
-    def _stored_page(self, tenant: str | None, module: str | None, instance: str | None,
-                     after: str, limit: int, keep: Callable[[RunRecord], bool]
-                     ) -> tuple[list[RunRecord], str | None]:
-        found: list[RunRecord] = []
-        cursor = after
-        scanned = 0
-        while len(found) < limit and scanned < 2000:
-            ids = self.store.ids(tenant=tenant, module=module, instance=instance,
-                                 after=cursor, limit=100)
-            if not ids:
-                return found, None
-            scanned += len(ids)
-            cursor = ids[-1]
-            for record in self.records(ids):
-                if (module is None or record.module == module) and keep(record):
-                    found.append(record)
-                    if len(found) == limit:
-                        return found, record.id
-            if len(ids) < 100:
-                return found, None
         return found, cursor
 
     def in_flight(self, tenant: str, module: str) -> list[RunRecord]:
@@ -365,7 +343,7 @@ class Runs:
             self.store.request_cancel(run_id, force=force)
             record.cancel = record.cancel or "requested"
             return record
-        self._cancel_local(run, force)
+        self.cancel_local(run, force)
         return self.record(run_id)
 
     def follow(self, run_id: str, after: int = 0) -> Iterator[list[dict[str, Any]]]:
@@ -383,9 +361,6 @@ class Runs:
 
     def cancel_local(self, run: Run, force: bool) -> None:
         """Cancel a run this replica holds (see `cancel`)."""
-        self._cancel_local(run, force)
-
-    def _cancel_local(self, run: Run, force: bool) -> None:
         if run.done.is_set():
             raise Conflict(f"run {run.record.id} already ended ({run.record.status})",
                            retry_after=0)
@@ -406,6 +381,30 @@ class Runs:
     def _run_of(self, ticket: Ticket) -> Run | None:
         with self._mutex:
             return next((r for r in self._live.values() if r.ticket is ticket), None)
+
+
+def _stored_page(runs: Runs, tenant: str | None, module: str | None, instance: str | None,
+                 after: str, limit: int, keep: Callable[[RunRecord], bool]
+                 ) -> tuple[list[RunRecord], str | None]:
+    """A page of stored records (see `Runs.page`)."""
+    found: list[RunRecord] = []
+    cursor = after
+    scanned = 0
+    while len(found) < limit and scanned < 2000:
+        ids = runs.store.ids(tenant=tenant, module=module, instance=instance,
+                             after=cursor, limit=100)
+        if not ids:
+            return found, None
+        scanned += len(ids)
+        cursor = ids[-1]
+        for record in runs.records(ids):
+            if (module is None or record.module == module) and keep(record):
+                found.append(record)
+                if len(found) == limit:
+                    return found, record.id
+        if len(ids) < 100:
+            return found, None
+    return found, cursor
 
 
 def _follow_local(run: Run, after: int) -> Iterator[list[dict[str, Any]]]:

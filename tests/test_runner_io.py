@@ -194,3 +194,21 @@ time.sleep(60)
     else:
         assert not Path(f"/proc/{pid}").exists(), "the process outlived its runner"
     assert tf.running() == 0
+
+
+def test_one_huge_line_is_read_whole_and_an_endless_stderr_line_kept_short(
+        tmp_path: Path) -> None:
+    # A big output is one line of the stream; a line with no end on stderr must not
+    # grow the server's memory without bound.
+    tf = runner(tmp_path, """
+sys.stdout.write(json.dumps({"type": "outputs", "outputs": {"big": {"value": "v" * 20_000_000}}}))
+sys.stdout.write("\\n"); sys.stdout.flush()
+for _ in range(300):
+    sys.stderr.write("e" * 65536)
+sys.stderr.write("THE END")
+""")
+    result = tf.run(["apply"], cwd=tmp_path, timeout=120)
+    assert not result.timed_out and result.returncode == 0
+    assert len(result.events[0]["outputs"]["big"]["value"]) == 20_000_000
+    assert len(result.stderr) <= STDERR_KEEP
+    assert result.stderr.endswith("eeeTHE END")

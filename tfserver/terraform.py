@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 JSON_COMMANDS = frozenset({"apply", "plan", "destroy"})
 #: How much of stderr a result keeps (the end of it, where the errors are).
 STDERR_KEEP = 64 * 1024
+#: Pieces of one unfinished stderr line kept (reads are up to 64 KiB: more than STDERR_KEEP).
+_STDERR_PIECES = 4
 _LOCK_SUMMARIES = ("Error acquiring the state lock", "Error locking state")
 _STALE_PLAN = "Saved plan is stale"
 #: What a sensitive output reads as, wherever outputs are shown to a non-admin.
@@ -577,14 +579,16 @@ class _Output:
         self.unreadable = 0
         self._err_kept = 0
         assert proc.stdout is not None and proc.stderr is not None
-        self._stdout_fd = proc.stdout.fileno()
+        self._stdout_fd, self._stderr_fd = proc.stdout.fileno(), proc.stderr.fileno()
         self._selector = selectors.DefaultSelector()
-        self._partial: dict[int, bytes] = {}
+        #: The start of each stream's line still coming, in pieces (joined once whole: a
+        #: long line, a big output's event, is not copied again for every piece).
+        self._partial: dict[int, list[bytes]] = {}
         for stream, on_line in ((proc.stdout, self._stdout_line),
                                 (proc.stderr, self._stderr_line)):
             os.set_blocking(stream.fileno(), False)
             self._selector.register(stream, selectors.EVENT_READ, on_line)
-            self._partial[stream.fileno()] = b""
+            self._partial[stream.fileno()] = []
 
     def pump(self, until: float, *, both: bool = False) -> bool:
         """Read what comes until stdout ends (with `both`, stderr too) or the monotonic
@@ -618,16 +622,25 @@ class _Output:
         except BlockingIOError:
             return
         on_line: Callable[[str], None] = key.data
+        pieces = self._partial[fd]
         if not chunk:  # the end: the last line may lack its newline
-            rest, self._partial[fd] = self._partial[fd], b""
-            if rest:
-                on_line(_decoded(rest))
+            if pieces:
+                on_line(_decoded(b"".join(pieces)))
+            pieces.clear()
             self._selector.unregister(key.fileobj)
             key.fileobj.close()  # type: ignore[union-attr]
             return
-        *lines, self._partial[fd] = (self._partial[fd] + chunk).split(b"\n")
+        if b"\n" not in chunk:
+            pieces.append(chunk)
+            if fd == self._stderr_fd and len(pieces) > _STDERR_PIECES:
+                del pieces[0]  # a stderr line without end: only its tail is kept anyway
+            return
+        first, *lines, rest = chunk.split(b"\n")
+        pieces.append(first)
+        on_line(_decoded(b"".join(pieces) + b"\n"))
         for line in lines:
             on_line(_decoded(line + b"\n"))
+        pieces[:] = [rest] if rest else []
 
     def _stdout_line(self, line: str) -> None:
         if not self.streamed:
@@ -649,6 +662,7 @@ class _Output:
 
     def _stderr_line(self, line: str) -> None:
         """Keep stderr's last STDERR_KEEP characters."""
+        line = line[-STDERR_KEEP:]
         self.err.append(line)
         self._err_kept += len(line)
         while self._err_kept > STDERR_KEEP and len(self.err) > 1:

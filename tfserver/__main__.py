@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import shutil
@@ -107,6 +108,11 @@ def serve(parts: Parts) -> int:
         extra={"modules": list(server.service.modules), "url": server.url,
                "state_dir": str(config.state_dir)},
     )
+    # What start-up made (modules, schemas, libraries) lives as long as the process: out
+    # of the collector's way, a full collection takes about 1 ms instead of 50 (measured
+    # in the middle of a request, on the apply benchmark).
+    gc.collect()
+    gc.freeze()
     server.serve_forever(poll_interval=0.2)
     _stop(parts)
     logger.info("stopped")

@@ -212,3 +212,37 @@ sys.stderr.write("THE END")
     assert len(result.events[0]["outputs"]["big"]["value"]) == 20_000_000
     assert len(result.stderr) <= STDERR_KEEP
     assert result.stderr.endswith("eeeTHE END")
+
+
+def test_a_stderr_line_in_many_small_writes_is_kept_whole(tmp_path: Path) -> None:
+    tf = runner(tmp_path, """
+for i in range(10):
+    sys.stderr.write(f"part{i} "); sys.stderr.flush(); time.sleep(0.02)
+sys.stderr.write("end\\n"); sys.stdout.buffer.write(b"a\\rb\\r\\nc")
+""")
+    result = tf.run(["output"], cwd=tmp_path, timeout=30)
+    assert result.stderr == "part0 part1 part2 part3 part4 part5 part6 part7 part8 part9 end\n"
+    assert result.stdout == "a\nb\nc"  # as a text-mode pipe reads it
+
+
+def test_an_exit_is_seen_though_a_child_keeps_stdout_open(tmp_path: Path) -> None:
+    # The process succeeded: it is not "timed out" because something it started holds
+    # its pipes, and nothing waits for the deadline.
+    tf = runner(tmp_path, """
+import subprocess
+subprocess.Popen(["sleep", "8"], start_new_session=True)
+print('{"type": "version"}', flush=True)
+""", kill_grace=1.0)
+    result = tf.run(["apply"], cwd=tmp_path, timeout=20)
+    assert result.returncode == 0 and not result.timed_out
+    assert result.duration < 15, "the run waited for the deadline"
+
+
+def test_output_after_stdout_closed_does_not_block_the_exit(tmp_path: Path) -> None:
+    tf = runner(tmp_path, """
+os.close(1)
+sys.stderr.write("x" * 200_000 + "\\n"); sys.stderr.flush()
+""", kill_grace=1.0)
+    result = tf.run(["apply"], cwd=tmp_path, timeout=20)
+    assert result.returncode == 0 and not result.timed_out
+    assert result.stderr.endswith("x\n")

@@ -195,7 +195,13 @@ class Executor:
         keeping: list[Future[dict[str, Any] | None]] = []
 
         def keep() -> None:
-            keeping.append(self._background.submit(self._keep_inputs, name, ws, spec.inputs))
+            try:
+                keeping.append(self._background.submit(self._keep_inputs, name, ws,
+                                                       spec.inputs))
+            except RuntimeError as e:  # the pool stopped: terraform runs on regardless
+                failed: Future[dict[str, Any] | None] = Future()
+                failed.set_exception(e)
+                keeping.append(failed)
 
         assert self.var_files is not None, "the service prepares the var files first"
         with self.var_files.file(spec.inputs) as var_file:

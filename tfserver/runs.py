@@ -249,7 +249,7 @@ class Runs:
         # is stored the run stays this replica's, so `record` and `page` still show it.
         run.done.set()
         run.wake()
-        if run.sync:
+        if run.sync and record.started_at is not None:
             # Writing the record at once took the GIL from the waking caller (about 1 ms
             # of its answer); the record waits until the answer is out.
             run.answered.wait(_ANSWER_FIRST)

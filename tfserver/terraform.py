@@ -34,8 +34,6 @@ logger = logging.getLogger(__name__)
 JSON_COMMANDS = frozenset({"apply", "plan", "destroy"})
 #: How much of stderr a result keeps (the end of it, where the errors are).
 STDERR_KEEP = 64 * 1024
-#: Pieces of one unfinished stderr line kept (reads are up to 64 KiB: more than STDERR_KEEP).
-_STDERR_PIECES = 4
 _LOCK_SUMMARIES = ("Error acquiring the state lock", "Error locking state")
 _STALE_PLAN = "Saved plan is stale"
 #: What a sensitive output reads as, wherever outputs are shown to a non-admin.
@@ -475,6 +473,9 @@ class Terraform:
                 # 1; nothing of a stopped run (or of one this failed to watch) may keep
                 # running.
                 _kill_group(proc)
+                if not waited:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(timeout=self.kill_grace)
             output.close(self.kill_grace)
         return RunResult(
             args=tuple(args),
@@ -517,10 +518,10 @@ class Terraform:
         """Read terraform's output until it exits; past the deadline interrupt it, then
         kill its group. Returns True when the deadline passed.
 
-        The end of terraform's stdout is the sign it exited (the selector wakes at once):
-        `Popen.wait(timeout)` polls with sleeps that grow to 50 ms, which cost every run
-        up to that much after terraform was done. Output is read while it winds down, too,
-        so a full pipe never keeps it from stopping.
+        The selector wakes at once when terraform exits (its pidfd; without one, its
+        stdout's end): `Popen.wait(timeout)` polls with sleeps that grow to 50 ms, which
+        cost every run up to that much after terraform was done. Output is read while it
+        winds down, too, so a full pipe never keeps it from stopping.
         """
         if output.pump(deadline) and _reaped(proc, deadline):
             return False
@@ -564,7 +565,9 @@ class _Output:
     and stderr's tail.
 
     No reader threads: starting two for every run cost about 0.4 ms before terraform could
-    be waited on, and waking them as it ended more again.
+    be waited on, and waking them as it ended more again. The process's exit is watched in
+    the same selector (a pidfd): a child that keeps a pipe open, or output that follows the
+    close of stdout, does not hide it.
     """
 
     def __init__(self, proc: subprocess.Popen[bytes], *, streamed: bool,
@@ -578,21 +581,27 @@ class _Output:
         #: Lines of the stream that could not be read (never silently dropped).
         self.unreadable = 0
         self._err_kept = 0
+        self.exited = False
         assert proc.stdout is not None and proc.stderr is not None
         self._stdout_fd, self._stderr_fd = proc.stdout.fileno(), proc.stderr.fileno()
         self._selector = selectors.DefaultSelector()
         #: The start of each stream's line still coming, in pieces (joined once whole: a
         #: long line, a big output's event, is not copied again for every piece).
         self._partial: dict[int, list[bytes]] = {}
+        self._pending: dict[int, int] = {}
         for stream, on_line in ((proc.stdout, self._stdout_line),
                                 (proc.stderr, self._stderr_line)):
             os.set_blocking(stream.fileno(), False)
             self._selector.register(stream, selectors.EVENT_READ, on_line)
-            self._partial[stream.fileno()] = []
+            self._partial[stream.fileno()], self._pending[stream.fileno()] = [], 0
+        self._pidfd: int | None = None
+        with contextlib.suppress(OSError, AttributeError):  # Linux 5.3+; else stdout's end
+            self._pidfd = os.pidfd_open(proc.pid)
+            self._selector.register(self._pidfd, selectors.EVENT_READ, None)
 
     def pump(self, until: float, *, both: bool = False) -> bool:
-        """Read what comes until stdout ends (with `both`, stderr too) or the monotonic
-        time `until` passes; True when it ended."""
+        """Read what comes until the process exits (with `both`: until both streams end)
+        or the monotonic time `until` passes; True when it did."""
         while self._open(both):
             left = until - time.monotonic()
             if left <= 0:
@@ -608,15 +617,30 @@ class _Output:
             logger.error("terraform pid %d: output still open after it ended", self.pid)
         for key in list(self._selector.get_map().values()):
             self._selector.unregister(key.fileobj)
-            key.fileobj.close()  # type: ignore[union-attr]
+            self._closed(key)
         self._selector.close()
 
     def _open(self, both: bool) -> bool:
         streams = self._selector.get_map()
-        return bool(streams) if both else self._stdout_fd in streams
+        if both:
+            return self._stdout_fd in streams or self._stderr_fd in streams
+        if self._pidfd is not None:
+            return not self.exited
+        return self._stdout_fd in streams
+
+    def _closed(self, key: selectors.SelectorKey) -> None:
+        if key.fd == self._pidfd:
+            os.close(key.fd)
+        else:
+            key.fileobj.close()  # type: ignore[union-attr]
 
     def _read(self, key: selectors.SelectorKey) -> None:
         fd = key.fd
+        if fd == self._pidfd:  # the process exited
+            self.exited = True
+            self._selector.unregister(fd)
+            self._closed(key)
+            return
         try:
             chunk = os.read(fd, 65536)
         except BlockingIOError:
@@ -628,12 +652,15 @@ class _Output:
                 on_line(_decoded(b"".join(pieces)))
             pieces.clear()
             self._selector.unregister(key.fileobj)
-            key.fileobj.close()  # type: ignore[union-attr]
+            self._closed(key)
             return
         if b"\n" not in chunk:
             pieces.append(chunk)
-            if fd == self._stderr_fd and len(pieces) > _STDERR_PIECES:
-                del pieces[0]  # a stderr line without end: only its tail is kept anyway
+            self._pending[fd] += len(chunk)
+            if fd == self._stderr_fd and self._pending[fd] > 2 * STDERR_KEEP:
+                # A stderr line without end: only its tail is kept anyway.
+                tail = b"".join(pieces)[-STDERR_KEEP:]
+                pieces[:], self._pending[fd] = [tail], len(tail)
             return
         first, *lines, rest = chunk.split(b"\n")
         pieces.append(first)
@@ -641,6 +668,7 @@ class _Output:
         for line in lines:
             on_line(_decoded(line + b"\n"))
         pieces[:] = [rest] if rest else []
+        self._pending[fd] = len(rest)
 
     def _stdout_line(self, line: str) -> None:
         if not self.streamed:
@@ -671,7 +699,7 @@ class _Output:
 
 def _decoded(line: bytes) -> str:
     """A line of terraform's output as text (as a text-mode pipe would read it)."""
-    return line.decode("utf-8", "replace").replace("\r\n", "\n")
+    return line.decode("utf-8", "replace").replace("\r\n", "\n").replace("\r", "\n")
 
 
 def cli_config_text(plugin_cache_dir: Path, provider_mirror: Path | None) -> str:

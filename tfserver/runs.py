@@ -122,7 +122,8 @@ class Runs:
                  kill_grace: float, heartbeat: float = 2.0, lost_after: float = 10.0,
                  retention: float = 30 * 86400.0,
                  clock: Callable[[], float] = time.time,
-                 on_finish: Callable[[RunRecord], None] | None = None) -> None:
+                 on_finish: Callable[[RunRecord], None] | None = None,
+                 on_ended: Callable[[RunRecord], None] | None = None) -> None:
         self.store = store
         self.scheduler = scheduler
         self.replica = replica
@@ -131,8 +132,9 @@ class Runs:
         self.lost_after = lost_after
         self.retention = retention
         self.clock = clock
-        #: Told of every run that ends here (metrics, the audit log).
-        self.on_finish = on_finish
+        #: Told of every run that ends here, before anyone sees it ended (metrics), and
+        #: once its synchronous caller has its answer (the audit line).
+        self.on_finish, self.on_ended = on_finish, on_ended
         self._mutex = threading.Lock()
         self._live: dict[str, Run] = {}
         self._workers = Workers("run")
@@ -240,11 +242,7 @@ class Runs:
             record.cancel, record.state_may_be_locked = "forced", True
         record.status = status
         run.emit("finished", status=status, changes=record.changes, problem=record.problem)
-        if self.on_finish is not None:
-            try:
-                self.on_finish(replace(record))
-            except Exception:  # a listener's bug must not keep the run from ending
-                logger.exception("run %s: a listener of its end failed", record.id)
+        self._tell(self.on_finish, record)
         # The caller waiting on the run answers now; the store follows. Until the record
         # is stored the run stays this replica's, so `record` and `page` still show it.
         run.done.set()
@@ -253,12 +251,21 @@ class Runs:
             # Writing the record at once took the GIL from the waking caller (about 1 ms
             # of its answer); the record waits until the answer is out.
             run.answered.wait(_ANSWER_FIRST)
+        self._tell(self.on_ended, record)
         try:
             self.keeper.flush(run, final=True)
         except TFServerError as e:
             logger.error("run %s: its final record could not be stored: %s", record.id, e)
         with self._mutex:
             self._live.pop(record.id, None)
+
+    @staticmethod
+    def _tell(listener: Callable[[RunRecord], None] | None, record: RunRecord) -> None:
+        if listener is not None:
+            try:
+                listener(replace(record))
+            except Exception:  # a listener's bug must not keep the run from ending
+                logger.exception("run %s: a listener of its end failed", record.id)
 
     def _end_unstarted(self, run: Run, status: str, detail: str) -> None:
         """End a run that never started (canceled while queued)."""

@@ -459,32 +459,43 @@ class RequestHandler(Connection):
             self.send_problem(TFServerError("an unexpected error occurred; see the server log "
                                             f"for request {self.request_id}"))
         finally:
-            # Counted and logged before the answer leaves: a client that reads it and then
-            # scrapes /metrics (or the log) finds it there.
-            self.answered(time.monotonic() - started)
+            # Counted before the answer leaves: a client that reads it and then scrapes
+            # /metrics finds it there. Its log lines follow at once, not in its way.
+            seconds = time.monotonic() - started
+            self._count(seconds)
             # The answer is buffered: it must be on the wire before this request counts as
             # done, or a shutdown waiting for idle could exit with it still in the buffer.
             with contextlib.suppress(OSError):
                 self.wfile.flush()
             for then in self.after_answer:
                 then()
+            self._log(seconds)
             if self.close_connection and not self.body_consumed:
                 self._drain()
             request_id.reset(token)
             self.server.leave()
 
     def answered(self, seconds: float) -> None:
-        """The access line of a request (also of one http.server refused itself), its
-        metrics, and for a state-changing request its audit line."""
+        """The metrics of a request (also of one http.server refused itself), its access
+        line, and for a state-changing request its audit line."""
+        self._count(seconds)
+        self._log(seconds)
+
+    def _count(self, seconds: float) -> None:
+        path = self.url_path or self.path.split("?")[0]
+        route_template, _, _ = template(path)
+        self.server.service.metrics.request(self.command or "-", route_template, self.status,
+                                            seconds)
+
+    def _log(self, seconds: float) -> None:
         path = self.url_path or self.path.split("?")[0]
         method = self.command or "-"
         p = self.principal
         client = self.client_ip or self.client_address[0]
         log_access(method, path, self.status, seconds, client,
                    p.tenant_key if p is not None else None)
-        route_template, module, instance = template(path)
-        self.server.service.metrics.request(method, route_template, self.status, seconds)
         if method in _CHANGING:
+            route_template, module, instance = template(path)
             audit_request(
                 p, client, status=self.status, title=self.audit_title,
                 what={"method": method, "route": route_template, "module": module,

@@ -99,7 +99,7 @@ class Service:
         self.runs = Runs(self.store, Scheduler(config.max_runs, config.queue_depth),
                          replica=config.replica or socket.gethostname(),
                          kill_grace=config.kill_grace, retention=config.run_retention,
-                         on_finish=self._finished)
+                         on_finish=self._counted, on_ended=self._audited)
         self.metrics.watch(self.runs.scheduler.counts, self.copies.report, list(modules))
         self.expiries = Expiries(backend.objects)
         self.catalog = Catalog(self.modules, backend, self.runs.scheduler.busy, self.expiries)
@@ -287,13 +287,13 @@ class Service:
         return self._submit(spec, asynchronous=True, idempotency=None,
                             governed=False).run_id
 
-    def _finished(self, record: RunRecord) -> None:
-        """A run ended here: count it, and write its audit line."""
-        seconds = (record.finished_at - record.started_at
-                   if record.started_at is not None and record.finished_at is not None
-                   else None)
-        self.metrics.run(record.module, record.operation, record.status, seconds)
-        audit_run(record, seconds)
+    def _counted(self, record: RunRecord) -> None:
+        """A run ended here: count it."""
+        self.metrics.run(record.module, record.operation, record.status, _seconds(record))
+
+    def _audited(self, record: RunRecord) -> None:
+        """A run ended here (and its caller has the answer): its audit line."""
+        audit_run(record, _seconds(record))
 
     def _run_status(self, run_id: str) -> str:
         try:
@@ -354,3 +354,9 @@ class Service:
 
     # -- helpers ----------------------------------------------------------------------
 
+
+def _seconds(record: RunRecord) -> float | None:
+    """How long a run ran (None if it never started)."""
+    if record.started_at is None or record.finished_at is None:
+        return None
+    return record.finished_at - record.started_at

@@ -193,16 +193,6 @@ class Executor:
         # starts once terraform runs and goes on meanwhile (a rename on disk, a PUT on
         # S3); it is undone if terraform changed nothing.
         keeping: list[Future[dict[str, Any] | None]] = []
-
-        def keep() -> None:
-            try:
-                keeping.append(self._background.submit(self._keep_inputs, name, ws,
-                                                       spec.inputs))
-            except RuntimeError as e:  # the pool stopped: terraform runs on regardless
-                failed: Future[dict[str, Any] | None] = Future()
-                failed.set_exception(e)
-                keeping.append(failed)
-
         assert self.var_files is not None, "the service prepares the var files first"
         with self.var_files.file(spec.inputs) as var_file:
             plan_file = self._plan_file(spec, var_file)
@@ -210,7 +200,8 @@ class Executor:
                 result = self.runner.run(
                     self._args(spec, var_file, plan_file), cwd=wc.path, workspace=ws,
                     timeout=_remaining(deadline), control=control, on_event=on_event,
-                    on_start=keep if spec.operation == "apply" else None)
+                    on_start=(lambda: keeping.append(self._keep_later(name, ws, spec.inputs)))
+                    if spec.operation == "apply" else None)
                 saved = (plan_file.read_bytes() if plan_file is not None and result.ok
                          and spec.plan_of is None else None)
             finally:
@@ -277,6 +268,16 @@ class Executor:
                 "inputs": spec.inputs, "expires_at": time.time() + self.plan_ttl})
         except TFServerError as e:
             logger.warning("plan of run %s not kept: %s", spec.run_id, e.detail)
+
+    def _keep_later(self, name: str, ws: str,
+                    inputs: dict[str, Any]) -> Future[dict[str, Any] | None]:
+        """`_keep_inputs` in the background (what it returns, or raised, is the future's)."""
+        try:
+            return self._background.submit(self._keep_inputs, name, ws, inputs)
+        except RuntimeError as e:  # the pool stopped: terraform runs on regardless
+            failed: Future[dict[str, Any] | None] = Future()
+            failed.set_exception(e)
+            return failed
 
     def _keep_inputs(self, name: str, ws: str,
                      inputs: dict[str, Any]) -> dict[str, Any] | None:

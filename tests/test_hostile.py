@@ -211,6 +211,30 @@ def test_413_reaches_the_client(srv: tuple[ServerProcess, Path]) -> None:
         assert s.recv(65536).startswith(b"HTTP/1.1 200")
 
 
+
+def test_an_early_413_on_a_kept_connection_is_logged_with_its_own_path(
+        srv: tuple[ServerProcess, Path]) -> None:
+    # The 413 is answered before the request is dispatched: its access line must not
+    # carry the previous request's path or id.
+    server, _ = srv
+    host, port = server.url.split("//")[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Request-Id: first-of-two\r\n\r\n")
+        assert s.recv(65536).startswith(b"HTTP/1.1 200")
+        s.sendall(b"POST /basic/early-413 HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                  b"application/json\r\nExpect: 100-continue\r\n"
+                  b"Content-Length: 99999999\r\n\r\n")
+        assert s.recv(65536).startswith(b"HTTP/1.1 413")
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        lines = [r for r in server.log_records() if r.get("logger") == "tfserver.access"
+                 and r.get("status") == 413 and r.get("path") == "/basic/early-413"]
+        if lines:
+            break
+        time.sleep(0.05)
+    assert lines, "no access line for the early 413 under its own path"
+    assert lines[-1]["request_id"] != "first-of-two"
+
 # -- 8, 9. protocol errors logged once each, HEAD ------------------------------------------
 
 

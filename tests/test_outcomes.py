@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -192,3 +193,31 @@ def test_init_errors_keep_terraforms_whole_message() -> None:
         "digitalocean/digitalocean: could not connect to registry.terraform.io: dial\n"
         "tcp: lookup registry.terraform.io: no such host")
     assert error_text("plain words\n") == "plain words"
+
+
+def test_inputs_are_kept_even_when_the_background_pool_stopped(service: Any) -> None:
+    # A run starting during a late shutdown: the inputs destroy needs are still kept (in
+    # the run's thread), and the apply that terraform did is not reported as a failure.
+    summary = {"type": "change_summary", "changes": {"add": 1, "change": 0, "remove": 0}}
+    svc = service(RunResult(("apply",), 0, (APPLY_START, summary)))
+    svc.executor._background.shutdown(wait=True)
+    applied = sync(svc, svc.apply(LOCAL, "basic", "k", {"name": "n"}))
+    assert isinstance(applied, Applied)
+    assert svc.backend.load_inputs("basic", "local.k")["name"] == "n"
+
+
+def test_a_shutdown_waits_until_a_run_is_fully_ended(service: Any) -> None:
+    # Ended, but its audit line and record still being written: a shutdown that stopped
+    # waiting at `done` lost the audit line with the process.
+    svc = service(RunResult(("apply",), 0, (APPLY_START,)))
+    ended: list[str] = []
+
+    def slow_audit(record: Any) -> None:
+        time.sleep(0.3)
+        ended.append(record.id)
+
+    svc.runs.on_ended = slow_audit
+    submitted = svc.apply(LOCAL, "basic", "w", {"name": "n"})
+    assert svc.history.wait(submitted, 30)
+    assert svc.runs.wait_idle(10)
+    assert ended == [submitted.run_id]

@@ -8,10 +8,13 @@ output, a process that ignores SIGINT), which real terraform cannot be made to d
 from __future__ import annotations
 
 import contextlib
+import os
+import selectors
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -246,3 +249,69 @@ sys.stderr.write("x" * 200_000 + "\\n"); sys.stderr.flush()
     result = tf.run(["apply"], cwd=tmp_path, timeout=20)
     assert result.returncode == 0 and not result.timed_out
     assert result.stderr.endswith("x\n")
+
+
+def _alive(pid: int) -> bool:
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        return stat.read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_what_holds_the_pipes_after_a_good_run_is_stopped(tmp_path: Path) -> None:
+    marker = tmp_path / "child.pid"
+    tf = runner(tmp_path, f"""
+import subprocess
+child = subprocess.Popen(["sleep", "30"])  # same group; it holds the pipes
+open({str(marker)!r}, "w").write(str(child.pid))
+""", kill_grace=0.5)
+    result = tf.run(["apply"], cwd=tmp_path, timeout=20)
+    assert result.returncode == 0 and not result.timed_out
+    child = int(marker.read_text())
+    deadline = time.monotonic() + 5
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not _alive(child), "a process holding terraform's pipes outlived the run"
+
+
+def test_without_a_pidfd_the_exit_is_still_seen(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # The pidfd cannot be watched (an old kernel, or the selector refuses it): the
+    # runner falls back to stdout's end, leaks no descriptor and reports no timeout.
+    class Refusing(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
+        def register(self, fileobj: Any, events: int, data: Any = None) -> Any:
+            if isinstance(fileobj, int):
+                raise OSError(28, "No space left on device")
+            return super().register(fileobj, events, data)
+
+    monkeypatch.setattr("tfserver.terraform.selectors.DefaultSelector", Refusing)
+    tf = runner(tmp_path, 'print(\'{"type": "version"}\')', kill_grace=0.5)
+    before = len(os.listdir("/proc/self/fd"))
+    result = tf.run(["apply"], cwd=tmp_path, timeout=20)
+    assert result.returncode == 0 and not result.timed_out
+    assert [e["type"] for e in result.events] == ["version"]
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_reader_that_cannot_start_leaves_no_process(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    marker = tmp_path / "pid"
+    tf = runner(tmp_path, f"""
+open({str(marker)!r}, "w").write(str(os.getpid()))
+time.sleep(60)
+""")
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        deadline = time.monotonic() + 5
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr("tfserver.terraform._Output", refuse)
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(OSError):
+        tf.run(["apply"], cwd=tmp_path, timeout=60)
+    assert not _alive(int(marker.read_text()))
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert tf.running() == 0

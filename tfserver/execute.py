@@ -274,10 +274,13 @@ class Executor:
         """`_keep_inputs` in the background (what it returns, or raised, is the future's)."""
         try:
             return self._background.submit(self._keep_inputs, name, ws, inputs)
-        except RuntimeError as e:  # the pool stopped: terraform runs on regardless
-            failed: Future[dict[str, Any] | None] = Future()
-            failed.set_exception(e)
-            return failed
+        except RuntimeError:  # the pool stopped (a late shutdown): kept in this thread
+            kept: Future[dict[str, Any] | None] = Future()
+            try:
+                kept.set_result(self._keep_inputs(name, ws, inputs))
+            except (TFServerError, OSError) as e:
+                kept.set_exception(e)
+            return kept
 
     def _keep_inputs(self, name: str, ws: str,
                      inputs: dict[str, Any]) -> dict[str, Any] | None:

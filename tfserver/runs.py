@@ -166,17 +166,21 @@ class Runs:
         return len(dropped)
 
     def wait_idle(self, timeout: float) -> bool:
-        """Wait until no run of this replica is running; False on timeout."""
+        """Wait until no run of this replica is running, nor still being ended (its audit
+        line, its final record); False on timeout."""
         deadline = time.monotonic() + timeout
         while True:
             with self._mutex:
-                live = [r for r in self._live.values() if not r.done.is_set()]
+                live = list(self._live.values())
             if not live:
                 return True
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
-            live[0].done.wait(min(left, 0.5))
+            if live[0].done.is_set():
+                time.sleep(min(left, 0.01))  # ended: its record is being stored
+            else:
+                live[0].done.wait(min(left, 0.5))
 
     # -- submitting -------------------------------------------------------------------
 
@@ -251,13 +255,14 @@ class Runs:
             # Writing the record at once took the GIL from the waking caller (about 1 ms
             # of its answer); the record waits until the answer is out.
             run.answered.wait(_ANSWER_FIRST)
-        self._tell(self.on_ended, record)
         try:
+            self._tell(self.on_ended, record)
             self.keeper.flush(run, final=True)
         except TFServerError as e:
             logger.error("run %s: its final record could not be stored: %s", record.id, e)
-        with self._mutex:
-            self._live.pop(record.id, None)
+        finally:
+            with self._mutex:  # a shutdown waits for this (`wait_idle`)
+                self._live.pop(record.id, None)
 
     @staticmethod
     def _tell(listener: Callable[[RunRecord], None] | None, record: RunRecord) -> None:

@@ -200,6 +200,10 @@ class Connection(BaseHTTPRequestHandler):
         client that goes away (a stream it cut, say) ends the connection quietly: that is
         routine, not an error."""
         self.reader.arm(self.server.config.request_timeout)
+        # The defaults again: an error http.server answers before `dispatch` (a bad head,
+        # an early 413) must not be logged with the previous request's path or id.
+        self.status, self.request_id, self.url_path, self.client_ip = 0, "", "", ""
+        self.principal = self.audit_run = self.audit_title = None
         try:
             super().handle_one_request()
         except (ConnectionError, TimeoutError) as e:

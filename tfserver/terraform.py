@@ -457,10 +457,11 @@ class Terraform:
         control.attach(proc)
         if stopping:
             control.interrupt("shutdown")
-        output = _Output(proc, streamed=bool(args) and args[0] in JSON_COMMANDS,
-                         on_event=on_event)
+        output: _Output | None = None
         timed_out = waited = False
         try:
+            output = _Output(proc, streamed=bool(args) and args[0] in JSON_COMMANDS,
+                             on_event=on_event)
             if on_start is not None:
                 on_start()
             timed_out = self._wait(proc, output, started + timeout)
@@ -476,7 +477,14 @@ class Terraform:
                 if not waited:
                     with contextlib.suppress(subprocess.TimeoutExpired):
                         proc.wait(timeout=self.kill_grace)
-            output.close(self.kill_grace)
+            if output is None:
+                for pipe in (proc.stdout, proc.stderr):
+                    if pipe is not None:
+                        pipe.close()
+            elif not output.close(self.kill_grace):
+                # Something terraform started still holds its pipes: it goes too.
+                _kill_group(proc)
+        assert output is not None
         return RunResult(
             args=tuple(args),
             returncode=proc.returncode,
@@ -596,8 +604,13 @@ class _Output:
             self._partial[stream.fileno()], self._pending[stream.fileno()] = [], 0
         self._pidfd: int | None = None
         with contextlib.suppress(OSError, AttributeError):  # Linux 5.3+; else stdout's end
-            self._pidfd = os.pidfd_open(proc.pid)
-            self._selector.register(self._pidfd, selectors.EVENT_READ, None)
+            pidfd = os.pidfd_open(proc.pid)
+            try:
+                self._selector.register(pidfd, selectors.EVENT_READ, None)
+            except OSError:
+                os.close(pidfd)
+                raise
+            self._pidfd = pidfd
 
     def pump(self, until: float, *, both: bool = False) -> bool:
         """Read what comes until the process exits (with `both`: until both streams end)
@@ -610,15 +623,17 @@ class _Output:
                 self._read(key)
         return True
 
-    def close(self, timeout: float) -> None:
+    def close(self, timeout: float) -> bool:
         """Read both streams to their end (they end once terraform and its children exit),
-        waiting at most `timeout`, then close them."""
-        if not self.pump(time.monotonic() + timeout, both=True):
+        waiting at most `timeout`, then close them; False if they were still open."""
+        ended = self.pump(time.monotonic() + timeout, both=True)
+        if not ended:
             logger.error("terraform pid %d: output still open after it ended", self.pid)
         for key in list(self._selector.get_map().values()):
             self._selector.unregister(key.fileobj)
             self._closed(key)
         self._selector.close()
+        return ended
 
     def _open(self, both: bool) -> bool:
         streams = self._selector.get_map()

@@ -221,3 +221,16 @@ def test_a_shutdown_waits_until_a_run_is_fully_ended(service: Any) -> None:
     assert svc.history.wait(submitted, 30)
     assert svc.runs.wait_idle(10)
     assert ended == [submitted.run_id]
+
+
+def test_a_plan_applied_before_its_record_is_stored_stays_applied(service: Any) -> None:
+    # A synchronous dry run is stored just after its answer; applying its plan at once
+    # must not be undone by that late write (the plan would offer itself again).
+    summary = {"type": "change_summary", "changes": {"add": 1, "change": 0, "remove": 0}}
+    svc = service(RunResult(("apply",), 0, (APPLY_START, summary)))
+    planned = sync(svc, svc.apply(LOCAL, "basic", "p", {"name": "n"}, dry_run=True))
+    applied = svc.apply_plan(LOCAL, planned.run_id)
+    assert isinstance(sync(svc, applied), Applied)
+    assert svc.runs.wait_idle(10)
+    stored = svc.store.get(planned.run_id)
+    assert stored is not None and stored.plan["applied_by"] == applied.run_id

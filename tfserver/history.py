@@ -163,6 +163,14 @@ class History:
     def mark_plan_applied(self, plan_id: str, run_id: str) -> None:
         """Note on the plan's record that it is used (best effort; the mark is the
         `.used` object)."""
+        def note(record: RunRecord) -> None:
+            if record.plan is not None:
+                record.plan["applied_by"] = run_id
+
+        # The plan may be this replica's and not stored yet (a synchronous dry run is
+        # stored just after its answer): its own write then carries the note.
+        if self.runs.amend(plan_id, note):
+            return
         try:
             record = self.store.get(plan_id)
             if record is not None and record.plan is not None:

@@ -326,6 +326,17 @@ class Runs:
             found = merged
         return found, cursor
 
+    def amend(self, run_id: str, change: Callable[[RunRecord], None]) -> bool:
+        """Change the record of a run this replica holds; True when its last store write
+        is still to come (and will carry the change), False when the store must be
+        changed instead."""
+        run = self.local(run_id)
+        if run is None:
+            return False
+        with run._store_lock:  # not between a flush's copy of the record and its write
+            change(run.record)
+            return not run._final
+
     def in_flight(self, tenant: str, module: str) -> list[RunRecord]:
         """The tenant's runs of the module that are queued or running on any replica
         (runs whose replica stopped beating are not counted)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,8 +103,8 @@ class History:
             ws = target_workspace(principal, instance, tenant)
             key = ws.partition(".")[0]
         scope: str | None = key if (instance is not None or not principal.admin) else None
-        found, cursor = self.runs.page(
-            tenant=scope, module=module, instance=instance, after=after, limit=limit,
+        found, cursor = _page(
+            self.runs, tenant=scope, module=module, instance=instance, after=after, limit=limit,
             keep=lambda r: (status is None or r.status == status)
             and (principal.admin or principal.can(r.module, "read")))
         return RunPage(found, cursor, principal.tenant_key)
@@ -178,6 +178,55 @@ class History:
                 self.store.save(record)
         except TFServerError as e:
             logger.warning("plan %s: could not note its use: %s", plan_id, e.detail)
+
+
+def _page(runs: Runs, *, tenant: str | None, module: str | None, instance: str | None,
+         after: str, limit: int, keep: Callable[[RunRecord], bool]
+         ) -> tuple[list[RunRecord], str | None]:
+    """Up to `limit` records that `keep` accepts, newest first, after the run id
+    `after`: a tenant's (or everyone's, `tenant` None), of a module or an instance;
+    and the id to continue after, or None at the end. Scans at most 2,000 runs."""
+    if after:
+        return _stored_page(runs, tenant, module, instance, after, limit, keep)
+    # Runs of this replica not stored yet (a synchronous run is stored at its first
+    # heartbeat, or just after its answer) are the newest: the first page has them.
+    # Taken before the store is read: a run stored in between is then in one or both.
+    pending = [r for r in runs.unstored()
+               if (tenant is None or r.tenant == tenant)
+               and (module is None or r.module == module)
+               and (instance is None or r.instance == instance) and keep(r)]
+    found, cursor = _stored_page(runs, tenant, module, instance, after, limit, keep)
+    if pending:
+        merged = sorted({r.id: r for r in (*pending, *found)}.values(), key=lambda r: r.id)
+        if len(merged) > limit:
+            merged = merged[:limit]
+            cursor = merged[-1].id
+        found = merged
+    return found, cursor
+
+
+def _stored_page(runs: Runs, tenant: str | None, module: str | None, instance: str | None,
+                 after: str, limit: int, keep: Callable[[RunRecord], bool]
+                 ) -> tuple[list[RunRecord], str | None]:
+    """A page of stored records (see `_page`)."""
+    found: list[RunRecord] = []
+    cursor = after
+    scanned = 0
+    while len(found) < limit and scanned < 2000:
+        ids = runs.store.ids(tenant=tenant, module=module, instance=instance,
+                             after=cursor, limit=100)
+        if not ids:
+            return found, None
+        scanned += len(ids)
+        cursor = ids[-1]
+        for record in runs.records(ids):
+            if (module is None or record.module == module) and keep(record):
+                found.append(record)
+                if len(found) == limit:
+                    return found, record.id
+        if len(ids) < 100:
+            return found, None
+    return found, cursor
 
 
 def _outcome_of(record: RunRecord) -> Outcome:

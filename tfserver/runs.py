@@ -301,30 +301,10 @@ class Runs:
             record.state_may_be_locked = record.started_at is not None
         return record
 
-    def page(self, *, tenant: str | None, module: str | None, instance: str | None,
-             after: str, limit: int, keep: Callable[[RunRecord], bool]
-             ) -> tuple[list[RunRecord], str | None]:
-        """Up to `limit` records that `keep` accepts, newest first, after the run id
-        `after`: a tenant's (or everyone's, `tenant` None), of a module or an instance;
-        and the id to continue after, or None at the end. Scans at most 2,000 runs."""
-        if after:
-            return _stored_page(self, tenant, module, instance, after, limit, keep)
-        # Runs of this replica not stored yet (a synchronous run is stored at its first
-        # heartbeat, or just after its answer) are the newest: the first page has them.
-        # Taken before the store is read: a run stored in between is then in one or both.
-        pending = [replace(r.record) for r in self.live() if not r._created
-                   and (tenant is None or r.record.tenant == tenant)
-                   and (module is None or r.record.module == module)
-                   and (instance is None or r.record.instance == instance)
-                   and keep(r.record)]
-        found, cursor = _stored_page(self, tenant, module, instance, after, limit, keep)
-        if pending:
-            merged = sorted({r.id: r for r in (*pending, *found)}.values(), key=lambda r: r.id)
-            if len(merged) > limit:
-                merged = merged[:limit]
-                cursor = merged[-1].id
-            found = merged
-        return found, cursor
+    def unstored(self) -> list[RunRecord]:
+        """Copies of the records this replica holds that are not stored yet (a synchronous
+        run is stored at its first heartbeat, or just after its answer)."""
+        return [replace(r.record) for r in self.live() if not r._created]
 
     def amend(self, run_id: str, change: Callable[[RunRecord], None]) -> bool:
         """Change the record of a run this replica holds; True when its last store write
@@ -404,30 +384,6 @@ class Runs:
     def _run_of(self, ticket: Ticket) -> Run | None:
         with self._mutex:
             return next((r for r in self._live.values() if r.ticket is ticket), None)
-
-
-def _stored_page(runs: Runs, tenant: str | None, module: str | None, instance: str | None,
-                 after: str, limit: int, keep: Callable[[RunRecord], bool]
-                 ) -> tuple[list[RunRecord], str | None]:
-    """A page of stored records (see `Runs.page`)."""
-    found: list[RunRecord] = []
-    cursor = after
-    scanned = 0
-    while len(found) < limit and scanned < 2000:
-        ids = runs.store.ids(tenant=tenant, module=module, instance=instance,
-                             after=cursor, limit=100)
-        if not ids:
-            return found, None
-        scanned += len(ids)
-        cursor = ids[-1]
-        for record in runs.records(ids):
-            if (module is None or record.module == module) and keep(record):
-                found.append(record)
-                if len(found) == limit:
-                    return found, record.id
-        if len(ids) < 100:
-            return found, None
-    return found, cursor
 
 
 def _follow_local(run: Run, after: int) -> Iterator[list[dict[str, Any]]]:

@@ -467,23 +467,8 @@ class Terraform:
             timed_out = self._wait(proc, output, started + timeout)
             waited = True
         finally:
-            with self._mutex:
-                self._live.pop(proc.pid, None)
-            if timed_out or control.reason is not None or not waited:
-                # A provisioner's child (a `sleep`) outlives terraform's SIGINT with parent
-                # 1; nothing of a stopped run (or of one this failed to watch) may keep
-                # running.
-                _kill_group(proc)
-                if not waited:
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        proc.wait(timeout=self.kill_grace)
-            if output is None:
-                for pipe in (proc.stdout, proc.stderr):
-                    if pipe is not None:
-                        pipe.close()
-            elif not output.close(self.kill_grace):
-                # Something terraform started still holds its pipes: it goes too.
-                _kill_group(proc)
+            self._end(proc, output, stopped=timed_out or control.reason is not None,
+                      watched=waited)
         assert output is not None
         return RunResult(
             args=tuple(args),
@@ -497,6 +482,26 @@ class Terraform:
             canceled=control.reason == "cancel",
             unreadable=output.unreadable,
         )
+
+    def _end(self, proc: subprocess.Popen[bytes], output: _Output | None, *, stopped: bool,
+             watched: bool) -> None:
+        """After a run: forget it, leave nothing of it running, read and close its pipes."""
+        with self._mutex:
+            self._live.pop(proc.pid, None)
+        if stopped or not watched:
+            # A provisioner's child (a `sleep`) outlives terraform's SIGINT with parent 1;
+            # nothing of a stopped run (or of one this failed to watch) may keep running.
+            _kill_group(proc)
+            if not watched:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=self.kill_grace)
+        if output is None:
+            for pipe in (proc.stdout, proc.stderr):
+                if pipe is not None:
+                    pipe.close()
+        elif not output.close(self.kill_grace):
+            # Something terraform started still holds its pipes: it goes too.
+            _kill_group(proc)
 
     def _start(self, argv: list[str], cwd: Path, env: dict[str, str]
                ) -> subprocess.Popen[bytes]:

@@ -152,14 +152,15 @@ class LocalObjects:
         (an empty object, an index entry, is only created)."""
         path = self._path(key)
         try:
-            self._folder(path)
-            if data:
+            try:
+                self._folder(path)
+                if data:
+                    write_private(path, data)
+                else:
+                    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+            except FileNotFoundError:
+                self._folders.discard(path.parent)  # removed meanwhile: made again
                 write_private(path, data)
-            else:
-                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
-        except FileNotFoundError:
-            self._folders.discard(path.parent)  # removed meanwhile: make it again
-            write_private(path, data)
         except OSError as e:
             raise BackendError(f"cannot write {key}: {e.strerror}") from e
 

@@ -174,7 +174,7 @@ class History:
         try:
             record = self.store.get(plan_id)
             if record is not None and record.plan is not None:
-                record.plan["applied_by"] = run_id
+                note(record)
                 self.store.save(record)
         except TFServerError as e:
             logger.warning("plan %s: could not note its use: %s", plan_id, e.detail)

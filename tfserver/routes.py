@@ -163,8 +163,8 @@ def _module_route(h: RequestHandler, principal: Principal, parts: list[str]) -> 
     if len(parts) == 3 and parts[2] == "runs":
         allow(h, "GET")
         page = svc.history.list_runs(principal, module=module, instance=parts[1],
-                             tenant=h.param("tenant"), limit=_limit(h),
-                             after=h.param("before") or "")
+                                     tenant=h.param("tenant"), limit=_limit(h),
+                                     after=h.param("before") or "")
         return Reply(200, render.run_page(page, f"/{module}/{parts[1]}/runs",
                                           _kept(h, "tenant", "limit")))
     raise NotFound(f"nothing at {h.url_path[:100]}")
@@ -177,7 +177,7 @@ def _instance(h: RequestHandler, principal: Principal, module: str, instance: st
     if h.command in ("GET", "HEAD"):
         if named:
             return Reply(200, render.render(svc.catalog.show(principal, module, instance,
-                                                     h.param("tenant"))))
+                                                             h.param("tenant"))))
         return Reply(200, render.render(svc.catalog.describe(principal, module)))
     dry_run = h.flag("dry_run")
     asynchronous, wait = prefer(h)
@@ -223,14 +223,16 @@ def _runs_route(h: RequestHandler, principal: Principal, rest: list[str]) -> Rep
     svc = h.server.service
     if not rest:
         allow(h, "GET")
-        page = svc.history.list_runs(principal, module=h.param("module"), status=h.param("status"),
-                             limit=_limit(h), after=h.param("before") or "")
+        page = svc.history.list_runs(principal, module=h.param("module"),
+                                     status=h.param("status"), limit=_limit(h),
+                                     after=h.param("before") or "")
         return Reply(200, render.run_page(page, "/runs", _kept(h, "module", "status",
                                                                 "limit")))
     run_id = rest[0]
     if len(rest) == 1:
         allow(h, "GET")
-        return Reply(200, render.run(svc.history.record(principal, run_id), principal.tenant_key))
+        record = svc.history.record(principal, run_id)
+        return Reply(200, render.run(record, principal.tenant_key))
     if rest[1:] == ["events"]:
         allow(h, "GET")
         _stream(h, principal, run_id)

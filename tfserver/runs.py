@@ -196,7 +196,7 @@ class Runs:
         try:
             if not run.sync:
                 run.emit("queued")
-                self._store_new(run)
+                self.keeper.create(run)
             self.scheduler.enqueue(run.ticket, wait=wait)
         except TFServerError:
             with self._mutex:
@@ -207,9 +207,6 @@ class Runs:
         if not run.sync and record.started_at is None:
             record.queue_position = self.scheduler.position(run.ticket)
         return run
-
-    def _store_new(self, run: Run) -> None:
-        self.keeper.create(run)
 
     def _start(self, run: Run) -> None:
         """The scheduler admitted the run: run its job in a thread of its own."""

@@ -433,12 +433,10 @@ class RequestHandler(Connection):
         given = self.headers.get("X-Request-Id", "")
         self.request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
         token = request_id.set(self.request_id)
-        self.status = 0
+        # status, principal and the audit fields start from `handle_one_request`'s reset.
         self.body_consumed = False
         self.raw_body = b""
         self.streaming = False
-        self.principal = None
-        self.audit_run = self.audit_title = None
         self.after_answer: list[Callable[[], None]] = []
         self.client_ip = self._client_ip()
         self.preferences = _preferences(self.headers.get_all("Prefer") or [])
@@ -485,14 +483,17 @@ class RequestHandler(Connection):
         self._count(seconds)
         self._log(seconds)
 
+    def _path(self) -> str:
+        """The request's path, without its query."""
+        return self.url_path or self.path.split("?")[0]
+
     def _count(self, seconds: float) -> None:
-        path = self.url_path or self.path.split("?")[0]
-        route_template, _, _ = template(path)
+        route_template, _, _ = template(self._path())
         self.server.service.metrics.request(self.command or "-", route_template, self.status,
                                             seconds)
 
     def _log(self, seconds: float) -> None:
-        path = self.url_path or self.path.split("?")[0]
+        path = self._path()
         method = self.command or "-"
         p = self.principal
         client = self.client_ip or self.client_address[0]

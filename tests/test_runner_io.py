@@ -7,7 +7,6 @@ output, a process that ignores SIGINT), which real terraform cannot be made to d
 
 from __future__ import annotations
 
-import contextlib
 import os
 import selectors
 import sys
@@ -29,6 +28,23 @@ def runner(tmp_path: Path, script: str, kill_grace: float = 2.0) -> Terraform:
     path.chmod(0o755)
     return Terraform(binary=str(path), base_env={"PATH": "/usr/bin:/bin"},
                      kill_grace=kill_grace)
+
+
+def _alive(pid: int) -> bool:
+    """The process runs (it is neither gone nor a zombie)."""
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        return stat.read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _ends(pid: int, within: float = 5.0) -> bool:
+    """The process is gone (or a zombie) within `within` seconds."""
+    deadline = time.monotonic() + within
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return not _alive(pid)
 
 
 def test_events_reach_the_listener_while_the_process_still_runs(tmp_path: Path) -> None:
@@ -101,12 +117,7 @@ while True:
     assert result.timed_out
     assert result.returncode == -9
     assert time.monotonic() - started < 10
-    child = int(marker.read_text())
-    deadline = time.monotonic() + 5
-    while Path(f"/proc/{child}").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    stat = Path(f"/proc/{child}/stat")
-    assert not stat.exists() or stat.read_text().split()[2] == "Z", "the group's child lives"
+    assert _ends(int(marker.read_text())), "the group's child lives"
     assert tf.running() == 0
 
 
@@ -186,16 +197,7 @@ time.sleep(60)
 
     with pytest.raises(RuntimeError):
         tf.run(["apply"], cwd=tmp_path, timeout=60, on_start=hook)
-    pid = int(marker.read_text())
-    deadline = time.monotonic() + 5
-    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-        stat = Path(f"/proc/{pid}/stat")
-        with contextlib.suppress(FileNotFoundError):
-            if stat.read_text().split()[2] == "Z":
-                break
-        time.sleep(0.02)
-    else:
-        assert not Path(f"/proc/{pid}").exists(), "the process outlived its runner"
+    assert _ends(int(marker.read_text())), "the process outlived its runner"
     assert tf.running() == 0
 
 
@@ -251,14 +253,6 @@ sys.stderr.write("x" * 200_000 + "\\n"); sys.stderr.flush()
     assert result.stderr.endswith("x\n")
 
 
-def _alive(pid: int) -> bool:
-    stat = Path(f"/proc/{pid}/stat")
-    try:
-        return stat.read_text().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def test_what_holds_the_pipes_after_a_good_run_is_stopped(tmp_path: Path) -> None:
     marker = tmp_path / "child.pid"
     tf = runner(tmp_path, f"""
@@ -268,11 +262,7 @@ open({str(marker)!r}, "w").write(str(child.pid))
 """, kill_grace=0.5)
     result = tf.run(["apply"], cwd=tmp_path, timeout=20)
     assert result.returncode == 0 and not result.timed_out
-    child = int(marker.read_text())
-    deadline = time.monotonic() + 5
-    while _alive(child) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not _alive(child), "a process holding terraform's pipes outlived the run"
+    assert _ends(int(marker.read_text())), "a process holding terraform's pipes outlived the run"
 
 
 def test_without_a_pidfd_the_exit_is_still_seen(tmp_path: Path,
@@ -312,6 +302,6 @@ time.sleep(60)
     before = len(os.listdir("/proc/self/fd"))
     with pytest.raises(OSError):
         tf.run(["apply"], cwd=tmp_path, timeout=60)
-    assert not _alive(int(marker.read_text()))
+    assert _ends(int(marker.read_text()), within=0)
     assert len(os.listdir("/proc/self/fd")) == before
     assert tf.running() == 0

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from support import start_server  # noqa: E402
 from tfserver.logs import JsonFormatter, audit_log  # noqa: E402
 from tfserver.metrics import Metrics  # noqa: E402
-from tfserver.routes import template  # noqa: E402
+from tfserver.web.routes import template  # noqa: E402
 
 
 def per_request_cost(n: int, changing: bool) -> float:

@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from support import start_moto, start_server  # noqa: E402
-from tfserver.backend import s3_backend_config  # noqa: E402
 from tfserver.config import S3Settings  # noqa: E402
+from tfserver.storage.s3 import s3_backend_config  # noqa: E402
 
 
 def main() -> int:

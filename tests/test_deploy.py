@@ -44,7 +44,7 @@ from support import (
     start_moto,
 )
 from tfserver.config import PASSED_ENV
-from tfserver.modules import load_module
+from tfserver.module.discover import load_module
 
 TF_TIMEOUT = 300
 README = (ROOT / "README.md").read_text()

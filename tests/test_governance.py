@@ -15,8 +15,8 @@ from test_runs import MODULES as RUN_MODULES
 from test_runs import body as steps_body
 from test_runs import wait_run
 from test_s3 import store  # noqa: F401 - the fixture
-from tfserver.backend import LocalObjects
-from tfserver.expiry import BACKOFF_FIRST, Due, Expiries, Reaper
+from tfserver.runs.expiry import BACKOFF_FIRST, Due, Expiries, Reaper
+from tfserver.storage.local import LocalObjects
 
 POLICY = """
 [defaults]

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tfserver.errors import BadRequest, InvalidInput
-from tfserver.jsonbody import MAX_DEPTH, MAX_DIGITS, MAX_EXPONENT, MAX_VALUES, parse_body
+from tfserver.web.jsonbody import MAX_DEPTH, MAX_DIGITS, MAX_EXPONENT, MAX_VALUES, parse_body
 
 PROPERTY = settings(max_examples=300, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])

@@ -37,8 +37,8 @@ from support import (
     terraform_shim,
 )
 from tfserver.auth import Principal
-from tfserver.modules import load_module
-from tfserver.openapi import (
+from tfserver.module.discover import load_module
+from tfserver.web.openapi import (
     NUMBER_LIMITS,
     ApiDescription,
     DocSettings,

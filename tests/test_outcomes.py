@@ -10,14 +10,15 @@ from typing import Any
 import pytest
 
 from support import TEST_MODULES
+from tfserver.app.execute import Applied, Destroyed, Planned
+from tfserver.app.service import Service
 from tfserver.auth import Principal
-from tfserver.backend import LocalBackend
 from tfserver.config import Config
 from tfserver.errors import TFServerError
-from tfserver.execute import Applied, Destroyed, Planned
-from tfserver.modules import load_module
-from tfserver.service import Service
-from tfserver.terraform import EventSink, RunControl, RunResult, error_text
+from tfserver.module.discover import load_module
+from tfserver.storage.local import LocalBackend
+from tfserver.terraform.output import EventSink, RunResult, error_text
+from tfserver.terraform.process import RunControl
 
 SECRET = "hunter2-Zq9x-secret"
 LOCAL = Principal(subject="local", tenant="local", all_modules=True)

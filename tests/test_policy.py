@@ -20,8 +20,10 @@ from hcl2 import SerializationOptions
 
 from support import ROOT, require_tool, start_server, terraform_shim
 from tfserver.errors import BadRequest, ConfigError, InvalidInput
-from tfserver.modules import Module, discover, load_module
-from tfserver.policy import Limits, Policy, format_duration, key_path, load_policy, parse_ttl
+from tfserver.module.discover import Module, discover, load_module
+from tfserver.module.limits import Limits, format_duration, parse_ttl
+from tfserver.module.policy import Policy
+from tfserver.module.policyfile import key_path, load_policy
 
 SHOP = """
 variable "size" {

@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 
-from tfserver.runs import Workers
-from tfserver.terraform import STDERR_KEEP, RunControl, Terraform
+from tfserver.runs.workers import Workers
+from tfserver.terraform.output import STDERR_KEEP
+from tfserver.terraform.process import RunControl, Terraform
 
 
 def runner(tmp_path: Path, script: str, kill_grace: float = 2.0) -> Terraform:
@@ -275,7 +276,7 @@ def test_without_a_pidfd_the_exit_is_still_seen(tmp_path: Path,
                 raise OSError(28, "No space left on device")
             return super().register(fileobj, events, data)
 
-    monkeypatch.setattr("tfserver.terraform.selectors.DefaultSelector", Refusing)
+    monkeypatch.setattr("tfserver.terraform.process.selectors.DefaultSelector", Refusing)
     tf = runner(tmp_path, 'print(\'{"type": "version"}\')', kill_grace=0.5)
     before = len(os.listdir("/proc/self/fd"))
     result = tf.run(["apply"], cwd=tmp_path, timeout=20)
@@ -298,7 +299,7 @@ time.sleep(60)
             time.sleep(0.01)
         raise OSError(24, "Too many open files")
 
-    monkeypatch.setattr("tfserver.terraform._Output", refuse)
+    monkeypatch.setattr("tfserver.terraform.process._Output", refuse)
     before = len(os.listdir("/proc/self/fd"))
     with pytest.raises(OSError):
         tf.run(["apply"], cwd=tmp_path, timeout=60)

@@ -416,7 +416,7 @@ def test_ctrl_c_in_the_command_line_client_cancels_the_run(
 def test_the_live_progress_line() -> None:
     import io
 
-    from tfserver.runcli import Progress
+    from tfserver.cli.run import Progress
 
     out = io.StringIO()
     p = Progress(out, live=True)

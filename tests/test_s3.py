@@ -16,8 +16,8 @@ import pytest
 
 from support import Jwks, Moto, Signer, bearer, start_server, terraform_shim
 from test_concurrency import churn, intervals, put_slow
-from tfserver.backend import s3_backend_config
 from tfserver.config import S3Settings
+from tfserver.storage.s3 import s3_backend_config
 
 MODES = {
     "dynamodb": {"TF_STATE_LOCK_TABLE": "locks", "TF_STATE_USE_LOCKFILE": "false"},

@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 
 from support import require_tool
 from tfserver.errors import InvalidInput
-from tfserver.modules import Module, Variable, load_module
+from tfserver.module.discover import Module, Variable, load_module
+from tfserver.module.types import parse_type
 from tfserver.scrub import SCRUBBED, Scrubber, renderings
-from tfserver.types import parse_type
 
 PROPERTY = settings(max_examples=300, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from support import ROOT, require_tool
-from tfserver.modules import load_module
+from tfserver.module.discover import load_module
 
 
 def test_every_terraform_folder_is_fmt_clean() -> None:

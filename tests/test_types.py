@@ -10,8 +10,8 @@ import jsonschema
 import pytest
 
 from tfserver.errors import ConfigError, InvalidInput
-from tfserver.modules import load_module
-from tfserver.types import TypeSyntaxError, parse_type, to_schema
+from tfserver.module.discover import load_module
+from tfserver.module.types import TypeSyntaxError, parse_type, to_schema
 
 
 @pytest.mark.parametrize(

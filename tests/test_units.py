@@ -11,10 +11,11 @@ import pytest
 
 from tfserver.config import PASSED_ENV, S3Settings, load
 from tfserver.errors import ConfigError, Conflict, Unavailable
-from tfserver.locks import Scheduler, Ticket
 from tfserver.names import workspace_name
+from tfserver.runs.lanes import Scheduler, Ticket
 from tfserver.scrub import Scrubber
-from tfserver.terraform import RunResult, build_args, build_env, cli_config_text, parse_lock_info
+from tfserver.terraform.args import build_args, build_env, cli_config_text
+from tfserver.terraform.output import RunResult, parse_lock_info
 
 VF = Path("/s/tmp/x.tfvars.json")
 
@@ -212,7 +213,8 @@ def test_config_errors(env: dict[str, str], message: str) -> None:
 )
 def test_every_setting_kind_parses_or_names_the_fault(env: str, value: str,
                                                       expected: object) -> None:
-    from tfserver.config import SETTINGS, _values
+    from tfserver.config import _values
+    from tfserver.settings import SETTINGS
 
     value = value.encode().decode("unicode_escape")
     if isinstance(expected, str) and expected.startswith(env):
@@ -232,7 +234,8 @@ def test_flags_win_and_are_parsed_like_their_variables() -> None:
 
 def test_version_and_help_come_from_the_table(capsys: pytest.CaptureFixture[str]) -> None:
     from tfserver import __version__
-    from tfserver.config import SETTINGS, parser
+    from tfserver.config import parser
+    from tfserver.settings import SETTINGS
 
     with pytest.raises(SystemExit) as done:
         parser().parse_args(["--version"])
@@ -247,7 +250,7 @@ def test_version_and_help_come_from_the_table(capsys: pytest.CaptureFixture[str]
 
 def test_readme_settings_table_is_the_config_table() -> None:
     from support import ROOT
-    from tfserver.config import markdown_table
+    from tfserver.settings import markdown_table
 
     readme = (ROOT / "README.md").read_text()
     start = readme.index("<!-- settings -->") + len("<!-- settings -->")
@@ -322,7 +325,7 @@ def test_hold_takes_an_idle_lane_only() -> None:
 
 
 def test_var_files_go_to_a_private_tmpfs_folder(tmp_path: Path) -> None:
-    from tfserver.workdir import _var_dir
+    from tfserver.terraform.workdir import _var_dir
 
     chosen, owned = _var_dir(None, tmp_path / "tmp")
     try:
@@ -339,7 +342,7 @@ def test_var_dirs_of_dead_servers_are_removed(tmp_path: Path) -> None:
     import os
     import subprocess
 
-    from tfserver.workdir import remove_orphan_var_dirs
+    from tfserver.terraform.workdir import remove_orphan_var_dirs
 
     finished = subprocess.Popen(["true"])
     finished.wait()
@@ -370,6 +373,6 @@ def test_var_dirs_of_dead_servers_are_removed(tmp_path: Path) -> None:
 )
 def test_client_address_behind_trusted_proxies(peer: str, forwarded: list[str],
                                                expected: str) -> None:
-    from tfserver.connections import client_address
+    from tfserver.web.connections import client_address
 
     assert client_address(peer, forwarded, lambda a: a.startswith("10.")) == expected

@@ -15,15 +15,15 @@ from dataclasses import dataclass, field
 from types import FrameType
 
 from . import logs
+from .app.service import Service
 from .auth import make_authenticator
-from .backend import make_backend
 from .config import Config, load
 from .errors import ConfigError, TFServerError
-from .modules import discover
-from .policy import Policy, load_policy
-from .server import TFServer
-from .service import Service
-from .terraform import Terraform
+from .module.discover import discover
+from .module.policy import Policy
+from .module.policyfile import load_policy
+from .storage import make_backend
+from .terraform.process import Terraform
 from .tls import (
     AcmeIssuer,
     Certificates,
@@ -32,6 +32,7 @@ from .tls import (
     Renewer,
     context_from_files,
 )
+from .web.server import TFServer
 
 logger = logging.getLogger("tfserver")
 
@@ -193,11 +194,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `tfserver` and `python -m tfserver`."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["token"]:
-        from .client import main as token_main
+        from .cli.token import main as token_main
 
         return token_main(args[1:], os.environ)
     if args[:1] == ["run"]:
-        from .runcli import main as run_main
+        from .cli.run import main as run_main
 
         return run_main(args[1:], os.environ)
     # Everything the server writes (state, plans, keys, var files) is for its user only.

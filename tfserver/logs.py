@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
     from .auth import Principal
-    from .runstore import RunRecord
+    from .runs.store import RunRecord
 
 #: The id of the request the current thread serves ("-" outside a request).
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")

@@ -1,0 +1,133 @@
+"""Reads of the API, without terraform: the modules, their instances, an instance's state.
+
+Nothing here changes anything: a GET of an instance reads its state (and lock) from the
+backend, its expiry from the object store, and whether a run holds it from the lanes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..auth import Principal
+from ..errors import NotFound
+from ..module.discover import Module
+from ..names import check_instance_name, check_tenant_key, split_workspace, workspace_name
+from ..runs.expiry import Expiries
+from ..storage.base import StateBackend
+from ..terraform.output import REDACTED
+
+
+@dataclass(frozen=True)
+class InstanceRef:
+    """One instance in a listing; `tenant` is set for another tenant's (admins see them)."""
+
+    instance: str
+    tenant: str | None = None
+
+
+@dataclass(frozen=True)
+class ModuleView:
+    """A module and the caller's instances of it."""
+
+    module: Module
+    instances: list[InstanceRef]
+
+
+@dataclass(frozen=True)
+class InstanceView:
+    """An instance as its state shows it, read without terraform."""
+
+    module: str
+    instance: str
+    outputs: dict[str, Any]
+    resources: int
+    serial: Any
+    terraform_version: Any
+    busy: bool
+    lock: dict[str, str] | None
+    #: The state shown is the last complete one; a newer one is being written.
+    stale: bool = False
+    #: When the instance expires (seconds since the epoch), if it does.
+    expires_at: float | None = None
+
+
+def target_workspace(principal: Principal, instance: str, tenant: str | None) -> str:
+    """The workspace a request names: the caller's own instance, or for an admin that
+    passes another tenant's key (as listings show it), that tenant's."""
+    check_instance_name(instance)
+    if tenant is None or tenant == principal.tenant_key:
+        return workspace_name(principal.tenant_key, instance)
+    principal.require_admin()
+    check_tenant_key(tenant)
+    return workspace_name(tenant, instance)
+
+
+class Catalog:
+    """The modules served, and what the backend knows of their instances."""
+
+    def __init__(self, modules: Mapping[str, Module], backend: StateBackend,
+                 busy: Callable[[Hashable], bool], expiries: Expiries) -> None:
+        self.modules = modules
+        self.backend = backend
+        self.busy = busy
+        self.expiries = expiries
+
+    def module(self, name: str) -> Module:
+        """The module served at `/<name>`, or 404."""
+        found = self.modules.get(name)
+        if found is None:
+            raise NotFound(f"no module named {name!r}")
+        return found
+
+    def index(self, principal: Principal) -> list[Module]:
+        """The modules the caller may read."""
+        return [m for m in self.modules.values() if principal.can(m.name, "read")]
+
+    def instances(self, principal: Principal, module: str) -> list[InstanceRef]:
+        """The caller's instances of a module (an admin sees every tenant's)."""
+        found = []
+        for ws in self.backend.workspaces(module):
+            parts = split_workspace(ws)
+            if parts is None:
+                continue
+            tenant, instance = parts
+            if tenant == principal.tenant_key:
+                found.append(InstanceRef(instance))
+            elif principal.admin:
+                found.append(InstanceRef(instance, tenant))
+        return found
+
+    def describe(self, principal: Principal, name: str) -> ModuleView:
+        """A module: its variables schema, outputs and the caller's instances."""
+        m = self.module(name)
+        principal.require(name, "read")
+        return ModuleView(m, self.instances(principal, name))
+
+    def show(self, principal: Principal, name: str, instance: str,
+             tenant: str | None = None) -> InstanceView:
+        """An instance's outputs and status, read from its state without terraform."""
+        self.module(name)
+        principal.require(name, "read")
+        ws = target_workspace(principal, instance, tenant)
+        snap = self.backend.snapshot(name, ws)
+        state = snap.state
+        if state is None:
+            raise NotFound(f"module {name} has no instance {instance!r}")
+        outputs = {
+            k: REDACTED if (v.get("sensitive") and not principal.admin) else v.get("value")
+            for k, v in (state.get("outputs") or {}).items()
+        }
+        return InstanceView(
+            module=name,
+            instance=instance,
+            outputs=outputs,
+            resources=len(state.get("resources") or []),
+            serial=state.get("serial"),
+            terraform_version=state.get("terraform_version"),
+            busy=self.busy((name, ws)),
+            lock=snap.lock,
+            stale=snap.stale,
+            expires_at=self.expiries.get(name, ws),
+        )

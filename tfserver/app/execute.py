@@ -1,0 +1,345 @@
+"""One run, from a decided `RunSpec` to a typed outcome: inputs kept, var file written,
+terraform run, outputs read, plans saved; a failure becomes its error in `problem_for`.
+
+The caller holds the instance (its lane); this module neither queues nor speaks HTTP.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ..auth import Principal
+from ..errors import (
+    Conflict,
+    FieldError,
+    NotFound,
+    Rejected,
+    RunKilled,
+    TFServerError,
+    Timeout,
+    Unavailable,
+    UpstreamFailed,
+)
+from ..module.discover import Module
+from ..runs.expiry import Expiries
+from ..runs.store import RunStore
+from ..scrub import Scrubber
+from ..storage.base import StateBackend
+from ..terraform.args import build_args
+from ..terraform.output import REDACTED, EventSink, Failure, RunResult
+from ..terraform.process import RunControl, Runner
+from ..terraform.workdir import VarFiles, WorkingCopies
+
+logger = logging.getLogger(__name__)
+
+Operation = Literal["apply", "plan", "destroy", "plan-destroy"]
+
+
+@dataclass(frozen=True)
+class Applied:
+    """An apply that succeeded: the outputs (redacted for the caller) and the changes."""
+
+    module: str
+    instance: str
+    outputs: dict[str, Any]
+    changes: dict[str, int]
+    run_id: str
+    created: bool
+    #: When the instance expires after this apply (seconds since the epoch), if it does.
+    expires_at: float | None = None
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A plan (a dry run): what an apply or destroy would change."""
+
+    module: str
+    instance: str
+    changes: dict[str, int]
+    planned: list[dict[str, str]]
+    run_id: str
+
+
+@dataclass(frozen=True)
+class Destroyed:
+    """A destroy that succeeded; the instance is gone."""
+
+    module: str
+    instance: str
+    changes: dict[str, int]
+    run_id: str
+
+
+Outcome = Applied | Planned | Destroyed
+
+
+@dataclass
+class RunSpec:
+    """One run, decided and checked, ready for terraform."""
+
+    module: Module
+    instance: str
+    workspace: str
+    operation: Operation
+    inputs: dict[str, Any]
+    principal: Principal
+    scrub: Scrubber
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    #: The dry run whose saved plan this run applies (its inputs are in `inputs`).
+    plan_of: str | None = None
+    #: An apply: seconds the instance lives from its success on (None: leave it be).
+    ttl: float | None = None
+    #: When the instance expired as the run was submitted (None: never, or not asked).
+    expires: float | None = None
+    #: A destroy by the reaper: the expiry it acts on (the run stops if it moved).
+    expiry: float | None = None
+
+
+def problem_for(result: RunResult, scrub: Scrubber, instance: str,
+                run_timeout: float) -> TFServerError:
+    """The error to answer for a failed run; every text terraform wrote passes `scrub`."""
+    kind = result.failure
+    if kind is Failure.INTERRUPTED:
+        return Unavailable("the server is shutting down; the run was interrupted")
+    if kind is Failure.CANCELED:
+        return Conflict("the run was canceled", retry_after=1)
+    if kind is Failure.TIMED_OUT:
+        return Timeout(f"the run passed its deadline of {run_timeout:g}s and was "
+                       "interrupted; terraform released its lock")
+    if kind is Failure.LOCKED:
+        return Conflict(f"the state of instance {instance!r} is locked by another run",
+                        lock={k: scrub(v) for k, v in (result.lock or {}).items()})
+    if kind is Failure.STALE_PLAN:
+        return Conflict("the saved plan is stale: the state changed since it was made; "
+                        "plan again", retry_after=0)
+    if kind is Failure.KILLED:
+        return RunKilled(-result.returncode, instance)
+    errors = result.errors
+    diagnostics = [{"summary": scrub(d.summary), "detail": scrub(d.detail)}
+                   | ({"address": d.address} if d.address else {}) for d in errors]
+    if not diagnostics:
+        return UpstreamFailed(f"terraform exited with status {result.returncode}")
+    summary = "; ".join(d["summary"] for d in diagnostics)
+    if kind is Failure.REJECTED:
+        fields = [FieldError(d.variable, scrub(d.detail or d.summary).splitlines()[0])
+                  for d in errors if d.variable]
+        return Rejected(
+            f"terraform rejected the inputs: {summary}",
+            extra={"diagnostics": diagnostics} | (
+                {"errors": [{"field": f.field, "message": f.message} for f in fields]}
+                if fields else {}),
+        )
+    return UpstreamFailed(f"terraform failed while applying: {summary}",
+                          extra={"diagnostics": diagnostics})
+
+
+class Executor:
+    """Runs terraform for specs whose instance the caller holds."""
+
+    def __init__(self, runner: Runner, backend: StateBackend, copies: WorkingCopies,
+                 store: RunStore, expiries: Expiries, *, run_timeout: float,
+                 lock_wait: float, plan_ttl: float, max_workers: int) -> None:
+        self.runner = runner
+        self.backend = backend
+        self.copies = copies
+        self.store = store
+        self.expiries = expiries
+        self.run_timeout = run_timeout
+        self.lock_wait = lock_wait
+        self.plan_ttl = plan_ttl
+        self.var_files: VarFiles | None = None
+        # Keeps inputs while terraform runs (off the critical path).
+        self._background = ThreadPoolExecutor(max_workers=max_workers,
+                                              thread_name_prefix="keep-inputs")
+
+    def close(self) -> None:
+        """Wait for background writes; remove the var-file folder."""
+        self._background.shutdown(wait=True)
+        if self.var_files is not None:
+            self.var_files.close()
+
+    def execute(self, spec: RunSpec, control: RunControl | None = None,
+                on_event: EventSink | None = None) -> Outcome:
+        """Run terraform for the spec; the typed outcome, or the error of `problem_for`."""
+        name, ws = spec.module.name, spec.workspace
+        deadline = time.monotonic() + self.run_timeout
+        wc = self.copies.ready(name)
+        existed = self.backend.exists(name, ws)
+        destroying = spec.operation in ("destroy", "plan-destroy")
+        if spec.expiry is not None:
+            current = self.expiries.get(name, ws)
+            if current is None or int(current) != int(spec.expiry):
+                # A later apply moved the expiry (or the instance went) meanwhile.
+                raise Conflict("the instance's expiry moved; it is not destroyed",
+                               retry_after=0)
+        if destroying and spec.plan_of is None:
+            if not existed:
+                raise NotFound(f"module {name} has no instance {spec.instance!r}")
+            spec.inputs = self.backend.load_inputs(name, ws) or {}
+            spec.scrub = Scrubber(spec.module.secret_values(spec.inputs))
+        # Destroy needs the same variables again, so they are kept durably. The write
+        # starts once terraform runs and goes on meanwhile (a rename on disk, a PUT on
+        # S3); it is undone if terraform changed nothing.
+        keeping: list[Future[dict[str, Any] | None]] = []
+        assert self.var_files is not None, "the service prepares the var files first"
+        with self.var_files.file(spec.inputs) as var_file:
+            plan_file = self._plan_file(spec, var_file)
+            try:
+                result = self.runner.run(
+                    self._args(spec, var_file, plan_file), cwd=wc.path, workspace=ws,
+                    timeout=_remaining(deadline), control=control, on_event=on_event,
+                    on_start=(lambda: keeping.append(self._keep_later(name, ws, spec.inputs)))
+                    if spec.operation == "apply" else None)
+                saved = (plan_file.read_bytes() if plan_file is not None and result.ok
+                         and spec.plan_of is None else None)
+            finally:
+                if plan_file is not None:
+                    plan_file.unlink(missing_ok=True)
+        self._log_run(spec, result)
+        if spec.plan_of is not None:
+            self.store.drop_plan(spec.plan_of)  # used, whatever the outcome
+        if keeping:
+            previous = keeping[0].result()
+            if not (result.ok or result.apply_started) and previous != spec.inputs:
+                self._restore_inputs(name, ws, previous)
+        if not result.ok:
+            raise problem_for(result, spec.scrub, spec.instance, self.run_timeout)
+        if result.unreadable and spec.operation == "apply" and result.outputs is None:
+            # Never answer an apply with outputs made up of nulls.
+            raise UpstreamFailed("the apply ended, but terraform's report of it could not "
+                                 "be read; GET the instance to see its outputs")
+        if spec.operation in ("plan", "plan-destroy"):
+            if saved is not None:
+                self._save_plan(spec, saved)
+            return Planned(name, spec.instance, result.changes, result.planned, spec.run_id)
+        if destroying:
+            self._workspace_delete(spec, wc.path, deadline)
+            self.backend.delete_inputs(name, ws)
+            self.expiries.clear(name, ws)
+            return Destroyed(name, spec.instance, result.changes, spec.run_id)
+        expires_at = spec.expires
+        if spec.ttl is not None:
+            expires_at = time.time() + spec.ttl
+            self.expiries.set(name, ws, expires_at)
+        return Applied(name, spec.instance, self._outputs(spec, result), result.changes,
+                       spec.run_id, created=not existed, expires_at=expires_at)
+
+    def _plan_file(self, spec: RunSpec, var_file: Path) -> Path | None:
+        """Where the plan is saved (a dry run) or read from (applying a saved plan), on
+        the var files' tmpfs, 0600."""
+        path = var_file.with_suffix(".tfplan")
+        if spec.plan_of is not None:
+            data = self.store.plan_file(spec.plan_of)
+            if data is None:
+                raise Conflict("the saved plan expired or was used", retry_after=0)
+            path.touch(mode=0o600)
+            path.write_bytes(data)
+            return path
+        return path if spec.operation in ("plan", "plan-destroy") else None
+
+    def _args(self, spec: RunSpec, var_file: Path, plan_file: Path | None) -> list[str]:
+        """The terraform command of a spec."""
+        if spec.plan_of is not None:
+            return build_args("apply", lock_timeout=self.lock_wait, plan_file=plan_file)
+        if spec.operation in ("plan", "plan-destroy"):
+            return build_args("plan", destroy=spec.operation == "plan-destroy",
+                              var_file=var_file, lock_timeout=self.lock_wait,
+                              plan_out=plan_file)
+        return build_args(spec.operation, var_file=var_file, lock_timeout=self.lock_wait)
+
+    def _save_plan(self, spec: RunSpec, data: bytes) -> None:
+        """Keep the plan and its inputs (stored like state) for `POST /runs/{id}/apply`."""
+        try:
+            self.store.put_plan(spec.run_id, data, {
+                "module": spec.module.name, "instance": spec.instance,
+                "workspace": spec.workspace, "operation": spec.operation,
+                "inputs": spec.inputs, "expires_at": time.time() + self.plan_ttl})
+        except TFServerError as e:
+            logger.warning("plan of run %s not kept: %s", spec.run_id, e.detail)
+
+    def _keep_later(self, name: str, ws: str,
+                    inputs: dict[str, Any]) -> Future[dict[str, Any] | None]:
+        """`_keep_inputs` in the background (what it returns, or raised, is the future's)."""
+        try:
+            return self._background.submit(self._keep_inputs, name, ws, inputs)
+        except RuntimeError:  # the pool stopped (a late shutdown): kept in this thread
+            kept: Future[dict[str, Any] | None] = Future()
+            try:
+                kept.set_result(self._keep_inputs(name, ws, inputs))
+            except (TFServerError, OSError) as e:
+                kept.set_exception(e)
+            return kept
+
+    def _keep_inputs(self, name: str, ws: str,
+                     inputs: dict[str, Any]) -> dict[str, Any] | None:
+        """Store the inputs unless they are stored already; return what was there."""
+        previous = self.backend.load_inputs(name, ws)
+        if previous != inputs:
+            self.backend.save_inputs(name, ws, inputs)
+        return previous
+
+    def _restore_inputs(self, name: str, ws: str, previous: dict[str, Any] | None) -> None:
+        """Put back the inputs of the last apply that changed something."""
+        if previous is None:
+            self.backend.delete_inputs(name, ws)
+        else:
+            self.backend.save_inputs(name, ws, previous)
+
+    def _workspace_delete(self, spec: RunSpec, cwd: Path, deadline: float) -> None:
+        result = self.runner.run(
+            build_args("workspace delete", lock_timeout=self.lock_wait,
+                       extra=[spec.workspace]),
+            cwd=cwd, workspace="default", timeout=_remaining(deadline))
+        if not result.ok:
+            logger.warning("workspace %s of %s not deleted after destroy: %s", spec.workspace,
+                           spec.module.name, spec.scrub(result.stderr.strip())[-500:])
+
+    def _outputs(self, spec: RunSpec, result: RunResult) -> dict[str, Any]:
+        """The apply's outputs; sensitive ones redacted unless the caller is an admin (who
+        gets them from the state: the event stream never carries their values)."""
+        admin = spec.principal.admin
+        events = result.outputs or {}
+        needs_state = admin and any(v.get("sensitive") for v in events.values())
+        state = (self.backend.read_state(spec.module.name, spec.workspace)
+                 if needs_state else None)
+        from_state = (state or {}).get("outputs") or {}
+        outputs: dict[str, Any] = {}
+        for key, out in events.items():
+            if not out.get("sensitive"):
+                outputs[key] = out.get("value")
+            elif admin and key in from_state:
+                outputs[key] = from_state[key].get("value")
+            else:
+                outputs[key] = REDACTED
+        return outputs
+
+    def _log_run(self, spec: RunSpec, result: RunResult) -> None:
+        # A run that went well has its audit line (status, changes, time); this line is
+        # for following terraform itself, and costs a synchronous answer its writing.
+        logger.log(
+            logging.INFO if result.returncode != 0 or result.timed_out else logging.DEBUG,
+            "terraform %s %s/%s exited %d in %.3fs",
+            result.args[0], spec.module.name, spec.instance, result.returncode,
+            result.duration,
+            extra={"run_id": spec.run_id, "changes": result.changes,
+                   "timed_out": result.timed_out},
+        )
+        for d in result.errors:
+            logger.warning("terraform: %s: %s", spec.scrub(d.summary),
+                           spec.scrub(d.detail)[:1000], extra={"run_id": spec.run_id})
+
+
+def redacted(module: Module, outputs: dict[str, Any]) -> dict[str, Any]:
+    """Outputs as anyone but an admin sees them (what run records keep)."""
+    return {k: REDACTED if (o := module.outputs.get(k)) is not None and o.sensitive else v
+            for k, v in outputs.items()}
+
+
+def _remaining(deadline: float) -> float:
+    return max(0.1, deadline - time.monotonic())

@@ -1,0 +1,161 @@
+"""The policy file (TOML) read and checked: every fault is one line naming the key."""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from ..settings import parse_duration
+from .discover import Module
+from .limits import UNLIMITED, Scope, format_duration
+from .policy import ModuleRules, Policy, TenantRules, key_path
+
+
+def load_policy(path: Path | None, modules: Mapping[str, Module]) -> Policy:
+    """Read and check the policy file `path` (None: no policy) against the served modules.
+
+    Raises ConfigError with one line for an unreadable file, TOML syntax (with the line
+    tomllib reports), or any fault of content.
+    """
+    if path is None:
+        return Policy.empty()
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise ConfigError(f"TFSERVER_POLICY {path}: cannot read it: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    policy = _Reader(path).policy(document)
+    policy.check(modules)
+    return policy
+
+
+@dataclass(frozen=True)
+class _Reader:
+    """Turns the TOML document into a `Policy`, refusing what it does not know."""
+
+    path: Path
+
+    def fault(self, keys: tuple[str | int, ...], what: str) -> ConfigError:
+        return ConfigError(f"{self.path}: {key_path(keys)}: {what}")
+
+    def table(self, value: Any, keys: tuple[str | int, ...],
+              allowed: tuple[str, ...]) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.fault(keys, "must be a table")
+        for key in value:
+            if key not in allowed:
+                raise self.fault((*keys, key), f"unknown key (expected {', '.join(allowed)})")
+        return value
+
+    def policy(self, document: dict[str, Any]) -> Policy:
+        for key in document:
+            if key not in ("defaults", "modules", "tenants"):
+                raise self.fault((key,), "unknown key (expected defaults, modules, tenants)")
+        defaults = self.limits(document.get("defaults", {}), ("defaults",), _DEFAULTS_KEYS)
+        self.check_ttls(defaults, defaults, ("defaults",))
+        modules: dict[str, ModuleRules] = {}
+        for name, body in self.names(document.get("modules", {}), ("modules",)).items():
+            keys = ("modules", name)
+            limits = self.limits(body, keys, _MODULE_KEYS)
+            self.check_ttls({**defaults, **limits}, limits, keys)
+            variables = self.names(body.get("variables", {}), (*keys, "variables"))
+            for var_name, fragment in variables.items():
+                if not isinstance(fragment, dict):
+                    raise self.fault((*keys, "variables", var_name),
+                                     "must be a table of JSON Schema keywords")
+            modules[name] = ModuleRules(limits, variables)
+        tenants: dict[str, TenantRules] = {}
+        for client_id, body in self.names(document.get("tenants", {}), ("tenants",)).items():
+            keys = ("tenants", client_id)
+            if not client_id.strip():
+                raise self.fault(keys, "a client id cannot be empty")
+            limits = self.limits(body, keys, _TENANT_KEYS)
+            per_module = {
+                name: self.limits(sub, (*keys, "modules", name), _TENANT_MODULE_KEYS)
+                for name, sub in self.names(body.get("modules", {}), (*keys, "modules")).items()
+            }
+            tenants[client_id] = TenantRules(limits, per_module)
+        return Policy(self.path, defaults, modules, tenants)
+
+    def names(self, value: Any, keys: tuple[str | int, ...]) -> dict[str, Any]:
+        """A table of named tables (modules, variables, tenants)."""
+        if not isinstance(value, dict):
+            raise self.fault(keys, "must be a table")
+        for name, body in value.items():
+            if not isinstance(body, dict):
+                raise self.fault((*keys, name), "must be a table")
+        return value
+
+    def limits(self, value: Any, keys: tuple[str | int, ...],
+               allowed: tuple[str, ...]) -> dict[str, int | float | None]:
+        """The limits a table sets: counts, durations (seconds), None for unlimited."""
+        found: dict[str, int | float | None] = {}
+        for key, raw in self.table(value, keys, allowed).items():
+            at = (*keys, key)
+            if key in _COUNTS:
+                if raw == UNLIMITED:
+                    found[key] = None
+                elif isinstance(raw, bool) or not isinstance(raw, int):
+                    raise self.fault(at, f'must be a whole number, or "{UNLIMITED}"')
+                elif raw < 0:
+                    raise self.fault(at, "must not be negative")
+                else:
+                    found[key] = raw
+            elif key in _DURATIONS:
+                found[key] = self.duration(raw, at)
+        return found
+
+    def duration(self, raw: Any, keys: tuple[str | int, ...]) -> float | None:
+        if raw == UNLIMITED:
+            return None
+        wanted = f'must be a duration such as "90m", "24h" or "7d", or "{UNLIMITED}"'
+        if not isinstance(raw, str):
+            raise self.fault(keys, wanted)
+        try:
+            seconds = parse_duration(raw)
+        except ValueError:
+            raise self.fault(keys, wanted) from None
+        if not seconds > 0:
+            raise self.fault(keys, "must be longer than 0")
+        return seconds
+
+    def check_ttls(self, resolved: Scope, own: Scope, keys: tuple[str | int, ...]) -> None:
+        """`default_ttl` within `max_ttl`, once a table sets either of them."""
+        default, maximum = resolved.get("default_ttl"), resolved.get("max_ttl")
+        if not (own.keys() & set(_DURATIONS)) or maximum is None:
+            return
+        if default is None and "default_ttl" in resolved:
+            raise self.fault(keys, f'default_ttl is "{UNLIMITED}" but max_ttl is '
+                                   f"{format_duration(maximum)}: instances would outlive "
+                                   "the maximum")
+        if default is not None and default > maximum:
+            raise self.fault(keys, f"default_ttl {format_duration(default)} is longer than "
+                                   f"max_ttl {format_duration(maximum)}")
+
+
+_COUNTS = ("max_instances_per_tenant", "max_runs_per_tenant")
+
+
+_DURATIONS = ("default_ttl", "max_ttl")
+
+
+#: The keys of each table of limits.
+_DEFAULTS_KEYS = (*_COUNTS, *_DURATIONS)
+
+
+_MODULE_KEYS = (*_COUNTS, *_DURATIONS, "variables")
+
+
+_TENANT_KEYS = (*_COUNTS, "modules")
+
+
+_TENANT_MODULE_KEYS = _COUNTS

@@ -1,0 +1,340 @@
+"""Runs as resources: records, events, the per-instance queue, cancel, heartbeats.
+
+Every apply, destroy and plan is a `Run`. The replica that runs it keeps it in memory
+(events reach followers on this replica at once) and writes its record and event log to
+the backend's object store at least every `heartbeat` seconds, so any replica can read,
+follow and cancel it. A stored record whose heartbeat is older than `lost_after` shows as
+`lost`. What a run does is the service's job (a callable); this module knows no HTTP and
+no terraform.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from typing import Any
+
+from ..errors import Conflict, NotFound, TFServerError
+from .keeper import Keeper
+from .lanes import Scheduler, Ticket
+from .run import Run
+from .store import ENDED, RunRecord, RunStore, is_run_id
+from .workers import Workers
+
+logger = logging.getLogger(__name__)
+
+#: How long a follower waits for news before it yields an empty batch (a keep-alive).
+FOLLOW_IDLE = 15.0
+#: How often a follower on another replica reads the stored event log.
+FOLLOW_POLL = 1.0
+#: How long a synchronous run's final record waits for its caller to take the outcome.
+_ANSWER_FIRST = 0.05
+
+
+class Runs:
+    """The runs of this replica, and the door to every replica's runs."""
+
+    def __init__(self, store: RunStore, scheduler: Scheduler, *, replica: str,
+                 kill_grace: float, heartbeat: float = 2.0, lost_after: float = 10.0,
+                 retention: float = 30 * 86400.0,
+                 clock: Callable[[], float] = time.time,
+                 on_finish: Callable[[RunRecord], None] | None = None,
+                 on_ended: Callable[[RunRecord], None] | None = None) -> None:
+        self.store = store
+        self.scheduler = scheduler
+        self.replica = replica
+        self.kill_grace = kill_grace
+        self.heartbeat = heartbeat
+        self.lost_after = lost_after
+        self.retention = retention
+        self.clock = clock
+        #: Told of every run that ends here, before anyone sees it ended (metrics), and
+        #: once its synchronous caller has its answer (the audit line).
+        self.on_finish, self.on_ended = on_finish, on_ended
+        self._mutex = threading.Lock()
+        self._live: dict[str, Run] = {}
+        self._workers = Workers("run")
+        self.keeper = Keeper(self)
+
+    # -- start and stop ---------------------------------------------------------------
+
+    def start(self, *, all_leftovers: bool = False) -> None:
+        """Mark this replica's leftover runs lost (every leftover, when the store is this
+        server's alone), then keep the store up to date in the background."""
+        self.keeper.all_leftovers = all_leftovers
+        self.keeper.mark_leftovers()
+        self.keeper.start()
+
+    def stop(self) -> None:
+        """Stop the heartbeat (after the last run ended) and store what is left."""
+        self.keeper.stop_event.set()
+        if self.keeper.is_alive():
+            self.keeper.join(5)
+        self.keeper.flush_all()
+
+    def close_queues(self) -> int:
+        """Refuse new runs and cancel every queued one (the server is stopping)."""
+        dropped = self.scheduler.close()
+        for ticket in dropped:
+            run = self._run_of(ticket)
+            if run is not None:
+                self._end_unstarted(run, "canceled", "the server stopped before the run began")
+        return len(dropped)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no run of this replica is running, nor still being ended (its audit
+        line, its final record); False on timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._mutex:
+                live = list(self._live.values())
+            if not live:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if live[0].done.is_set():
+                time.sleep(min(left, 0.01))  # ended: its record is being stored
+            else:
+                live[0].done.wait(min(left, 0.5))
+
+    # -- submitting -------------------------------------------------------------------
+
+    def submit(self, run: Run, *, what: str, wait: float = 0.0) -> Run:
+        """Queue the run on its instance's lane; a synchronous run waits up to `wait` for
+        the instance. Raises 409/503 when the run is refused (then nothing is stored)."""
+        record = run.record
+        record.replica = self.replica
+        run.ticket = Ticket((record.module, record.workspace), what, sync=run.sync,
+                            on_start=lambda: self._start(run))
+        with self._mutex:
+            self._live[record.id] = run
+        try:
+            if not run.sync:
+                run.emit("queued")
+                self.keeper.create(run)
+            self.scheduler.enqueue(run.ticket, wait=wait)
+        except TFServerError:
+            with self._mutex:
+                self._live.pop(record.id, None)
+            if not run.sync:
+                self.store.delete(record)
+            raise
+        if not run.sync and record.started_at is None:
+            record.queue_position = self.scheduler.position(run.ticket)
+        return run
+
+    def _start(self, run: Run) -> None:
+        """The scheduler admitted the run: run its job in a thread of its own."""
+        self._workers.submit(lambda: self._execute(run))
+
+    def _execute(self, run: Run) -> None:
+        record = run.record
+        record.status, record.started_at, record.queue_position = "running", self.clock(), None
+        run.emit("started")
+        status = "failed"
+        try:
+            run.result = run.job(run)
+            status = "succeeded"
+        except TFServerError as e:
+            run.error = e
+            status = "canceled" if run.control.reason == "cancel" else "failed"
+        except Exception:
+            logger.exception("run %s failed unexpectedly", record.id)
+            run.error = TFServerError(f"the run failed unexpectedly; see the server log for "
+                                      f"run {record.id}")
+        finally:
+            self._finish(run, status)
+
+    def _finish(self, run: Run, status: str) -> None:
+        """End the run: free its lane first (whoever sees it ended may use the instance at
+        once), then its record, its `finished` event, the store, the listeners."""
+        record = run.record
+        record.finished_at = self.clock()
+        if run.ticket is not None:
+            self.scheduler.finish(run.ticket)
+        if run.error is not None:
+            record.problem = run.error.problem()
+        if run.control.killed:
+            record.cancel, record.state_may_be_locked = "forced", True
+        record.status = status
+        run.emit("finished", status=status, changes=record.changes, problem=record.problem)
+        self._tell(self.on_finish, record)
+        # The caller waiting on the run answers now; the store follows. Until the record
+        # is stored the run stays this replica's, so `record` and `page` still show it.
+        run.done.set()
+        run.wake()
+        if run.sync and record.started_at is not None:
+            # Writing the record at once took the GIL from the waking caller (about 1 ms
+            # of its answer); the record waits until the answer is out.
+            run.answered.wait(_ANSWER_FIRST)
+        try:
+            self._tell(self.on_ended, record)
+            self.keeper.flush(run, final=True)
+        except TFServerError as e:
+            logger.error("run %s: its final record could not be stored: %s", record.id, e)
+        finally:
+            with self._mutex:  # a shutdown waits for this (`wait_idle`)
+                self._live.pop(record.id, None)
+
+    @staticmethod
+    def _tell(listener: Callable[[RunRecord], None] | None, record: RunRecord) -> None:
+        if listener is not None:
+            try:
+                listener(replace(record))
+            except Exception:  # a listener's bug must not keep the run from ending
+                logger.exception("run %s: a listener of its end failed", record.id)
+
+    def _end_unstarted(self, run: Run, status: str, detail: str) -> None:
+        """End a run that never started (canceled while queued)."""
+        run.record.queue_position = None
+        run.error = Conflict(detail, retry_after=1)
+        self._finish(run, status)
+
+    # -- reading ----------------------------------------------------------------------
+
+    def local(self, run_id: str) -> Run | None:
+        """The run, if this replica holds it."""
+        with self._mutex:
+            return self._live.get(run_id)
+
+    def record(self, run_id: str) -> RunRecord:
+        """The run's record as any replica would show it (404 if none)."""
+        run = self.local(run_id) if is_run_id(run_id) else None
+        if run is not None:
+            shown = replace(run.record)
+            if run.ticket is not None and shown.status == "queued":
+                shown.queue_position = self.scheduler.position(run.ticket)
+            return shown
+        record = self.store.get(run_id) if is_run_id(run_id) else None
+        if record is None:
+            raise NotFound(f"no run {run_id[:40]!r}")
+        if record.active and self.clock() - record.heartbeat_at > self.lost_after:
+            record.status = "lost"
+            record.state_may_be_locked = record.started_at is not None
+        return record
+
+    def unstored(self) -> list[RunRecord]:
+        """Copies of the records this replica holds that are not stored yet (a synchronous
+        run is stored at its first heartbeat, or just after its answer)."""
+        return [replace(r.record) for r in self.live() if not r._created]
+
+    def amend(self, run_id: str, change: Callable[[RunRecord], None]) -> bool:
+        """Change the record of a run this replica holds; True when its last store write
+        is still to come (and will carry the change), False when the store must be
+        changed instead."""
+        run = self.local(run_id)
+        if run is None:
+            return False
+        with run._store_lock:  # not between a flush's copy of the record and its write
+            change(run.record)
+            return not run._final
+
+    def in_flight(self, tenant: str, module: str) -> list[RunRecord]:
+        """The tenant's runs of the module that are queued or running on any replica
+        (runs whose replica stopped beating are not counted)."""
+        ids = [r for t, m, r in self.store.active() if t == tenant and m == module]
+        return [record for record in self.records(ids) if record.active]
+
+    def records(self, ids: list[str]) -> list[RunRecord]:
+        """Records of several runs, skipping any that vanished meanwhile."""
+        found = []
+        for run_id in ids:
+            try:
+                found.append(self.record(run_id))
+            except NotFound:
+                continue
+        return found
+
+    # -- cancel -----------------------------------------------------------------------
+
+    def cancel(self, run_id: str, *, force: bool) -> RunRecord:
+        """Cancel a queued run at once, interrupt a running one (kill it when forced, or
+        on a second cancel after the kill grace). 409 when it already ended."""
+        run = self.local(run_id)
+        if run is None:
+            record = self.record(run_id)
+            if not record.active:
+                raise Conflict(f"run {run_id} already ended ({record.status})", retry_after=0)
+            self.store.request_cancel(run_id, force=force)
+            record.cancel = record.cancel or "requested"
+            return record
+        self.cancel_local(run, force)
+        return self.record(run_id)
+
+    def follow(self, run_id: str, after: int = 0) -> Iterator[list[dict[str, Any]]]:
+        """Batches of events after `after`: the stored ones, then live ones as they
+        come, until the run's `finished` event; an empty batch means "still waiting"."""
+        run = self.local(run_id)
+        if run is not None:
+            return _follow_local(run, after)
+        return _follow_stored(self, run_id, after)
+
+    def live(self) -> list[Run]:
+        """The runs this replica holds now."""
+        with self._mutex:
+            return list(self._live.values())
+
+    def cancel_local(self, run: Run, force: bool) -> None:
+        """Cancel a run this replica holds (see `cancel`)."""
+        if run.done.is_set():
+            raise Conflict(f"run {run.record.id} already ended ({run.record.status})",
+                           retry_after=0)
+        if run.ticket is not None and self.scheduler.withdraw(run.ticket):
+            self._end_unstarted(run, "canceled", "the run was canceled before it began")
+            return
+        now = time.monotonic()
+        second = run.cancel_asked_at is not None and now - run.cancel_asked_at >= \
+            self.kill_grace
+        run.record.cancel = run.record.cancel or "requested"
+        if force or second:
+            run.control.kill("cancel")
+            run.record.cancel, run.record.state_may_be_locked = "forced", True
+        elif run.control.interrupt("cancel"):
+            run.cancel_asked_at = now
+        run.emit("canceling", force=force or second)
+
+    def _run_of(self, ticket: Ticket) -> Run | None:
+        with self._mutex:
+            return next((r for r in self._live.values() if r.ticket is ticket), None)
+
+
+def _follow_local(run: Run, after: int) -> Iterator[list[dict[str, Any]]]:
+    """A run of this replica: events as they are emitted (no polling)."""
+    seq = after
+    while True:
+        batch = run.events_after(seq, FOLLOW_IDLE)
+        if batch:
+            seq = batch[-1]["seq"]
+            yield batch
+        if any(e["type"] == "finished" for e in batch):
+            return
+        if run.done.is_set() and len(run.events) <= seq:
+            return
+
+
+def _follow_stored(runs: Runs, run_id: str, after: int) -> Iterator[list[dict[str, Any]]]:
+    """A run of another replica: its stored event log, read every FOLLOW_POLL seconds."""
+    seq = after
+    idle = 0.0
+    while True:
+        events = [e for e in runs.store.get_events(run_id) if e.get("seq", 0) > seq]
+        if events:
+            seq = events[-1]["seq"]
+            idle = 0.0
+            yield events
+            if any(e.get("type") == "finished" for e in events):
+                return
+        record = runs.record(run_id)
+        if record.status == "lost" or (record.status in ENDED and not events):
+            return
+        time.sleep(FOLLOW_POLL)
+        idle += FOLLOW_POLL
+        if idle >= FOLLOW_IDLE:
+            idle = 0.0
+            yield []
+
+

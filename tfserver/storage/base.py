@@ -1,0 +1,117 @@
+"""The storage interfaces: `ObjectStore` (records, events, plans, keys, inputs) and
+`StateBackend` (terraform's state, its lock, and the backend settings terraform gets).
+
+Modules carry no backend block; the server writes one into each working copy
+(`tfserver_override.tf.json`) and passes the rest as `-backend-config` values at `init`.
+Reading outputs straight from the state object makes a GET fast and lock-free."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ..errors import Unavailable
+
+logger = logging.getLogger(__name__)
+
+INPUTS_SUFFIX = ".inputs.json"
+STATE_NAME = "terraform.tfstate"
+
+
+class BackendError(Unavailable):
+    """The state store cannot be reached or answered an error (503)."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What a GET of an instance shows: its state, and the lock held on it, if any.
+    `stale` when the state is the last complete one while a newer one is being written
+    (or was left half written by a killed run)."""
+
+    state: dict[str, Any] | None
+    lock: dict[str, str] | None
+    stale: bool = False
+
+
+class ObjectStore(Protocol):
+    """Small documents by key beside the state: run records, event logs, saved plans,
+    idempotency keys. Keys are `/`-separated; listings are of one folder (a prefix that
+    ends with `/`), in key order."""
+
+    def put(self, key: str, data: bytes) -> None:
+        """Write (or replace) the object, readable by the server only."""
+        ...
+
+    def put_new(self, key: str, data: bytes) -> bool:
+        """Write the object only if there is none yet; False if there was (atomic)."""
+        ...
+
+    def get(self, key: str) -> bytes | None:
+        """The object's bytes, or None when there is none."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Remove the object (no error when it is gone already)."""
+        ...
+
+    def keys(self, folder: str, *, start_after: str = "", limit: int = 1000) -> list[str]:
+        """Names (not whole keys) in the folder after `start_after`, in order."""
+        ...
+
+
+class StateBackend(Protocol):
+    """What the service needs of a state store."""
+
+    name: str
+    objects: ObjectStore
+
+    def override(self, module: str) -> dict[str, Any]:
+        """The `terraform { backend ... }` block, as JSON, for the module's working copy."""
+        ...
+
+    def init_config(self, module: str) -> list[tuple[str, str]]:
+        """`-backend-config` key/value pairs for `terraform init`."""
+        ...
+
+    def read_state(self, module: str, workspace: str) -> dict[str, Any] | None:
+        """The workspace's state document, or None when the workspace does not exist."""
+        ...
+
+    def workspaces(self, module: str) -> list[str]:
+        """Names of the workspaces that have state."""
+        ...
+
+    def exists(self, module: str, workspace: str) -> bool:
+        """True when the workspace has a state object (cheaper than reading it)."""
+        ...
+
+    def save_inputs(self, module: str, workspace: str, inputs: dict[str, Any]) -> None:
+        """Keep the variables of the last apply (destroy needs them again)."""
+        ...
+
+    def load_inputs(self, module: str, workspace: str) -> dict[str, Any] | None:
+        """The variables of the last apply, or None."""
+        ...
+
+    def delete_inputs(self, module: str, workspace: str) -> None:
+        """Forget the variables (after destroy)."""
+        ...
+
+    def lock_info(self, module: str, workspace: str) -> dict[str, str] | None:
+        """Who holds the workspace's state lock, or None when it is free."""
+        ...
+
+    def check(self) -> None:
+        """Raise `BackendError` when the store cannot be reached."""
+        ...
+
+    def snapshot(self, module: str, workspace: str) -> Snapshot:
+        """State and lock of a workspace, read together."""
+        ...
+
+    def close(self) -> None:
+        """Release what the backend holds (threads, connections)."""
+        ...
+
+

@@ -1,0 +1,223 @@
+"""State and objects in files under the state folder (owner-only)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from ..files import create_private, private_dir, write_private
+from .base import INPUTS_SUFFIX, STATE_NAME, BackendError, ObjectStore, Snapshot
+
+logger = logging.getLogger(__name__)
+
+
+class LocalObjects:
+    """Objects as 0600 files under a 0700 folder."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        # Folders known to exist (private): a run writes several objects into few folders.
+        self._folders: set[Path] = set()
+
+    def _path(self, key: str) -> Path:
+        parts = key.split("/")
+        if any(p in ("", ".", "..") for p in parts):
+            raise ValueError(f"bad object key {key!r}")
+        return self.root.joinpath(*parts)
+
+    def _folder(self, path: Path) -> None:
+        if path.parent not in self._folders:
+            private_dir(path.parent)
+            self._folders.add(path.parent)
+
+    def put(self, key: str, data: bytes) -> None:
+        """Write through a temporary file and a rename: readers never see half of it
+        (an empty object, an index entry, is only created)."""
+        path = self._path(key)
+        try:
+            try:
+                self._folder(path)
+                if data:
+                    write_private(path, data)
+                else:
+                    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+            except FileNotFoundError:
+                self._folders.discard(path.parent)  # removed meanwhile: made again
+                write_private(path, data)
+        except OSError as e:
+            raise BackendError(f"cannot write {key}: {e.strerror}") from e
+
+    def put_new(self, key: str, data: bytes) -> bool:
+        """Create the file only if absent (see `files.create_private`)."""
+        try:
+            return create_private(self._path(key), data)
+        except OSError as e:
+            raise BackendError(f"cannot write {key}: {e.strerror}") from e
+
+    def get(self, key: str) -> bytes | None:
+        """The file's bytes."""
+        try:
+            return self._path(key).read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as e:
+            raise BackendError(f"cannot read {key}: {e.strerror}") from e
+
+    def delete(self, key: str) -> None:
+        """Remove the file."""
+        self._path(key).unlink(missing_ok=True)
+
+    def keys(self, folder: str, *, start_after: str = "", limit: int = 1000) -> list[str]:
+        """The folder's file names, sorted."""
+        path = self._path(folder.rstrip("/"))
+        try:
+            with os.scandir(path) as entries:
+                names = sorted(e.name for e in entries
+                               if not e.name.startswith(".") and e.is_file())
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return [n for n in names if n > start_after][:limit]
+
+
+class LocalBackend:
+    """State files under `<state_dir>/state/<module>/<workspace>/terraform.tfstate`."""
+
+    name = "local"
+
+    def __init__(self, state_dir: Path) -> None:
+        self.root = state_dir / "state"
+        self.inputs_root = state_dir / "inputs"
+        self.objects: ObjectStore = LocalObjects(state_dir)
+
+    def _module_dir(self, module: str) -> Path:
+        return self.root / module
+
+    def _state_path(self, module: str, workspace: str) -> Path:
+        return self._module_dir(module) / workspace / STATE_NAME
+
+    def override(self, module: str) -> dict[str, Any]:
+        """A local backend whose workspaces live in the server's state folder."""
+        base = self._module_dir(module)
+        return {
+            "terraform": {
+                "backend": {
+                    "local": {
+                        "path": str(base / "default.tfstate"),
+                        "workspace_dir": str(base),
+                    }
+                }
+            }
+        }
+
+    def init_config(self, module: str) -> list[tuple[str, str]]:
+        """Nothing beyond the override file."""
+        return []
+
+    def read_state(self, module: str, workspace: str) -> dict[str, Any] | None:
+        """The state document, or its last complete version (see `read`)."""
+        return self.read(module, workspace)[0]
+
+    def read(self, module: str, workspace: str) -> tuple[dict[str, Any] | None, bool]:
+        """(state, stale): the state file, or when it is being rewritten or was left
+        half written by a killed run, terraform's backup of the last complete one.
+
+        Terraform's local backend rewrites `terraform.tfstate` in place, so a reader may
+        catch it partial, and a SIGKILL mid-write leaves it empty; before its first write
+        of a run it copies the previous state to `terraform.tfstate.backup`.
+        """
+        path = self._state_path(module, workspace)
+        for attempt in range(3):
+            doc = _read_json(path)
+            if not isinstance(doc, _Unreadable):
+                return doc, False
+            time.sleep(0.01 * (attempt + 1))  # caught mid-write: a moment may finish it
+        backup = _read_json(path.with_name(STATE_NAME + ".backup"))
+        if isinstance(backup, dict):
+            return backup, True
+        return None, False  # a first write that never completed: no instance yet
+
+    def exists(self, module: str, workspace: str) -> bool:
+        """A state is there: a state file that is not empty (an empty one is what a kill
+        mid-write leaves), or terraform's backup of the last complete one."""
+        path = self._state_path(module, workspace)
+        try:
+            if path.stat().st_size > 0:
+                return True
+        except FileNotFoundError:
+            return False
+        return path.with_name(STATE_NAME + ".backup").is_file()
+
+    def workspaces(self, module: str) -> list[str]:
+        """Folders that hold a state file."""
+        base = self._module_dir(module)
+        if not base.is_dir():
+            return []
+        return sorted(p.name for p in base.iterdir() if (p / STATE_NAME).is_file())
+
+    def _inputs_path(self, module: str, workspace: str) -> Path:
+        return self.inputs_root / module / (workspace + INPUTS_SUFFIX)
+
+    def save_inputs(self, module: str, workspace: str, inputs: dict[str, Any]) -> None:
+        """Write the inputs file with mode 0600."""
+        write_private(self._inputs_path(module, workspace), json.dumps(inputs).encode())
+
+    def load_inputs(self, module: str, workspace: str) -> dict[str, Any] | None:
+        """Read the inputs file, if any."""
+        try:
+            doc = json.loads(self._inputs_path(module, workspace).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            raise BackendError(f"cannot read the stored inputs: {e}") from e
+        return doc if isinstance(doc, dict) else None
+
+    def delete_inputs(self, module: str, workspace: str) -> None:
+        """Remove the inputs file."""
+        self._inputs_path(module, workspace).unlink(missing_ok=True)
+
+    def lock_info(self, module: str, workspace: str) -> dict[str, str] | None:
+        """The local backend's lock lives in process memory and flock; not visible here."""
+        return None
+
+    def snapshot(self, module: str, workspace: str) -> Snapshot:
+        """The state file; local locks are not visible from outside terraform."""
+        state, stale = self.read(module, workspace)
+        return Snapshot(state, None, stale)
+
+    def check(self) -> None:
+        """The state folder must be writable."""
+        try:
+            private_dir(self.root)
+            if not os.access(self.root, os.W_OK):
+                raise BackendError(f"state folder {self.root} is not writable")
+        except OSError as e:
+            raise BackendError(f"state folder {self.root}: {e.strerror}") from e
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+class _Unreadable:
+    """The marker of a file that exists but holds no complete JSON document."""
+
+
+_UNREADABLE = _Unreadable()
+
+
+def _read_json(path: Path) -> dict[str, Any] | _Unreadable | None:
+    """A JSON object file: its document, None when missing, or `_UNREADABLE`."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise BackendError(f"cannot read local state: {e.strerror}") from e
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return _UNREADABLE
+    return doc if isinstance(doc, dict) else _UNREADABLE

@@ -1,0 +1,248 @@
+"""What terraform says, parsed once: the `-json` event stream, diagnostics (with the variable
+they are about), the lock holder, and the `Failure` kind of a run that did not succeed."""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+#: How much of stderr a result keeps (the end of it, where the errors are).
+STDERR_KEEP = 64 * 1024
+
+
+_LOCK_SUMMARIES = ("Error acquiring the state lock", "Error locking state")
+
+
+_STALE_PLAN = "Saved plan is stale"
+
+
+#: What a sensitive output reads as, wherever outputs are shown to a non-admin.
+REDACTED = "<sensitive>"
+
+
+_RESOURCE_PHASES = {"apply_start": "start", "apply_progress": "progress",
+                    "apply_complete": "done", "apply_errored": "errored"}
+
+
+_LOCK_FIELD = re.compile(r"^\s*(ID|Path|Operation|Who|Version|Created|Info):\s*(.*)$")
+
+
+_BOX = "╷│╵ "
+
+
+EventSink = Callable[[dict[str, Any]], None]
+
+
+class Failure(enum.Enum):
+    """Why a run did not succeed, decided from what terraform and the runner saw."""
+
+    LOCKED = "locked"  #: another run holds the state lock
+    TIMED_OUT = "timed out"  #: the deadline passed; terraform was interrupted
+    INTERRUPTED = "interrupted"  #: the server is stopping; terraform was interrupted
+    CANCELED = "canceled"  #: a caller canceled the run
+    KILLED = "killed"  #: terraform died by a signal; its lock may be left behind
+    STALE_PLAN = "stale plan"  #: the state changed since the saved plan was made
+    REJECTED = "rejected"  #: terraform refused the inputs before changing anything
+    FAILED = "failed"  #: terraform failed while changing resources (or said nothing)
+
+
+@dataclass(frozen=True)
+class Diagnostic:
+    """One error or warning terraform reported, and the variable it is about, if any."""
+
+    severity: str
+    summary: str
+    detail: str = ""
+    address: str = ""
+    variable: str = ""
+
+    @classmethod
+    def from_event(cls, event: Mapping[str, Any]) -> Diagnostic:
+        """The diagnostic of a `diagnostic` event (a missing severity counts as error)."""
+        d = event.get("diagnostic") or {}
+        variable = ""
+        for value in ((d.get("snippet") or {}).get("values") or []):
+            traversal = str(value.get("traversal", "")) if isinstance(value, dict) else ""
+            if traversal.startswith("var."):
+                variable = re.split(r"[.\[]", traversal[4:], maxsplit=1)[0]
+                break
+        return cls(
+            severity=str(d.get("severity") or "error"),
+            summary=str(d.get("summary", "")),
+            detail=str(d.get("detail", "")),
+            address=str(d.get("address", "")),
+            variable=variable,
+        )
+
+
+def parse_lock_info(detail: str) -> dict[str, str]:
+    """The `Lock Info:` block of terraform's "Error acquiring the state lock"."""
+    info: dict[str, str] = {}
+    for line in detail.splitlines():
+        m = _LOCK_FIELD.match(line)
+        if m and m.group(2).strip():
+            info[m.group(1).lower()] = m.group(2).strip()
+    return info
+
+
+def error_text(stderr: str, limit: int = 2000) -> str:
+    """Terraform's human error output from its first `Error:` on, without the box drawn
+    around it (all of it, not only the first line), at most `limit` characters."""
+    lines = [line.strip().lstrip(_BOX).rstrip() for line in stderr.splitlines()]
+    start = next((i for i, line in enumerate(lines) if line.startswith("Error:")), None)
+    if start is None:
+        return "\n".join(line for line in lines if line)[-limit:]
+    kept = lines[start:]
+    text = re.sub(r"\n{3,}", "\n\n", "\n".join(kept)).strip()
+    return text[:limit]
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What one terraform process did. Any non-zero exit is a failure (see `failure`)."""
+
+    args: tuple[str, ...]
+    returncode: int
+    events: tuple[dict[str, Any], ...] = ()
+    stdout: str = ""
+    stderr: str = ""
+    duration: float = 0.0
+    timed_out: bool = False
+    interrupted: bool = False
+    canceled: bool = False
+    #: Lines of the `-json` stream that could not be read (never silently dropped).
+    unreadable: int = 0
+    diagnostics: tuple[Diagnostic, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        found = [Diagnostic.from_event(e) for e in self.events if e.get("type") == "diagnostic"]
+        found.sort(key=lambda d: d.severity != "error")
+        object.__setattr__(self, "diagnostics", tuple(found))
+
+    @property
+    def ok(self) -> bool:
+        """True when terraform exited 0 and nobody stopped it."""
+        return self.failure is None
+
+    @property
+    def errors(self) -> list[Diagnostic]:
+        """Only the diagnostics of severity error."""
+        return [d for d in self.diagnostics if d.severity == "error"]
+
+    @property
+    def lock(self) -> dict[str, str] | None:
+        """Who holds the state lock, when the run failed because it was held."""
+        for d in self.errors:
+            if d.summary.startswith(_LOCK_SUMMARIES):
+                return parse_lock_info(d.detail)
+        return None
+
+    @property
+    def failure(self) -> Failure | None:
+        """Why the run did not succeed, or None when it did."""
+        if self.canceled:
+            return Failure.CANCELED
+        if self.interrupted:
+            return Failure.INTERRUPTED
+        if self.timed_out:
+            return Failure.TIMED_OUT
+        if self.returncode == 0:
+            return None
+        if self.lock is not None:
+            return Failure.LOCKED
+        if any(d.summary == _STALE_PLAN for d in self.errors):
+            return Failure.STALE_PLAN
+        if not self.errors:
+            return Failure.KILLED if self.returncode < 0 else Failure.FAILED
+        if not self.apply_started and self.args[:1] != ("destroy",):
+            return Failure.REJECTED
+        return Failure.FAILED
+
+    @property
+    def outputs(self) -> dict[str, dict[str, Any]] | None:
+        """The last `outputs` event: name to {sensitive, type, value (absent if sensitive)}."""
+        for event in reversed(self.events):
+            if event.get("type") == "outputs":
+                outputs = event.get("outputs")
+                return dict(outputs) if isinstance(outputs, dict) else {}
+        return None
+
+    @property
+    def changes(self) -> dict[str, int]:
+        """Resources added, changed and removed (from the last `change_summary` event)."""
+        for event in reversed(self.events):
+            if event.get("type") == "change_summary":
+                c = event.get("changes") or {}
+                return {k: int(c.get(k, 0)) for k in ("add", "change", "remove")}
+        return {"add": 0, "change": 0, "remove": 0}
+
+    @property
+    def planned(self) -> list[dict[str, str]]:
+        """The planned changes: resource address and action."""
+        found = []
+        for event in self.events:
+            if event.get("type") == "planned_change":
+                change = event.get("change") or {}
+                resource = change.get("resource") or {}
+                found.append({"address": str(resource.get("addr", "")),
+                              "action": str(change.get("action", ""))})
+        return found
+
+    @property
+    def apply_started(self) -> bool:
+        """True once terraform began changing real resources (plan time is over)."""
+        return any(e.get("type") in ("apply_start", "apply_errored") for e in self.events)
+
+
+def api_event(raw: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A terraform `-json` event as an event of tfserver's API (without `seq` and `time`),
+    or None for the kinds the API does not show. Sensitive output values are redacted
+    (terraform's stream carries none anyway); other text is the caller's to scrub."""
+    kind = raw.get("type")
+    if kind in _RESOURCE_PHASES:
+        hook = raw.get("hook") or {}
+        event: dict[str, Any] = {"type": "resource",
+                                 "address": str((hook.get("resource") or {}).get("addr", "")),
+                                 "action": str(hook.get("action", "")),
+                                 "phase": _RESOURCE_PHASES[str(kind)]}
+        if isinstance(hook.get("elapsed_seconds"), int | float):
+            event["elapsed_s"] = hook["elapsed_seconds"]
+        return event
+    if kind == "change_summary":
+        changes = raw.get("changes") or {}
+        if changes.get("operation") != "plan":
+            return None
+        return {"type": "planned",
+                "changes": {k: int(changes.get(k, 0)) for k in ("add", "change", "remove")}}
+    if kind == "diagnostic":
+        d = Diagnostic.from_event(raw)
+        return {"type": "diagnostic", "severity": d.severity, "summary": d.summary,
+                "detail": d.detail, "address": d.address}
+    if kind == "outputs":
+        outputs = raw.get("outputs") or {}
+        if not isinstance(outputs, dict) or any("action" in v for v in outputs.values()):
+            return None  # the plan's preview of the outputs, without values
+        return {"type": "outputs",
+                "outputs": {k: REDACTED if v.get("sensitive") else v.get("value")
+                            for k, v in outputs.items()}}
+    return None
+
+
+def parse_event(line: str) -> dict[str, Any] | None:
+    """One line of terraform's `-json` stream as an event, or None for anything else."""
+    line = line.strip()
+    if not line.startswith("{"):
+        return None
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return None
+    return event if isinstance(event, dict) else None

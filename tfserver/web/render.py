@@ -1,0 +1,126 @@
+"""Typed results as the JSON bodies of the API (pure functions; hrefs live here)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+from urllib.parse import urlencode
+
+from ..app.catalog import InstanceView, ModuleView
+from ..app.execute import Applied, Destroyed, Planned
+from ..app.history import RunPage
+from ..app.service import Readiness, Unlocked
+from ..runs.store import RunRecord, rfc3339
+
+Result = Applied | Planned | Destroyed | InstanceView | ModuleView | Unlocked
+
+
+def render(result: Result) -> dict[str, Any]:
+    """The JSON body of a service result."""
+    if isinstance(result, Applied):
+        applied: dict[str, Any] = {
+            "module": result.module, "instance": result.instance, "outputs": result.outputs,
+            "changes": result.changes, "run_id": result.run_id}
+        if result.expires_at is not None:
+            applied["expires_at"] = rfc3339(result.expires_at)
+        return applied
+    if isinstance(result, Planned):
+        return {"module": result.module, "instance": result.instance, "dry_run": True,
+                "changes": result.changes, "planned": result.planned,
+                "run_id": result.run_id}
+    if isinstance(result, Destroyed):
+        return {"module": result.module, "instance": result.instance, "destroyed": True,
+                "changes": result.changes, "run_id": result.run_id}
+    if isinstance(result, InstanceView):
+        body: dict[str, Any] = {
+            "module": result.module, "instance": result.instance, "outputs": result.outputs,
+            "resources": result.resources, "serial": result.serial,
+            "terraform_version": result.terraform_version,
+            "status": "busy" if result.busy else "idle",
+            "expires_at": rfc3339(result.expires_at),
+        }
+        if result.lock:
+            body["lock"] = result.lock
+            body["status"] = "locked"
+        if result.stale:
+            body["stale"] = True
+        return body
+    if isinstance(result, ModuleView):
+        m = result.module
+        return {
+            "module": m.name,
+            "description": m.description,
+            "variables": m.schema,
+            "outputs": {o.name: {"description": o.description, "sensitive": o.sensitive}
+                        for o in m.outputs.values()},
+            "instances": [{"instance": i.instance, "tenant": i.tenant} if i.tenant
+                          else {"instance": i.instance, "href": f"/{m.name}/{i.instance}"}
+                          for i in result.instances],
+        }
+    return {"module": result.module, "instance": result.instance, "unlocked": result.lock_id}
+
+
+def readiness(report: Readiness) -> dict[str, Any]:
+    """The parts of a readiness report."""
+    return {"terraform": report.terraform, "modules": report.modules,
+            "backend": report.backend}
+
+
+def instance_href(module: str, instance: str, tenant: str, viewer_tenant: str) -> str:
+    """The instance's URL as the viewer reaches it (`?tenant=` for another tenant's)."""
+    href = f"/{module}/{instance}"
+    return href if tenant == viewer_tenant else f"{href}?tenant={tenant}"
+
+
+def run(record: RunRecord, viewer_tenant: str) -> dict[str, Any]:
+    """A run record as `GET /runs/{id}` shows it."""
+    links = {"self": f"/runs/{record.id}", "events": f"/runs/{record.id}/events",
+             "instance": instance_href(record.module, record.instance, record.tenant,
+                                       viewer_tenant)}
+    plan = record.plan
+    if plan is not None and record.status == "succeeded" and not plan.get("applied_by") \
+            and float(plan.get("expires_at", 0)) > time.time():
+        links["apply"] = f"/runs/{record.id}/apply"
+    body: dict[str, Any] = {
+        "id": record.id,
+        "module": record.module,
+        "instance": record.instance,
+        "operation": record.operation,
+        "status": record.status,
+        "queue_position": record.queue_position if record.status == "queued" else None,
+        "created_at": rfc3339(record.created_at),
+        "started_at": rfc3339(record.started_at),
+        "finished_at": rfc3339(record.finished_at),
+        "who": {"subject": record.subject, "tenant": record.tenant},
+        "changes": record.changes,
+        "outputs": record.outputs,
+        "planned": record.planned,
+        "problem": record.problem,
+        "links": links,
+    }
+    if plan is not None:
+        body["plan"] = {"expires_at": rfc3339(float(plan.get("expires_at", 0))),
+                        "applied_by": plan.get("applied_by")}
+    if record.plan_of:
+        body["plan_of"] = record.plan_of
+    if record.idempotency_key:
+        body["idempotency_key"] = record.idempotency_key
+    if record.cancel:
+        body["cancel"] = record.cancel
+    if record.state_may_be_locked:
+        body["state_may_be_locked"] = True
+    return body
+
+
+def run_page(page: RunPage, base: str, query: dict[str, str]) -> dict[str, Any]:
+    """A page of runs with the href of the next one."""
+    nxt = None
+    if page.next_after:
+        params = {**query, "before": page.next_after}
+        nxt = base + "?" + urlencode(sorted(params.items()))
+    return {"runs": [run(r, page.viewer_tenant) for r in page.runs], "next": nxt}
+
+
+def event(data: dict[str, Any]) -> dict[str, Any]:
+    """An event as the stream shows it (its time in RFC 3339)."""
+    return {**data, "time": rfc3339(float(data.get("time", 0)))}

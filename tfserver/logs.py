@@ -12,11 +12,10 @@ import json
 import logging
 import sys
 import time
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 if TYPE_CHECKING:
     from .auth import Principal
-    from .runs.store import RunRecord
 
 #: The id of the request the current thread serves ("-" outside a request).
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
@@ -26,6 +25,25 @@ audit_log = logging.getLogger("tfserver.audit")
 access_log = logging.getLogger("tfserver.access")
 
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message"}
+
+
+class EndedRun(Protocol):
+    """What a run's audit line says of it (a run record has it: runs/store.py); a leaf
+    imports no subpackage, so the record is described here, not imported."""
+
+    id: str
+    module: str
+    instance: str
+    tenant: str
+    subject: str
+    operation: str
+    status: str
+    changes: dict[str, int] | None
+    problem: dict[str, Any] | None
+    idempotency_key: str | None
+    client_id: str | None
+    client_address: str | None
+    request_id: str | None
 
 
 class JsonFormatter(logging.Formatter):
@@ -77,7 +95,7 @@ def configure(level: str = "INFO", fmt: str = "auto", stream: TextIO | None = No
     root.setLevel(level)
 
 
-def audit_run(record: RunRecord, seconds: float | None) -> None:
+def audit_run(record: EndedRun, seconds: float | None) -> None:
     """The audit line of a run that ended: who, what, and how it went."""
     audit_log.info(
         "run %s %s %s/%s: %s", record.id, record.operation, record.module, record.instance,

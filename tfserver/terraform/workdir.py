@@ -20,12 +20,10 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ..errors import TFServerError, Unavailable
 from ..files import private_dir, tighten_tree
-from ..module.discover import Module
-from ..storage.base import StateBackend
 from .args import build_args
 from .output import error_text
 from .process import Runner
@@ -40,11 +38,42 @@ INIT_RETRY_SECONDS = 30.0
 _KEEP_IN_WORKING_COPY = {".terraform", ".terraform.lock.hcl", BACKEND_STAMP}
 
 
+class ModuleFiles(Protocol):
+    """What a working copy needs of a module: its name and the folder of its files."""
+
+    @property
+    def name(self) -> str:
+        """The module's name (its working copy's folder)."""
+        ...
+
+    @property
+    def path(self) -> Path:
+        """The folder the module's files are copied from."""
+        ...
+
+
+class BackendSettings(Protocol):
+    """What `terraform init` needs of the state backend: its block and its settings."""
+
+    @property
+    def name(self) -> str:
+        """The backend's name, for the log."""
+        ...
+
+    def override(self, module: str) -> dict[str, Any]:
+        """The `terraform { backend ... }` block, as JSON, for the module's working copy."""
+        ...
+
+    def init_config(self, module: str) -> list[tuple[str, str]]:
+        """`-backend-config` key/value pairs for `terraform init`."""
+        ...
+
+
 @dataclass
 class WorkingCopy:
     """A module's private, initialised copy under the state folder."""
 
-    module: Module
+    module: ModuleFiles
     path: Path
     status: str = "new"
     error: str = ""
@@ -55,8 +84,8 @@ class WorkingCopy:
 class WorkingCopies:
     """Every module's working copy, its one `terraform init`, and its readiness."""
 
-    def __init__(self, root: Path, modules: Mapping[str, Module], runner: Runner,
-                 backend: StateBackend, *, init_timeout: float) -> None:
+    def __init__(self, root: Path, modules: Mapping[str, ModuleFiles], runner: Runner,
+                 backend: BackendSettings, *, init_timeout: float) -> None:
         self.runner = runner
         self.backend = backend
         self.init_timeout = init_timeout

@@ -16,8 +16,9 @@ from types import FrameType
 
 from . import logs
 from .app.service import Service
-from .auth import make_authenticator
-from .config import Config, load
+from .app.statedir import prepare_state
+from .auth import Authenticator, make_authenticator
+from .config import AcmeSettings, Config, load
 from .errors import ConfigError, TFServerError
 from .module.discover import discover
 from .module.policy import Policy
@@ -32,6 +33,7 @@ from .tls import (
     Renewer,
     context_from_files,
 )
+from .web.openapi import ApiDescription, DocSettings
 from .web.server import TFServer
 
 logger = logging.getLogger("tfserver")
@@ -52,7 +54,8 @@ class Parts:
 
 
 def build(config: Config) -> Parts:
-    """Every part of a server from its config (bound, with its certificate, not serving).
+    """Every part of a server from its config (bound, with its certificate, not serving),
+    each built once with all it needs.
 
     Raises ConfigError (bad settings, unusable certificate files), AcmeError (no
     certificate could be obtained) or another error of the package's tree (a module that
@@ -66,33 +69,47 @@ def build(config: Config) -> Parts:
     policy = load_policy(config.policy, modules)
     modules = policy.narrowed(modules)
     terraform = Terraform(binary=binary, base_env=config.terraform_env,
+                          cli_config_file=prepare_state(config),
                           kill_grace=config.kill_grace, memory_limit=config.run_memory)
-    service = Service(config, modules, terraform, make_backend(config), policy)
-    terraform.cli_config_file = service.prepare(config.cli_config_file)
+    service = Service(config, modules, terraform, make_backend(config), policy,
+                      api=ApiDescription(DocSettings.from_config(config)))
+    service.prepare()
     fetched = service.metrics.jwks_fetches
-    server = TFServer(config, service, make_authenticator(
-        config, on_fetch=lambda result: fetched.labels(result).inc()))
-    parts = Parts(server, policy=policy)
-    if config.tls_cert is not None and config.tls_key is not None:
-        server.certificates = Certificates(context_from_files(config.tls_cert, config.tls_key))
-    elif config.acme is not None:
-        store = ChallengeStore()
-        parts.challenge = ChallengeServer(config.host, config.acme.http_port, store,
-                                          https_port=server.server_address[1],
-                                          domains=config.acme.domains)
-        threading.Thread(target=parts.challenge.serve_forever, name="acme-http",
-                         daemon=True).start()
-        issuer = AcmeIssuer(config.acme, config.state_dir / "acme", store)
-        try:
-            issuer.ensure()
-            server.certificates = Certificates(issuer.context())
-        except BaseException:
-            parts.challenge.shutdown()
-            parts.challenge.server_close()
-            server.server_close()
-            raise
-        parts.renewer = Renewer(issuer, server.certificates, config.acme.check_interval)
-    return parts
+    authenticator = make_authenticator(
+        config, on_fetch=lambda result: fetched.labels(result).inc())
+    if config.acme is None:
+        certificates = (Certificates(context_from_files(config.tls_cert, config.tls_key))
+                        if config.tls_cert is not None and config.tls_key is not None
+                        else None)
+        return Parts(TFServer(config, service, authenticator, certificates), policy=policy)
+    return _with_acme(config, config.acme, policy, service, authenticator)
+
+
+def _with_acme(config: Config, acme: AcmeSettings, policy: Policy, service: Service,
+               authenticator: Authenticator) -> Parts:
+    """The challenge server, then the certificate it lets the CA issue, then the HTTPS
+    server built with it and the renewer of that certificate."""
+    server: TFServer | None = None
+
+    def https_port() -> int:
+        # Where plain HTTP redirects to: the HTTPS listener, once bound (below).
+        return server.server_address[1] if server is not None else config.port
+
+    store = ChallengeStore()
+    challenge = ChallengeServer(config.host, acme.http_port, store, https_port=https_port,
+                                domains=acme.domains)
+    threading.Thread(target=challenge.serve_forever, name="acme-http", daemon=True).start()
+    issuer = AcmeIssuer(acme, config.state_dir / "acme", store)
+    try:
+        issuer.ensure()
+        certificates = Certificates(issuer.context())
+        server = TFServer(config, service, authenticator, certificates)
+    except BaseException:
+        challenge.shutdown()
+        challenge.server_close()
+        raise
+    return Parts(server, challenge, Renewer(issuer, certificates, acme.check_interval),
+                 policy=policy)
 
 
 def serve(parts: Parts) -> int:

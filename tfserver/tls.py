@@ -151,12 +151,13 @@ class ChallengeStore:
 
 
 class ChallengeServer(ThreadingHTTPServer):
-    """Plain HTTP: `/.well-known/acme-challenge/<token>` answers, everything else 308s."""
+    """Plain HTTP: `/.well-known/acme-challenge/<token>` answers, everything else 308s to
+    HTTPS at `https_port()`, read per redirect: that listener binds after the certificate."""
 
     daemon_threads = True
 
-    def __init__(self, host: str, port: int, store: ChallengeStore, https_port: int,
-                 domains: tuple[str, ...]) -> None:
+    def __init__(self, host: str, port: int, store: ChallengeStore,
+                 https_port: Callable[[], int], domains: tuple[str, ...]) -> None:
         self.store = store
         self.https_port = https_port
         self.domains = domains
@@ -183,7 +184,8 @@ class _ChallengeHandler(BaseHTTPRequestHandler):
         host = (self.headers.get("Host") or "").split(":")[0].lower()
         if host not in self.server.domains:
             host = self.server.domains[0]
-        port = "" if self.server.https_port == 443 else f":{self.server.https_port}"
+        https_port = self.server.https_port()
+        port = "" if https_port == 443 else f":{https_port}"
         self._send(308, b"", {"Location": f"https://{host}{port}{self.path}"})
 
     do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_GET  # noqa: N815
@@ -200,10 +202,6 @@ class _ChallengeHandler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib name
         logger.debug("acme http: " + format, *args)
-
-
-def _load_key(path: Path) -> Any:
-    return serialization.load_pem_private_key(path.read_bytes(), password=None)
 
 
 def _pem(key: Any) -> bytes:
@@ -304,7 +302,8 @@ class AcmeIssuer:
         """The ACME account's key, made on first use and kept (0600)."""
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         if self.account_key_path.exists():
-            key = _load_key(self.account_key_path)
+            key = serialization.load_pem_private_key(self.account_key_path.read_bytes(),
+                                                     password=None)
         else:
             key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
             write_private(self.account_key_path, _pem(key))

@@ -144,7 +144,8 @@ class Executor:
 
     def __init__(self, runner: Runner, backend: StateBackend, copies: WorkingCopies,
                  store: RunStore, expiries: Expiries, *, run_timeout: float,
-                 lock_wait: float, plan_ttl: float, max_workers: int) -> None:
+                 lock_wait: float, plan_ttl: float, max_workers: int,
+                 var_files: VarFiles) -> None:
         self.runner = runner
         self.backend = backend
         self.copies = copies
@@ -153,7 +154,7 @@ class Executor:
         self.run_timeout = run_timeout
         self.lock_wait = lock_wait
         self.plan_ttl = plan_ttl
-        self.var_files: VarFiles | None = None
+        self.var_files = var_files
         # Keeps inputs while terraform runs (off the critical path).
         self._background = ThreadPoolExecutor(max_workers=max_workers,
                                               thread_name_prefix="keep-inputs")
@@ -187,7 +188,6 @@ class Executor:
         # starts once terraform runs and goes on meanwhile (a rename on disk, a PUT on
         # S3); it is undone if terraform changed nothing.
         keeping: list[Future[dict[str, Any] | None]] = []
-        assert self.var_files is not None, "the service prepares the var files first"
         with self.var_files.file(spec.inputs) as var_file:
             plan_file = self._plan_file(spec, var_file)
             try:

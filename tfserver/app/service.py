@@ -13,13 +13,11 @@ import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ..auth import Principal
 from ..config import Config
 from ..errors import BadRequest, Conflict, NotFound, TFServerError
-from ..files import private_dir, tighten_tree, write_private
 from ..logs import audit_run
 from ..metrics import Metrics
 from ..module.discover import Module
@@ -34,11 +32,10 @@ from ..runs.store import RunRecord, RunStore, new_run_id
 from ..scrub import Scrubber
 from ..storage.base import StateBackend
 from ..storage.local import LocalBackend
-from ..terraform.args import build_args, cli_config_text
+from ..terraform.args import build_args
 from ..terraform.output import api_event
 from ..terraform.process import Runner
 from ..terraform.workdir import VarFiles, WorkingCopies
-from ..web.openapi import ApiDescription, DocSettings
 from .catalog import Catalog, target_workspace
 from .execute import Applied, Destroyed, Executor, Outcome, Planned, RunSpec, redacted
 from .governance import Governance
@@ -79,11 +76,22 @@ class Origin:
     request_id: str | None = None
 
 
+class ApiDocument(Protocol):
+    """The OpenAPI description the service keeps for the web layer, which makes it
+    (web/openapi.py: `ApiDescription`; `__main__` passes it in)."""
+
+    def document(self, modules: Mapping[str, Module],
+                 principal: Principal | None) -> dict[str, Any]:
+        """The document showing the modules `principal` may read (None: none)."""
+        ...
+
+
 class Service:
     """Everything the HTTP layer can ask for, given a `Principal`."""
 
     def __init__(self, config: Config, modules: Mapping[str, Module], runner: Runner,
-                 backend: StateBackend, policy: Policy | None = None) -> None:
+                 backend: StateBackend, policy: Policy | None = None, *,
+                 api: ApiDocument) -> None:
         self.config = config
         self.modules = dict(modules)
         self.runner = runner
@@ -104,31 +112,19 @@ class Service:
         self.governance = Governance(policy or Policy.empty(), backend, self.runs)
         self.executor = Executor(runner, backend, self.copies, self.store, self.expiries,
                                  run_timeout=config.run_timeout, lock_wait=config.lock_wait,
-                                 plan_ttl=config.plan_ttl, max_workers=config.max_runs)
+                                 plan_ttl=config.plan_ttl, max_workers=config.max_runs,
+                                 var_files=VarFiles(config.tmp_dir, config.state_dir / "tmp"))
         self.reaper = Reaper(self.expiries, self._reap, self._run_status,
                              replica=self.runs.replica, interval=config.reap_interval)
         #: The modules' OpenAPI description, each module's part made once (openapi.py).
-        self.api = ApiDescription(DocSettings.from_config(config))
+        self.api = api
 
     # -- start-up ---------------------------------------------------------------------
 
-    def prepare(self, cli_config_file: Path | None) -> Path:
-        """Create the state folder, the CLI config and every working copy (no terraform);
-        returns the CLI config file terraform is to use."""
-        state = private_dir(self.config.state_dir)
-        changed = tighten_tree(state)
-        if changed:
-            logger.warning("state folder %s: took group and other permissions off %d "
-                           "files and folders", state, changed)
-        for sub in ("work", "tmp", "plugin-cache"):
-            private_dir(state / sub)
-        self.executor.var_files = VarFiles(self.config.tmp_dir, state / "tmp")
-        if cli_config_file is None:
-            cli_config_file = state / "terraformrc"
-            write_private(cli_config_file, cli_config_text(
-                state / "plugin-cache", self.config.provider_mirror).encode())
+    def prepare(self) -> None:
+        """Copy every module's files into its working copy (no terraform); the state
+        folder is made before (statedir.py)."""
         self.copies.prepare()
-        return cli_config_file
 
     def start(self) -> None:
         """Check terraform, initialise every module (in the background, once), and start

@@ -1,7 +1,7 @@
 """The runner's reading of a process's output, and the run threads.
 
 The process here is a small stand-in script, not terraform: what is tested is how
-`Terraform.run` reads pipes (events as they come, partial lines, bad bytes, a flood of
+`Terraform.run` reads its output files (events as they come, partial lines, bad bytes, a flood of
 output, a process that ignores SIGINT), which real terraform cannot be made to do on cue.
 """
 
@@ -269,14 +269,14 @@ open({str(marker)!r}, "w").write(str(child.pid))
 def test_without_a_pidfd_the_exit_is_still_seen(tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     # The pidfd cannot be watched (an old kernel, or the selector refuses it): the
-    # runner falls back to stdout's end, leaks no descriptor and reports no timeout.
+    # runner falls back to polling the process, leaks no descriptor and reports no timeout.
     class Refusing(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
         def register(self, fileobj: Any, events: int, data: Any = None) -> Any:
             if isinstance(fileobj, int):
                 raise OSError(28, "No space left on device")
             return super().register(fileobj, events, data)
 
-    monkeypatch.setattr("tfserver.terraform.process.selectors.DefaultSelector", Refusing)
+    monkeypatch.setattr("tfserver.terraform.follow.selectors.DefaultSelector", Refusing)
     tf = runner(tmp_path, 'print(\'{"type": "version"}\')', kill_grace=0.5)
     before = len(os.listdir("/proc/self/fd"))
     result = tf.run(["apply"], cwd=tmp_path, timeout=20)
@@ -299,7 +299,7 @@ time.sleep(60)
             time.sleep(0.01)
         raise OSError(24, "Too many open files")
 
-    monkeypatch.setattr("tfserver.terraform.process._Output", refuse)
+    monkeypatch.setattr("tfserver.terraform.process.Output", refuse)
     before = len(os.listdir("/proc/self/fd"))
     with pytest.raises(OSError):
         tf.run(["apply"], cwd=tmp_path, timeout=60)

@@ -1,0 +1,190 @@
+"""terraform's output followed from the files it writes (`Spool`), not from pipes: see
+`Output`. Files outlive the server; pipes did not, and terraform with them."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import selectors
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .output import STDERR_KEEP, EventSink, parse_event
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Spool:
+    """The two files one terraform process writes its stdout and stderr to (owner-only),
+    with a reader's descriptor on each. They are removed once the run ended here; a server
+    that died leaves them, with what terraform said after."""
+
+    paths: tuple[Path, Path]
+    writers: tuple[int, int]
+    readers: tuple[int, int]
+
+    @classmethod
+    def create(cls, folder: Path) -> Spool:
+        """Two new files in `folder`."""
+        base = folder / f"{os.getpid()}-{threading.get_ident()}-{time.monotonic_ns()}"
+        paths = (base.with_suffix(".out"), base.with_suffix(".err"))
+        writers = tuple(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+                        for p in paths)
+        readers = tuple(os.open(p, os.O_RDONLY) for p in paths)
+        return cls(paths, (writers[0], writers[1]), (readers[0], readers[1]))
+
+    def close_writers(self) -> None:
+        """The child has its copies: close the server's."""
+        for fd in self.writers:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def discard(self) -> None:
+        """Close every descriptor and remove the files."""
+        self.close_writers()
+        for fd in self.readers:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        for path in self.paths:
+            path.unlink(missing_ok=True)
+
+
+class Output:
+    """terraform's stdout and stderr, followed as they come by the run's own thread: events
+    from the `-json` stream (each handed to `on_event` at once) or text, and stderr's tail.
+
+    terraform writes to files (`Spool`), not pipes: a Go program dies of SIGPIPE at its next
+    write to a pipe whose reader is gone, so a server killed mid-apply took terraform with
+    it before it wrote its state, leaving resources that no state records. A file has no
+    reader to lose: terraform finishes and writes its state whatever happens to the server.
+    The process's exit is watched through a pidfd (the selector wakes at once); the files
+    are read whenever it wakes, and at least every `POLL` seconds while terraform runs.
+    """
+
+    #: How often the files are read while terraform runs (the events' latency).
+    POLL = 0.01
+
+    def __init__(self, proc: subprocess.Popen[bytes], files: tuple[int, int], *,
+                 streamed: bool, on_event: EventSink | None) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self.streamed = streamed
+        self.on_event = on_event
+        self.events: list[dict[str, Any]] = []
+        self.out: list[str] = []
+        self.err: list[str] = []
+        #: Lines of the stream that could not be read (never silently dropped).
+        self.unreadable = 0
+        self._err_kept = 0
+        self.exited = False
+        self._stdout_fd, self._stderr_fd = files
+        self._lines: dict[int, Callable[[str], None]] = {
+            self._stdout_fd: self._stdout_line, self._stderr_fd: self._stderr_line}
+        #: The start of each stream's line still coming, in pieces (joined once whole: a
+        #: long line, a big output's event, is not copied again for every piece).
+        self._partial: dict[int, list[bytes]] = {fd: [] for fd in files}
+        self._pending: dict[int, int] = {fd: 0 for fd in files}
+        self._selector = selectors.DefaultSelector()
+        self._pidfd: int | None = None
+        with contextlib.suppress(OSError, AttributeError):  # Linux 5.3+; else polled
+            pidfd = os.pidfd_open(proc.pid)
+            try:
+                self._selector.register(pidfd, selectors.EVENT_READ, None)
+            except OSError:
+                os.close(pidfd)
+                raise
+            self._pidfd = pidfd
+
+    def pump(self, until: float) -> bool:
+        """Read what comes until the process exits or the monotonic time `until` passes;
+        True when it exited (everything it wrote is read then)."""
+        while not self.exited:
+            left = until - time.monotonic()
+            if left <= 0:
+                return False
+            if self._pidfd is not None:
+                if self._selector.select(min(left, self.POLL)):
+                    self.exited = True
+            else:
+                time.sleep(min(left, self.POLL))
+                self.exited = self.proc.poll() is not None
+            self._drain()
+        return True
+
+    def close(self) -> None:
+        """Read what is left and end the last lines (the files are the spool's to close)."""
+        self._drain()
+        for fd, pieces in self._partial.items():
+            if pieces:  # the last line may lack its newline
+                self._lines[fd](_decoded(b"".join(pieces)))
+            pieces.clear()
+        if self._pidfd is not None:
+            self._selector.unregister(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+        self._selector.close()
+
+    def _drain(self) -> None:
+        for fd in (self._stdout_fd, self._stderr_fd):
+            while True:
+                chunk = os.read(fd, 65536)
+                if not chunk:  # what is written so far is read
+                    break
+                self._chunk(fd, chunk)
+
+    def _chunk(self, fd: int, chunk: bytes) -> None:
+        on_line = self._lines[fd]
+        pieces = self._partial[fd]
+        if b"\n" not in chunk:
+            pieces.append(chunk)
+            self._pending[fd] += len(chunk)
+            if fd == self._stderr_fd and self._pending[fd] > 2 * STDERR_KEEP:
+                # A stderr line without end: only its tail is kept anyway.
+                tail = b"".join(pieces)[-STDERR_KEEP:]
+                pieces[:], self._pending[fd] = [tail], len(tail)
+            return
+        first, *lines, rest = chunk.split(b"\n")
+        pieces.append(first)
+        on_line(_decoded(b"".join(pieces) + b"\n"))
+        for line in lines:
+            on_line(_decoded(line + b"\n"))
+        pieces[:] = [rest] if rest else []
+        self._pending[fd] = len(rest)
+
+    def _stdout_line(self, line: str) -> None:
+        if not self.streamed:
+            self.out.append(line)
+            return
+        event = parse_event(line)
+        if event is None:
+            if line.lstrip().startswith("{"):
+                self.unreadable += 1
+                logger.error("a line of terraform's -json stream cannot be read "
+                             "(%d characters)", len(line))
+            return
+        self.events.append(event)
+        if self.on_event is not None:
+            try:
+                self.on_event(event)
+            except Exception:  # a listener's bug must not stop the reading
+                logger.exception("event listener failed")
+
+    def _stderr_line(self, line: str) -> None:
+        """Keep stderr's last STDERR_KEEP characters."""
+        line = line[-STDERR_KEEP:]
+        self.err.append(line)
+        self._err_kept += len(line)
+        while self._err_kept > STDERR_KEEP and len(self.err) > 1:
+            self._err_kept -= len(self.err.pop(0))
+
+
+def _decoded(line: bytes) -> str:
+    """A line of terraform's output as text (as a text-mode pipe would read it)."""
+    return line.decode("utf-8", "replace").replace("\r\n", "\n").replace("\r", "\n")

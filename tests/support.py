@@ -303,7 +303,9 @@ def start_moto(timeout: float = 30) -> Moto:
     if not binary:
         require_tool("moto_server")
     port = free_port()
-    proc = subprocess.Popen([str(binary), "-H", "127.0.0.1", "-p", str(port)],
+    # moto's own server, with SQS receives made atomic (tests/moto_launcher.py).
+    launcher = Path(__file__).resolve().parent / "moto_launcher.py"
+    proc = subprocess.Popen([sys.executable, str(launcher), "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout

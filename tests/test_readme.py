@@ -230,9 +230,24 @@ def test_the_docs_have_their_pages() -> None:
     assert {p.name for p in PAGES} >= {"README.md", "api.md", "runs.md", "governance.md",
                                        "operations.md", "deploy.md", "configuration.md",
                                        "development.md"}
-    for page in PAGES:  # every link between the pages leads to a page that exists
-        for target in re.findall(r"\]\(([^)#:]+\.md)(?:#[^)]*)?\)", page.read_text()):
+    # README is the front door: short, and a link to every page of the reference
+    assert len(README.splitlines()) <= 300
+    assert not [p.name for p in PAGES[1:] if f"](docs/{p.name})" not in README]
+    for page in PAGES:  # every link between the pages leads to a page and heading that exist
+        for target, anchor in re.findall(r"\]\(([^)#:]+\.md)(?:#([^)]*))?\)", page.read_text()):
             assert (page.parent / target).is_file(), (page.name, target)
+            if anchor:
+                assert anchor in anchors((page.parent / target).read_text()), (page.name, anchor)
+
+
+def anchors(text: str) -> set[str]:
+    """The anchors GitHub gives a page's headings (lower case, punctuation dropped)."""
+    found, fenced = set(), False
+    for line in text.splitlines():
+        fenced ^= line.strip().startswith("```")
+        if not fenced and (head := re.match(r"#+ (.+)$", line)):
+            found.add(re.sub(r"[^\w\- ]", "", head.group(1).strip().lower()).replace(" ", "-"))
+    return found
 
 
 def test_no_example_aims_elsewhere_unmarked() -> None:

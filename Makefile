@@ -41,10 +41,10 @@ bench: $(TEST_STAMP)
 	$(BIN)/python bench/bench_runs.py
 	$(BIN)/python bench/bench_ops.py
 
-# Rewrite README's table of settings from the one table in tfserver/config.py.
+# Rewrite docs/configuration.md's table of settings from the one table in tfserver/settings.py.
 settings-table: $(RUN_STAMP)
-	$(BIN)/python -c 'import re, pathlib; from tfserver.config import markdown_table; \
-	p = pathlib.Path("README.md"); t = p.read_text(); \
+	$(BIN)/python -c 'import re, pathlib; from tfserver.settings import markdown_table; \
+	p = pathlib.Path("docs/configuration.md"); t = p.read_text(); \
 	p.write_text(re.sub(r"(?s)<!-- settings -->.*?<!-- /settings -->", \
 	"<!-- settings -->\n" + markdown_table() + "\n<!-- /settings -->", t))'
 

@@ -1,4 +1,4 @@
-"""deploy/: README's runbook run for real where it can be, and checked statically where not.
+"""deploy/: docs/deploy.md's runbook run for real where it can be, checked statically where not.
 
 The slow test follows "Deploying from zero" against a moto server of its own that enforces
 IAM policies: the state and auth stacks applied with the real terraform and hashicorp/aws
@@ -47,12 +47,12 @@ from tfserver.config import PASSED_ENV
 from tfserver.module.discover import load_module
 
 TF_TIMEOUT = 300
-README = (ROOT / "README.md").read_text()
+DEPLOY = (ROOT / "docs" / "deploy.md").read_text()
 AWS_STACKS = ("state", "auth")
 STACKS = ("state", "auth", "app")
 
 
-# -- reading Terraform and README -----------------------------------------------------------
+# -- reading Terraform and the runbook ------------------------------------------------------
 
 
 def hcl(path: Path) -> dict[str, Any]:
@@ -83,13 +83,18 @@ def tfserver_env_names() -> set[str]:
         | set(PASSED_ENV)
 
 
+def runbook_section() -> str:
+    """docs/deploy.md from "## Deploying from zero" to the next `## ` heading, or its end."""
+    start = DEPLOY.index("## Deploying from zero")
+    end = DEPLOY.find("\n## ", start + 1)
+    return DEPLOY[start:end if end >= 0 else len(DEPLOY)]
+
+
 def runbook() -> dict[str, list[str]]:
-    """README's deploy section: each `### N. title` step (N as a string) to its sh blocks,
+    """docs/deploy.md's runbook: each `### N. title` step (N as a string) to its sh blocks,
     and the unnumbered subsections by title."""
-    start = README.index("## Deploying from zero")
-    end = README.index("\n## ", start + 1)
     steps: dict[str, list[str]] = {}
-    for head, body in re.findall(r"^### (.+?)\n(.*?)(?=^### |\Z)", README[start:end],
+    for head, body in re.findall(r"^### (.+?)\n(.*?)(?=^### |\Z)", runbook_section(),
                                  re.S | re.M):
         number = re.match(r"(\d+)\. ", head)
         steps[number.group(1) if number else head] = re.findall(r"```sh\n(.*?)```", body,
@@ -260,7 +265,7 @@ def policy_table(bucket: str, table_arn: str) -> list[tuple[str, str, dict[str, 
     return [(*row, True) for row in allowed] + [(*row, False) for row in denied]
 
 
-# -- a moto that enforces IAM, and README's runbook run against it --------------------------
+# -- a moto that enforces IAM, and the runbook run against it -------------------------------
 
 
 def moto_auth(moto: Moto, enforce: bool) -> None:
@@ -355,8 +360,8 @@ def wait_serving(srv: ServerProcess, token: str, module: str = "demo",
 
 
 class Runbook:
-    """A scratch copy of the repository's deploy/ where README's runbook runs as written:
-    the AWS stacks pointed at moto, deploy/app reduced to what needs no DigitalOcean
+    """A scratch copy of the repository's deploy/ where docs/deploy.md's runbook runs as
+    written: the AWS stacks pointed at moto, deploy/app reduced to what needs no DigitalOcean
     provider, and `docker`, `doctl` and `tfserver` replaced by stand-ins on PATH."""
 
     def __init__(self, tmp: Path, moto: Moto, operator: tuple[str, str]) -> None:
@@ -745,10 +750,10 @@ def moto_tokens_for_new(idp: Any, pool: str, clients: list[str], tokens: dict[st
 
 
 def teardown(book: Runbook, moto: Moto, operator: tuple[str, str]) -> None:
-    """Destroy both stacks the way README's "To stop paying" says, with moto's gaps worked
-    around: it lacks DeleteResourceServer (drop the server from the state; it goes with the
-    pool) and answers versioned batch deletes with a 500 (empty the bucket one version at a
-    time)."""
+    """Destroy both stacks the way docs/deploy.md's "To stop paying" says, with moto's gaps
+    worked around: it lacks DeleteResourceServer (drop the server from the state; it goes
+    with the pool) and answers versioned batch deletes with a 500 (empty the bucket one
+    version at a time)."""
     auth = book.work / "deploy" / "auth"
     if (auth / "backend.tf").exists() or (auth / "terraform.tfstate").exists():
         with contextlib.suppress(AssertionError):
@@ -966,10 +971,9 @@ def test_the_image_carries_the_policy() -> None:
 
 
 def runbook_lines() -> list[str]:
-    """Every command line of README's deploy section: the sh blocks' lines (continuations
+    """Every command line of docs/deploy.md's runbook: the sh blocks' lines (continuations
     joined) and the inline code of its prose."""
-    start = README.index("## Deploying from zero")
-    section = README[start:README.index("\n## ", start + 1)]
+    section = runbook_section()
     blocks = re.findall(r"```sh\n(.*?)```", section, re.S)
     lines = [line for block in blocks for line in block.replace("\\\n", " ").splitlines()]
     prose = re.sub(r"```.*?```", "", section, flags=re.S)
@@ -977,7 +981,7 @@ def runbook_lines() -> list[str]:
 
 
 def test_the_runbook_is_complete_and_names_what_exists() -> None:
-    """Every step of README's runbook is there, every stack output, variable and TF_VAR_ it
+    """Every step of docs/deploy.md's runbook is there, every stack output, variable and TF_VAR_ it
     names exists, and the commands that cannot run here are the right ones."""
     steps = runbook()
     assert [s for s in steps if s.isdigit()] == [str(n) for n in range(10)]

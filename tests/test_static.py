@@ -51,7 +51,7 @@ def test_droplet_keeps_the_originals_contract() -> None:
 
 def test_droplet_validation_blocks_reject_bad_slugs(tmp: Path) -> None:
     # The validation conditions are plain regexes; check them with terraform console-free
-    # logic: the same patterns in Python must agree with the examples the README gives.
+    # logic: the same patterns in Python must agree with the examples the docs give.
     import re
 
     text = (ROOT / "modules" / "droplet" / "variables.tf").read_text()

@@ -248,15 +248,15 @@ def test_version_and_help_come_from_the_table(capsys: pytest.CaptureFixture[str]
             assert s.flag in text
 
 
-def test_readme_settings_table_is_the_config_table() -> None:
+def test_docs_settings_table_is_the_config_table() -> None:
     from support import ROOT
     from tfserver.settings import markdown_table
 
-    readme = (ROOT / "README.md").read_text()
-    start = readme.index("<!-- settings -->") + len("<!-- settings -->")
-    end = readme.index("<!-- /settings -->")
-    assert readme[start:end].strip() == markdown_table(), \
-        "README's table of settings is out of date: make settings-table"
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    start = page.index("<!-- settings -->") + len("<!-- settings -->")
+    end = page.index("<!-- /settings -->")
+    assert page[start:end].strip() == markdown_table(), \
+        "docs/configuration.md's table of settings is out of date: make settings-table"
 
 
 def test_passed_env_has_no_server_settings() -> None:

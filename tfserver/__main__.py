@@ -70,7 +70,8 @@ def build(config: Config) -> Parts:
     modules = policy.narrowed(modules)
     terraform = Terraform(binary=binary, base_env=config.terraform_env,
                           cli_config_file=prepare_state(config),
-                          kill_grace=config.kill_grace, memory_limit=config.run_memory)
+                          kill_grace=config.kill_grace, memory_limit=config.run_memory,
+                          spool_dir=config.state_dir / "spool")
     service = Service(config, modules, terraform, make_backend(config), policy,
                       api=ApiDescription(DocSettings.from_config(config)))
     service.prepare()

@@ -1,4 +1,5 @@
-"""Configuration: one table of settings drives parsing, `--help` and README's table.
+"""Configuration: the settings of `settings.py` read from flags and the environment into one
+frozen `Config`.
 
 Every setting is an environment variable; a few also have a command-line flag, and flags
 win. `load(argv, environ)` is pure: it reads only what it is given, so tests build configs

@@ -129,7 +129,7 @@ class Setting:
     default: Any
     help: str
     flag: str | None = None
-    #: How the default reads in `--help` and README, when `str(default)` would not do.
+    #: How the default reads in `--help` and the docs, when `str(default)` would not do.
     shown: str | None = None
 
     @property
@@ -242,7 +242,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TFSERVER_IDEMPOTENCY_TTL", _duration(1.0), 86400.0,
             "how long an Idempotency-Key answers with its run", shown="24 h"),
     Setting("TFSERVER_POLICY", _path, None,
-            "TOML policy file: quotas, allowed values, TTLs (README: Governance)",
+            "TOML policy file: quotas, allowed values, TTLs (docs/governance.md)",
             flag="--policy"),
     Setting("TFSERVER_REAP_INTERVAL", _duration(0.5), 30.0,
             "how often each replica looks for expired instances to destroy", shown="30 s"),
@@ -281,7 +281,7 @@ def default(env: str) -> Any:
 
 
 def markdown_table() -> str:
-    """README's table of settings, made from `SETTINGS`."""
+    """The settings table of docs/configuration.md, made from `SETTINGS`."""
     lines = ["| env | flag | default | meaning |", "|---|---|---|---|"]
     for s in SETTINGS:
         flag = f"`{s.flag}`" if s.flag else ""

@@ -12,8 +12,9 @@ from ..terraform.args import cli_config_text
 
 logger = logging.getLogger(__name__)
 
-#: The folders under the state folder: working copies, var files (without tmpfs), providers.
-SUB_FOLDERS = ("work", "tmp", "plugin-cache")
+#: The folders under the state folder: working copies, var files (without tmpfs), providers,
+#: and terraform's output files while it runs (they outlive a server that dies).
+SUB_FOLDERS = ("work", "tmp", "plugin-cache", "spool")
 
 
 def prepare_state(config: Config) -> Path:

@@ -306,3 +306,31 @@ time.sleep(60)
     assert _ends(int(marker.read_text()), within=0)
     assert len(os.listdir("/proc/self/fd")) == before
     assert tf.running() == 0
+
+
+def test_runs_in_many_threads_read_only_their_own_output(tmp_path: Path) -> None:
+    # Each run's descriptors are closed exactly once: a number closed twice could by then
+    # be another run's file (seen as EBADF, or worse, one run reading another's output).
+    tf = runner(tmp_path, """
+print(json.dumps({"type": "version", "@message": sys.argv[2]}), flush=True)
+print("err " + sys.argv[2], file=sys.stderr, flush=True)
+""")
+    before = len(os.listdir("/proc/self/fd"))
+    failures: list[str] = []
+
+    def many(worker: int) -> None:
+        for i in range(15):
+            tag = f"{worker}-{i}"
+            result = tf.run(["apply", tag], cwd=tmp_path, timeout=30)
+            if not (result.returncode == 0 and [e.get("@message") for e in result.events]
+                    == [tag] and result.stderr == f"err {tag}\n"):
+                failures.append(f"{tag}: {result}")
+
+    threads = [threading.Thread(target=many, args=(w,)) for w in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not failures, failures[:3]
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert list(tf._spool().iterdir()) == []

@@ -41,19 +41,25 @@ class Spool:
         return cls(paths, (writers[0], writers[1]), (readers[0], readers[1]))
 
     def close_writers(self) -> None:
-        """The child has its copies: close the server's."""
-        for fd in self.writers:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        """The child has its copies: close the server's (once: a descriptor number closed
+        twice may by then be another thread's file)."""
+        writers, self.writers = self.writers, (-1, -1)
+        _close(writers)
 
     def discard(self) -> None:
-        """Close every descriptor and remove the files."""
+        """Close every descriptor (once) and remove the files."""
         self.close_writers()
-        for fd in self.readers:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        readers, self.readers = self.readers, (-1, -1)
+        _close(readers)
         for path in self.paths:
             path.unlink(missing_ok=True)
+
+
+def _close(fds: tuple[int, int]) -> None:
+    for fd in fds:
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 class Output:

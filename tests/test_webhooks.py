@@ -22,6 +22,8 @@ import pytest
 from standardwebhooks import Webhook as Verifier
 from standardwebhooks import WebhookVerificationError
 
+from support import self_signed
+from tfserver.config import load as load_config
 from tfserver.errors import ConfigError
 from tfserver.metrics import Metrics
 from tfserver.module.policy import Webhook
@@ -31,7 +33,7 @@ from tfserver.notify.payloads import run_finished
 from tfserver.notify.schedule import Backoff, next_step
 from tfserver.notify.signing import Signer, check_secret
 from tfserver.notify.store import PENDING, Attempt, Deliveries, Delivery
-from tfserver.notify.targets import AllowList, Endpoint, endpoint, why_refused
+from tfserver.notify.targets import AllowList, Endpoint, Resolve, endpoint, why_refused
 from tfserver.notify.transport import Answer
 from tfserver.runs.store import RunRecord
 from tfserver.storage.local import LocalObjects
@@ -149,6 +151,20 @@ def test_secrets_come_from_the_environment_at_start(tmp: Path) -> None:
         check_secret(base64.b64encode(b"short").decode())
 
 
+def test_the_settings() -> None:
+    config = load_config([], {"TFSERVER_WEBHOOK_ALLOW": "127.0.0.1, Hooks.Internal,10.0.0.0/8",
+                              "TFSERVER_WEBHOOK_RETRY": "2h"})
+    assert config.webhook_retry == 7200.0
+    assert config.webhook_allow == ("10.0.0.0/8", "127.0.0.1", "hooks.internal")
+    allow = AllowList.parse(config.webhook_allow)
+    assert allow.names("HOOKS.internal.") and allow.names("10.2.3.4")
+    assert not allow.names("127.0.0.2") and not allow.names("other.internal")
+    assert load_config([], {}).webhook_retry == 86400.0
+    with pytest.raises(ConfigError, match=r"^TFSERVER_WEBHOOK_ALLOW must be host names, "
+                                          r"addresses or CIDRs; 'a b' is none of them"):
+        load_config([], {"TFSERVER_WEBHOOK_ALLOW": "a b"})
+
+
 # -- the address rules -------------------------------------------------------------------
 
 @pytest.mark.parametrize(("address", "why"), [
@@ -166,7 +182,7 @@ def test_which_addresses_are_refused(address: str, why: str | None) -> None:
     assert why_refused(ipaddress.ip_address(address)) == why
 
 
-def answers(*addresses: str) -> Any:
+def answers(*addresses: str) -> Resolve:
     def resolve(host: str, port: int) -> Sequence[tuple[object, ...]]:
         return [(2, 1, 6, "", (a, port)) for a in addresses]
     return resolve
@@ -211,7 +227,7 @@ class Receiver:
 def receivers() -> Iterator[Any]:
     servers: list[http.server.ThreadingHTTPServer] = []
 
-    def make(**kwargs: Any) -> Receiver:
+    def make(tls: tuple[Path, Path] | None = None, **kwargs: Any) -> Receiver:
         receiver = Receiver(**kwargs)
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -235,6 +251,10 @@ def receivers() -> Iterator[Any]:
 
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         server.daemon_threads = True
+        if tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            server.socket = context.wrap_socket(server.socket, server_side=True)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
         receiver.port = server.server_address[1]
@@ -358,6 +378,43 @@ def test_a_receiver_that_never_answers_does_not_hold_the_caller(receivers: Any,
         receiver.release.set()
 
 
+def test_an_attempt_ends_at_its_deadline(receivers: Any, notifiers: Any) -> None:
+    """A receiver that holds its answer past the attempt's deadline fails the attempt; the
+    retry comes while the first request still hangs."""
+    receiver = receivers(hold=True)
+    notifier = notifiers(receiver.url, timeout=0.3)
+    try:
+        notifier.notify("run.finished", {"x": 1}, "acme")
+        receiver.wait_for(2)
+        assert not receiver.answered.is_set()
+    finally:
+        receiver.release.set()
+
+
+def test_https_is_verified_against_the_urls_host_at_the_checked_address(
+        receivers: Any, notifiers: Any, tmp: Path, audit: Audit) -> None:
+    """The name resolves (here, by an injected resolver) to an allowed address; the
+    connection goes to that address, and TLS checks the certificate for the name."""
+    cert, key = self_signed(["hooks.test"], tmp, "hooks")
+    receiver = receivers(tls=(cert, key))
+    trusted = ssl.create_default_context(cafile=str(cert))
+    url = f"https://hooks.test:{receiver.port}/hook"
+    good = notifiers(url, resolve=answers("127.0.0.1"), context=trusted)
+    [delivery_id] = good.notify("run.finished", {"x": 1}, "acme")
+    receiver.wait_for(1)
+    headers, body = receiver.requests[0]
+    assert headers["Host"] == f"hooks.test:{receiver.port}"
+    assert headers["webhook-id"] == delivery_id
+    Verifier(SECRET).verify(body, headers)
+    good.close()
+    untrusted = notifiers(url, resolve=answers("127.0.0.1"), retry=0.2, first_delay=0.05,
+                          store=tmp / "other")
+    untrusted.notify("run.finished", {"x": 1}, "acme")
+    assert audit.seen.wait(WAIT)
+    assert "CERTIFICATE_VERIFY_FAILED" in audit.lines[0].outcome["reason"]  # type: ignore[attr-defined]
+    assert len(receiver.requests) == 1
+
+
 def test_a_restart_mid_retry_still_delivers(receivers: Any, notifiers: Any, tmp: Path) -> None:
     receiver = receivers(statuses=[500])
     first = notifiers(receiver.url, first_delay=3600.0, retry=86400.0)
@@ -455,6 +512,25 @@ def test_a_delivery_is_given_up_after_the_retry_window(receivers: Any, notifiers
 
 
 # -- several replicas: each attempt is claimed once ---------------------------------------
+
+def test_a_second_replica_does_not_send_an_attempt_in_flight(receivers: Any, notifiers: Any,
+                                                             tmp: Path) -> None:
+    receiver = receivers(hold=True)
+    sender = notifiers(receiver.url)
+    other = Notifier(Deliveries(LocalObjects(tmp / "objects")), sender.targets,
+                     replica="other", retry=60.0, allow=sender.allow, first_delay=0.01)
+    try:
+        sender.notify("run.finished", {"x": 1}, "acme")
+        receiver.wait_for(1)
+        assert other.run_once() > 0  # it sees attempt 1 claimed, and waits
+    finally:
+        receiver.release.set()
+    sender.close()
+    other.run_once()
+    other.close()
+    assert len(receiver.requests) == 1
+    assert LocalObjects(tmp / "objects").keys(PENDING) == []
+
 
 def test_each_attempt_is_claimed_by_one_replica(tmp: Path) -> None:
     objects = Deliveries(LocalObjects(tmp / "objects"))

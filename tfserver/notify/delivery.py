@@ -125,6 +125,9 @@ class Notifier:
         self.context = context or default_context()
         self._handed: collections.deque[Delivery] = collections.deque()
         self._inflight: set[str] = set()
+        #: When each waiting delivery is next due, as last read (the sender thread's own):
+        #: its attempts are read again only then.
+        self._due: dict[str, float] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -150,8 +153,8 @@ class Notifier:
 
     def run_finished(self, run: FinishedRun) -> list[str]:
         """`run.finished` for a run that ended (a run record, or anything shaped so)."""
-        return self.notify("run.finished", run_finished(run, self.clock()), run.tenant,
-                           getattr(run, "client_id", None))
+        at = run.finished_at if run.finished_at is not None else self.clock()
+        return self.notify("run.finished", run_finished(run, at), run.tenant, run.client_id)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -166,7 +169,11 @@ class Notifier:
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
-        self._keep_handed()
+        try:
+            self._keep_handed()
+        except TFServerError as e:
+            logger.warning("webhooks: %d deliveries not kept, the backend failed: %s",
+                           len(self._handed), e.detail)
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     # -- the sender thread ------------------------------------------------------------------
@@ -193,6 +200,7 @@ class Notifier:
         now = self.clock()
         soonest = self.poll
         pending = self.deliveries.pending()
+        self._due = {d.id: self._due[d.id] for d in pending if d.id in self._due}
         if self.metrics is not None:
             oldest = min((d.created_at for d in pending), default=now)
             self.metrics.webhook_oldest.set(max(0.0, now - oldest))
@@ -200,9 +208,13 @@ class Notifier:
             with self._lock:
                 if delivery.id in self._inflight:
                     continue
+            if self._due.get(delivery.id, now) > now:
+                soonest = min(soonest, self._due[delivery.id] - now)
+                continue
             attempts, ended = self.deliveries.attempts(delivery.id)
             step = next_step(delivery, attempts, ended, now, self.backoff)
             if step.kind == "wait":
+                self._due[delivery.id] = step.at
                 soonest = min(soonest, step.at - now)
             elif step.kind == "forget":
                 self.deliveries.forget(delivery)

@@ -20,6 +20,8 @@ class FinishedRun(Protocol):
     operation: str
     status: str
     changes: dict[str, int] | None
+    client_id: str | None
+    finished_at: float | None
 
 
 def envelope(event: str, data: dict[str, Any], at: float) -> dict[str, Any]:

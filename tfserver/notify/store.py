@@ -71,19 +71,25 @@ class Deliveries:
 
     def __init__(self, objects: ObjectStore) -> None:
         self.objects = objects
+        # A pending object never changes once written: each is read once, then known by
+        # its name (one LIST a pass, not one GET a delivery).
+        self._known: dict[str, Delivery] = {}
 
     def add(self, delivery: Delivery) -> None:
         """Keep a new delivery until it is delivered or given up."""
         self.objects.put(delivery.key, json.dumps(asdict(delivery)).encode())
 
     def pending(self, limit: int = 1000) -> list[Delivery]:
-        """The deliveries waiting, oldest first."""
-        found = []
-        for name in self.objects.keys(PENDING, limit=limit):
-            delivery = Delivery.from_json(self.objects.get(PENDING + name))
-            if delivery is not None:
-                found.append(delivery)
-        return found
+        """The deliveries waiting, oldest first (call from one thread)."""
+        names = self.objects.keys(PENDING, limit=limit)
+        known = {name: self._known[name] for name in names if name in self._known}
+        for name in names:
+            if name not in known:
+                delivery = Delivery.from_json(self.objects.get(PENDING + name))
+                if delivery is not None:
+                    known[name] = delivery
+        self._known = known
+        return [known[name] for name in names if name in known]
 
     def exists(self, delivery: Delivery) -> bool:
         """True while the delivery is pending."""

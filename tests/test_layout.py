@@ -19,7 +19,8 @@ PACKAGE = ROOT / "tfserver"
 #: The leaves at the top of the package; "tfserver" is its `__init__.py` (`__version__`).
 LEAVES = frozenset({"config", "settings", "errors", "auth", "names", "scrub", "files",
                     "logs", "metrics", "tls", "tfserver"})
-SUBPACKAGES = frozenset({"web", "app", "runs", "terraform", "module", "storage", "cli"})
+SUBPACKAGES = frozenset({"web", "app", "runs", "terraform", "module", "storage", "notify",
+                         "cli"})
 #: DESIGN: the leaves at the top, `__init__.py` and `__main__.py` included.
 MAX_TOP_MODULES = 12
 
@@ -48,6 +49,7 @@ RULES: dict[str, Rule] = {
     "terraform": _rule(set(LEAVES), {"module", "storage", "runs", "app", "web"}),
     "module": _rule(set(LEAVES), {"terraform", "storage", "runs", "app", "web"}),
     "storage": _rule(set(LEAVES), {"terraform", "module", "runs", "app", "web"}),
+    "notify": _rule({"storage"} | LEAVES, {"web", "app", "runs", "terraform"}),
     "cli": _rule({"errors"}, (SUBPACKAGES | LEAVES) - {"cli", "errors"}),
     **{leaf: _rule(set(LEAVES), set(SUBPACKAGES)) for leaf in LEAVES},
 }

@@ -117,7 +117,7 @@ def load(tmp: Path, text: str, modules: Mapping[str, Module]) -> Policy:
 VAR = "[modules.shop.variables.{}]\n"
 BAD = [
     ("[defualts]\nmax_runs_per_tenant = 2",
-     "defualts: unknown key (expected defaults, modules, tenants)"),
+     "defualts: unknown key (expected defaults, modules, tenants, webhooks)"),
     ("[defaults]\nmax_runs = 2",
      "defaults.max_runs: unknown key (expected max_instances_per_tenant, max_runs_per_tenant, "
      "default_ttl, max_ttl)"),

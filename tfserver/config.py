@@ -148,6 +148,9 @@ class Config:
     policy: Path | None = None
     replica: str | None = None
     reap_interval: float = default("TFSERVER_REAP_INTERVAL")
+    #: How long a webhook delivery is retried, and the targets allowed besides public ones.
+    webhook_retry: float = default("TFSERVER_WEBHOOK_RETRY")
+    webhook_allow: tuple[str, ...] = ()
     #: Where the short-lived var files go; None picks a private folder on tmpfs if any.
     tmp_dir: Path | None = None
     terraform_bin: str = default("TFSERVER_TERRAFORM")
@@ -277,6 +280,8 @@ def load(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
         policy=v["TFSERVER_POLICY"],
         replica=v["TFSERVER_REPLICA_ID"],
         reap_interval=v["TFSERVER_REAP_INTERVAL"],
+        webhook_retry=v["TFSERVER_WEBHOOK_RETRY"],
+        webhook_allow=v["TFSERVER_WEBHOOK_ALLOW"],
         tmp_dir=v["TFSERVER_TMP_DIR"],
         terraform_bin=v["TFSERVER_TERRAFORM"],
         run_memory=v["TFSERVER_RUN_MEMORY"],

@@ -53,6 +53,13 @@ class Metrics:
         self.module_ready = Gauge("tfserver_module_ready",
                                   "1 when the module is initialised and can run",
                                   ["module"], registry=r)
+        self.webhook_deliveries = Counter("tfserver_webhook_deliveries_total",
+                                          "Webhook delivery attempts by outcome: delivered, "
+                                          "retried, gave_up, refused", ["event", "result"],
+                                          registry=r)
+        self.webhook_oldest = Gauge("tfserver_webhook_oldest_pending_seconds",
+                                    "Age of the oldest webhook delivery not yet delivered",
+                                    registry=r)
 
     def watch(self, counts: Callable[[], tuple[int, int]],
               modules: Callable[[], Mapping[str, str]], names: list[str]) -> None:
@@ -73,6 +80,11 @@ class Metrics:
         self.runs.labels(module, operation, status).inc()
         if seconds is not None:
             self.run_duration.labels(module, operation).observe(seconds)
+
+    def webhook(self, event: str, result: str) -> None:
+        """A webhook delivery attempt ended (`result`: delivered, retried, gave_up,
+        refused)."""
+        self.webhook_deliveries.labels(event, result).inc()
 
     def render(self) -> bytes:
         """The text format a Prometheus server scrapes."""

@@ -117,6 +117,24 @@ def _networks(text: str) -> tuple[Network, ...]:
     return tuple(found)
 
 
+_LABEL = r"[a-z0-9_][a-z0-9_-]{0,62}"
+_HOST_NAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*\.?$")
+
+
+def _hosts(text: str) -> tuple[str, ...]:
+    """Host names, addresses and CIDRs (lower case, sorted); each checked."""
+    found = []
+    for word in sorted({w.lower() for w in _words(text)}):
+        try:
+            ipaddress.ip_network(word, strict=False)
+        except ValueError:
+            if not _HOST_NAME.match(word):
+                raise ValueError(f"must be host names, addresses or CIDRs; {word[:40]!r} is "
+                                 "none of them") from None
+        found.append(word)
+    return tuple(found)
+
+
 # -- the table ------------------------------------------------------------------------
 
 
@@ -244,6 +262,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TFSERVER_POLICY", _path, None,
             "TOML policy file: quotas, allowed values, TTLs (docs/governance.md)",
             flag="--policy"),
+    Setting("TFSERVER_WEBHOOK_RETRY", _duration(1.0), 86400.0,
+            "how long a webhook delivery is retried before it is given up (docs/governance.md)",
+            shown="24 h"),
+    Setting("TFSERVER_WEBHOOK_ALLOW", _hosts, (),
+            "comma list of host names, addresses or CIDRs webhooks may reach besides public "
+            "`https` ones (loopback, private); `http://` is allowed for these only"),
     Setting("TFSERVER_REAP_INTERVAL", _duration(0.5), 30.0,
             "how often each replica looks for expired instances to destroy", shown="30 s"),
     Setting("TFSERVER_REPLICA_ID", _text, None,

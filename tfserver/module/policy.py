@@ -83,6 +83,31 @@ class TenantRules:
     modules: Mapping[str, Scope] = field(default_factory=dict)
 
 
+#: The events a webhook can ask for (DESIGN: Drift, schedules and notifications).
+WEBHOOK_EVENTS = ("run.finished", "run.awaiting_approval", "instance.drifted",
+                  "instance.expired", "instance.destroyed")
+
+
+@dataclass(frozen=True)
+class Webhook:
+    """One `[[webhooks]]` table: where events go, the environment variable holding the
+    signing secret (never the secret itself), which events, and whose (`"*"`: every
+    tenant's; else tenant names or client ids, as `[tenants.X]` names them)."""
+
+    url: str
+    secret_env: str
+    events: frozenset[str]
+    tenants: frozenset[str]
+    #: Where it is in the file (`webhooks[0]`), for faults found at start.
+    key: str = "webhooks"
+
+    def wants(self, event: str, tenant: str | None, client_id: str | None = None) -> bool:
+        """True when this webhook takes `event` of that tenant (or client id)."""
+        if event not in self.events:
+            return False
+        return "*" in self.tenants or bool({tenant, client_id} & self.tenants)
+
+
 @dataclass(frozen=True)
 class Policy:
     """A checked policy file. Limits resolve from the widest scope to the narrowest:
@@ -92,6 +117,7 @@ class Policy:
     defaults: Scope = field(default_factory=dict)
     modules: Mapping[str, ModuleRules] = field(default_factory=dict)
     tenants: Mapping[str, TenantRules] = field(default_factory=dict)
+    webhooks: tuple[Webhook, ...] = ()
 
     @classmethod
     def empty(cls) -> Policy:

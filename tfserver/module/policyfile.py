@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from ..errors import ConfigError
 from ..settings import parse_duration
 from .discover import Module
 from .limits import UNLIMITED, Scope, format_duration
-from .policy import ModuleRules, Policy, TenantRules, key_path
+from .policy import WEBHOOK_EVENTS, ModuleRules, Policy, TenantRules, Webhook, key_path
 
 
 def load_policy(path: Path | None, modules: Mapping[str, Module]) -> Policy:
@@ -58,8 +60,9 @@ class _Reader:
 
     def policy(self, document: dict[str, Any]) -> Policy:
         for key in document:
-            if key not in ("defaults", "modules", "tenants"):
-                raise self.fault((key,), "unknown key (expected defaults, modules, tenants)")
+            if key not in ("defaults", "modules", "tenants", "webhooks"):
+                raise self.fault((key,), "unknown key (expected defaults, modules, tenants, "
+                                         "webhooks)")
         defaults = self.limits(document.get("defaults", {}), ("defaults",), _DEFAULTS_KEYS)
         self.check_ttls(defaults, defaults, ("defaults",))
         modules: dict[str, ModuleRules] = {}
@@ -84,7 +87,8 @@ class _Reader:
                 for name, sub in self.names(body.get("modules", {}), (*keys, "modules")).items()
             }
             tenants[client_id] = TenantRules(limits, per_module)
-        return Policy(self.path, defaults, modules, tenants)
+        return Policy(self.path, defaults, modules, tenants,
+                      self.webhooks(document.get("webhooks", [])))
 
     def names(self, value: Any, keys: tuple[str | int, ...]) -> dict[str, Any]:
         """A table of named tables (modules, variables, tenants)."""
@@ -140,6 +144,91 @@ class _Reader:
         if default is not None and default > maximum:
             raise self.fault(keys, f"default_ttl {format_duration(default)} is longer than "
                                    f"max_ttl {format_duration(maximum)}")
+
+
+    # -- [[webhooks]] ------------------------------------------------------------------
+
+    def webhooks(self, value: Any) -> tuple[Webhook, ...]:
+        """The `[[webhooks]]` tables; the secret's variable is read at start (notify/)."""
+        if not isinstance(value, list):
+            raise self.fault(("webhooks",), "must be an array of tables ([[webhooks]])")
+        found: list[Webhook] = []
+        for i, body in enumerate(value):
+            keys: tuple[str | int, ...] = ("webhooks", i)
+            table = self.table(body, keys, _WEBHOOK_KEYS)
+            for key in _WEBHOOK_KEYS:
+                if key not in table:
+                    raise self.fault((*keys, key), "missing (a webhook needs url, secret, "
+                                                   "events and tenants)")
+            url = self.webhook_url(table["url"], (*keys, "url"))
+            for j, other in enumerate(found):
+                if other.url == url:
+                    raise self.fault((*keys, "url"), f"repeats {key_path(('webhooks', j))}")
+            found.append(Webhook(url, self.webhook_secret(table["secret"], (*keys, "secret")),
+                                 self.webhook_events(table["events"], (*keys, "events")),
+                                 self.webhook_tenants(table["tenants"], (*keys, "tenants")),
+                                 key_path(keys)))
+        return tuple(found)
+
+    def webhook_url(self, raw: Any, keys: tuple[str | int, ...]) -> str:
+        """An http(s) URL with a host and no credentials (whether `http` may be used is
+        TFSERVER_WEBHOOK_ALLOW's, checked at start)."""
+        if not isinstance(raw, str) or not raw.strip():
+            raise self.fault(keys, "must be an https URL")
+        try:
+            parts = urlsplit(raw.strip())
+            parts.port  # noqa: B018 (a bad port raises here)
+        except ValueError:
+            raise self.fault(keys, "is not a URL") from None
+        if parts.scheme not in ("https", "http") or not parts.hostname:
+            raise self.fault(keys, "must be an https URL")
+        if parts.username is not None or parts.password is not None:
+            raise self.fault(keys, "must not carry credentials (user:password@); the "
+                                   "receiver checks the signature instead")
+        if parts.fragment:
+            raise self.fault(keys, "must not have a fragment (#...)")
+        return raw.strip()
+
+    def webhook_secret(self, raw: Any, keys: tuple[str | int, ...]) -> str:
+        """The name of the environment variable of `secret = "env:NAME"`."""
+        # Never repeat the value: it may be the secret itself, written in by mistake.
+        if not isinstance(raw, str) or not raw.startswith("env:"):
+            raise self.fault(keys, 'must be "env:NAME": the secret is read from the '
+                                   "environment, never written in the file")
+        name = raw.removeprefix("env:")
+        if not _ENV_NAME.match(name):
+            raise self.fault(keys, 'must be "env:NAME" with NAME an environment variable '
+                                   "(letters, digits, _)")
+        return name
+
+    def webhook_events(self, raw: Any, keys: tuple[str | int, ...]) -> frozenset[str]:
+        expected = ", ".join(WEBHOOK_EVENTS)
+        if not isinstance(raw, list) or not raw:
+            raise self.fault(keys, f"must be a non-empty array of events ({expected})")
+        for i, event in enumerate(raw):
+            if event not in WEBHOOK_EVENTS:
+                raise self.fault((*keys, i), f"unknown event (expected {expected})")
+            if event in raw[:i]:
+                raise self.fault((*keys, i), f"repeats {key_path((keys[-1], raw.index(event)))}")
+        return frozenset(raw)
+
+    def webhook_tenants(self, raw: Any, keys: tuple[str | int, ...]) -> frozenset[str]:
+        wanted = 'must be ["*"] (every tenant) or a non-empty array of tenant names or ' \
+                 "client ids"
+        if not isinstance(raw, list) or not raw:
+            raise self.fault(keys, wanted)
+        for i, name in enumerate(raw):
+            if not isinstance(name, str) or not name.strip():
+                raise self.fault((*keys, i), wanted)
+            if name == "*" and len(raw) > 1:
+                raise self.fault((*keys, i), '"*" already means every tenant: list it alone')
+        return frozenset(raw)
+
+
+_WEBHOOK_KEYS = ("url", "secret", "events", "tenants")
+
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 _COUNTS = ("max_instances_per_tenant", "max_runs_per_tenant")

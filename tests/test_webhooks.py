@@ -569,3 +569,32 @@ def test_a_payload_carries_no_value() -> None:
     payload = run_finished(record(), 0.0)
     assert "hunter2" not in json.dumps(payload)
     assert payload["timestamp"] == "1970-01-01T00:00:00.000Z"
+
+
+# -- the server, end to end ----------------------------------------------------------------
+
+def test_a_server_signs_run_finished_for_its_runs(receivers: Any, tmp: Path,
+                                                  terraform_bin: str) -> None:
+    from standardwebhooks import Webhook as Verifier
+
+    from support import start_server
+
+    receiver = receivers()
+    policy = tmp / "policy.toml"
+    policy.write_text(f'[[webhooks]]\nurl = "{receiver.url}"\nsecret = "env:HOOK_SECRET"\n'
+                      'events = ["run.finished"]\ntenants = ["*"]\n')
+    server = start_server(tmp, env={"TFSERVER_POLICY": str(policy), "HOOK_SECRET": SECRET,
+                                    "TFSERVER_WEBHOOK_ALLOW": "127.0.0.1"})
+    try:
+        r = server.request("PUT", "/basic/hooked", {"name": "hook-value-7d1"})
+        assert r.status == 201, r.body
+        receiver.wait_for(1)
+        headers, body = receiver.requests[0]
+        event = Verifier(SECRET).verify(body, headers)
+        assert event["type"] == "run.finished"
+        assert event["data"]["run_id"] == r.json["run_id"]
+        assert event["data"]["status"] == "succeeded"
+        assert b"hook-value-7d1" not in body  # ids, statuses and counts, never a value
+        assert SECRET not in server.log_text()
+    finally:
+        server.stop()

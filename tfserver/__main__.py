@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -20,10 +21,15 @@ from .app.statedir import prepare_state
 from .auth import Authenticator, make_authenticator
 from .config import AcmeSettings, Config, load
 from .errors import ConfigError, TFServerError
+from .metrics import Metrics
 from .module.discover import discover
 from .module.policy import Policy
 from .module.policyfile import load_policy
+from .notify.delivery import Notifier, targets_from_policy
+from .notify.store import Deliveries
+from .notify.targets import AllowList
 from .storage import make_backend
+from .storage.base import StateBackend
 from .terraform.process import Terraform
 from .tls import (
     AcmeIssuer,
@@ -51,6 +57,8 @@ class Parts:
     renewer: Renewer | None = None
     #: The governance policy the modules were narrowed by (quotas and TTLs for the service).
     policy: Policy = field(default_factory=Policy.empty)
+    #: Sends the policy's webhooks (None when it names none).
+    notifier: Notifier | None = None
 
 
 def build(config: Config) -> Parts:
@@ -72,8 +80,12 @@ def build(config: Config) -> Parts:
                           cli_config_file=prepare_state(config),
                           kill_grace=config.kill_grace, memory_limit=config.run_memory,
                           spool_dir=config.state_dir / "spool")
-    service = Service(config, modules, terraform, make_backend(config), policy,
-                      api=ApiDescription(DocSettings.from_config(config)))
+    backend = make_backend(config)
+    metrics = Metrics()
+    notifier = _notifier(config, policy, backend, metrics)
+    service = Service(config, modules, terraform, backend, policy,
+                      api=ApiDescription(DocSettings.from_config(config)), metrics=metrics,
+                      on_run_ended=notifier.run_finished if notifier is not None else None)
     service.prepare()
     fetched = service.metrics.jwks_fetches
     authenticator = make_authenticator(
@@ -82,12 +94,13 @@ def build(config: Config) -> Parts:
         certificates = (Certificates(context_from_files(config.tls_cert, config.tls_key))
                         if config.tls_cert is not None and config.tls_key is not None
                         else None)
-        return Parts(TFServer(config, service, authenticator, certificates), policy=policy)
-    return _with_acme(config, config.acme, policy, service, authenticator)
+        return Parts(TFServer(config, service, authenticator, certificates), policy=policy,
+                     notifier=notifier)
+    return _with_acme(config, config.acme, policy, service, authenticator, notifier)
 
 
 def _with_acme(config: Config, acme: AcmeSettings, policy: Policy, service: Service,
-               authenticator: Authenticator) -> Parts:
+               authenticator: Authenticator, notifier: Notifier | None) -> Parts:
     """The challenge server, then the certificate it lets the CA issue, then the HTTPS
     server built with it and the renewer of that certificate."""
     server: TFServer | None = None
@@ -110,7 +123,19 @@ def _with_acme(config: Config, acme: AcmeSettings, policy: Policy, service: Serv
         challenge.server_close()
         raise
     return Parts(server, challenge, Renewer(issuer, certificates, acme.check_interval),
-                 policy=policy)
+                 policy=policy, notifier=notifier)
+
+
+def _notifier(config: Config, policy: Policy, backend: StateBackend,
+              metrics: Metrics) -> Notifier | None:
+    """The sender of the policy's webhooks, their secrets read now (None without any)."""
+    if not policy.webhooks:
+        return None
+    allow = AllowList.parse(config.webhook_allow)
+    return Notifier(Deliveries(backend.objects),
+                    targets_from_policy(policy.webhooks, os.environ, allow),
+                    replica=config.replica or socket.gethostname(),
+                    retry=config.webhook_retry, allow=allow, metrics=metrics)
 
 
 def serve(parts: Parts) -> int:
@@ -121,6 +146,8 @@ def serve(parts: Parts) -> int:
     server.service.start()
     if parts.renewer is not None:
         parts.renewer.start()
+    if parts.notifier is not None:
+        parts.notifier.start()
     logger.info(
         "serving %s on %s (auth %s, backend %s)", ", ".join(server.service.modules),
         server.url, config.auth, config.backend.name,
@@ -205,6 +232,8 @@ def _stop(parts: Parts) -> None:
         runs.wait_idle(config.kill_grace + 5)
         server.wait_idle(config.kill_grace + 5)
     server.server_close()
+    if parts.notifier is not None:
+        parts.notifier.close()  # after the last run's end: its webhook is kept
     server.service.close()
 
 

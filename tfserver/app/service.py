@@ -11,7 +11,7 @@ import logging
 import re
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -91,7 +91,8 @@ class Service:
 
     def __init__(self, config: Config, modules: Mapping[str, Module], runner: Runner,
                  backend: StateBackend, policy: Policy | None = None, *,
-                 api: ApiDocument) -> None:
+                 api: ApiDocument, metrics: Metrics | None = None,
+                 on_run_ended: Callable[[RunRecord], object] | None = None) -> None:
         self.config = config
         self.modules = dict(modules)
         self.runner = runner
@@ -100,7 +101,9 @@ class Service:
         self.copies = WorkingCopies(config.state_dir / "work", modules, runner, backend,
                                     init_timeout=config.run_timeout)
         self.store = RunStore(backend.objects)
-        self.metrics = Metrics()
+        self.metrics = metrics or Metrics()
+        #: Told of every run that ended here, after its audit line (the webhooks).
+        self.on_run_ended = on_run_ended
         self.runs = Runs(self.store, Scheduler(config.max_runs, config.queue_depth),
                          replica=config.replica or socket.gethostname(),
                          kill_grace=config.kill_grace, retention=config.run_retention,
@@ -285,8 +288,11 @@ class Service:
         self.metrics.run(record.module, record.operation, record.status, _seconds(record))
 
     def _audited(self, record: RunRecord) -> None:
-        """A run ended here (and its caller has the answer): its audit line."""
+        """A run ended here (and its caller has the answer): its audit line, then its
+        webhooks (handed over, never waited on)."""
         audit_run(record, _seconds(record))
+        if self.on_run_ended is not None:
+            self.on_run_ended(record)
 
     def _run_status(self, run_id: str) -> str:
         try:

@@ -204,7 +204,7 @@ def test_inputs_are_kept_even_when_the_background_pool_stopped(service: Any) -> 
     svc.executor._background.shutdown(wait=True)
     applied = sync(svc, svc.apply(LOCAL, "basic", "k", {"name": "n"}))
     assert isinstance(applied, Applied)
-    assert svc.backend.load_inputs("basic", "local.k")["name"] == "n"
+    assert svc.backend.inputs.load("basic", "local.k")["name"] == "n"
 
 
 def test_a_shutdown_waits_until_a_run_is_fully_ended(service: Any) -> None:

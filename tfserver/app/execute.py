@@ -40,6 +40,10 @@ logger = logging.getLogger(__name__)
 
 Operation = Literal["apply", "plan", "destroy", "plan-destroy"]
 
+#: The warning of an apply whose inputs the backend would not keep.
+INPUTS_NOT_KEPT = ("the inputs of this apply could not be kept for its destroy (the "
+                   "state backend failed); apply the same inputs again before a destroy")
+
 
 @dataclass(frozen=True)
 class Applied:
@@ -53,6 +57,8 @@ class Applied:
     created: bool
     #: When the instance expires after this apply (seconds since the epoch), if it does.
     expires_at: float | None = None
+    #: What went wrong around the apply that succeeded (for its record).
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -181,7 +187,7 @@ class Executor:
         if destroying and spec.plan_of is None:
             if not existed:
                 raise NotFound(f"module {name} has no instance {spec.instance!r}")
-            spec.inputs = self.backend.load_inputs(name, ws) or {}
+            spec.inputs = self.backend.inputs.load(name, ws) or {}
             spec.scrub = Scrubber(spec.module.secret_values(spec.inputs))
         # Destroy needs the same variables again, so they are kept durably. The write
         # starts once terraform runs and goes on meanwhile (a rename on disk, a PUT on
@@ -204,10 +210,7 @@ class Executor:
         self._log_run(spec, result)
         if spec.plan_of is not None:
             self.store.drop_plan(spec.plan_of)  # used, whatever the outcome
-        if keeping:
-            previous = keeping[0].result()
-            if not (result.ok or result.apply_started) and previous != spec.inputs:
-                self._restore_inputs(name, ws, previous)
+        warnings = self._settle_inputs(spec, result, keeping[0]) if keeping else ()
         if not result.ok:
             raise problem_for(result, spec.scrub, spec.instance, self.run_timeout)
         if result.unreadable and spec.operation == "apply" and result.outputs is None:
@@ -220,7 +223,7 @@ class Executor:
             return Planned(name, spec.instance, result.changes, result.planned, spec.run_id)
         if destroying:
             self._workspace_delete(spec, wc.path, deadline)
-            self.backend.delete_inputs(name, ws)
+            self.backend.inputs.delete(name, ws)
             self.expiries.clear(name, ws)
             return Destroyed(name, spec.instance, result.changes, spec.run_id)
         expires_at = spec.expires
@@ -228,7 +231,8 @@ class Executor:
             expires_at = time.time() + spec.ttl
             self.expiries.set(name, ws, expires_at)
         return Applied(name, spec.instance, self._outputs(spec, result), result.changes,
-                       spec.run_id, created=not existed, expires_at=expires_at)
+                       spec.run_id, created=not existed, expires_at=expires_at,
+                       warnings=warnings)
 
     def _plan_file(self, spec: RunSpec, var_file: Path) -> Path | None:
         """Where the plan is saved (a dry run) or read from (applying a saved plan), on
@@ -279,17 +283,45 @@ class Executor:
     def _keep_inputs(self, name: str, ws: str,
                      inputs: dict[str, Any]) -> dict[str, Any] | None:
         """Store the inputs unless they are stored already; return what was there."""
-        previous = self.backend.load_inputs(name, ws)
+        previous = self.backend.inputs.load(name, ws)
         if previous != inputs:
-            self.backend.save_inputs(name, ws, inputs)
+            self.backend.inputs.save(name, ws, inputs)
         return previous
+
+    def _settle_inputs(self, spec: RunSpec, result: RunResult,
+                       keeping: Future[dict[str, Any] | None]) -> tuple[str, ...]:
+        """After an apply: put back the previous inputs if terraform changed nothing, or
+        make sure the new ones are kept if it did. A backend that fails here never turns
+        the apply that happened into a failure: the warnings to record, if any."""
+        name, ws = spec.module.name, spec.workspace
+        try:
+            previous = keeping.result()
+        except (TFServerError, OSError) as e:
+            if not (result.ok or result.apply_started):
+                return ()  # nothing was written, nothing changed: nothing to keep
+            try:  # once more, now that terraform is done (the store may be back)
+                self._keep_inputs(name, ws, spec.inputs)
+                return ()
+            except (TFServerError, OSError) as again:
+                logger.warning("inputs of %s/%s not kept after the apply: %s (first: %s)",
+                               name, spec.instance, _detail(again), _detail(e),
+                               extra={"run_id": spec.run_id})
+                return (INPUTS_NOT_KEPT,)
+        if not (result.ok or result.apply_started) and previous != spec.inputs:
+            try:
+                self._restore_inputs(name, ws, previous)
+            except (TFServerError, OSError) as e:
+                logger.warning("inputs of %s/%s not put back after a run that changed "
+                               "nothing: %s", name, spec.instance, _detail(e),
+                               extra={"run_id": spec.run_id})
+        return ()
 
     def _restore_inputs(self, name: str, ws: str, previous: dict[str, Any] | None) -> None:
         """Put back the inputs of the last apply that changed something."""
         if previous is None:
-            self.backend.delete_inputs(name, ws)
+            self.backend.inputs.delete(name, ws)
         else:
-            self.backend.save_inputs(name, ws, previous)
+            self.backend.inputs.save(name, ws, previous)
 
     def _workspace_delete(self, spec: RunSpec, cwd: Path, deadline: float) -> None:
         result = self.runner.run(
@@ -339,6 +371,11 @@ def redacted(module: Module, outputs: dict[str, Any]) -> dict[str, Any]:
     """Outputs as anyone but an admin sees them (what run records keep)."""
     return {k: REDACTED if (o := module.outputs.get(k)) is not None and o.sensitive else v
             for k, v in outputs.items()}
+
+
+def _detail(error: TFServerError | OSError) -> str:
+    """What a storage error says (never a value: keys and the OS's reason only)."""
+    return error.detail if isinstance(error, TFServerError) else str(error.strerror)
 
 
 def _remaining(deadline: float) -> float:

@@ -244,4 +244,4 @@ def _outcome_of(record: RunRecord) -> Outcome:
     if op == "destroy":
         return Destroyed(record.module, record.instance, changes, record.id)
     return Applied(record.module, record.instance, record.outputs or {}, changes, record.id,
-                   created=bool(record.created))
+                   created=bool(record.created), warnings=tuple(record.warnings or ()))

@@ -316,6 +316,7 @@ class Service:
         if isinstance(outcome, Applied):
             record.outputs, record.created = redacted(spec.module, outcome.outputs), \
                 outcome.created
+            record.warnings = list(outcome.warnings) or None
         elif isinstance(outcome, Planned):
             record.planned = outcome.planned
             record.plan = {"expires_at": time.time() + self.config.plan_ttl,

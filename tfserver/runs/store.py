@@ -98,6 +98,8 @@ class RunRecord:
     #: "requested" once a cancel was asked, "forced" once the process group was killed.
     cancel: str | None = None
     state_may_be_locked: bool = False
+    #: What went wrong around a run that succeeded (its inputs not kept, for one).
+    warnings: list[str] | None = None
 
     def to_json(self) -> bytes:
         """The stored form."""

@@ -26,12 +26,14 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from decimal import ROUND_HALF_DOWN, ROUND_HALF_EVEN, ROUND_HALF_UP, Decimal, localcontext
 from types import MappingProxyType
 from typing import Any
 
 SCRUBBED = "(sensitive value)"
+#: What a sensitive output reads as, wherever outputs are shown to a non-admin.
+REDACTED = "<sensitive>"
 
 Secret = str | int | float
 """One leaf of a sensitive value, as the request body or a default gave it."""
@@ -58,6 +60,15 @@ _ROUNDINGS = (10, 6, 7)
 # Beyond this a positional form would be thousands of characters; terraform never gets
 # such a number from a request (see jsonbody.MAX_EXPONENT), only from an odd default.
 _MAX_POSITIONAL = 1000
+
+
+def shown_outputs(outputs: Mapping[str, Mapping[str, Any]], *,
+                  reveal: bool = False) -> dict[str, Any]:
+    """Terraform's outputs (name → {"value", "sensitive"}, as the state and the `-json`
+    stream hold them) as the API shows them: a sensitive one reads `REDACTED`, unless
+    `reveal` (an admin asks) and its value is there (the stream never carries it)."""
+    return {name: out.get("value") if not out.get("sensitive") or (reveal and "value" in out)
+            else REDACTED for name, out in outputs.items()}
 
 
 def renderings(secret: Secret) -> frozenset[str]:

@@ -15,8 +15,8 @@ from ..errors import NotFound
 from ..module.discover import Module
 from ..names import check_instance_name, check_tenant_key, split_workspace, workspace_name
 from ..runs.expiry import Expiries
+from ..scrub import shown_outputs
 from ..storage.base import StateBackend
-from ..terraform.output import REDACTED
 
 
 @dataclass(frozen=True)
@@ -115,14 +115,10 @@ class Catalog:
         state = snap.state
         if state is None:
             raise NotFound(f"module {name} has no instance {instance!r}")
-        outputs = {
-            k: REDACTED if (v.get("sensitive") and not principal.admin) else v.get("value")
-            for k, v in (state.get("outputs") or {}).items()
-        }
         return InstanceView(
             module=name,
             instance=instance,
-            outputs=outputs,
+            outputs=shown_outputs(state.get("outputs") or {}, reveal=principal.admin),
             resources=len(state.get("resources") or []),
             serial=state.get("serial"),
             terraform_version=state.get("terraform_version"),

@@ -29,10 +29,10 @@ from ..errors import (
 from ..module.discover import Module
 from ..runs.expiry import Expiries
 from ..runs.store import RunStore
-from ..scrub import Scrubber
+from ..scrub import Scrubber, shown_outputs
 from ..storage.base import StateBackend
 from ..terraform.args import build_args
-from ..terraform.output import REDACTED, EventSink, Failure, RunResult
+from ..terraform.output import EventSink, Failure, RunResult
 from ..terraform.process import RunControl, Runner
 from ..terraform.workdir import VarFiles, WorkingCopies
 
@@ -59,6 +59,8 @@ class Applied:
     expires_at: float | None = None
     #: What went wrong around the apply that succeeded (for its record).
     warnings: tuple[str, ...] = ()
+    #: The outputs as anyone but an admin sees them (what the run's record keeps).
+    public_outputs: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -178,17 +180,7 @@ class Executor:
         wc = self.copies.ready(name)
         existed = self.backend.exists(name, ws)
         destroying = spec.operation in ("destroy", "plan-destroy")
-        if spec.expiry is not None:
-            current = self.expiries.get(name, ws)
-            if current is None or int(current) != int(spec.expiry):
-                # A later apply moved the expiry (or the instance went) meanwhile.
-                raise Conflict("the instance's expiry moved; it is not destroyed",
-                               retry_after=0)
-        if destroying and spec.plan_of is None:
-            if not existed:
-                raise NotFound(f"module {name} has no instance {spec.instance!r}")
-            spec.inputs = self.backend.inputs.load(name, ws) or {}
-            spec.scrub = Scrubber(spec.module.secret_values(spec.inputs))
+        self._check(spec, existed)
         # Destroy needs the same variables again, so they are kept durably. The write
         # starts once terraform runs and goes on meanwhile (a rename on disk, a PUT on
         # S3); it is undone if terraform changed nothing.
@@ -232,7 +224,23 @@ class Executor:
             self.expiries.set(name, ws, expires_at)
         return Applied(name, spec.instance, self._outputs(spec, result), result.changes,
                        spec.run_id, created=not existed, expires_at=expires_at,
-                       warnings=warnings)
+                       warnings=warnings, public_outputs=shown_outputs(result.outputs or {}))
+
+    def _check(self, spec: RunSpec, existed: bool) -> None:
+        """Refuse a reaper's destroy whose expiry moved, or a destroy of nothing; give a
+        destroy the inputs of the last apply."""
+        name, ws = spec.module.name, spec.workspace
+        if spec.expiry is not None:
+            current = self.expiries.get(name, ws)
+            if current is None or int(current) != int(spec.expiry):
+                # A later apply moved the expiry (or the instance went) meanwhile.
+                raise Conflict("the instance's expiry moved; it is not destroyed",
+                               retry_after=0)
+        if spec.operation in ("destroy", "plan-destroy") and spec.plan_of is None:
+            if not existed:
+                raise NotFound(f"module {name} has no instance {spec.instance!r}")
+            spec.inputs = self.backend.inputs.load(name, ws) or {}
+            spec.scrub = Scrubber(spec.module.secret_values(spec.inputs))
 
     def _plan_file(self, spec: RunSpec, var_file: Path) -> Path | None:
         """Where the plan is saved (a dry run) or read from (applying a saved plan), on
@@ -337,19 +345,12 @@ class Executor:
         gets them from the state: the event stream never carries their values)."""
         admin = spec.principal.admin
         events = result.outputs or {}
-        needs_state = admin and any(v.get("sensitive") for v in events.values())
-        state = (self.backend.read_state(spec.module.name, spec.workspace)
-                 if needs_state else None)
+        if not (admin and any(v.get("sensitive") for v in events.values())):
+            return shown_outputs(events)
+        state = self.backend.read_state(spec.module.name, spec.workspace)
         from_state = (state or {}).get("outputs") or {}
-        outputs: dict[str, Any] = {}
-        for key, out in events.items():
-            if not out.get("sensitive"):
-                outputs[key] = out.get("value")
-            elif admin and key in from_state:
-                outputs[key] = from_state[key].get("value")
-            else:
-                outputs[key] = REDACTED
-        return outputs
+        return shown_outputs({k: from_state.get(k, v) if v.get("sensitive") else v
+                              for k, v in events.items()}, reveal=True)
 
     def _log_run(self, spec: RunSpec, result: RunResult) -> None:
         # A run that went well has its audit line (status, changes, time); this line is
@@ -365,12 +366,6 @@ class Executor:
         for d in result.errors:
             logger.warning("terraform: %s: %s", spec.scrub(d.summary),
                            spec.scrub(d.detail)[:1000], extra={"run_id": spec.run_id})
-
-
-def redacted(module: Module, outputs: dict[str, Any]) -> dict[str, Any]:
-    """Outputs as anyone but an admin sees them (what run records keep)."""
-    return {k: REDACTED if (o := module.outputs.get(k)) is not None and o.sensitive else v
-            for k, v in outputs.items()}
 
 
 def _detail(error: TFServerError | OSError) -> str:

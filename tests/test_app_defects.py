@@ -10,14 +10,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from test_outcomes import APPLY_START, LOCAL, FakeRunner, sync
+from test_outcomes import APPLY_START, LOCAL, SECRET, FakeRunner, diag, sync
 
 from support import TEST_MODULES, start_server
-from tfserver.app.execute import INPUTS_NOT_KEPT, Applied
+from tfserver.app.execute import INPUTS_NOT_KEPT, Applied, Planned
 from tfserver.app.service import Service
+from tfserver.auth import Principal
 from tfserver.config import Config
+from tfserver.errors import TFServerError
 from tfserver.files import private_dir, write_private
 from tfserver.module.discover import load_module
+from tfserver.scrub import REDACTED, SCRUBBED
 from tfserver.storage.base import BackendError, ObjectStore
 from tfserver.storage.inputs import KeptInputs
 from tfserver.storage.local import LocalBackend
@@ -54,20 +57,25 @@ class FailingInputs:
         return self.inner.keys(folder, start_after=start_after, limit=limit)
 
 
+def fake_service(tmp_path: Path, result: RunResult, failures: int = 0) -> Service:
+    """A service over a local backend and a fake runner that answers `result`; its
+    kept-inputs writes fail `failures` times."""
+    config = Config(state_dir=tmp_path / "state", run_timeout=7.0, tmp_dir=tmp_path / "vars")
+    backend = LocalBackend(config.state_dir)
+    backend.objects = FailingInputs(backend.objects, failures)
+    backend.inputs = KeptInputs(backend.objects, legacy=True)
+    svc = Service(config, {"basic": load_module(TEST_MODULES / "basic")},
+                  FakeRunner(result), backend)
+    svc.prepare(None)
+    return svc
+
+
 @pytest.fixture()
 def failing(tmp_path: Path) -> Callable[[int], Service]:
-    """A service over a local backend whose kept-inputs writes fail `failures` times."""
+    """A service whose applies succeed and whose kept-inputs writes fail `failures` times."""
     def make(failures: int) -> Service:
-        config = Config(state_dir=tmp_path / "state", run_timeout=7.0,
-                        tmp_dir=tmp_path / "vars")
-        backend = LocalBackend(config.state_dir)
-        backend.objects = FailingInputs(backend.objects, failures)
-        backend.inputs = KeptInputs(backend.objects, legacy=True)
-        svc = Service(config, {"basic": load_module(TEST_MODULES / "basic")},
-                      FakeRunner(RunResult(("apply",), 0, (APPLY_START, SUMMARY, OUTPUTS))),
-                      backend)
-        svc.prepare(None)
-        return svc
+        return fake_service(tmp_path, RunResult(("apply",), 0, (APPLY_START, SUMMARY, OUTPUTS)),
+                            failures)
     return make
 
 
@@ -143,3 +151,72 @@ def test_an_upgraded_server_destroys_with_the_inputs_of_the_old_layout(tmp: Path
         assert not old.exists() and not new.exists()
     finally:
         srv.stop()
+
+
+# -- issue 20, section 3: secrets out of plans, addresses and outputs -------------------
+
+ADDRESS = f'terraform_data.k["{SECRET}"]'
+
+
+def test_planned_addresses_are_scrubbed(tmp_path: Path) -> None:
+    # A `for_each` over a sensitive value puts the secret into the resource's address.
+    change = {"type": "planned_change",
+              "change": {"resource": {"addr": ADDRESS}, "action": "create"}}
+    plan = {"type": "change_summary",
+            "changes": {"add": 1, "change": 0, "remove": 0, "operation": "plan"}}
+    svc = fake_service(tmp_path, RunResult(("plan",), 0, (change, plan)))
+    planned = sync(svc, svc.apply(LOCAL, "basic", "p", {"name": "n", "token": SECRET},
+                                  dry_run=True))
+    assert isinstance(planned, Planned)
+    assert planned.planned == [{"address": f'terraform_data.k["{SCRUBBED}"]',
+                                "action": "create"}]
+    record = svc.history.record(LOCAL, planned.run_id)
+    shown = json.dumps([render.run(record, "local"), render.render(planned)])
+    assert SECRET not in shown and SECRET not in json.dumps(record.planned)
+    listed = svc.history.list_runs(LOCAL, module="basic")
+    assert SECRET not in json.dumps(render.run_page(listed, "/runs", {}))
+    svc.close()
+
+
+def test_diagnostic_addresses_are_scrubbed(tmp_path: Path) -> None:
+    failed = diag("local-exec provisioner error", "exit status 3")
+    failed["diagnostic"]["address"] = ADDRESS
+    svc = fake_service(tmp_path, RunResult(("apply",), 1, (APPLY_START, failed)))
+    with pytest.raises(TFServerError) as raised:
+        sync(svc, svc.apply(LOCAL, "basic", "d", {"name": "n", "token": SECRET}))
+    problem = raised.value.problem()
+    assert problem["diagnostics"][0]["address"] == f'terraform_data.k["{SCRUBBED}"]'
+    assert SECRET not in json.dumps(problem)
+    svc.close()
+
+
+def test_an_output_equal_to_a_secret_is_scrubbed_everywhere(tmp_path: Path) -> None:
+    # `nonsensitive(var.token)`: scrubbed in the `outputs` event, so in every other view.
+    echo = {"type": "outputs", "outputs": {
+        "name": {"value": SECRET, "sensitive": False},
+        "nested": {"value": {SECRET: [f"x {SECRET}"]}, "sensitive": False},
+        "token_out": {"sensitive": True}}}
+    svc = fake_service(tmp_path, RunResult(("apply",), 0, (APPLY_START, SUMMARY, echo)))
+    applied = sync(svc, svc.apply(LOCAL, "basic", "e", {"name": "n", "token": SECRET}))
+    assert isinstance(applied, Applied)
+    expected = {"name": SCRUBBED, "nested": {SCRUBBED: [f"x {SCRUBBED}"]},
+                "token_out": REDACTED}
+    assert applied.outputs == expected
+    record = svc.history.record(LOCAL, applied.run_id)
+    assert record.outputs == expected
+    events = [e for batch in svc.runs.follow(applied.run_id) for e in batch
+              if e["type"] == "outputs"]
+    assert events and events[0]["outputs"]["name"] == SCRUBBED
+    # GET reads the state: the same rule, with the secrets of the inputs kept for destroy.
+    state = tmp_path / "state" / "state" / "basic" / "local.e" / "terraform.tfstate"
+    state.parent.mkdir(parents=True)
+    state.write_text(json.dumps({"outputs": {
+        "name": {"value": SECRET, "type": "string"},
+        "nested": {"value": {SECRET: [f"x {SECRET}"]}, "type": "any"},
+        "token_out": {"value": SECRET, "type": "string", "sensitive": True}},
+        "resources": []}))
+    assert svc.catalog.show(LOCAL, "basic", "e").outputs == expected
+    admin = Principal(subject="root", tenant="local", admin=True)
+    assert svc.catalog.show(admin, "basic", "e", tenant="local").outputs == {
+        **expected, "token_out": SECRET}  # a sensitive output is the admin's to read
+    svc.close()

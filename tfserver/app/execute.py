@@ -130,7 +130,7 @@ def problem_for(result: RunResult, scrub: Scrubber, instance: str,
         return RunKilled(-result.returncode, instance)
     errors = result.errors
     diagnostics = [{"summary": scrub(d.summary), "detail": scrub(d.detail)}
-                   | ({"address": d.address} if d.address else {}) for d in errors]
+                   | ({"address": scrub(d.address)} if d.address else {}) for d in errors]
     if not diagnostics:
         return UpstreamFailed(f"terraform exited with status {result.returncode}")
     summary = "; ".join(d["summary"] for d in diagnostics)
@@ -212,7 +212,8 @@ class Executor:
         if spec.operation in ("plan", "plan-destroy"):
             if saved is not None:
                 self._save_plan(spec, saved)
-            return Planned(name, spec.instance, result.changes, result.planned, spec.run_id)
+            planned = [{**p, "address": spec.scrub(p["address"])} for p in result.planned]
+            return Planned(name, spec.instance, result.changes, planned, spec.run_id)
         if destroying:
             self._workspace_delete(spec, wc.path, deadline)
             self.backend.inputs.delete(name, ws)
@@ -224,7 +225,8 @@ class Executor:
             self.expiries.set(name, ws, expires_at)
         return Applied(name, spec.instance, self._outputs(spec, result), result.changes,
                        spec.run_id, created=not existed, expires_at=expires_at,
-                       warnings=warnings, public_outputs=shown_outputs(result.outputs or {}))
+                       warnings=warnings,
+                       public_outputs=shown_outputs(result.outputs or {}, scrub=spec.scrub))
 
     def _check(self, spec: RunSpec, existed: bool) -> None:
         """Refuse a reaper's destroy whose expiry moved, or a destroy of nothing; give a
@@ -346,11 +348,11 @@ class Executor:
         admin = spec.principal.admin
         events = result.outputs or {}
         if not (admin and any(v.get("sensitive") for v in events.values())):
-            return shown_outputs(events)
+            return shown_outputs(events, scrub=spec.scrub)
         state = self.backend.read_state(spec.module.name, spec.workspace)
         from_state = (state or {}).get("outputs") or {}
         return shown_outputs({k: from_state.get(k, v) if v.get("sensitive") else v
-                              for k, v in events.items()}, reveal=True)
+                              for k, v in events.items()}, reveal=True, scrub=spec.scrub)
 
     def _log_run(self, spec: RunSpec, result: RunResult) -> None:
         # A run that went well has its audit line (status, changes, time); this line is

@@ -20,6 +20,7 @@ from tfserver.config import Config
 from tfserver.errors import TFServerError
 from tfserver.files import private_dir, write_private
 from tfserver.module.discover import load_module
+from tfserver.runs.store import RunRecord, new_run_id
 from tfserver.scrub import REDACTED, SCRUBBED
 from tfserver.storage.base import BackendError, ObjectStore
 from tfserver.storage.inputs import KeptInputs
@@ -219,4 +220,28 @@ def test_an_output_equal_to_a_secret_is_scrubbed_everywhere(tmp_path: Path) -> N
     admin = Principal(subject="root", tenant="local", admin=True)
     assert svc.catalog.show(admin, "basic", "e", tenant="local").outputs == {
         **expected, "token_out": SECRET}  # a sensitive output is the admin's to read
+    svc.close()
+
+
+def test_a_lock_conflict_names_the_lock_and_the_run_holding_it(tmp_path: Path) -> None:
+    # The 409 showed the server's absolute state path and `who: root@<host>`.
+    detail = ("Error message: resource temporarily unavailable\nLock Info:\n"
+              "  ID:        6f2b0c6e-1b6b\n"
+              f"  Path:      {tmp_path}/state/state/basic/local.l/terraform.tfstate\n"
+              "  Operation: OperationTypeApply\n  Who:       root@build-host-7\n"
+              "  Version:   1.11.4\n  Created:   2026-11-27 19:00:00 +0000 UTC\n  Info:\n")
+    locked = RunResult(("apply",), 1, (diag("Error acquiring the state lock", detail),))
+    svc = fake_service(tmp_path, locked)
+    holder = RunRecord(id=new_run_id(), module="basic", instance="l", workspace="local.l",
+                       tenant="local", subject="other", operation="apply", status="running",
+                       replica="elsewhere")
+    svc.store.create(holder)
+    with pytest.raises(TFServerError) as raised:
+        sync(svc, svc.apply(LOCAL, "basic", "l", {"name": "n"}))
+    problem = raised.value.problem()
+    assert problem["status"] == 409
+    assert problem["lock"] == {"id": "6f2b0c6e-1b6b", "operation": "OperationTypeApply",
+                               "created": "2026-11-27 19:00:00 +0000 UTC",
+                               "run_id": holder.id}
+    assert str(tmp_path) not in json.dumps(problem) and "build-host" not in json.dumps(problem)
     svc.close()

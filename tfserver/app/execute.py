@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from ..errors import (
     UpstreamFailed,
 )
 from ..module.discover import Module
+from ..names import workspace_tenant
 from ..runs.expiry import Expiries
 from ..runs.store import RunStore
 from ..scrub import Scrubber, shown_outputs
@@ -109,9 +111,21 @@ class RunSpec:
     expiry: float | None = None
 
 
+#: What an answer shows of a state lock: never the server's paths, user or host.
+LOCK_FIELDS = ("id", "operation", "created")
+
+
+def shown_lock(lock: Mapping[str, str], holder: str | None = None) -> dict[str, str]:
+    """A state lock as an answer shows it: its id, operation and time, and the run that
+    holds it when one is known (`run_id`)."""
+    shown = {k: lock[k] for k in LOCK_FIELDS if k in lock}
+    return shown | ({"run_id": holder} if holder else {})
+
+
 def problem_for(result: RunResult, scrub: Scrubber, instance: str,
-                run_timeout: float) -> TFServerError:
-    """The error to answer for a failed run; every text terraform wrote passes `scrub`."""
+                run_timeout: float, holder: str | None = None) -> TFServerError:
+    """The error to answer for a failed run; every text terraform wrote passes `scrub`
+    (`holder`: the run that holds the state lock, when it is locked)."""
     kind = result.failure
     if kind is Failure.INTERRUPTED:
         return Unavailable("the server is shutting down; the run was interrupted")
@@ -122,7 +136,8 @@ def problem_for(result: RunResult, scrub: Scrubber, instance: str,
                        "interrupted; terraform released its lock")
     if kind is Failure.LOCKED:
         return Conflict(f"the state of instance {instance!r} is locked by another run",
-                        lock={k: scrub(v) for k, v in (result.lock or {}).items()})
+                        lock={k: scrub(v) for k, v in shown_lock(result.lock or {},
+                                                                 holder).items()})
     if kind is Failure.STALE_PLAN:
         return Conflict("the saved plan is stale: the state changed since it was made; "
                         "plan again", retry_after=0)
@@ -204,7 +219,8 @@ class Executor:
             self.store.drop_plan(spec.plan_of)  # used, whatever the outcome
         warnings = self._settle_inputs(spec, result, keeping[0]) if keeping else ()
         if not result.ok:
-            raise problem_for(result, spec.scrub, spec.instance, self.run_timeout)
+            holder = self._lock_holder(spec) if result.failure is Failure.LOCKED else None
+            raise problem_for(result, spec.scrub, spec.instance, self.run_timeout, holder)
         if result.unreadable and spec.operation == "apply" and result.outputs is None:
             # Never answer an apply with outputs made up of nulls.
             raise UpstreamFailed("the apply ended, but terraform's report of it could not "
@@ -243,6 +259,23 @@ class Executor:
                 raise NotFound(f"module {name} has no instance {spec.instance!r}")
             spec.inputs = self.backend.inputs.load(name, ws) or {}
             spec.scrub = Scrubber(spec.module.secret_values(spec.inputs))
+
+    def _lock_holder(self, spec: RunSpec) -> str | None:
+        """The run that holds the instance's state lock: another of its runs that some
+        replica holds now; None when the store knows none (terraform run by hand, or a
+        killed run's leftover lock)."""
+        tenant = workspace_tenant(spec.workspace)
+        try:
+            for t, module, run_id in self.store.active():
+                if t != tenant or module != spec.module.name or run_id == spec.run_id:
+                    continue
+                record = self.store.get(run_id)
+                if record is not None and record.workspace == spec.workspace:
+                    return run_id
+        except TFServerError as e:
+            logger.warning("the run holding %s/%s not found: %s", spec.module.name,
+                           spec.instance, e.detail, extra={"run_id": spec.run_id})
+        return None
 
     def _plan_file(self, spec: RunSpec, var_file: Path) -> Path | None:
         """Where the plan is saved (a dry run) or read from (applying a saved plan), on

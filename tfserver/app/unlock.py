@@ -14,6 +14,7 @@ from ..terraform.args import build_args
 from ..terraform.process import Runner
 from ..terraform.workdir import WorkingCopies
 from .catalog import Catalog, target_workspace
+from .execute import shown_lock
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,8 @@ class Unlocker:
         with self.scheduler.hold((name, ws), f"instance {instance!r} of module {name}"):
             held = self.backend.lock_info(name, ws)
             if held is not None and held.get("id") not in (None, lock_id):
-                raise Conflict("that is not the id of the lock held now", lock=held)
+                raise Conflict("that is not the id of the lock held now",
+                               lock=shown_lock(held))
             result = self.runner.run(
                 build_args("force-unlock", extra=[lock_id]),
                 cwd=wc.path, workspace=ws, timeout=self.timeout)
@@ -61,7 +63,7 @@ class Unlocker:
                 logger.warning("force-unlock of %s/%s failed: %s", name, instance,
                                result.stderr.strip()[-500:])
                 raise Conflict("terraform could not clear that lock: the id does not match "
-                               "a held lock", lock=held or {})
+                               "a held lock", lock=shown_lock(held or {}))
         logger.warning("lock %s of %s/%s cleared by %s", lock_id, name, instance,
                        principal.subject)
         return Unlocked(name, instance, lock_id)

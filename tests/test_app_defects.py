@@ -19,9 +19,10 @@ from tfserver.auth import Principal
 from tfserver.config import Config
 from tfserver.errors import TFServerError
 from tfserver.files import private_dir, write_private
-from tfserver.module.discover import load_module
+from tfserver.module.discover import Module, Variable, load_module
+from tfserver.module.types import parse_type
 from tfserver.runs.store import RunRecord, new_run_id
-from tfserver.scrub import REDACTED, SCRUBBED
+from tfserver.scrub import REDACTED, SCRUBBED, Scrubber
 from tfserver.storage.base import BackendError, ObjectStore
 from tfserver.storage.inputs import KeptInputs
 from tfserver.storage.local import LocalBackend
@@ -245,3 +246,23 @@ def test_a_lock_conflict_names_the_lock_and_the_run_holding_it(tmp_path: Path) -
                                "run_id": holder.id}
     assert str(tmp_path) not in json.dumps(problem) and "build-host" not in json.dumps(problem)
     svc.close()
+
+
+def test_keys_of_a_sensitive_map_are_scrubbed() -> None:
+    # "Every value of a sensitive variable is scrubbed": a map's keys are its caller's data
+    # (and a `for_each` over the map prints them in addresses); attribute names are not.
+    def var(name: str, t: str) -> Variable:
+        return Variable(name, parse_type(t), required=False, sensitive=True)
+
+    module = Module("m", Path("."), {
+        "secret_map": var("secret_map", "map(string)"),
+        "secret_obj": var("secret_obj", "object({ user = string, tags = map(string) })"),
+        "loose": var("loose", "any")}, {})
+    found = module.secret_values({
+        "secret_map": {"db-host-7f3a": "pw-value-1"},
+        "secret_obj": {"user": "u-name-x", "tags": {"tag-key-91": "tag-value-2"}},
+        "loose": {"attribute": "loose-value-3"}})
+    assert {"db-host-7f3a", "pw-value-1", "u-name-x", "tag-key-91", "tag-value-2",
+            "loose-value-3"} == set(found)
+    scrub = Scrubber(found)
+    assert scrub('terraform_data.k["db-host-7f3a"]') == f'terraform_data.k["{SCRUBBED}"]'

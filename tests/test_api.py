@@ -352,7 +352,7 @@ def test_no_init_and_no_output_process_per_request(tmp: Path) -> None:
 def test_kept_inputs_are_private(server: ServerProcess) -> None:
     # The inputs kept for destroy are readable by the owner only.
     assert server.request("PUT", "/basic/perm", {"name": "p", "token": SECRET}).status == 201
-    inputs = list(Path(server_state_dir(server)).glob("inputs/basic/*.inputs.json"))
+    inputs = list(Path(server_state_dir(server)).glob("_inputs/basic/*.json"))
     assert inputs and all(p.stat().st_mode & 0o077 == 0 for p in inputs)
     assert server.request("DELETE", "/basic/perm").status == 200
 
@@ -400,7 +400,7 @@ def test_rejected_update_keeps_the_inputs_destroy_needs(server: ServerProcess) -
     assert r.status == 200, r.body
     # a new instance whose first run is rejected leaves no inputs behind
     assert server.request("PUT", "/basic/never", {"name": "n", "token": "short"}).status == 422
-    assert not list(Path(server_state_dir(server)).glob("inputs/basic/local.never*"))
+    assert not list(Path(server_state_dir(server)).glob("_inputs/basic/local.never*"))
 
 
 def test_http_servers_own_errors_are_problem_documents(server: ServerProcess) -> None:

@@ -145,7 +145,9 @@ def test_failed_run_becomes_its_problem(service: Any, case: str, result: RunResu
     assert SECRET not in repr(problem) and SECRET not in str(raised.value.headers)
     if status == 409 and "lock" in problem:
         assert problem["lock"]["id"] == "6f2b0c6e-1b6b"
-        assert problem["lock"]["who"] == "root@host (sensitive value)"
+        # only what identifies the lock: no path, user or host of the server (issue 20)
+        assert problem["lock"] == {"id": "6f2b0c6e-1b6b", "operation": "OperationTypeApply",
+                                   "created": "2026-11-27 19:00:00 +0000 UTC"}
 
 
 def test_successful_runs_become_typed_results(service: Any, tmp_path: Path) -> None:
@@ -206,7 +208,7 @@ def test_inputs_are_kept_even_when_the_background_pool_stopped(service: Any) -> 
     svc.executor._background.shutdown(wait=True)
     applied = sync(svc, svc.apply(LOCAL, "basic", "k", {"name": "n"}))
     assert isinstance(applied, Applied)
-    assert svc.backend.load_inputs("basic", "local.k")["name"] == "n"
+    assert svc.backend.inputs.load("basic", "local.k")["name"] == "n"
 
 
 def test_a_shutdown_waits_until_a_run_is_fully_ended(service: Any) -> None:

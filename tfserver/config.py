@@ -163,11 +163,6 @@ class Config:
     #: What terraform gets of the server's environment (see PASSED_ENV); never logged.
     terraform_env: Mapping[str, str] = field(default_factory=dict, repr=False)
 
-    @property
-    def tls_enabled(self) -> bool:
-        """True when the server speaks HTTPS itself."""
-        return self.acme is not None or self.tls_cert is not None
-
 
 def is_loopback(host: str) -> bool:
     """True for an address (or `localhost`) that only this machine can reach."""

@@ -32,6 +32,11 @@ def workspace_name(key: str, instance: str) -> str:
     return f"{key}.{instance}"
 
 
+def workspace_tenant(workspace: str) -> str:
+    """The tenant key of a workspace (what comes before its first dot)."""
+    return workspace.partition(".")[0]
+
+
 def split_workspace(workspace: str) -> tuple[str, str] | None:
     """(tenant key, instance) of a workspace tfserver made, or None for any other name."""
     key, dot, instance = workspace.partition(".")

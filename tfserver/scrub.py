@@ -26,12 +26,14 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from decimal import ROUND_HALF_DOWN, ROUND_HALF_EVEN, ROUND_HALF_UP, Decimal, localcontext
 from types import MappingProxyType
 from typing import Any
 
 SCRUBBED = "(sensitive value)"
+#: What a sensitive output reads as, wherever outputs are shown to a non-admin.
+REDACTED = "<sensitive>"
 
 Secret = str | int | float
 """One leaf of a sensitive value, as the request body or a default gave it."""
@@ -58,6 +60,33 @@ _ROUNDINGS = (10, 6, 7)
 # Beyond this a positional form would be thousands of characters; terraform never gets
 # such a number from a request (see jsonbody.MAX_EXPONENT), only from an odd default.
 _MAX_POSITIONAL = 1000
+
+
+def shown_outputs(outputs: Mapping[str, Mapping[str, Any]], *, reveal: bool = False,
+                  scrub: Callable[[str], str] | None = None) -> dict[str, Any]:
+    """Terraform's outputs (name → {"value", "sensitive"}, as the state and the `-json`
+    stream hold them) as the API shows them: a sensitive one reads `REDACTED`, unless
+    `reveal` (an admin asks) and its value is there (the stream never carries it); the
+    others pass `scrub` (an output equal to a secret is no less secret for being shown)."""
+    shown: dict[str, Any] = {}
+    for name, out in outputs.items():
+        if not out.get("sensitive"):
+            value = out.get("value")
+            shown[name] = value if scrub is None else scrubbed(value, scrub)
+        else:
+            shown[name] = out.get("value") if reveal and "value" in out else REDACTED
+    return shown
+
+
+def scrubbed(value: Any, scrub: Callable[[str], str]) -> Any:
+    """A JSON value with every string in it, a map's keys too, passed through `scrub`."""
+    if isinstance(value, str):
+        return scrub(value)
+    if isinstance(value, dict):
+        return {scrub(str(k)): scrubbed(v, scrub) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [scrubbed(v, scrub) for v in value]
+    return value
 
 
 def renderings(secret: Secret) -> frozenset[str]:

@@ -6,6 +6,7 @@ backend, its expiry from the object store, and whether a run holds it from the l
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -15,8 +16,8 @@ from ..errors import NotFound
 from ..module.discover import Module
 from ..names import check_instance_name, check_tenant_key, split_workspace, workspace_name
 from ..runs.expiry import Expiries
+from ..scrub import Scrubber, Secret, shown_outputs
 from ..storage.base import StateBackend
-from ..terraform.output import REDACTED
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,9 @@ class Catalog:
         self.backend = backend
         self.busy = busy
         self.expiries = expiries
+        # A scrubber per set of secrets: GETs of one instance reuse the one they compiled.
+        self._scrubbers: dict[tuple[tuple[type, Secret], ...], Scrubber] = {}
+        self._scrubbers_lock = threading.Lock()
 
     def module(self, name: str) -> Module:
         """The module served at `/<name>`, or 404."""
@@ -108,21 +112,18 @@ class Catalog:
     def show(self, principal: Principal, name: str, instance: str,
              tenant: str | None = None) -> InstanceView:
         """An instance's outputs and status, read from its state without terraform."""
-        self.module(name)
+        m = self.module(name)
         principal.require(name, "read")
         ws = target_workspace(principal, instance, tenant)
         snap = self.backend.snapshot(name, ws)
         state = snap.state
         if state is None:
             raise NotFound(f"module {name} has no instance {instance!r}")
-        outputs = {
-            k: REDACTED if (v.get("sensitive") and not principal.admin) else v.get("value")
-            for k, v in (state.get("outputs") or {}).items()
-        }
         return InstanceView(
             module=name,
             instance=instance,
-            outputs=outputs,
+            outputs=shown_outputs(state.get("outputs") or {}, reveal=principal.admin,
+                                  scrub=self._scrubber(m, ws)),
             resources=len(state.get("resources") or []),
             serial=state.get("serial"),
             terraform_version=state.get("terraform_version"),
@@ -131,3 +132,22 @@ class Catalog:
             stale=snap.stale,
             expires_at=self.expiries.get(name, ws),
         )
+
+    def _scrubber(self, m: Module, workspace: str) -> Scrubber | None:
+        """What scrubs an instance's outputs: every value of its sensitive variables, as
+        its last apply gave them (the kept inputs) or their defaults; None without any."""
+        if not m.sensitive_variables:
+            return None
+        secrets = tuple(m.secret_values(self.backend.inputs.load(m.name, workspace) or {}))
+        if not secrets:
+            return None
+        key = tuple((type(s), s) for s in secrets)  # 1 and 1.0 print differently
+        with self._scrubbers_lock:
+            found = self._scrubbers.get(key)
+        if found is None:
+            found = Scrubber(secrets)
+            with self._scrubbers_lock:
+                if len(self._scrubbers) >= 256:
+                    self._scrubbers.clear()  # a bound, not a policy: rebuilt on demand
+                self._scrubbers[key] = found
+        return found

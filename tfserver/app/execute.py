@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,18 +28,23 @@ from ..errors import (
     UpstreamFailed,
 )
 from ..module.discover import Module
+from ..names import workspace_tenant
 from ..runs.expiry import Expiries
 from ..runs.store import RunStore
-from ..scrub import Scrubber
+from ..scrub import Scrubber, shown_outputs
 from ..storage.base import StateBackend
 from ..terraform.args import build_args
-from ..terraform.output import REDACTED, EventSink, Failure, RunResult
+from ..terraform.output import EventSink, Failure, RunResult
 from ..terraform.process import RunControl, Runner
 from ..terraform.workdir import VarFiles, WorkingCopies
 
 logger = logging.getLogger(__name__)
 
 Operation = Literal["apply", "plan", "destroy", "plan-destroy"]
+
+#: The warning of an apply whose inputs the backend would not keep.
+INPUTS_NOT_KEPT = ("the inputs of this apply could not be kept for its destroy (the "
+                   "state backend failed); apply the same inputs again before a destroy")
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,10 @@ class Applied:
     created: bool
     #: When the instance expires after this apply (seconds since the epoch), if it does.
     expires_at: float | None = None
+    #: What went wrong around the apply that succeeded (for its record).
+    warnings: tuple[str, ...] = ()
+    #: The outputs as anyone but an admin sees them (what the run's record keeps).
+    public_outputs: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -101,9 +111,21 @@ class RunSpec:
     expiry: float | None = None
 
 
+#: What an answer shows of a state lock: never the server's paths, user or host.
+LOCK_FIELDS = ("id", "operation", "created")
+
+
+def shown_lock(lock: Mapping[str, str], holder: str | None = None) -> dict[str, str]:
+    """A state lock as an answer shows it: its id, operation and time, and the run that
+    holds it when one is known (`run_id`)."""
+    shown = {k: lock[k] for k in LOCK_FIELDS if k in lock}
+    return shown | ({"run_id": holder} if holder else {})
+
+
 def problem_for(result: RunResult, scrub: Scrubber, instance: str,
-                run_timeout: float) -> TFServerError:
-    """The error to answer for a failed run; every text terraform wrote passes `scrub`."""
+                run_timeout: float, holder: str | None = None) -> TFServerError:
+    """The error to answer for a failed run; every text terraform wrote passes `scrub`
+    (`holder`: the run that holds the state lock, when it is locked)."""
     kind = result.failure
     if kind is Failure.INTERRUPTED:
         return Unavailable("the server is shutting down; the run was interrupted")
@@ -114,7 +136,8 @@ def problem_for(result: RunResult, scrub: Scrubber, instance: str,
                        "interrupted; terraform released its lock")
     if kind is Failure.LOCKED:
         return Conflict(f"the state of instance {instance!r} is locked by another run",
-                        lock={k: scrub(v) for k, v in (result.lock or {}).items()})
+                        lock={k: scrub(v) for k, v in shown_lock(result.lock or {},
+                                                                 holder).items()})
     if kind is Failure.STALE_PLAN:
         return Conflict("the saved plan is stale: the state changed since it was made; "
                         "plan again", retry_after=0)
@@ -122,7 +145,7 @@ def problem_for(result: RunResult, scrub: Scrubber, instance: str,
         return RunKilled(-result.returncode, instance)
     errors = result.errors
     diagnostics = [{"summary": scrub(d.summary), "detail": scrub(d.detail)}
-                   | ({"address": d.address} if d.address else {}) for d in errors]
+                   | ({"address": scrub(d.address)} if d.address else {}) for d in errors]
     if not diagnostics:
         return UpstreamFailed(f"terraform exited with status {result.returncode}")
     summary = "; ".join(d["summary"] for d in diagnostics)
@@ -173,17 +196,7 @@ class Executor:
         wc = self.copies.ready(name)
         existed = self.backend.exists(name, ws)
         destroying = spec.operation in ("destroy", "plan-destroy")
-        if spec.expiry is not None:
-            current = self.expiries.get(name, ws)
-            if current is None or int(current) != int(spec.expiry):
-                # A later apply moved the expiry (or the instance went) meanwhile.
-                raise Conflict("the instance's expiry moved; it is not destroyed",
-                               retry_after=0)
-        if destroying and spec.plan_of is None:
-            if not existed:
-                raise NotFound(f"module {name} has no instance {spec.instance!r}")
-            spec.inputs = self.backend.load_inputs(name, ws) or {}
-            spec.scrub = Scrubber(spec.module.secret_values(spec.inputs))
+        self._check(spec, existed)
         # Destroy needs the same variables again, so they are kept durably. The write
         # starts once terraform runs and goes on meanwhile (a rename on disk, a PUT on
         # S3); it is undone if terraform changed nothing.
@@ -204,12 +217,10 @@ class Executor:
         self._log_run(spec, result)
         if spec.plan_of is not None:
             self.store.drop_plan(spec.plan_of)  # used, whatever the outcome
-        if keeping:
-            previous = keeping[0].result()
-            if not (result.ok or result.apply_started) and previous != spec.inputs:
-                self._restore_inputs(name, ws, previous)
+        warnings = self._settle_inputs(spec, result, keeping[0]) if keeping else ()
         if not result.ok:
-            raise problem_for(result, spec.scrub, spec.instance, self.run_timeout)
+            holder = self._lock_holder(spec) if result.failure is Failure.LOCKED else None
+            raise problem_for(result, spec.scrub, spec.instance, self.run_timeout, holder)
         if result.unreadable and spec.operation == "apply" and result.outputs is None:
             # Never answer an apply with outputs made up of nulls.
             raise UpstreamFailed("the apply ended, but terraform's report of it could not "
@@ -217,10 +228,11 @@ class Executor:
         if spec.operation in ("plan", "plan-destroy"):
             if saved is not None:
                 self._save_plan(spec, saved)
-            return Planned(name, spec.instance, result.changes, result.planned, spec.run_id)
+            planned = [{**p, "address": spec.scrub(p["address"])} for p in result.planned]
+            return Planned(name, spec.instance, result.changes, planned, spec.run_id)
         if destroying:
             self._workspace_delete(spec, wc.path, deadline)
-            self.backend.delete_inputs(name, ws)
+            self.backend.inputs.delete(name, ws)
             self.expiries.clear(name, ws)
             return Destroyed(name, spec.instance, result.changes, spec.run_id)
         expires_at = spec.expires
@@ -228,7 +240,42 @@ class Executor:
             expires_at = time.time() + spec.ttl
             self.expiries.set(name, ws, expires_at)
         return Applied(name, spec.instance, self._outputs(spec, result), result.changes,
-                       spec.run_id, created=not existed, expires_at=expires_at)
+                       spec.run_id, created=not existed, expires_at=expires_at,
+                       warnings=warnings,
+                       public_outputs=shown_outputs(result.outputs or {}, scrub=spec.scrub))
+
+    def _check(self, spec: RunSpec, existed: bool) -> None:
+        """Refuse a reaper's destroy whose expiry moved, or a destroy of nothing; give a
+        destroy the inputs of the last apply."""
+        name, ws = spec.module.name, spec.workspace
+        if spec.expiry is not None:
+            current = self.expiries.get(name, ws)
+            if current is None or int(current) != int(spec.expiry):
+                # A later apply moved the expiry (or the instance went) meanwhile.
+                raise Conflict("the instance's expiry moved; it is not destroyed",
+                               retry_after=0)
+        if spec.operation in ("destroy", "plan-destroy") and spec.plan_of is None:
+            if not existed:
+                raise NotFound(f"module {name} has no instance {spec.instance!r}")
+            spec.inputs = self.backend.inputs.load(name, ws) or {}
+            spec.scrub = Scrubber(spec.module.secret_values(spec.inputs))
+
+    def _lock_holder(self, spec: RunSpec) -> str | None:
+        """The run that holds the instance's state lock: another of its runs that some
+        replica holds now; None when the store knows none (terraform run by hand, or a
+        killed run's leftover lock)."""
+        tenant = workspace_tenant(spec.workspace)
+        try:
+            for t, module, run_id in self.store.active():
+                if t != tenant or module != spec.module.name or run_id == spec.run_id:
+                    continue
+                record = self.store.get(run_id)
+                if record is not None and record.workspace == spec.workspace:
+                    return run_id
+        except TFServerError as e:
+            logger.warning("the run holding %s/%s not found: %s", spec.module.name,
+                           spec.instance, e.detail, extra={"run_id": spec.run_id})
+        return None
 
     def _plan_file(self, spec: RunSpec, var_file: Path) -> Path | None:
         """Where the plan is saved (a dry run) or read from (applying a saved plan), on
@@ -279,17 +326,45 @@ class Executor:
     def _keep_inputs(self, name: str, ws: str,
                      inputs: dict[str, Any]) -> dict[str, Any] | None:
         """Store the inputs unless they are stored already; return what was there."""
-        previous = self.backend.load_inputs(name, ws)
+        previous = self.backend.inputs.load(name, ws)
         if previous != inputs:
-            self.backend.save_inputs(name, ws, inputs)
+            self.backend.inputs.save(name, ws, inputs)
         return previous
+
+    def _settle_inputs(self, spec: RunSpec, result: RunResult,
+                       keeping: Future[dict[str, Any] | None]) -> tuple[str, ...]:
+        """After an apply: put back the previous inputs if terraform changed nothing, or
+        make sure the new ones are kept if it did. A backend that fails here never turns
+        the apply that happened into a failure: the warnings to record, if any."""
+        name, ws = spec.module.name, spec.workspace
+        try:
+            previous = keeping.result()
+        except (TFServerError, OSError) as e:
+            if not (result.ok or result.apply_started):
+                return ()  # nothing was written, nothing changed: nothing to keep
+            try:  # once more, now that terraform is done (the store may be back)
+                self._keep_inputs(name, ws, spec.inputs)
+                return ()
+            except (TFServerError, OSError) as again:
+                logger.warning("inputs of %s/%s not kept after the apply: %s (first: %s)",
+                               name, spec.instance, _detail(again), _detail(e),
+                               extra={"run_id": spec.run_id})
+                return (INPUTS_NOT_KEPT,)
+        if not (result.ok or result.apply_started) and previous != spec.inputs:
+            try:
+                self._restore_inputs(name, ws, previous)
+            except (TFServerError, OSError) as e:
+                logger.warning("inputs of %s/%s not put back after a run that changed "
+                               "nothing: %s", name, spec.instance, _detail(e),
+                               extra={"run_id": spec.run_id})
+        return ()
 
     def _restore_inputs(self, name: str, ws: str, previous: dict[str, Any] | None) -> None:
         """Put back the inputs of the last apply that changed something."""
         if previous is None:
-            self.backend.delete_inputs(name, ws)
+            self.backend.inputs.delete(name, ws)
         else:
-            self.backend.save_inputs(name, ws, previous)
+            self.backend.inputs.save(name, ws, previous)
 
     def _workspace_delete(self, spec: RunSpec, cwd: Path, deadline: float) -> None:
         result = self.runner.run(
@@ -305,19 +380,12 @@ class Executor:
         gets them from the state: the event stream never carries their values)."""
         admin = spec.principal.admin
         events = result.outputs or {}
-        needs_state = admin and any(v.get("sensitive") for v in events.values())
-        state = (self.backend.read_state(spec.module.name, spec.workspace)
-                 if needs_state else None)
+        if not (admin and any(v.get("sensitive") for v in events.values())):
+            return shown_outputs(events, scrub=spec.scrub)
+        state = self.backend.read_state(spec.module.name, spec.workspace)
         from_state = (state or {}).get("outputs") or {}
-        outputs: dict[str, Any] = {}
-        for key, out in events.items():
-            if not out.get("sensitive"):
-                outputs[key] = out.get("value")
-            elif admin and key in from_state:
-                outputs[key] = from_state[key].get("value")
-            else:
-                outputs[key] = REDACTED
-        return outputs
+        return shown_outputs({k: from_state.get(k, v) if v.get("sensitive") else v
+                              for k, v in events.items()}, reveal=True, scrub=spec.scrub)
 
     def _log_run(self, spec: RunSpec, result: RunResult) -> None:
         # A run that went well has its audit line (status, changes, time); this line is
@@ -335,10 +403,9 @@ class Executor:
                            spec.scrub(d.detail)[:1000], extra={"run_id": spec.run_id})
 
 
-def redacted(module: Module, outputs: dict[str, Any]) -> dict[str, Any]:
-    """Outputs as anyone but an admin sees them (what run records keep)."""
-    return {k: REDACTED if (o := module.outputs.get(k)) is not None and o.sensitive else v
-            for k, v in outputs.items()}
+def _detail(error: TFServerError | OSError) -> str:
+    """What a storage error says (never a value: keys and the OS's reason only)."""
+    return error.detail if isinstance(error, TFServerError) else str(error.strerror)
 
 
 def _remaining(deadline: float) -> float:

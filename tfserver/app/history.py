@@ -16,6 +16,7 @@ from typing import Any
 
 from ..auth import Principal
 from ..errors import BadRequest, Conflict, NotFound, Rejected, TFServerError
+from ..names import workspace_tenant
 from ..runs.registry import Runs
 from ..runs.run import Run, RunProblem
 from ..runs.store import ACTIVE, RunRecord
@@ -24,8 +25,10 @@ from .execute import Applied, Destroyed, Operation, Outcome, Planned
 
 logger = logging.getLogger(__name__)
 
-#: Idempotency keys: 1-255 visible ASCII characters.
-_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+#: Idempotency keys: 1-255 visible ASCII characters (the one definition: the OpenAPI
+#: document's pattern is this text).
+IDEMPOTENCY_KEY_PATTERN = "^[!-~]{1,255}$"
+_IDEMPOTENCY_KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,7 @@ class History:
         key = principal.tenant_key
         if instance is not None:
             ws = target_workspace(principal, instance, tenant)
-            key = ws.partition(".")[0]
+            key = workspace_tenant(ws)
         scope: str | None = key if (instance is not None or not principal.admin) else None
         found, cursor = _page(
             self.runs, tenant=scope, module=module, instance=instance, after=after, limit=limit,
@@ -244,4 +247,5 @@ def _outcome_of(record: RunRecord) -> Outcome:
     if op == "destroy":
         return Destroyed(record.module, record.instance, changes, record.id)
     return Applied(record.module, record.instance, record.outputs or {}, changes, record.id,
-                   created=bool(record.created))
+                   created=bool(record.created), warnings=tuple(record.warnings or ()),
+                   public_outputs=record.outputs or {})

@@ -8,7 +8,6 @@ The server turns results into JSON, statuses and headers; this module never spea
 from __future__ import annotations
 
 import logging
-import re
 import socket
 import time
 from collections.abc import Callable, Mapping
@@ -17,13 +16,13 @@ from typing import Any, Protocol
 
 from ..auth import Principal
 from ..config import Config
-from ..errors import BadRequest, Conflict, NotFound, TFServerError
+from ..errors import Conflict, NotFound, TFServerError
 from ..logs import audit_run
 from ..metrics import Metrics
 from ..module.discover import Module
 from ..module.limits import parse_ttl
 from ..module.policy import Policy
-from ..names import check_instance_name, split_workspace, workspace_name
+from ..names import check_instance_name, workspace_name, workspace_tenant
 from ..runs.expiry import Due, Expiries, Reaper
 from ..runs.lanes import Scheduler
 from ..runs.registry import Runs
@@ -32,31 +31,19 @@ from ..runs.store import RunRecord, RunStore, new_run_id
 from ..scrub import Scrubber
 from ..storage.base import StateBackend
 from ..storage.local import LocalBackend
-from ..terraform.args import build_args
 from ..terraform.output import api_event
 from ..terraform.process import Runner
 from ..terraform.workdir import VarFiles, WorkingCopies
 from .catalog import Catalog, target_workspace
-from .execute import Applied, Destroyed, Executor, Outcome, Planned, RunSpec, redacted
+from .execute import Applied, Destroyed, Executor, Outcome, Planned, RunSpec
 from .governance import Governance
 from .history import History, Idempotency, Submitted
+from .reap import expired_destroy
+from .unlock import Unlocked, Unlocker
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Applied", "Destroyed", "Planned", "Service"]
-
-#: Idempotency keys: 1-255 visible ASCII characters.
-_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
-
-
-@dataclass(frozen=True)
-class Unlocked:
-    """A backend lock that an admin cleared."""
-
-    module: str
-    instance: str
-    lock_id: str
-
+__all__ = ["Applied", "Destroyed", "Planned", "Service", "Unlocked"]
 
 @dataclass(frozen=True)
 class Readiness:
@@ -117,6 +104,8 @@ class Service:
                                  run_timeout=config.run_timeout, lock_wait=config.lock_wait,
                                  plan_ttl=config.plan_ttl, max_workers=config.max_runs,
                                  var_files=VarFiles(config.tmp_dir, config.state_dir / "tmp"))
+        self.unlocker = Unlocker(self.catalog, self.copies, self.runs.scheduler, backend,
+                                 runner, timeout=min(config.run_timeout, 120))
         self.reaper = Reaper(self.expiries, self._reap, self._run_status,
                              replica=self.runs.replica, interval=config.reap_interval)
         #: The modules' OpenAPI description, each module's part made once (openapi.py).
@@ -225,7 +214,7 @@ class Service:
         spec.run_id = new_run_id()
         # Idempotency keys are the caller's; the run belongs to the instance's tenant.
         tenant = spec.principal.tenant_key
-        owner = spec.workspace.partition(".")[0]
+        owner = workspace_tenant(spec.workspace)
         if idempotency is not None:
             found = self.history.replay(tenant, spec.run_id, idempotency)
             if found is not None:
@@ -262,24 +251,17 @@ class Service:
                 self.metrics.lock_conflicts.labels(spec.module.name).inc()
             self.history.drop_key(tenant, idempotency)
             if spec.plan_of is not None:
-                self.store.objects.delete(f"_plans/{spec.plan_of}.used")
+                self.store.release_plan(spec.plan_of)
             raise
         if spec.plan_of is not None:
             self.history.mark_plan_applied(spec.plan_of, spec.run_id)
         return Submitted(spec.run_id, run)
 
     def _reap(self, due: Due) -> str | None:
-        """Start the destroy of an expired instance as a run of `tfserver:ttl`; None when
-        the instance is being changed here now (the reaper tries again later)."""
-        module = self.modules.get(due.module)
-        parts = split_workspace(due.workspace)
-        if module is None or parts is None:
+        """Start the destroy of an expired instance (None: not now, see `expired_destroy`)."""
+        spec = expired_destroy(self.modules, due, self.runs.scheduler.busy)
+        if spec is None:
             return None
-        if self.runs.scheduler.busy((due.module, due.workspace)):
-            return None
-        reaper = Principal(subject="tfserver:ttl", tenant="tfserver:ttl", admin=True)
-        spec = RunSpec(module, parts[1], due.workspace, "destroy", {}, reaper,
-                       Scrubber(module.secret_values({})), expiry=due.expires_at)
         return self._submit(spec, asynchronous=True, idempotency=None,
                             governed=False).run_id
 
@@ -316,8 +298,8 @@ class Service:
         record = run.record
         record.changes = outcome.changes
         if isinstance(outcome, Applied):
-            record.outputs, record.created = redacted(spec.module, outcome.outputs), \
-                outcome.created
+            record.outputs, record.created = outcome.public_outputs, outcome.created
+            record.warnings = list(outcome.warnings) or None
         elif isinstance(outcome, Planned):
             record.planned = outcome.planned
             record.plan = {"expires_at": time.time() + self.config.plan_ttl,
@@ -326,30 +308,8 @@ class Service:
 
     def force_unlock(self, principal: Principal, name: str, instance: str,
                      lock_id: Any, tenant: str | None = None) -> Unlocked:
-        """Admin: clear a backend lock left by a killed run (its id must match)."""
-        self.catalog.module(name)
-        principal.require_admin()
-        ws = target_workspace(principal, instance, tenant)
-        if not isinstance(lock_id, str) or not lock_id.strip():
-            raise BadRequest("send the lock id to clear as {\"lock_id\": \"...\"}",
-                             extra={"errors": [{"field": "lock_id", "message": "required"}]})
-        wc = self.copies.ready(name)
-        # Never while this server runs terraform on the instance: that lock is alive.
-        with self.runs.scheduler.hold((name, ws), f"instance {instance!r} of module {name}"):
-            held = self.backend.lock_info(name, ws)
-            if held is not None and held.get("id") not in (None, lock_id):
-                raise Conflict("that is not the id of the lock held now", lock=held)
-            result = self.runner.run(
-                build_args("force-unlock", extra=[lock_id]),
-                cwd=wc.path, workspace=ws, timeout=min(self.config.run_timeout, 120))
-            if not result.ok:
-                logger.warning("force-unlock of %s/%s failed: %s", name, instance,
-                               result.stderr.strip()[-500:])
-                raise Conflict("terraform could not clear that lock: the id does not match "
-                               "a held lock", lock=held or {})
-        logger.warning("lock %s of %s/%s cleared by %s", lock_id, name, instance,
-                       principal.subject)
-        return Unlocked(name, instance, lock_id)
+        """Admin: clear a backend lock left by a killed run (see `Unlocker`)."""
+        return self.unlocker.force_unlock(principal, name, instance, lock_id, tenant)
 
     # -- helpers ----------------------------------------------------------------------
 

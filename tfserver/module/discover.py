@@ -132,22 +132,36 @@ class Module:
             var = self.variables[name]
             for value in (inputs.get(name), var.default):
                 # Keyed by type too: 1 and 1.0 are equal but print differently.
-                found.update(((type(leaf), leaf), leaf) for leaf in _leaves(value))
+                found.update(((type(leaf), leaf), leaf) for leaf in _leaves(value, var.type))
         leaves = [leaf for leaf in found.values() if leaf != ""]
         return sorted(leaves, key=lambda leaf: len(leaf) if isinstance(leaf, str) else -1,
                       reverse=True)
 
 
-def _leaves(value: Any) -> Iterator[Secret]:
-    """The strings and numbers inside a value: each is printed on its own (a map's values,
-    a list's items); keys are names, not secrets, and scrubbing words such as `password`
-    would maim every text."""
+def _leaves(value: Any, t: TfType | None = None) -> Iterator[Secret]:
+    """The strings and numbers inside a value of type `t`: each is printed on its own (a
+    map's values, a list's items). A map's keys too: they are the caller's data, and a
+    `for_each` over the map prints them in resource addresses. An object's attribute
+    names (and the keys of a value typed `any`) are names, not secrets: scrubbing words
+    such as `password` would maim every text."""
+    kind = t.kind if t is not None else "any"
     if isinstance(value, dict):
-        for v in value.values():
-            yield from _leaves(v)
+        for k, v in value.items():
+            if kind == "map" and t is not None:
+                yield from _leaves(str(k))
+                yield from _leaves(v, t.element)
+            elif kind == "object" and t is not None and k in t.attributes:
+                yield from _leaves(v, t.attributes[k].type)
+            else:
+                yield from _leaves(v)
     elif isinstance(value, list | tuple):
-        for v in value:
-            yield from _leaves(v)
+        for i, v in enumerate(value):
+            if kind in ("list", "set") and t is not None:
+                yield from _leaves(v, t.element)
+            elif kind == "tuple" and t is not None and i < len(t.items):
+                yield from _leaves(v, t.items[i])
+            else:
+                yield from _leaves(v)
     elif isinstance(value, bool):
         return  # "true"/"false" reveal next to nothing and scrubbing them would maim text
     elif isinstance(value, str | int | float):

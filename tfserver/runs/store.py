@@ -40,11 +40,6 @@ def new_run_id(now: float | None = None) -> str:
     return f"{_ID_MAX - ms:012x}{os.urandom(10).hex()}"
 
 
-def run_id_time(run_id: str) -> float:
-    """When a run id was made (seconds since the epoch)."""
-    return (_ID_MAX - int(run_id[:12], 16)) / 1000.0
-
-
 def is_run_id(text: str) -> bool:
     """True for 32 lowercase hex digits."""
     return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
@@ -98,6 +93,8 @@ class RunRecord:
     #: "requested" once a cancel was asked, "forced" once the process group was killed.
     cancel: str | None = None
     state_may_be_locked: bool = False
+    #: What went wrong around a run that succeeded (its inputs not kept, for one).
+    warnings: list[str] | None = None
 
     def to_json(self) -> bytes:
         """The stored form."""
@@ -250,6 +247,10 @@ class RunStore:
     def claim_plan(self, run_id: str, by: str) -> bool:
         """Mark a plan used by run `by`; False when another run used it first."""
         return self.objects.put_new(f"_plans/{run_id}.used", by.encode())
+
+    def release_plan(self, run_id: str) -> None:
+        """Undo `claim_plan`: the run that claimed the plan never started."""
+        self.objects.delete(f"_plans/{run_id}.used")
 
     def drop_plan(self, run_id: str) -> None:
         """Delete a plan's file and inputs (after use or expiry); keep the used mark."""

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import Unavailable
 
+if TYPE_CHECKING:
+    from .inputs import KeptInputs
+
 logger = logging.getLogger(__name__)
 
-INPUTS_SUFFIX = ".inputs.json"
 STATE_NAME = "terraform.tfstate"
 
 
@@ -65,6 +67,8 @@ class StateBackend(Protocol):
 
     name: str
     objects: ObjectStore
+    #: The inputs of each instance's last apply, kept in `objects` (see `inputs.py`).
+    inputs: KeptInputs
 
     def override(self, module: str) -> dict[str, Any]:
         """The `terraform { backend ... }` block, as JSON, for the module's working copy."""
@@ -84,18 +88,6 @@ class StateBackend(Protocol):
 
     def exists(self, module: str, workspace: str) -> bool:
         """True when the workspace has a state object (cheaper than reading it)."""
-        ...
-
-    def save_inputs(self, module: str, workspace: str, inputs: dict[str, Any]) -> None:
-        """Keep the variables of the last apply (destroy needs them again)."""
-        ...
-
-    def load_inputs(self, module: str, workspace: str) -> dict[str, Any] | None:
-        """The variables of the last apply, or None."""
-        ...
-
-    def delete_inputs(self, module: str, workspace: str) -> None:
-        """Forget the variables (after destroy)."""
         ...
 
     def lock_info(self, module: str, workspace: str) -> dict[str, str] | None:

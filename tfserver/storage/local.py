@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from ..files import create_private, private_dir, write_private
-from .base import INPUTS_SUFFIX, STATE_NAME, BackendError, ObjectStore, Snapshot
+from .base import STATE_NAME, BackendError, ObjectStore, Snapshot
+from .inputs import KeptInputs
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +91,9 @@ class LocalBackend:
 
     def __init__(self, state_dir: Path) -> None:
         self.root = state_dir / "state"
-        self.inputs_root = state_dir / "inputs"
         self.objects: ObjectStore = LocalObjects(state_dir)
+        # The folder kept inputs at `inputs/` before `_inputs/`: read there too.
+        self.inputs = KeptInputs(self.objects, legacy=True)
 
     def _module_dir(self, module: str) -> Path:
         return self.root / module
@@ -157,27 +159,6 @@ class LocalBackend:
         if not base.is_dir():
             return []
         return sorted(p.name for p in base.iterdir() if (p / STATE_NAME).is_file())
-
-    def _inputs_path(self, module: str, workspace: str) -> Path:
-        return self.inputs_root / module / (workspace + INPUTS_SUFFIX)
-
-    def save_inputs(self, module: str, workspace: str, inputs: dict[str, Any]) -> None:
-        """Write the inputs file with mode 0600."""
-        write_private(self._inputs_path(module, workspace), json.dumps(inputs).encode())
-
-    def load_inputs(self, module: str, workspace: str) -> dict[str, Any] | None:
-        """Read the inputs file, if any."""
-        try:
-            doc = json.loads(self._inputs_path(module, workspace).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as e:
-            raise BackendError(f"cannot read the stored inputs: {e}") from e
-        return doc if isinstance(doc, dict) else None
-
-    def delete_inputs(self, module: str, workspace: str) -> None:
-        """Remove the inputs file."""
-        self._inputs_path(module, workspace).unlink(missing_ok=True)
 
     def lock_info(self, module: str, workspace: str) -> dict[str, str] | None:
         """The local backend's lock lives in process memory and flock; not visible here."""

@@ -16,6 +16,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from ..config import S3Settings
 from .base import STATE_NAME, BackendError, ObjectStore, Snapshot
+from .inputs import KeptInputs
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +115,8 @@ class S3Backend:
 
     Terraform locks with the S3 lock file (`<state key>.tflock`) and/or a DynamoDB item
     (`LockID = <bucket>/<state key>`); this class only reads them, to report who holds a
-    lock. The inputs kept for destroy live beside, at `<prefix>/_inputs/<module>/<ws>.json`.
+    lock. The inputs kept for destroy live beside, in the objects (`KeptInputs`):
+    `<prefix>/_inputs/<module>/<ws>.json`.
     """
 
     name = "s3"
@@ -138,13 +140,11 @@ class S3Backend:
         )
         self.objects: ObjectStore = S3Objects(self.s3, settings.bucket,
                                               f"{settings.key_prefix}/")
+        self.inputs = KeptInputs(self.objects)
 
     def state_key(self, module: str, workspace: str) -> str:
         """The object key of a workspace's state."""
         return f"{self.settings.key_prefix}/{module}/{workspace}/{STATE_NAME}"
-
-    def _inputs_key(self, module: str, workspace: str) -> str:
-        return f"{self.settings.key_prefix}/_inputs/{module}/{workspace}.json"
 
     def override(self, module: str) -> dict[str, Any]:
         """An empty s3 backend block; the settings come as `-backend-config` values."""
@@ -194,24 +194,6 @@ class S3Backend:
                     if name == STATE_NAME:
                         found.append(ws)
         return sorted(found)
-
-    def save_inputs(self, module: str, workspace: str, inputs: dict[str, Any]) -> None:
-        """PUT the inputs object."""
-        with _aws("S3 cannot keep the inputs"):
-            self.s3.put_object(Bucket=self.settings.bucket,
-                               Key=self._inputs_key(module, workspace),
-                               Body=json.dumps(inputs).encode(),
-                               ContentType="application/json")
-
-    def load_inputs(self, module: str, workspace: str) -> dict[str, Any] | None:
-        """GET the inputs object, if any."""
-        return _json_object(self._get(self._inputs_key(module, workspace)), "the stored inputs")
-
-    def delete_inputs(self, module: str, workspace: str) -> None:
-        """DELETE the inputs object."""
-        with _aws("S3 cannot delete the inputs"):
-            self.s3.delete_object(Bucket=self.settings.bucket,
-                                  Key=self._inputs_key(module, workspace))
 
     def lock_info(self, module: str, workspace: str) -> dict[str, str] | None:
         """The lock file's content, or the DynamoDB lock item's, when one is held."""

@@ -11,6 +11,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..scrub import shown_outputs
+
 logger = logging.getLogger(__name__)
 
 
@@ -22,10 +24,6 @@ _LOCK_SUMMARIES = ("Error acquiring the state lock", "Error locking state")
 
 
 _STALE_PLAN = "Saved plan is stale"
-
-
-#: What a sensitive output reads as, wherever outputs are shown to a non-admin.
-REDACTED = "<sensitive>"
 
 
 _RESOURCE_PHASES = {"apply_start": "start", "apply_progress": "progress",
@@ -231,8 +229,7 @@ def api_event(raw: Mapping[str, Any]) -> dict[str, Any] | None:
         if not isinstance(outputs, dict) or any("action" in v for v in outputs.values()):
             return None  # the plan's preview of the outputs, without values
         return {"type": "outputs",
-                "outputs": {k: REDACTED if v.get("sensitive") else v.get("value")
-                            for k, v in outputs.items()}}
+                "outputs": shown_outputs(outputs)}
     return None
 
 

@@ -109,6 +109,8 @@ def run(record: RunRecord, viewer_tenant: str) -> dict[str, Any]:
         body["cancel"] = record.cancel
     if record.state_may_be_locked:
         body["state_may_be_locked"] = True
+    if record.warnings:
+        body["warnings"] = record.warnings
     return body
 
 

@@ -11,7 +11,7 @@ import logging
 import re
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,11 +38,10 @@ from ..terraform.args import build_args, cli_config_text
 from ..terraform.output import api_event
 from ..terraform.process import Runner
 from ..terraform.workdir import VarFiles, WorkingCopies
-from ..web.openapi import ApiDescription, DocSettings
-from .catalog import Catalog, target_workspace
+from .catalog import Catalog, InstanceView, ModuleView, target_workspace
 from .execute import Applied, Destroyed, Executor, Outcome, Planned, RunSpec, redacted
 from .governance import Governance
-from .history import History, Idempotency, Submitted
+from .history import History, Idempotency, RunPage, Submitted
 
 logger = logging.getLogger(__name__)
 
@@ -107,8 +106,6 @@ class Service:
                                  plan_ttl=config.plan_ttl, max_workers=config.max_runs)
         self.reaper = Reaper(self.expiries, self._reap, self._run_status,
                              replica=self.runs.replica, interval=config.reap_interval)
-        #: The modules' OpenAPI description, each module's part made once (openapi.py).
-        self.api = ApiDescription(DocSettings.from_config(config))
 
     # -- start-up ---------------------------------------------------------------------
 
@@ -348,6 +345,67 @@ class Service:
         logger.warning("lock %s of %s/%s cleared by %s", lock_id, name, instance,
                        principal.subject)
         return Unlocked(name, instance, lock_id)
+
+    # -- the facade the web layer calls (one delegating method per operation) ----------
+
+    def served(self) -> Mapping[str, Module]:
+        """The modules served, by name."""
+        return self.modules
+
+    def check_module(self, name: str) -> Module:
+        """The served module of that name (404 if none)."""
+        return self.catalog.module(name)
+
+    def index(self, principal: Principal) -> list[Module]:
+        """The modules the caller may read."""
+        return self.catalog.index(principal)
+
+    def describe(self, principal: Principal, name: str) -> ModuleView:
+        """A module: its variables, outputs and the caller's instances."""
+        return self.catalog.describe(principal, name)
+
+    def show(self, principal: Principal, name: str, instance: str,
+             tenant: str | None = None) -> InstanceView:
+        """One instance, read from its state."""
+        return self.catalog.show(principal, name, instance, tenant)
+
+    def list_runs(self, principal: Principal, *, module: str | None = None,
+                  instance: str | None = None, tenant: str | None = None,
+                  status: str | None = None, limit: int = 20, after: str = "") -> RunPage:
+        """A page of runs, newest first (see `History.list_runs`)."""
+        return self.history.list_runs(principal, module=module, instance=instance,
+                                      tenant=tenant, status=status, limit=limit, after=after)
+
+    def run(self, principal: Principal, run_id: str) -> RunRecord:
+        """One run's record."""
+        return self.history.record(principal, run_id)
+
+    def cancel(self, principal: Principal, run_id: str, *, force: bool) -> RunRecord:
+        """Cancel a run."""
+        return self.history.cancel(principal, run_id, force=force)
+
+    def follow(self, principal: Principal, run_id: str,
+               after: int = 0) -> Iterator[list[dict[str, Any]]]:
+        """A run's events after `after`, replayed and then live."""
+        return self.history.follow(principal, run_id, after)
+
+    def wait(self, submitted: Submitted, timeout: float | None) -> bool:
+        """Wait for a submitted run to end (at most `timeout` seconds); True if it did."""
+        return self.history.wait(submitted, timeout)
+
+    def result(self, principal: Principal, submitted: Submitted) -> Outcome:
+        """An ended run's outcome; raises its error."""
+        return self.history.result(principal, submitted)
+
+    def metrics_text(self, principal: Principal) -> bytes:
+        """The Prometheus text of the metrics (the admin scope, when auth is on)."""
+        if self.config.auth == "jwt":
+            principal.require_admin()
+        return self.metrics.render()
+
+    def count_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        """Count one answered HTTP request."""
+        self.metrics.request(method, route, status, seconds)
 
     # -- helpers ----------------------------------------------------------------------
 

@@ -1,9 +1,11 @@
 """The route table: dispatch, Allow/405, HEAD, metrics labels and the OpenAPI paths all
-read from it; routes take a small request interface."""
+read from it; routes take a small request interface; methods no route has are 405."""
 
 from __future__ import annotations
 
 import ast
+import json
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +13,7 @@ from typing import Any, cast
 
 import pytest
 
+from support import ServerProcess
 from tfserver.app.service import Service
 from tfserver.auth import NoAuth, Principal
 from tfserver.errors import MethodNotAllowed, NotFound
@@ -170,3 +173,47 @@ def test_routes_know_neither_the_server_nor_the_service_s_parts() -> None:
                              "copies", "runs", "store", "governance"}, (name, walked)
     assert ".app.service" not in _imports(WEB / "openapi.py")
     assert ".web.openapi" not in _imports(WEB.parent / "app" / "service.py")
+
+
+# -- over HTTP --------------------------------------------------------------------------
+
+
+def _raw(server: ServerProcess, data: bytes) -> bytes:
+    host, port = server.url.split("//")[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(data)
+        got = b""
+        while chunk := s.recv(65536):
+            got += chunk
+    return got
+
+
+@pytest.mark.parametrize("method", ["TRACE", "CONNECT", "OPTIONS", "PATCH"])
+def test_a_standard_method_no_route_has_is_405_with_allow(server: ServerProcess,
+                                                          method: str) -> None:
+    for path, allow in (("/basic", "GET, POST, DELETE"), ("/basic/x", "GET, PUT, DELETE"),
+                        ("/healthz", "GET"), ("/runs", "GET"),
+                        ("/runs/" + "0" * 32 + "/cancel", "POST")):
+        r = server.request(method, path, headers={"X-Secret": "do-not-echo-me"})
+        assert r.status == 405, (method, path, r.status)
+        assert r.header("Allow") == allow
+        assert r.header("Content-Type") == "application/problem+json"
+        assert json.loads(r.body)["status"] == 405
+        assert b"do-not-echo-me" not in r.body  # TRACE stays disabled: nothing echoed
+
+
+def test_trace_is_never_echoed_and_connect_to_an_authority_is_405(server: ServerProcess
+                                                                  ) -> None:
+    answer = _raw(server, b"TRACE /basic HTTP/1.1\r\nHost: x\r\nCookie: secret=1\r\n"
+                          b"Connection: close\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 405"), head
+    assert b"secret=1" not in answer and b"message/http" not in head
+    assert json.loads(body)["status"] == 405
+    answer = _raw(server, b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n"
+                          b"Connection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 405"), answer[:60]
+    assert b"\r\nAllow: " in answer
+    # an unknown method is still the 501 RFC 9110 asks for
+    assert _raw(server, b"BREW /basic HTTP/1.1\r\nHost: x\r\n\r\n").startswith(
+        b"HTTP/1.1 501")

@@ -157,12 +157,15 @@ class RequestHandler(Connection):
         self.wfile.flush()  # the 100 must reach the client before it sends the body
         return ok
 
-    # Every method goes through `dispatch`, so unknown ones get 405 rather than 501.
+    # Every standard method (RFC 9110, and PATCH) goes through `dispatch`, so one a route
+    # lacks gets 405 with `Allow`; only an unknown method is http.server's 501. TRACE is
+    # never echoed: no route has it.
     def do_GET(self) -> None:  # noqa: N802 - http.server calls do_<METHOD>
         """Serve GET."""
         self.dispatch()
 
     do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_GET  # noqa: N815
+    do_TRACE = do_CONNECT = do_GET  # noqa: N815
 
     def dispatch(self) -> None:
         """Route one request and answer it; the one place errors become responses."""

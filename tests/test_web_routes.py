@@ -1,19 +1,24 @@
 """The route table: dispatch, Allow/405, HEAD, metrics labels and the OpenAPI paths all
-read from it; routes take a small request interface; methods no route has are 405."""
+read from it; routes take a small request interface; methods no route has are 405; and
+the HTTP answers of issue 20 (Prefer: wait, SSE resume, Idempotency-Key)."""
 
 from __future__ import annotations
 
 import ast
 import json
 import socket
-from collections.abc import Callable
+import time
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
 
-from support import ServerProcess
+from support import ROOT, ServerProcess, start_server, terraform_shim
+from test_runs import body as run_body
+from test_runs import wait_run
 from tfserver.app.service import Service
 from tfserver.auth import NoAuth, Principal
 from tfserver.errors import MethodNotAllowed, NotFound
@@ -25,6 +30,7 @@ from tfserver.web.routes import ROUTES, Access, dispatch, match, template
 
 WEB = Path(routes.__file__).parent
 BASIC = Path(__file__).resolve().parent / "modules" / "basic"
+RUN_MODULES = ROOT / "tests" / "modules_runs"
 SAMPLE = {"module": "basic", "instance": "x", "id": "0" * 32, "asset": ""}
 
 
@@ -217,3 +223,90 @@ def test_trace_is_never_echoed_and_connect_to_an_authority_is_405(server: Server
     # an unknown method is still the 501 RFC 9110 asks for
     assert _raw(server, b"BREW /basic HTTP/1.1\r\nHost: x\r\n\r\n").startswith(
         b"HTTP/1.1 501")
+
+
+# -- answers that say the truth (issue 20, section 5) --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def steps(tmp_path_factory: pytest.TempPathFactory, terraform_bin: str
+          ) -> Iterator[ServerProcess]:
+    """A server on the runs' test modules, terraform a quick shim."""
+    tmp = tmp_path_factory.mktemp("web-routes")
+    shim, _ = terraform_shim(tmp)
+    server = start_server(tmp, modules_dir=RUN_MODULES, env={"TFSERVER_TERRAFORM": str(shim)})
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize(("prefer", "applied"), [
+    ("wait=9999999", "wait=90"), ("wait=99999999999999999999", "wait=90"),
+    ('wait="5"', "wait=5"), ("wait=0030", "wait=30"),
+    # answered within the wait: the wait applied, not respond-async
+    ("respond-async, wait=100", "wait=90")])
+def test_prefer_wait_caps_any_number_and_takes_the_quoted_form(
+        steps: ServerProcess, prefer: str, applied: str) -> None:
+    r = steps.request("PUT", "/steps/prefer", run_body(0, "quick"), headers={"Prefer": prefer})
+    assert r.status in (200, 201, 202), r.body
+    assert r.header("Preference-Applied") == applied, (prefer, r.headers)
+    if r.status == 202:
+        assert wait_run(steps, r.json["id"])["status"] == "succeeded"
+
+
+def test_a_quoted_wait_with_respond_async_waits_then_answers_202(steps: ServerProcess
+                                                                ) -> None:
+    # A run longer than the wait: 202 after the wait, both preferences applied.
+    started = time.monotonic()
+    r = steps.request("PUT", "/steps/prefer", run_body(3, "slow"),
+                      headers={"Prefer": 'respond-async, wait="1"'})
+    assert r.status == 202 and 0.9 < time.monotonic() - started < 3, r.body
+    assert r.header("Preference-Applied") == "respond-async, wait=1"
+    assert wait_run(steps, r.json["id"])["status"] == "succeeded"
+
+
+def test_sse_resume_past_the_end_of_an_ended_run_is_204(steps: ServerProcess) -> None:
+    done = steps.request("PUT", "/steps/sse", run_body(0, "sse"))
+    assert done.status in (200, 201), done.body
+    run_id = done.json["run_id"]
+    sse = {"Accept": "text/event-stream"}
+    full = steps.request("GET", f"/runs/{run_id}/events", headers=sse)
+    assert full.status == 200
+    last = [line for line in full.body.decode().splitlines() if line.startswith("id: ")][-1]
+    for after in (last[4:], "999999"):
+        r = steps.request("GET", f"/runs/{run_id}/events",
+                          headers={**sse, "Last-Event-ID": after})
+        assert r.status == 204 and r.body == b"", (after, r.status, r.body)
+        assert r.header("Content-Length") is None
+    # before the end it replays; NDJSON past the end stays an empty 200
+    r = steps.request("GET", f"/runs/{run_id}/events", headers={**sse, "Last-Event-ID": "1"})
+    assert r.status == 200 and b"event: finished" in r.body
+    r = steps.request("GET", f"/runs/{run_id}/events?after=999999")
+    assert r.status == 200 and r.body == b""
+
+
+def _put(server: ServerProcess, path: str, doc: dict[str, Any], extra: bytes) -> bytes:
+    data = json.dumps(doc).encode()
+    return _raw(server, b"PUT " + path.encode() + b" HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(data)
+                + extra + b"Connection: close\r\n\r\n" + data)
+
+
+def test_idempotency_keys_one_header_with_balanced_quotes(steps: ServerProcess) -> None:
+    key = uuid.uuid4().hex
+    twice = _put(steps, "/steps/idem", run_body(0, "twice"),
+                 f"Idempotency-Key: {key}-a\r\nIdempotency-Key: {key}-b\r\n".encode())
+    assert twice.startswith(b"HTTP/1.1 400"), twice[:200]
+    assert b"Idempotency-Key" in twice
+    for bad in (f'"{key}', f'{key}"', '"', f'"{key}"x"', f'{key}"x'):
+        r = steps.request("PUT", "/steps/idem", run_body(0, "bad"),
+                          headers={"Idempotency-Key": bad})
+        assert r.status == 400, (bad, r.status, r.body)
+        assert r.json["errors"] == [{"field": "Idempotency-Key", "message": "malformed"}]
+    quoted = steps.request("PUT", "/steps/idem", run_body(0, "ok"),
+                           headers={"Idempotency-Key": f'"{key}"'})
+    assert quoted.status in (200, 201), quoted.body
+    bare = steps.request("PUT", "/steps/idem", run_body(0, "ok"),
+                         headers={"Idempotency-Key": key})
+    assert bare.status in (200, 201) and bare.json["run_id"] == quoted.json["run_id"]
+    assert steps.request("GET", f"/runs/{quoted.json['run_id']}").json[
+        "idempotency_key"] == key

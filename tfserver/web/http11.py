@@ -161,6 +161,10 @@ class Connection(BaseHTTPRequestHandler):
             self.close_connection = True
         fields = {**self._fields(content_type), "Content-Length": str(len(data)),
                   **(headers or {})}
+        if status in (204, 304):  # no body, and so neither its length nor its type
+            fields.pop("Content-Length")
+            fields.pop("Content-Type")
+            data = b""
         if self.close_connection:
             fields["Connection"] = "close"
         self.send_response(status)

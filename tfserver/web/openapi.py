@@ -326,7 +326,9 @@ def base_operations(settings: DocSettings) -> dict[str, dict[str, Any]]:
                 param("Last-Event-ID", "header", {"type": "string",
                                                   "pattern": "^[0-9]{1,9}$"},
                       "Server-Sent Events: resume after this `seq`.")],
-            "responses": answers(settings, {"200": events}, 400, 404)},
+            "responses": answers(settings, {"200": events, "204": {
+                "description": "Server-Sent Events resumed after the last event of a run "
+                               "that ended: nothing more will come."}}, 400, 404)},
         "cancel_run": {
             "summary": "Cancel a run", "tags": runs,
             "parameters": [param("force", "query", {"type": "boolean", "default": False},

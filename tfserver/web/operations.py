@@ -7,6 +7,7 @@ Which path and method reach which of these is the route table's (`routes.py`).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 
@@ -15,10 +16,12 @@ from ..app.execute import Applied
 from ..app.history import Idempotency, Submitted
 from ..app.service import Origin
 from ..errors import BadRequest, NotFound, Unavailable
+from ..runs.store import ENDED
 from . import docs, render
 from .request import Call, Reply, Request
 
-_PREFER_WAIT = re.compile(r"^wait\s*=\s*(\d{1,6})$")
+# RFC 7240: a preference's value is a token or a quoted string (`wait=5`, `wait="5"`).
+_PREFER_WAIT = re.compile(r'^wait\s*=\s*(?:(\d+)|"(\d+)")$')
 #: The longest `Prefer: wait=N` honoured (App Platform's edge cuts requests at ~100 s).
 MAX_PREFER_WAIT = 90
 
@@ -186,6 +189,14 @@ def run_events(call: Call) -> None:
     if not after_text.isascii() or not after_text.isdigit() or len(after_text) > 9:
         raise BadRequest("Last-Event-ID and ?after= take an event's seq number")
     batches = call.service.follow(call.who, call.params["id"], int(after_text))
+    if sse and call.service.run(call.who, call.params["id"]).status in ENDED:
+        # An ended run's stream does not wait: nothing after `after` is 204, which tells
+        # an EventSource to stop reconnecting (an empty 200 makes it retry forever).
+        first = next(batches, None)
+        if first is None:
+            h.send_bytes(204, b"", "text/event-stream")
+            return
+        batches = itertools.chain([first], batches)
     write = h.start_stream("text/event-stream" if sse else "application/x-ndjson")
     if write is None:
         return  # HEAD
@@ -212,18 +223,20 @@ def _answer(call: Call, submitted: Submitted, wait: float | None, *, named: bool
     h, svc, principal = call.req, call.service, call.who
     if submitted.run is not None:
         h.after_answer.append(submitted.run.answered.set)
+    asked = _asked_wait(h)
     if not svc.wait(submitted, wait):
         record = svc.run(principal, submitted.run_id)
-        applied = [p for p in ("respond-async", f"wait={int(wait or 0)}")
-                   if p in h.preferences]
+        applied = ["respond-async"] if "respond-async" in h.preferences else []
+        if asked is not None:
+            applied.append(f"wait={int(asked)}")
         headers = {"Location": f"/runs/{submitted.run_id}"}
         if applied:
             headers["Preference-Applied"] = ", ".join(applied)
         return Reply(202, render.run(record, principal.tenant_key), headers)
     outcome = svc.result(principal, submitted)
     headers = {}
-    if wait is not None and f"wait={int(wait)}" in h.preferences:
-        headers["Preference-Applied"] = f"wait={int(wait)}"
+    if asked is not None:
+        headers["Preference-Applied"] = f"wait={int(asked)}"
     if named and isinstance(outcome, Applied) and outcome.created:
         headers["Location"] = f"/{outcome.module}/{outcome.instance}"
         return Reply(201, render.render(outcome), headers)
@@ -232,15 +245,24 @@ def _answer(call: Call, submitted: Submitted, wait: float | None, *, named: bool
 
 def prefer(h: Request) -> tuple[bool, float | None]:
     """RFC 7240 `Prefer`: (run asynchronously, seconds to wait before 202 or None)."""
-    prefs = h.preferences
-    wait = None
-    for p in prefs:
-        m = _PREFER_WAIT.match(p)
-        if m:
-            wait = float(min(int(m.group(1)), MAX_PREFER_WAIT))
-    if "respond-async" in prefs:
+    wait = _asked_wait(h)
+    if "respond-async" in h.preferences:
         return True, wait or 0.0
     return wait is not None, wait
+
+
+def _asked_wait(h: Request) -> float | None:
+    """The seconds of `Prefer: wait=N` (the last one given), at most MAX_PREFER_WAIT: a
+    longer wait is the longest honoured, not no wait at all; None when none is given."""
+    wait = None
+    for p in h.preferences:
+        m = _PREFER_WAIT.match(p)
+        if m:
+            digits = (m.group(1) or m.group(2)).lstrip("0") or "0"
+            # More digits than the cap has cannot be under it (nor need converting).
+            wait = float(MAX_PREFER_WAIT if len(digits) > len(str(MAX_PREFER_WAIT))
+                         else min(int(digits), MAX_PREFER_WAIT))
+    return wait
 
 
 def _origin(h: Request) -> Origin:
@@ -248,11 +270,26 @@ def _origin(h: Request) -> Origin:
 
 
 def _idempotency(h: Request) -> Idempotency | None:
-    key = h.headers.get("Idempotency-Key")
-    if key is None:
+    """The request's `Idempotency-Key` (a structured-field string, `"key"`, or the bare
+    key) and the digest of what it came with; one key at most, its quotes balanced."""
+    keys = h.headers.get_all("Idempotency-Key") or []
+    if not keys:
         return None
+    key = keys[0]
+    if len(keys) > 1:
+        raise _malformed_key("send one Idempotency-Key header, not several")
+    if key.startswith('"') and key.endswith('"') and len(key) >= 2:
+        key = key[1:-1]
+    if '"' in key:
+        raise _malformed_key('Idempotency-Key is a key or "a quoted key": its quotes '
+                             "do not match")
     digest = hashlib.sha256(f"{h.command} {h.path}\n".encode() + h.raw_body).hexdigest()
-    return Idempotency(key.strip('"') if key.startswith('"') else key, digest)
+    return Idempotency(key, digest)
+
+
+def _malformed_key(detail: str) -> BadRequest:
+    return BadRequest(detail, extra={"errors": [{"field": "Idempotency-Key",
+                                                 "message": "malformed"}]})
 
 
 def _limit(h: Request) -> int:

@@ -25,7 +25,8 @@ NDJSON = "application/x-ndjson"
 SSE = "text/event-stream"
 
 RUN_ID = "^[0-9a-f]{32}$"
-IDEMPOTENCY_KEY = "^[!-~]{1,255}$"
+#: A key of visible ASCII, bare or as a quoted string (`"key"`); no stray quote.
+IDEMPOTENCY_KEY = '^(?:[!#-~]{1,255}|"[!#-~]{1,255}")$'
 SCHEMAS = "#/components/schemas/"
 
 

@@ -23,6 +23,7 @@ from tfserver.app.service import Service
 from tfserver.auth import NoAuth, Principal
 from tfserver.errors import MethodNotAllowed, NotFound
 from tfserver.module.discover import load_module
+from tfserver.names import RESERVED_NAMES
 from tfserver.web import routes
 from tfserver.web.openapi import ApiDescription, DocSettings
 from tfserver.web.request import Reply, Site
@@ -72,6 +73,8 @@ def test_labels_are_a_bounded_set_and_literal_heads_are_no_modules() -> None:
         assert template(path) == ("unmatched", None, None)
     labels = {template(_path(r))[0] for r in ROUTES}
     assert labels == {r.label for r in ROUTES}
+    # every literal head of the table is a name no module folder may have
+    assert routes.RESERVED <= RESERVED_NAMES
 
 
 def test_the_openapi_paths_are_the_table_s() -> None:

@@ -15,6 +15,7 @@ from test_outcomes import APPLY_START, LOCAL, SECRET, FakeRunner, diag, sync
 from support import TEST_MODULES, start_server
 from tfserver.app.execute import INPUTS_NOT_KEPT, Applied, Planned
 from tfserver.app.service import Service
+from tfserver.app.statedir import prepare_state
 from tfserver.auth import Principal
 from tfserver.config import Config
 from tfserver.errors import TFServerError
@@ -68,7 +69,8 @@ def fake_service(tmp_path: Path, result: RunResult, failures: int = 0) -> Servic
     backend.inputs = KeptInputs(backend.objects, legacy=True)
     svc = Service(config, {"basic": load_module(TEST_MODULES / "basic")},
                   FakeRunner(result), backend)
-    svc.prepare(None)
+    prepare_state(config)
+    svc.prepare()
     return svc
 
 

@@ -38,13 +38,8 @@ from support import (
 )
 from tfserver.auth import Principal
 from tfserver.module.discover import load_module
-from tfserver.web.openapi import (
-    NUMBER_LIMITS,
-    ApiDescription,
-    DocSettings,
-    operation_idents,
-    request_schema,
-)
+from tfserver.web.openapi import ApiDescription, DocSettings, operation_idents
+from tfserver.web.schemas import NUMBER_LIMITS, request_schema
 
 SHAPES = Path(__file__).resolve().parent / "modules_openapi" / "shapes"
 MODULE_DIRS = {"demo": ROOT / "modules" / "demo", "droplet": ROOT / "modules" / "droplet",

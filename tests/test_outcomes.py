@@ -19,7 +19,6 @@ from tfserver.module.discover import load_module
 from tfserver.storage.local import LocalBackend
 from tfserver.terraform.output import EventSink, RunResult, error_text
 from tfserver.terraform.process import RunControl
-from tfserver.web.openapi import ApiDescription, DocSettings
 
 SECRET = "hunter2-Zq9x-secret"
 LOCAL = Principal(subject="local", tenant="local", all_modules=True)
@@ -122,8 +121,7 @@ def service(tmp_path: Path) -> Any:
         config = Config(state_dir=tmp_path / "state", run_timeout=7.0,
                         tmp_dir=tmp_path / "vars")
         modules = {"basic": load_module(TEST_MODULES / "basic")}
-        svc = Service(config, modules, FakeRunner(result), LocalBackend(config.state_dir),
-                      api=ApiDescription(DocSettings()))
+        svc = Service(config, modules, FakeRunner(result), LocalBackend(config.state_dir))
         svc.prepare()
         return svc
     return make

@@ -39,7 +39,6 @@ from .tls import (
     Renewer,
     context_from_files,
 )
-from .web.openapi import ApiDescription, DocSettings
 from .web.server import TFServer
 
 logger = logging.getLogger("tfserver")
@@ -84,7 +83,7 @@ def build(config: Config) -> Parts:
     metrics = Metrics()
     notifier = _notifier(config, policy, backend, metrics)
     service = Service(config, modules, terraform, backend, policy,
-                      api=ApiDescription(DocSettings.from_config(config)), metrics=metrics,
+                      metrics=metrics,
                       on_run_ended=notifier.run_finished if notifier is not None else None)
     service.prepare()
     fetched = service.metrics.jwks_fetches

@@ -1,7 +1,7 @@
 """The exception tree: one root, `TFServerError`, and every error carries its HTTP status.
 
 Errors a client may see are mapped to an RFC 9457 problem document in exactly one place
-(`server.RequestHandler.send_problem`). Errors of start-up (`ConfigError`, and `AcmeError`,
+(`web.http11.Connection.send_problem`). Errors of start-up (`ConfigError`, and `AcmeError`,
 `TypeSyntaxError`, `TokenError` in their own modules) hang under the same root and end the
 start with one line. Anything that is not a `TFServerError` is a bug: the client gets a
 bare 500 and the traceback goes to the log only. Foreign errors (botocore, jwt, acme,

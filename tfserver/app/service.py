@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from ..auth import Principal
 from ..config import Config
@@ -22,23 +22,22 @@ from ..metrics import Metrics
 from ..module.discover import Module
 from ..module.limits import parse_ttl
 from ..module.policy import Policy
-from ..names import check_instance_name, workspace_name, workspace_tenant
+from ..names import check_instance_name, workspace_name
 from ..runs.expiry import Due, Expiries, Reaper
 from ..runs.lanes import Scheduler
 from ..runs.registry import Runs
-from ..runs.run import Run
-from ..runs.store import RunRecord, RunStore, new_run_id
+from ..runs.store import RunRecord, RunStore
 from ..scrub import Scrubber
 from ..storage.base import StateBackend
 from ..storage.local import LocalBackend
-from ..terraform.output import api_event
 from ..terraform.process import Runner
 from ..terraform.workdir import VarFiles, WorkingCopies
-from .catalog import Catalog, target_workspace
+from .catalog import Catalog, InstanceView, ModuleView, target_workspace
 from .execute import Applied, Destroyed, Executor, Outcome, Planned, RunSpec
 from .governance import Governance
-from .history import History, Idempotency, Submitted
+from .history import History, Idempotency, RunPage, Submitted
 from .reap import expired_destroy
+from .submit import Origin, Submitter
 from .unlock import Unlocked, Unlocker
 
 logger = logging.getLogger(__name__)
@@ -55,30 +54,12 @@ class Readiness:
     modules: dict[str, str]
 
 
-@dataclass(frozen=True)
-class Origin:
-    """Where a request came from, for the run's record and the audit log."""
-
-    address: str | None = None
-    request_id: str | None = None
-
-
-class ApiDocument(Protocol):
-    """The OpenAPI description the service keeps for the web layer, which makes it
-    (web/openapi.py: `ApiDescription`; `__main__` passes it in)."""
-
-    def document(self, modules: Mapping[str, Module],
-                 principal: Principal | None) -> dict[str, Any]:
-        """The document showing the modules `principal` may read (None: none)."""
-        ...
-
-
 class Service:
     """Everything the HTTP layer can ask for, given a `Principal`."""
 
     def __init__(self, config: Config, modules: Mapping[str, Module], runner: Runner,
                  backend: StateBackend, policy: Policy | None = None, *,
-                 api: ApiDocument, metrics: Metrics | None = None,
+                 metrics: Metrics | None = None,
                  on_run_ended: Callable[[RunRecord], object] | None = None) -> None:
         self.config = config
         self.modules = dict(modules)
@@ -106,10 +87,10 @@ class Service:
                                  var_files=VarFiles(config.tmp_dir, config.state_dir / "tmp"))
         self.unlocker = Unlocker(self.catalog, self.copies, self.runs.scheduler, backend,
                                  runner, timeout=min(config.run_timeout, 120))
+        self.submitter = Submitter(config, self.runs, self.history, self.governance,
+                                   self.store, self.executor, self.metrics)
         self.reaper = Reaper(self.expiries, self._reap, self._run_status,
                              replica=self.runs.replica, interval=config.reap_interval)
-        #: The modules' OpenAPI description, each module's part made once (openapi.py).
-        self.api = api
 
     # -- start-up ---------------------------------------------------------------------
 
@@ -172,7 +153,7 @@ class Service:
         elif requested is not None or limits.expires:
             spec.expires = self.expiries.get(name, ws)
             spec.ttl = self.governance.ttl(limits, requested, expires=spec.expires is not None)
-        return self._submit(spec, asynchronous, idempotency, origin=origin)
+        return self.submitter.submit(spec, asynchronous, idempotency, origin=origin)
 
     def destroy(self, principal: Principal, name: str, instance: str, *,
                 dry_run: bool = False, tenant: str | None = None,
@@ -184,7 +165,7 @@ class Service:
         ws = target_workspace(principal, instance, tenant)
         spec = RunSpec(m, instance, ws, "plan-destroy" if dry_run else "destroy", {},
                        principal, Scrubber(m.secret_values({})))
-        return self._submit(spec, asynchronous, idempotency, origin=origin)
+        return self.submitter.submit(spec, asynchronous, idempotency, origin=origin)
 
     def apply_plan(self, principal: Principal, plan_id: str, *, asynchronous: bool = False,
                    idempotency: Idempotency | None = None,
@@ -207,62 +188,14 @@ class Service:
             # The policy's expiry holds for a saved plan's apply as for any other.
             spec.expires = self.expiries.get(m.name, plan.workspace)
             spec.ttl = self.governance.ttl(limits, None, expires=spec.expires is not None)
-        return self._submit(spec, asynchronous, idempotency, origin=origin)
-
-    def _submit(self, spec: RunSpec, asynchronous: bool, idempotency: Idempotency | None,
-                *, governed: bool = True, origin: Origin | None = None) -> Submitted:
-        spec.run_id = new_run_id()
-        # Idempotency keys are the caller's; the run belongs to the instance's tenant.
-        tenant = spec.principal.tenant_key
-        owner = workspace_tenant(spec.workspace)
-        if idempotency is not None:
-            found = self.history.replay(tenant, spec.run_id, idempotency)
-            if found is not None:
-                return found
-        if governed:
-            try:
-                limits = self.governance.limits(spec.principal, spec.module.name)
-                self.governance.check_runs(limits, owner, spec.module.name)
-                if spec.operation == "apply":
-                    self.governance.check_create(limits, owner, spec.module.name,
-                                                 spec.instance)
-            except TFServerError:
-                self.history.drop_key(tenant, idempotency)
-                raise
-        if spec.plan_of is not None and not self.store.claim_plan(spec.plan_of, spec.run_id):
-            self.history.drop_key(tenant, idempotency)
-            raise Conflict("the saved plan was applied already", retry_after=0)
-        record = RunRecord(id=spec.run_id, module=spec.module.name, instance=spec.instance,
-                           workspace=spec.workspace, tenant=owner,
-                           subject=spec.principal.subject, operation=spec.operation,
-                           plan_of=spec.plan_of,
-                           idempotency_key=idempotency.key if idempotency else None,
-                           client_id=spec.principal.client_id,
-                           client_address=origin.address if origin else None,
-                           request_id=origin.request_id if origin else None)
-        run = Run(record, lambda r: self._job(r, spec), lambda text: spec.scrub(text),
-                  sync=not asynchronous)
-        what = f"instance {spec.instance!r} of module {spec.module.name}"
-        try:
-            self.runs.submit(run, what=what,
-                             wait=0.0 if asynchronous else self.config.lock_wait)
-        except TFServerError as e:
-            if isinstance(e, Conflict):
-                self.metrics.lock_conflicts.labels(spec.module.name).inc()
-            self.history.drop_key(tenant, idempotency)
-            if spec.plan_of is not None:
-                self.store.release_plan(spec.plan_of)
-            raise
-        if spec.plan_of is not None:
-            self.history.mark_plan_applied(spec.plan_of, spec.run_id)
-        return Submitted(spec.run_id, run)
+        return self.submitter.submit(spec, asynchronous, idempotency, origin=origin)
 
     def _reap(self, due: Due) -> str | None:
         """Start the destroy of an expired instance (None: not now, see `expired_destroy`)."""
         spec = expired_destroy(self.modules, due, self.runs.scheduler.busy)
         if spec is None:
             return None
-        return self._submit(spec, asynchronous=True, idempotency=None,
+        return self.submitter.submit(spec, asynchronous=True, idempotency=None,
                             governed=False).run_id
 
     def _counted(self, record: RunRecord) -> None:
@@ -282,34 +215,71 @@ class Service:
         except NotFound:
             return "lost"
 
-    def _job(self, run: Run, spec: RunSpec) -> Outcome:
-        """What a run does: terraform through the executor, its events relayed."""
-        def relay(raw: dict[str, Any]) -> None:
-            event = api_event(raw)
-            if event is not None:
-                run.emit(event.pop("type"), **event)
-
-        try:
-            outcome = self.executor.execute(spec, control=run.control, on_event=relay)
-        except Conflict as e:
-            if "lock" in e.extra:  # the state was locked by a run elsewhere
-                self.metrics.lock_conflicts.labels(spec.module.name).inc()
-            raise
-        record = run.record
-        record.changes = outcome.changes
-        if isinstance(outcome, Applied):
-            record.outputs, record.created = outcome.public_outputs, outcome.created
-            record.warnings = list(outcome.warnings) or None
-        elif isinstance(outcome, Planned):
-            record.planned = outcome.planned
-            record.plan = {"expires_at": time.time() + self.config.plan_ttl,
-                           "applied_by": None}
-        return outcome
-
     def force_unlock(self, principal: Principal, name: str, instance: str,
                      lock_id: Any, tenant: str | None = None) -> Unlocked:
         """Admin: clear a backend lock left by a killed run (see `Unlocker`)."""
         return self.unlocker.force_unlock(principal, name, instance, lock_id, tenant)
+
+    # -- the facade the web layer calls (one delegating method per operation) ----------
+
+    def served(self) -> Mapping[str, Module]:
+        """The modules served, by name."""
+        return self.modules
+
+    def check_module(self, name: str) -> Module:
+        """The served module of that name (404 if none)."""
+        return self.catalog.module(name)
+
+    def index(self, principal: Principal) -> list[Module]:
+        """The modules the caller may read."""
+        return self.catalog.index(principal)
+
+    def describe(self, principal: Principal, name: str) -> ModuleView:
+        """A module: its variables, outputs and the caller's instances."""
+        return self.catalog.describe(principal, name)
+
+    def show(self, principal: Principal, name: str, instance: str,
+             tenant: str | None = None) -> InstanceView:
+        """One instance, read from its state."""
+        return self.catalog.show(principal, name, instance, tenant)
+
+    def list_runs(self, principal: Principal, *, module: str | None = None,
+                  instance: str | None = None, tenant: str | None = None,
+                  status: str | None = None, limit: int = 20, after: str = "") -> RunPage:
+        """A page of runs, newest first (see `History.list_runs`)."""
+        return self.history.list_runs(principal, module=module, instance=instance,
+                                      tenant=tenant, status=status, limit=limit, after=after)
+
+    def run(self, principal: Principal, run_id: str) -> RunRecord:
+        """One run's record."""
+        return self.history.record(principal, run_id)
+
+    def cancel(self, principal: Principal, run_id: str, *, force: bool) -> RunRecord:
+        """Cancel a run."""
+        return self.history.cancel(principal, run_id, force=force)
+
+    def follow(self, principal: Principal, run_id: str,
+               after: int = 0) -> Iterator[list[dict[str, Any]]]:
+        """A run's events after `after`, replayed and then live."""
+        return self.history.follow(principal, run_id, after)
+
+    def wait(self, submitted: Submitted, timeout: float | None) -> bool:
+        """Wait for a submitted run to end (at most `timeout` seconds); True if it did."""
+        return self.history.wait(submitted, timeout)
+
+    def result(self, principal: Principal, submitted: Submitted) -> Outcome:
+        """An ended run's outcome; raises its error."""
+        return self.history.result(principal, submitted)
+
+    def metrics_text(self, principal: Principal) -> bytes:
+        """The Prometheus text of the metrics (the admin scope, when auth is on)."""
+        if self.config.auth == "jwt":
+            principal.require_admin()
+        return self.metrics.render()
+
+    def count_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        """Count one answered HTTP request."""
+        self.metrics.request(method, route, status, seconds)
 
     # -- helpers ----------------------------------------------------------------------
 

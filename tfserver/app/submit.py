@@ -1,0 +1,117 @@
+"""Runs admitted and started: a decided `RunSpec` gets its record, is checked against the
+policy's limits and the caller's idempotency key, and is queued; what the run does once it
+starts is `job` (terraform through the executor, its events relayed)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import Config
+from ..errors import Conflict, TFServerError
+from ..metrics import Metrics
+from ..names import workspace_tenant
+from ..runs.registry import Runs
+from ..runs.run import Run
+from ..runs.store import RunRecord, RunStore, new_run_id
+from ..terraform.output import api_event
+from .execute import Applied, Executor, Outcome, Planned, RunSpec
+from .governance import Governance
+from .history import History, Idempotency, Submitted
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a request came from, for the run's record and the audit log."""
+
+    address: str | None = None
+    request_id: str | None = None
+
+
+class Submitter:
+    """Admits runs and gives each its job."""
+
+    def __init__(self, config: Config, runs: Runs, history: History, governance: Governance,
+                 store: RunStore, executor: Executor, metrics: Metrics) -> None:
+        self.config = config
+        self.runs = runs
+        self.history = history
+        self.governance = governance
+        self.store = store
+        self.executor = executor
+        self.metrics = metrics
+
+    def submit(self, spec: RunSpec, asynchronous: bool, idempotency: Idempotency | None,
+                *, governed: bool = True, origin: Origin | None = None) -> Submitted:
+        """Admit a decided run (idempotency replay, quotas, the saved plan's claim), give
+        it its record and queue it on its instance's lane; raises what refused it."""
+        spec.run_id = new_run_id()
+        # Idempotency keys are the caller's; the run belongs to the instance's tenant.
+        tenant = spec.principal.tenant_key
+        owner = workspace_tenant(spec.workspace)
+        if idempotency is not None:
+            found = self.history.replay(tenant, spec.run_id, idempotency)
+            if found is not None:
+                return found
+        if governed:
+            try:
+                limits = self.governance.limits(spec.principal, spec.module.name)
+                self.governance.check_runs(limits, owner, spec.module.name)
+                if spec.operation == "apply":
+                    self.governance.check_create(limits, owner, spec.module.name,
+                                                 spec.instance)
+            except TFServerError:
+                self.history.drop_key(tenant, idempotency)
+                raise
+        if spec.plan_of is not None and not self.store.claim_plan(spec.plan_of, spec.run_id):
+            self.history.drop_key(tenant, idempotency)
+            raise Conflict("the saved plan was applied already", retry_after=0)
+        record = RunRecord(id=spec.run_id, module=spec.module.name, instance=spec.instance,
+                           workspace=spec.workspace, tenant=owner,
+                           subject=spec.principal.subject, operation=spec.operation,
+                           plan_of=spec.plan_of,
+                           idempotency_key=idempotency.key if idempotency else None,
+                           client_id=spec.principal.client_id,
+                           client_address=origin.address if origin else None,
+                           request_id=origin.request_id if origin else None)
+        run = Run(record, lambda r: self.job(r, spec), lambda text: spec.scrub(text),
+                  sync=not asynchronous)
+        what = f"instance {spec.instance!r} of module {spec.module.name}"
+        try:
+            self.runs.submit(run, what=what,
+                             wait=0.0 if asynchronous else self.config.lock_wait)
+        except TFServerError as e:
+            if isinstance(e, Conflict):
+                self.metrics.lock_conflicts.labels(spec.module.name).inc()
+            self.history.drop_key(tenant, idempotency)
+            if spec.plan_of is not None:
+                self.store.release_plan(spec.plan_of)
+            raise
+        if spec.plan_of is not None:
+            self.history.mark_plan_applied(spec.plan_of, spec.run_id)
+        return Submitted(spec.run_id, run)
+
+    def job(self, run: Run, spec: RunSpec) -> Outcome:
+        """What a run does: terraform through the executor, its events relayed."""
+        def relay(raw: dict[str, Any]) -> None:
+            event = api_event(raw)
+            if event is not None:
+                run.emit(event.pop("type"), **event)
+
+        try:
+            outcome = self.executor.execute(spec, control=run.control, on_event=relay)
+        except Conflict as e:
+            if "lock" in e.extra:  # the state was locked by a run elsewhere
+                self.metrics.lock_conflicts.labels(spec.module.name).inc()
+            raise
+        record = run.record
+        record.changes = outcome.changes
+        if isinstance(outcome, Applied):
+            record.outputs, record.created = outcome.public_outputs, outcome.created
+            record.warnings = list(outcome.warnings) or None
+        elif isinstance(outcome, Planned):
+            record.planned = outcome.planned
+            record.plan = {"expires_at": time.time() + self.config.plan_ttl,
+                           "applied_by": None}
+        return outcome

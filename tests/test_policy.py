@@ -120,7 +120,7 @@ BAD = [
      "defualts: unknown key (expected defaults, modules, tenants, webhooks)"),
     ("[defaults]\nmax_runs = 2",
      "defaults.max_runs: unknown key (expected max_instances_per_tenant, max_runs_per_tenant, "
-     "default_ttl, max_ttl)"),
+     "max_queued_per_tenant, default_ttl, max_ttl)"),
     ('[defaults]\nmax_runs_per_tenant = "2"',
      'defaults.max_runs_per_tenant: must be a whole number, or "unlimited"'),
     ("[defaults]\nmax_runs_per_tenant = true",
@@ -235,7 +235,7 @@ BAD = [
      "modules.shop.variables.spec.properties: must be a table"),
     ('[tenants."abc"]\ndefault_ttl = "1h"',
      "tenants.abc.default_ttl: unknown key (expected max_instances_per_tenant, "
-     "max_runs_per_tenant, modules)"),
+     "max_runs_per_tenant, max_queued_per_tenant, modules)"),
     ('[tenants."a.b".modules.nope]\nmax_instances_per_tenant = 1',
      'tenants."a.b".modules.nope: no module nope is served (served: other, shop)'),
     ('[tenants."a".modules.shop]\ndefault_ttl = "1h"',

@@ -1,22 +1,24 @@
-"""The policy's quotas and TTLs applied to one request, counted from the backend.
+"""The policy's quotas and TTLs applied to one request.
 
-Instances are counted from the backend's workspaces plus the creates in flight (queued
-or running on any replica), and runs from the active runs of every replica, so the
-limits hold across replicas. What remains is a race window: two requests of one tenant
-checked at the same moment on two replicas (or threads) both see the old count; the
-window is the time between a request's check and its run record being stored (a few
-milliseconds locally, one S3 round trip remotely).
+The run limit and the instance quota are slots (reservations.py): a run takes a run slot
+and a create an instance slot, each with a create-if-absent write, so neither limit can be
+passed by a burst of requests on one replica or on many. The bound on a tenant's queued
+runs is counted from the stored records (a bound against flooding, not a quota).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ..auth import Principal
-from ..errors import QuotaExceeded, TooManyRuns
+from ..errors import Conflict, NotFound, QuotaExceeded, TooManyRuns
 from ..module.limits import Limits
 from ..module.policy import Policy
-from ..names import split_workspace
+from ..names import split_workspace, workspace_name
 from ..runs.registry import Runs
+from ..runs.store import RunRecord
 from ..storage.base import StateBackend
+from .reservations import Reservations
 
 
 class Governance:
@@ -26,38 +28,90 @@ class Governance:
         self.policy = policy
         self.backend = backend
         self.runs = runs
+        self.reservations = Reservations(backend.objects, run_alive=self._run_alive)
 
     def limits(self, principal: Principal, module: str) -> Limits:
         """What the policy allows this caller on this module."""
         return self.policy.limits(module, principal.tenant)
 
-    def check_runs(self, limits: Limits, tenant: str, module: str) -> None:
-        """429 when the tenant already has `max_runs` runs of the module in flight."""
-        if limits.max_runs is None:
-            return
-        count = len(self.runs.in_flight(tenant, module))
-        if count >= limits.max_runs:
-            raise TooManyRuns(f"this tenant has {count} runs of module {module} queued or "
-                              f"running; the limit is {limits.max_runs}", limit=limits.max_runs)
+    def reserve(self, limits: Limits, record: RunRecord, *, queued: bool
+                ) -> Callable[[], None]:
+        """Admit the run under the limits (429 past the run limit, 403 past the instance
+        quota; an asynchronous run, 409 past the tenant's queued runs); returns what gives
+        its slots back if the run is refused later on."""
+        tenant, module = record.tenant, record.module
+        if queued and limits.max_queued is not None:
+            self._check_queued(limits.max_queued, tenant)
+        taken: list[Callable[[], None]] = []
+        if limits.max_runs is not None:
+            if not self.reservations.take_run(tenant, module, record.id, limits.max_runs):
+                raise TooManyRuns(
+                    f"this tenant has {limits.max_runs} runs of module {module} queued or "
+                    f"running; the limit is {limits.max_runs}", limit=limits.max_runs)
+            taken.append(lambda: self.reservations.free_run(tenant, module, record.id))
+        if limits.max_instances is not None and record.operation == "apply":
+            try:
+                if self._reserve_instance(limits.max_instances, record):
+                    taken.append(lambda: self.reservations.free_instance(
+                        tenant, module, record.workspace))
+            except QuotaExceeded:
+                for give_back in taken:
+                    give_back()
+                raise
 
-    def check_create(self, limits: Limits, tenant: str, module: str, instance: str) -> None:
-        """403 when creating `instance` would pass the tenant's instance quota; an update
-        of an existing instance is never refused."""
-        if limits.max_instances is None:
-            return
-        existing = {parts[1] for ws in self.backend.workspaces(module)
+        def release() -> None:
+            for give_back in taken:
+                give_back()
+        return release
+
+    def ended(self, record: RunRecord) -> None:
+        """A run ended here: its run slot back; a destroyed instance's slot back."""
+        if self.policy.limits_runs:
+            self.reservations.free_run(record.tenant, record.module, record.id)
+        if (self.policy.limits_instances and record.operation == "destroy"
+                and record.status == "succeeded"):
+            self.reservations.free_instance(record.tenant, record.module, record.workspace)
+
+    def _reserve_instance(self, limit: int, record: RunRecord) -> bool:
+        """Take an instance slot for a new instance; False for an existing one (an update
+        is never refused); 403 when the quota is reached."""
+        tenant, module = record.tenant, record.module
+        existing = {ws for ws in self.backend.workspaces(module)
                     if (parts := split_workspace(ws)) is not None and parts[0] == tenant}
-        if instance in existing:
-            return
-        creating = {r.instance for r in self.runs.in_flight(tenant, module)
-                    if r.operation == "apply" and r.instance not in existing}
-        creating.discard(instance)
-        count = len(existing) + len(creating)
-        if count >= limits.max_instances:
-            raise QuotaExceeded(
-                f"this tenant has {count} instances of module {module} (counting those "
-                f"being created); the limit is {limits.max_instances}",
-                limit=limits.max_instances, count=count)
+        if record.workspace in existing:
+            return False
+        creating = {workspace_name(tenant, r.instance) for r in self._in_flight(tenant, module)
+                    if r.operation == "apply" and r.id != record.id}
+        if self.reservations.take_instance(tenant, module, record.workspace, limit,
+                                           existing=existing, creating=creating):
+            return True
+        count = max(limit, len(existing | creating))
+        raise QuotaExceeded(
+            f"this tenant has {count} instances of module {module} (counting those being "
+            f"created); the limit is {limit}", limit=limit, count=count)
+
+    def _check_queued(self, limit: int, tenant: str) -> None:
+        ids = [r for t, _, r in self.runs.store.active() if t == tenant]
+        queued = sum(1 for r in self.runs.records(ids) if r.status == "queued")
+        if queued >= limit:
+            raise Conflict(f"this tenant has {queued} runs waiting in queues; the limit is "
+                           f"{limit}: wait for some to start", retry_after=5)
+
+    def _in_flight(self, tenant: str, module: str) -> list[RunRecord]:
+        """The tenant's runs of the module in flight: stored ones of every replica, and
+        this replica's not stored yet (a synchronous run before its first heartbeat)."""
+        found = {r.id: r for r in self.runs.in_flight(tenant, module)}
+        for record in self.runs.unstored():
+            if record.tenant == tenant and record.module == module and record.active:
+                found.setdefault(record.id, record)
+        return list(found.values())
+
+    def _run_alive(self, run_id: str) -> bool:
+        """The run holding a slot is queued or running on some replica."""
+        try:
+            return self.runs.record(run_id).active
+        except NotFound:
+            return False
 
     @staticmethod
     def ttl(limits: Limits, requested: float | None, *, expires: bool) -> float | None:
@@ -67,4 +121,3 @@ class Governance:
         if requested is None and expires:
             return None
         return limits.ttl(requested)
-

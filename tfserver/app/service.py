@@ -199,8 +199,9 @@ class Service:
                             governed=False).run_id
 
     def _counted(self, record: RunRecord) -> None:
-        """A run ended here: count it."""
+        """A run ended here: count it, and give back its slots."""
         self.metrics.run(record.module, record.operation, record.status, _seconds(record))
+        self.governance.ended(record)
 
     def _audited(self, record: RunRecord) -> None:
         """A run ended here (and its caller has the answer): its audit line, then its

@@ -5,6 +5,7 @@ starts is `job` (terraform through the executor, its events relayed)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,38 +44,30 @@ class Submitter:
         self.metrics = metrics
 
     def submit(self, spec: RunSpec, asynchronous: bool, idempotency: Idempotency | None,
-                *, governed: bool = True, origin: Origin | None = None) -> Submitted:
-        """Admit a decided run (idempotency replay, quotas, the saved plan's claim), give
-        it its record and queue it on its instance's lane; raises what refused it."""
+               *, governed: bool = True, origin: Origin | None = None) -> Submitted:
+        """Admit a decided run (idempotency replay, the policy's limits, the saved plan's
+        claim), give it its record and queue it on its instance's lane; raises what
+        refused it (then nothing of it is kept)."""
         spec.run_id = new_run_id()
         # Idempotency keys are the caller's; the run belongs to the instance's tenant.
         tenant = spec.principal.tenant_key
-        owner = workspace_tenant(spec.workspace)
         if idempotency is not None:
             found = self.history.replay(tenant, spec.run_id, idempotency)
             if found is not None:
                 return found
-        if governed:
-            try:
+        record = _record(spec, idempotency, origin)
+        release: Callable[[], None] = _nothing
+        try:
+            if governed:
                 limits = self.governance.limits(spec.principal, spec.module.name)
-                self.governance.check_runs(limits, owner, spec.module.name)
-                if spec.operation == "apply":
-                    self.governance.check_create(limits, owner, spec.module.name,
-                                                 spec.instance)
-            except TFServerError:
-                self.history.drop_key(tenant, idempotency)
-                raise
-        if spec.plan_of is not None and not self.store.claim_plan(spec.plan_of, spec.run_id):
+                release = self.governance.reserve(limits, record, queued=asynchronous)
+            if spec.plan_of is not None and not self.store.claim_plan(spec.plan_of,
+                                                                      spec.run_id):
+                raise Conflict("the saved plan was applied already", retry_after=0)
+        except TFServerError:
+            release()
             self.history.drop_key(tenant, idempotency)
-            raise Conflict("the saved plan was applied already", retry_after=0)
-        record = RunRecord(id=spec.run_id, module=spec.module.name, instance=spec.instance,
-                           workspace=spec.workspace, tenant=owner,
-                           subject=spec.principal.subject, operation=spec.operation,
-                           plan_of=spec.plan_of,
-                           idempotency_key=idempotency.key if idempotency else None,
-                           client_id=spec.principal.client_id,
-                           client_address=origin.address if origin else None,
-                           request_id=origin.request_id if origin else None)
+            raise
         run = Run(record, lambda r: self.job(r, spec), lambda text: spec.scrub(text),
                   sync=not asynchronous)
         what = f"instance {spec.instance!r} of module {spec.module.name}"
@@ -84,6 +77,7 @@ class Submitter:
         except TFServerError as e:
             if isinstance(e, Conflict):
                 self.metrics.lock_conflicts.labels(spec.module.name).inc()
+            release()
             self.history.drop_key(tenant, idempotency)
             if spec.plan_of is not None:
                 self.store.release_plan(spec.plan_of)
@@ -115,3 +109,20 @@ class Submitter:
             record.plan = {"expires_at": time.time() + self.config.plan_ttl,
                            "applied_by": None}
         return outcome
+
+
+def _record(spec: RunSpec, idempotency: Idempotency | None, origin: Origin | None
+            ) -> RunRecord:
+    """A new run's record: it belongs to the instance's tenant."""
+    return RunRecord(id=spec.run_id, module=spec.module.name, instance=spec.instance,
+                     workspace=spec.workspace, tenant=workspace_tenant(spec.workspace),
+                     subject=spec.principal.subject, operation=spec.operation,
+                     plan_of=spec.plan_of,
+                     idempotency_key=idempotency.key if idempotency else None,
+                     client_id=spec.principal.client_id,
+                     client_address=origin.address if origin else None,
+                     request_id=origin.request_id if origin else None)
+
+
+def _nothing() -> None:
+    """No slot was taken: nothing to give back."""

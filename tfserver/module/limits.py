@@ -18,19 +18,27 @@ UNLIMITED = "unlimited"
 Scope = Mapping[str, int | float | None]
 
 
+#: A tenant's queued runs over all its instances when the policy does not say
+#: (`max_queued_per_tenant`): each instance's queue is bounded too (TFSERVER_QUEUE_DEPTH),
+#: but a tenant could otherwise fill queues of any number of instances.
+DEFAULT_MAX_QUEUED = 64
+
+
 @dataclass(frozen=True)
 class Limits:
     """What the policy allows one tenant on one module.
 
     `None` is no limit. `max_instances` caps the tenant's instances of the module (an update
     of an existing instance is never refused by it); `max_runs` caps the tenant's runs of
-    the module in flight (queued or running) at once; TTLs are seconds.
+    the module in flight (queued or running) at once; `max_queued` the tenant's queued
+    runs over all its instances; TTLs are seconds.
     """
 
     max_instances: int | None = None
     max_runs: int | None = None
     default_ttl: float | None = None
     max_ttl: float | None = None
+    max_queued: int | None = DEFAULT_MAX_QUEUED
 
     @property
     def expires(self) -> bool:

@@ -25,7 +25,7 @@ import jsonschema
 
 from ..errors import ConfigError
 from .discover import RESERVED_VARIABLES, Module
-from .limits import Limits, Scope
+from .limits import DEFAULT_MAX_QUEUED, Limits, Scope
 from .types import TfType
 
 #: JSON Schema keywords a policy may add, and the JSON types they act on (None: any).
@@ -119,6 +119,22 @@ class Policy:
     tenants: Mapping[str, TenantRules] = field(default_factory=dict)
     webhooks: tuple[Webhook, ...] = ()
 
+    @property
+    def limits_runs(self) -> bool:
+        """True when some table sets a run limit (runs then hold slots)."""
+        return self._sets("max_runs_per_tenant")
+
+    @property
+    def limits_instances(self) -> bool:
+        """True when some table sets an instance quota (instances then hold slots)."""
+        return self._sets("max_instances_per_tenant")
+
+    def _sets(self, key: str) -> bool:
+        scopes = [self.defaults, *(m.limits for m in self.modules.values())]
+        for tenant in self.tenants.values():
+            scopes += [tenant.limits, *tenant.modules.values()]
+        return any(scope.get(key) is not None for scope in scopes)
+
     @classmethod
     def empty(cls) -> Policy:
         """The policy of a server without a policy file: no limits, nothing narrowed."""
@@ -136,6 +152,8 @@ class Policy:
             merged.update(tenant.modules.get(module, {}))
         return Limits(max_instances=_count(merged.get("max_instances_per_tenant")),
                       max_runs=_count(merged.get("max_runs_per_tenant")),
+                      max_queued=_count(merged.get("max_queued_per_tenant",
+                                                   DEFAULT_MAX_QUEUED)),
                       default_ttl=merged.get("default_ttl"),
                       max_ttl=merged.get("max_ttl"))
 

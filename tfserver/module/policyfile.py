@@ -231,7 +231,7 @@ _WEBHOOK_KEYS = ("url", "secret", "events", "tenants")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-_COUNTS = ("max_instances_per_tenant", "max_runs_per_tenant")
+_COUNTS = ("max_instances_per_tenant", "max_runs_per_tenant", "max_queued_per_tenant")
 
 
 _DURATIONS = ("default_ttl", "max_ttl")
@@ -241,10 +241,14 @@ _DURATIONS = ("default_ttl", "max_ttl")
 _DEFAULTS_KEYS = (*_COUNTS, *_DURATIONS)
 
 
-_MODULE_KEYS = (*_COUNTS, *_DURATIONS, "variables")
+#: A module's table and a tenant's module table: the queued-run bound is tenant-wide.
+_MODULE_COUNTS = ("max_instances_per_tenant", "max_runs_per_tenant")
+
+
+_MODULE_KEYS = (*_MODULE_COUNTS, *_DURATIONS, "variables")
 
 
 _TENANT_KEYS = (*_COUNTS, "modules")
 
 
-_TENANT_MODULE_KEYS = _COUNTS
+_TENANT_MODULE_KEYS = _MODULE_COUNTS

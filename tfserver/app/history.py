@@ -135,38 +135,69 @@ class History:
 
     def replay(self, tenant: str, run_id: str, idem: Idempotency) -> Submitted | None:
         """The run an earlier request with this key started, or None after claiming the
-        key for the new run `run_id`; 422 when the key came with another request."""
-        if not _IDEMPOTENCY_KEY.match(idem.key):
-            raise BadRequest("Idempotency-Key must be 1-255 visible ASCII characters",
-                             extra={"errors": [{"field": "Idempotency-Key",
-                                                "message": "malformed"}]})
+        key for the new run `run_id`; 422 when the key came with another request.
+
+        A key whose run never got a record within the lost-run window (its server died
+        while admitting it) is claimed afresh: the retry runs. A key whose run was lost is
+        a final 409: what it did is unknown, so nothing runs again under that key.
+        """
+        _check_key(idem)
         existing = self.store.claim_key(tenant, idem.key, {
-            "fingerprint": idem.fingerprint, "run_id": run_id,
+            "fingerprint": idem.fingerprint, "run_id": run_id, "claimed_at": time.time(),
             "expires_at": time.time() + self.idempotency_ttl}, time.time())
         if existing is None:
             return None
+        found = self._found(existing, idem)
+        if found is not None:
+            return found
+        # The claim's run never got a record and is past the window: take the key over.
+        self.store.drop_key(tenant, idem.key)
+        if self.store.claim_key(tenant, idem.key, {
+                "fingerprint": idem.fingerprint, "run_id": run_id, "claimed_at": time.time(),
+                "expires_at": time.time() + self.idempotency_ttl}, time.time()) is None:
+            return None
+        raise Conflict("a request with this Idempotency-Key is in progress", retry_after=1)
+
+    def replayed(self, tenant: str, idem: Idempotency) -> Submitted | None:
+        """The run an earlier request with this key started, if any (claims nothing): a
+        retry is answered before anything else is checked."""
+        _check_key(idem)
+        existing = self.store.key_entry(tenant, idem.key, time.time())
+        return self._found(existing, idem) if existing is not None else None
+
+    def _found(self, existing: dict[str, Any], idem: Idempotency) -> Submitted | None:
+        """The run of a key's entry; None when its run never got a record and the entry is
+        older than the lost-run window."""
         if existing.get("fingerprint") != idem.fingerprint:
             raise Rejected("this Idempotency-Key was used with another request")
         run_id = str(existing.get("run_id"))
         local = self.runs.local(run_id)
-        if local is None:
-            try:
-                self.runs.record(run_id)
-            except NotFound:
-                # The first request with this key is still being admitted (or was
-                # refused a moment ago): the draft's answer to a concurrent duplicate.
-                raise Conflict("a request with this Idempotency-Key is in progress",
-                               retry_after=1) from None
-        return Submitted(run_id, local, replayed=True)
+        if local is not None:
+            return Submitted(run_id, local, replayed=True)
+        try:
+            record = self.runs.record(run_id)
+        except NotFound:
+            claimed = float(existing.get("claimed_at") or 0.0)
+            if time.time() - claimed > self.runs.lost_after:
+                return None
+            # The first request with this key is still being admitted (or was refused a
+            # moment ago): the draft's answer to a concurrent duplicate.
+            raise Conflict("a request with this Idempotency-Key is in progress",
+                           retry_after=1) from None
+        if record.status == "lost":
+            raise Conflict(f"run {run_id}, started with this Idempotency-Key, was lost (the "
+                           "server running it stopped): what it did is unknown. Read the "
+                           "instance, then send the request with a new key", retry_after=0)
+        return Submitted(run_id, None, replayed=True)
 
     def drop_key(self, tenant: str, idem: Idempotency | None) -> None:
         """Forget a key whose request was refused before its run began."""
         if idem is not None:
             self.store.drop_key(tenant, idem.key)
 
-    def mark_plan_applied(self, plan_id: str, run_id: str) -> None:
-        """Note on the plan's record that it is used (best effort; the mark is the
-        `.used` object)."""
+    def mark_plan_applied(self, plan_id: str, run_id: str | None) -> None:
+        """Note on the plan's record that it is used, or (None) free again (best effort;
+        the mark is the `.used` object)."""
         def note(record: RunRecord) -> None:
             if record.plan is not None:
                 record.plan["applied_by"] = run_id
@@ -182,6 +213,13 @@ class History:
                 self.store.save(record)
         except TFServerError as e:
             logger.warning("plan %s: could not note its use: %s", plan_id, e.detail)
+
+
+def _check_key(idem: Idempotency) -> None:
+    if not _IDEMPOTENCY_KEY.match(idem.key):
+        raise BadRequest("Idempotency-Key must be 1-255 visible ASCII characters",
+                         extra={"errors": [{"field": "Idempotency-Key",
+                                            "message": "malformed"}]})
 
 
 def _page(runs: Runs, *, tenant: str | None, module: str | None, instance: str | None,

@@ -170,7 +170,12 @@ class Service:
     def apply_plan(self, principal: Principal, plan_id: str, *, asynchronous: bool = False,
                    idempotency: Idempotency | None = None,
                    origin: Origin | None = None) -> Submitted:
-        """Apply exactly the plan a dry run saved (409 when expired, used or stale)."""
+        """Apply exactly the plan a dry run saved (409 when expired, used or stale); a
+        retry with the Idempotency-Key of an earlier call is answered as that call was."""
+        if idempotency is not None:
+            found = self.history.replayed(principal.tenant_key, idempotency)
+            if found is not None:
+                return found
         plan = self.history.record(principal, plan_id)
         if plan.operation not in ("plan", "plan-destroy") or plan.status != "succeeded":
             raise Conflict(f"run {plan_id} is not a plan that succeeded", retry_after=0)
@@ -199,9 +204,13 @@ class Service:
                             governed=False).run_id
 
     def _counted(self, record: RunRecord) -> None:
-        """A run ended here: count it, and give back its slots."""
+        """A run ended here: count it, give back its slots, and free the saved plan it
+        was to apply if it never started (canceled while queued, or stopped)."""
         self.metrics.run(record.module, record.operation, record.status, _seconds(record))
         self.governance.ended(record)
+        if record.plan_of is not None and record.started_at is None:
+            self.store.release_plan(record.plan_of)
+            self.history.mark_plan_applied(record.plan_of, None)
 
     def _audited(self, record: RunRecord) -> None:
         """A run ended here (and its caller has the answer): its audit line, then its

@@ -11,7 +11,8 @@ bucket under its prefix), so any replica can answer for any run. The layout:
     _runs/cancel/<id>                            a cancel asked on another replica
     _plans/<id>.tfplan, _plans/<id>.json         a saved plan and what applying it needs
     _plans/<id>.used                             written once, by the run that applies it
-    _idempotency/<tenant>.<sha256 of the key>    {"fingerprint", "run_id", "expires_at"}
+    _idempotency/<tenant>.<sha256 of the key>    {"fingerprint", "run_id", "claimed_at",
+                                                 "expires_at"}
 
 Run ids sort newest first (the first 12 hex digits count down from the end of time in
 milliseconds), so every listing is one ordered LIST call.
@@ -278,6 +279,17 @@ class RunStore:
             if isinstance(existing, dict) and float(existing.get("expires_at", 0)) > now:
                 return existing
             self.objects.delete(name)  # expired or unreadable: take its place
+        return None
+
+    def key_entry(self, tenant: str, key: str, now: float) -> dict[str, Any] | None:
+        """The live entry of a key, if any (claims nothing)."""
+        data = self.objects.get(self._key_name(tenant, key))
+        try:
+            existing = json.loads(data) if data is not None else None
+        except ValueError:
+            return None
+        if isinstance(existing, dict) and float(existing.get("expires_at", 0)) > now:
+            return existing
         return None
 
     def drop_key(self, tenant: str, key: str) -> None:

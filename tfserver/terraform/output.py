@@ -23,7 +23,9 @@ STDERR_KEEP = 64 * 1024
 _LOCK_SUMMARIES = ("Error acquiring the state lock", "Error locking state")
 
 
-_STALE_PLAN = "Saved plan is stale"
+#: terraform's words for a saved plan the state moved on from (the second: the state was
+#: destroyed and made anew since, another lineage).
+_STALE_PLAN = ("Saved plan is stale", "Saved plan does not match the given state")
 
 
 _RESOURCE_PHASES = {"apply_start": "start", "apply_progress": "progress",
@@ -156,7 +158,7 @@ class RunResult:
             return None
         if self.lock is not None:
             return Failure.LOCKED
-        if any(d.summary == _STALE_PLAN for d in self.errors):
+        if any(d.summary in _STALE_PLAN for d in self.errors):
             return Failure.STALE_PLAN
         if not self.errors:
             return Failure.KILLED if self.returncode < 0 else Failure.FAILED

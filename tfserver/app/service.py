@@ -36,7 +36,7 @@ from ..storage.base import StateBackend
 from ..storage.local import LocalBackend
 from ..terraform.args import build_args, cli_config_text
 from ..terraform.output import api_event
-from ..terraform.process import Runner
+from ..terraform.process import RunControl, Runner
 from ..terraform.workdir import VarFiles, WorkingCopies
 from ..web.openapi import ApiDescription, DocSettings
 from .catalog import Catalog, target_workspace
@@ -252,8 +252,9 @@ class Service:
                            client_id=spec.principal.client_id,
                            client_address=origin.address if origin else None,
                            request_id=origin.request_id if origin else None)
-        run = Run(record, lambda r: self._job(r, spec), lambda text: spec.scrub(text),
-                  sync=not asynchronous)
+        control = RunControl()
+        run = Run(record, lambda r: self._job(r, spec, control),
+                  lambda text: spec.scrub(text), control, sync=not asynchronous)
         what = f"instance {spec.instance!r} of module {spec.module.name}"
         try:
             self.runs.submit(run, what=what,
@@ -298,7 +299,7 @@ class Service:
         except NotFound:
             return "lost"
 
-    def _job(self, run: Run, spec: RunSpec) -> Outcome:
+    def _job(self, run: Run, spec: RunSpec, control: RunControl) -> Outcome:
         """What a run does: terraform through the executor, its events relayed."""
         def relay(raw: dict[str, Any]) -> None:
             event = api_event(raw)
@@ -306,7 +307,7 @@ class Service:
                 run.emit(event.pop("type"), **event)
 
         try:
-            outcome = self.executor.execute(spec, control=run.control, on_event=relay)
+            outcome = self.executor.execute(spec, control=control, on_event=relay)
         except Conflict as e:
             if "lock" in e.extra:  # the state was locked by a run elsewhere
                 self.metrics.lock_conflicts.labels(spec.module.name).inc()

@@ -47,9 +47,7 @@ class Runs:
         self.scheduler = scheduler
         self.replica = replica
         self.kill_grace = kill_grace
-        self.heartbeat = heartbeat
         self.lost_after = lost_after
-        self.retention = retention
         self.clock = clock
         #: Told of every run that ends here, before anyone sees it ended (metrics), and
         #: once its synchronous caller has its answer (the audit line).
@@ -57,7 +55,9 @@ class Runs:
         self._mutex = threading.Lock()
         self._live: dict[str, Run] = {}
         self._workers = Workers("run")
-        self.keeper = Keeper(self)
+        self.keeper = Keeper(store, replica=replica, heartbeat=heartbeat, retention=retention,
+                             clock=clock, position=scheduler.position,
+                             cancel=self.cancel_local)
 
     # -- start and stop ---------------------------------------------------------------
 
@@ -112,12 +112,14 @@ class Runs:
                             on_start=lambda: self._start(run))
         with self._mutex:
             self._live[record.id] = run
+        self.keeper.track(run)
         try:
             if not run.sync:
                 run.emit("queued")
                 self.keeper.create(run)
             self.scheduler.enqueue(run.ticket, wait=wait)
         except TFServerError:
+            self.keeper.forget(run)
             with self._mutex:
                 self._live.pop(record.id, None)
             if not run.sync:
@@ -162,7 +164,7 @@ class Runs:
             record.cancel, record.state_may_be_locked = "forced", True
         record.status = status
         run.emit("finished", status=status, changes=record.changes, problem=record.problem)
-        self._tell(self.on_finish, record)
+        _tell(self.on_finish, record)
         # The caller waiting on the run answers now; the store follows. Until the record
         # is stored the run stays this replica's, so `record` and `page` still show it.
         run.done.set()
@@ -172,21 +174,14 @@ class Runs:
             # of its answer); the record waits until the answer is out.
             run.answered.wait(_ANSWER_FIRST)
         try:
-            self._tell(self.on_ended, record)
+            _tell(self.on_ended, record)
             self.keeper.flush(run, final=True)
         except TFServerError as e:
             logger.error("run %s: its final record could not be stored: %s", record.id, e)
         finally:
+            self.keeper.forget(run)
             with self._mutex:  # a shutdown waits for this (`wait_idle`)
                 self._live.pop(record.id, None)
-
-    @staticmethod
-    def _tell(listener: Callable[[RunRecord], None] | None, record: RunRecord) -> None:
-        if listener is not None:
-            try:
-                listener(replace(record))
-            except Exception:  # a listener's bug must not keep the run from ending
-                logger.exception("run %s: a listener of its end failed", record.id)
 
     def _end_unstarted(self, run: Run, status: str, detail: str) -> None:
         """End a run that never started (canceled while queued)."""
@@ -220,18 +215,14 @@ class Runs:
     def unstored(self) -> list[RunRecord]:
         """Copies of the records this replica holds that are not stored yet (a synchronous
         run is stored at its first heartbeat, or just after its answer)."""
-        return [replace(r.record) for r in self.live() if not r._created]
+        return [replace(r.record) for r in self.live() if not self.keeper.stored(r)]
 
     def amend(self, run_id: str, change: Callable[[RunRecord], None]) -> bool:
         """Change the record of a run this replica holds; True when its last store write
         is still to come (and will carry the change), False when the store must be
         changed instead."""
         run = self.local(run_id)
-        if run is None:
-            return False
-        with run._store_lock:  # not between a flush's copy of the record and its write
-            change(run.record)
-            return not run._final
+        return run is not None and self.keeper.amend(run, change)
 
     def in_flight(self, tenant: str, module: str) -> list[RunRecord]:
         """The tenant's runs of the module that are queued or running on any replica
@@ -300,6 +291,15 @@ class Runs:
     def _run_of(self, ticket: Ticket) -> Run | None:
         with self._mutex:
             return next((r for r in self._live.values() if r.ticket is ticket), None)
+
+
+def _tell(listener: Callable[[RunRecord], None] | None, record: RunRecord) -> None:
+    """Tell a listener of a run's end (a copy of its record)."""
+    if listener is not None:
+        try:
+            listener(replace(record))
+        except Exception:  # a listener's bug must not keep the run from ending
+            logger.exception("run %s: a listener of its end failed", record.id)
 
 
 def _follow_local(run: Run, after: int) -> Iterator[list[dict[str, Any]]]:

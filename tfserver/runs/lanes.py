@@ -30,6 +30,7 @@ class Ticket:
     #: Called (outside the scheduler's lock) when the run may start.
     on_start: Callable[[], None]
     seq: int = 0
+    #: Set once a synchronous caller's wait is over: admitted, refused or withdrawn.
     admitted: threading.Event = field(default_factory=threading.Event)
     #: Why the run could not start (no slot for a synchronous run, shutdown).
     refused: TFServerError | None = None
@@ -80,18 +81,22 @@ class Scheduler:
         if not ticket.admitted.wait(wait if busy else 60.0):
             if self.withdraw(ticket):
                 raise _busy(ticket, retry_after=max(1, int(wait)) if busy else 5)
-            ticket.admitted.wait()  # admitted (or refused) in the meantime
+            ticket.admitted.wait()  # admitted, refused or withdrawn in the meantime
         if ticket.refused is not None:
             raise ticket.refused
+        # Admitted, or withdrawn by a cancel or a shutdown, which ends the run: either
+        # way its caller waits for the run's end.
 
     def withdraw(self, ticket: Ticket) -> bool:
-        """Take a waiting ticket out of its lane; False if it started (or was never in)."""
+        """Take a waiting ticket out of its lane (its waiting caller, if any, is let go);
+        False if it started (or was never in)."""
         with self._mutex:
             lane = self._lanes.get(ticket.key)
             if lane is None or ticket not in lane.waiting:
                 return False
             lane.waiting.remove(ticket)
             self._forget_if_idle(ticket.key, lane)
+            _withdrawn([ticket])
             starting = self._dispatch()
         _start(starting)
         return True
@@ -146,13 +151,15 @@ class Scheduler:
             _start(starting)
 
     def close(self) -> list[Ticket]:
-        """Refuse new tickets; take every waiting one out and return them."""
+        """Refuse new tickets; take every waiting one out (their waiting callers are let
+        go) and return them."""
         with self._mutex:
             self._closed = True
             dropped = [t for lane in self._lanes.values() for t in lane.waiting]
             for key, lane in list(self._lanes.items()):
                 lane.waiting.clear()
                 self._forget_if_idle(key, lane)
+            _withdrawn(dropped)
         return dropped
 
     # -- under the mutex ------------------------------------------------------------------
@@ -180,6 +187,13 @@ class Scheduler:
     def _forget_if_idle(self, key: Hashable, lane: _Lane) -> None:
         if lane.holder is None and not lane.waiting:
             self._lanes.pop(key, None)
+
+
+def _withdrawn(tickets: list[Ticket]) -> None:
+    """Let go the callers of tickets taken out of their lanes: whoever took them out
+    ends their runs (a cancel, a shutdown)."""
+    for ticket in tickets:
+        ticket.admitted.set()
 
 
 def _start(tickets: list[Ticket]) -> None:

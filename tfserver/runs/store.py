@@ -22,12 +22,16 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ..storage.base import ObjectStore
+
+logger = logging.getLogger(__name__)
 
 ACTIVE = frozenset({"queued", "running"})
 ENDED = frozenset({"succeeded", "failed", "canceled", "lost"})
@@ -108,10 +112,21 @@ class RunRecord:
         """A stored record, or None when it cannot be read."""
         try:
             doc = json.loads(data)
+            if not isinstance(doc, dict):
+                return None
             known = {f.name for f in fields(cls)}
             return cls(**{k: v for k, v in doc.items() if k in known})
         except (ValueError, TypeError):
             return None
+
+    @classmethod
+    def damaged(cls, run_id: str) -> RunRecord:
+        """What is shown of a run whose stored record cannot be read: lost."""
+        made = run_id_time(run_id) if is_run_id(run_id) else 0.0
+        return cls(id=run_id, module="", instance="", workspace="", tenant="", subject="",
+                   operation="", status="lost", created_at=made, heartbeat_at=made,
+                   problem={"type": "about:blank", "title": "Internal Server Error",
+                            "status": 500, "detail": "the run's stored record is damaged"})
 
     @property
     def active(self) -> bool:
@@ -150,9 +165,16 @@ class RunStore:
             self.objects.delete(f"_runs/cancel/{record.id}")
 
     def get(self, run_id: str) -> RunRecord | None:
-        """The stored record, if any."""
+        """The stored record, if any (a damaged one is shown lost)."""
         data = self.objects.get(f"_runs/records/{run_id}.json")
-        return RunRecord.from_json(data) if data is not None else None
+        if data is None:
+            return None
+        record = RunRecord.from_json(data)
+        if record is None:
+            logger.warning("run %s: its stored record is damaged (not a record's JSON "
+                           "object); shown as lost", run_id)
+            return RunRecord.damaged(run_id)
+        return record
 
     def ids(self, *, tenant: str | None, module: str | None = None,
             instance: str | None = None, after: str = "", limit: int = 100) -> list[str]:
@@ -185,11 +207,13 @@ class RunStore:
     def delete(self, record: RunRecord) -> None:
         """Forget a run entirely (retention)."""
         t, r = record.tenant, record.id
-        for key in (f"_runs/by-tenant/{t}/{r}",
-                    f"_runs/by-instance/{t}/{record.module}/{record.instance}/{r}",
-                    f"_runs/events/{r}.ndjson", self._active(record),
-                    f"_runs/cancel/{r}", f"_plans/{r}.tfplan", f"_plans/{r}.json",
-                    f"_plans/{r}.used", f"_runs/records/{r}.json"):
+        keys = [f"_runs/events/{r}.ndjson", f"_runs/cancel/{r}", f"_plans/{r}.tfplan",
+                f"_plans/{r}.json", f"_plans/{r}.used", f"_runs/records/{r}.json"]
+        if t and record.module and record.instance:  # unknown for a damaged record
+            keys[:0] = [f"_runs/by-tenant/{t}/{r}",
+                        f"_runs/by-instance/{t}/{record.module}/{record.instance}/{r}",
+                        self._active(record)]
+        for key in keys:
             self.objects.delete(key)
 
     # -- events and cancels ------------------------------------------------------------
@@ -285,23 +309,23 @@ class RunStore:
 
     # -- retention --------------------------------------------------------------------
 
-    def purge(self, *, runs_before: float, now: float, limit: int = 1000) -> int:
+    def purge(self, *, runs_before: float, now: float, page: int = 1000) -> int:
         """Delete runs made before `runs_before`, plans and idempotency keys past their
-        lifetime; returns how many objects went. Bounded by `limit` per kind."""
+        lifetime; returns how many objects went. Reads every name, `page` at a time."""
         removed = 0
         cutoff = new_run_id(runs_before)[:12]
-        for name in self.objects.keys("_runs/records/", start_after=cutoff, limit=limit):
+        for name in self._every("_runs/records/", start_after=cutoff, page=page):
             record = self.get(name.removesuffix(".json"))
             if record is not None and not record.active:
                 self.delete(record)
                 removed += 1
-        for name in self.objects.keys("_plans/", limit=limit):
+        for name in self._every("_plans/", page=page):
             if name.endswith(".json"):
                 meta = self.plan_meta(name.removesuffix(".json"))
                 if meta is None or float(meta.get("expires_at", 0)) <= now:
                     self.drop_plan(name.removesuffix(".json"))
                     removed += 1
-        for name in self.objects.keys("_idempotency/", limit=limit):
+        for name in self._every("_idempotency/", page=page):
             data = self.objects.get(f"_idempotency/{name}")
             try:
                 expires = float(json.loads(data).get("expires_at", 0)) if data else 0.0
@@ -311,3 +335,13 @@ class RunStore:
                 self.objects.delete(f"_idempotency/{name}")
                 removed += 1
         return removed
+
+    def _every(self, folder: str, *, start_after: str = "", page: int) -> Iterator[str]:
+        """Every name in the folder after `start_after`, one listing of `page` at a time
+        (what the caller deletes meanwhile does not move the next page)."""
+        while True:
+            names = self.objects.keys(folder, start_after=start_after, limit=page)
+            yield from names
+            if len(names) < page:
+                return
+            start_after = names[-1]

@@ -4,8 +4,9 @@ all runs.
 Every instance has a lane: the run that holds it and a FIFO of runs waiting for it. A run
 at the head of an idle lane starts when one of the `slots` is free; a waiting run holds
 no slot. Synchronous callers keep the original contract: they wait at most their own
-patience for the lane (then 409) and never for a slot (503 at once); asynchronous runs
-queue (at most `queue_depth` per lane, then 409) and wait for a slot as long as it takes.
+patience for the lane (then `Conflict`) and never for a slot (`Unavailable` at once);
+asynchronous runs queue (at most `queue_depth` per lane, then `Conflict`) and wait for a
+slot as long as it takes.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ class Scheduler:
         self._closed = False
 
     def enqueue(self, ticket: Ticket, *, wait: float = 0.0) -> None:
-        """Join the ticket's lane; raise 409 (busy, queue full) or 503 (no slot, closed).
+        """Join the ticket's lane; raise `Conflict` (busy, queue full) or
+        `Unavailable` (no slot, closed).
 
         A synchronous ticket waits here up to `wait` seconds to be admitted; an
         asynchronous one returns at once and is started by `on_start` when its turn comes.
@@ -176,7 +178,7 @@ class Scheduler:
                 self._used += 1
                 starting.append(head)
             elif head.sync:
-                # A synchronous caller never waits for a slot: the original 503.
+                # A synchronous caller never waits for a slot: the original refusal.
                 lane.waiting.popleft()
                 head.refused = Unavailable(f"all {self.slots} run slots are busy; try again "
                                            "later", retry_after=5)

@@ -78,9 +78,8 @@ class Runs:
     def close_queues(self) -> int:
         """Refuse new runs and cancel every queued one (the server is stopping)."""
         dropped = self.scheduler.close()
-        for ticket in dropped:
-            run = self._run_of(ticket)
-            if run is not None:
+        for run in self.live():
+            if run.ticket is not None and any(run.ticket is t for t in dropped):
                 self._end_unstarted(run, "canceled", "the server stopped before the run began")
         return len(dropped)
 
@@ -89,8 +88,7 @@ class Runs:
         line, its final record); False on timeout."""
         deadline = time.monotonic() + timeout
         while True:
-            with self._mutex:
-                live = list(self._live.values())
+            live = self.live()
             if not live:
                 return True
             left = deadline - time.monotonic()
@@ -105,11 +103,13 @@ class Runs:
 
     def submit(self, run: Run, *, what: str, wait: float = 0.0) -> Run:
         """Queue the run on its instance's lane; a synchronous run waits up to `wait` for
-        the instance. Raises 409/503 when the run is refused (then nothing is stored)."""
+        the instance. Raises `Conflict` or `Unavailable` when the run is refused (then
+        nothing is stored)."""
         record = run.record
         record.replica = self.replica
+        # Once admitted, the run's job runs in a thread of its own.
         run.ticket = Ticket((record.module, record.workspace), what, sync=run.sync,
-                            on_start=lambda: self._start(run))
+                            on_start=lambda: self._workers.submit(lambda: self._execute(run)))
         with self._mutex:
             self._live[record.id] = run
         self.keeper.track(run)
@@ -128,10 +128,6 @@ class Runs:
         if not run.sync and record.started_at is None:
             record.queue_position = self.scheduler.position(run.ticket)
         return run
-
-    def _start(self, run: Run) -> None:
-        """The scheduler admitted the run: run its job in a thread of its own."""
-        self._workers.submit(lambda: self._execute(run))
 
     def _execute(self, run: Run) -> None:
         record = run.record
@@ -197,7 +193,7 @@ class Runs:
             return self._live.get(run_id)
 
     def record(self, run_id: str) -> RunRecord:
-        """The run's record as any replica would show it (404 if none)."""
+        """The run's record as any replica would show it (`NotFound` if none)."""
         run = self.local(run_id) if is_run_id(run_id) else None
         if run is not None:
             shown = replace(run.record)
@@ -244,7 +240,7 @@ class Runs:
 
     def cancel(self, run_id: str, *, force: bool) -> RunRecord:
         """Cancel a queued run at once, interrupt a running one (kill it when forced, or
-        on a second cancel after the kill grace). 409 when it already ended."""
+        on a second cancel after the kill grace); `Conflict` when it already ended."""
         run = self.local(run_id)
         if run is None:
             record = self.record(run_id)
@@ -287,10 +283,6 @@ class Runs:
         elif run.control.interrupt("cancel"):
             run.cancel_asked_at = now
         run.emit("canceling", force=force or second)
-
-    def _run_of(self, ticket: Ticket) -> Run | None:
-        with self._mutex:
-            return next((r for r in self._live.values() if r.ticket is ticket), None)
 
 
 def _tell(listener: Callable[[RunRecord], None] | None, record: RunRecord) -> None:

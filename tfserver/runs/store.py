@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from ..errors import TFServerError
 from ..storage.base import ObjectStore
 
 logger = logging.getLogger(__name__)
@@ -125,8 +126,7 @@ class RunRecord:
         made = run_id_time(run_id) if is_run_id(run_id) else 0.0
         return cls(id=run_id, module="", instance="", workspace="", tenant="", subject="",
                    operation="", status="lost", created_at=made, heartbeat_at=made,
-                   problem={"type": "about:blank", "title": "Internal Server Error",
-                            "status": 500, "detail": "the run's stored record is damaged"})
+                   problem=TFServerError("the run's stored record is damaged").problem())
 
     @property
     def active(self) -> bool:

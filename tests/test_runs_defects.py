@@ -1,6 +1,7 @@
 """Defects of the run lifecycle (issue 19), each pinned by a test that failed before its
-fix: a real Scheduler, Runs and RunStore over files in tmp_path, small fakes behind the
-project's own interfaces (a process handle, a terraform runner), no terraform."""
+fix, and the heartbeat's cost (issue 20, §4): a real Scheduler, Runs and RunStore over
+files in tmp_path, small fakes behind the project's own interfaces (a process handle, a
+terraform runner, an object store that counts calls), no terraform."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from tfserver.runs.lanes import Scheduler
 from tfserver.runs.registry import Runs
 from tfserver.runs.run import Run
 from tfserver.runs.store import RunRecord, RunStore, new_run_id
+from tfserver.storage.base import ObjectStore
 from tfserver.storage.local import LocalBackend, LocalObjects
 from tfserver.terraform.output import EventSink, RunResult
 from tfserver.terraform.process import RunControl
@@ -238,3 +241,102 @@ def test_a_record_that_is_not_an_object_is_shown_lost(tmp_path: Path, stored: by
     assert all(r.exc_info is None for r in caplog.records)
     runs.store.purge(runs_before=time.time() + 1, now=time.time())  # retention takes it
     assert runs.store.objects.get(f"_runs/records/{run_id}.json") is None
+
+
+# -- issue 20, §4: one heartbeat per replica judges its runs ---------------------------
+
+class Counting:
+    """An object store that counts the calls made to it."""
+
+    def __init__(self, inner: ObjectStore) -> None:
+        self.inner = inner
+        self.calls: Counter[str] = Counter()
+
+    def put(self, key: str, data: bytes) -> None:
+        self.calls["put"] += 1
+        self.inner.put(key, data)
+
+    def put_new(self, key: str, data: bytes) -> bool:
+        self.calls["put_new"] += 1
+        return self.inner.put_new(key, data)
+
+    def get(self, key: str) -> bytes | None:
+        self.calls["get"] += 1
+        return self.inner.get(key)
+
+    def delete(self, key: str) -> None:
+        self.calls["delete"] += 1
+        self.inner.delete(key)
+
+    def keys(self, folder: str, *, start_after: str = "", limit: int = 1000) -> list[str]:
+        self.calls["keys"] += 1
+        return self.inner.keys(folder, start_after=start_after, limit=limit)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def replica(objects: ObjectStore, name: str, clock: Clock) -> Runs:
+    # No run slot: every run stays queued.
+    return Runs(RunStore(objects), Scheduler(0, 8), replica=name, kill_grace=1.0,
+                clock=clock)
+
+
+def queue(runs: Runs, count: int) -> list[Run]:
+    queued = []
+    for n in range(count):
+        record = RunRecord(id=new_run_id(), module="m", instance=f"i{n:03d}",
+                           workspace=f"t.i{n:03d}", tenant="t", subject="s",
+                           operation="apply")
+        run = Run(record, lambda r: None, lambda text: text, FakeControl())
+        queued.append(runs.submit(run, what=f"i{n:03d}"))
+    return queued
+
+
+def test_a_beat_of_400_unchanged_queued_runs_is_two_calls(tmp_path: Path) -> None:
+    objects = Counting(LocalObjects(tmp_path))
+    runs = replica(objects, "r1", Clock())
+    queue(runs, 400)
+    runs.keeper.beat()  # their queue positions are stored
+    objects.calls.clear()
+    runs.keeper.beat()
+    assert objects.calls == Counter({"put": 1, "keys": 1}), objects.calls
+
+
+def test_a_cancel_left_by_another_replica_is_found_by_the_listing(tmp_path: Path) -> None:
+    objects = Counting(LocalObjects(tmp_path))
+    clock = Clock()
+    runs, other = replica(objects, "r1", clock), replica(objects, "r2", clock)
+    queued = queue(runs, 50)
+    runs.keeper.beat()
+    target = queued[17]
+    assert other.cancel(target.record.id, force=False).cancel == "requested"
+    objects.calls.clear()
+    runs.keeper.beat()
+    assert target.done.is_set() and target.record.status == "canceled"
+    assert objects.calls["keys"] == 1 and objects.calls["get"] == 1
+    assert all(not r.done.is_set() for r in queued if r is not target)
+
+
+def test_runs_are_judged_by_their_replicas_heartbeat(tmp_path: Path) -> None:
+    objects = LocalObjects(tmp_path)
+    clock = Clock()
+    runs, other = replica(objects, "r1", clock), replica(objects, "r2", clock)
+    [run] = queue(runs, 1)
+    runs.keeper.beat()
+    clock.now += 60  # the record was not rewritten since; the replica beats
+    runs.keeper.beat()
+    assert other.record(run.record.id).status == "queued"
+    # A run the replica's heartbeat does not name (it no longer holds it) is lost.
+    stray = RunRecord(id=new_run_id(), module="m", instance="s", workspace="t.s", tenant="t",
+                      subject="s", operation="apply", status="running", replica="r1",
+                      heartbeat_at=clock.now - 60)
+    runs.store.create(stray)
+    assert other.record(stray.id).status == "lost"
+    clock.now += 60  # the replica stopped beating
+    assert other.record(run.record.id).status == "lost"

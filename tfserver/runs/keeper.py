@@ -34,12 +34,16 @@ class _Kept:
     created: bool = False
     final: bool = False
     events: int = 0
+    #: The record as last written, its heartbeat left out: an unchanged record is not
+    #: written again (the replica's heartbeat says it is alive).
+    written: bytes = b""
 
 
 class Keeper(threading.Thread):
-    """Keeps this replica's runs in the store: every `heartbeat` seconds it writes each
-    active run's record (a fresh heartbeat) and new events, acts on cancels other replicas
-    left (through `cancel`), and hourly deletes what is past its `retention`."""
+    """Keeps this replica's runs in the store: every `heartbeat` seconds it writes one
+    heartbeat naming its active runs, each record that changed and new events, acts on
+    cancels other replicas left (through `cancel`), and hourly deletes what is past its
+    `retention`."""
 
     def __init__(self, store: RunStore, *, replica: str, heartbeat: float, retention: float,
                  clock: Callable[[], float], position: Callable[[Ticket], int | None],
@@ -119,7 +123,7 @@ class Keeper(threading.Thread):
         with kept.lock:
             run.record.heartbeat_at = self.clock()
             self.store.create(replace(run.record))
-            kept.created = True
+            kept.created, kept.written = True, _shape(run.record)
 
     def flush(self, run: Run, *, final: bool = False) -> None:
         """Store the run's record (with a fresh heartbeat) and its events if new ones came."""
@@ -131,13 +135,17 @@ class Keeper(threading.Thread):
                 return
             kept.final = final
             record = run.record
-            record.heartbeat_at = self.clock()
             if run.ticket is not None and record.status == "queued":
                 record.queue_position = self.position(run.ticket)
             count = len(run.events)
             if count != kept.events:
                 self.store.put_events(record.id, run.events[:count])
                 kept.events = count
+            shape = _shape(record)
+            if kept.created and shape == kept.written and not final:
+                return
+            record.heartbeat_at = self.clock()
+            kept.written = shape
             if kept.created:
                 self.store.save(replace(record))
             else:
@@ -155,15 +163,19 @@ class Keeper(threading.Thread):
     # -- the heartbeat ----------------------------------------------------------------
 
     def beat(self) -> None:
-        """Write every active run's record and new events; act on cancels left by other
-        replicas."""
-        for kept in self._entries():
-            run = kept.run
-            if run.done.is_set() or run.record.status not in ("queued", "running"):
-                continue
+        """Say this replica holds its active runs (one write), store the records that
+        changed and new events, act on cancels left by other replicas (one listing)."""
+        active = [k.run for k in self._entries()
+                  if not k.run.done.is_set() and k.run.record.active]
+        if not active:
+            return
+        self.store.beat(self.replica, self.clock(), [run.record.id for run in active])
+        cancels = self.store.cancel_requests()
+        for run in active:
             if run.record.status == "running" or not run.sync:
                 self.flush(run)
-            forced = self.store.cancel_request(run.record.id)
+            forced = self.store.cancel_request(run.record.id) \
+                if run.record.id in cancels else None
             if forced is not None:
                 with contextlib.suppress(Conflict):  # it ended meanwhile
                     self.cancel(run, forced)
@@ -189,3 +201,8 @@ class Keeper(threading.Thread):
             self._leftovers_done = True
         except TFServerError as e:
             logger.warning("leftover runs not checked yet: %s", e.detail)
+
+
+def _shape(record: RunRecord) -> bytes:
+    """The record as stored, but for its heartbeat."""
+    return replace(record, heartbeat_at=0.0).to_json()

@@ -1,11 +1,12 @@
 """Runs as resources: records, events, the per-instance queue, cancel, heartbeats.
 
 Every apply, destroy and plan is a `Run`. The replica that runs it keeps it in memory
-(events reach followers on this replica at once) and writes its record and event log to
-the backend's object store at least every `heartbeat` seconds, so any replica can read,
-follow and cancel it. A stored record whose heartbeat is older than `lost_after` shows as
-`lost`. What a run does is the service's job (a callable); this module knows no HTTP and
-no terraform.
+(events reach followers on this replica at once) and writes its record (when it changed)
+and event log to the backend's object store, and a heartbeat of its runs every
+`heartbeat` seconds, so any replica can read, follow and cancel it. A stored active run
+its replica stopped holding for `lost_after` seconds shows as `lost` (see `liveness`).
+What a run does is the service's job (a callable); this module knows no HTTP and no
+terraform.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 from ..errors import Conflict, NotFound, TFServerError
 from .keeper import Keeper
 from .lanes import Scheduler, Ticket
+from .liveness import Liveness
 from .run import Run
 from .store import ENDED, RunRecord, RunStore, is_run_id
 from .workers import Workers
@@ -47,7 +49,6 @@ class Runs:
         self.scheduler = scheduler
         self.replica = replica
         self.kill_grace = kill_grace
-        self.lost_after = lost_after
         self.clock = clock
         #: Told of every run that ends here, before anyone sees it ended (metrics), and
         #: once its synchronous caller has its answer (the audit line).
@@ -55,6 +56,7 @@ class Runs:
         self._mutex = threading.Lock()
         self._live: dict[str, Run] = {}
         self._workers = Workers("run")
+        self.liveness = Liveness(store, lost_after=lost_after, clock=clock)
         self.keeper = Keeper(store, replica=replica, heartbeat=heartbeat, retention=retention,
                              clock=clock, position=scheduler.position,
                              cancel=self.cancel_local)
@@ -203,7 +205,7 @@ class Runs:
         record = self.store.get(run_id) if is_run_id(run_id) else None
         if record is None:
             raise NotFound(f"no run {run_id[:40]!r}")
-        if record.active and self.clock() - record.heartbeat_at > self.lost_after:
+        if record.active and self.liveness.lost(record):
             record.status = "lost"
             record.state_may_be_locked = record.started_at is not None
         return record

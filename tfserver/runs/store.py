@@ -9,6 +9,7 @@ bucket under its prefix), so any replica can answer for any run. The layout:
     _runs/by-instance/<tenant>/<module>/<instance>/<id>
     _runs/active/<tenant>.<module>.<id>          while queued or running: {"replica"}
     _runs/cancel/<id>                            a cancel asked on another replica
+    _runs/replicas/<replica>                     its heartbeat: {"at", "runs": [its ids]}
     _plans/<id>.tfplan, _plans/<id>.json         a saved plan and what applying it needs
     _plans/<id>.used                             written once, by the run that applies it
     _idempotency/<tenant>.<sha256 of the key>    {"fingerprint", "run_id", "expires_at"}
@@ -28,6 +29,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+from urllib.parse import quote
 
 from ..errors import TFServerError
 from ..storage.base import ObjectStore
@@ -240,6 +242,10 @@ class RunStore:
         """Leave a cancel for the replica that runs it."""
         self.objects.put(f"_runs/cancel/{run_id}", json.dumps({"force": force}).encode())
 
+    def cancel_requests(self) -> set[str]:
+        """The ids of the runs a cancel waits for (one listing, whichever replica's)."""
+        return set(self._every("_runs/cancel/", page=1000))
+
     def cancel_request(self, run_id: str) -> bool | None:
         """None when no cancel is waiting; else whether it asks to force."""
         data = self.objects.get(f"_runs/cancel/{run_id}")
@@ -250,6 +256,29 @@ class RunStore:
             return bool(json.loads(data).get("force"))
         except (ValueError, AttributeError):
             return False
+
+    # -- replica heartbeats -------------------------------------------------------------
+
+    @staticmethod
+    def _replica(replica: str) -> str:
+        return f"_runs/replicas/{quote(replica, safe='')}"
+
+    def beat(self, replica: str, at: float, run_ids: list[str]) -> None:
+        """The replica is alive at `at` and holds these runs (one write for all of them)."""
+        self.objects.put(self._replica(replica),
+                         json.dumps({"at": at, "runs": run_ids}).encode())
+
+    def beat_of(self, replica: str) -> tuple[float, frozenset[str]] | None:
+        """When the replica last beat, and the runs it held then; None if never (or
+        unreadable)."""
+        data = self.objects.get(self._replica(replica)) if replica else None
+        try:
+            doc = json.loads(data) if data is not None else None
+            if isinstance(doc, dict) and isinstance(doc.get("runs"), list):
+                return float(doc["at"]), frozenset(str(r) for r in doc["runs"])
+        except (ValueError, TypeError, KeyError):
+            pass
+        return None
 
     # -- saved plans ----------------------------------------------------------------------
 

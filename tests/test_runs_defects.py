@@ -10,28 +10,24 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from test_outcomes import service as outcomes_service  # noqa: F401  (a fixture)
 
-from support import TEST_MODULES
 from tfserver.app.execute import Applied
-from tfserver.app.service import Service
 from tfserver.auth import Principal
-from tfserver.config import Config
 from tfserver.errors import Conflict, TFServerError, Unavailable
-from tfserver.module.discover import load_module
 from tfserver.runs.expiry import Due, Expiries, Reaper
 from tfserver.runs.lanes import Scheduler
 from tfserver.runs.registry import Runs
 from tfserver.runs.run import Run
 from tfserver.runs.store import RunRecord, RunStore, new_run_id
 from tfserver.storage.base import ObjectStore
-from tfserver.storage.local import LocalBackend, LocalObjects
-from tfserver.terraform.output import EventSink, RunResult
-from tfserver.terraform.process import RunControl
+from tfserver.storage.local import LocalObjects
+from tfserver.terraform.output import RunResult
 
 LOCAL = Principal(subject="local", tenant="local", all_modules=True)
 
@@ -138,44 +134,16 @@ def test_a_waiting_synchronous_run_is_released_when_the_server_stops(tmp_path: P
 
 # -- 3. exit 0 wins over a cancel (or shutdown) that lands after it -----------------------
 
-class ExitZeroThenStopped:
-    """A runner whose terraform exits 0 and is then stopped (a cancel, a shutdown) before
-    its result is made: what `Terraform.run` builds from the control in that window."""
-
-    OUTPUTS = {"type": "outputs", "outputs": {"name": {"value": "n", "sensitive": False}}}
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-
-    def run(self, args: Sequence[str], *, cwd: Path, workspace: str = "default",
-            timeout: float, on_event: EventSink | None = None,
-            control: RunControl | None = None,
-            on_start: Callable[[], None] | None = None) -> RunResult:
-        if args[0] in ("init", "workspace"):
-            return RunResult(tuple(args), 0)
-        if on_start is not None:
-            on_start()
-        if on_event is not None:
-            on_event(self.OUTPUTS)
-        assert control is not None
-        control.interrupt(self.reason)  # lands after terraform's exit 0
-        return RunResult(tuple(args), 0, (self.OUTPUTS,),
-                         interrupted=control.reason == "shutdown",
-                         canceled=control.reason == "cancel")
-
-    def version(self, timeout: float = 30.0) -> str | None:
-        return "1.11.4"
-
-    def interrupt_all(self) -> int:
-        return 0
+OUTPUTS = {"type": "outputs", "outputs": {"name": {"value": "n", "sensitive": False}}}
 
 
-@pytest.mark.parametrize("reason", ["cancel", "shutdown"])
-def test_exit_0_wins_over_a_late_stop(tmp_path: Path, reason: str) -> None:
-    config = Config(state_dir=tmp_path / "state", run_timeout=7.0, tmp_dir=tmp_path / "vars")
-    modules = {"basic": load_module(TEST_MODULES / "basic")}
-    svc = Service(config, modules, ExitZeroThenStopped(reason), LocalBackend(config.state_dir))
-    svc.prepare(None)
+@pytest.mark.parametrize("stop", ["canceled", "interrupted"])
+def test_exit_0_wins_over_a_late_stop(request: pytest.FixtureRequest, stop: str) -> None:
+    # terraform exited 0, and a cancel (or the shutdown's interrupt) came before its
+    # result was made: the result says both, as `Terraform.run` builds it from the control.
+    late = RunResult(("apply",), 0, (OUTPUTS,), **{stop: True})
+    assert late.ok
+    svc = request.getfixturevalue("outcomes_service")(late)  # test_outcomes' fake runner
     submitted = svc.apply(LOCAL, "basic", "x", {"name": "n"})
     assert svc.history.wait(submitted, 30)
     applied = svc.history.result(LOCAL, submitted)

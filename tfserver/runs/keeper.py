@@ -126,7 +126,8 @@ class Keeper(threading.Thread):
             kept.created, kept.written = True, _shape(run.record)
 
     def flush(self, run: Run, *, final: bool = False) -> None:
-        """Store the run's record (with a fresh heartbeat) and its events if new ones came."""
+        """Store the run's new events, and its record (with a fresh heartbeat) if it
+        changed, or is the final one."""
         kept = self._entry(run)
         if kept is None:
             return
@@ -145,7 +146,6 @@ class Keeper(threading.Thread):
             if kept.created and shape == kept.written and not final:
                 return
             record.heartbeat_at = self.clock()
-            kept.written = shape
             if kept.created:
                 self.store.save(replace(record))
             else:
@@ -153,6 +153,7 @@ class Keeper(threading.Thread):
                 # sooner): nothing is written before terraform starts.
                 self.store.create(replace(record))
                 kept.created = True
+            kept.written = shape  # once written: a failed write is tried again
 
     def flush_all(self) -> None:
         """Store every run this replica holds (at stop)."""

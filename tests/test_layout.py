@@ -56,11 +56,7 @@ RULES: dict[str, Rule] = {
 
 #: Arrows allowed for now, each with why and who removes it. Delete an entry once the
 #: change that ends it is merged.
-KNOWN: set[tuple[str, str]] = {
-    # TEMPORARY: the runs engineer replaces RunControl by a small Protocol in runs/
-    # (issue 19); delete this entry after merging that branch.
-    ("tfserver/runs/run.py", "tfserver.terraform.process"),
-}
+KNOWN: set[tuple[str, str]] = set()
 
 
 @dataclass(frozen=True)
@@ -193,7 +189,6 @@ LITERAL_BUILDERS = {("tfserver/web/openapi.py", name)
 #: Packages being split by other engineers now: their offenders are listed, not refused.
 #: The lead removes each once its branch is merged.
 SIZES_PENDING = {
-    "runs",  # Runs (runs engineer)
 }
 
 

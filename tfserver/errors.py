@@ -207,5 +207,24 @@ class Timeout(TFServerError):
     status = HTTPStatus.GATEWAY_TIMEOUT
 
 
+class StoredProblem(TFServerError):
+    """A problem document answered before, answered again (for example to an idempotent
+    retry): its status and fields are the original answer's."""
+
+    def __init__(self, problem: dict[str, Any]) -> None:
+        super().__init__(str(problem.get("detail", "")),
+                         extra={k: v for k, v in problem.items()
+                                if k not in ("type", "title", "status", "detail")})
+        self.stored = problem
+        try:
+            self.status = HTTPStatus(int(problem.get("status", 500)))
+        except (ValueError, TypeError):
+            self.status = HTTPStatus.INTERNAL_SERVER_ERROR
+
+    def problem(self) -> dict[str, Any]:
+        """The stored document as it was."""
+        return dict(self.stored)
+
+
 class ConfigError(TFServerError):
     """The configuration cannot work; raised at start, before serving."""

@@ -178,7 +178,7 @@ class History:
             record = self.runs.record(run_id)
         except NotFound:
             claimed = float(existing.get("claimed_at") or 0.0)
-            if time.time() - claimed > self.runs.lost_after:
+            if time.time() - claimed > self.runs.liveness.lost_after:
                 return None
             # The first request with this key is still being admitted (or was refused a
             # moment ago): the draft's answer to a concurrent duplicate.

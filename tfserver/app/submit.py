@@ -17,6 +17,7 @@ from ..runs.registry import Runs
 from ..runs.run import Run
 from ..runs.store import RunRecord, RunStore, new_run_id
 from ..terraform.output import api_event
+from ..terraform.process import RunControl
 from .execute import Applied, Executor, Outcome, Planned, RunSpec
 from .governance import Governance
 from .history import History, Idempotency, Submitted
@@ -68,8 +69,9 @@ class Submitter:
             release()
             self.history.drop_key(tenant, idempotency)
             raise
-        run = Run(record, lambda r: self.job(r, spec), lambda text: spec.scrub(text),
-                  sync=not asynchronous)
+        control = RunControl()
+        run = Run(record, lambda r: self.job(r, spec, control),
+                  lambda text: spec.scrub(text), control, sync=not asynchronous)
         what = f"instance {spec.instance!r} of module {spec.module.name}"
         try:
             self.runs.submit(run, what=what,
@@ -86,7 +88,7 @@ class Submitter:
             self.history.mark_plan_applied(spec.plan_of, spec.run_id)
         return Submitted(spec.run_id, run)
 
-    def job(self, run: Run, spec: RunSpec) -> Outcome:
+    def job(self, run: Run, spec: RunSpec, control: RunControl) -> Outcome:
         """What a run does: terraform through the executor, its events relayed."""
         def relay(raw: dict[str, Any]) -> None:
             event = api_event(raw)
@@ -94,7 +96,7 @@ class Submitter:
                 run.emit(event.pop("type"), **event)
 
         try:
-            outcome = self.executor.execute(spec, control=run.control, on_event=relay)
+            outcome = self.executor.execute(spec, control=control, on_event=relay)
         except Conflict as e:
             if "lock" in e.extra:  # the state was locked by a run elsewhere
                 self.metrics.lock_conflicts.labels(spec.module.name).inc()

@@ -86,16 +86,22 @@ class Expiries:
         for name in self.objects.keys(folder):
             self.objects.delete(folder + name)
 
-    def due(self, now: float, limit: int = 100) -> list[Due]:
-        """Entries whose time has come, oldest first."""
-        found = []
-        for name in self.objects.keys("_expiry/", limit=limit):
-            stamp, _, rest = name.partition(".")
-            module, _, workspace = rest.partition(".")
-            if not stamp.isdigit() or int(stamp) > now:
-                break
-            found.append(Due(float(stamp), module, workspace))
-        return found
+    def due(self, now: float, page: int = 100) -> list[Due]:
+        """Every entry whose time has come, oldest first, listed `page` at a time up to
+        the first future one (those not reaped yet never hide the ones after them)."""
+        found: list[Due] = []
+        after = ""
+        while True:
+            names = self.objects.keys("_expiry/", start_after=after, limit=page)
+            for name in names:
+                stamp, _, rest = name.partition(".")
+                module, _, workspace = rest.partition(".")
+                if not stamp.isdigit() or int(stamp) > now:
+                    return found
+                found.append(Due(float(stamp), module, workspace))
+            if len(names) < page:
+                return found
+            after = names[-1]
 
     def drop_entry(self, due: Due) -> None:
         """Forget an index entry whose expiry moved or whose instance is gone."""

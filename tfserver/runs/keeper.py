@@ -1,6 +1,10 @@
 """The keeper: this replica's runs written to the store (records, events, heartbeats),
 cancels left by other replicas acted on, leftovers of an earlier start marked lost, and
-old records purged."""
+old records purged.
+
+The keeper is the one owner of what a run's stored form is: whether its record was
+created, how many of its events are stored, and whether its final record was written.
+"""
 
 from __future__ import annotations
 
@@ -8,45 +12,174 @@ import contextlib
 import logging
 import threading
 import time
-from dataclasses import replace
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 from ..errors import Conflict, TFServerError
+from .lanes import Ticket
 from .run import Run
-
-if TYPE_CHECKING:
-    from .registry import Runs
+from .store import RunRecord, RunStore
 
 logger = logging.getLogger(__name__)
 
 
-class Keeper(threading.Thread):
-    """Keeps this replica's runs in the store: every `heartbeat` seconds it writes each
-    active run's record (a fresh heartbeat) and new events, acts on cancels other replicas
-    left, and hourly deletes what is past its retention."""
+@dataclass(eq=False)
+class _Kept:
+    """What is stored of one run."""
 
-    def __init__(self, runs: Runs) -> None:
+    run: Run
+    #: Held while the run's record is written: the heartbeat never overwrites the final
+    #: record with an older one.
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    created: bool = False
+    final: bool = False
+    events: int = 0
+    #: The record as last written, its heartbeat left out: an unchanged record is not
+    #: written again (the replica's heartbeat says it is alive).
+    written: bytes = b""
+
+
+class Keeper(threading.Thread):
+    """Keeps this replica's runs in the store: every `heartbeat` seconds it writes one
+    heartbeat naming its active runs, each record that changed and new events, acts on
+    cancels other replicas left (through `cancel`), and hourly deletes what is past its
+    `retention`."""
+
+    def __init__(self, store: RunStore, *, replica: str, heartbeat: float, retention: float,
+                 clock: Callable[[], float], position: Callable[[Ticket], int | None],
+                 cancel: Callable[[Run, bool], None]) -> None:
         super().__init__(name="runs-heartbeat", daemon=True)
-        self.runs = runs
-        self.store = runs.store
+        self.store = store
+        self.replica = replica
+        self.heartbeat = heartbeat
+        self.retention = retention
+        self.clock = clock
+        self.position = position
+        self.cancel = cancel
         self.stop_event = threading.Event()
         self.all_leftovers = False
         self._leftovers_done = False
+        self._mutex = threading.Lock()
+        self._kept: dict[str, _Kept] = {}
 
     def run(self) -> None:
         """Beat until stopped."""
         next_purge = 0.0
-        while not self.stop_event.wait(self.runs.heartbeat):
+        while not self.stop_event.wait(self.heartbeat):
             try:
                 if not self._leftovers_done:
                     self.mark_leftovers()
                 self.beat()
                 if time.monotonic() >= next_purge:
                     next_purge = time.monotonic() + 3600.0
-                    now = self.runs.clock()
-                    self.store.purge(runs_before=now - self.runs.retention, now=now)
+                    now = self.clock()
+                    self.store.purge(runs_before=now - self.retention, now=now)
             except TFServerError as e:
                 logger.warning("run heartbeat: the backend failed: %s", e.detail)
+
+    # -- the runs kept ----------------------------------------------------------------
+
+    def track(self, run: Run) -> None:
+        """Keep the run from now on (it was submitted here)."""
+        with self._mutex:
+            self._kept[run.record.id] = _Kept(run)
+
+    def forget(self, run: Run) -> None:
+        """Stop keeping the run (its final record is written, or it was refused)."""
+        with self._mutex:
+            self._kept.pop(run.record.id, None)
+
+    def _entry(self, run: Run) -> _Kept | None:
+        with self._mutex:
+            return self._kept.get(run.record.id)
+
+    def _entries(self) -> list[_Kept]:
+        with self._mutex:
+            return list(self._kept.values())
+
+    def stored(self, run: Run) -> bool:
+        """True once the run's record is in the store (a synchronous run is stored at its
+        first heartbeat, or just after its answer)."""
+        kept = self._entry(run)
+        return kept is None or kept.created
+
+    def amend(self, run: Run, change: Callable[[RunRecord], None]) -> bool:
+        """Change the run's record; True when its last store write is still to come (and
+        will carry the change), False when the store must be changed instead."""
+        kept = self._entry(run)
+        if kept is None:
+            return False
+        with kept.lock:  # not between a flush's copy of the record and its write
+            change(run.record)
+            return not kept.final
+
+    # -- writing ----------------------------------------------------------------------
+
+    def create(self, run: Run) -> None:
+        """Store a new run: its record, index entries and active marker (an async run,
+        as it is queued; raises when the store cannot take it)."""
+        kept = self._entry(run)
+        assert kept is not None, "a run is tracked before it is stored"
+        with kept.lock:
+            run.record.heartbeat_at = self.clock()
+            self.store.create(replace(run.record))
+            kept.created, kept.written = True, _shape(run.record)
+
+    def flush(self, run: Run, *, final: bool = False) -> None:
+        """Store the run's new events, and its record (with a fresh heartbeat) if it
+        changed, or is the final one."""
+        kept = self._entry(run)
+        if kept is None:
+            return
+        with kept.lock:
+            if kept.final:
+                return
+            kept.final = final
+            record = run.record
+            if run.ticket is not None and record.status == "queued":
+                record.queue_position = self.position(run.ticket)
+            count = len(run.events)
+            if count != kept.events:
+                self.store.put_events(record.id, run.events[:count])
+                kept.events = count
+            shape = _shape(record)
+            if kept.created and shape == kept.written and not final:
+                return
+            record.heartbeat_at = self.clock()
+            if kept.created:
+                self.store.save(replace(record))
+            else:
+                # A synchronous run is stored at its first heartbeat (or its end, if
+                # sooner): nothing is written before terraform starts.
+                self.store.create(replace(record))
+                kept.created = True
+            kept.written = shape  # once written: a failed write is tried again
+
+    def flush_all(self) -> None:
+        """Store every run this replica holds (at stop)."""
+        for kept in self._entries():
+            with contextlib.suppress(TFServerError):
+                self.flush(kept.run)
+
+    # -- the heartbeat ----------------------------------------------------------------
+
+    def beat(self) -> None:
+        """Say this replica holds its active runs (one write), store the records that
+        changed and new events, act on cancels left by other replicas (one listing)."""
+        active = [k.run for k in self._entries()
+                  if not k.run.done.is_set() and k.run.record.active]
+        if not active:
+            return
+        self.store.beat(self.replica, self.clock(), [run.record.id for run in active])
+        cancels = self.store.cancel_requests()
+        for run in active:
+            if run.record.status == "running" or not run.sync:
+                self.flush(run)
+            forced = self.store.cancel_request(run.record.id) \
+                if run.record.id in cancels else None
+            if forced is not None:
+                with contextlib.suppress(Conflict):  # it ended meanwhile
+                    self.cancel(run, forced)
 
     def mark_leftovers(self) -> None:
         """Mark lost the runs an earlier process of this replica left active (retried by
@@ -54,66 +187,23 @@ class Keeper(threading.Thread):
         try:
             for tenant, module, run_id in self.store.active():
                 if not self.all_leftovers and self.store.active_replica(
-                        tenant, module, run_id) != self.runs.replica:
+                        tenant, module, run_id) != self.replica:
                     continue
-                if self.runs.local(run_id) is not None:
-                    continue
+                with self._mutex:
+                    if run_id in self._kept:
+                        continue
                 record = self.store.get(run_id)
                 if record is not None and record.active:
                     logger.warning("run %s was left %s by an earlier start; marked lost",
                                    run_id, record.status)
-                    record.status, record.finished_at = "lost", self.runs.clock()
+                    record.status, record.finished_at = "lost", self.clock()
                     record.queue_position = None
                     self.store.save(record)
             self._leftovers_done = True
         except TFServerError as e:
             logger.warning("leftover runs not checked yet: %s", e.detail)
 
-    def beat(self) -> None:
-        """Write every active run's record and new events; act on cancels left by other
-        replicas."""
-        for run in self.runs.live():
-            if run.done.is_set() or run.record.status not in ("queued", "running"):
-                continue
-            if run.record.status == "running" or not run.sync:
-                self.flush(run)
-            forced = self.store.cancel_request(run.record.id)
-            if forced is not None:
-                with contextlib.suppress(Conflict):  # it ended meanwhile
-                    self.runs.cancel_local(run, forced)
 
-    def create(self, run: Run) -> None:
-        """Store a new run: its record, index entries and active marker (an async run,
-        as it is queued; raises when the store cannot take it)."""
-        with run._store_lock:
-            run.record.heartbeat_at = self.runs.clock()
-            self.store.create(replace(run.record))
-            run._created = True
-
-    def flush(self, run: Run, *, final: bool = False) -> None:
-        """Store the run's record (with a fresh heartbeat) and its events if new ones came."""
-        with run._store_lock:
-            if run._final:
-                return
-            run._final = final
-            record = run.record
-            record.heartbeat_at = self.runs.clock()
-            if run.ticket is not None and record.status == "queued":
-                record.queue_position = self.runs.scheduler.position(run.ticket)
-            count = len(run.events)
-            if count != run._flushed:
-                self.store.put_events(record.id, run.events[:count])
-                run._flushed = count
-            if run._created:
-                self.store.save(replace(record))
-            else:
-                # A synchronous run is stored at its first heartbeat (or its end, if
-                # sooner): nothing is written before terraform starts.
-                self.store.create(replace(record))
-                run._created = True
-
-    def flush_all(self) -> None:
-        """Store every run this replica holds (at stop)."""
-        for run in self.runs.live():
-            with contextlib.suppress(TFServerError):
-                self.flush(run)
+def _shape(record: RunRecord) -> bytes:
+    """The record as stored, but for its heartbeat."""
+    return replace(record, heartbeat_at=0.0).to_json()

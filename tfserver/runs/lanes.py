@@ -4,8 +4,9 @@ all runs.
 Every instance has a lane: the run that holds it and a FIFO of runs waiting for it. A run
 at the head of an idle lane starts when one of the `slots` is free; a waiting run holds
 no slot. Synchronous callers keep the original contract: they wait at most their own
-patience for the lane (then 409) and never for a slot (503 at once); asynchronous runs
-queue (at most `queue_depth` per lane, then 409) and wait for a slot as long as it takes.
+patience for the lane (then `Conflict`) and never for a slot (`Unavailable` at once);
+asynchronous runs queue (at most `queue_depth` per lane, then `Conflict`) and wait for a
+slot as long as it takes.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class Ticket:
     #: Called (outside the scheduler's lock) when the run may start.
     on_start: Callable[[], None]
     seq: int = 0
+    #: Set once a synchronous caller's wait is over: admitted, refused or withdrawn.
     admitted: threading.Event = field(default_factory=threading.Event)
     #: Why the run could not start (no slot for a synchronous run, shutdown).
     refused: TFServerError | None = None
@@ -54,7 +56,8 @@ class Scheduler:
         self._closed = False
 
     def enqueue(self, ticket: Ticket, *, wait: float = 0.0) -> None:
-        """Join the ticket's lane; raise 409 (busy, queue full) or 503 (no slot, closed).
+        """Join the ticket's lane; raise `Conflict` (busy, queue full) or
+        `Unavailable` (no slot, closed).
 
         A synchronous ticket waits here up to `wait` seconds to be admitted; an
         asynchronous one returns at once and is started by `on_start` when its turn comes.
@@ -80,18 +83,22 @@ class Scheduler:
         if not ticket.admitted.wait(wait if busy else 60.0):
             if self.withdraw(ticket):
                 raise _busy(ticket, retry_after=max(1, int(wait)) if busy else 5)
-            ticket.admitted.wait()  # admitted (or refused) in the meantime
+            ticket.admitted.wait()  # admitted, refused or withdrawn in the meantime
         if ticket.refused is not None:
             raise ticket.refused
+        # Admitted, or withdrawn by a cancel or a shutdown, which ends the run: either
+        # way its caller waits for the run's end.
 
     def withdraw(self, ticket: Ticket) -> bool:
-        """Take a waiting ticket out of its lane; False if it started (or was never in)."""
+        """Take a waiting ticket out of its lane (its waiting caller, if any, is let go);
+        False if it started (or was never in)."""
         with self._mutex:
             lane = self._lanes.get(ticket.key)
             if lane is None or ticket not in lane.waiting:
                 return False
             lane.waiting.remove(ticket)
             self._forget_if_idle(ticket.key, lane)
+            _withdrawn([ticket])
             starting = self._dispatch()
         _start(starting)
         return True
@@ -146,13 +153,15 @@ class Scheduler:
             _start(starting)
 
     def close(self) -> list[Ticket]:
-        """Refuse new tickets; take every waiting one out and return them."""
+        """Refuse new tickets; take every waiting one out (their waiting callers are let
+        go) and return them."""
         with self._mutex:
             self._closed = True
             dropped = [t for lane in self._lanes.values() for t in lane.waiting]
             for key, lane in list(self._lanes.items()):
                 lane.waiting.clear()
                 self._forget_if_idle(key, lane)
+            _withdrawn(dropped)
         return dropped
 
     # -- under the mutex ------------------------------------------------------------------
@@ -169,7 +178,7 @@ class Scheduler:
                 self._used += 1
                 starting.append(head)
             elif head.sync:
-                # A synchronous caller never waits for a slot: the original 503.
+                # A synchronous caller never waits for a slot: the original refusal.
                 lane.waiting.popleft()
                 head.refused = Unavailable(f"all {self.slots} run slots are busy; try again "
                                            "later", retry_after=5)
@@ -180,6 +189,13 @@ class Scheduler:
     def _forget_if_idle(self, key: Hashable, lane: _Lane) -> None:
         if lane.holder is None and not lane.waiting:
             self._lanes.pop(key, None)
+
+
+def _withdrawn(tickets: list[Ticket]) -> None:
+    """Let go the callers of tickets taken out of their lanes: whoever took them out
+    ends their runs (a cancel, a shutdown)."""
+    for ticket in tickets:
+        ticket.admitted.set()
 
 
 def _start(tickets: list[Ticket]) -> None:

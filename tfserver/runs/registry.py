@@ -1,11 +1,12 @@
 """Runs as resources: records, events, the per-instance queue, cancel, heartbeats.
 
 Every apply, destroy and plan is a `Run`. The replica that runs it keeps it in memory
-(events reach followers on this replica at once) and writes its record and event log to
-the backend's object store at least every `heartbeat` seconds, so any replica can read,
-follow and cancel it. A stored record whose heartbeat is older than `lost_after` shows as
-`lost`. What a run does is the service's job (a callable); this module knows no HTTP and
-no terraform.
+(events reach followers on this replica at once) and writes its record (when it changed)
+and event log to the backend's object store, and a heartbeat of its runs every
+`heartbeat` seconds, so any replica can read, follow and cancel it. A stored active run
+its replica stopped holding for `lost_after` seconds shows as `lost` (see `liveness`).
+What a run does is the service's job (a callable); this module knows no HTTP and no
+terraform.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 from ..errors import Conflict, NotFound, TFServerError
 from .keeper import Keeper
 from .lanes import Scheduler, Ticket
+from .liveness import Liveness
 from .run import Run
 from .store import ENDED, RunRecord, RunStore, is_run_id
 from .workers import Workers
@@ -47,9 +49,6 @@ class Runs:
         self.scheduler = scheduler
         self.replica = replica
         self.kill_grace = kill_grace
-        self.heartbeat = heartbeat
-        self.lost_after = lost_after
-        self.retention = retention
         self.clock = clock
         #: Told of every run that ends here, before anyone sees it ended (metrics), and
         #: once its synchronous caller has its answer (the audit line).
@@ -57,7 +56,10 @@ class Runs:
         self._mutex = threading.Lock()
         self._live: dict[str, Run] = {}
         self._workers = Workers("run")
-        self.keeper = Keeper(self)
+        self.liveness = Liveness(store, lost_after=lost_after, clock=clock)
+        self.keeper = Keeper(store, replica=replica, heartbeat=heartbeat, retention=retention,
+                             clock=clock, position=scheduler.position,
+                             cancel=self.cancel_local)
 
     # -- start and stop ---------------------------------------------------------------
 
@@ -78,9 +80,8 @@ class Runs:
     def close_queues(self) -> int:
         """Refuse new runs and cancel every queued one (the server is stopping)."""
         dropped = self.scheduler.close()
-        for ticket in dropped:
-            run = self._run_of(ticket)
-            if run is not None:
+        for run in self.live():
+            if run.ticket is not None and any(run.ticket is t for t in dropped):
                 self._end_unstarted(run, "canceled", "the server stopped before the run began")
         return len(dropped)
 
@@ -89,8 +90,7 @@ class Runs:
         line, its final record); False on timeout."""
         deadline = time.monotonic() + timeout
         while True:
-            with self._mutex:
-                live = list(self._live.values())
+            live = self.live()
             if not live:
                 return True
             left = deadline - time.monotonic()
@@ -105,19 +105,23 @@ class Runs:
 
     def submit(self, run: Run, *, what: str, wait: float = 0.0) -> Run:
         """Queue the run on its instance's lane; a synchronous run waits up to `wait` for
-        the instance. Raises 409/503 when the run is refused (then nothing is stored)."""
+        the instance. Raises `Conflict` or `Unavailable` when the run is refused (then
+        nothing is stored)."""
         record = run.record
         record.replica = self.replica
+        # Once admitted, the run's job runs in a thread of its own.
         run.ticket = Ticket((record.module, record.workspace), what, sync=run.sync,
-                            on_start=lambda: self._start(run))
+                            on_start=lambda: self._workers.submit(lambda: self._execute(run)))
         with self._mutex:
             self._live[record.id] = run
+        self.keeper.track(run)
         try:
             if not run.sync:
                 run.emit("queued")
                 self.keeper.create(run)
             self.scheduler.enqueue(run.ticket, wait=wait)
         except TFServerError:
+            self.keeper.forget(run)
             with self._mutex:
                 self._live.pop(record.id, None)
             if not run.sync:
@@ -126,10 +130,6 @@ class Runs:
         if not run.sync and record.started_at is None:
             record.queue_position = self.scheduler.position(run.ticket)
         return run
-
-    def _start(self, run: Run) -> None:
-        """The scheduler admitted the run: run its job in a thread of its own."""
-        self._workers.submit(lambda: self._execute(run))
 
     def _execute(self, run: Run) -> None:
         record = run.record
@@ -162,7 +162,7 @@ class Runs:
             record.cancel, record.state_may_be_locked = "forced", True
         record.status = status
         run.emit("finished", status=status, changes=record.changes, problem=record.problem)
-        self._tell(self.on_finish, record)
+        _tell(self.on_finish, record)
         # The caller waiting on the run answers now; the store follows. Until the record
         # is stored the run stays this replica's, so `record` and `page` still show it.
         run.done.set()
@@ -172,21 +172,14 @@ class Runs:
             # of its answer); the record waits until the answer is out.
             run.answered.wait(_ANSWER_FIRST)
         try:
-            self._tell(self.on_ended, record)
+            _tell(self.on_ended, record)
             self.keeper.flush(run, final=True)
         except TFServerError as e:
             logger.error("run %s: its final record could not be stored: %s", record.id, e)
         finally:
+            self.keeper.forget(run)
             with self._mutex:  # a shutdown waits for this (`wait_idle`)
                 self._live.pop(record.id, None)
-
-    @staticmethod
-    def _tell(listener: Callable[[RunRecord], None] | None, record: RunRecord) -> None:
-        if listener is not None:
-            try:
-                listener(replace(record))
-            except Exception:  # a listener's bug must not keep the run from ending
-                logger.exception("run %s: a listener of its end failed", record.id)
 
     def _end_unstarted(self, run: Run, status: str, detail: str) -> None:
         """End a run that never started (canceled while queued)."""
@@ -202,7 +195,7 @@ class Runs:
             return self._live.get(run_id)
 
     def record(self, run_id: str) -> RunRecord:
-        """The run's record as any replica would show it (404 if none)."""
+        """The run's record as any replica would show it (`NotFound` if none)."""
         run = self.local(run_id) if is_run_id(run_id) else None
         if run is not None:
             shown = replace(run.record)
@@ -212,7 +205,7 @@ class Runs:
         record = self.store.get(run_id) if is_run_id(run_id) else None
         if record is None:
             raise NotFound(f"no run {run_id[:40]!r}")
-        if record.active and self.clock() - record.heartbeat_at > self.lost_after:
+        if record.active and self.liveness.lost(record):
             record.status = "lost"
             record.state_may_be_locked = record.started_at is not None
         return record
@@ -220,18 +213,14 @@ class Runs:
     def unstored(self) -> list[RunRecord]:
         """Copies of the records this replica holds that are not stored yet (a synchronous
         run is stored at its first heartbeat, or just after its answer)."""
-        return [replace(r.record) for r in self.live() if not r._created]
+        return [replace(r.record) for r in self.live() if not self.keeper.stored(r)]
 
     def amend(self, run_id: str, change: Callable[[RunRecord], None]) -> bool:
         """Change the record of a run this replica holds; True when its last store write
         is still to come (and will carry the change), False when the store must be
         changed instead."""
         run = self.local(run_id)
-        if run is None:
-            return False
-        with run._store_lock:  # not between a flush's copy of the record and its write
-            change(run.record)
-            return not run._final
+        return run is not None and self.keeper.amend(run, change)
 
     def in_flight(self, tenant: str, module: str) -> list[RunRecord]:
         """The tenant's runs of the module that are queued or running on any replica
@@ -253,7 +242,7 @@ class Runs:
 
     def cancel(self, run_id: str, *, force: bool) -> RunRecord:
         """Cancel a queued run at once, interrupt a running one (kill it when forced, or
-        on a second cancel after the kill grace). 409 when it already ended."""
+        on a second cancel after the kill grace); `Conflict` when it already ended."""
         run = self.local(run_id)
         if run is None:
             record = self.record(run_id)
@@ -297,9 +286,14 @@ class Runs:
             run.cancel_asked_at = now
         run.emit("canceling", force=force or second)
 
-    def _run_of(self, ticket: Ticket) -> Run | None:
-        with self._mutex:
-            return next((r for r in self._live.values() if r.ticket is ticket), None)
+
+def _tell(listener: Callable[[RunRecord], None] | None, record: RunRecord) -> None:
+    """Tell a listener of a run's end (a copy of its record)."""
+    if listener is not None:
+        try:
+            listener(replace(record))
+        except Exception:  # a listener's bug must not keep the run from ending
+            logger.exception("run %s: a listener of its end failed", record.id)
 
 
 def _follow_local(run: Run, after: int) -> Iterator[list[dict[str, Any]]]:

@@ -7,34 +7,41 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http import HTTPStatus
-from typing import Any
+from typing import Any, Protocol
 
-from ..errors import TFServerError
-from ..terraform.process import RunControl
+from ..errors import StoredProblem, TFServerError
 from .lanes import Ticket
 from .store import RunRecord
 
 logger = logging.getLogger(__name__)
 
 
-class RunProblem(TFServerError):
+class RunProblem(StoredProblem):
     """A failed run's stored problem document, answered again (for example to an
     idempotent retry): its status and fields are the original answer's."""
 
-    def __init__(self, problem: dict[str, Any]) -> None:
-        super().__init__(str(problem.get("detail", "")),
-                         extra={k: v for k, v in problem.items()
-                                if k not in ("type", "title", "status", "detail")})
-        self.stored = problem
-        try:
-            self.status = HTTPStatus(int(problem.get("status", 500)))
-        except ValueError:
-            self.status = HTTPStatus.INTERNAL_SERVER_ERROR
 
-    def problem(self) -> dict[str, Any]:
-        """The stored document as it was."""
-        return dict(self.stored)
+class Control(Protocol):
+    """The handle on a run's process (the app passes terraform's `RunControl`): stop it
+    gently or at once, and say who stopped it first ("cancel" or "shutdown")."""
+
+    @property
+    def reason(self) -> str | None:
+        """Who stopped the run first, or None."""
+        ...
+
+    @property
+    def killed(self) -> bool:
+        """True once the process group was killed."""
+        ...
+
+    def interrupt(self, reason: str) -> bool:
+        """Ask the process to stop at a safe point; False if it was asked already."""
+        ...
+
+    def kill(self, reason: str) -> None:
+        """Kill the process and everything it started."""
+        ...
 
 
 @dataclass(eq=False)
@@ -46,9 +53,9 @@ class Run:
     #: Scrubs the run's events; a destroy learns its secrets (the kept inputs) only once
     #: it runs, so this may be a view of a scrubber that changes.
     scrub: Callable[[str], str]
+    control: Control
     sync: bool = False
     events: list[dict[str, Any]] = field(default_factory=list)
-    control: RunControl = field(default_factory=RunControl)
     done: threading.Event = field(default_factory=threading.Event)
     #: Set once a synchronous caller's answer is on the wire: the final record waits
     #: for it (at most `_ANSWER_FIRST`), so the answer does not compete with the store.
@@ -59,12 +66,6 @@ class Run:
     ticket: Ticket | None = None
     cancel_asked_at: float | None = None
     _cond: threading.Condition = field(default_factory=threading.Condition)
-    #: Held while the run's record is written: the heartbeat never overwrites the final
-    #: record with an older one.
-    _store_lock: threading.Lock = field(default_factory=threading.Lock)
-    _flushed: int = 0
-    _final: bool = False
-    _created: bool = False
 
     def emit(self, kind: str, **fields: Any) -> None:
         """Add an event (every string scrubbed) and wake the followers."""

@@ -9,6 +9,7 @@ bucket under its prefix), so any replica can answer for any run. The layout:
     _runs/by-instance/<tenant>/<module>/<instance>/<id>
     _runs/active/<tenant>.<module>.<id>          while queued or running: {"replica"}
     _runs/cancel/<id>                            a cancel asked on another replica
+    _runs/replicas/<replica>                     its heartbeat: {"at", "runs": [its ids]}
     _plans/<id>.tfplan, _plans/<id>.json         a saved plan and what applying it needs
     _plans/<id>.used                             written once, by the run that applies it
     _idempotency/<tenant>.<sha256 of the key>    {"fingerprint", "run_id", "claimed_at",
@@ -23,12 +24,18 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+from urllib.parse import quote
 
+from ..errors import TFServerError
 from ..storage.base import ObjectStore
+
+logger = logging.getLogger(__name__)
 
 ACTIVE = frozenset({"queued", "running"})
 ENDED = frozenset({"succeeded", "failed", "canceled", "lost"})
@@ -39,6 +46,11 @@ def new_run_id(now: float | None = None) -> str:
     """32 hex digits that sort newest first, then random."""
     ms = int((time.time() if now is None else now) * 1000)
     return f"{_ID_MAX - ms:012x}{os.urandom(10).hex()}"
+
+
+def run_id_time(run_id: str) -> float:
+    """When a run id was made (seconds since the epoch)."""
+    return (_ID_MAX - int(run_id[:12], 16)) / 1000.0
 
 
 def is_run_id(text: str) -> bool:
@@ -106,10 +118,20 @@ class RunRecord:
         """A stored record, or None when it cannot be read."""
         try:
             doc = json.loads(data)
+            if not isinstance(doc, dict):
+                return None
             known = {f.name for f in fields(cls)}
             return cls(**{k: v for k, v in doc.items() if k in known})
         except (ValueError, TypeError):
             return None
+
+    @classmethod
+    def damaged(cls, run_id: str) -> RunRecord:
+        """What is shown of a run whose stored record cannot be read: lost."""
+        made = run_id_time(run_id) if is_run_id(run_id) else 0.0
+        return cls(id=run_id, module="", instance="", workspace="", tenant="", subject="",
+                   operation="", status="lost", created_at=made, heartbeat_at=made,
+                   problem=TFServerError("the run's stored record is damaged").problem())
 
     @property
     def active(self) -> bool:
@@ -148,9 +170,16 @@ class RunStore:
             self.objects.delete(f"_runs/cancel/{record.id}")
 
     def get(self, run_id: str) -> RunRecord | None:
-        """The stored record, if any."""
+        """The stored record, if any (a damaged one is shown lost)."""
         data = self.objects.get(f"_runs/records/{run_id}.json")
-        return RunRecord.from_json(data) if data is not None else None
+        if data is None:
+            return None
+        record = RunRecord.from_json(data)
+        if record is None:
+            logger.warning("run %s: its stored record is damaged (not a record's JSON "
+                           "object); shown as lost", run_id)
+            return RunRecord.damaged(run_id)
+        return record
 
     def ids(self, *, tenant: str | None, module: str | None = None,
             instance: str | None = None, after: str = "", limit: int = 100) -> list[str]:
@@ -183,11 +212,13 @@ class RunStore:
     def delete(self, record: RunRecord) -> None:
         """Forget a run entirely (retention)."""
         t, r = record.tenant, record.id
-        for key in (f"_runs/by-tenant/{t}/{r}",
-                    f"_runs/by-instance/{t}/{record.module}/{record.instance}/{r}",
-                    f"_runs/events/{r}.ndjson", self._active(record),
-                    f"_runs/cancel/{r}", f"_plans/{r}.tfplan", f"_plans/{r}.json",
-                    f"_plans/{r}.used", f"_runs/records/{r}.json"):
+        keys = [f"_runs/events/{r}.ndjson", f"_runs/cancel/{r}", f"_plans/{r}.tfplan",
+                f"_plans/{r}.json", f"_plans/{r}.used", f"_runs/records/{r}.json"]
+        if t and record.module and record.instance:  # unknown for a damaged record
+            keys[:0] = [f"_runs/by-tenant/{t}/{r}",
+                        f"_runs/by-instance/{t}/{record.module}/{record.instance}/{r}",
+                        self._active(record)]
+        for key in keys:
             self.objects.delete(key)
 
     # -- events and cancels ------------------------------------------------------------
@@ -214,6 +245,10 @@ class RunStore:
         """Leave a cancel for the replica that runs it."""
         self.objects.put(f"_runs/cancel/{run_id}", json.dumps({"force": force}).encode())
 
+    def cancel_requests(self) -> set[str]:
+        """The ids of the runs a cancel waits for (one listing, whichever replica's)."""
+        return set(self._every("_runs/cancel/", page=1000))
+
     def cancel_request(self, run_id: str) -> bool | None:
         """None when no cancel is waiting; else whether it asks to force."""
         data = self.objects.get(f"_runs/cancel/{run_id}")
@@ -224,6 +259,29 @@ class RunStore:
             return bool(json.loads(data).get("force"))
         except (ValueError, AttributeError):
             return False
+
+    # -- replica heartbeats -------------------------------------------------------------
+
+    @staticmethod
+    def _replica(replica: str) -> str:
+        return f"_runs/replicas/{quote(replica, safe='')}"
+
+    def beat(self, replica: str, at: float, run_ids: list[str]) -> None:
+        """The replica is alive at `at` and holds these runs (one write for all of them)."""
+        self.objects.put(self._replica(replica),
+                         json.dumps({"at": at, "runs": run_ids}).encode())
+
+    def beat_of(self, replica: str) -> tuple[float, frozenset[str]] | None:
+        """When the replica last beat, and the runs it held then; None if never (or
+        unreadable)."""
+        data = self.objects.get(self._replica(replica)) if replica else None
+        try:
+            doc = json.loads(data) if data is not None else None
+            if isinstance(doc, dict) and isinstance(doc.get("runs"), list):
+                return float(doc["at"]), frozenset(str(r) for r in doc["runs"])
+        except (ValueError, TypeError, KeyError):
+            pass
+        return None
 
     # -- saved plans ----------------------------------------------------------------------
 
@@ -271,26 +329,15 @@ class RunStore:
         for _ in range(3):
             if self.objects.put_new(name, json.dumps(doc).encode()):
                 return None
-            data = self.objects.get(name)
-            try:
-                existing = json.loads(data) if data is not None else None
-            except ValueError:
-                existing = None
-            if isinstance(existing, dict) and float(existing.get("expires_at", 0)) > now:
+            existing = _live_entry(self.objects.get(name), now)
+            if existing is not None:
                 return existing
             self.objects.delete(name)  # expired or unreadable: take its place
         return None
 
     def key_entry(self, tenant: str, key: str, now: float) -> dict[str, Any] | None:
         """The live entry of a key, if any (claims nothing)."""
-        data = self.objects.get(self._key_name(tenant, key))
-        try:
-            existing = json.loads(data) if data is not None else None
-        except ValueError:
-            return None
-        if isinstance(existing, dict) and float(existing.get("expires_at", 0)) > now:
-            return existing
-        return None
+        return _live_entry(self.objects.get(self._key_name(tenant, key)), now)
 
     def drop_key(self, tenant: str, key: str) -> None:
         """Forget a key (its request was refused before a run began)."""
@@ -298,23 +345,23 @@ class RunStore:
 
     # -- retention --------------------------------------------------------------------
 
-    def purge(self, *, runs_before: float, now: float, limit: int = 1000) -> int:
+    def purge(self, *, runs_before: float, now: float, page: int = 1000) -> int:
         """Delete runs made before `runs_before`, plans and idempotency keys past their
-        lifetime; returns how many objects went. Bounded by `limit` per kind."""
+        lifetime; returns how many objects went. Reads every name, `page` at a time."""
         removed = 0
         cutoff = new_run_id(runs_before)[:12]
-        for name in self.objects.keys("_runs/records/", start_after=cutoff, limit=limit):
+        for name in self._every("_runs/records/", start_after=cutoff, page=page):
             record = self.get(name.removesuffix(".json"))
             if record is not None and not record.active:
                 self.delete(record)
                 removed += 1
-        for name in self.objects.keys("_plans/", limit=limit):
+        for name in self._every("_plans/", page=page):
             if name.endswith(".json"):
                 meta = self.plan_meta(name.removesuffix(".json"))
                 if meta is None or float(meta.get("expires_at", 0)) <= now:
                     self.drop_plan(name.removesuffix(".json"))
                     removed += 1
-        for name in self.objects.keys("_idempotency/", limit=limit):
+        for name in self._every("_idempotency/", page=page):
             data = self.objects.get(f"_idempotency/{name}")
             try:
                 expires = float(json.loads(data).get("expires_at", 0)) if data else 0.0
@@ -324,3 +371,24 @@ class RunStore:
                 self.objects.delete(f"_idempotency/{name}")
                 removed += 1
         return removed
+
+    def _every(self, folder: str, *, start_after: str = "", page: int) -> Iterator[str]:
+        """Every name in the folder after `start_after`, one listing of `page` at a time
+        (what the caller deletes meanwhile does not move the next page)."""
+        while True:
+            names = self.objects.keys(folder, start_after=start_after, limit=page)
+            yield from names
+            if len(names) < page:
+                return
+            start_after = names[-1]
+
+
+def _live_entry(data: bytes | None, now: float) -> dict[str, Any] | None:
+    """An idempotency key's entry, unless missing, unreadable or expired."""
+    try:
+        existing = json.loads(data) if data is not None else None
+    except ValueError:
+        return None
+    if isinstance(existing, dict) and float(existing.get("expires_at", 0)) > now:
+        return existing
+    return None

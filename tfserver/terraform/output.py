@@ -129,7 +129,8 @@ class RunResult:
 
     @property
     def ok(self) -> bool:
-        """True when terraform exited 0 and nobody stopped it."""
+        """True when terraform exited 0 before its deadline (a stop that came later is
+        too late to matter)."""
         return self.failure is None
 
     @property
@@ -148,6 +149,8 @@ class RunResult:
     @property
     def failure(self) -> Failure | None:
         """Why the run did not succeed, or None when it did."""
+        if self.returncode == 0 and not self.timed_out:
+            return None  # a cancel or shutdown that came after terraform's exit 0 is late
         if self.canceled:
             return Failure.CANCELED
         if self.interrupted:

@@ -3,7 +3,10 @@ server, so terraform finishes and writes its state, and a restarted server finds
 
 from __future__ import annotations
 
+import contextlib
+import json
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -44,6 +47,15 @@ def test_a_server_killed_mid_apply_leaves_its_resource_in_state(tmp: Path) -> No
         assert got.json["outputs"]["marker"] == str(marker)
         record = wait_run(again, run_id)
         assert record["status"] == "lost", record
+        # The record says what ran after the server died: terraform finished the apply.
+        assert record["started_at"] is not None and record["changes"]["add"] == 1, record
+        assert "terraform went on" in record["problem"]["detail"], record
+        assert not record.get("state_may_be_locked")  # terraform released its lock
+        events = [json.loads(line) for line in again.request(
+            "GET", f"/runs/{run_id}/events").body.splitlines()]
+        assert any(e["type"] == "resource" and e["phase"] == "done" for e in events), events
+        assert events[-1]["summary"] == "the run was lost"
+        assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
         # A retry finds the resource: nothing is made twice.
         r = again.request("PUT", "/made/one", {"marker": str(marker), "seconds": 2.25})
         assert r.status == 200, r.body
@@ -52,3 +64,52 @@ def test_a_server_killed_mid_apply_leaves_its_resource_in_state(tmp: Path) -> No
         assert again.request("DELETE", "/made/one").status == 200
     finally:
         again.stop()
+
+
+def test_a_synchronous_run_killed_in_its_first_seconds_is_recorded_as_started(
+        tmp: Path) -> None:
+    marker = tmp / "made"
+    server = start_server(tmp, modules_dir=MODULES)
+    done = threading.Event()
+
+    def call() -> None:
+        with contextlib.suppress(OSError):
+            server.request("PUT", "/made/quick", {"marker": str(marker), "seconds": 1.75})
+        done.set()
+
+    threading.Thread(target=call, daemon=True).start()
+    wait_sleeping("1.75")  # terraform runs; the first heartbeat (2 s) has not come yet
+    server.stop(signal.SIGKILL)
+    assert done.wait(30)
+    deadline = time.monotonic() + 60
+    while not marker.exists() or sleepers("1.75"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    again = start_server(tmp, modules_dir=MODULES)
+    try:
+        runs = again.request("GET", "/made/quick/runs").json["runs"]
+        assert len(runs) == 1, runs
+        assert runs[0]["status"] == "lost" and runs[0]["started_at"] is not None, runs
+        assert again.request("DELETE", "/made/quick").status == 200
+    finally:
+        again.stop()
+
+
+def test_a_leftover_whose_lock_is_still_held_says_so(tmp: Path) -> None:
+    from tfserver.app.leftovers import Leftovers
+    from tfserver.runs.store import RunRecord, RunStore
+    from tfserver.storage.local import LocalBackend
+
+    class Locked(LocalBackend):
+        def lock_info(self, module: str, workspace: str) -> dict[str, str] | None:
+            return {"id": "lock-1"} if workspace == "local.held" else None
+
+    backend = Locked(tmp / "state")
+    leftovers = Leftovers(backend, RunStore(backend.objects), tmp / "spool", {})
+    (tmp / "spool").mkdir()
+    for ws, started in (("local.held", 1.0), ("local.free", 1.0), ("local.held", None)):
+        record = RunRecord(id="0" * 32, module="m", instance=ws[6:], workspace=ws,
+                           tenant="local", subject="s", operation="apply", status="lost",
+                           started_at=started)
+        leftovers(record)
+        assert record.state_may_be_locked is (started is not None and ws == "local.held")

@@ -34,7 +34,8 @@ class FakeRunner:
     def run(self, args: Sequence[str], *, cwd: Path, workspace: str = "default",
             timeout: float, on_event: EventSink | None = None,
             control: RunControl | None = None,
-            on_start: Callable[[], None] | None = None) -> RunResult:
+            on_start: Callable[[], None] | None = None,
+            label: str | None = None) -> RunResult:
         self.calls.append(tuple(args))
         if on_start is not None:
             on_start()

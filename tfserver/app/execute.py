@@ -208,7 +208,7 @@ class Executor:
                     self._args(spec, var_file, plan_file), cwd=wc.path, workspace=ws,
                     timeout=_remaining(deadline), control=control, on_event=on_event,
                     on_start=(lambda: keeping.append(self._keep_later(name, ws, spec.inputs)))
-                    if spec.operation == "apply" else None)
+                    if spec.operation == "apply" else None, label=spec.run_id)
                 saved = (plan_file.read_bytes() if plan_file is not None and result.ok
                          and spec.plan_of is None else None)
             finally:

@@ -36,6 +36,7 @@ from .catalog import Catalog, InstanceView, ModuleView, target_workspace
 from .execute import Applied, Destroyed, Executor, Outcome, Planned, RunSpec
 from .governance import Governance
 from .history import History, Idempotency, RunPage, Submitted
+from .leftovers import Leftovers
 from .reap import expired_destroy
 from .submit import Origin, Submitter
 from .unlock import Unlocked, Unlocker
@@ -75,7 +76,9 @@ class Service:
         self.runs = Runs(self.store, Scheduler(config.max_runs, config.queue_depth),
                          replica=config.replica or socket.gethostname(),
                          kill_grace=config.kill_grace, retention=config.run_retention,
-                         on_finish=self._counted, on_ended=self._audited)
+                         on_finish=self._counted, on_ended=self._audited,
+                         on_lost=Leftovers(backend, self.store, config.state_dir / "spool",
+                                           self.modules))
         self.metrics.watch(self.runs.scheduler.counts, self.copies.report, list(modules))
         self.expiries = Expiries(backend.objects)
         self.catalog = Catalog(self.modules, backend, self.runs.scheduler.busy, self.expiries)

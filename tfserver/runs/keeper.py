@@ -47,7 +47,8 @@ class Keeper(threading.Thread):
 
     def __init__(self, store: RunStore, *, replica: str, heartbeat: float, retention: float,
                  clock: Callable[[], float], position: Callable[[Ticket], int | None],
-                 cancel: Callable[[Run, bool], None]) -> None:
+                 cancel: Callable[[Run, bool], None],
+                 on_lost: Callable[[RunRecord], None] | None = None) -> None:
         super().__init__(name="runs-heartbeat", daemon=True)
         self.store = store
         self.replica = replica
@@ -56,17 +57,30 @@ class Keeper(threading.Thread):
         self.clock = clock
         self.position = position
         self.cancel = cancel
+        #: Told of each leftover run before it is stored `lost`: it may say what terraform
+        #: did after the replica died, and whether the state is still locked.
+        self.on_lost = on_lost
         self.stop_event = threading.Event()
+        #: Runs to store at once (a run that just started), off the run's own path.
+        self._soon: list[Run] = []
+        self._wake = threading.Event()
         self.all_leftovers = False
         self._leftovers_done = False
         self._mutex = threading.Lock()
         self._kept: dict[str, _Kept] = {}
 
     def run(self) -> None:
-        """Beat until stopped."""
+        """Beat until stopped; store a started run as soon as it is asked to."""
         next_purge = 0.0
-        while not self.stop_event.wait(self.heartbeat):
+        next_beat = time.monotonic() + self.heartbeat
+        while not self.stop_event.is_set():
+            self._wake.wait(max(0.0, next_beat - time.monotonic()))
+            self._wake.clear()
             try:
+                self._store_soon()
+                if time.monotonic() < next_beat or self.stop_event.is_set():
+                    continue
+                next_beat = time.monotonic() + self.heartbeat
                 if not self._leftovers_done:
                     self.mark_leftovers()
                 self.beat()
@@ -76,6 +90,25 @@ class Keeper(threading.Thread):
                     self.store.purge(runs_before=now - self.retention, now=now)
             except TFServerError as e:
                 logger.warning("run heartbeat: the backend failed: %s", e.detail)
+
+    def soon(self, run: Run) -> None:
+        """Store the run's record now, in the keeper's thread (a run that started: if
+        this replica dies, its record says terraform ran)."""
+        with self._mutex:
+            self._soon.append(run)
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Stop the heartbeat (the thread ends at its next wake)."""
+        self.stop_event.set()
+        self._wake.set()
+
+    def _store_soon(self) -> None:
+        with self._mutex:
+            runs, self._soon = self._soon, []
+        for run in runs:
+            if not run.done.is_set():
+                self.flush(run)
 
     # -- the runs kept ----------------------------------------------------------------
 
@@ -198,6 +231,8 @@ class Keeper(threading.Thread):
                                    run_id, record.status)
                     record.status, record.finished_at = "lost", self.clock()
                     record.queue_position = None
+                    if self.on_lost is not None:
+                        self.on_lost(record)
                     self.store.save(record)
             self._leftovers_done = True
         except TFServerError as e:

@@ -41,10 +41,10 @@ class Runs:
 
     def __init__(self, store: RunStore, scheduler: Scheduler, *, replica: str,
                  kill_grace: float, heartbeat: float = 2.0, lost_after: float = 10.0,
-                 retention: float = 30 * 86400.0,
-                 clock: Callable[[], float] = time.time,
+                 retention: float = 30 * 86400.0, clock: Callable[[], float] = time.time,
                  on_finish: Callable[[RunRecord], None] | None = None,
-                 on_ended: Callable[[RunRecord], None] | None = None) -> None:
+                 on_ended: Callable[[RunRecord], None] | None = None,
+                 on_lost: Callable[[RunRecord], None] | None = None) -> None:
         self.store = store
         self.scheduler = scheduler
         self.replica = replica
@@ -59,7 +59,7 @@ class Runs:
         self.liveness = Liveness(store, lost_after=lost_after, clock=clock)
         self.keeper = Keeper(store, replica=replica, heartbeat=heartbeat, retention=retention,
                              clock=clock, position=scheduler.position,
-                             cancel=self.cancel_local)
+                             cancel=self.cancel_local, on_lost=on_lost)
 
     # -- start and stop ---------------------------------------------------------------
 
@@ -72,7 +72,7 @@ class Runs:
 
     def stop(self) -> None:
         """Stop the heartbeat (after the last run ended) and store what is left."""
-        self.keeper.stop_event.set()
+        self.keeper.stop()
         if self.keeper.is_alive():
             self.keeper.join(5)
         self.keeper.flush_all()
@@ -135,6 +135,7 @@ class Runs:
         record = run.record
         record.status, record.started_at, record.queue_position = "running", self.clock(), None
         run.emit("started")
+        self.keeper.soon(run)
         status = "failed"
         try:
             run.result = run.job(run)

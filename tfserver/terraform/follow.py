@@ -31,10 +31,12 @@ class Spool:
     readers: tuple[int, int]
 
     @classmethod
-    def create(cls, folder: Path) -> Spool:
-        """Two new files in `folder`."""
-        base = folder / f"{os.getpid()}-{threading.get_ident()}-{time.monotonic_ns()}"
-        paths = (base.with_suffix(".out"), base.with_suffix(".err"))
+    def create(cls, folder: Path, label: str | None = None) -> Spool:
+        """Two new files in `folder`, named after `label` (a run id) when given: a
+        server restarted after a crash finds what terraform said after (`leftover`)."""
+        stem = f"{label}.{time.monotonic_ns()}" if label else \
+            f"{os.getpid()}-{threading.get_ident()}-{time.monotonic_ns()}"
+        paths = (folder / f"{stem}.out", folder / f"{stem}.err")
         writers = tuple(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
                         for p in paths)
         readers = tuple(os.open(p, os.O_RDONLY) for p in paths)
@@ -53,6 +55,24 @@ class Spool:
         _close(readers)
         for path in self.paths:
             path.unlink(missing_ok=True)
+
+
+def leftover(folder: Path, label: str) -> list[dict[str, Any]] | None:
+    """The `-json` events terraform wrote for `label` (a run id) that no server read to
+    the end (its server died), and the files removed; None when there are none."""
+    found = sorted(folder.glob(f"{label}.*.out"))
+    if not found:
+        return None
+    events = []
+    for path in found:
+        with contextlib.suppress(OSError):
+            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+                event = parse_event(line)
+                if event is not None:
+                    events.append(event)
+        path.unlink(missing_ok=True)
+        path.with_suffix(".err").unlink(missing_ok=True)
+    return events
 
 
 def _close(fds: tuple[int, int]) -> None:

@@ -114,9 +114,10 @@ class Runner(Protocol):
     def run(self, args: Sequence[str], *, cwd: Path, workspace: str = "default",
             timeout: float, on_event: EventSink | None = None,
             control: RunControl | None = None,
-            on_start: Callable[[], None] | None = None) -> RunResult:
+            on_start: Callable[[], None] | None = None,
+            label: str | None = None) -> RunResult:
         """Run `terraform <args>` in `cwd` and return what it did; `on_start` is called
-        once the process runs."""
+        once the process runs; `label` (a run id) names its output files."""
         ...
 
     def version(self, timeout: float = 30.0) -> str | None:
@@ -145,17 +146,10 @@ class Terraform:
     _mutex: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _stopping: bool = field(default=False, init=False, repr=False)
 
-    def run(
-        self,
-        args: Sequence[str],
-        *,
-        cwd: Path,
-        workspace: str = "default",
-        timeout: float,
-        on_event: EventSink | None = None,
-        control: RunControl | None = None,
-        on_start: Callable[[], None] | None = None,
-    ) -> RunResult:
+    def run(self, args: Sequence[str], *, cwd: Path, workspace: str = "default",
+            timeout: float, on_event: EventSink | None = None,
+            control: RunControl | None = None, on_start: Callable[[], None] | None = None,
+            label: str | None = None) -> RunResult:
         """Run `terraform <args>` in `cwd`; on timeout interrupt it and mark the result.
         `on_start` is called once the process runs (work that can wait until then should:
         before, it delays terraform)."""
@@ -164,7 +158,7 @@ class Terraform:
                         memory_limit=self.memory_limit)
         control = control or RunControl()
         started = time.monotonic()
-        spool = Spool.create(self._spool())
+        spool = Spool.create(self._spool(), label)
         try:
             proc = self._start(argv, cwd, env, spool)
         except OSError as e:

@@ -15,20 +15,19 @@ import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Protocol, cast
-
-import josepy
-import requests
-from acme import challenges, client, crypto_util, messages
-from acme import errors as acme_errors
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from josepy.jwk import JWKRSA
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from .config import AcmeSettings
 from .errors import ConfigError, TFServerError
 from .files import write_private
+
+# The ACME client (acme, josepy, requests) and cryptography weigh about 30 MB and 100 ms
+# of imports: they are imported where a certificate is read or obtained, so a server
+# without TLS, or with certificate files, never loads them (but for a SIGHUP reload).
+if TYPE_CHECKING:
+    from acme import challenges, messages
+    from cryptography import x509
+    from josepy.jwk import JWKRSA
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +58,7 @@ class AcmeClient(Protocol):
 
 
 #: Makes a client registered with the CA for an account key.
-AcmeConnect = Callable[[JWKRSA], AcmeClient]
+AcmeConnect = Callable[["JWKRSA"], AcmeClient]
 
 
 def server_context() -> ssl.SSLContext:
@@ -108,6 +107,8 @@ class Certificates:
         certificate's serial and expiry or the reason; never anything of the key. Fit for a
         signal handler: it takes no lock of its own and never prompts for a passphrase.
         """
+        from cryptography import x509
+
         try:
             try:
                 leaf = x509.load_pem_x509_certificate(cert.read_bytes())
@@ -202,11 +203,9 @@ class _ChallengeHandler(BaseHTTPRequestHandler):
         logger.debug("acme http: " + format, *args)
 
 
-def _load_key(path: Path) -> Any:
-    return serialization.load_pem_private_key(path.read_bytes(), password=None)
-
-
 def _pem(key: Any) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return bytes(key.private_bytes(serialization.Encoding.PEM,
                                    serialization.PrivateFormat.PKCS8,
                                    serialization.NoEncryption()))
@@ -243,6 +242,8 @@ class AcmeIssuer:
 
     def certificate(self) -> x509.Certificate | None:
         """The stored leaf certificate, if any and readable."""
+        from cryptography import x509
+
         try:
             return x509.load_pem_x509_certificate(self.cert_path.read_bytes())
         except (OSError, ValueError):
@@ -252,6 +253,8 @@ class AcmeIssuer:
         """True when the stored certificate covers the domains and is not due for renewal."""
         if cert is None or not self.key_path.exists():
             return False
+        from cryptography import x509
+
         try:
             names = set(cert.extensions.get_extension_for_class(
                 x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName))
@@ -276,6 +279,11 @@ class AcmeIssuer:
 
     def obtain(self) -> None:
         """Run one ACME order to the end and store the key and chain; raises AcmeError."""
+        import josepy
+        import requests
+        from acme import errors as acme_errors
+        from acme import messages
+
         try:
             self._obtain()
         except AcmeError:
@@ -302,9 +310,14 @@ class AcmeIssuer:
 
     def _account_key(self) -> JWKRSA:
         """The ACME account's key, made on first use and kept (0600)."""
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+        from josepy.jwk import JWKRSA
+
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         if self.account_key_path.exists():
-            key = _load_key(self.account_key_path)
+            key = serialization.load_pem_private_key(self.account_key_path.read_bytes(),
+                                                     password=None)
         else:
             key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
             write_private(self.account_key_path, _pem(key))
@@ -312,6 +325,9 @@ class AcmeIssuer:
 
     def _connect(self, account_key: JWKRSA) -> AcmeClient:
         """The network client: the directory, then the account (new, or the key's own)."""
+        from acme import client, messages
+        from acme import errors as acme_errors
+
         # requests takes a CA bundle path where acme's annotation says bool.
         verify = cast(bool, self.settings.ca_bundle or True)
         net = client.ClientNetwork(account_key, verify_ssl=verify, user_agent="tfserver",
@@ -329,6 +345,9 @@ class AcmeIssuer:
         return cast(AcmeClient, acme)
 
     def _obtain(self) -> None:
+        from acme import challenges, crypto_util, messages
+        from cryptography.hazmat.primitives.asymmetric import ec
+
         account_key = self._account_key()
         acme = self.connect(account_key)
         key = ec.generate_private_key(ec.SECP256R1())

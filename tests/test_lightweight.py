@@ -3,13 +3,19 @@ JWT stack with auth on, the ACME client with ACME (issue 19, "Lighter at rest").
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 from support import ROOT
+from tfserver.logs import LineWriter
+from tfserver.storage.local import ParsedFiles
 
 #: Libraries a server with `make run`'s defaults (auth off, local state, no TLS) has no
 #: use for.
@@ -59,3 +65,79 @@ def test_auth_on_imports_the_jwt_stack(tmp_path: Path, terraform_bin: str) -> No
                                               "us-east-1_TEST")
     assert "jwt" in names
     assert sorted(names & {"boto3", "botocore", "acme", "josepy"}) == []
+
+
+# -- reads at rest: parsed state files, log lines written off the request thread ------
+
+
+def test_a_settled_file_is_parsed_once_and_a_changed_one_again(tmp_path: Path) -> None:
+    path = tmp_path / "terraform.tfstate"
+    path.write_text(json.dumps({"serial": 1}))
+    old = time.time() - 10
+    os.utime(path, (old, old))
+    files = ParsedFiles()
+    first = files.read(str(path))
+    assert first == {"serial": 1}
+    assert files.read(str(path)) is first  # from memory
+    # The same size, a newer modification time: read again.
+    path.write_text(json.dumps({"serial": 2}))
+    os.utime(path, (old + 5, old + 5))
+    assert files.read(str(path)) == {"serial": 2}
+    path.unlink()
+    assert files.read(str(path)) is None
+
+
+def test_a_file_changed_just_now_is_not_kept(tmp_path: Path) -> None:
+    # Its next change could carry the same modification time (a coarse clock).
+    path = tmp_path / "terraform.tfstate"
+    path.write_text(json.dumps({"serial": 1}))
+    files = ParsedFiles()
+    first = files.read(str(path))
+    again = files.read(str(path))
+    assert first == again == {"serial": 1}
+    assert again is not first
+
+
+def test_parsed_files_keep_at_most_their_budget(tmp_path: Path) -> None:
+    files = ParsedFiles(budget=40)
+    old = time.time() - 10
+    paths = []
+    for i in range(3):
+        path = tmp_path / f"s{i}.json"
+        path.write_text(json.dumps({"serial": i, "pad": "x" * 5}))  # 29 bytes
+        os.utime(path, (old, old))
+        paths.append(str(path))
+    docs = [files.read(p) for p in paths]
+    assert files.read(paths[2]) is docs[2]  # the newest is kept
+    assert files.read(paths[0]) is not docs[0]  # the oldest was dropped
+
+
+def test_log_lines_from_many_threads_are_all_written_in_order() -> None:
+    stream = io.StringIO()
+    writer = LineWriter(stream)
+    writer.setFormatter(logging.Formatter("%(threadName)s %(message)s"))
+    log = logging.getLogger("tfserver.test-lightweight")
+    log.propagate = False
+    log.addHandler(writer)
+    log.setLevel(logging.INFO)
+
+    def lines(n: int) -> None:
+        for i in range(500):
+            log.info("%d", i)
+
+    threads = [threading.Thread(target=lines, args=(n,), name=f"t{n}") for n in range(8)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        writer.flush()
+        written = stream.getvalue().splitlines()
+        assert len(written) == 8 * 500
+        for n in range(8):
+            assert [int(w.split()[1]) for w in written if w.startswith(f"t{n} ")] == \
+                list(range(500))
+    finally:
+        log.removeHandler(writer)
+        writer.close()
+    assert not writer._writer.is_alive()

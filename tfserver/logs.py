@@ -7,10 +7,13 @@ per request; `tfserver.audit` a line per state-changing request and per run that
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import json
 import logging
+import queue
 import sys
+import threading
 import time
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -65,14 +68,89 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+class LineWriter(logging.Handler):
+    """Formats a record in the thread that logs it and writes the lines from a thread of
+    its own, several at a time.
+
+    A stream handler writes under its lock, and the write gives up the GIL: with a thread
+    per connection, every request thread queued on that lock behind a writer waiting to
+    get the GIL back, and the access line halved the keep-alive read rate (wrk, 32
+    connections). Here a request only formats its line (in its own context: the request
+    id) and queues it. `flush` (and so `logging.shutdown` at exit) waits until every line
+    queued before it is written.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__()
+        self.stream = stream
+        self._lines: queue.SimpleQueue[str | threading.Event | bool | None] = \
+            queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._write, name="log-writer", daemon=True)
+        self._writer.start()
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        """Filter and format the record, and queue its line (no lock is taken)."""
+        if not self.filter(record):
+            return False
+        try:
+            self._lines.put(self.format(record) + "\n")
+        except RecursionError:
+            raise
+        except Exception:  # noqa: BLE001 - as logging.Handler does: never fail the caller
+            self.handleError(record)
+        return True
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Queue the record's line (`handle` does it without the handler's lock)."""
+        self.handle(record)
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Wait (bounded) until the lines queued so far are written."""
+        if not self._writer.is_alive():
+            return
+        written = threading.Event()
+        self._lines.put(written)
+        written.wait(timeout)
+
+    def close(self) -> None:
+        """Write what is queued, then stop the writer (waiting for it, bounded)."""
+        self._lines.put(None)
+        if self._writer.is_alive() and self._writer is not threading.current_thread():
+            self._writer.join(5.0)
+        super().close()
+
+    def _write(self) -> None:
+        while True:
+            item = self._lines.get()
+            batch: list[str] = []
+            # Whatever was queued meanwhile goes out in the same write.
+            while isinstance(item, str):
+                batch.append(item)
+                try:
+                    item = self._lines.get_nowait() if len(batch) < 512 else False
+                except queue.Empty:
+                    item = False
+            if batch:
+                # A broken stderr has no one to tell: the lines are dropped.
+                with contextlib.suppress(OSError, ValueError):
+                    self.stream.write("".join(batch))
+                    self.stream.flush()
+            if isinstance(item, threading.Event):
+                item.set()
+            elif item is None:
+                return
+
+
 def configure(level: str = "INFO", fmt: str = "auto", stream: TextIO | None = None) -> None:
     """Send every log record to `stream` (stderr): JSON lines, or text (`fmt` "text", or
     "auto" on a terminal)."""
     out = stream or sys.stderr
     text = fmt == "text" or (fmt == "auto" and out.isatty())
-    handler = logging.StreamHandler(out)
+    handler = LineWriter(out)
     handler.setFormatter(TextFormatter() if text else JsonFormatter())
     root = logging.getLogger()
+    for old in root.handlers:
+        old.close()
     root.handlers[:] = [handler]
     root.setLevel(level)
 

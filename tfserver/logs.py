@@ -28,17 +28,23 @@ audit_log = logging.getLogger("tfserver.audit")
 #: A line per request.
 access_log = logging.getLogger("tfserver.access")
 
+#: How long the log writer lets lines gather before it writes them (`LineWriter`).
+BATCH_WAIT = 0.002
+
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message"}
 
 
 class JsonFormatter(logging.Formatter):
     """One JSON object a line: time, level, logger, message, request id, extras."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._stamp: tuple[int, str] = (-1, "")
+
     def format(self, record: logging.LogRecord) -> str:
         """The record as one JSON line (extras passed with `extra=` included)."""
         doc: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "time": self._second(int(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
@@ -49,7 +55,20 @@ class JsonFormatter(logging.Formatter):
                 doc[key] = value
         if record.exc_info:
             doc["exception"] = self.formatException(record.exc_info)
-        return json.dumps(doc, default=str)
+        return _ENCODER.encode(doc)
+
+
+    def _second(self, second: int) -> str:
+        """The ISO 8601 UTC time of a second, formatted once for all its lines."""
+        stamp = self._stamp
+        if stamp[0] != second:
+            stamp = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+            self._stamp = stamp  # one assignment: threads see one pair or the other
+        return stamp[1]
+
+
+#: `json.dumps(doc, default=str)`, without making an encoder for every line.
+_ENCODER = json.JSONEncoder(default=str)
 
 
 class TextFormatter(logging.Formatter):
@@ -122,6 +141,9 @@ class LineWriter(logging.Handler):
     def _write(self) -> None:
         while True:
             item = self._lines.get()
+            # A moment for more lines to come (a busy server logs several a millisecond):
+            # one write, and one wake-up of this thread, for all of them.
+            time.sleep(BATCH_WAIT)
             batch: list[str] = []
             # Whatever was queued meanwhile goes out in the same write.
             while isinstance(item, str):

@@ -3,6 +3,7 @@ JWT stack with auth on, the ACME client with ACME (issue 19, "Lighter at rest").
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -14,8 +15,11 @@ import time
 from pathlib import Path
 
 from support import ROOT
+from tfserver.auth import Principal
 from tfserver.logs import LineWriter
+from tfserver.module.discover import load_module
 from tfserver.storage.local import ParsedFiles
+from tfserver.web.openapi import ApiDescription, DocSettings
 
 #: Libraries a server with `make run`'s defaults (auth off, local state, no TLS) has no
 #: use for.
@@ -141,3 +145,24 @@ def test_log_lines_from_many_threads_are_all_written_in_order() -> None:
         log.removeHandler(writer)
         writer.close()
     assert not writer._writer.is_alive()
+
+
+def test_the_api_document_is_made_once_per_set_of_readable_modules() -> None:
+    modules = {n: load_module(ROOT / "modules" / n) for n in ("demo", "droplet")}
+    api = ApiDescription(DocSettings(auth=True, token_url="https://auth.example/token"))
+    reader = Principal("c", "c", scopes=frozenset({"tfserver/demo.read"}))
+    first = api.document(modules, reader)
+    assert api.builds == 1
+    # Another caller who may read the same modules shares it: nothing is rebuilt.
+    other = Principal("d", "d", scopes=frozenset({"tfserver/demo.write"}))
+    assert api.document(modules, reader) is first
+    assert api.document(modules, other) is first
+    assert api.builds == 1
+    admin = api.document(modules, Principal("a", "a", admin=True))
+    assert "/droplet" in admin["paths"] and "/droplet" not in first["paths"]
+    assert api.document(modules, None) is not first
+    assert api.builds == 3
+    # A module replaced (a policy narrows by replacing it): its documents are made again.
+    narrowed = {**modules, "demo": dataclasses.replace(modules["demo"])}
+    assert api.document(narrowed, reader) is not first
+    assert api.builds == 4

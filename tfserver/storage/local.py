@@ -248,10 +248,11 @@ class ParsedFiles:
     """JSON object files, each parsed once per version: a file found unchanged (same
     inode, size and modification time) gives the document read before, unread.
 
-    A GET of an instance read and parsed its state file on every request, a third of its
-    time. The documents are shared by every reader: they are read, never changed. Only
-    a settled file (`SETTLED_NS`) is kept, so a change always shows as a new version;
-    at most `budget` bytes of files are kept, the oldest dropped first.
+    A GET of an instance read and parsed its state file on every request: 25 of the 38 µs
+    its read of the instance took (a 3 KB state). The documents are shared by every
+    reader: they are read, never changed. Only a settled file (`SETTLED_NS`) is kept, so
+    a change always shows as a new version; at most `budget` bytes of files are kept, the
+    oldest dropped first.
     """
 
     def __init__(self, budget: int = PARSED_BYTES,

@@ -21,10 +21,7 @@ from .config import AcmeSettings
 from .errors import ConfigError, TFServerError
 from .files import write_private
 
-# The ACME client (acme, josepy, requests) and cryptography weigh about 30 MB and 100 ms
-# of imports: they are imported where a certificate is read or obtained, so a server
-# without TLS, or with certificate files, never loads them (but for a SIGHUP reload).
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # acme, josepy, requests, cryptography (30 MB, 100 ms): imported where used
     from acme import challenges, messages
     from cryptography import x509
     from josepy.jwk import JWKRSA
@@ -108,7 +105,6 @@ class Certificates:
         signal handler: it takes no lock of its own and never prompts for a passphrase.
         """
         from cryptography import x509
-
         try:
             try:
                 leaf = x509.load_pem_x509_certificate(cert.read_bytes())
@@ -204,11 +200,8 @@ class _ChallengeHandler(BaseHTTPRequestHandler):
 
 
 def _pem(key: Any) -> bytes:
-    from cryptography.hazmat.primitives import serialization
-
-    return bytes(key.private_bytes(serialization.Encoding.PEM,
-                                   serialization.PrivateFormat.PKCS8,
-                                   serialization.NoEncryption()))
+    from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+    return bytes(key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
 
 
 class AcmeIssuer:
@@ -218,17 +211,10 @@ class AcmeIssuer:
     reused on restart while the certificate is valid, covers the domains, and is not due.
     """
 
-    def __init__(
-        self,
-        settings: AcmeSettings,
-        folder: Path,
-        store: ChallengeStore,
-        *,
-        timeout: float = 30.0,
-        poll_seconds: float = 120.0,
-        clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
-        connect: AcmeConnect | None = None,
-    ) -> None:
+    def __init__(self, settings: AcmeSettings, folder: Path, store: ChallengeStore, *,
+                 timeout: float = 30.0, poll_seconds: float = 120.0,
+                 clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+                 connect: AcmeConnect | None = None) -> None:
         self.settings = settings
         self.connect: AcmeConnect = connect or self._connect
         self.folder = folder
@@ -243,7 +229,6 @@ class AcmeIssuer:
     def certificate(self) -> x509.Certificate | None:
         """The stored leaf certificate, if any and readable."""
         from cryptography import x509
-
         try:
             return x509.load_pem_x509_certificate(self.cert_path.read_bytes())
         except (OSError, ValueError):
@@ -254,7 +239,6 @@ class AcmeIssuer:
         if cert is None or not self.key_path.exists():
             return False
         from cryptography import x509
-
         try:
             names = set(cert.extensions.get_extension_for_class(
                 x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName))
@@ -281,9 +265,7 @@ class AcmeIssuer:
         """Run one ACME order to the end and store the key and chain; raises AcmeError."""
         import josepy
         import requests
-        from acme import errors as acme_errors
-        from acme import messages
-
+        from acme import errors, messages
         try:
             self._obtain()
         except AcmeError:
@@ -293,14 +275,14 @@ class AcmeIssuer:
             if kind == "rateLimited":
                 raise AcmeError(f"the ACME CA rate-limited this server: {e.detail}") from e
             raise AcmeError(f"the ACME CA refused: {kind or 'error'}: {e.detail}") from e
-        except acme_errors.ValidationError as e:
+        except errors.ValidationError as e:
             raise AcmeError(
                 "the CA could not validate the HTTP-01 challenge for "
                 f"{', '.join(self.settings.domains)}: is port {self.settings.http_port} "
                 "reachable from the CA at that name?") from e
-        except acme_errors.TimeoutError as e:
+        except errors.TimeoutError as e:
             raise AcmeError("the ACME order did not complete in time") from e
-        except acme_errors.Error as e:
+        except errors.Error as e:
             raise AcmeError(f"ACME failed: {type(e).__name__}: {e}") from e
         except requests.exceptions.RequestException as e:
             raise AcmeError(f"the ACME directory {self.settings.directory} cannot be "
@@ -313,7 +295,6 @@ class AcmeIssuer:
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import rsa
         from josepy.jwk import JWKRSA
-
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         if self.account_key_path.exists():
             key = serialization.load_pem_private_key(self.account_key_path.read_bytes(),
@@ -325,9 +306,7 @@ class AcmeIssuer:
 
     def _connect(self, account_key: JWKRSA) -> AcmeClient:
         """The network client: the directory, then the account (new, or the key's own)."""
-        from acme import client, messages
-        from acme import errors as acme_errors
-
+        from acme import client, errors, messages
         # requests takes a CA bundle path where acme's annotation says bool.
         verify = cast(bool, self.settings.ca_bundle or True)
         net = client.ClientNetwork(account_key, verify_ssl=verify, user_agent="tfserver",
@@ -338,7 +317,7 @@ class AcmeIssuer:
             email=self.settings.email, terms_of_service_agreed=True)
         try:
             net.account = acme.new_account(registration)
-        except acme_errors.ConflictError as e:
+        except errors.ConflictError as e:
             # The key is registered already: use that account.
             net.account = acme.query_registration(
                 messages.RegistrationResource(uri=e.location, body=messages.Registration()))
@@ -347,7 +326,6 @@ class AcmeIssuer:
     def _obtain(self) -> None:
         from acme import challenges, crypto_util, messages
         from cryptography.hazmat.primitives.asymmetric import ec
-
         account_key = self._account_key()
         acme = self.connect(account_key)
         key = ec.generate_private_key(ec.SECP256R1())

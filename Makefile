@@ -40,6 +40,7 @@ bench: $(TEST_STAMP)
 	$(BIN)/python bench/bench_s3.py
 	$(BIN)/python bench/bench_runs.py
 	$(BIN)/python bench/bench_ops.py
+	$(BIN)/python bench/bench_reads.py
 
 # Rewrite docs/configuration.md's table of settings from the one table in tfserver/settings.py.
 settings-table: $(RUN_STAMP)

@@ -8,14 +8,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
-
-import jwt
-from jwt import PyJWK, PyJWKClient, PyJWKSet
+from typing import TYPE_CHECKING, Protocol
 
 from .config import AuthSettings, Config
 from .errors import Forbidden, Unauthorized, Unavailable
 from .names import LOCAL_TENANT, tenant_key
+
+# PyJWT (and the cryptography it loads, about 20 MB and 60 ms) is imported only where a
+# token is checked: a server with authentication off never loads it.
+if TYPE_CHECKING:
+    from jwt import PyJWK, PyJWKSet
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +123,8 @@ class KeySource:
                  ssl_context: ssl.SSLContext | None = None,
                  on_fetch: Callable[[str], None] | None = None) -> KeySource:
         """A key source that fetches from `url` with PyJWT's client (its cache off)."""
+        from jwt import PyJWKClient
+
         client = PyJWKClient(url, cache_jwk_set=False, cache_keys=False, timeout=timeout,
                              ssl_context=ssl_context)
         return cls(lambda: client.get_jwk_set(refresh=True), min_refresh=min_refresh, ttl=ttl,
@@ -143,6 +147,8 @@ class KeySource:
         raise Unauthorized("the token is signed with an unknown key")
 
     def _refresh(self) -> None:
+        import jwt
+
         # One fetch at a time; callers that arrive meanwhile wait for its result.
         with self._fetch_lock:
             now = self._clock()
@@ -183,6 +189,8 @@ class JWTAuth:
 
     def authenticate(self, authorization: str | None) -> Principal:
         """The principal of a valid bearer token; raises Unauthorized or Unavailable."""
+        import jwt
+
         if not authorization:
             raise Unauthorized("this needs a bearer token in the Authorization header",
                                error=None)

@@ -15,20 +15,16 @@ import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Protocol, cast
-
-import josepy
-import requests
-from acme import challenges, client, crypto_util, messages
-from acme import errors as acme_errors
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from josepy.jwk import JWKRSA
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from .config import AcmeSettings
 from .errors import ConfigError, TFServerError
 from .files import write_private
+
+if TYPE_CHECKING:  # acme, josepy, requests, cryptography (30 MB, 100 ms): imported where used
+    from acme import challenges, messages
+    from cryptography import x509
+    from josepy.jwk import JWKRSA
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +55,7 @@ class AcmeClient(Protocol):
 
 
 #: Makes a client registered with the CA for an account key.
-AcmeConnect = Callable[[JWKRSA], AcmeClient]
+AcmeConnect = Callable[["JWKRSA"], AcmeClient]
 
 
 def server_context() -> ssl.SSLContext:
@@ -108,6 +104,7 @@ class Certificates:
         certificate's serial and expiry or the reason; never anything of the key. Fit for a
         signal handler: it takes no lock of its own and never prompts for a passphrase.
         """
+        from cryptography import x509
         try:
             try:
                 leaf = x509.load_pem_x509_certificate(cert.read_bytes())
@@ -205,9 +202,8 @@ class _ChallengeHandler(BaseHTTPRequestHandler):
 
 
 def _pem(key: Any) -> bytes:
-    return bytes(key.private_bytes(serialization.Encoding.PEM,
-                                   serialization.PrivateFormat.PKCS8,
-                                   serialization.NoEncryption()))
+    from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+    return bytes(key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
 
 
 class AcmeIssuer:
@@ -217,17 +213,10 @@ class AcmeIssuer:
     reused on restart while the certificate is valid, covers the domains, and is not due.
     """
 
-    def __init__(
-        self,
-        settings: AcmeSettings,
-        folder: Path,
-        store: ChallengeStore,
-        *,
-        timeout: float = 30.0,
-        poll_seconds: float = 120.0,
-        clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
-        connect: AcmeConnect | None = None,
-    ) -> None:
+    def __init__(self, settings: AcmeSettings, folder: Path, store: ChallengeStore, *,
+                 timeout: float = 30.0, poll_seconds: float = 120.0,
+                 clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+                 connect: AcmeConnect | None = None) -> None:
         self.settings = settings
         self.connect: AcmeConnect = connect or self._connect
         self.folder = folder
@@ -241,6 +230,7 @@ class AcmeIssuer:
 
     def certificate(self) -> x509.Certificate | None:
         """The stored leaf certificate, if any and readable."""
+        from cryptography import x509
         try:
             return x509.load_pem_x509_certificate(self.cert_path.read_bytes())
         except (OSError, ValueError):
@@ -250,6 +240,7 @@ class AcmeIssuer:
         """True when the stored certificate covers the domains and is not due for renewal."""
         if cert is None or not self.key_path.exists():
             return False
+        from cryptography import x509
         try:
             names = set(cert.extensions.get_extension_for_class(
                 x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName))
@@ -274,6 +265,9 @@ class AcmeIssuer:
 
     def obtain(self) -> None:
         """Run one ACME order to the end and store the key and chain; raises AcmeError."""
+        import josepy
+        import requests
+        from acme import errors, messages
         try:
             self._obtain()
         except AcmeError:
@@ -283,14 +277,14 @@ class AcmeIssuer:
             if kind == "rateLimited":
                 raise AcmeError(f"the ACME CA rate-limited this server: {e.detail}") from e
             raise AcmeError(f"the ACME CA refused: {kind or 'error'}: {e.detail}") from e
-        except acme_errors.ValidationError as e:
+        except errors.ValidationError as e:
             raise AcmeError(
                 "the CA could not validate the HTTP-01 challenge for "
                 f"{', '.join(self.settings.domains)}: is port {self.settings.http_port} "
                 "reachable from the CA at that name?") from e
-        except acme_errors.TimeoutError as e:
+        except errors.TimeoutError as e:
             raise AcmeError("the ACME order did not complete in time") from e
-        except acme_errors.Error as e:
+        except errors.Error as e:
             raise AcmeError(f"ACME failed: {type(e).__name__}: {e}") from e
         except requests.exceptions.RequestException as e:
             raise AcmeError(f"the ACME directory {self.settings.directory} cannot be "
@@ -300,6 +294,9 @@ class AcmeIssuer:
 
     def _account_key(self) -> JWKRSA:
         """The ACME account's key, made on first use and kept (0600)."""
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+        from josepy.jwk import JWKRSA
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         if self.account_key_path.exists():
             key = serialization.load_pem_private_key(self.account_key_path.read_bytes(),
@@ -311,6 +308,7 @@ class AcmeIssuer:
 
     def _connect(self, account_key: JWKRSA) -> AcmeClient:
         """The network client: the directory, then the account (new, or the key's own)."""
+        from acme import client, errors, messages
         # requests takes a CA bundle path where acme's annotation says bool.
         verify = cast(bool, self.settings.ca_bundle or True)
         net = client.ClientNetwork(account_key, verify_ssl=verify, user_agent="tfserver",
@@ -321,13 +319,15 @@ class AcmeIssuer:
             email=self.settings.email, terms_of_service_agreed=True)
         try:
             net.account = acme.new_account(registration)
-        except acme_errors.ConflictError as e:
+        except errors.ConflictError as e:
             # The key is registered already: use that account.
             net.account = acme.query_registration(
                 messages.RegistrationResource(uri=e.location, body=messages.Registration()))
         return cast(AcmeClient, acme)
 
     def _obtain(self) -> None:
+        from acme import challenges, crypto_util, messages
+        from cryptography.hazmat.primitives.asymmetric import ec
         account_key = self._account_key()
         acme = self.connect(account_key)
         key = ec.generate_private_key(ec.SECP256R1())

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import hcl2
-import jsonschema
 from hcl2 import SerializationOptions
 from lark.exceptions import LarkError
 
@@ -101,6 +100,10 @@ class Module:
                 "the body must be a JSON object of variables",
                 [FieldError("", "must be a JSON object")],
             )
+        # jsonschema (4 MB, 40 ms of imports) waits for the first body to check: an idle
+        # server, or one that only serves reads, never loads it.
+        import jsonschema
+
         validator = jsonschema.Draft202012Validator(self.schema)
         errors = [FieldError(n, "is set by the server") for n in self.reserved & body.keys()]
         # The schema leaves reserved variables out, so without this it would call them

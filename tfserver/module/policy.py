@@ -21,8 +21,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import jsonschema
-
 from ..errors import ConfigError
 from .discover import RESERVED_VARIABLES, Module
 from .limits import DEFAULT_MAX_QUEUED, Limits, Scope
@@ -203,6 +201,9 @@ class Policy:
             default = None if var.required else var.default
             schema["properties"][var_name] = self._narrow(
                 schema["properties"][var_name], var.type, fragment, keys, default)
+        # Imported here: a server without a policy file never loads jsonschema at start.
+        import jsonschema
+
         try:
             jsonschema.Draft202012Validator.check_schema(schema)
         except jsonschema.SchemaError as e:
@@ -353,6 +354,8 @@ class Policy:
 
 
 def _valid(schema: Mapping[str, Any], value: Any) -> bool:
+    import jsonschema
+
     return bool(jsonschema.Draft202012Validator(schema).is_valid(value))
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,15 @@ from .base import STATE_NAME, BackendError, ObjectStore, Snapshot
 from .inputs import KeptInputs
 
 logger = logging.getLogger(__name__)
+
+#: A file last changed longer ago than this when it is looked at cannot change again
+#: without a new modification time (filesystems stamp a change with a clock that is at
+#: worst a second or two coarse): only such a file's document is kept (`ParsedFiles`).
+SETTLED_NS = 3_000_000_000
+#: At most this many bytes of files are kept parsed (a document takes several times that).
+PARSED_BYTES = 1 << 20
+#: Not a part of an object key: each would leave the folder or name it.
+_NAMES = frozenset({"", ".", ".."})
 
 
 class LocalObjects:
@@ -25,10 +36,14 @@ class LocalObjects:
         self._folders: set[Path] = set()
 
     def _path(self, key: str) -> Path:
+        return self.root.joinpath(*self._parts(key))
+
+    @staticmethod
+    def _parts(key: str) -> list[str]:
         parts = key.split("/")
-        if any(p in ("", ".", "..") for p in parts):
+        if not _NAMES.isdisjoint(parts):
             raise ValueError(f"bad object key {key!r}")
-        return self.root.joinpath(*parts)
+        return parts
 
     def _folder(self, path: Path) -> None:
         if path.parent not in self._folders:
@@ -62,7 +77,10 @@ class LocalObjects:
     def get(self, key: str) -> bytes | None:
         """The file's bytes."""
         try:
-            return self._path(key).read_bytes()
+            # Opened by its name as a string: a GET reads an expiry (mostly absent) this
+            # way, and building a Path cost more than the lookup.
+            with open(os.path.join(str(self.root), *self._parts(key)), "rb") as f:
+                return f.read()
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as e:
@@ -90,6 +108,7 @@ class LocalBackend:
     name = "local"
 
     def __init__(self, state_dir: Path) -> None:
+        self._parsed = ParsedFiles()
         self.root = state_dir / "state"
         self.objects: ObjectStore = LocalObjects(state_dir)
         # The folder kept inputs at `inputs/` before `_inputs/`: read there too.
@@ -131,13 +150,14 @@ class LocalBackend:
         catch it partial, and a SIGKILL mid-write leaves it empty; before its first write
         of a run it copies the previous state to `terraform.tfstate.backup`.
         """
-        path = self._state_path(module, workspace)
+        # A string, not a Path: building the Path cost more than reading a cached state.
+        path = os.path.join(str(self.root), module, workspace, STATE_NAME)
         for attempt in range(3):
-            doc = _read_json(path)
+            doc = self._parsed.read(path)
             if not isinstance(doc, _Unreadable):
                 return doc, False
             time.sleep(0.01 * (attempt + 1))  # caught mid-write: a moment may finish it
-        backup = _read_json(path.with_name(STATE_NAME + ".backup"))
+        backup = _read_json(path + ".backup")
         if isinstance(backup, dict):
             return backup, True
         return None, False  # a first write that never completed: no instance yet
@@ -189,10 +209,11 @@ class _Unreadable:
 _UNREADABLE = _Unreadable()
 
 
-def _read_json(path: Path) -> dict[str, Any] | _Unreadable | None:
+def _read_json(path: str | Path) -> dict[str, Any] | _Unreadable | None:
     """A JSON object file: its document, None when missing, or `_UNREADABLE`."""
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
     except FileNotFoundError:
         return None
     except OSError as e:
@@ -202,3 +223,61 @@ def _read_json(path: Path) -> dict[str, Any] | _Unreadable | None:
     except ValueError:
         return _UNREADABLE
     return doc if isinstance(doc, dict) else _UNREADABLE
+
+
+class ParsedFiles:
+    """JSON object files, each parsed once per version: a file found unchanged (same
+    inode, size and modification time) gives the document read before, unread.
+
+    A GET of an instance read and parsed its state file on every request: 25 of the 38 µs
+    its read of the instance took (a 3 KB state). The documents are shared by every
+    reader: they are read, never changed. Only a settled file (`SETTLED_NS`) is kept, so
+    a change always shows as a new version; at most `budget` bytes of files are kept, the
+    oldest dropped first.
+    """
+
+    def __init__(self, budget: int = PARSED_BYTES,
+                 clock: Callable[[], int] = time.time_ns) -> None:
+        self.budget = budget
+        self._clock = clock
+        self._kept: dict[str, tuple[tuple[int, int, int], dict[str, Any]]] = {}
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def read(self, path: str) -> dict[str, Any] | _Unreadable | None:
+        """What `_read_json(path)` gives, from memory when the file has not changed."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            self._forget(path)
+            return _read_json(path)
+        # Looked at before the read: a change made meanwhile gives a newer document under
+        # an older version, which only costs another read.
+        version = (st.st_ino, st.st_size, st.st_mtime_ns)
+        with self._lock:
+            kept = self._kept.get(path)
+        if kept is not None and kept[0] == version:
+            return kept[1]
+        doc = _read_json(path)
+        if isinstance(doc, dict) and st.st_size <= self.budget \
+                and self._clock() - st.st_mtime_ns > SETTLED_NS:
+            self._keep(path, version, doc)
+        return doc
+
+    def _keep(self, path: str, version: tuple[int, int, int], doc: dict[str, Any]) -> None:
+        with self._lock:
+            self._forget_locked(path)
+            self._kept[path] = (version, doc)
+            self._bytes += version[1]
+            while self._bytes > self.budget:
+                oldest = next(iter(self._kept))
+                self._forget_locked(oldest)
+
+    def _forget(self, path: str) -> None:
+        with self._lock:
+            self._forget_locked(path)
+
+    def _forget_locked(self, path: str) -> None:
+        old = self._kept.pop(path, None)
+        if old is not None:
+            self._bytes -= old[0][1]

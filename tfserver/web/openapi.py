@@ -70,6 +70,10 @@ class ModulePart:
     tag: dict[str, Any]
 
 
+#: Documents kept at most (one per set of modules a caller may read).
+MAX_DOCUMENTS = 64
+
+
 class ApiDescription:
     """The document for a caller: prepared parts, filtered by what the caller may read.
 
@@ -83,17 +87,38 @@ class ApiDescription:
         self._base = base_document(settings)
         self._parts: dict[str, tuple[Module, str, ModulePart]] = {}
         self._mutex = threading.Lock()
+        # Documents by (every module's name, the names shown), with the modules shown.
+        self._documents: dict[tuple[tuple[str, ...], tuple[str, ...]],
+                              tuple[tuple[Module, ...], dict[str, Any]]] = {}
+        #: Documents assembled so far (the others were served from `_documents`).
+        self.builds = 0
 
     def document(self, modules: Mapping[str, Module],
                  principal: Principal | None) -> dict[str, Any]:
-        """The document showing the modules `principal` may read (None: none)."""
+        """The document showing the modules `principal` may read (None: none).
+
+        It depends on nothing else of the caller (an admin reads every module): one is
+        made per set of modules shown, and shared as long as those `Module` objects are
+        served (it is serialised, never changed). Operation ids depend on every module's
+        name, so those are part of the key too.
+        """
+        shown = tuple(name for name in sorted(modules)
+                      if principal is not None and principal.can(name, "read"))
+        key = (tuple(sorted(modules)), shown)
+        objects = tuple(modules[name] for name in shown)
+        with self._mutex:
+            kept = self._documents.get(key)
+        if kept is not None and all(a is b for a, b in zip(kept[0], objects, strict=True)):
+            return kept[1]
         idents = operation_idents(modules)
-        parts = []
-        for name in sorted(modules):
-            if principal is None or not principal.can(name, "read"):
-                continue
-            parts.append(self._part(modules[name], idents[name]))
-        return assemble(self._base, parts, self.settings)
+        doc = assemble(self._base, [self._part(modules[n], idents[n]) for n in shown],
+                       self.settings)
+        with self._mutex:
+            self.builds += 1
+            if len(self._documents) >= MAX_DOCUMENTS:
+                self._documents.clear()  # a bound, not a policy: made again on demand
+            self._documents[key] = (objects, doc)
+        return doc
 
     def _part(self, module: Module, ident: str) -> ModulePart:
         with self._mutex:

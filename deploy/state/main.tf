@@ -2,8 +2,9 @@
 # module instance's state (and tfserver's inputs, run records, plans) under one key prefix,
 # the DynamoDB table that locks it, the SQS FIFO queue the `sqs` run engine carries runs on
 # (with its dead-letter queue), and the runtime IAM user whose only permissions are that
-# prefix, that table and that queue. App Platform is not AWS and cannot assume a role, so the runtime
-# identity is a user with an access key; the key goes to the app as a SECRET (see README).
+# prefix, that table and that queue. App Platform is not AWS and cannot assume a role, so
+# the runtime identity is a user with an access key; the key goes to the app as a SECRET
+# (docs/deploy.md).
 
 terraform {
   required_version = ">= 1.10"

@@ -7,8 +7,11 @@ tfserver that applies and destroys as the runtime IAM user, a tenant added, the 
 environment computed from the stacks' outputs, and both stacks destroyed. The runtime user's
 policy is checked call by call with a small IAM evaluator over the real document (moto
 ignores conditions and cannot scope DynamoDB to a table), cross-checked against moto where
-moto is faithful. The App Platform stack, the Dockerfile, the policy file and the
-runbook's other commands are checked statically."""
+moto is faithful. The sqs engine's queue is made by the state stack, its calls made as the
+runtime user (from the environment deploy/app gives a worker) under moto's enforcement,
+and the runbook's queue steps run with the AWS CLI pointed at moto. The App Platform
+stack, the Dockerfile, the policy file and the runbook's other commands are checked
+statically."""
 
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import hcl2
 import pytest
@@ -45,11 +49,16 @@ from support import (
 )
 from tfserver.config import PASSED_ENV
 from tfserver.module.discover import load_module
+from tfserver.runs.sqs import QueueDepth, SqsQueue, message_group
 
 TF_TIMEOUT = 300
 DEPLOY = (ROOT / "docs" / "deploy.md").read_text()
 AWS_STACKS = ("state", "auth")
 STACKS = ("state", "auth", "app")
+#: The sqs engine's settings (DESIGN, "Run engines"), which deploy/app sets on the service
+#: and the worker component only with engine = "sqs".
+SQS_ENGINE_SETTINGS = {"TFSERVER_QUEUE", "TFSERVER_QUEUE_URL", "TFSERVER_ROLE",
+                       "TFSERVER_RESUME_LOST"}
 
 
 # -- reading Terraform and the runbook ------------------------------------------------------
@@ -211,10 +220,17 @@ def test_the_policy_evaluator_follows_iams_rules() -> None:
             iam_allows({"Statement": [statement]}, "s3:GetObject", "x", {})
 
 
-def policy_table(bucket: str, table_arn: str) -> list[tuple[str, str, dict[str, str], bool]]:
+SQS_CALLS = ("SendMessage", "ReceiveMessage", "ChangeMessageVisibility", "DeleteMessage",
+             "GetQueueAttributes")
+
+
+def policy_table(bucket: str, table_arn: str, queue_arn: str
+                 ) -> list[tuple[str, str, dict[str, str], bool]]:
     """(action, resource, request context, allowed) for the runtime user: every call
     tfserver and its terraform make, then what it must not do."""
     b = f"arn:aws:s3:::{bucket}"
+    dead_letters = queue_arn.removesuffix(".fifo") + "-dlq.fifo"
+    other_queue = queue_arn.rsplit(":", 1)[0] + ":other-runs.fifo"
     other_table = table_arn.rsplit("/", 1)[0] + "/other-table"
     state = f"{b}/tfserver/demo/0a1b.first/terraform.tfstate"
     allowed = [
@@ -228,6 +244,7 @@ def policy_table(bucket: str, table_arn: str) -> list[tuple[str, str, dict[str, 
                       f"{b}/tfserver/_idempotency/k.json")],
         *[(f"dynamodb:{verb}", table_arn, {})
           for verb in ("DescribeTable", "GetItem", "PutItem", "DeleteItem")],
+        *[(f"sqs:{call}", queue_arn, {}) for call in SQS_CALLS],  # the sqs engine
     ]
     denied = [
         ("s3:ListBucket", b, {"s3:prefix": ""}),
@@ -261,6 +278,15 @@ def policy_table(bucket: str, table_arn: str) -> list[tuple[str, str, dict[str, 
         ("iam:CreateAccessKey", "arn:aws:iam::123456789012:user/tfserver/tfserver-runtime", {}),
         ("sts:AssumeRole", "*", {}),
         ("cognito-idp:ListUserPoolClients", "*", {}),
+        *[(f"sqs:{call}", queue, {}) for call in SQS_CALLS
+          for queue in (dead_letters, other_queue)],
+        ("sqs:GetQueueUrl", queue_arn, {}),  # the URL is configured, never looked up
+        ("sqs:CreateQueue", queue_arn.rsplit(":", 1)[0] + ":new.fifo", {}),
+        ("sqs:DeleteQueue", queue_arn, {}),
+        ("sqs:PurgeQueue", queue_arn, {}),
+        ("sqs:SetQueueAttributes", queue_arn, {}),
+        ("sqs:StartMessageMoveTask", dead_letters, {}),
+        ("sqs:ListQueues", "*", {}),
     ]
     return [(*row, True) for row in allowed] + [(*row, False) for row in denied]
 
@@ -373,11 +399,17 @@ class Runbook:
                                                       "backend.tf", "tfserver.env"))
         (self.work / "modules").symlink_to(ROOT / "modules")  # what deploy/auth discovers
         for stack in AWS_STACKS:
-            endpoints = {k: moto.url for k in ("s3", "dynamodb", "sts", "iam", "cognitoidp")}
+            endpoints = {k: moto.url for k in ("s3", "dynamodb", "sts", "iam", "cognitoidp",
+                                               "sqs")}
             (deploy / stack / "moto_override.tf.json").write_text(json.dumps({"provider": {
                 "aws": {"s3_use_path_style": True, "skip_credentials_validation": True,
                         "skip_metadata_api_check": True, "skip_requesting_account_id": True,
                         "max_retries": 1, "endpoints": [endpoints]}}}))
+        # moto keeps no RedriveAllowPolicy (the provider would wait for it for ever): the
+        # dead-letter queue's allow policy is left out here and checked statically
+        # (test_state_stack_limits_who_moves_messages_to_the_dead_letter_queue).
+        (deploy / "state" / "moto_gaps_override.tf.json").write_text(json.dumps({"resource": {
+            "aws_sqs_queue_redrive_allow_policy": {"dead_letters": {"count": 0}}}}))
         # deploy/app without its App Platform resource: the same variables and env.tf, and
         # stand-ins for its outputs plus the environment App Platform would get.
         app = deploy / "app"
@@ -391,6 +423,8 @@ class Runbook:
             'output "default_ingress" { value = "https://tfserver-x.ondigitalocean.app" }\n'
             'output "image_tag" { value = var.image_tag }\n'
             'output "plain_env" { value = local.plain_env }\n'
+            'output "service_engine_env" { value = local.service_engine_env }\n'
+            'output "worker_engine_env" { value = local.worker_engine_env }\n'
             'output "secret_env" {\n  value     = local.secret_env\n  sensitive = true\n}\n')
         # the modules the stand-in tfserver serves: demo, and droplet's variables on
         # terraform_data (the DigitalOcean provider cannot run here)
@@ -409,6 +443,10 @@ class Runbook:
                          f"with open({str(self.calls)!r}, 'a') as f:\n"
                          "    f.write(json.dumps([os.path.basename(sys.argv[0]), "
                          "*sys.argv[1:]]) + '\\n')\n")
+        # The AWS CLI as the operator runs it, pointed at moto (AWS CLI v1 pins SQS in some
+        # regions to a legacy endpoint that AWS_ENDPOINT_URL_SQS does not override).
+        self._script("aws", f'#!/bin/sh\nexec {require_tool("aws")} --endpoint-url '
+                     f'{moto.url} "$@"\n')
         rc = tmp / "aws-mirror.tfrc"
         rc.write_text(
             "provider_installation {\n"
@@ -593,6 +631,20 @@ def test_runbook_from_zero_on_moto(tmp: Path, iam_moto: Moto) -> None:
                                   headers=bearer(tokens[globex])).status == 200
         assert app_server.request("GET", "/demo", headers=bearer(stranger_token)).status in \
             (401, 403)
+
+        # Steps 10 and 11: the sqs engine turned on (the shell has step 5's exports), the
+        # engine's calls made from the environment deploy/app gives a worker, a run that
+        # can never run left in the dead-letter queue, and the queues watched as written.
+        assert book.output("app", "service_engine_env") == {}  # local unless asked
+        exports = {"TF_VAR_aws_access_key_id": runtime[0],
+                   "TF_VAR_aws_secret_access_key": runtime[1],
+                   "TF_VAR_modules_digitalocean_token": "droplet-module-token"}
+        book.sh("\n".join([s0, *(f"export {k}={shlex.quote(v)}" for k, v in exports.items()),
+                           *steps["10"]]))
+        assert book.output("app", "image_tag") == "0.1.0"  # still the tag that runs
+        assert book.output("app", "plain_env") == plain
+        check_sqs_engine(book, moto, operator)
+        check_watching(book.sh("\n".join([s0, *steps["11"]])))
     finally:
         for srv in servers:
             srv.stop()
@@ -604,6 +656,67 @@ def test_runbook_from_zero_on_moto(tmp: Path, iam_moto: Moto) -> None:
         "Users"] == []
     assert aws(moto, "dynamodb", root_key).list_tables()["TableNames"] == []
     assert aws(moto, "cognito-idp", root_key).list_user_pools(MaxResults=10)["UserPools"] == []
+    assert aws(moto, "sqs", root_key).list_queues().get("QueueUrls", []) == []
+
+
+def check_sqs_engine(book: Runbook, moto: Moto, operator: tuple[str, str]) -> None:
+    """What step 10 gave the app: the service an api replica, the worker component a
+    worker, both on the state stack's queue; and that a worker's environment (the runtime
+    user's key) makes the engine's calls on it, moto enforcing the policy. A message
+    received max_receive_count times without being deleted lands in the dead-letter
+    queue."""
+    queue = book.output("state", "queue_url")
+    service = book.output("app", "service_engine_env")
+    worker = book.output("app", "worker_engine_env")
+    assert service == {"TFSERVER_QUEUE": "sqs", "TFSERVER_QUEUE_URL": queue,
+                       "TFSERVER_ROLE": "api", "TFSERVER_RESUME_LOST": "1"}
+    assert worker == {**service, "TFSERVER_ROLE": "worker"}
+    secret = book.output("app", "secret_env")
+    keys = {k: secret[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    with mock.patch.dict(os.environ, keys):
+        runs = SqsQueue(worker["TFSERVER_QUEUE_URL"], endpoint=moto.url, region="eu-west-1",
+                        wait_seconds=0)
+        try:
+            runs.send("r-step10", message_group("demo", "first"))
+            [message] = runs.receive(1, visibility=30)
+            assert (message.run_id, message.receives) == ("r-step10", 1)
+            runs.extend(message, 60)
+            assert runs.depth() == QueueDepth(waiting=0, in_flight=1)
+            runs.release(message)
+            [message] = runs.receive(1, visibility=30)
+            assert message.receives == 2
+            runs.delete(message)
+            assert runs.depth() == QueueDepth(waiting=0, in_flight=0)
+            runs.send("r-poison", message_group("demo", "poison"))
+            for receives in range(1, 6):
+                [message] = runs.receive(1, visibility=30)
+                assert (message.run_id, message.receives) == ("r-poison", receives)
+                runs.release(message)
+            assert runs.receive(1, visibility=30) == []
+        finally:
+            runs.close()
+    dead_letters = book.output("state", "dead_letter_queue_url")
+    assert aws(moto, "sqs", operator).get_queue_attributes(
+        QueueUrl=dead_letters, AttributeNames=["ApproximateNumberOfMessages"])[
+        "Attributes"]["ApproximateNumberOfMessages"] == "1"
+
+
+def check_watching(output: str) -> None:
+    """Step 11's commands printed the queue's depth, the age of its oldest message, the
+    dead-letter queue's depth and the run id in it."""
+    decoder, docs, at = json.JSONDecoder(), [], 0
+    while at < len(output):
+        if output[at].isspace():
+            at += 1
+            continue
+        doc, at = decoder.raw_decode(output, at)
+        docs.append(doc)
+    depth, age, dead, letters = docs
+    assert depth["Attributes"] == {"ApproximateNumberOfMessages": "0",
+                                   "ApproximateNumberOfMessagesNotVisible": "0"}
+    assert age["Label"] == "ApproximateAgeOfOldestMessage"
+    assert dead["Attributes"] == {"ApproximateNumberOfMessages": "1"}
+    assert [m["Body"] for m in letters["Messages"]] == ["r-poison"]
 
 
 def list_keys(moto: Moto, key: tuple[str, str]) -> list[str]:
@@ -629,6 +742,28 @@ def check_state_stack(book: Runbook, moto: Moto, operator: tuple[str, str]) -> N
     assert user["Path"] == "/tfserver/"
     assert iam.list_attached_user_policies(UserName="tfserver-runtime")["AttachedPolicies"] == []
     assert iam.list_user_policies(UserName="tfserver-runtime")["PolicyNames"] == ["tfserver-state"]
+    # the sqs engine's FIFO queue, and the dead-letter queue its redrive policy feeds
+    queue, dead_letters = (book.output("state", name)
+                           for name in ("queue_url", "dead_letter_queue_url"))
+    assert queue.endswith("/tfserver-runs.fifo") and dead_letters.endswith(
+        "/tfserver-runs-dlq.fifo")
+    sqs = aws(moto, "sqs", operator)
+    attrs = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["All"])["Attributes"]
+    dlq = sqs.get_queue_attributes(QueueUrl=dead_letters, AttributeNames=["All"])["Attributes"]
+    assert attrs["QueueArn"] == book.output("state", "queue_arn")
+    assert dlq["QueueArn"] == book.output("state", "dead_letter_queue_arn")
+    assert book.output("state", "queue_name") == "tfserver-runs.fifo"
+    for queue_attrs in (attrs, dlq):
+        assert queue_attrs["FifoQueue"] == "true"
+        assert queue_attrs["ContentBasedDeduplication"] == "false"
+        assert queue_attrs["SqsManagedSseEnabled"] == "true"
+    assert (attrs["VisibilityTimeout"], attrs["MessageRetentionPeriod"]) == ("60", "345600")
+    assert attrs["ReceiveMessageWaitTimeSeconds"] == "20"
+    assert json.loads(attrs["RedrivePolicy"]) == {"deadLetterTargetArn": dlq["QueueArn"],
+                                                  "maxReceiveCount": 5}
+    assert int(dlq["MessageRetentionPeriod"]) > int(attrs["MessageRetentionPeriod"])
+    assert "RedrivePolicy" not in dlq
+    assert book.output("state", "app_inputs")["queue_url"] == queue
     document = iam.get_user_policy(UserName="tfserver-runtime",
                                    PolicyName="tfserver-state")["PolicyDocument"]
     document = json.loads(document) if isinstance(document, str) else document
@@ -652,7 +787,10 @@ def check_policy(book: Runbook, moto: Moto, operator: tuple[str, str],
     bucket = "acme-tfserver-state"
     table_arn = aws(moto, "dynamodb", operator).describe_table(
         TableName="tfserver-locks")["Table"]["TableArn"]
-    rows = policy_table(bucket, table_arn)
+    queue, dead_letters = (book.output("state", name)
+                           for name in ("queue_url", "dead_letter_queue_url"))
+    queue_arn = book.output("state", "queue_arn")
+    rows = policy_table(bucket, table_arn, queue_arn)
     wrong = [(a, r, c) for a, r, c, allowed in rows if iam_allows(policy, a, r, c) != allowed]
     assert not wrong, wrong
     # moto is enforcing: a key no IAM user holds is refused outright
@@ -674,6 +812,46 @@ def check_policy(book: Runbook, moto: Moto, operator: tuple[str, str],
     # the stacks' own states are really there, and really out of its reach
     assert denied(lambda: s3.get_object(Bucket=bucket, Key="deploy/state.tfstate"))
     assert denied(lambda: s3.get_object(Bucket=bucket, Key="deploy/auth.tfstate"))
+    # moto scopes SQS calls to the queue they name, as AWS does: the engine's calls on the
+    # run queue pass, the same calls on the dead-letter queue or another queue do not, nor
+    # does managing queues
+    sqs = aws(moto, "sqs", runtime)
+    other = aws(moto, "sqs", operator).create_queue(
+        QueueName="other-runs.fifo", Attributes={"FifoQueue": "true"})["QueueUrl"]
+    try:
+        for url, allowed in ((queue, True), (dead_letters, False), (other, False)):
+            assert sqs_engine_calls_denied(sqs, url) == [not allowed] * 5, url
+        for manage in (lambda: sqs.create_queue(QueueName="new.fifo",
+                                                Attributes={"FifoQueue": "true"}),
+                       lambda: sqs.delete_queue(QueueUrl=queue),
+                       lambda: sqs.purge_queue(QueueUrl=queue),
+                       lambda: sqs.set_queue_attributes(
+                           QueueUrl=queue, Attributes={"VisibilityTimeout": "0"}),
+                       lambda: sqs.get_queue_url(QueueName="tfserver-runs.fifo"),
+                       lambda: sqs.list_queues()):
+            assert denied(manage)
+    finally:
+        aws(moto, "sqs", operator).delete_queue(QueueUrl=other)
+
+
+def sqs_engine_calls_denied(sqs: Any, url: str) -> list[bool]:
+    """Whether moto refused each of the sqs engine's calls on one queue: send, depth,
+    receive, extend, delete (a refused receive leaves no handle; a made-up one is used)."""
+    verdicts = [denied(lambda: sqs.send_message(
+        QueueUrl=url, MessageBody="r-probe", MessageGroupId="demo/probe",
+        MessageDeduplicationId="r-probe"))]
+    verdicts.append(denied(lambda: sqs.get_queue_attributes(
+        QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages"])))
+    received: list[dict[str, Any]] = []
+    verdicts.append(denied(lambda: received.extend(sqs.receive_message(
+        QueueUrl=url, MaxNumberOfMessages=1, WaitTimeSeconds=0, VisibilityTimeout=30,
+        MessageSystemAttributeNames=["ApproximateReceiveCount"]).get("Messages", []))))
+    assert len(received) == (0 if verdicts[-1] else 1), received
+    handle = received[0]["ReceiptHandle"] if received else "made-up-handle"
+    verdicts.append(denied(lambda: sqs.change_message_visibility(
+        QueueUrl=url, ReceiptHandle=handle, VisibilityTimeout=60)))
+    verdicts.append(denied(lambda: sqs.delete_message(QueueUrl=url, ReceiptHandle=handle)))
+    return verdicts
 
 
 def check_auth_stack(book: Runbook, moto: Moto,
@@ -899,6 +1077,75 @@ def test_app_stack_wires_tfservers_settings() -> None:
     assert {"live_url", "default_ingress", "app_id"} <= outputs(app)
 
 
+def test_app_stack_adds_workers_with_the_sqs_engine() -> None:
+    """engine = "sqs" gives the service TFSERVER_ROLE=api on the state stack's queue and adds
+    a worker component (its own count and size, `tfserver worker`, liveness on /healthz,
+    the service's image, environment and secrets); the default keeps the service as it is
+    and makes no worker."""
+    app = ROOT / "deploy" / "app"
+    doc = hcl(app)
+    local = {k: v for block in doc["locals"] for k, v in block.items()}
+    assert set(local["engine_env"]) | {"TFSERVER_ROLE"} == SQS_ENGINE_SETTINGS
+    assert not SQS_ENGINE_SETTINGS & set(local["plain_env"])
+    assert local["engine_env"]["TFSERVER_QUEUE"] == "sqs"
+    assert local["engine_env"]["TFSERVER_QUEUE_URL"] == "${var.queue_url}"
+    assert local["service_engine_env"] == ('${var.engine == "sqs" ? merge(local.engine_env, '
+                                           '{TFSERVER_ROLE = "api"}) : {}}')
+    assert local["worker_engine_env"] == \
+        '${merge(local.engine_env, {TFSERVER_ROLE = "worker"})}'
+    app_vars = variables(app)
+    assert app_vars["engine"]["default"] == "local"
+    assert app_vars["queue_url"]["default"] == ""
+    assert app_vars["worker_count"]["default"] >= 1
+    assert app_vars["worker_size_slug"]["default"].startswith("apps-")
+    assert app_vars["worker_grace_seconds"]["default"] > 60  # TFSERVER_SHUTDOWN_GRACE
+    assert local["plain_env"]["TFSERVER_SHUTDOWN_GRACE"] == "60"
+    spec = doc["resource"][0]["digitalocean_app"]["tfserver"]["spec"][0]
+    service = spec["service"][0]
+
+    def env_blocks(component: dict[str, Any]) -> list[tuple[str, str]]:
+        return [(d["env"]["for_each"], d["env"]["content"][0]["type"])
+                for d in component["dynamic"]]
+
+    assert env_blocks(service) == [("${local.plain_env}", "GENERAL"),
+                                   ("${local.service_engine_env}", "GENERAL"),
+                                   ("${toset(keys(local.secret_env))}", "SECRET")]
+    [dynamic] = spec["dynamic"]
+    assert dynamic["worker"]["for_each"] == '${var.engine == "sqs" ? ["tfserver-worker"] : []}'
+    worker = dynamic["worker"]["content"][0]
+    assert worker["run_command"] == "tfserver worker"
+    assert worker["instance_count"] == "${var.worker_count}"
+    assert worker["instance_size_slug"] == "${var.worker_size_slug}"
+    assert worker["image"] == service["image"]
+    assert env_blocks(worker) == [("${local.plain_env}", "GENERAL"),
+                                  ("${local.worker_engine_env}", "GENERAL"),
+                                  ("${toset(keys(local.secret_env))}", "SECRET")]
+    assert [d["env"]["content"] for d in worker["dynamic"]][::2] == \
+        [d["env"]["content"] for d in service["dynamic"]][::2]
+    [live] = worker["liveness_health_check"]
+    assert live["http_path"] == "/healthz"
+    assert str(live["port"]) == local["plain_env"]["TFSERVER_PORT"] == str(service["http_port"])
+    assert worker["termination"] == [{"grace_period_seconds": "${var.worker_grace_seconds}"}]
+    assert "health_check" not in worker and "http_port" not in worker  # no route reaches it
+
+
+def test_state_stack_limits_who_moves_messages_to_the_dead_letter_queue() -> None:
+    """The dead-letter queue's redrive allow policy (which moto does not keep, so the
+    runbook test leaves it out): only the run queue may move messages there."""
+    doc = hcl(ROOT / "deploy" / "state")
+    resources = {(kind, name): body for block in doc["resource"]
+                 for kind, named in block.items() for name, body in named.items()}
+    allow = resources[("aws_sqs_queue_redrive_allow_policy", "dead_letters")]
+    assert allow["queue_url"] == "${aws_sqs_queue.dead_letters.id}"
+    assert allow["redrive_allow_policy"] == ('${jsonencode({redrivePermission = "byQueue", '
+                                             'sourceQueueArns = [aws_sqs_queue.runs.arn]})}')
+    dead = resources[("aws_sqs_queue", "dead_letters")]
+    assert dead["fifo_queue"] is True and dead["content_based_deduplication"] is False
+    assert "redrive_policy" not in dead
+    max_receive = variables(ROOT / "deploy" / "state")["max_receive_count"]
+    assert max_receive["default"] == 5
+
+
 def test_every_stack_pins_providers_and_describes_variables() -> None:
     for stack in STACKS:
         path = ROOT / "deploy" / stack
@@ -984,7 +1231,7 @@ def test_the_runbook_is_complete_and_names_what_exists() -> None:
     """Every step of docs/deploy.md's runbook is there, every stack output, variable and TF_VAR_ it
     names exists, and the commands that cannot run here are the right ones."""
     steps = runbook()
-    assert [s for s in steps if s.isdigit()] == [str(n) for n in range(10)]
+    assert [s for s in steps if s.isdigit()] == [str(n) for n in range(12)]
     assert {"Costs", "Lock files"} <= set(steps)
     outs = {s: outputs(ROOT / "deploy" / s) for s in STACKS}
     vars_ = {s: variables(ROOT / "deploy" / s) for s in STACKS}
@@ -1024,6 +1271,23 @@ def test_the_runbook_is_complete_and_names_what_exists() -> None:
         "modules"]["droplet"]["variables"]
     assert body["size"] in allowed["size"]["enum"]
     assert body["region"] in allowed["region"]["enum"]
+    # the sqs engine: turned on in a file later applies keep, scaled by deploy/app's
+    # variables, watched by queue depth, the oldest message's age and the dead letters
+    engine = re.search(r"<<'EOF'\n(.*?)EOF", steps["10"][0], re.S).group(1)
+    engine_vars = dict(re.findall(r'^(\w+) += ("?[\w-]+"?)', engine, re.M))
+    assert engine_vars["engine"] == '"sqs"'
+    assert set(engine_vars) <= set(vars_["app"])
+    assert "deploy/app/engine.auto.tfvars" in steps["10"][0]
+    watch = shell_commands(steps["11"][0])
+    assert ["aws", "sqs", "get-queue-attributes"] == watch[2][:3] == watch[4][:3]
+    assert "ApproximateNumberOfMessages" in watch[2] and "$DLQ_URL" in watch[4]
+    assert "ApproximateAgeOfOldestMessage" in watch[3]
+    assert shell_commands(steps["11"][1])[0][:3] == ["aws", "sqs", "receive-message"]
+    for name in ("instance_count", "worker_count", "worker_size_slug", "max_runs"):
+        assert f"`{name}`" in runbook_section(), name
+    for metric in ("tfserver_queue_waiting", "tfserver_queue_oldest_seconds",
+                   "tfserver_worker_slots_busy", "tfserver_runs_resumed_total"):
+        assert f"`{metric}`" in runbook_section(), metric
     # with network, every stack gets locked for the usual platforms
     lock = steps["Lock files"][0]
     assert "for stack in state auth app" in lock and "providers lock" in lock

@@ -1,6 +1,7 @@
-# The app's environment: settings tfserver reads (README: Configuration), wired from the
+# The app's environment: settings tfserver reads (docs/configuration.md), wired from the
 # outputs of deploy/state and deploy/auth (their app_inputs). No provider is involved, so
-# tests evaluate this file on its own and start a tfserver with the result.
+# tests evaluate this file on its own and start a tfserver with the result. plain_env and
+# secret_env go to every component; the run engine's settings differ between them.
 
 locals {
   plain_env = {
@@ -34,4 +35,16 @@ locals {
     AWS_SECRET_ACCESS_KEY = var.aws_secret_access_key
     DIGITALOCEAN_TOKEN    = var.modules_digitalocean_token
   }
+
+  # The run engine (docs/deploy.md, step 10). With `local` the service runs terraform
+  # itself, as it always did, and gets none of these. With `sqs` the service answers the
+  # API and queues runs on deploy/state's FIFO queue (role api, never terraform), and the
+  # worker component takes them from there (role worker).
+  engine_env = {
+    TFSERVER_QUEUE       = "sqs"
+    TFSERVER_QUEUE_URL   = var.queue_url
+    TFSERVER_RESUME_LOST = tostring(var.resume_lost)
+  }
+  service_engine_env = var.engine == "sqs" ? merge(local.engine_env, { TFSERVER_ROLE = "api" }) : {}
+  worker_engine_env  = merge(local.engine_env, { TFSERVER_ROLE = "worker" })
 }

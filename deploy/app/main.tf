@@ -2,7 +2,8 @@
 # platform's load balancer (they share state and locks in S3), readiness on /readyz and
 # liveness on /healthz, the environment of env.tf with credentials as SECRET env vars, and a
 # custom domain for which App Platform obtains and renews a Let's Encrypt (ACME) certificate
-# and terminates TLS.
+# and terminates TLS. With engine = "sqs", a worker component beside the service runs
+# what the service queues (docs/deploy.md, step 10).
 
 terraform {
   required_version = ">= 1.10"
@@ -75,12 +76,89 @@ resource "digitalocean_app" "tfserver" {
       }
 
       dynamic "env" {
+        for_each = local.service_engine_env
+        content {
+          key   = env.key
+          value = env.value
+          scope = "RUN_TIME"
+          type  = "GENERAL"
+        }
+      }
+
+      dynamic "env" {
         for_each = toset(keys(local.secret_env))
         content {
           key   = env.value
           value = local.secret_env[env.value]
           scope = "RUN_TIME"
           type  = "SECRET"
+        }
+      }
+    }
+
+    # The sqs engine's workers: the same image and environment as the service, run as
+    # `tfserver worker`. A worker takes runs from the queue and serves only /healthz and
+    # /readyz (no route reaches it from outside), so App Platform checks its liveness on
+    # the port tfserver listens on and restarts a worker that stopped answering.
+    dynamic "worker" {
+      for_each = var.engine == "sqs" ? ["tfserver-worker"] : []
+      content {
+        name               = worker.value
+        instance_count     = var.worker_count
+        instance_size_slug = var.worker_size_slug
+        run_command        = "tfserver worker"
+
+        image {
+          registry_type = var.image_registry_type
+          registry      = var.image_registry
+          repository    = var.image_repository
+          tag           = var.image_tag
+        }
+
+        liveness_health_check {
+          http_path             = "/healthz"
+          port                  = 8000
+          initial_delay_seconds = 30
+          period_seconds        = 10
+          timeout_seconds       = 5
+          success_threshold     = 1
+          failure_threshold     = 6
+        }
+
+        # SIGTERM (a deploy, a scale-down) makes a worker stop taking messages and finish
+        # or hand back what it holds within TFSERVER_SHUTDOWN_GRACE; SIGKILL comes after.
+        termination {
+          grace_period_seconds = var.worker_grace_seconds
+        }
+
+        dynamic "env" {
+          for_each = local.plain_env
+          content {
+            key   = env.key
+            value = env.value
+            scope = "RUN_TIME"
+            type  = "GENERAL"
+          }
+        }
+
+        dynamic "env" {
+          for_each = local.worker_engine_env
+          content {
+            key   = env.key
+            value = env.value
+            scope = "RUN_TIME"
+            type  = "GENERAL"
+          }
+        }
+
+        dynamic "env" {
+          for_each = toset(keys(local.secret_env))
+          content {
+            key   = env.value
+            value = local.secret_env[env.value]
+            scope = "RUN_TIME"
+            type  = "SECRET"
+          }
         }
       }
     }

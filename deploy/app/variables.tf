@@ -39,7 +39,7 @@ variable "dns_zone" {
 variable "instance_count" {
   type        = number
   default     = 2
-  description = "Instances of tfserver; at least two, sharing state and locks in S3."
+  description = "Instances of the service; at least two, sharing state and locks in S3 (with engine sqs: API replicas, which run no terraform)."
 
   validation {
     condition     = var.instance_count >= 2 && floor(var.instance_count) == var.instance_count
@@ -50,7 +50,68 @@ variable "instance_count" {
 variable "instance_size_slug" {
   type        = string
   default     = "apps-s-1vcpu-1gb"
-  description = "App Platform instance size."
+  description = "App Platform instance size of the service (with engine sqs it answers the API only)."
+}
+
+variable "engine" {
+  type        = string
+  default     = "local"
+  description = "Run engine: local (the service runs terraform itself, as before) or sqs (the service queues runs on deploy/state's queue and the worker component runs them)."
+
+  validation {
+    condition     = contains(["local", "sqs"], var.engine)
+    error_message = "The engine is local or sqs."
+  }
+}
+
+variable "queue_url" {
+  type        = string
+  default     = ""
+  description = "Output queue_url of deploy/state (TFSERVER_QUEUE_URL); used with engine sqs."
+
+  validation {
+    condition     = var.engine != "sqs" || can(regex("^https?://[^/]+/[0-9]+/[A-Za-z0-9_-]+\\.fifo$", var.queue_url))
+    error_message = "With engine sqs, give deploy/state's queue_url (a FIFO queue's URL)."
+  }
+}
+
+variable "worker_count" {
+  type        = number
+  default     = 2
+  description = "Worker instances with engine sqs; each runs up to max_runs terraform runs at once."
+
+  validation {
+    condition     = var.worker_count >= 1 && floor(var.worker_count) == var.worker_count
+    error_message = "Run at least one worker."
+  }
+}
+
+variable "worker_size_slug" {
+  type        = string
+  default     = "apps-s-1vcpu-2gb"
+  description = "App Platform instance size of a worker: terraform and its providers run there (an AWS or DigitalOcean provider takes a few hundred MB per run)."
+}
+
+variable "worker_grace_seconds" {
+  type        = number
+  default     = 120
+  description = "How long App Platform waits after a worker's SIGTERM before killing it: longer than TFSERVER_SHUTDOWN_GRACE (60 s), so a stopping worker finishes or hands back its runs."
+
+  validation {
+    condition     = var.worker_grace_seconds > 60 && var.worker_grace_seconds <= 600
+    error_message = "More than TFSERVER_SHUTDOWN_GRACE (60 s), at most App Platform's 600 s."
+  }
+}
+
+variable "resume_lost" {
+  type        = number
+  default     = 1
+  description = "Times a run whose worker died is run again (TFSERVER_RESUME_LOST); keep it below deploy/state's max_receive_count minus one."
+
+  validation {
+    condition     = var.resume_lost >= 0 && floor(var.resume_lost) == var.resume_lost
+    error_message = "Zero or more whole times."
+  }
 }
 
 variable "image_registry_type" {
@@ -165,7 +226,7 @@ variable "modules_digitalocean_token" {
 variable "max_runs" {
   type        = number
   default     = 4
-  description = "Terraform runs at once per instance (TFSERVER_MAX_RUNS)."
+  description = "Terraform runs at once per instance (TFSERVER_MAX_RUNS); with engine sqs, per worker."
 
   validation {
     condition     = var.max_runs >= 1

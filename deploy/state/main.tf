@@ -1,8 +1,10 @@
 # tfserver's state infrastructure and the identity that uses it: the bucket that holds every
 # module instance's state (and tfserver's inputs, run records, plans) under one key prefix,
-# the DynamoDB table that locks it, and the runtime IAM user whose only permissions are that
-# prefix and that table. App Platform is not AWS and cannot assume a role, so the runtime
-# identity is a user with an access key; the key goes to the app as a SECRET (see README).
+# the DynamoDB table that locks it, the SQS FIFO queue the `sqs` run engine carries runs on
+# (with its dead-letter queue), and the runtime IAM user whose only permissions are that
+# prefix, that table and that queue. App Platform is not AWS and cannot assume a role, so
+# the runtime identity is a user with an access key; the key goes to the app as a SECRET
+# (docs/deploy.md).
 
 terraform {
   required_version = ">= 1.10"
@@ -82,6 +84,52 @@ resource "aws_dynamodb_table" "locks" {
   }
 }
 
+# The `sqs` run engine's queue (docs/deploy.md, step 10). One message a run: the message
+# group is the instance, so SQS hands out one run of an instance at a time, in order, to
+# the whole fleet; tfserver sets every MessageDeduplicationId (the run id), so
+# content-based deduplication stays off (two runs with the same body are still two runs).
+# Both queues cost nothing while idle; with the default `local` engine they stay empty.
+resource "aws_sqs_queue" "runs" {
+  name                        = "${var.queue_name}.fifo"
+  fifo_queue                  = true
+  content_based_deduplication = false
+  # Only a fallback: a worker asks for its own visibility on every receive and extends it
+  # while terraform runs (its heartbeat), so this is how long a message stays hidden when
+  # a worker that took it dies before its first heartbeat.
+  visibility_timeout_seconds = var.queue_visibility_timeout_seconds
+  message_retention_seconds  = var.queue_retention_seconds
+  receive_wait_time_seconds  = 20
+  sqs_managed_sse_enabled    = true
+
+  # A message received max_receive_count times without being deleted (its run never
+  # finished: a worker lost each time, or a message no worker can run) moves to the
+  # dead-letter queue instead of coming back for ever.
+  redrive_policy = jsonencode({
+    deadLetterTargetArn = aws_sqs_queue.dead_letters.arn
+    maxReceiveCount     = var.max_receive_count
+  })
+}
+
+# FIFO, as a FIFO queue's dead-letter queue must be. It keeps messages for SQS's maximum,
+# longer than the queue does, so a message moved there late is still there when someone
+# looks.
+resource "aws_sqs_queue" "dead_letters" {
+  name                        = "${var.queue_name}-dlq.fifo"
+  fifo_queue                  = true
+  content_based_deduplication = false
+  message_retention_seconds   = 1209600
+  sqs_managed_sse_enabled     = true
+}
+
+# Only the run queue may move messages here.
+resource "aws_sqs_queue_redrive_allow_policy" "dead_letters" {
+  queue_url = aws_sqs_queue.dead_letters.id
+  redrive_allow_policy = jsonencode({
+    redrivePermission = "byQueue"
+    sourceQueueArns   = [aws_sqs_queue.runs.arn]
+  })
+}
+
 # What tfserver (and the terraform it runs) calls, and nothing more. Checked statement by
 # statement in tests/test_deploy.py, allowed and denied calls alike.
 data "aws_iam_policy_document" "tfserver" {
@@ -140,6 +188,17 @@ data "aws_iam_policy_document" "tfserver" {
     sid       = "Locks"
     actions   = ["dynamodb:DescribeTable", "dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:DeleteItem"]
     resources = [aws_dynamodb_table.locks.arn]
+  }
+
+  # The sqs engine's calls on its queue (tfserver/runs/sqs.py): an api replica sends, a
+  # worker receives, extends (its heartbeat) or hands back, and deletes; both read the
+  # queue's depth (readiness, metrics). The queue URL is configured (TFSERVER_QUEUE_URL),
+  # so no GetQueueUrl; the dead-letter queue is the operator's, not tfserver's.
+  statement {
+    sid = "RunQueue"
+    actions = ["sqs:SendMessage", "sqs:ReceiveMessage", "sqs:ChangeMessageVisibility",
+    "sqs:DeleteMessage", "sqs:GetQueueAttributes"]
+    resources = [aws_sqs_queue.runs.arn]
   }
 }
 

@@ -18,13 +18,38 @@ output "key_prefix" {
   value       = var.key_prefix
 }
 
+output "queue_url" {
+  description = "URL of the sqs engine's FIFO queue (TFSERVER_QUEUE_URL)."
+  value       = aws_sqs_queue.runs.url
+}
+
+output "queue_arn" {
+  description = "ARN of the sqs engine's FIFO queue (the runtime user's RunQueue statement)."
+  value       = aws_sqs_queue.runs.arn
+}
+
+output "queue_name" {
+  description = "Name of the FIFO queue (the QueueName dimension of its CloudWatch metrics)."
+  value       = aws_sqs_queue.runs.name
+}
+
+output "dead_letter_queue_url" {
+  description = "URL of the dead-letter queue: runs that could never run (docs/deploy.md, step 11)."
+  value       = aws_sqs_queue.dead_letters.url
+}
+
+output "dead_letter_queue_arn" {
+  description = "ARN of the dead-letter queue."
+  value       = aws_sqs_queue.dead_letters.arn
+}
+
 output "runtime_user_arn" {
   description = "The IAM user tfserver runs as."
   value       = aws_iam_user.runtime.arn
 }
 
 output "tfserver_policy_json" {
-  description = "The runtime user's policy: the bucket's key prefix and the lock table, nothing else."
+  description = "The runtime user's policy: the bucket's key prefix, the lock table and the run queue, nothing else."
   value       = data.aws_iam_policy_document.tfserver.json
 }
 
@@ -49,6 +74,7 @@ output "app_inputs" {
     state_region     = var.region
     state_lock_table = aws_dynamodb_table.locks.name
     state_key_prefix = var.key_prefix
+    queue_url        = aws_sqs_queue.runs.url
   }
 }
 

@@ -67,3 +67,47 @@ variable "force_destroy" {
   default     = false
   description = "Allow destroy to delete a bucket that still holds state (tests only)."
 }
+
+variable "queue_name" {
+  type        = string
+  default     = "tfserver-runs"
+  description = "Name of the sqs engine's FIFO queue, without .fifo; the dead-letter queue is <name>-dlq.fifo."
+
+  validation {
+    condition     = can(regex("^[A-Za-z0-9_-]{1,71}$", var.queue_name))
+    error_message = "Queue names are 1-71 letters, digits, dashes or underscores (SQS adds -dlq.fifo within its 80)."
+  }
+}
+
+variable "queue_visibility_timeout_seconds" {
+  type        = number
+  default     = 60
+  description = "How long a received message stays hidden unless its worker says otherwise (workers extend it while a run lasts)."
+
+  validation {
+    condition     = var.queue_visibility_timeout_seconds >= 30 && var.queue_visibility_timeout_seconds <= 43200 && floor(var.queue_visibility_timeout_seconds) == var.queue_visibility_timeout_seconds
+    error_message = "Between 30 seconds and 12 hours, whole seconds."
+  }
+}
+
+variable "queue_retention_seconds" {
+  type        = number
+  default     = 345600
+  description = "How long a run's message waits in the queue before SQS drops it (default 4 days)."
+
+  validation {
+    condition     = var.queue_retention_seconds >= 3600 && var.queue_retention_seconds <= 1209600 && floor(var.queue_retention_seconds) == var.queue_retention_seconds
+    error_message = "Between an hour and 14 days, whole seconds."
+  }
+}
+
+variable "max_receive_count" {
+  type        = number
+  default     = 5
+  description = "Receives of one message before it moves to the dead-letter queue: more than 1 + TFSERVER_RESUME_LOST, plus room for workers that hand a message back on SIGTERM."
+
+  validation {
+    condition     = var.max_receive_count >= 3 && var.max_receive_count <= 1000 && floor(var.max_receive_count) == var.max_receive_count
+    error_message = "Between 3 and 1000 receives: a run needs one, a resume after a lost worker another."
+  }
+}

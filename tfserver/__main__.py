@@ -247,6 +247,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .cli.run import main as run_main
 
         return run_main(args[1:], os.environ)
+    if args[:1] == ["worker"]:  # the shorthand of `serve --role worker`
+        args = [*args[1:], "--role", "worker"]
+    elif args[:1] == ["serve"]:
+        args = args[1:]
     # Everything the server writes (state, plans, keys, var files) is for its user only.
     os.umask(0o077)
     # Terraform may print numbers longer than Python's default limit for int() (4,300

@@ -116,6 +116,29 @@ class AcmeSettings:
 
 
 @dataclass(frozen=True)
+class QueueSettings:
+    """The run engine: `local` lanes, or the `sqs` queue and this replica's role."""
+
+    engine: Literal["local", "sqs"] = "local"
+    url: str = ""
+    endpoint: str | None = None
+    region: str | None = None
+    role: Literal["all", "api", "worker"] = "all"
+    resume_lost: int = default("TFSERVER_RESUME_LOST")
+    visibility: int = default("TFSERVER_SQS_VISIBILITY")
+
+    @property
+    def serves_api(self) -> bool:
+        """This replica answers the API (every role but `worker`)."""
+        return self.role != "worker"
+
+    @property
+    def runs_terraform(self) -> bool:
+        """This replica starts terraform (every role but `api` of the `sqs` engine)."""
+        return self.engine == "local" or self.role != "api"
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything the server needs, built once at start."""
 
@@ -141,6 +164,7 @@ class Config:
     max_connections_per_ip: int = default("TFSERVER_MAX_CONNECTIONS_PER_IP")
     request_timeout: float = default("TFSERVER_REQUEST_TIMEOUT")
     queue_depth: int = default("TFSERVER_QUEUE_DEPTH")
+    queue: QueueSettings = field(default_factory=QueueSettings)
     plan_ttl: float = default("TFSERVER_PLAN_TTL")
     run_retention: float = default("TFSERVER_RUN_RETENTION")
     idempotency_ttl: float = default("TFSERVER_IDEMPOTENCY_TTL")
@@ -234,10 +258,8 @@ def load(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
     issuer = (v["COGNITO_ISSUER"] or "").rstrip("/")
     auth: Literal["none", "jwt"] = v["TFSERVER_AUTH"] or ("jwt" if issuer else "none")
     if auth == "none" and not is_loopback(host):
-        raise ConfigError(
-            f"refusing to serve without authentication on {host}: "
-            "set TFSERVER_AUTH=jwt with COGNITO_ISSUER, or listen on a loopback address"
-        )
+        raise ConfigError(f"refusing to serve without authentication on {host}: set "
+                          "TFSERVER_AUTH=jwt with COGNITO_ISSUER, or listen on a loopback address")
     if auth == "jwt" and not issuer:
         raise ConfigError("TFSERVER_AUTH=jwt needs COGNITO_ISSUER")
     cert, key = v["TFSERVER_TLS_CERT"], v["TFSERVER_TLS_KEY"]
@@ -269,6 +291,7 @@ def load(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
         max_connections_per_ip=v["TFSERVER_MAX_CONNECTIONS_PER_IP"],
         request_timeout=v["TFSERVER_REQUEST_TIMEOUT"],
         queue_depth=v["TFSERVER_QUEUE_DEPTH"],
+        queue=_queue_settings(v),
         plan_ttl=v["TFSERVER_PLAN_TTL"],
         run_retention=v["TFSERVER_RUN_RETENTION"],
         idempotency_ttl=v["TFSERVER_IDEMPOTENCY_TTL"],
@@ -287,6 +310,18 @@ def load(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
         trusted_proxies=v["TFSERVER_TRUSTED_PROXIES"],
         terraform_env=_terraform_env(environ, v["TFSERVER_PASS_ENV"]),
     )
+
+
+def _queue_settings(v: Mapping[str, Any]) -> QueueSettings:
+    engine: Literal["local", "sqs"] = v["TFSERVER_QUEUE"]
+    if engine == "local":
+        # One process runs what it accepts: every role is `all`.
+        return QueueSettings(resume_lost=v["TFSERVER_RESUME_LOST"])
+    if not v["TFSERVER_QUEUE_URL"]:
+        raise ConfigError("TFSERVER_QUEUE=sqs needs TFSERVER_QUEUE_URL")
+    return QueueSettings(engine, v["TFSERVER_QUEUE_URL"], v["TFSERVER_SQS_ENDPOINT"],
+                         v["TFSERVER_SQS_REGION"], v["TFSERVER_ROLE"],
+                         v["TFSERVER_RESUME_LOST"], v["TFSERVER_SQS_VISIBILITY"])
 
 
 def _auth_settings(v: Mapping[str, Any], issuer: str) -> AuthSettings:

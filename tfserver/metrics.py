@@ -60,6 +60,16 @@ class Metrics:
         self.webhook_oldest = Gauge("tfserver_webhook_oldest_pending_seconds",
                                     "Age of the oldest webhook delivery not yet delivered",
                                     registry=r)
+        # The `sqs` engine's (absent with `local`):
+        self.queue_waiting = Gauge("tfserver_queue_waiting",
+                                   "Runs waiting on the queue (SQS's approximate count)",
+                                   registry=r)
+        self.queue_oldest = Gauge("tfserver_queue_oldest_seconds",
+                                  "Age of the oldest run waiting on the queue", registry=r)
+        self.worker_busy = Gauge("tfserver_worker_slots_busy",
+                                 "Runs this worker holds now", registry=r)
+        self.resumed = Counter("tfserver_runs_resumed_total",
+                               "Runs run again after their worker died", registry=r)
 
     def watch(self, counts: Callable[[], tuple[int, int]],
               modules: Callable[[], Mapping[str, str]], names: list[str]) -> None:
@@ -68,6 +78,13 @@ class Metrics:
         self.queued.set_function(lambda: counts()[1])
         for name in names:
             self.module_ready.labels(name).set_function(_ready(modules, name))
+
+    def watch_queue(self, waiting: Callable[[], float], oldest: Callable[[], float],
+                    busy: Callable[[], float]) -> None:
+        """Read the queue's figures when scraped (a failed read shows as NaN)."""
+        self.queue_waiting.set_function(_or_nan(waiting))
+        self.queue_oldest.set_function(_or_nan(oldest))
+        self.worker_busy.set_function(busy)
 
     def request(self, method: str, route: str, status: int, seconds: float) -> None:
         """An HTTP request was answered."""
@@ -93,3 +110,12 @@ class Metrics:
 
 def _ready(modules: Callable[[], Mapping[str, str]], name: str) -> Callable[[], float]:
     return lambda: 1.0 if modules().get(name) == "ready" else 0.0
+
+
+def _or_nan(read: Callable[[], float]) -> Callable[[], float]:
+    def value() -> float:
+        try:
+            return read()
+        except Exception:  # a scrape shows the gap instead of failing  # noqa: BLE001
+            return float("nan")
+    return value

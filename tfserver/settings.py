@@ -253,6 +253,23 @@ SETTINGS: tuple[Setting, ...] = (
             "counts); slower clients are cut off", shown="30 s"),
     Setting("TFSERVER_QUEUE_DEPTH", _integer(0), 8,
             "async runs that may wait per instance; more get 409"),
+    Setting("TFSERVER_QUEUE", _choice("local", "sqs"), "local",
+            "the run engine: `local` (each replica runs what it accepted, in per-instance "
+            "lanes) or `sqs` (runs travel on an SQS FIFO queue to workers)"),
+    Setting("TFSERVER_QUEUE_URL", _text, None, "the SQS FIFO queue of the `sqs` engine"),
+    Setting("TFSERVER_SQS_ENDPOINT", _text, None, "SQS endpoint (test servers)",
+            shown="AWS"),
+    Setting("TFSERVER_SQS_REGION", _text, None, "the queue's region",
+            shown="from the queue URL, else `AWS_REGION`"),
+    Setting("TFSERVER_ROLE", _choice("all", "api", "worker"), "all",
+            "with `sqs`: `api` answers HTTP and queues runs, never starts terraform; "
+            "`worker` takes runs from the queue and serves only /healthz and /readyz; "
+            "`all` is both (`tfserver worker` is `--role worker`)", flag="--role"),
+    Setting("TFSERVER_RESUME_LOST", _integer(0, 10), 1,
+            "how many times a run whose worker died is run again (`sqs`)"),
+    Setting("TFSERVER_SQS_VISIBILITY", _integer(5, 43200), 60,
+            "seconds a taken message stays hidden between a worker's extensions: a dead "
+            "worker's run comes back after this long (`sqs`)"),
     Setting("TFSERVER_PLAN_TTL", _duration(1.0), 3600.0,
             "how long a dry run's saved plan can be applied", shown="1 h"),
     Setting("TFSERVER_RUN_RETENTION", _duration(60.0), 30 * 86400.0,

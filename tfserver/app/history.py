@@ -17,6 +17,8 @@ from typing import Any
 from ..auth import Principal
 from ..errors import BadRequest, Conflict, NotFound, Rejected, TFServerError
 from ..names import workspace_tenant
+from ..runs.liveness import QUEUED
+from ..runs.queued import QueuedRuns
 from ..runs.registry import Runs
 from ..runs.run import Run, RunProblem
 from ..runs.store import ACTIVE, RunRecord
@@ -61,23 +63,29 @@ class Submitted:
 class History:
     """Runs as their callers see them."""
 
-    def __init__(self, runs: Runs, catalog: Catalog, *, idempotency_ttl: float) -> None:
+    def __init__(self, runs: Runs, catalog: Catalog, *, idempotency_ttl: float,
+                 queued: QueuedRuns | None = None) -> None:
         self.runs = runs
         self.store = runs.store
         self.catalog = catalog
         self.idempotency_ttl = idempotency_ttl
+        #: The `sqs` engine's queue, when runs wait there.
+        self.queued = queued
 
     def wait(self, submitted: Submitted, timeout: float | None) -> bool:
         """Wait for the run to end (at most `timeout` seconds); True if it ended."""
         if submitted.run is not None:
             return submitted.run.done.wait(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.02  # a run elsewhere (a worker): read its record, less often as it lasts
         while True:
             if self.runs.record(submitted.run_id).status not in ACTIVE:
                 return True
             if deadline is not None and time.monotonic() >= deadline:
                 return False
-            time.sleep(0.25)
+            time.sleep(pause if deadline is None else
+                       max(0.0, min(pause, deadline - time.monotonic())))
+            pause = min(pause * 1.5, 0.25)
 
     def result(self, principal: Principal, submitted: Submitted) -> Outcome:
         """The ended run's outcome as the synchronous call answers it; raises its error."""
@@ -91,7 +99,10 @@ class History:
 
     def record(self, principal: Principal, run_id: str) -> RunRecord:
         """One run's record (404 for another tenant's, unless admin)."""
-        return self.visible(principal, self.runs.record(run_id))
+        record = self.visible(principal, self.runs.record(run_id))
+        if self.queued is not None and record.status == "queued" and record.replica == QUEUED:
+            record.queue_position = self.queued.waiting(record) + 1
+        return record
 
     def list_runs(self, principal: Principal, *, module: str | None = None,
                   instance: str | None = None, tenant: str | None = None,
@@ -117,6 +128,8 @@ class History:
         """Cancel a run (409 when it already ended)."""
         record = self.visible(principal, self.runs.record(run_id))
         principal.require(record.module, "write")
+        if self.queued is not None and (ended := self.queued.cancel(run_id)) is not None:
+            return ended  # it was still waiting on the queue: it never starts
         return self.runs.cancel(run_id, force=force)
 
     def follow(self, principal: Principal, run_id: str,

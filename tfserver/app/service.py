@@ -25,6 +25,7 @@ from ..module.policy import Policy
 from ..names import check_instance_name, workspace_name
 from ..runs.expiry import Due, Expiries, Reaper
 from ..runs.lanes import Scheduler
+from ..runs.queued import QueueWorker
 from ..runs.registry import Runs
 from ..runs.store import RunRecord, RunStore
 from ..scrub import Scrubber
@@ -33,6 +34,7 @@ from ..storage.local import LocalBackend
 from ..terraform.process import Runner
 from ..terraform.workdir import VarFiles, WorkingCopies
 from .catalog import Catalog, InstanceView, ModuleView, target_workspace
+from .engine import queued_runs
 from .execute import Applied, Destroyed, Executor, Outcome, Planned, RunSpec
 from .governance import Governance
 from .history import History, Idempotency, RunPage, Submitted
@@ -78,11 +80,18 @@ class Service:
                          kill_grace=config.kill_grace, retention=config.run_retention,
                          on_finish=self._counted, on_ended=self._audited,
                          on_lost=Leftovers(backend, self.store, config.state_dir / "spool",
-                                           self.modules))
+                                           self.modules),
+                         resume_lost=config.queue.resume_lost
+                         if config.queue.engine == "sqs" else 0)
         self.metrics.watch(self.runs.scheduler.counts, self.copies.report, list(modules))
         self.expiries = Expiries(backend.objects)
         self.catalog = Catalog(self.modules, backend, self.runs.scheduler.busy, self.expiries)
-        self.history = History(self.runs, self.catalog, idempotency_ttl=config.idempotency_ttl)
+        #: The `sqs` engine's queue, and this replica's worker of it (role all or worker).
+        self.queued = (queued_runs(config, self.runs, backend, self.copies, runner,
+                                   self.metrics)
+                       if config.queue.engine == "sqs" else None)
+        self.history = History(self.runs, self.catalog, idempotency_ttl=config.idempotency_ttl,
+                               queued=self.queued)
         self.governance = Governance(policy or Policy.empty(), backend, self.runs)
         self.executor = Executor(runner, backend, self.copies, self.store, self.expiries,
                                  run_timeout=config.run_timeout, lock_wait=config.lock_wait,
@@ -91,7 +100,11 @@ class Service:
         self.unlocker = Unlocker(self.catalog, self.copies, self.runs.scheduler, backend,
                                  runner, timeout=min(config.run_timeout, 120))
         self.submitter = Submitter(config, self.runs, self.history, self.governance,
-                                   self.store, self.executor, self.metrics)
+                                   self.store, self.executor, self.metrics,
+                                   modules=self.modules, queued=self.queued)
+        self.worker = (QueueWorker(self.queued, self.submitter.rebuild, slots=config.max_runs,
+                                   visibility=config.queue.visibility)
+                       if self.queued is not None and config.queue.role != "api" else None)
         self.reaper = Reaper(self.expiries, self._reap, self._run_status,
                              replica=self.runs.replica, interval=config.reap_interval)
 
@@ -105,32 +118,32 @@ class Service:
     def start(self) -> None:
         """Check terraform, initialise every module (in the background, once), and start
         the runs' heartbeat."""
-        self.terraform_version = self.runner.version()
-        if self.terraform_version is None:
-            logger.error("terraform (%s) cannot run; runs will fail", self.config.terraform_bin)
-        self.copies.start()
-        self.runs.start(all_leftovers=isinstance(self.backend, LocalBackend))
+        if self.config.queue.runs_terraform:  # an API replica of `sqs` never starts one
+            self.terraform_version = self.runner.version()
+            if self.terraform_version is None:
+                logger.error("terraform (%s) cannot run; runs will fail",
+                             self.config.terraform_bin)
+            self.copies.start()
+        self.runs.start(leftovers="none" if self.queued is not None else
+                        "all" if isinstance(self.backend, LocalBackend) else "mine")
         self.reaper.start()
+        if self.worker is not None:
+            self.worker.start()
 
     def close(self) -> None:
         """Release threads and remove what only this process used."""
+        if self.worker is not None:
+            self.worker.stop()
         self.reaper.stop_event.set()
         self.runs.stop()
         self.executor.close()
         self.backend.close()
 
     def readiness(self) -> Readiness:
-        """Whether the server can serve (terraform runs, the backend answers, no module is
-        still initialising), and a report of each part: a module that failed to
-        initialise is named there and answers 503 itself."""
-        ok = self.terraform_version is not None and self.copies.settled()
-        try:
-            self.backend.check()
-            backend = f"{self.backend.name}: ok"
-        except TFServerError as e:
-            backend, ok = f"{self.backend.name}: {e.detail}", False
-        return Readiness(ok, self.terraform_version or "not found", backend,
-                         self.copies.report())
+        """Whether the server can serve (terraform runs, the backend and the queue
+        answer, no module is still initialising), and a report of each part: a module
+        that failed to initialise is named there and answers 503 itself."""
+        return _readiness(self)
 
     # -- runs -------------------------------------------------------------------------
 
@@ -302,3 +315,18 @@ def _seconds(record: RunRecord) -> float | None:
     if record.started_at is None or record.finished_at is None:
         return None
     return record.finished_at - record.started_at
+
+
+def _readiness(svc: Service) -> Readiness:
+    """See `Service.readiness`."""
+    ok = not svc.config.queue.runs_terraform or (
+        svc.terraform_version is not None and svc.copies.settled())
+    try:
+        svc.backend.check()
+        if svc.queued is not None:
+            svc.queued.queue.depth()  # the queue answers
+        backend = f"{svc.backend.name}: ok"
+    except TFServerError as e:
+        backend, ok = f"{svc.backend.name}: {e.detail}", False
+    return Readiness(ok, svc.terraform_version or "not found", backend,
+                     svc.copies.report())

@@ -5,19 +5,22 @@ starts is `job` (terraform through the executor, its events relayed)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from ..config import Config
 from ..errors import Conflict, TFServerError
 from ..metrics import Metrics
+from ..module.discover import Module
 from ..names import workspace_tenant
+from ..runs.queued import QueuedRuns
 from ..runs.registry import Runs
 from ..runs.run import Run
 from ..runs.store import RunRecord, RunStore, new_run_id
 from ..terraform.output import api_event
 from ..terraform.process import RunControl
+from .engine import spec_doc, spec_of
 from .execute import Applied, Executor, Outcome, Planned, RunSpec
 from .governance import Governance
 from .history import History, Idempotency, Submitted
@@ -35,7 +38,8 @@ class Submitter:
     """Admits runs and gives each its job."""
 
     def __init__(self, config: Config, runs: Runs, history: History, governance: Governance,
-                 store: RunStore, executor: Executor, metrics: Metrics) -> None:
+                 store: RunStore, executor: Executor, metrics: Metrics, *,
+                 modules: Mapping[str, Module], queued: QueuedRuns | None = None) -> None:
         self.config = config
         self.runs = runs
         self.history = history
@@ -43,6 +47,9 @@ class Submitter:
         self.store = store
         self.executor = executor
         self.metrics = metrics
+        self.modules = modules
+        #: The `sqs` engine's queue (None: the local lanes run what this replica accepts).
+        self.queued = queued
 
     def submit(self, spec: RunSpec, asynchronous: bool, idempotency: Idempotency | None,
                *, governed: bool = True, origin: Origin | None = None) -> Submitted:
@@ -74,8 +81,11 @@ class Submitter:
                   lambda text: spec.scrub(text), control, sync=not asynchronous)
         what = f"instance {spec.instance!r} of module {spec.module.name}"
         try:
-            self.runs.submit(run, what=what,
-                             wait=0.0 if asynchronous else self.config.lock_wait)
+            if self.queued is not None:
+                self.queued.enqueue(run, spec_doc(spec), what=what)
+            else:
+                self.runs.submit(run, what=what,
+                                 wait=0.0 if asynchronous else self.config.lock_wait)
         except TFServerError as e:
             if isinstance(e, Conflict):
                 self.metrics.lock_conflicts.labels(spec.module.name).inc()
@@ -86,7 +96,14 @@ class Submitter:
             raise
         if spec.plan_of is not None:
             self.history.mark_plan_applied(spec.plan_of, spec.run_id)
-        return Submitted(spec.run_id, run)
+        return Submitted(spec.run_id, run if self.queued is None else None)
+
+    def rebuild(self, record: RunRecord, doc: dict[str, Any]) -> Run:
+        """A queued run as the worker runs it: its job made from its stored spec."""
+        spec = spec_of(self.modules, record, doc)
+        control = RunControl()
+        return Run(record, lambda r: self.job(r, spec, control),
+                   lambda text: spec.scrub(text), control)
 
     def job(self, run: Run, spec: RunSpec, control: RunControl) -> Outcome:
         """What a run does: terraform through the executor, its events relayed."""

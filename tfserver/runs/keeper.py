@@ -22,6 +22,10 @@ from .store import RunRecord, RunStore
 
 logger = logging.getLogger(__name__)
 
+#: How often new events of a running run are stored, between heartbeats: a follower on
+#: another replica (an API replica following a worker's run) reads them that much later.
+EVENTS_EVERY = 0.2
+
 
 @dataclass(eq=False)
 class _Kept:
@@ -64,7 +68,8 @@ class Keeper(threading.Thread):
         #: Runs to store at once (a run that just started), off the run's own path.
         self._soon: list[Run] = []
         self._wake = threading.Event()
-        self.all_leftovers = False
+        #: Which leftover runs to mark lost: `mine`, `all` or `none` (Runs.start).
+        self.leftovers = "mine"
         self._leftovers_done = False
         self._mutex = threading.Lock()
         self._kept: dict[str, _Kept] = {}
@@ -74,11 +79,12 @@ class Keeper(threading.Thread):
         next_purge = 0.0
         next_beat = time.monotonic() + self.heartbeat
         while not self.stop_event.is_set():
-            self._wake.wait(max(0.0, next_beat - time.monotonic()))
+            self._wake.wait(max(0.0, min(next_beat - time.monotonic(), EVENTS_EVERY)))
             self._wake.clear()
             try:
                 self._store_soon()
                 if time.monotonic() < next_beat or self.stop_event.is_set():
+                    self._store_events()
                     continue
                 next_beat = time.monotonic() + self.heartbeat
                 if not self._leftovers_done:
@@ -103,6 +109,14 @@ class Keeper(threading.Thread):
         self.stop_event.set()
         self._wake.set()
 
+    def _store_events(self) -> None:
+        """Store the new events of running runs (followers on other replicas read them)."""
+        for kept in self._entries():
+            run = kept.run
+            if run.record.status == "running" and not run.done.is_set() \
+                    and len(run.events) != kept.events:
+                self.flush(run)
+
     def _store_soon(self) -> None:
         with self._mutex:
             runs, self._soon = self._soon, []
@@ -112,10 +126,12 @@ class Keeper(threading.Thread):
 
     # -- the runs kept ----------------------------------------------------------------
 
-    def track(self, run: Run) -> None:
-        """Keep the run from now on (it was submitted here)."""
+    def track(self, run: Run, *, stored: bool = False) -> None:
+        """Keep the run from now on (it was submitted here, or `stored` by the replica
+        that queued it)."""
         with self._mutex:
-            self._kept[run.record.id] = _Kept(run)
+            self._kept[run.record.id] = _Kept(run, created=stored,
+                                              events=len(run.events) if stored else 0)
 
     def forget(self, run: Run) -> None:
         """Stop keeping the run (its final record is written, or it was refused)."""
@@ -217,9 +233,12 @@ class Keeper(threading.Thread):
     def mark_leftovers(self) -> None:
         """Mark lost the runs an earlier process of this replica left active (retried by
         the heartbeat while the backend cannot be reached)."""
+        if self.leftovers == "none":
+            self._leftovers_done = True
+            return
         try:
             for tenant, module, run_id in self.store.active():
-                if not self.all_leftovers and self.store.active_replica(
+                if self.leftovers != "all" and self.store.active_replica(
                         tenant, module, run_id) != self.replica:
                     continue
                 with self._mutex:

@@ -14,6 +14,9 @@ from collections.abc import Callable
 
 from .store import RunRecord, RunStore
 
+#: The replica of a run that waits on the `sqs` engine's queue (runs/queued.py).
+QUEUED = "queue"
+
 #: How long a replica's heartbeat read once answers for it (a page of runs reads it once).
 _CACHE_FOR = 1.0
 #: Replicas whose heartbeat is remembered at most (there are a few; a damaged store could
@@ -25,9 +28,11 @@ class Liveness:
     """Judges stored active runs by their replica's heartbeat."""
 
     def __init__(self, store: RunStore, *, lost_after: float,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], resume_lost: int = 0) -> None:
         self.store = store
         self.lost_after = lost_after
+        #: With the `sqs` engine: how many times a lost run is run again (runs/queued.py).
+        self.resume_lost = resume_lost
         self.clock = clock
         self._mutex = threading.Lock()
         self._beats: dict[str, tuple[float, tuple[float, frozenset[str]] | None]] = {}
@@ -37,8 +42,15 @@ class Liveness:
         now = self.clock()
         if now - record.heartbeat_at <= self.lost_after:
             return False
+        if record.status == "queued" and record.replica == QUEUED:
+            return False  # it waits on the queue (runs/queued.py), which keeps it
+
         beat = self._beat(record.replica)
         return beat is None or now - beat[0] > self.lost_after or record.id not in beat[1]
+
+    def resumable(self, record: RunRecord) -> bool:
+        """A lost run another worker will run again (it shows as queued meanwhile)."""
+        return record.attempt <= self.resume_lost and record.plan_of is None
 
     def _beat(self, replica: str) -> tuple[float, frozenset[str]] | None:
         with self._mutex:

@@ -30,8 +30,9 @@ logger = logging.getLogger(__name__)
 
 #: How long a follower waits for news before it yields an empty batch (a keep-alive).
 FOLLOW_IDLE = 15.0
-#: How often a follower on another replica reads the stored event log.
-FOLLOW_POLL = 1.0
+#: How often a follower on another replica reads the stored event log (the keeper stores
+#: new events about as often: keeper.EVENTS_EVERY).
+FOLLOW_POLL = 0.25
 #: How long a synchronous run's final record waits for its caller to take the outcome.
 _ANSWER_FIRST = 0.05
 
@@ -44,7 +45,8 @@ class Runs:
                  retention: float = 30 * 86400.0, clock: Callable[[], float] = time.time,
                  on_finish: Callable[[RunRecord], None] | None = None,
                  on_ended: Callable[[RunRecord], None] | None = None,
-                 on_lost: Callable[[RunRecord], None] | None = None) -> None:
+                 on_lost: Callable[[RunRecord], None] | None = None,
+                 resume_lost: int = 0) -> None:
         self.store = store
         self.scheduler = scheduler
         self.replica = replica
@@ -56,17 +58,18 @@ class Runs:
         self._mutex = threading.Lock()
         self._live: dict[str, Run] = {}
         self._workers = Workers("run")
-        self.liveness = Liveness(store, lost_after=lost_after, clock=clock)
+        self.liveness = Liveness(store, lost_after=lost_after, clock=clock,
+                                 resume_lost=resume_lost)
         self.keeper = Keeper(store, replica=replica, heartbeat=heartbeat, retention=retention,
                              clock=clock, position=scheduler.position,
                              cancel=self.cancel_local, on_lost=on_lost)
 
     # -- start and stop ---------------------------------------------------------------
 
-    def start(self, *, all_leftovers: bool = False) -> None:
-        """Mark this replica's leftover runs lost (every leftover, when the store is this
-        server's alone), then keep the store up to date in the background."""
-        self.keeper.all_leftovers = all_leftovers
+    def start(self, *, leftovers: str = "mine") -> None:
+        """Mark leftover runs lost (`mine`, `all`: the store is this server's alone, `none`:
+        the `sqs` queue brings them back); then keep the store up to date."""
+        self.keeper.leftovers = leftovers
         self.keeper.mark_leftovers()
         self.keeper.start()
 
@@ -88,18 +91,7 @@ class Runs:
     def wait_idle(self, timeout: float) -> bool:
         """Wait until no run of this replica is running, nor still being ended (its audit
         line, its final record); False on timeout."""
-        deadline = time.monotonic() + timeout
-        while True:
-            live = self.live()
-            if not live:
-                return True
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            if live[0].done.is_set():
-                time.sleep(min(left, 0.01))  # ended: its record is being stored
-            else:
-                live[0].done.wait(min(left, 0.5))
+        return _wait_idle(self.live, timeout)
 
     # -- submitting -------------------------------------------------------------------
 
@@ -130,6 +122,16 @@ class Runs:
         if not run.sync and record.started_at is None:
             record.queue_position = self.scheduler.position(run.ticket)
         return run
+
+    def adopt(self, run: Run) -> None:
+        """Run here, in the calling thread and to its end, a run another replica queued
+        and stored (the `sqs` engine's worker)."""
+        run.record.replica, run.ticket = self.replica, None
+        run.events[:0] = self.store.get_events(run.record.id)  # its seq numbers go on
+        with self._mutex:
+            self._live[run.record.id] = run
+        self.keeper.track(run, stored=True)
+        self._execute(run)
 
     def _execute(self, run: Run) -> None:
         record = run.record
@@ -207,8 +209,8 @@ class Runs:
         if record is None:
             raise NotFound(f"no run {run_id[:40]!r}")
         if record.active and self.liveness.lost(record):
-            record.status = "lost"
             record.state_may_be_locked = record.started_at is not None
+            record.status = "queued" if self.liveness.resumable(record) else "lost"
         return record
 
     def unstored(self) -> list[RunRecord]:
@@ -277,8 +279,7 @@ class Runs:
             self._end_unstarted(run, "canceled", "the run was canceled before it began")
             return
         now = time.monotonic()
-        second = run.cancel_asked_at is not None and now - run.cancel_asked_at >= \
-            self.kill_grace
+        second = run.cancel_asked_at is not None and now - run.cancel_asked_at >= self.kill_grace
         run.record.cancel = run.record.cancel or "requested"
         if force or second:
             run.control.kill("cancel")
@@ -333,3 +334,16 @@ def _follow_stored(runs: Runs, run_id: str, after: int) -> Iterator[list[dict[st
             yield []
 
 
+def _wait_idle(live: Callable[[], list[Run]], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = live()
+        if not runs:
+            return True
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        if runs[0].done.is_set():
+            time.sleep(min(left, 0.01))  # ended: its record is being stored
+        else:
+            runs[0].done.wait(min(left, 0.5))

@@ -10,6 +10,7 @@ deletes it once the run's final record is stored. Every AWS error is translated 
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -62,8 +63,10 @@ class SqsQueue:
         # must outlast it.
         config = BotoConfig(connect_timeout=timeout, read_timeout=timeout + wait_seconds,
                             retries={"max_attempts": 3, "mode": "standard"})
-        self._sqs: Any = boto3.client("sqs", endpoint_url=endpoint,
-                                      region_name=region or _region_of(url), config=config)
+        region = region or _region_of(url) or os.environ.get("AWS_REGION") \
+            or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        self._sqs: Any = boto3.client("sqs", endpoint_url=endpoint, region_name=region,
+                                      config=config)
 
     def send(self, run_id: str, group: str) -> None:
         """Queue the run (a second send of one run id within 5 minutes is dropped by SQS)."""
@@ -118,14 +121,13 @@ class SqsQueue:
         self._sqs.close()
 
 
-def _region_of(url: str) -> str:
-    """The region in a queue URL (`https://sqs.<region>.amazonaws.com/...`), else a
-    default for test servers."""
+def _region_of(url: str) -> str | None:
+    """The region in an AWS queue URL (`https://sqs.<region>.amazonaws.com/...`)."""
     host = url.split("://", 1)[-1].split("/", 1)[0]
     parts = host.split(".")
-    if len(parts) >= 3 and parts[0] == "sqs":
+    if len(parts) >= 4 and parts[0] == "sqs" and parts[-2:] == ["amazonaws", "com"]:
         return parts[1]
-    return "us-east-1"
+    return None
 
 
 @contextmanager

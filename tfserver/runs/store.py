@@ -108,6 +108,8 @@ class RunRecord:
     state_may_be_locked: bool = False
     #: What went wrong around a run that succeeded (its inputs not kept, for one).
     warnings: list[str] | None = None
+    #: How many times the run was started (a run whose worker died is run again).
+    attempt: int = 1
 
     def to_json(self) -> bytes:
         """The stored form."""

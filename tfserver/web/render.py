@@ -96,6 +96,7 @@ def run(record: RunRecord, viewer_tenant: str) -> dict[str, Any]:
         "outputs": record.outputs,
         "planned": record.planned,
         "problem": record.problem,
+        "attempt": record.attempt,
         "links": links,
     }
     if plan is not None:

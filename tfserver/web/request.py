@@ -121,6 +121,8 @@ class Site:
     api: Documents
     auth: bool = False
     token_url: str = ""
+    #: False on a worker of the `sqs` engine: it answers only its health checks.
+    serves_api: bool = True
 
 
 @dataclass

@@ -171,11 +171,17 @@ def template(path: str) -> tuple[str, str | None, str | None]:
     return found.label, module, found.params.get("instance", "default" if module else None)
 
 
+#: What a worker of the `sqs` engine answers (it runs terraform; the API is elsewhere).
+_WORKER_ROUTES = frozenset({"/healthz", "/readyz"})
+
+
 def dispatch(req: Request, site: Site) -> Reply | None:
     """Find the row of the request's path and method, authenticate as the row asks, and
     call its operation (405 with `Allow` for a method the path lacks, 404 for a path no
     row has). A path that needs a token is authenticated before it is refused."""
     found = match(req.url_path)
+    if found is not None and not site.serves_api and found.label not in _WORKER_ROUTES:
+        found = None  # a worker answers only its health checks
     row = found.row(req.command) if found is not None else None
     access = row.access if row is not None else _weakest(found)
     principal: Principal | None = None

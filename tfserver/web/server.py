@@ -48,7 +48,8 @@ class TFServer(ThreadingHTTPServer):
         self.authenticator = authenticator
         #: What every route may use: the operations, authentication, the OpenAPI document.
         self.site = Site(service, authenticator, ApiDescription(DocSettings.from_config(config)),
-                         auth=config.auth == "jwt", token_url=config.auth_settings.token_url)
+                         auth=config.auth == "jwt", token_url=config.auth_settings.token_url,
+                         serves_api=config.queue.serves_api)
         self.certificates = certificates
         self.stopping = threading.Event()
         # One thread per connection: cap them, in all and per client address, so idle or

@@ -59,7 +59,7 @@ class Fleet:
             "TF_STATE_KEY_PREFIX": "b", "TF_STATE_USE_LOCKFILE": "true",
             "TFSERVER_QUEUE": "sqs", "TFSERVER_QUEUE_URL": self.queue,
             "TFSERVER_SQS_ENDPOINT": self.moto.url, "TFSERVER_ROLE": role,
-            "TFSERVER_REPLICA_ID": name, "TFSERVER_LOG_LEVEL": "WARNING",
+            "TFSERVER_REPLICA_ID": name, "TFSERVER_LOG_LEVEL": "INFO",
             **self.moto.aws_env(), **env})
         self.servers.append(server)
         return server
@@ -159,7 +159,7 @@ def main() -> int:
         finally:
             fleet.stop()
         local = start_server(base / "local", modules_dir=ROOT / "modules",
-                             env={"TFSERVER_LOG_LEVEL": "WARNING"})
+                             env={"TFSERVER_LOG_LEVEL": "INFO"})
         try:
             via_local = sync_applies(local.url, args.rounds)
         finally:

@@ -16,10 +16,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import boto3
-from botocore.config import Config as BotoConfig
-from botocore.exceptions import BotoCoreError, ClientError
-
 from ..storage.base import BackendError
 
 #: SQS's longest `MessageGroupId`.
@@ -61,6 +57,10 @@ class SqsQueue:
         self.wait_seconds = wait_seconds
         # A long poll holds its connection for up to `wait_seconds`: the read timeout
         # must outlast it.
+        # boto3 only when the queue is used: a server of the `local` engine never loads it.
+        import boto3
+        from botocore.config import Config as BotoConfig
+
         config = BotoConfig(connect_timeout=timeout, read_timeout=timeout + wait_seconds,
                             retries={"max_attempts": 3, "mode": "standard"})
         region = region or _region_of(url) or os.environ.get("AWS_REGION") \
@@ -132,6 +132,8 @@ def _region_of(url: str) -> str | None:
 
 @contextmanager
 def _aws(what: str) -> Iterator[None]:
+    from botocore.exceptions import BotoCoreError, ClientError
+
     try:
         yield
     except ClientError as e:

@@ -171,3 +171,27 @@ def test_limits_hold_over_two_api_replicas(fleet: tuple[Start, str], tmp: Path) 
     for a in answers:
         if a.status == 202:
             assert wait_run(apis[0], a.json["id"], timeout=120)["status"] == "succeeded"
+
+
+def test_the_run_limit_holds_over_two_api_replicas(fleet: tuple[Start, str], tmp: Path) -> None:
+    start, _ = fleet
+    (tmp / "policy.toml").write_text("[defaults]\nmax_runs_per_tenant = 2\n")
+    env = {"TFSERVER_POLICY": str(tmp / "policy.toml")}
+    apis = [start("api1", "api", **env), start("api2", "api", **env)]
+    start("w1", "worker", TFSERVER_MAX_RUNS="6", **env)
+    journal = tmp / "journal"
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda i: apis[i % 2].request(
+            "PUT", f"/steps/r-{i}", body(0.75, f"r{i}", journal), headers=ASYNC), range(6)))
+    accepted = [a for a in answers if a.status == 202]
+    assert 1 <= len(accepted) <= 2 and all(a.status in (202, 429) for a in answers), \
+        [a.body for a in answers]
+    for a in accepted:
+        assert wait_run(apis[0], a.json["id"], timeout=120)["status"] == "succeeded"
+    spans = list(intervals(journal).values())
+    for a, b, c in itertools.combinations(spans, 3):  # never three at once
+        assert max(a[0], b[0], c[0]) >= min(a[1], b[1], c[1]), spans
+    # The slots came back with the runs' ends (on the worker): the next runs are admitted.
+    r = apis[1].request("PUT", "/steps/r-0", body(0, "after"), headers=ASYNC)
+    assert r.status == 202, r.body
+    assert wait_run(apis[0], r.json["id"], timeout=120)["status"] == "succeeded"

@@ -195,3 +195,64 @@ def test_the_run_limit_holds_over_two_api_replicas(fleet: tuple[Start, str], tmp
     r = apis[1].request("PUT", "/steps/r-0", body(0, "after"), headers=ASYNC)
     assert r.status == 202, r.body
     assert wait_run(apis[0], r.json["id"], timeout=120)["status"] == "succeeded"
+
+
+# -- the worker's choices, without a queue server -------------------------------------------
+
+class Control:
+    reason: str | None = None
+    killed = False
+
+    def interrupt(self, reason: str) -> bool:
+        self.reason = reason
+        return True
+
+    def kill(self, reason: str) -> None:
+        self.killed = True
+
+
+def queued_runs(tmp: Path, ran: list[str]) -> tuple[object, Callable[..., object]]:
+    from tfserver.runs.lanes import Scheduler
+    from tfserver.runs.queued import QueuedRuns
+    from tfserver.runs.registry import Runs
+    from tfserver.runs.run import Run
+    from tfserver.runs.sqs import Message
+    from tfserver.runs.store import RunRecord, RunStore, new_run_id
+    from tfserver.storage.local import LocalObjects
+
+    runs = Runs(RunStore(LocalObjects(tmp / "objects")), Scheduler(2, 8), replica="w2",
+                kill_grace=1.0, resume_lost=1)
+    queued = QueuedRuns(runs, None, queue_depth=8, resume_lost=1,  # type: ignore[arg-type]
+                        lock_of=lambda r: None, unlock=lambda r, i: False,
+                        stale_lock_after=60)
+
+    def build(record: RunRecord, spec: dict[str, object]) -> Run:
+        return Run(record, lambda r: ran.append(r.record.id), lambda s: s, Control())
+
+    def stored(**fields: object) -> tuple[RunRecord, Message]:
+        record = RunRecord(id=new_run_id(), module="m", instance="i", workspace="t.i",
+                           tenant="t", subject="s", operation="apply", **fields)
+        runs.store.create(record)
+        runs.store.objects.put(f"_runs/specs/{record.id}.json", b"{}")
+        return record, Message(record.id, "receipt", 2)
+
+    return (runs, queued, build), stored
+
+
+def test_a_claim_whose_worker_died_before_starting_is_taken_over(tmp: Path) -> None:
+    ran: list[str] = []
+    (runs, queued, build), stored = queued_runs(tmp, ran)
+    record, message = stored(replica="queue")
+    claim = f"_runs/claims/{record.id}.1"
+    runs.store.objects.put(claim, json.dumps({"at": time.time()}).encode())
+    assert queued.take(message, build) is False  # claimed a moment ago: not yet
+    runs.store.objects.put(claim, json.dumps({"at": time.time() - 60}).encode())
+    assert queued.take(message, build) is True
+    assert ran == [record.id]
+    done = runs.store.get(record.id)
+    assert done.status == "succeeded" and done.attempt == 2, done
+    # A run whose cancel was asked while no worker held it ends canceled, never run.
+    other, message = stored(replica="queue")
+    runs.store.request_cancel(other.id, force=False)
+    assert queued.take(message, build) is True
+    assert runs.store.get(other.id).status == "canceled" and ran == [record.id]

@@ -37,6 +37,9 @@ from .store import RunRecord
 logger = logging.getLogger(__name__)
 
 
+#: A claim older than this whose run never started: its worker died in between.
+STALE_CLAIM = 30.0
+
 #: What the app gives a worker: the run of a stored record and spec (its job and handle).
 Build = Callable[[RunRecord, dict[str, Any]], Run]
 #: The state lock an instance holds now ({"id", "created", ...}), if any.
@@ -132,19 +135,27 @@ class QueuedRuns:
             return False  # the dead-letter queue takes it after its last receive
         if not record.active:
             return True  # canceled while queued, or ended: nothing to do
-        attempt = 1
-        if record.status == "running":
-            if not self.runs.liveness.lost(record):
-                return False  # its worker lives: the message came back too early
+        if self.store.cancel_request(record.id) is not None:
+            self._end(record, "canceled", "the run was canceled before a worker began it")
+            return True
+        if record.status == "queued" and self._claim(record.id, record.attempt):
+            pass  # first taken: it runs here
+        elif record.status == "running" and not self.runs.liveness.lost(record):
+            return False  # its worker lives: the message came back too early
+        elif record.status == "queued" and self._claim_age(record.id, record.attempt) \
+                < STALE_CLAIM:
+            return False  # another worker took it a moment ago
+        else:
+            # Its worker died: while running, or between claiming it and starting it.
             resumed = self._resume(record)
-            if resumed is None:
-                return True
-            if not resumed:
+            if resumed is None or not resumed:
+                return resumed is None
+            if not self._claim(record.id, record.attempt):
                 return False
-            attempt = record.attempt
         spec = self._spec(record.id)
-        if spec is None or not self._claim(record.id, attempt):
-            return spec is None  # a spec lost: nothing can run it; a claim lost: retry
+        if spec is None:
+            self._end(record, "failed", "the run's spec is missing or damaged: it cannot run")
+            return True
         self.runs.adopt(build(record, spec))
         self.store.objects.delete(_spec_key(record.id))
         return True
@@ -202,7 +213,17 @@ class QueuedRuns:
         return spec
 
     def _claim(self, run_id: str, attempt: int) -> bool:
-        return self.store.objects.put_new(f"_runs/claims/{run_id}.{attempt}", b"")
+        """Take the run's attempt (once across the fleet)."""
+        return self.store.objects.put_new(f"_runs/claims/{run_id}.{attempt}",
+                                          json.dumps({"at": time.time()}).encode())
+
+    def _claim_age(self, run_id: str, attempt: int) -> float:
+        """Seconds since the attempt was claimed (infinite when unreadable)."""
+        data = self.store.objects.get(f"_runs/claims/{run_id}.{attempt}")
+        try:
+            return time.time() - float(json.loads(data or b"{}")["at"])
+        except (ValueError, KeyError, TypeError):
+            return float("inf")
 
 
 class QueueWorker:

@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
-from support import ROOT, ServerProcess, start_server
+from support import ROOT, Moto, ServerProcess, start_server
 from test_runs import start_async, wait_run, wait_sleeping
+from test_s3 import keys, store  # noqa: F401 - the fixture
 
 MODULES = ROOT / "tests" / "modules_phantoms"
 POLICY = """
@@ -108,3 +109,39 @@ def test_a_canceled_create_expires_as_it_asked(srv: tuple[ServerProcess, Path]) 
     assert wait_run(server, run_id, timeout=60)["status"] == "canceled"
     check_expires(server, "halfway", 2)  # the second is tainted
     assert server.request("DELETE", "/half/halfway").status == 200
+
+
+@pytest.mark.parametrize("content", [b"", json.dumps(EMPTY_STATE).encode()],
+                         ids=["zero-bytes", "no-resources"])
+def test_an_empty_state_object_in_s3_is_no_instance(
+        tmp: Path, moto: Moto, store: dict[str, str],  # noqa: F811
+        content: bytes) -> None:
+    (tmp / "policy.toml").write_text(POLICY)
+    server = start_server(tmp, modules_dir=MODULES, env={
+        **store, "TF_STATE_USE_LOCKFILE": "true", "TFSERVER_POLICY": str(tmp / "policy.toml")})
+    s3, bucket = moto.client("s3"), store["TF_STATE_BUCKET"]
+    key = "tfs/half/local.killed/terraform.tfstate"
+    try:
+        s3.put_object(Bucket=bucket, Key=key, Body=content)
+        assert_no_instance(server, "killed")
+        assert key not in keys(moto, bucket)  # the DELETE removed the phantom
+    finally:
+        server.stop()
+
+
+def test_a_force_canceled_create_in_s3_is_no_instance_while_locked(
+        tmp: Path, moto: Moto, store: dict[str, str]) -> None:  # noqa: F811
+    (tmp / "policy.toml").write_text(POLICY)
+    server = start_server(tmp, modules_dir=MODULES, env={
+        **store, "TF_STATE_USE_LOCKFILE": "true", "TFSERVER_POLICY": str(tmp / "policy.toml")})
+    try:
+        run_id = start_async(server, "/half/forced", {"seconds": 47}).json["id"]
+        wait_sleeping("47")
+        assert server.request("POST", f"/runs/{run_id}/cancel?force=true").status == 202
+        assert wait_run(server, run_id, timeout=60)["status"] == "canceled"
+        assert_no_instance(server, "forced")
+        # the killed terraform's lock stays (an admin clears it): a create of the name says so
+        r = server.request("PUT", "/half/forced", {})
+        assert r.status == 409 and r.json["lock"]["id"], r.body
+    finally:
+        server.stop()

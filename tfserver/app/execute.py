@@ -198,7 +198,7 @@ class Executor:
         wc = self.copies.ready(name)
         existed = self.backend.exists(name, ws)
         destroying = spec.operation in ("destroy", "plan-destroy")
-        if destroying and not existed and spec.plan_of is None:
+        if spec.operation == "destroy" and not existed and spec.plan_of is None:
             self.leftovers.drop_phantom(spec, wc.path)  # a DELETE answers 404 as a GET does
         self._check(spec, existed)
         # Destroy needs the same variables again, so they are kept durably. The write

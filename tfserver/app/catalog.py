@@ -117,8 +117,10 @@ class Catalog:
         principal.require(name, "read")
         ws = target_workspace(principal, instance, tenant)
         snap = self.backend.snapshot(name, ws)
-        state = snap.state
-        if state is None or not holds_instance(state):  # none, or a phantom (see the rule)
+        state, busy = snap.state, self.busy((name, ws))
+        # An empty state is a phantom (`holds_instance`), but not while a run here makes
+        # or destroys the instance: a 404 then would come before that run ended.
+        if state is None or not (busy or holds_instance(state)):
             raise NotFound(f"module {name} has no instance {instance!r}")
         return InstanceView(
             module=name,
@@ -128,7 +130,7 @@ class Catalog:
             resources=len(state.get("resources") or []),
             serial=state.get("serial"),
             terraform_version=state.get("terraform_version"),
-            busy=self.busy((name, ws)),
+            busy=busy,
             lock=snap.lock,
             stale=snap.stale,
             expires_at=self.expiries.get(name, ws),

@@ -37,7 +37,7 @@ from ..terraform.args import build_args
 from ..terraform.output import EventSink, Failure, RunResult
 from ..terraform.process import RunControl, Runner
 from ..terraform.workdir import VarFiles, WorkingCopies
-from .leftovers import Leftovers
+from .workspaces import Workspaces
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ class Executor:
         self.lock_wait = lock_wait
         self.plan_ttl = plan_ttl
         self.var_files = var_files
-        self.leftovers = Leftovers(runner, backend, expiries, lock_wait=lock_wait)
+        self.workspaces = Workspaces(runner, backend, expiries, lock_wait=lock_wait)
         # Keeps inputs while terraform runs (off the critical path).
         self._background = ThreadPoolExecutor(max_workers=max_workers,
                                               thread_name_prefix="keep-inputs")
@@ -199,7 +199,7 @@ class Executor:
         existed = self.backend.exists(name, ws)
         destroying = spec.operation in ("destroy", "plan-destroy")
         if spec.operation == "destroy" and not existed and spec.plan_of is None:
-            self.leftovers.drop_phantom(spec, wc.path)  # a DELETE answers 404 as a GET does
+            self.workspaces.drop_phantom(spec, wc.path)  # a DELETE answers 404 as a GET does
         self._check(spec, existed)
         # Destroy needs the same variables again, so they are kept durably. The write
         # starts once terraform runs and goes on meanwhile (a rename on disk, a PUT on
@@ -224,7 +224,7 @@ class Executor:
         warnings = self._settle_inputs(spec, result, keeping[0]) if keeping else ()
         if not result.ok:
             if spec.operation == "apply" and not existed:
-                self.leftovers.failed_create(spec, result, wc.path)
+                self.workspaces.failed_create(spec, result, wc.path)
             holder = self._lock_holder(spec) if result.failure is Failure.LOCKED else None
             raise problem_for(result, spec.scrub, spec.instance, self.run_timeout, holder)
         expires_at = self._expire(spec) if spec.operation == "apply" else None
@@ -238,7 +238,7 @@ class Executor:
             planned = [{**p, "address": spec.scrub(p["address"])} for p in result.planned]
             return Planned(name, spec.instance, result.changes, planned, spec.run_id)
         if destroying:
-            self.leftovers.delete_workspace(spec, wc.path, _remaining(deadline))
+            self.workspaces.delete_workspace(spec, wc.path, _remaining(deadline))
             self.backend.inputs.delete(name, ws)
             self.expiries.clear(name, ws)
             return Destroyed(name, spec.instance, result.changes, spec.run_id)

@@ -1,6 +1,6 @@
-"""What runs leave in a workspace besides an instance: the workspace a destroy emptied,
-and what a create that failed, was canceled or killed leaves (something made, which
-expires as the create asked, or an empty state: a phantom, see `holds_instance`)."""
+"""A run's workspace after the run: deleted once a destroy emptied it, and after a create
+that failed, was canceled or killed, what it made expires as the create asked, or the
+empty state it left (a phantom, see `holds_instance`) is deleted."""
 
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ logger = logging.getLogger(__name__)
 PHANTOM_TIMEOUT = 30.0
 
 
-class Leftovers:
-    """Removes emptied workspaces and settles what failed creates left."""
+class Workspaces:
+    """Deletes emptied workspaces and settles what failed creates left."""
 
     def __init__(self, runner: Runner, backend: StateBackend, expiries: Expiries, *,
                  lock_wait: float) -> None:

@@ -149,6 +149,11 @@ def test_failed_run_becomes_its_problem(service: Any, case: str, result: RunResu
                                    "created": "2026-11-27 19:00:00 +0000 UTC"}
 
 
+#: A state that holds an instance (one resource): an empty one is none (`holds_instance`).
+A_STATE = ('{"outputs": {}, "resources": [{"mode": "managed", "type": "terraform_data", '
+           '"name": "this", "instances": []}]}')
+
+
 def test_successful_runs_become_typed_results(service: Any, tmp_path: Path) -> None:
     outputs = {"type": "outputs", "outputs": {"name": {"value": "n", "sensitive": False},
                                               "token_out": {"sensitive": True}}}
@@ -163,7 +168,7 @@ def test_successful_runs_become_typed_results(service: Any, tmp_path: Path) -> N
     # destroy needs state: make the local backend see one
     state = tmp_path / "state" / "state" / "basic" / "local.x" / "terraform.tfstate"
     state.parent.mkdir(parents=True)
-    state.write_text('{"outputs": {}, "resources": []}')
+    state.write_text(A_STATE)
     destroyed = sync(svc, svc.destroy(LOCAL, "basic", "x"))
     assert isinstance(destroyed, Destroyed)
     assert [c[0] for c in svc.runner.calls] == ["init", "apply", "plan", "destroy",
@@ -174,7 +179,7 @@ def test_destroy_failing_before_apply_is_502_not_422(service: Any, tmp_path: Pat
     svc = service(RunResult(("destroy",), 1, (diag("Provider error", "no"),)))
     state = tmp_path / "state" / "state" / "basic" / "local.y" / "terraform.tfstate"
     state.parent.mkdir(parents=True)
-    state.write_text('{"outputs": {}, "resources": []}')
+    state.write_text(A_STATE)
     with pytest.raises(TFServerError) as raised:
         sync(svc, svc.destroy(LOCAL, "basic", "y"))
     assert raised.value.problem()["status"] == 502

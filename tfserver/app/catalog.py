@@ -17,7 +17,7 @@ from ..module.discover import Module
 from ..names import check_instance_name, check_tenant_key, split_workspace, workspace_name
 from ..runs.expiry import Expiries
 from ..scrub import Scrubber, Secret, shown_outputs
-from ..storage.base import StateBackend
+from ..storage.base import StateBackend, holds_instance
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,8 @@ class Catalog:
         return [m for m in self.modules.values() if principal.can(m.name, "read")]
 
     def instances(self, principal: Principal, module: str) -> list[InstanceRef]:
-        """The caller's instances of a module (an admin sees every tenant's)."""
+        """The caller's instances of a module (an admin sees every tenant's); phantoms
+        are no instances (`holds_instance`)."""
         found = []
         for ws in self.backend.workspaces(module):
             parts = split_workspace(ws)
@@ -116,8 +117,10 @@ class Catalog:
         principal.require(name, "read")
         ws = target_workspace(principal, instance, tenant)
         snap = self.backend.snapshot(name, ws)
-        state = snap.state
-        if state is None:
+        state, busy = snap.state, self.busy((name, ws))
+        # An empty state is a phantom (`holds_instance`), but not while a run here makes
+        # or destroys the instance: a 404 then would come before that run ended.
+        if state is None or not (busy or holds_instance(state)):
             raise NotFound(f"module {name} has no instance {instance!r}")
         return InstanceView(
             module=name,
@@ -127,7 +130,7 @@ class Catalog:
             resources=len(state.get("resources") or []),
             serial=state.get("serial"),
             terraform_version=state.get("terraform_version"),
-            busy=self.busy((name, ws)),
+            busy=busy,
             lock=snap.lock,
             stale=snap.stale,
             expires_at=self.expiries.get(name, ws),

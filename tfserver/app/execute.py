@@ -37,6 +37,7 @@ from ..terraform.args import build_args
 from ..terraform.output import EventSink, Failure, RunResult
 from ..terraform.process import RunControl, Runner
 from ..terraform.workdir import VarFiles, WorkingCopies
+from .workspaces import Workspaces
 
 logger = logging.getLogger(__name__)
 
@@ -178,6 +179,7 @@ class Executor:
         self.lock_wait = lock_wait
         self.plan_ttl = plan_ttl
         self.var_files = var_files
+        self.workspaces = Workspaces(runner, backend, expiries, lock_wait=lock_wait)
         # Keeps inputs while terraform runs (off the critical path).
         self._background = ThreadPoolExecutor(max_workers=max_workers,
                                               thread_name_prefix="keep-inputs")
@@ -196,6 +198,8 @@ class Executor:
         wc = self.copies.ready(name)
         existed = self.backend.exists(name, ws)
         destroying = spec.operation in ("destroy", "plan-destroy")
+        if spec.operation == "destroy" and not existed and spec.plan_of is None:
+            self.workspaces.drop_phantom(spec, wc.path)  # a DELETE answers 404 as a GET does
         self._check(spec, existed)
         # Destroy needs the same variables again, so they are kept durably. The write
         # starts once terraform runs and goes on meanwhile (a rename on disk, a PUT on
@@ -219,8 +223,11 @@ class Executor:
             self.store.drop_plan(spec.plan_of)  # used, whatever the outcome
         warnings = self._settle_inputs(spec, result, keeping[0]) if keeping else ()
         if not result.ok:
+            if spec.operation == "apply" and not existed:
+                self.workspaces.failed_create(spec, result, wc.path)
             holder = self._lock_holder(spec) if result.failure is Failure.LOCKED else None
             raise problem_for(result, spec.scrub, spec.instance, self.run_timeout, holder)
+        expires_at = self._expire(spec) if spec.operation == "apply" else None
         if result.unreadable and spec.operation == "apply" and result.outputs is None:
             # Never answer an apply with outputs made up of nulls.
             raise UpstreamFailed("the apply ended, but terraform's report of it could not "
@@ -231,18 +238,22 @@ class Executor:
             planned = [{**p, "address": spec.scrub(p["address"])} for p in result.planned]
             return Planned(name, spec.instance, result.changes, planned, spec.run_id)
         if destroying:
-            self._workspace_delete(spec, wc.path, deadline)
+            self.workspaces.delete_workspace(spec, wc.path, _remaining(deadline))
             self.backend.inputs.delete(name, ws)
             self.expiries.clear(name, ws)
             return Destroyed(name, spec.instance, result.changes, spec.run_id)
-        expires_at = spec.expires
-        if spec.ttl is not None:
-            expires_at = time.time() + spec.ttl
-            self.expiries.set(name, ws, expires_at)
         return Applied(name, spec.instance, self._outputs(spec, result), result.changes,
                        spec.run_id, created=not existed, expires_at=expires_at,
                        warnings=warnings,
                        public_outputs=shown_outputs(result.outputs or {}, scrub=spec.scrub))
+
+    def _expire(self, spec: RunSpec) -> float | None:
+        """After an apply that succeeded: when the instance expires (recorded)."""
+        if spec.ttl is None:
+            return spec.expires
+        expires_at = time.time() + spec.ttl
+        self.expiries.set(spec.module.name, spec.workspace, expires_at)
+        return expires_at
 
     def _check(self, spec: RunSpec, existed: bool) -> None:
         """Refuse a reaper's destroy whose expiry moved, or a destroy of nothing; give a
@@ -365,15 +376,6 @@ class Executor:
             self.backend.inputs.delete(name, ws)
         else:
             self.backend.inputs.save(name, ws, previous)
-
-    def _workspace_delete(self, spec: RunSpec, cwd: Path, deadline: float) -> None:
-        result = self.runner.run(
-            build_args("workspace delete", lock_timeout=self.lock_wait,
-                       extra=[spec.workspace]),
-            cwd=cwd, workspace="default", timeout=_remaining(deadline))
-        if not result.ok:
-            logger.warning("workspace %s of %s not deleted after destroy: %s", spec.workspace,
-                           spec.module.name, spec.scrub(result.stderr.strip())[-500:])
 
     def _outputs(self, spec: RunSpec, result: RunResult) -> dict[str, Any]:
         """The apply's outputs; sensitive ones redacted unless the caller is an admin (who

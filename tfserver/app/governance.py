@@ -8,10 +8,11 @@ runs is counted from the stored records (a bound against flooding, not a quota).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from ..auth import Principal
-from ..errors import Conflict, NotFound, QuotaExceeded, TooManyRuns
+from ..errors import Conflict, NotFound, QuotaExceeded, TFServerError, TooManyRuns
 from ..module.limits import Limits
 from ..module.policy import Policy
 from ..names import split_workspace, workspace_name
@@ -19,6 +20,8 @@ from ..runs.registry import Runs
 from ..runs.store import RunRecord
 from ..storage.base import StateBackend
 from .reservations import Reservations
+
+logger = logging.getLogger(__name__)
 
 
 class Governance:
@@ -65,12 +68,31 @@ class Governance:
         return release
 
     def ended(self, record: RunRecord) -> None:
-        """A run ended here: its run slot back; a destroyed instance's slot back."""
+        """A run ended here: its run slot back; the slot back of a destroyed instance, or
+        of a create that failed leaving no instance (a phantom is not counted)."""
         if self.policy.limits_runs:
             self.reservations.free_run(record.tenant, record.module, record.id)
-        if (self.policy.limits_instances and record.operation == "destroy"
-                and record.status == "succeeded"):
+        if not self.policy.limits_instances:
+            return
+        if record.operation == "destroy" and record.status == "succeeded":
             self.reservations.free_instance(record.tenant, record.module, record.workspace)
+        elif record.operation == "apply" and record.status != "succeeded":
+            self._settle_failed_create(record)
+
+    def _settle_failed_create(self, record: RunRecord) -> None:
+        """Give the instance slot back when the failed apply left no instance and no other
+        apply of the workspace is in flight (it holds the same slot)."""
+        tenant, module, ws = record.tenant, record.module, record.workspace
+        try:
+            if self.backend.exists(module, ws) or any(
+                    r.operation == "apply" and r.workspace == ws and r.id != record.id
+                    for r in self._in_flight(tenant, module)):
+                return
+        except TFServerError as e:
+            # The slot is freed as stale by the next create that needs it.
+            logger.warning("instance slot of %s kept for now: %s", ws, e.detail)
+            return
+        self.reservations.free_instance(tenant, module, ws)
 
     def _reserve_instance(self, limit: int, record: RunRecord) -> bool:
         """Take an instance slot for a new instance; False for an existing one (an update

@@ -8,6 +8,7 @@ Reading outputs straight from the state object makes a GET fast and lock-free.""
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -19,6 +20,17 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 STATE_NAME = "terraform.tfstate"
+
+
+def holds_instance(state: Mapping[str, Any] | None) -> bool:
+    """The one rule of what an instance is: a state that records a resource or an output.
+
+    Terraform makes a workspace's state as a create starts (a 0-byte file, or a document
+    with neither); a create killed or canceled before its first resource leaves only that
+    behind: a phantom, which no listing shows, no quota counts, a GET answers 404 for, and
+    a DELETE (or the end of the run that made it) removes.
+    """
+    return state is not None and bool(state.get("resources") or state.get("outputs"))
 
 
 class BackendError(Unavailable):
@@ -83,11 +95,15 @@ class StateBackend(Protocol):
         ...
 
     def workspaces(self, module: str) -> list[str]:
-        """Names of the workspaces that have state."""
+        """Names of the workspaces whose state holds an instance (`holds_instance`)."""
         ...
 
     def exists(self, module: str, workspace: str) -> bool:
-        """True when the workspace has a state object (cheaper than reading it)."""
+        """True when the workspace's state holds an instance (`holds_instance`)."""
+        ...
+
+    def phantom(self, module: str, workspace: str) -> bool:
+        """True when the workspace has a state object that holds no instance."""
         ...
 
     def lock_info(self, module: str, workspace: str) -> dict[str, str] | None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files import create_private, private_dir, write_private
-from .base import STATE_NAME, BackendError, ObjectStore, Snapshot
+from .base import STATE_NAME, BackendError, ObjectStore, Snapshot, holds_instance
 from .inputs import KeptInputs
 
 logger = logging.getLogger(__name__)
@@ -163,22 +163,26 @@ class LocalBackend:
         return None, False  # a first write that never completed: no instance yet
 
     def exists(self, module: str, workspace: str) -> bool:
-        """A state is there: a state file that is not empty (an empty one is what a kill
-        mid-write leaves), or terraform's backup of the last complete one."""
-        path = self._state_path(module, workspace)
-        try:
-            if path.stat().st_size > 0:
-                return True
-        except FileNotFoundError:
-            return False
-        return path.with_name(STATE_NAME + ".backup").is_file()
+        """The state (or terraform's backup of the last complete one, when a kill
+        mid-write left it empty) holds an instance."""
+        return self._present(module, workspace) and holds_instance(self.read_state(
+            module, workspace))
+
+    def phantom(self, module: str, workspace: str) -> bool:
+        """A state file is there, but neither it nor its backup holds an instance."""
+        return self._present(module, workspace) and not holds_instance(self.read_state(
+            module, workspace))
+
+    def _present(self, module: str, workspace: str) -> bool:
+        return self._state_path(module, workspace).is_file()
 
     def workspaces(self, module: str) -> list[str]:
-        """Folders that hold a state file."""
+        """Folders whose state file holds an instance (each state read: a local file)."""
         base = self._module_dir(module)
         if not base.is_dir():
             return []
-        return sorted(p.name for p in base.iterdir() if (p / STATE_NAME).is_file())
+        return sorted(p.name for p in base.iterdir()
+                      if (p / STATE_NAME).is_file() and self.exists(module, p.name))
 
     def lock_info(self, module: str, workspace: str) -> dict[str, str] | None:
         """The local backend's lock lives in process memory and flock; not visible here."""

@@ -15,10 +15,15 @@ from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
 from ..config import S3Settings
-from .base import STATE_NAME, BackendError, ObjectStore, Snapshot
+from .base import STATE_NAME, BackendError, ObjectStore, Snapshot, holds_instance
 from .inputs import KeptInputs
 
 logger = logging.getLogger(__name__)
+
+#: A state object this small may hold no instance and is read to tell; terraform's empty
+#: state (what a create killed before its first resource leaves) is about 180 bytes, and
+#: one with a resource or an output is larger, but check results can pad an empty one.
+SMALL_STATE = 4096
 
 
 class S3Objects:
@@ -166,25 +171,24 @@ class S3Backend:
                 raise
 
     def exists(self, module: str, workspace: str) -> bool:
-        """HEAD of the state object."""
-        with _aws("S3 cannot read state"):
-            try:
-                self.s3.head_object(Bucket=self.settings.bucket,
-                                    Key=self.state_key(module, workspace))
-            except ClientError as e:
-                if _missing(e):
-                    return False
-                raise
-        return True
+        """The state object holds an instance (a GET: an empty state is no instance)."""
+        return holds_instance(self.read_state(module, workspace))
+
+    def phantom(self, module: str, workspace: str) -> bool:
+        """A state object is there that holds no instance."""
+        data = self._get(self.state_key(module, workspace))
+        return data is not None and not holds_instance(_json_object(data, "the state object"))
 
     def read_state(self, module: str, workspace: str) -> dict[str, Any] | None:
         """GET of the state object (no terraform, no lock)."""
         return _json_object(self._get(self.state_key(module, workspace)), "the state object")
 
     def workspaces(self, module: str) -> list[str]:
-        """Workspaces with a state object under the module's prefix."""
+        """Workspaces under the module's prefix whose state object holds an instance:
+        one listing, and a GET of each small object only (see `SMALL_STATE`)."""
         prefix = f"{self.settings.key_prefix}/{module}/"
-        found = []
+        found: list[str] = []
+        small: list[str] = []
         with _aws("S3 cannot list workspaces"):
             pages = self.s3.get_paginator("list_objects_v2").paginate(
                 Bucket=self.settings.bucket, Prefix=prefix)
@@ -192,7 +196,9 @@ class S3Backend:
                 for obj in page.get("Contents", []):
                     ws, _, name = str(obj["Key"])[len(prefix):].partition("/")
                     if name == STATE_NAME:
-                        found.append(ws)
+                        (small if int(obj.get("Size", 0)) <= SMALL_STATE else found).append(ws)
+        held = self._readers.map(lambda ws: self.exists(module, ws), small)
+        found.extend(ws for ws, instance in zip(small, held, strict=True) if instance)
         return sorted(found)
 
     def lock_info(self, module: str, workspace: str) -> dict[str, str] | None:
@@ -254,8 +260,8 @@ def _aws(what: str) -> Iterator[None]:
 
 
 def _json_object(data: bytes | None, what: str) -> dict[str, Any] | None:
-    if data is None:
-        return None
+    if not data:
+        return None  # none, or an empty object: no state
     try:
         doc = json.loads(data)
     except ValueError as e:

@@ -17,9 +17,8 @@ from __future__ import annotations
 import contextlib
 import json
 from dataclasses import asdict, dataclass
-from typing import Any
 
-from ..storage.base import ObjectStore
+from ..storage.base import ObjectStore, json_object
 
 PENDING = "_webhooks/pending/"
 ATTEMPTS = "_webhooks/attempts/"
@@ -46,7 +45,7 @@ class Delivery:
     @classmethod
     def from_json(cls, data: bytes | None) -> Delivery | None:
         """A stored delivery, or None when it cannot be read."""
-        doc = _json(data)
+        doc = json_object(data)
         try:
             return cls(**doc) if doc is not None else None
         except TypeError:
@@ -103,7 +102,7 @@ class Deliveries:
             if name == END:
                 ended = True
                 continue
-            doc = _json(self.objects.get(folder + name))
+            doc = json_object(self.objects.get(folder + name))
             with contextlib.suppress(TypeError, ValueError):
                 if doc is not None and name.isdigit():
                     found.append(Attempt(**doc))
@@ -135,10 +134,3 @@ class Deliveries:
         return f"{ATTEMPTS}{delivery_id}/{number:04d}"
 
 
-def _json(data: bytes | None) -> dict[str, Any] | None:
-    if data is None:
-        return None
-    with contextlib.suppress(ValueError):
-        doc = json.loads(data)
-        return doc if isinstance(doc, dict) else None
-    return None

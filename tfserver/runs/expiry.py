@@ -15,7 +15,6 @@ without destroying (failed, lost, refused), after a back-off that doubles.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import threading
@@ -25,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import TFServerError
-from ..storage.base import ObjectStore
+from ..storage.base import ObjectStore, json_object
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +59,7 @@ class Expiries:
 
     def get(self, module: str, workspace: str) -> float | None:
         """When the instance expires (seconds since the epoch), or None."""
-        doc = _json(self.objects.get(self._pointer(module, workspace)))
+        doc = json_object(self.objects.get(self._pointer(module, workspace)))
         try:
             return float(doc["expires_at"]) if doc else None
         except (KeyError, TypeError, ValueError):
@@ -68,7 +67,7 @@ class Expiries:
 
     def set(self, module: str, workspace: str, expires_at: float) -> None:
         """Make the instance expire at `expires_at` (moving an earlier expiry)."""
-        old = _json(self.objects.get(self._pointer(module, workspace)))
+        old = json_object(self.objects.get(self._pointer(module, workspace)))
         index = f"{int(expires_at):012d}.{module}.{workspace}"
         self.objects.put(f"_expiry/{index}", b"")
         self.objects.put(self._pointer(module, workspace),
@@ -78,7 +77,7 @@ class Expiries:
 
     def clear(self, module: str, workspace: str) -> None:
         """The instance is gone: forget its expiry and its reaping attempts."""
-        old = _json(self.objects.get(self._pointer(module, workspace)))
+        old = json_object(self.objects.get(self._pointer(module, workspace)))
         if old and old.get("index"):
             self.objects.delete(f"_expiry/{old['index']}")
         self.objects.delete(self._pointer(module, workspace))
@@ -114,7 +113,7 @@ class Expiries:
         for name in self.objects.keys(folder):
             stamp, _, number = name.partition(".")
             if stamp == str(int(due.expires_at)) and number.isdigit():
-                found.append((int(number), _json(self.objects.get(folder + name)) or {}))
+                found.append((int(number), json_object(self.objects.get(folder + name)) or {}))
         return sorted(found, key=lambda a: a[0])
 
     def claim(self, due: Due, attempt: int, doc: dict[str, Any]) -> bool:
@@ -126,15 +125,6 @@ class Expiries:
         """Record what the claimed attempt did (its run)."""
         key = f"_reaping/{due.module}.{due.workspace}/{int(due.expires_at)}.{attempt}"
         self.objects.put(key, json.dumps(doc).encode())
-
-
-def _json(data: bytes | None) -> dict[str, Any] | None:
-    if data is None:
-        return None
-    with contextlib.suppress(ValueError):
-        doc = json.loads(data)
-        return doc if isinstance(doc, dict) else None
-    return None
 
 
 #: Starts the destroy run of an expired instance: its run id, or None when it cannot

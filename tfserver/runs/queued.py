@@ -28,6 +28,7 @@ from dataclasses import replace
 from typing import Any
 
 from ..errors import Conflict, TFServerError, Unavailable
+from ..storage.base import json_object
 from .liveness import QUEUED
 from .registry import Runs
 from .run import Run
@@ -202,12 +203,8 @@ class QueuedRuns:
         self.store.objects.delete(_spec_key(record.id))
 
     def _spec(self, run_id: str) -> dict[str, Any] | None:
-        data = self.store.objects.get(_spec_key(run_id))
-        try:
-            spec = json.loads(data) if data is not None else None
-        except ValueError:
-            spec = None
-        if not isinstance(spec, dict):
+        spec = json_object(self.store.objects.get(_spec_key(run_id)))
+        if spec is None:
             logger.error("run %s: its spec is missing or damaged; it cannot run", run_id)
             return None
         return spec

@@ -7,6 +7,7 @@ Reading outputs straight from the state object makes a GET fast and lock-free.""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -123,3 +124,12 @@ class StateBackend(Protocol):
         ...
 
 
+def json_object(data: bytes | None) -> dict[str, Any] | None:
+    """A stored JSON object: None when there is none, or it is unreadable or no object."""
+    if data is None:
+        return None
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None

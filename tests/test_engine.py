@@ -218,6 +218,7 @@ def queued_runs(tmp: Path, ran: list[str]) -> tuple[object, Callable[..., object
     from tfserver.runs.run import Run
     from tfserver.runs.sqs import Message
     from tfserver.runs.store import RunRecord, RunStore, new_run_id
+
     from tfserver.storage.local import LocalObjects
 
     runs = Runs(RunStore(LocalObjects(tmp / "objects")), Scheduler(2, 8), replica="w2",
@@ -251,6 +252,12 @@ def test_a_claim_whose_worker_died_before_starting_is_taken_over(tmp: Path) -> N
     assert ran == [record.id]
     done = runs.store.get(record.id)
     assert done.status == "succeeded" and done.attempt == 2, done
+    # A message whose body is no run id (a hostile or broken sender) is handed back (the
+    # dead-letter queue takes it after its last receive), and nothing is read for it.
+    from tfserver.runs.sqs import Message
+
+    for body_ in ("../../etc/passwd", "x" * 5000, "", "0" * 32):
+        assert queued.take(Message(body_, "receipt", 1), build) is False
     # A run whose cancel was asked while no worker held it ends canceled, never run.
     other, message = stored(replica="queue")
     runs.store.request_cancel(other.id, force=False)

@@ -33,7 +33,7 @@ from .liveness import QUEUED
 from .registry import Runs
 from .run import Run
 from .sqs import Message, SqsQueue, message_group
-from .store import RunRecord
+from .store import RunRecord, is_run_id
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class QueuedRuns:
     def take(self, message: Message, build: Build) -> bool:
         """Run the message's run here, to its end; True when the message is done with
         (delete it), False to hand it back for later."""
-        record = self.store.get(message.run_id)
+        record = self.store.get(message.run_id) if is_run_id(message.run_id) else None
         if record is None:
             logger.warning("queue: message for run %s, which has no record", message.run_id)
             return False  # the dead-letter queue takes it after its last receive

@@ -218,7 +218,6 @@ def queued_runs(tmp: Path, ran: list[str]) -> tuple[object, Callable[..., object
     from tfserver.runs.run import Run
     from tfserver.runs.sqs import Message
     from tfserver.runs.store import RunRecord, RunStore, new_run_id
-
     from tfserver.storage.local import LocalObjects
 
     runs = Runs(RunStore(LocalObjects(tmp / "objects")), Scheduler(2, 8), replica="w2",

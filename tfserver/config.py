@@ -140,6 +140,9 @@ class Config:
     max_connections: int = default("TFSERVER_MAX_CONNECTIONS")
     max_connections_per_ip: int = default("TFSERVER_MAX_CONNECTIONS_PER_IP")
     request_timeout: float = default("TFSERVER_REQUEST_TIMEOUT")
+    health_connections: int = default("TFSERVER_HEALTH_CONNECTIONS")
+    max_streams_per_tenant: int = default("TFSERVER_MAX_STREAMS_PER_TENANT")
+    stream_max: float = default("TFSERVER_STREAM_MAX")
     queue_depth: int = default("TFSERVER_QUEUE_DEPTH")
     plan_ttl: float = default("TFSERVER_PLAN_TTL")
     run_retention: float = default("TFSERVER_RUN_RETENTION")
@@ -264,10 +267,7 @@ def load(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
         lock_wait=v["TFSERVER_LOCK_WAIT"],
         kill_grace=v["TFSERVER_KILL_GRACE"],
         shutdown_grace=v["TFSERVER_SHUTDOWN_GRACE"],
-        read_timeout=v["TFSERVER_READ_TIMEOUT"],
-        max_connections=v["TFSERVER_MAX_CONNECTIONS"],
-        max_connections_per_ip=v["TFSERVER_MAX_CONNECTIONS_PER_IP"],
-        request_timeout=v["TFSERVER_REQUEST_TIMEOUT"],
+        **_connection_limits(v),
         queue_depth=v["TFSERVER_QUEUE_DEPTH"],
         plan_ttl=v["TFSERVER_PLAN_TTL"],
         run_retention=v["TFSERVER_RUN_RETENTION"],
@@ -287,6 +287,19 @@ def load(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
         trusted_proxies=v["TFSERVER_TRUSTED_PROXIES"],
         terraform_env=_terraform_env(environ, v["TFSERVER_PASS_ENV"]),
     )
+
+
+def _connection_limits(v: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields of what a client may hold: connections, streams, how long it may take."""
+    return {
+        "read_timeout": v["TFSERVER_READ_TIMEOUT"],
+        "max_connections": v["TFSERVER_MAX_CONNECTIONS"],
+        "max_connections_per_ip": v["TFSERVER_MAX_CONNECTIONS_PER_IP"],
+        "request_timeout": v["TFSERVER_REQUEST_TIMEOUT"],
+        "health_connections": v["TFSERVER_HEALTH_CONNECTIONS"],
+        "max_streams_per_tenant": v["TFSERVER_MAX_STREAMS_PER_TENANT"],
+        "stream_max": v["TFSERVER_STREAM_MAX"],
+    }
 
 
 def _auth_settings(v: Mapping[str, Any], issuer: str) -> AuthSettings:

@@ -6,6 +6,7 @@ deployed: the per-address cap off, the proxy trusted."""
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import socket
 import threading
@@ -150,27 +151,55 @@ def idle_connection(server: ServerProcess) -> tuple[socket.socket, bytes]:
     return s, got
 
 
+def fill(server: ServerProcess, run_id: str, a: dict[str, str]) -> list[socket.socket]:
+    """Take every ordinary place: the tenant's streams, then idle keep-alive connections
+    until one is answered on a kept place (closed after its answer) or refused."""
+    held = [until_admitted(server, run_id, a) for _ in range(CAP)]
+    for _ in range(16):
+        s, answer = idle_connection(server)
+        held.append(s)
+        if not answer.startswith(b"HTTP/1.1 200") or b"Connection: close" in answer:
+            return held
+    raise AssertionError("the connections never ran out")
+
+
 def test_health_checks_answer_while_streams_and_idle_clients_hold_every_connection(
         capped: tuple[ServerProcess, dict[str, str], str]) -> None:
     server, a, run_id = capped
-    held = [until_admitted(server, run_id, a) for _ in range(CAP)]
+    held: list[socket.socket] = []
     try:
-        # Fill every ordinary place with idle keep-alive connections: the first
-        # connection answered on a kept place (it is closed after its answer), or
-        # refused, says they are all taken.
-        for _ in range(16):
-            s, answer = idle_connection(server)
-            held.append(s)
-            if not answer.startswith(b"HTTP/1.1 200") or b"Connection: close" in answer:
-                break
-        else:
-            raise AssertionError("the connections never ran out")
+        held += fill(server, run_id, a)
         other = server.request("GET", "/runs", headers=a, timeout=10)
         assert other.status == 503 and other.header("Retry-After") == "1", other.body[:200]
         assert "only /healthz and /readyz" in other.json["detail"]
         for _ in range(6):  # more checks than places kept: each gives its place back
             for path in ("/healthz", "/readyz"):
                 assert server.request("GET", path, timeout=10).status == 200, path
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_silent_clients_on_the_kept_places_give_them_back_soon(
+        capped: tuple[ServerProcess, dict[str, str], str]) -> None:
+    server, a, run_id = capped
+    held: list[socket.socket] = []
+    try:
+        held += fill(server, run_id, a)
+        silent = [socket.create_connection(address(server), timeout=20) for _ in range(4)]
+        held += silent
+        # The silent ones hold the kept places for a few seconds only (the ordinary
+        # places stay taken for the 30 s request timeout): health checks come back.
+        deadline = time.monotonic() + 15
+        while True:
+            with contextlib.suppress(ConnectionError, http.client.HTTPException):
+                if server.request("GET", "/healthz", timeout=10).status == 200:
+                    break
+            assert time.monotonic() < deadline, "the kept places stayed taken"
+            time.sleep(0.2)
+        for s in silent:
+            with contextlib.suppress(ConnectionError):
+                assert s.recv(1) == b""  # cut by the server, not left open
     finally:
         for s in held:
             s.close()

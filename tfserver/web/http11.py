@@ -240,8 +240,9 @@ class Connection(BaseHTTPRequestHandler):
         request sent meanwhile stays unread). A TLS socket is peeked under its records,
         which a close_notify keeps from looking ended: its writes fail soon instead."""
         try:
-            ready, _, _ = select.select([self.connection], [], [], 0)
-            return bool(ready) and socket.socket.recv(self.connection, 1,
-                                                       socket.MSG_PEEK) == b""
+            poller = select.poll()  # not select(): no limit on the descriptor's number
+            poller.register(self.connection, select.POLLIN)
+            return bool(poller.poll(0)) and socket.socket.recv(self.connection, 1,
+                                                                socket.MSG_PEEK) == b""
         except (OSError, ValueError):
             return True

@@ -349,3 +349,21 @@ def test_streams_of_the_tenant_cap_count_only_open_streams() -> None:
     with pytest.raises(RuntimeError), limits.hold("t"):
         raise RuntimeError("a stream that ends by an error gives its place back")
     assert limits.open() == 0 and StreamLimits(2, 1.0).open() == 0
+
+
+def test_the_places_kept_for_health_checks_are_taken_only_past_the_cap() -> None:
+    from tfserver.web.connections import ConnectionLimits
+
+    limits = ConnectionLimits(2, 0, 1)
+    one, two, three, four = (("10.0.0.1", port) for port in (1, 2, 3, 4))
+    assert limits.admit(one) is None and limits.admit(two) is None
+    assert not limits.health_only(one) and not limits.health_only(two)
+    assert limits.admit(three) is None and limits.health_only(three)  # past the cap
+    refused = limits.admit(four)
+    assert refused is not None and "kept for health checks" in refused
+    limits.release(one)  # an ordinary place frees: the next one is ordinary again
+    assert limits.admit(four) is None and not limits.health_only(four)
+    limits.release(three)
+    assert not limits.health_only(three) and limits.open() == 2
+    per_address = ConnectionLimits(10, 1, 4)
+    assert per_address.admit(one) is None and per_address.admit(two) is not None

@@ -270,7 +270,11 @@ def test_many_streams_opened_and_dropped_at_once_give_every_place_back(
     statuses: list[int] = []
 
     def grab() -> None:
-        status, s = open_stream(server, run_id, a)
+        try:
+            status, s = open_stream(server, run_id, a)
+        except OSError:
+            statuses.append(0)  # refused at the connection cap (12 here)
+            return
         statuses.append(status)
         s.close()
 
@@ -279,7 +283,9 @@ def test_many_streams_opened_and_dropped_at_once_give_every_place_back(
         t.start()
     for t in threads:
         t.join(30)
-    assert len(statuses) == 20 and set(statuses) <= {200, 429}, statuses
+    # 503 and 0: a connection past the (small) connection cap, on a kept place or refused.
+    assert len(statuses) == 20 and set(statuses) <= {200, 429, 503, 0}, statuses
+    assert 429 in statuses or statuses.count(200) == CAP, statuses
     assert statuses.count(200) <= CAP, statuses  # never more than the cap at once
     # Every dropped stream gave its place back: the full cap is open again (bounded).
     held = [until_admitted(server, run_id, a) for _ in range(CAP)]

@@ -421,7 +421,10 @@ def test_http_servers_own_errors_are_problem_documents(server: ServerProcess) ->
 
 
 def test_connection_cap_closes_extra_connections(tmp: Path) -> None:
-    srv = start_server(tmp, env={"TFSERVER_MAX_CONNECTIONS": "3", "TFSERVER_READ_TIMEOUT": "2"})
+    # Three places, and one more kept for health checks (issue 20 §4): past all four, a
+    # connection is closed at once, even a health check's.
+    srv = start_server(tmp, env={"TFSERVER_MAX_CONNECTIONS": "3", "TFSERVER_READ_TIMEOUT": "2",
+                                 "TFSERVER_HEALTH_CONNECTIONS": "1"})
     host, port = srv.url.split("//")[1].split(":")
     try:
         def still_open(s: socket.socket) -> bool:
@@ -436,9 +439,9 @@ def test_connection_cap_closes_extra_connections(tmp: Path) -> None:
                 s.settimeout(10)
 
         # Earlier connections' threads may hold a place for a moment: retry until all
-        # three idle connections were really accepted (bounded).
+        # four idle connections were really accepted (bounded).
         for _ in range(20):
-            idle = [socket.create_connection((host, int(port)), timeout=10) for _ in range(3)]
+            idle = [socket.create_connection((host, int(port)), timeout=10) for _ in range(4)]
             time.sleep(0.3)
             if all(still_open(s) for s in idle):
                 break
@@ -446,7 +449,7 @@ def test_connection_cap_closes_extra_connections(tmp: Path) -> None:
                 s.close()
             time.sleep(2.5)  # past the read timeout: every place is free again
         else:
-            raise AssertionError("could not hold three connections open")
+            raise AssertionError("could not hold four connections open")
         with socket.create_connection((host, int(port)), timeout=10) as extra:
             extra.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
             with contextlib.suppress(ConnectionResetError):

@@ -163,6 +163,9 @@ class Config:
     max_connections: int = default("TFSERVER_MAX_CONNECTIONS")
     max_connections_per_ip: int = default("TFSERVER_MAX_CONNECTIONS_PER_IP")
     request_timeout: float = default("TFSERVER_REQUEST_TIMEOUT")
+    health_connections: int = default("TFSERVER_HEALTH_CONNECTIONS")
+    max_streams_per_tenant: int = default("TFSERVER_MAX_STREAMS_PER_TENANT")
+    stream_max: float = default("TFSERVER_STREAM_MAX")
     queue_depth: int = default("TFSERVER_QUEUE_DEPTH")
     queue: QueueSettings = field(default_factory=QueueSettings)
     plan_ttl: float = default("TFSERVER_PLAN_TTL")
@@ -286,10 +289,7 @@ def load(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
         lock_wait=v["TFSERVER_LOCK_WAIT"],
         kill_grace=v["TFSERVER_KILL_GRACE"],
         shutdown_grace=v["TFSERVER_SHUTDOWN_GRACE"],
-        read_timeout=v["TFSERVER_READ_TIMEOUT"],
-        max_connections=v["TFSERVER_MAX_CONNECTIONS"],
-        max_connections_per_ip=v["TFSERVER_MAX_CONNECTIONS_PER_IP"],
-        request_timeout=v["TFSERVER_REQUEST_TIMEOUT"],
+        **_connection_limits(v),
         queue_depth=v["TFSERVER_QUEUE_DEPTH"],
         queue=_queue_settings(v),
         plan_ttl=v["TFSERVER_PLAN_TTL"],
@@ -322,6 +322,19 @@ def _queue_settings(v: Mapping[str, Any]) -> QueueSettings:
     return QueueSettings(engine, v["TFSERVER_QUEUE_URL"], v["TFSERVER_SQS_ENDPOINT"],
                          v["TFSERVER_SQS_REGION"], v["TFSERVER_ROLE"],
                          v["TFSERVER_RESUME_LOST"], v["TFSERVER_SQS_VISIBILITY"])
+
+
+def _connection_limits(v: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields of what a client may hold: connections, streams, how long it may take."""
+    return {
+        "read_timeout": v["TFSERVER_READ_TIMEOUT"],
+        "max_connections": v["TFSERVER_MAX_CONNECTIONS"],
+        "max_connections_per_ip": v["TFSERVER_MAX_CONNECTIONS_PER_IP"],
+        "request_timeout": v["TFSERVER_REQUEST_TIMEOUT"],
+        "health_connections": v["TFSERVER_HEALTH_CONNECTIONS"],
+        "max_streams_per_tenant": v["TFSERVER_MAX_STREAMS_PER_TENANT"],
+        "stream_max": v["TFSERVER_STREAM_MAX"],
+    }
 
 
 def _auth_settings(v: Mapping[str, Any], issuer: str) -> AuthSettings:

@@ -118,6 +118,16 @@ class TooManyRuns(TFServerError):
                          extra={"limit": limit})
 
 
+class TooManyStreams(TFServerError):
+    """The tenant's limit of open event streams is reached (429, with `Retry-After`)."""
+
+    status = HTTPStatus.TOO_MANY_REQUESTS
+
+    def __init__(self, detail: str, *, limit: int, retry_after: int) -> None:
+        super().__init__(detail, headers={"Retry-After": str(retry_after)},
+                         extra={"limit": limit})
+
+
 class NotFound(TFServerError):
     """Unknown module, instance or job (404)."""
 

@@ -248,6 +248,14 @@ SETTINGS: tuple[Setting, ...] = (
             "open connections (a thread each); more are closed at once"),
     Setting("TFSERVER_MAX_CONNECTIONS_PER_IP", _integer(0), 32,
             "open connections one client address may hold (0: no cap, behind a proxy)"),
+    Setting("TFSERVER_HEALTH_CONNECTIONS", _integer(0), 4,
+            "connections kept, beyond `TFSERVER_MAX_CONNECTIONS`, for `/healthz` and "
+            "`/readyz` alone (other requests on them get 503)"),
+    Setting("TFSERVER_MAX_STREAMS_PER_TENANT", _integer(1), 8,
+            "event streams (`/runs/{id}/events`) one tenant may have open; more get 429"),
+    Setting("TFSERVER_STREAM_MAX", _duration(0.1), 300.0,
+            "longest life of an event stream: it then ends, and the client resumes with "
+            "`Last-Event-ID` or `?after=`", shown="300 s"),
     Setting("TFSERVER_REQUEST_TIMEOUT", _duration(0.1), 30.0,
             "a request's head and body must arrive within this (idle keep-alive time "
             "counts); slower clients are cut off", shown="30 s"),

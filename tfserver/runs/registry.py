@@ -310,6 +310,8 @@ def _follow_local(run: Run, after: int) -> Iterator[list[dict[str, Any]]]:
             return
         if run.done.is_set() and len(run.events) <= seq:
             return
+        if not batch:
+            yield []  # still waiting: the follower's reader may look up (keep-alive, bound)
 
 
 def _follow_stored(runs: Runs, run_id: str, after: int) -> Iterator[list[dict[str, Any]]]:

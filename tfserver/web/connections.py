@@ -6,7 +6,8 @@ connections bounds the threads; a cap per client address keeps one address from 
 every place (0 turns it off, for a server behind a proxy whose address every client
 shares); a deadline for the whole request head and body keeps a client that trickles a
 byte every few seconds from holding its place forever (the socket's read timeout alone
-limits each read, not the request).
+limits each read, not the request). A few places beyond the cap are kept for health
+checks (see `ConnectionLimits`).
 """
 
 from __future__ import annotations
@@ -17,35 +18,64 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 
 class ConnectionLimits:
-    """Counts open connections, in all and per client address."""
+    """Counts open connections, in all and per client address, and the few kept for
+    health checks beyond the cap (`health`).
 
-    def __init__(self, total: int, per_address: int) -> None:
+    Why a reserve, and not a cap on streams below the connection cap: streams are not
+    the only holders of connections. Idle keep-alive connections and slow clients fill
+    them too, and behind a proxy (no per-address cap) nothing tells one tenant's from
+    the platform's. Only places that nothing but a health check may use keep `/healthz`
+    and `/readyz` answering when every ordinary place is taken, whoever holds them. A
+    connection given a reserved place is served like any other, but answers 503 to any
+    other request, is closed after each answer, and must send its request soon
+    (`HEALTH_HEAD_TIMEOUT`), so a client that takes those places too gives them back
+    quickly.
+    """
+
+    def __init__(self, total: int, per_address: int, health: int = 0) -> None:
         self.total = total
         self.per_address = per_address
+        self.health = health
         self._mutex = threading.Lock()
         self._open = 0
         self._by_address: dict[str, int] = {}
+        #: The peers (address, port...) of the connections in a reserved place.
+        self._health_only: set[tuple[Any, ...]] = set()
 
-    def admit(self, address: str, *, per_address: bool = True) -> str | None:
-        """Count a new connection and return None; or return why it is refused. A trusted
-        proxy's address (`per_address` False) is not held to the per-address cap."""
+    def admit(self, peer: tuple[Any, ...], *, per_address: bool = True) -> str | None:
+        """Count a new connection from `peer` (address, port...) and return None; or
+        return why it is refused. Past the cap, a connection takes a reserved place if
+        one is free (`health_only` says so). A trusted proxy's address (`per_address`
+        False) is not held to the per-address cap."""
+        address = str(peer[0])
         with self._mutex:
-            if self._open >= self.total:
-                return f"connection limit ({self.total}) reached"
             held = self._by_address.get(address, 0)
             if per_address and self.per_address and held >= self.per_address:
                 return f"limit of {self.per_address} connections per address reached"
+            if self._open - len(self._health_only) >= self.total:
+                if len(self._health_only) >= self.health:
+                    return (f"connection limit ({self.total}, and {self.health} kept for "
+                            "health checks) reached")
+                self._health_only.add(peer)
             self._open += 1
             self._by_address[address] = held + 1
             return None
 
-    def release(self, address: str) -> None:
-        """A connection admitted for `address` closed."""
+    def health_only(self, peer: tuple[Any, ...]) -> bool:
+        """True for a connection admitted to a place kept for health checks."""
+        with self._mutex:
+            return peer in self._health_only
+
+    def release(self, peer: tuple[Any, ...]) -> None:
+        """A connection admitted for `peer` closed."""
+        address = str(peer[0])
         with self._mutex:
             self._open -= 1
+            self._health_only.discard(peer)
             left = self._by_address.get(address, 1) - 1
             if left:
                 self._by_address[address] = left
@@ -56,6 +86,12 @@ class ConnectionLimits:
         """Connections open now."""
         with self._mutex:
             return self._open
+
+
+#: How soon a connection in a place kept for health checks must send its request.
+HEALTH_HEAD_TIMEOUT = 5.0
+#: The only paths a connection in a place kept for health checks is served.
+HEALTH_PATHS = frozenset({"/healthz", "/readyz"})
 
 
 class DeadlineReader(io.RawIOBase):

@@ -25,7 +25,7 @@ from ..errors import (
 )
 from ..logs import audit_request, log_access, request_id
 from ..settings import parse_bool
-from .connections import client_address
+from .connections import HEALTH_HEAD_TIMEOUT, HEALTH_PATHS, client_address
 from .http11 import Connection, Host
 from .jsonbody import parse_body
 from .request import Site
@@ -67,6 +67,10 @@ class Serving(Host, Protocol):
         """True for a trusted proxy's address."""
         ...
 
+    def health_only(self, peer: Any) -> bool:
+        """True for a connection in a place kept for health checks."""
+        ...
+
 
 class RequestHandler(Connection):
     """A request: routed, answered, and logged (access line, metrics, audit line); the
@@ -76,6 +80,13 @@ class RequestHandler(Connection):
     def host(self) -> Serving:
         """The server this request belongs to."""
         return cast(Serving, self.server)
+
+    def setup(self) -> None:
+        """A connection in a place kept for health checks must send its request soon."""
+        super().setup()
+        self.health_only = self.host.health_only(self.client_address)
+        if self.health_only:
+            self.head_timeout = min(self.head_timeout, HEALTH_HEAD_TIMEOUT)
 
     # -- the body -----------------------------------------------------------------------
 
@@ -188,6 +199,8 @@ class RequestHandler(Connection):
             if self.host.stopping.is_set():
                 self.close_connection = True
                 raise Unavailable("the server is shutting down", retry_after=10)
+            if self.health_only:
+                self._health_check_only()
             self._check_framing()
             reply = dispatch(self, self.host.site)
             if reply is not None:
@@ -217,6 +230,16 @@ class RequestHandler(Connection):
                 self._drain()
             request_id.reset(token)
             self.host.leave()
+
+    def _health_check_only(self) -> None:
+        """On a place kept for health checks: nothing else, and the place is given back
+        after the answer."""
+        self.close_connection = True
+        if self.url_path not in HEALTH_PATHS:
+            raise Unavailable(
+                f"every connection is in use (TFSERVER_MAX_CONNECTIONS="
+                f"{self.host.config.max_connections}); the places left serve only "
+                "/healthz and /readyz", retry_after=1)
 
     def answered(self, seconds: float) -> None:
         """The metrics of a request (also of one http.server refused itself), its access

@@ -11,6 +11,8 @@ import contextlib
 import io
 import json
 import logging
+import select
+import socket
 import uuid
 from collections.abc import Callable
 from http import HTTPStatus
@@ -85,12 +87,14 @@ class Connection(BaseHTTPRequestHandler):
         super().setup()
         self.reader = DeadlineReader(self.connection, config.read_timeout)
         self.rfile = io.BufferedReader(self.reader, 1 << 16)
+        #: How soon each request's head and body must have arrived.
+        self.head_timeout = config.request_timeout
 
     def handle_one_request(self) -> None:
         """One request: its head and body must arrive within TFSERVER_REQUEST_TIMEOUT. A
         client that goes away (a stream it cut, say) ends the connection quietly: that is
         routine, not an error."""
-        self.reader.arm(self.host.config.request_timeout)
+        self.reader.arm(self.head_timeout)
         # The defaults again: an error http.server answers before `dispatch` (a bad head,
         # an early 413) must not be logged with the previous request's path or id.
         self.status, self.request_id, self.url_path, self.client_ip = 0, "", "", ""
@@ -230,3 +234,15 @@ class Connection(BaseHTTPRequestHandler):
             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
             self.wfile.flush()
         return write
+
+    def client_gone(self) -> bool:
+        """True once the client closed its side: the socket reads as ended (a peek, so a
+        request sent meanwhile stays unread). A TLS socket is peeked under its records,
+        which a close_notify keeps from looking ended: its writes fail soon instead."""
+        try:
+            poller = select.poll()  # not select(): no limit on the descriptor's number
+            poller.register(self.connection, select.POLLIN)
+            return bool(poller.poll(0)) and socket.socket.recv(self.connection, 1,
+                                                                socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import re
+import time
 
 from .. import metrics
 from ..app.execute import Applied
@@ -17,7 +17,7 @@ from ..app.history import Idempotency, Submitted
 from ..app.submit import Origin
 from ..errors import BadRequest, NotFound, Unavailable
 from ..runs.store import ENDED
-from . import docs, render
+from . import docs, render, streams
 from .request import Call, Reply, Request
 
 # RFC 7240: a preference's value is a token or a quoted string (`wait=5`, `wait="5"`).
@@ -197,21 +197,15 @@ def run_events(call: Call) -> None:
             h.send_bytes(204, b"", "text/event-stream")
             return
         batches = itertools.chain([first], batches)
-    write = h.start_stream("text/event-stream" if sse else "application/x-ndjson")
-    if write is None:
-        return  # HEAD
-    for batch in batches:
-        if not batch:
-            if sse:
-                write(b": waiting\n\n")  # keeps proxies from timing the stream out
-            continue
-        chunk = []
-        for e in batch:
-            data = json.dumps(render.event(e), separators=(",", ":"))
-            chunk.append(f"id: {e['seq']}\nevent: {e['type']}\ndata: {data}\n\n" if sse
-                         else data + "\n")
-        write("".join(chunk).encode())
-    write(b"")
+    limits = call.site.streams
+    # Counted only once the run is known to be the caller's (another tenant's is 404
+    # before), and given back however the stream ends.
+    with limits.hold(call.who.tenant_key):
+        write = h.start_stream("text/event-stream" if sse else "application/x-ndjson")
+        if write is None:
+            return  # HEAD
+        streams.relay(batches, write, sse=sse, seconds=limits.max_seconds,
+                      gone=h.client_gone, clock=time.monotonic)
 
 
 # -- the parts of answers and requests ----------------------------------------------------

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from ..app.service import Service
 from ..auth import Authenticator, Principal
 from ..module.discover import Module
+from .streams import StreamLimits
 
 
 class Headers(Protocol):
@@ -101,6 +102,10 @@ class Request(Protocol):
         """Answer 200 with a body in chunks: the chunk writer, or None for HEAD."""
         ...
 
+    def client_gone(self) -> bool:
+        """True once the client closed its side of the connection (a stream it left)."""
+        ...
+
 
 class Documents(Protocol):
     """The API's OpenAPI document, for a caller (`openapi.ApiDescription`)."""
@@ -123,6 +128,8 @@ class Site:
     token_url: str = ""
     #: False on a worker of the `sqs` engine: it answers only its health checks.
     serves_api: bool = True
+    #: Each tenant's open event streams, and how long one may last.
+    streams: StreamLimits = field(default_factory=StreamLimits)
 
 
 @dataclass

@@ -19,10 +19,11 @@ from ..auth import Authenticator
 from ..config import Config
 from ..settings import Network
 from ..tls import Certificates
-from .connections import ConnectionLimits
+from .connections import HEALTH_HEAD_TIMEOUT, ConnectionLimits
 from .handler import RequestHandler
 from .openapi import ApiDescription, DocSettings
 from .request import Site
+from .streams import StreamLimits
 
 __all__ = ["RequestHandler", "TFServer"]
 
@@ -47,15 +48,20 @@ class TFServer(ThreadingHTTPServer):
         self.service = service
         self.authenticator = authenticator
         #: What every route may use: the operations, authentication, the OpenAPI document.
+        #: Each tenant's open event streams (a stream holds a connection for long).
+        self.streams = StreamLimits(config.max_streams_per_tenant, config.stream_max)
         self.site = Site(service, authenticator, ApiDescription(DocSettings.from_config(config)),
                          auth=config.auth == "jwt", token_url=config.auth_settings.token_url,
-                         serves_api=config.queue.serves_api)
+                         serves_api=config.queue.serves_api,
+                         streams=self.streams)
         self.certificates = certificates
         self.stopping = threading.Event()
         # One thread per connection: cap them, in all and per client address, so idle or
-        # slow clients cannot pile up threads (see connections.py).
+        # slow clients cannot pile up threads, and keep a few for health checks beyond
+        # the cap (see connections.py).
         self.limits = ConnectionLimits(config.max_connections,
-                                       config.max_connections_per_ip)
+                                       config.max_connections_per_ip,
+                                       config.health_connections)
         self._busy = 0
         self._busy_cond = threading.Condition()
         if ":" in config.host:
@@ -68,7 +74,7 @@ class TFServer(ThreadingHTTPServer):
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """Start the connection's thread, or close it at once when a cap is reached."""
-        refused = self.limits.admit(client_address[0],
+        refused = self.limits.admit(client_address,
                                     per_address=not self.trusted(client_address[0]))
         if refused is not None:
             logger.warning("%s: closing a new connection from %s", refused,
@@ -78,7 +84,7 @@ class TFServer(ThreadingHTTPServer):
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self.limits.release(client_address[0])
+            self.limits.release(client_address)
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
@@ -86,12 +92,17 @@ class TFServer(ThreadingHTTPServer):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self.limits.release(client_address[0])
+            self.limits.release(client_address)
+
+    def health_only(self, peer: Any) -> bool:
+        """True for a connection in a place kept for health checks."""
+        return self.limits.health_only(peer)
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         """Run the TLS handshake in the connection's own thread, with a deadline."""
         if self.certificates is not None:
-            request.settimeout(self.config.read_timeout)
+            request.settimeout(min(self.config.read_timeout, HEALTH_HEAD_TIMEOUT)
+                               if self.health_only(client_address) else self.config.read_timeout)
             try:
                 # The context of the moment: a renewal applies to the next connection.
                 request = self.certificates.context.wrap_socket(request, server_side=True)

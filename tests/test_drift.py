@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_engine import Start, calls, fleet
 
 from support import (
     ROOT,
@@ -25,6 +26,8 @@ from support import (
     bearer,
     start_server,
 )
+from test_runs import body
+from test_s3 import store
 from tfserver.__main__ import _webhooks
 from tfserver.app.engine import spec_doc, spec_of
 from tfserver.app.execute import RunSpec
@@ -35,6 +38,8 @@ from tfserver.scrub import Scrubber
 from tfserver.terraform.drift import DriftChange, differing, plan_drift, stream_drift
 from tfserver.terraform.output import api_event
 from tfserver.web.render import drift as shown_drift
+
+__all__ = ["fleet", "store"]
 
 ASYNC = {"Prefer": "respond-async"}
 REFRESH = "plan -json -refresh-only"
@@ -204,6 +209,19 @@ def test_a_destroy_forgets_the_drift(srv: tuple[ServerProcess, Path, Path],
     assert server.request("POST", "/basic/gone/drift", headers=h).status == 404
     make(server, h, "gone")
     assert server.request("GET", "/basic/gone", headers=h).json["drift"]["status"] == "unknown"
+
+
+def test_a_drift_check_through_the_sqs_engine(fleet: tuple[Start, str]) -> None:
+    """An API replica queues the check, a worker runs it; the report is kept in the bucket
+    and read by the API replica."""
+    start, _ = fleet
+    api, worker = start("api1", "api"), start("w1", "worker")
+    assert api.request("PUT", "/steps/checked", body(0, "c")).status == 201
+    r = api.request("POST", "/steps/checked/drift?reconcile=true")
+    assert r.status == 200 and r.json["drift"]["status"] == "in_sync", r.body
+    assert api.request("GET", "/steps/checked").json["drift"]["run_id"] == r.json["run_id"]
+    assert calls(api) == []
+    assert [c for c in calls(worker) if c.startswith(REFRESH)]
 
 
 # -- pure parts -------------------------------------------------------------------------------

@@ -161,7 +161,7 @@ def test_operation_ids_are_stable_names_a_generator_can_use() -> None:
         *(f"{verb}_{m}" for m in ("demo", "droplet") for verb in ("apply", "describe",
                                                                     "destroy")),
         *(f"{verb}_{m}_instance" for m in ("demo", "droplet")
-          for verb in ("apply", "get", "destroy", "unlock")),
+          for verb in ("apply", "get", "destroy", "unlock", "drift")),
         "list_demo_instance_runs", "list_droplet_instance_runs",
         "list_modules", "get_health", "get_readiness", "get_openapi", "get_docs", "get_metrics",
         "list_runs", "get_run", "get_run_events", "cancel_run", "apply_plan"])
@@ -498,7 +498,7 @@ def _fuzz_operation(operation: Any, mode: Any, count: int, checks: list[Any], ba
 
 def test_schemathesis_auth_off(open_server: Served) -> None:
     answered = fuzz(open_server, examples=20, negative_examples=5, budget=150)
-    assert len(answered) == 27, sorted(answered)
+    assert len(answered) == 29, sorted(answered)  # 27, and each module's drift check
     # The fuzzing reached terraform, not only the refusals (demo's names mostly fail its
     # validation block: 422, from terraform too).
     assert answered["POST /shapes"][200] and answered["PUT /shapes/{instance}"][201]
@@ -507,7 +507,7 @@ def test_schemathesis_auth_off(open_server: Served) -> None:
 
 def test_schemathesis_auth_on(auth_server: AuthServer) -> None:
     answered = fuzz(auth_server.served, examples=10, negative_examples=3, budget=150)
-    assert len(answered) == 27, sorted(answered)
+    assert len(answered) == 29, sorted(answered)  # 27, and each module's drift check
     assert answered["PUT /shapes/{instance}"][201] and answered["GET /demo"][200]
 
 

@@ -41,6 +41,12 @@ VF = Path("/s/tmp/x.tfvars.json")
          ["workspace", "new", "-no-color", "-lock-timeout=3s", "t.x"]),
         ("workspace delete", {"extra": ["t.x"]}, ["workspace", "delete", "-no-color", "t.x"]),
         ("force-unlock", {"extra": ["abc"]}, ["force-unlock", "-no-color", "-force", "abc"]),
+        ("plan", {"var_file": VF, "refresh_only": True, "lock_timeout": 2,
+                  "plan_out": Path("/s/tmp/x.tfplan")},
+         ["plan", "-json", "-refresh-only", "-input=false", "-no-color", "-lock-timeout=2s",
+          f"-var-file={VF}", "-out=/s/tmp/x.tfplan"]),
+        ("show", {"plan_file": Path("/s/tmp/x.tfplan"), "lock_timeout": 2},
+         ["show", "-json", "-no-color", "/s/tmp/x.tfplan"]),
     ],
 )
 def test_build_args(command: str, kwargs: dict, expected: list[str]) -> None:

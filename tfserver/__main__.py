@@ -11,7 +11,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 
@@ -26,8 +26,10 @@ from .module.discover import discover
 from .module.policy import Policy
 from .module.policyfile import load_policy
 from .notify.delivery import Notifier, targets_from_policy
+from .notify.payloads import instance_event
 from .notify.store import Deliveries
 from .notify.targets import AllowList
+from .runs.store import RunRecord
 from .storage import make_backend
 from .storage.base import StateBackend
 from .terraform.process import Terraform
@@ -84,7 +86,7 @@ def build(config: Config) -> Parts:
     notifier = _notifier(config, policy, backend, metrics)
     service = Service(config, modules, terraform, backend, policy,
                       metrics=metrics,
-                      on_run_ended=notifier.run_finished if notifier is not None else None)
+                      on_run_ended=_webhooks(notifier) if notifier is not None else None)
     service.prepare()
     fetched = service.metrics.jwks_fetches
     authenticator = make_authenticator(
@@ -135,6 +137,20 @@ def _notifier(config: Config, policy: Policy, backend: StateBackend,
                     targets_from_policy(policy.webhooks, os.environ, allow),
                     replica=config.replica or socket.gethostname(),
                     retry=config.webhook_retry, allow=allow, metrics=metrics)
+
+
+def _webhooks(notifier: Notifier) -> Callable[[RunRecord], object]:
+    """What a run's end sends: `run.finished`, and `instance.drifted` after a drift check
+    that found drift (ids and links only: the drift's names stay in the API)."""
+    def ended(record: RunRecord) -> None:
+        notifier.run_finished(record)
+        if record.operation == "drift" and (record.drift or {}).get("status") == "drifted":
+            at = record.finished_at if record.finished_at is not None else time.time()
+            notifier.notify("instance.drifted", instance_event(
+                "instance.drifted", record.module, record.instance, record.tenant, at=at,
+                run_id=record.id, status="drifted"), record.tenant, record.client_id)
+
+    return ended
 
 
 def serve(parts: Parts) -> int:

@@ -18,6 +18,7 @@ from ..names import check_instance_name, check_tenant_key, split_workspace, work
 from ..runs.expiry import Expiries
 from ..scrub import Scrubber, Secret, shown_outputs
 from ..storage.base import StateBackend, holds_instance
+from .driftstore import DriftReports
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,8 @@ class InstanceView:
     stale: bool = False
     #: When the instance expires (seconds since the epoch), if it does.
     expires_at: float | None = None
+    #: Its last drift check's report (`driftstore.py`), None if never checked.
+    drift: dict[str, Any] | None = None
 
 
 def target_workspace(principal: Principal, instance: str, tenant: str | None) -> str:
@@ -134,6 +137,7 @@ class Catalog:
             lock=snap.lock,
             stale=snap.stale,
             expires_at=self.expiries.get(name, ws),
+            drift=DriftReports(self.backend.objects).get(name, ws),
         )
 
     def _scrubber(self, m: Module, workspace: str) -> Scrubber | None:

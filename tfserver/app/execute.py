@@ -37,11 +37,12 @@ from ..terraform.args import build_args
 from ..terraform.output import EventSink, Failure, RunResult
 from ..terraform.process import RunControl, Runner
 from ..terraform.workdir import VarFiles, WorkingCopies
+from .driftstore import DriftReports
 from .workspaces import Workspaces
 
 logger = logging.getLogger(__name__)
 
-Operation = Literal["apply", "plan", "destroy", "plan-destroy"]
+Operation = Literal["apply", "plan", "destroy", "plan-destroy", "drift"]
 
 #: The warning of an apply whose inputs the backend would not keep.
 INPUTS_NOT_KEPT = ("the inputs of this apply could not be kept for its destroy (the "
@@ -87,7 +88,20 @@ class Destroyed:
     run_id: str
 
 
-Outcome = Applied | Planned | Destroyed
+@dataclass(frozen=True)
+class Checked:
+    """A drift check that ran: the report kept beside the instance (`drift.py`: status,
+    time, run, changes as names only) and the apply that reconciles it, if one started."""
+
+    module: str
+    instance: str
+    changes: dict[str, int]
+    run_id: str
+    drift: dict[str, Any]
+    reconciled_by: str | None = None
+
+
+Outcome = Applied | Planned | Destroyed | Checked
 
 
 @dataclass
@@ -110,6 +124,8 @@ class RunSpec:
     expires: float | None = None
     #: A destroy by the reaper: the expiry it acts on (the run stops if it moved).
     expiry: float | None = None
+    #: A drift check: apply the kept inputs when it finds drift.
+    reconcile: bool = False
 
 
 #: What an answer shows of a state lock: never the server's paths, user or host.
@@ -241,6 +257,7 @@ class Executor:
             self.workspaces.delete_workspace(spec, wc.path, _remaining(deadline))
             self.backend.inputs.delete(name, ws)
             self.expiries.clear(name, ws)
+            DriftReports(self.backend.objects).clear(name, ws)
             return Destroyed(name, spec.instance, result.changes, spec.run_id)
         return Applied(name, spec.instance, self._outputs(spec, result), result.changes,
                        spec.run_id, created=not existed, expires_at=expires_at,

@@ -23,7 +23,7 @@ from ..runs.registry import Runs
 from ..runs.run import Run, RunProblem
 from ..runs.store import ACTIVE, RunRecord
 from .catalog import Catalog, target_workspace
-from .execute import Applied, Destroyed, Operation, Outcome, Planned
+from .execute import Applied, Checked, Destroyed, Operation, Outcome, Planned
 
 logger = logging.getLogger(__name__)
 
@@ -299,6 +299,10 @@ def _outcome_of(record: RunRecord) -> Outcome:
                        record.id)
     if op == "destroy":
         return Destroyed(record.module, record.instance, changes, record.id)
+    if op == "drift":
+        drift = record.drift or {}
+        return Checked(record.module, record.instance, changes, record.id, drift,
+                       drift.get("reconciled_by"))
     return Applied(record.module, record.instance, record.outputs or {}, changes, record.id,
                    created=bool(record.created), warnings=tuple(record.warnings or ()),
                    public_outputs=record.outputs or {})

@@ -12,6 +12,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from ..auth import Principal
@@ -34,6 +35,7 @@ from ..storage.local import LocalBackend
 from ..terraform.process import Runner
 from ..terraform.workdir import VarFiles, WorkingCopies
 from .catalog import Catalog, InstanceView, ModuleView, target_workspace
+from .drift import drift_spec
 from .engine import queued_runs
 from .execute import Applied, Destroyed, Executor, Outcome, Planned, RunSpec
 from .governance import Governance
@@ -105,7 +107,7 @@ class Service:
         self.worker = (QueueWorker(self.queued, self.submitter.rebuild, slots=config.max_runs,
                                    visibility=config.queue.visibility)
                        if self.queued is not None and config.queue.role != "api" else None)
-        self.reaper = Reaper(self.expiries, self._reap, self._run_status,
+        self.reaper = Reaper(self.expiries, self._reap, partial(_run_status, self.runs),
                              replica=self.runs.replica, interval=config.reap_interval)
 
     # -- start-up ---------------------------------------------------------------------
@@ -235,11 +237,12 @@ class Service:
         if self.on_run_ended is not None:
             self.on_run_ended(record)
 
-    def _run_status(self, run_id: str) -> str:
-        try:
-            return self.runs.record(run_id).status
-        except NotFound:
-            return "lost"
+    def drift(self, principal: Principal, name: str, instance: str, *, reconcile: bool,
+              tenant: str | None, asynchronous: bool, idempotency: Idempotency | None,
+              origin: Origin | None) -> Submitted:
+        """Start a drift check of an instance (`reconcile`: then apply it if drifted)."""
+        spec = drift_spec(self.catalog, principal, name, instance, tenant, reconcile)
+        return self.submitter.submit(spec, asynchronous, idempotency, origin=origin)
 
     def force_unlock(self, principal: Principal, name: str, instance: str,
                      lock_id: Any, tenant: str | None = None) -> Unlocked:
@@ -308,6 +311,14 @@ class Service:
         self.metrics.request(method, route, status, seconds)
 
     # -- helpers ----------------------------------------------------------------------
+
+
+def _run_status(runs: Runs, run_id: str) -> str:
+    """A run's status (`lost` when no record of it is found), for the reaper."""
+    try:
+        return runs.record(run_id).status
+    except NotFound:
+        return "lost"
 
 
 def _seconds(record: RunRecord) -> float | None:

@@ -4,6 +4,7 @@ starts is `job` (terraform through the executor, its events relayed)."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -20,10 +21,13 @@ from ..runs.run import Run
 from ..runs.store import RunRecord, RunStore, new_run_id
 from ..terraform.output import api_event
 from ..terraform.process import RunControl
+from .drift import DriftCheck, reconcile_spec
 from .engine import spec_doc, spec_of
-from .execute import Applied, Executor, Outcome, Planned, RunSpec
+from .execute import Applied, Checked, Executor, Outcome, Planned, RunSpec
 from .governance import Governance
 from .history import History, Idempotency, Submitted
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,7 @@ class Submitter:
         self.modules = modules
         #: The `sqs` engine's queue (None: the local lanes run what this replica accepts).
         self.queued = queued
+        self.drift = DriftCheck(executor)
 
     def submit(self, spec: RunSpec, asynchronous: bool, idempotency: Idempotency | None,
                *, governed: bool = True, origin: Origin | None = None) -> Submitted:
@@ -113,7 +118,8 @@ class Submitter:
                 run.emit(event.pop("type"), **event)
 
         try:
-            outcome = self.executor.execute(spec, control=control, on_event=relay)
+            outcome = (self.drift.check(spec, control, relay) if spec.operation == "drift"
+                       else self.executor.execute(spec, control=control, on_event=relay))
         except Conflict as e:
             if "lock" in e.extra:  # the state was locked by a run elsewhere
                 self.metrics.lock_conflicts.labels(spec.module.name).inc()
@@ -127,7 +133,24 @@ class Submitter:
             record.planned = outcome.planned
             record.plan = {"expires_at": time.time() + self.config.plan_ttl,
                            "applied_by": None}
+        elif isinstance(outcome, Checked):
+            outcome = self._reconcile(spec, outcome)
+            record.drift = outcome.drift
         return outcome
+
+    def _reconcile(self, spec: RunSpec, checked: Checked) -> Checked:
+        """Start the apply of a drifted instance asked to be reconciled (queued behind
+        this check on its lane); the check, linked to it."""
+        if not spec.reconcile or checked.drift.get("status") != "drifted":
+            return checked
+        try:
+            apply = self.submit(reconcile_spec(spec), asynchronous=True, idempotency=None,
+                                governed=False)
+        except TFServerError as e:  # the check stands; its report says it was not applied
+            logger.warning("drift of %s/%s not reconciled: %s", spec.module.name,
+                           spec.instance, e.detail, extra={"run_id": spec.run_id})
+            return checked
+        return self.drift.reconciled(checked, spec, apply.run_id)
 
 
 def _record(spec: RunSpec, idempotency: Idempotency | None, origin: Origin | None

@@ -110,6 +110,8 @@ class RunRecord:
     warnings: list[str] | None = None
     #: How many times the run was started (a run whose worker died is run again).
     attempt: int = 1
+    #: A drift check's report: status, changes as names only, the reconciling run.
+    drift: dict[str, Any] | None = None
 
     def to_json(self) -> bytes:
         """The stored form."""

@@ -22,6 +22,7 @@ def build_args(
     var_file: Path | None = None,
     lock_timeout: float | None = None,
     destroy: bool = False,
+    refresh_only: bool = False,
     backend_config: Sequence[tuple[str, str]] = (),
     reconfigure: bool = False,
     plan_out: Path | None = None,
@@ -32,7 +33,8 @@ def build_args(
 
     Always non-interactive and colourless; `-json` where the command streams events. A
     plan may be saved (`plan_out`), and an apply may apply a saved plan (`plan_file`,
-    which takes no variables).
+    which takes no variables); `refresh_only` makes a plan a drift check, and `show` of a
+    `plan_file` reads the saved plan as JSON.
     """
     words = command.split()
     args = list(words)
@@ -43,6 +45,10 @@ def build_args(
         args += ["-json"]
         if destroy:
             args.append("-destroy")
+        elif refresh_only:
+            args.append("-refresh-only")
+    elif verb == "show":
+        args += ["-json"]
     if verb in ("apply", "destroy", "plan", "init"):
         args.append("-input=false")
     args.append("-no-color")
@@ -63,7 +69,7 @@ def build_args(
     if verb == "force-unlock":
         args.append("-force")
     args += list(extra)
-    if plan_file is not None and verb == "apply":
+    if plan_file is not None and verb in ("apply", "show"):
         args.append(str(plan_file))
     return args
 

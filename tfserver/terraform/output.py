@@ -219,6 +219,10 @@ def api_event(raw: Mapping[str, Any]) -> dict[str, Any] | None:
         if isinstance(hook.get("elapsed_seconds"), int | float):
             event["elapsed_s"] = hook["elapsed_seconds"]
         return event
+    if kind == "resource_drift":  # names only: the stream carries no attribute values
+        change = raw.get("change") or {}
+        return {"type": "drift", "address": str((change.get("resource") or {}).get("addr", "")),
+                "action": str(change.get("action", ""))}
     if kind == "change_summary":
         changes = raw.get("changes") or {}
         if changes.get("operation") != "plan":

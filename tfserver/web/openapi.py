@@ -23,6 +23,7 @@ from typing import Any
 from ..auth import Principal
 from ..module.discover import Module
 from ..runs.store import ACTIVE, ENDED
+from .driftdoc import RECONCILE, drift_schemas
 from .routes import ROUTES, Access, Route
 from .schemas import (
     APPLIED_PREF,
@@ -280,6 +281,11 @@ def module_operations(module: Module, ident: str,
             "The instance's runs, newest first",
             parameters=[TENANT, LIMIT, BEFORE], responses=answers(settings, {
                 "200": ok_answer("A page of runs.", ref("RunPage"))}, 400, 403)),
+        "drift_{module}_instance": op(
+            f"Check an instance of {name} for drift (a refresh-only plan)",
+            parameters=[RECONCILE, TENANT, *run_params], responses=answers(settings, {
+                "200": ok_answer("What the check found.", ref("Checked"), APPLIED_PREF),
+                "202": accepted()}, 403, 404, *RUN_FAILURES)),
     }
 
 
@@ -290,7 +296,7 @@ def base_document(settings: DocSettings) -> dict[str, Any]:
     """The paths and schemas that do not depend on the modules (pure)."""
     paths = paths_of((r for r in ROUTES if not r.per_module), base_operations(settings),
                      settings)
-    return {"paths": paths, "schemas": common_schemas()}
+    return {"paths": paths, "schemas": {**common_schemas(), **drift_schemas()}}
 
 
 def base_operations(settings: DocSettings) -> dict[str, dict[str, Any]]:

@@ -145,6 +145,21 @@ def instance_runs(call: Call) -> Reply:
                                       _kept(h, "tenant", "limit")))
 
 
+# -- drift ------------------------------------------------------------------------------
+
+
+def drift(call: Call) -> Reply:
+    """Check an instance for drift (`?reconcile=true`: then apply it if drifted)."""
+    module, instance, _ = _target(call)
+    h = call.req
+    asynchronous, wait = prefer(h)
+    h.read_body(required=False)
+    submitted = call.service.drift(call.who, module, instance, reconcile=h.flag("reconcile"),
+                                   tenant=h.param("tenant"), asynchronous=asynchronous,
+                                   idempotency=_idempotency(h), origin=_origin(h))
+    return _answer(call, submitted, wait, named=True)
+
+
 # -- runs -------------------------------------------------------------------------------
 
 

@@ -7,12 +7,12 @@ from typing import Any
 from urllib.parse import urlencode
 
 from ..app.catalog import InstanceView, ModuleView
-from ..app.execute import Applied, Destroyed, Planned
+from ..app.execute import Applied, Checked, Destroyed, Planned
 from ..app.history import RunPage
 from ..app.service import Readiness, Unlocked
 from ..runs.store import RunRecord, rfc3339
 
-Result = Applied | Planned | Destroyed | InstanceView | ModuleView | Unlocked
+Result = Applied | Planned | Destroyed | Checked | InstanceView | ModuleView | Unlocked
 
 
 def render(result: Result) -> dict[str, Any]:
@@ -31,6 +31,9 @@ def render(result: Result) -> dict[str, Any]:
     if isinstance(result, Destroyed):
         return {"module": result.module, "instance": result.instance, "destroyed": True,
                 "changes": result.changes, "run_id": result.run_id}
+    if isinstance(result, Checked):
+        return {"module": result.module, "instance": result.instance,
+                "drift": drift(result.drift), "run_id": result.run_id}
     if isinstance(result, InstanceView):
         body: dict[str, Any] = {
             "module": result.module, "instance": result.instance, "outputs": result.outputs,
@@ -38,6 +41,7 @@ def render(result: Result) -> dict[str, Any]:
             "terraform_version": result.terraform_version,
             "status": "busy" if result.busy else "idle",
             "expires_at": rfc3339(result.expires_at),
+            "drift": drift(result.drift),
         }
         if result.lock:
             body["lock"] = result.lock
@@ -58,6 +62,20 @@ def render(result: Result) -> dict[str, Any]:
                           for i in result.instances],
         }
     return {"module": result.module, "instance": result.instance, "unlocked": result.lock_id}
+
+
+def drift(report: dict[str, Any] | None) -> dict[str, Any]:
+    """An instance's last drift check (`unknown` before any): names, never values."""
+    if not report:
+        return {"status": "unknown", "checked_at": None, "run_id": None, "changes": []}
+    shown = {"status": report.get("status"),
+             "checked_at": rfc3339(report.get("checked_at")), "run_id": report.get("run_id"),
+             "changes": [{"address": c.get("address"), "action": c.get("action"),
+                          "attributes": list(c.get("attributes") or [])}
+                         for c in report.get("changes") or [] if isinstance(c, dict)]}
+    if report.get("reconciled_by"):
+        shown["reconciled_by"] = report["reconciled_by"]
+    return shown
 
 
 def readiness(report: Readiness) -> dict[str, Any]:
@@ -112,6 +130,8 @@ def run(record: RunRecord, viewer_tenant: str) -> dict[str, Any]:
         body["state_may_be_locked"] = True
     if record.warnings:
         body["warnings"] = record.warnings
+    if record.drift is not None:
+        body["drift"] = drift(record.drift)
     return body
 
 

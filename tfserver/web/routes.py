@@ -93,6 +93,8 @@ ROUTES: tuple[Route, ...] = (
           "unlock_{module}_instance"),
     Route("GET", "/{module}/{instance}/runs", op.instance_runs, A.READ,
           "list_{module}_instance_runs"),
+    Route("POST", "/{module}/{instance}/drift", op.drift, A.WRITE,
+          "drift_{module}_instance"),
 )
 del A
 

@@ -178,7 +178,7 @@ def common_schemas() -> dict[str, Any]:
         "id": {"type": "string", "pattern": RUN_ID},
         "module": STRING,
         "instance": STRING,
-        "operation": {"enum": ["apply", "destroy", "plan", "plan-destroy"]},
+        "operation": {"enum": ["apply", "destroy", "plan", "plan-destroy", "drift"]},
         "status": {"enum": sorted(ACTIVE) + sorted(ENDED)},
         "queue_position": {"type": ["integer", "null"], "minimum": 0},
         "created_at": TIME,
@@ -201,6 +201,7 @@ def common_schemas() -> dict[str, Any]:
         "idempotency_key": STRING,
         "cancel": {"enum": ["requested", "forced"]},
         "state_may_be_locked": {"type": "boolean"},
+        "drift": {**ref("Drift"), "description": "A drift check: what it found."},
     }, ("id", "module", "instance", "operation", "status", "queue_position", "created_at",
         "started_at", "finished_at", "who", "changes", "outputs", "planned", "problem",
         "links"), "A run: every apply, destroy and plan is one.")
@@ -208,7 +209,7 @@ def common_schemas() -> dict[str, Any]:
         "seq": {"type": "integer", "minimum": 1},
         "time": {"type": "string", "format": "date-time"},
         "type": {"enum": ["queued", "started", "planned", "resource", "diagnostic",
-                          "outputs", "finished"]},
+                          "outputs", "drift", "finished"]},
         "changes": {"anyOf": [ref("Changes"), {"type": "null"}]},
         "address": STRING,
         "action": STRING,
@@ -297,6 +298,7 @@ def module_schemas(module: Module, ident: str) -> dict[str, Any]:
             "stale": {"type": "boolean",
                       "description": "The last complete state; a newer one is being "
                                      "written."},
+            "drift": ref("Drift"),
         }, ("module", "instance", "outputs", "resources", "serial", "terraform_version",
             "status"), f"An instance of module {name}, read from its state."),
         f"{ident}_module": obj({

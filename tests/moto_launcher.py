@@ -3,7 +3,10 @@
 moto's long poll copies the queue's in-flight message groups once, when the poll starts:
 two consumers already waiting when two messages of one FIFO group arrive each get one, so
 two messages of one group are in flight at once (real SQS never does this). Here every
-receive is a short poll under one lock, and a long poll is a series of them.
+receive is a short poll under one lock, and a long poll is a series of them, each woken as
+soon as a message is sent, deleted or made visible again (or after 50 ms, when a
+visibility timeout may have run out): it answers about as soon as real SQS would, without
+spinning.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from moto.server import main
@@ -18,6 +22,7 @@ from moto.sqs.models import SQSBackend
 
 _receive = SQSBackend.receive_message
 _lock = threading.Lock()
+_changed = threading.Condition()
 
 
 def receive_message(self: SQSBackend, queue_name: str, count: int,
@@ -29,12 +34,28 @@ def receive_message(self: SQSBackend, queue_name: str, count: int,
         with _lock:
             found = _receive(self, queue_name, count, 0, visibility_timeout,
                              message_attribute_names)
-        if found or time.monotonic() >= deadline:
+        left = deadline - time.monotonic()
+        if found or left <= 0:
             return found
-        time.sleep(0.005)  # a real long poll answers at once: poll often
+        with _changed:
+            _changed.wait(min(left, 0.05))
+
+
+def _waking(method: Callable[..., Any]) -> Callable[..., Any]:
+    """The backend's method, waking the waiting receives after it ran."""
+    def call(self: SQSBackend, *args: Any, **kwargs: Any) -> Any:
+        result = method(self, *args, **kwargs)
+        with _changed:
+            _changed.notify_all()
+        return result
+    return call
 
 
 SQSBackend.receive_message = receive_message  # type: ignore[method-assign]
+for _name in ("send_message", "send_message_batch", "delete_message",
+              "delete_message_batch", "change_message_visibility",
+              "change_message_visibility_batch"):
+    setattr(SQSBackend, _name, _waking(getattr(SQSBackend, _name)))
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -16,6 +16,7 @@ import pytest
 
 from support import ROOT, Jwks, ServerProcess, Signer, bearer, start_server
 from test_runs import ASYNC, wait_run
+from test_s3 import store  # noqa: F401 - the fixture
 
 MODULES = ROOT / "tests" / "modules_retry"
 
@@ -91,6 +92,8 @@ def test_a_canceled_run_and_a_canceled_dry_run_run_again(srv: tuple[ServerProces
         assert queued["status"] == "queued", queued
         r = server.request("POST", f"/runs/{queued['id']}/cancel")
         assert r.status == 202 and r.json["status"] == "canceled", r.body
+    busy = retry(server, head)  # still running (or queued): not retried
+    assert busy.status == 409 and "only a run that failed" in busy.json["detail"], busy.body
     again = retry(server, doomed["id"], ASYNC)
     assert again.status == 202, again.body
     assert wait_run(server, head)["status"] == "succeeded"
@@ -287,6 +290,8 @@ def test_orphan_forgets_the_instance_and_destroys_nothing(
     marker = tmp / "destroyed-o1"
     made = server.request("PUT", "/keep/o1", {"marker": str(marker)}, headers=writer)
     assert made.status == 201, made.body
+    kept = list((tmp / "state" / "_inputs" / "keep").glob("*.o1.json"))
+    assert len(kept) == 1, kept
     run_id = made.json["run_id"]
     refused = server.request("DELETE", "/keep/o1?orphan=true", headers=writer)
     assert refused.status == 403, refused.body  # admin only
@@ -303,6 +308,7 @@ def test_orphan_forgets_the_instance_and_destroys_nothing(
     until = dt.datetime.fromisoformat(r.json["archived_until"].replace("Z", "+00:00"))
     assert abs(until.timestamp() - (before + 2 * 86400)) < 30, r.json
     assert not marker.exists()  # no destroy ran
+    assert not kept[0].exists()  # its kept inputs went with it
     assert server.request("GET", "/keep/o1", headers=writer).status == 404
     listed = server.request("GET", "/keep", headers=writer).json["instances"]
     assert all(i["instance"] != "o1" for i in listed), listed
@@ -356,3 +362,114 @@ def test_orphan_of_a_busy_or_default_instance(authed: tuple[ServerProcess, Path]
     # Another tenant's instance: only with ?tenant= (and an admin).
     assert server.request("DELETE", "/keep/default?orphan=yes",
                           headers=who(signer, "stranger", "tfserver/admin")).status == 404
+
+
+def test_orphan_hostile_names_and_an_orphan_on_s3(moto: Any, store: dict[str, str],  # noqa: F811
+                                                  tmp_path: Path, signer: Signer,
+                                                  terraform_bin: str) -> None:
+    jwks = Jwks()
+    jwks.publish(signer)
+    env = {**store, "TF_STATE_LOCK_TABLE": "locks", "TF_STATE_USE_LOCKFILE": "true",
+           "COGNITO_ISSUER": Signer.ISSUER, "JWK_URL": jwks.url}
+    server = start_server(tmp_path, modules_dir=MODULES, env=env)
+    try:
+        writer = who(signer, "s3-tenant", "tfserver/keep.write")
+        admin = who(signer, "s3-tenant", "tfserver/admin")
+        for bad in ("bad%20name", "..", "x" * 300, "UPPER"):
+            r = server.request("DELETE", f"/keep/{bad}?orphan=true", headers=admin)
+            assert r.status in (400, 404), (bad, r.status, r.body)
+        marker = tmp_path / "destroyed"
+        assert server.request("PUT", "/keep/s1", {"marker": str(marker)},
+                              headers=writer).status == 201
+        bucket = store["TF_STATE_BUCKET"]
+        s3 = moto.client("s3")
+        names = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]]
+        state = next(k for k in names if k.startswith("tfs/keep/") and ".s1/" in k)
+        s3.put_object(Bucket=bucket, Key=state + ".tflock", Body=b'{"ID": "left"}')
+        r = server.request("DELETE", "/keep/s1?orphan=true", headers=admin)
+        assert r.status == 200 and r.json["orphaned"] is True, r.body
+        names = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]]
+        assert state not in names and state + ".tflock" not in names, names
+        archived = [k for k in names if k.startswith("tfs/_archive/keep/")]
+        assert len(archived) == 1 and archived[0].endswith(".tfstate"), names
+        assert json.loads(s3.get_object(Bucket=bucket, Key=archived[0])["Body"].read())[
+            "resources"]
+        items = moto.client("dynamodb").scan(TableName="locks")["Items"]
+        assert not [i for i in items if i["LockID"]["S"].startswith(f"{bucket}/{state}")]
+        assert server.request("GET", "/keep/s1", headers=writer).status == 404
+        # A new state of the name: no old digest or lock stands in its way.
+        again = server.request("PUT", "/keep/s1", {"marker": str(marker)}, headers=writer)
+        assert again.status == 201, again.body
+        assert server.request("DELETE", "/keep/s1", headers=writer).status == 200
+        assert marker.read_text() == "destroyed\n"
+    finally:
+        server.stop()
+        jwks.close()
+
+
+def test_archives_are_purged_after_their_retention(tmp_path: Path) -> None:
+    from tfserver.runs.expiry import Expiries, Reaper
+    from tfserver.storage.base import archive_stamp, archive_time
+    from tfserver.storage.local import LocalBackend
+
+    at = 1_796_000_000.25
+    assert archive_stamp(at) == "20261130T005320250Z"
+    assert archive_time(f"k.web.{archive_stamp(at)}") == at
+    assert archive_time(f"k.web.{archive_stamp(at)}.tfstate") == at
+    assert archive_time("k.web.garbage") is None and archive_time("") is None
+    backend = LocalBackend(tmp_path)
+    for ws, when in (("k.old", at), ("k.new", at + 86400)):
+        folder = backend.root / "keep" / ws
+        folder.mkdir(parents=True)
+        (folder / "terraform.tfstate").write_text("{}")
+        assert backend.archive("keep", ws, when).endswith(f"{ws}.{archive_stamp(when)}")
+        assert not folder.exists()
+    assert backend.archive("keep", "k.none", at) == ""  # no state: nothing moved
+    assert backend.purge_archives(at + 1) == 1
+    left = sorted(p.name for p in (tmp_path / "_archive" / "keep").iterdir())
+    assert left == [f"k.new.{archive_stamp(at + 86400)}"]
+    # The reaper does the purge as its chore: at its first round, then hourly.
+    done = threading.Event()
+    reaper = Reaper(Expiries(backend.objects), lambda due: None, lambda run: "succeeded",
+                    replica="r", interval=0.05, chore=done.set)
+    reaper.start()
+    try:
+        assert done.wait(10)
+    finally:
+        reaper.stop_event.set()
+        reaper.join(5)
+
+
+def test_the_document_has_retry_and_orphan(authed: tuple[ServerProcess, Path],
+                                           signer: Signer) -> None:
+    server, _ = authed
+    doc = server.request("GET", "/openapi.json",
+                         headers=who(signer, "doc", "tfserver/admin")).json
+    retry_op = doc["paths"]["/runs/{run_id}/retry"]["post"]
+    assert retry_op["operationId"] == "retry_run"
+    assert {"201", "202", "404", "409"} <= set(retry_op["responses"])
+    for path in ("/keep", "/keep/{instance}"):
+        names = [p["name"] for p in doc["paths"][path]["delete"]["parameters"]]
+        assert "orphan" in names, names
+    assert "retry_of" in doc["components"]["schemas"]["RunRecord"]["properties"]
+
+
+def test_a_runs_kept_request_goes_with_its_record(tmp_path: Path) -> None:
+    from tfserver.runs.specs import KeptRequests, request_key
+    from tfserver.runs.store import RunRecord, RunStore, new_run_id
+    from tfserver.storage.local import LocalObjects
+
+    objects = LocalObjects(tmp_path)
+    runs, kept = RunStore(objects), KeptRequests(objects)
+    record = RunRecord(id=new_run_id(time.time() - 7200), module="m", instance="i",
+                       workspace="t.i", tenant="t", subject="s", operation="apply",
+                       status="failed")
+    runs.create(record)
+    kept.keep(record.id, {"module": "m", "inputs": {"a": 1}})
+    assert kept.get(record.id) == {"module": "m", "inputs": {"a": 1}}  # written or not
+    deadline = time.monotonic() + 10
+    while objects.get(request_key(record.id)) is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert runs.purge(runs_before=time.time() - 3600, now=time.time()) >= 1
+    assert objects.get(request_key(record.id)) is None and kept.get(record.id) is None

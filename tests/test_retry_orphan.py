@@ -6,6 +6,8 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import json
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -15,7 +17,7 @@ from typing import Any
 import pytest
 
 from support import ROOT, Jwks, ServerProcess, Signer, bearer, start_server
-from test_runs import ASYNC, wait_run
+from test_runs import ASYNC, sleepers, wait_run
 from test_s3 import store  # noqa: F401 - the fixture
 
 MODULES = ROOT / "tests" / "modules_retry"
@@ -131,6 +133,36 @@ def test_a_lost_run_runs_again(tmp_path: Path, terraform_bin: str) -> None:
         assert r.status == 200 and r.json["outputs"]["tag"] == "lost", r.body
         assert again.request("GET", f"/runs/{r.json['run_id']}").json["retry_of"] == run_id
         assert again.request("DELETE", "/flaky/lost").status == 200
+    finally:
+        again.stop()
+
+
+def test_a_run_lost_with_its_killed_server_runs_again(tmp_path: Path, terraform_bin: str
+                                                     ) -> None:
+    gate = tmp_path / "gate"
+    gate.write_text("open")
+    server = start_server(tmp_path, modules_dir=MODULES)
+    r = server.request("PUT", "/flaky/killed", flaky(gate, 41, "killed"), headers=ASYNC)
+    run_id = r.json["id"]
+    deadline = time.monotonic() + 30
+    while server.request("GET", f"/runs/{run_id}").json["status"] != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    server.stop(signal.SIGKILL)
+    for pid in sleepers("41"):
+        os.kill(pid, signal.SIGKILL)  # what a crashed host would not leave behind
+    again = start_server(tmp_path, modules_dir=MODULES)
+    try:
+        assert again.request("GET", f"/runs/{run_id}").json["status"] == "lost"
+        r = retry(again, run_id, ASYNC)
+        assert r.status == 202 and r.json["retry_of"] == run_id, r.body
+        # Its kept request: 41 s of sleep, the same tag; cancel it once it runs.
+        while again.request("GET", f"/runs/{r.json['id']}").json["status"] != "running":
+            assert time.monotonic() < deadline + 60
+            time.sleep(0.1)
+        assert sleepers("41")
+        assert again.request("POST", f"/runs/{r.json['id']}/cancel?force=true").status == 202
+        assert wait_run(again, r.json["id"])["status"] == "canceled"
     finally:
         again.stop()
 

@@ -307,6 +307,9 @@ def test_another_tenants_run_is_404_and_retry_needs_the_write_scope(
     assert r.status == 404, r.body
     reader = who(signer, "owner", "tfserver/flaky.read")
     assert retry(server, run_id, reader).status == 403
+    # The same tenant with another module's scope: that module's run is not its to see.
+    elsewhere = who(signer, "owner", "tfserver/keep.write")
+    assert retry(server, run_id, elsewhere).status == 404
     assert retry(server, run_id).status == 401
     gate.write_text("open")
     r = retry(server, run_id, owner)

@@ -96,8 +96,9 @@ class Reruns:
                            "retries existed, or it is damaged): send the request again",
                            retry_after=0)
         kept = spec_of(self.modules, old, doc)
+        # The retry is the caller's run: its principal, the kept request's everything else.
         spec = RunSpec(m, old.instance, old.workspace, kept.operation, kept.inputs,
-                              principal, Scrubber(m.secret_values(kept.inputs)))
+                       principal, Scrubber(m.secret_values(kept.inputs)))
         if spec.operation == "apply":
             limits = self.governance.limits(principal, m.name)
             if kept.ttl is not None or limits.expires:

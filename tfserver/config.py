@@ -170,6 +170,7 @@ class Config:
     queue: QueueSettings = field(default_factory=QueueSettings)
     plan_ttl: float = default("TFSERVER_PLAN_TTL")
     run_retention: float = default("TFSERVER_RUN_RETENTION")
+    archive_retention: float = default("TFSERVER_ARCHIVE_RETENTION")
     idempotency_ttl: float = default("TFSERVER_IDEMPOTENCY_TTL")
     #: The governance policy file (None: no quotas, TTLs or narrowed values).
     policy: Path | None = None
@@ -294,6 +295,7 @@ def load(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
         queue=_queue_settings(v),
         plan_ttl=v["TFSERVER_PLAN_TTL"],
         run_retention=v["TFSERVER_RUN_RETENTION"],
+        archive_retention=v["TFSERVER_ARCHIVE_RETENTION"],
         idempotency_ttl=v["TFSERVER_IDEMPOTENCY_TTL"],
         policy=v["TFSERVER_POLICY"],
         replica=v["TFSERVER_REPLICA_ID"],

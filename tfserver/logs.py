@@ -232,3 +232,17 @@ def audit_request(who: Principal | None, address: str, *, status: int, title: st
                        "client_id": who.client_id if who else None,
                        "tenant": who.tenant_key if who else None, "address": address},
                "what": what, "outcome": {"status": status, "title": title}})
+
+
+def audit_orphan(who: Principal, address: str | None, *, module: str, instance: str,
+                 workspace: str, archive: str, until: float) -> None:
+    """The audit line of an orphaned instance: who forgot it, and where its state went."""
+    audit_log.info(
+        "orphan %s/%s: state kept aside until %.0f", module, instance, until,
+        extra={"event": "orphan",
+               "who": {"subject": who.subject, "client_id": who.client_id,
+                       "tenant": who.tenant_key, "address": address},
+               "what": {"module": module, "instance": instance, "workspace": workspace,
+                        "operation": "orphan"},
+               "outcome": {"status": "orphaned", "archive": archive,
+                           "archived_until": until}})

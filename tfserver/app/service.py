@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -17,7 +16,7 @@ from typing import Any
 
 from ..auth import Principal
 from ..config import Config
-from ..errors import Conflict, NotFound, TFServerError
+from ..errors import NotFound, TFServerError
 from ..logs import audit_run
 from ..metrics import Metrics
 from ..module.discover import Module
@@ -41,7 +40,9 @@ from .execute import Applied, Destroyed, Executor, Outcome, Planned, RunSpec
 from .governance import Governance
 from .history import History, Idempotency, RunPage, Submitted
 from .leftovers import Leftovers
+from .orphan import Orphaned, Orphaner
 from .reap import expired_destroy
+from .rerun import Reruns
 from .submit import Origin, Submitter
 from .unlock import Unlocked, Unlocker
 
@@ -107,8 +108,14 @@ class Service:
         self.worker = (QueueWorker(self.queued, self.submitter.rebuild, slots=config.max_runs,
                                    visibility=config.queue.visibility)
                        if self.queued is not None and config.queue.role != "api" else None)
+        self.reruns = Reruns(self.modules, self.catalog, self.history, self.governance,
+                             self.expiries, self.submitter)
+        self.orphaner = Orphaner(self.catalog, backend, self.runs,
+                                 self.governance.reservations, self.expiries,
+                                 retention=config.archive_retention)
         self.reaper = Reaper(self.expiries, self._reap, partial(_run_status, self.runs),
-                             replica=self.runs.replica, interval=config.reap_interval)
+                             replica=self.runs.replica, interval=config.reap_interval,
+                             chore=self.orphaner.purge)
 
     # -- start-up ---------------------------------------------------------------------
 
@@ -188,30 +195,21 @@ class Service:
     def apply_plan(self, principal: Principal, plan_id: str, *, asynchronous: bool = False,
                    idempotency: Idempotency | None = None,
                    origin: Origin | None = None) -> Submitted:
-        """Apply exactly the plan a dry run saved (409 when expired, used or stale); a
-        retry with the Idempotency-Key of an earlier call is answered as that call was."""
-        if idempotency is not None:
-            found = self.history.replayed(principal.tenant_key, idempotency)
-            if found is not None:
-                return found
-        plan = self.history.record(principal, plan_id)
-        if plan.operation not in ("plan", "plan-destroy") or plan.status != "succeeded":
-            raise Conflict(f"run {plan_id} is not a plan that succeeded", retry_after=0)
-        m = self.catalog.module(plan.module)
-        principal.require(m.name, "write")
-        meta = self.store.plan_meta(plan_id)
-        if meta is None or float(meta.get("expires_at", 0)) <= time.time():
-            raise Conflict("the saved plan expired or was used", retry_after=0)
-        inputs = dict(meta.get("inputs") or {})
-        spec = RunSpec(m, plan.instance, plan.workspace,
-                       "destroy" if plan.operation == "plan-destroy" else "apply", inputs,
-                       principal, Scrubber(m.secret_values(inputs)), plan_of=plan_id)
-        limits = self.governance.limits(principal, m.name)
-        if spec.operation == "apply" and limits.expires:
-            # The policy's expiry holds for a saved plan's apply as for any other.
-            spec.expires = self.expiries.get(m.name, plan.workspace)
-            spec.ttl = self.governance.ttl(limits, None, expires=spec.expires is not None)
-        return self.submitter.submit(spec, asynchronous, idempotency, origin=origin)
+        """Apply exactly the plan a dry run saved (see `Reruns.apply_plan`)."""
+        return self.reruns.apply_plan(principal, plan_id, asynchronous=asynchronous,
+                                      idempotency=idempotency, origin=origin)
+
+    def retry(self, principal: Principal, run_id: str, *, asynchronous: bool = False,
+              idempotency: Idempotency | None = None, origin: Origin | None = None
+              ) -> Submitted:
+        """Run an ended run's kept request again (see `Reruns.retry`)."""
+        return self.reruns.retry(principal, run_id, asynchronous=asynchronous,
+                                 idempotency=idempotency, origin=origin)
+
+    def orphan(self, principal: Principal, name: str, instance: str, *,
+               tenant: str | None = None, address: str | None = None) -> Orphaned:
+        """Admin: forget an instance, its state kept aside (see `Orphaner.orphan`)."""
+        return self.orphaner.orphan(principal, name, instance, tenant=tenant, address=address)
 
     def _reap(self, due: Due) -> str | None:
         """Start the destroy of an expired instance (None: not now, see `expired_destroy`)."""

@@ -18,6 +18,7 @@ from ..names import workspace_tenant
 from ..runs.queued import QueuedRuns
 from ..runs.registry import Runs
 from ..runs.run import Run
+from ..runs.specs import KeptRequests
 from ..runs.store import RunRecord, RunStore, new_run_id
 from ..terraform.output import api_event
 from ..terraform.process import RunControl
@@ -55,9 +56,12 @@ class Submitter:
         #: The `sqs` engine's queue (None: the local lanes run what this replica accepts).
         self.queued = queued
         self.drift = DriftCheck(executor)
+        #: Each run's request, kept for a retry (written off the run's path).
+        self.kept = KeptRequests(store.objects)
 
     def submit(self, spec: RunSpec, asynchronous: bool, idempotency: Idempotency | None,
-               *, governed: bool = True, origin: Origin | None = None) -> Submitted:
+               *, governed: bool = True, origin: Origin | None = None,
+               retry_of: str | None = None) -> Submitted:
         """Admit a decided run (idempotency replay, the policy's limits, the saved plan's
         claim), give it its record and queue it on its instance's lane; raises what
         refused it (then nothing of it is kept)."""
@@ -69,6 +73,7 @@ class Submitter:
             if found is not None:
                 return found
         record = _record(spec, idempotency, origin)
+        record.retry_of = retry_of
         release: Callable[[], None] = _nothing
         try:
             if governed:
@@ -101,6 +106,8 @@ class Submitter:
             raise
         if spec.plan_of is not None:
             self.history.mark_plan_applied(spec.plan_of, spec.run_id)
+        else:  # a saved plan's apply is never retried: it is used up (plan again)
+            self.kept.keep(spec.run_id, spec_doc(spec))
         return Submitted(spec.run_id, run if self.queued is None else None)
 
     def rebuild(self, record: RunRecord, doc: dict[str, Any]) -> Run:

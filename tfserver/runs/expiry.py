@@ -134,13 +134,20 @@ StartDestroy = Callable[[Due], str | None]
 RunStatus = Callable[[str], str]
 
 
+#: How often the reaper does its chore.
+CHORE_EVERY = 3600.0
+
+
 class Reaper(threading.Thread):
     """Destroys expired instances, in every replica, never two at once for one expiry."""
 
     def __init__(self, expiries: Expiries, start: StartDestroy, status: RunStatus, *,
                  replica: str, interval: float,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 chore: Callable[[], object] | None = None) -> None:
         super().__init__(name="reaper", daemon=True)
+        #: Done at start and hourly after (the purge of orphaned instances' archives).
+        self.chore = chore
         self.expiries = expiries
         self.start_destroy = start
         self.status = status
@@ -150,9 +157,13 @@ class Reaper(threading.Thread):
         self.stop_event = threading.Event()
 
     def run(self) -> None:
-        """Reap every `interval` seconds until stopped."""
+        """Reap every `interval` seconds until stopped (the chore hourly)."""
+        next_chore = time.monotonic()
         while not self.stop_event.wait(self.interval):
             try:
+                if self.chore is not None and time.monotonic() >= next_chore:
+                    next_chore = time.monotonic() + CHORE_EVERY
+                    self.chore()
                 self.reap_once()
             except TFServerError as e:
                 logger.warning("reaper: the backend failed: %s", e.detail)

@@ -10,6 +10,7 @@ bucket under its prefix), so any replica can answer for any run. The layout:
     _runs/active/<tenant>.<module>.<id>          while queued or running: {"replica"}
     _runs/cancel/<id>                            a cancel asked on another replica
     _runs/replicas/<replica>                     its heartbeat: {"at", "runs": [its ids]}
+    _runs/requests/<id>.json                     what the run was asked (specs.py: retry)
     _plans/<id>.tfplan, _plans/<id>.json         a saved plan and what applying it needs
     _plans/<id>.used                             written once, by the run that applies it
     _idempotency/<tenant>.<sha256 of the key>    {"fingerprint", "run_id", "claimed_at",
@@ -34,6 +35,7 @@ from urllib.parse import quote
 
 from ..errors import TFServerError
 from ..storage.base import ObjectStore
+from .specs import request_key
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +97,8 @@ class RunRecord:
     plan: dict[str, Any] | None = None
     #: The run whose saved plan this run applies.
     plan_of: str | None = None
+    #: The run this run retries (`POST /runs/{id}/retry`: its kept request again).
+    retry_of: str | None = None
     idempotency_key: str | None = None
     #: Who asked, for the audit log: the token's client id, the client's address, and
     #: the request's id.
@@ -216,7 +220,8 @@ class RunStore:
     def delete(self, record: RunRecord) -> None:
         """Forget a run entirely (retention)."""
         t, r = record.tenant, record.id
-        keys = [f"_runs/events/{r}.ndjson", f"_runs/cancel/{r}", f"_plans/{r}.tfplan",
+        keys = [f"_runs/events/{r}.ndjson", f"_runs/cancel/{r}", request_key(r),
+                f"_plans/{r}.tfplan",
                 f"_plans/{r}.json", f"_plans/{r}.used", f"_runs/records/{r}.json"]
         if t and record.module and record.instance:  # unknown for a damaged record
             keys[:0] = [f"_runs/by-tenant/{t}/{r}",

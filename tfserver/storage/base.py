@@ -7,6 +7,7 @@ Reading outputs straight from the state object makes a GET fast and lock-free.""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 from collections.abc import Mapping
@@ -21,6 +22,25 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 STATE_NAME = "terraform.tfstate"
+#: Where an orphaned instance's state is kept (beside the objects), until purged.
+ARCHIVE = "_archive"
+_STAMP = "%Y%m%dT%H%M%S"
+
+
+def archive_stamp(at: float) -> str:
+    """The time part of an archive's name (`20261201T221500123Z`: UTC, milliseconds)."""
+    moment = dt.datetime.fromtimestamp(at, dt.UTC)
+    return f"{moment.strftime(_STAMP)}{moment.microsecond // 1000:03d}Z"
+
+
+def archive_time(name: str) -> float | None:
+    """When an archive named `<workspace>.<stamp>[.tfstate]` was made, or None."""
+    stamp = name.removesuffix(".tfstate").rpartition(".")[2]
+    try:
+        moment = dt.datetime.strptime(stamp[:15], _STAMP).replace(tzinfo=dt.UTC)
+        return moment.timestamp() + int(stamp[15:18]) / 1000
+    except ValueError:
+        return None
 
 
 def holds_instance(state: Mapping[str, Any] | None) -> bool:
@@ -117,6 +137,16 @@ class StateBackend(Protocol):
 
     def snapshot(self, module: str, workspace: str) -> Snapshot:
         """State and lock of a workspace, read together."""
+        ...
+
+    def archive(self, module: str, workspace: str, at: float) -> str:
+        """Move the workspace's state aside (under `_archive/<module>/`, named with `at`)
+        and drop its lock: the workspace is then unknown (an orphaned instance). Returns
+        where the state went."""
+        ...
+
+    def purge_archives(self, before: float) -> int:
+        """Delete the archives made before `before`; how many went."""
         ...
 
     def close(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -12,7 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from ..files import create_private, private_dir, write_private
-from .base import STATE_NAME, BackendError, ObjectStore, Snapshot, holds_instance
+from .base import (
+    ARCHIVE,
+    STATE_NAME,
+    BackendError,
+    ObjectStore,
+    Snapshot,
+    archive_stamp,
+    archive_time,
+    holds_instance,
+)
 from .inputs import KeptInputs
 
 logger = logging.getLogger(__name__)
@@ -192,6 +202,32 @@ class LocalBackend:
         """The state file; local locks are not visible from outside terraform."""
         state, stale = self.read(module, workspace)
         return Snapshot(state, None, stale)
+
+    def archive(self, module: str, workspace: str, at: float) -> str:
+        """The workspace's folder (its state, backup and lock file) moved to
+        `<state_dir>/_archive/<module>/<workspace>.<stamp>/`."""
+        source = self._module_dir(module) / workspace
+        target = self.root.parent / ARCHIVE / module / f"{workspace}.{archive_stamp(at)}"
+        try:
+            private_dir(target.parent)
+            os.rename(source, target)
+        except FileNotFoundError:
+            return ""  # no state: nothing to keep
+        except OSError as e:
+            raise BackendError(f"cannot move the state of {workspace} aside: "
+                               f"{e.strerror}") from e
+        return str(target)
+
+    def purge_archives(self, before: float) -> int:
+        """Delete the archived folders made before `before`."""
+        removed = 0
+        base = self.root.parent / ARCHIVE
+        for folder in sorted(base.glob("*/*")) if base.is_dir() else []:
+            made = archive_time(folder.name)
+            if made is not None and made < before:
+                shutil.rmtree(folder, ignore_errors=True)
+                removed += 1
+        return removed
 
     def check(self) -> None:
         """The state folder must be writable."""

@@ -15,7 +15,16 @@ from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
 from ..config import S3Settings
-from .base import STATE_NAME, BackendError, ObjectStore, Snapshot, holds_instance
+from .base import (
+    ARCHIVE,
+    STATE_NAME,
+    BackendError,
+    ObjectStore,
+    Snapshot,
+    archive_stamp,
+    archive_time,
+    holds_instance,
+)
 from .inputs import KeptInputs
 
 logger = logging.getLogger(__name__)
@@ -229,6 +238,43 @@ class S3Backend:
         state = self._readers.submit(self.read_state, module, workspace)
         lock = self._readers.submit(self.lock_info, module, workspace)
         return Snapshot(state.result(), lock.result())
+
+    def archive(self, module: str, workspace: str, at: float) -> str:
+        """The state object copied to `<prefix>/_archive/<module>/<ws>.<stamp>.tfstate`,
+        then deleted with its lock file and DynamoDB items (the lock, the digest: a new
+        state of the name would not match the old digest)."""
+        key, bucket = self.state_key(module, workspace), self.settings.bucket
+        target = (f"{self.settings.key_prefix}/{ARCHIVE}/{module}/"
+                  f"{workspace}.{archive_stamp(at)}.tfstate")
+        if not self.exists(module, workspace):
+            target = ""
+        with _aws("S3 cannot move the state aside"):
+            if target:
+                self.s3.copy_object(Bucket=bucket, Key=target,
+                                    CopySource={"Bucket": bucket, "Key": key})
+            self.s3.delete_object(Bucket=bucket, Key=key)
+            self.s3.delete_object(Bucket=bucket, Key=key + ".tflock")
+        if self.ddb is not None:
+            with _aws("DynamoDB cannot be written"):
+                for lock_id in (f"{bucket}/{key}", f"{bucket}/{key}-md5"):
+                    self.ddb.delete_item(TableName=str(self.settings.lock_table),
+                                         Key={"LockID": {"S": lock_id}})
+        return f"s3://{bucket}/{target}" if target else ""
+
+    def purge_archives(self, before: float) -> int:
+        """Delete the archived state objects made before `before`."""
+        prefix = f"{self.settings.key_prefix}/{ARCHIVE}/"
+        removed = 0
+        with _aws("S3 cannot purge archives"):
+            pages = self.s3.get_paginator("list_objects_v2").paginate(
+                Bucket=self.settings.bucket, Prefix=prefix)
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    made = archive_time(str(obj["Key"]).rpartition("/")[2])
+                    if made is not None and made < before:
+                        self.s3.delete_object(Bucket=self.settings.bucket, Key=obj["Key"])
+                        removed += 1
+        return removed
 
     def check(self) -> None:
         """HEAD the bucket, and describe the lock table when there is one."""

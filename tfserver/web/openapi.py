@@ -36,6 +36,7 @@ from .schemas import (
     LOCATION,
     NAME,
     NDJSON,
+    ORPHAN,
     PREFER,
     RUN,
     RUN_FAILURES,
@@ -225,7 +226,7 @@ def module_operations(module: Module, ident: str,
     body = {"required": True, "content": content(ref(f"{ident}_variables")),
             "description": f"The variables of module {name}."}
     outcome = {"oneOf": [ref(applied), ref("Planned")]}
-    gone = {"oneOf": [ref("Destroyed"), ref("Planned")]}
+    gone = {"oneOf": [ref("Destroyed"), ref("Planned"), ref("Orphaned")]}
     run_params = [PREFER, IDEMPOTENCY]
     forbidden = (403,) if settings.auth else ()
 
@@ -246,9 +247,9 @@ def module_operations(module: Module, ident: str,
                 "202": accepted()}, *forbidden, *APPLY_FAILURES)),
         "destroy_{module}": op(
             f"Destroy (or plan to) the default instance of {name}",
-            parameters=[DRY_RUN, TENANT, *run_params],
+            parameters=[DRY_RUN, ORPHAN, TENANT, *run_params],
             responses=answers(settings, {
-                "200": ok_answer("Destroyed, or the plan.", gone, APPLIED_PREF),
+                "200": ok_answer("Destroyed, the plan, or orphaned.", gone, APPLIED_PREF),
                 "202": accepted()}, 403, 404, *RUN_FAILURES)),
         "get_{module}_instance": op(
             f"An instance of {name}: outputs and status",
@@ -263,9 +264,9 @@ def module_operations(module: Module, ident: str,
                 "202": accepted()}, *forbidden, *APPLY_FAILURES)),
         "destroy_{module}_instance": op(
             f"Destroy (or plan to) a named instance of {name}",
-            parameters=[DRY_RUN, TENANT, *run_params],
+            parameters=[DRY_RUN, ORPHAN, TENANT, *run_params],
             responses=answers(settings, {
-                "200": ok_answer("Destroyed, or the plan.", gone, APPLIED_PREF),
+                "200": ok_answer("Destroyed, the plan, or orphaned.", gone, APPLIED_PREF),
                 "202": accepted()}, 403, 404, *RUN_FAILURES)),
         "unlock_{module}_instance": op(
             "Admin: clear a state lock left by a killed run",
@@ -375,6 +376,15 @@ def base_operations(settings: DocSettings) -> dict[str, dict[str, Any]]:
                 "200": ok_answer("The outcome.", {"oneOf": [ref("Applied"),
                                                             ref("Destroyed")]},
                                  APPLIED_PREF),
+                "201": ok_answer("A new instance.", ref("Applied"), {**LOCATION,
+                                                                      **APPLIED_PREF}),
+                "202": accepted()}, 403, 404, *RUN_FAILURES)},
+        "retry_run": {
+            "summary": "Run a failed, canceled, lost or expired run again, as a new run",
+            "tags": runs, "parameters": [PREFER, IDEMPOTENCY],
+            "responses": answers(settings, {
+                "200": ok_answer("The outcome.", {"oneOf": [ref("Applied"), ref("Destroyed"),
+                                                            ref("Planned")]}, APPLIED_PREF),
                 "201": ok_answer("A new instance.", ref("Applied"), {**LOCATION,
                                                                       **APPLIED_PREF}),
                 "202": accepted()}, 403, 404, *RUN_FAILURES)},

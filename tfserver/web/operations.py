@@ -15,7 +15,7 @@ from .. import metrics
 from ..app.execute import Applied
 from ..app.history import Idempotency, Submitted
 from ..app.submit import Origin
-from ..errors import BadRequest, NotFound, Unavailable
+from ..errors import BadRequest, NotFound, Rejected, Unavailable
 from ..runs.store import ENDED
 from . import docs, render, streams
 from .request import Call, Reply, Request
@@ -105,10 +105,20 @@ def apply(call: Call) -> Reply:
 
 
 def destroy(call: Call) -> Reply:
-    """Destroy (or plan to) the module's default instance, or a named one."""
+    """Destroy (or plan to) the module's default instance, or a named one; `?orphan=true`
+    (admin) forgets it instead, destroying nothing."""
     module, instance, named = _target(call)
     h, svc = call.req, call.service
     dry_run = h.flag("dry_run")
+    if h.flag("orphan"):
+        if dry_run:  # each is valid alone: the pair is refused as a whole (422)
+            raise Rejected("?orphan=true takes no ?dry_run: an orphan plans nothing",
+                           extra={"errors": [{"field": "orphan", "message": "not with "
+                                              "dry_run"}]})
+        h.read_body(required=False)
+        return Reply(200, render.render(svc.orphan(call.who, module, instance,
+                                                   tenant=h.param("tenant"),
+                                                   address=h.client_ip)))
     asynchronous, wait = prefer(h)
     h.read_body(required=False)
     submitted = svc.destroy(call.who, module, instance, dry_run=dry_run,
@@ -193,6 +203,16 @@ def apply_plan(call: Call) -> Reply:
     submitted = call.service.apply_plan(call.who, call.params["id"],
                                         asynchronous=asynchronous,
                                         idempotency=_idempotency(h), origin=_origin(h))
+    return _answer(call, submitted, wait, named=True)
+
+
+def retry_run(call: Call) -> Reply:
+    """Run a failed, canceled, lost or expired run again (its kept request), as a new run."""
+    h = call.req
+    h.read_body(required=False)
+    asynchronous, wait = prefer(h)
+    submitted = call.service.retry(call.who, call.params["id"], asynchronous=asynchronous,
+                                   idempotency=_idempotency(h), origin=_origin(h))
     return _answer(call, submitted, wait, named=True)
 
 

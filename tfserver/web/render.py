@@ -9,10 +9,12 @@ from urllib.parse import urlencode
 from ..app.catalog import InstanceView, ModuleView
 from ..app.execute import Applied, Checked, Destroyed, Planned
 from ..app.history import RunPage
+from ..app.orphan import Orphaned
 from ..app.service import Readiness, Unlocked
 from ..runs.store import RunRecord, rfc3339
 
-Result = Applied | Planned | Destroyed | Checked | InstanceView | ModuleView | Unlocked
+Result = (Applied | Planned | Destroyed | Checked | InstanceView | ModuleView | Unlocked
+          | Orphaned)
 
 
 def render(result: Result) -> dict[str, Any]:
@@ -61,6 +63,9 @@ def render(result: Result) -> dict[str, Any]:
                           else {"instance": i.instance, "href": f"/{m.name}/{i.instance}"}
                           for i in result.instances],
         }
+    if isinstance(result, Orphaned):
+        return {"module": result.module, "instance": result.instance, "orphaned": True,
+                "archived_until": rfc3339(result.archived_until)}
     return {"module": result.module, "instance": result.instance, "unlocked": result.lock_id}
 
 
@@ -122,6 +127,8 @@ def run(record: RunRecord, viewer_tenant: str) -> dict[str, Any]:
                         "applied_by": plan.get("applied_by")}
     if record.plan_of:
         body["plan_of"] = record.plan_of
+    if record.retry_of:
+        body["retry_of"] = record.retry_of
     if record.idempotency_key:
         body["idempotency_key"] = record.idempotency_key
     if record.cancel:

@@ -198,6 +198,7 @@ def common_schemas() -> dict[str, Any]:
         "plan": obj({"expires_at": TIME, "applied_by": {"type": ["string", "null"]}},
                      ("expires_at",)),
         "plan_of": {**STRING, "description": "The plan this run applies."},
+        "retry_of": {**STRING, "description": "The run this run retries."},
         "idempotency_key": STRING,
         "cancel": {"enum": ["requested", "forced"]},
         "state_may_be_locked": {"type": "boolean"},
@@ -245,6 +246,10 @@ def common_schemas() -> dict[str, Any]:
                           "A destroy that succeeded: the instance is gone."),
         "Unlocked": obj({"module": STRING, "instance": STRING, "unlocked": STRING},
                          ("module", "instance", "unlocked")),
+        "Orphaned": obj({"module": STRING, "instance": STRING, "orphaned": {"const": True},
+                         "archived_until": {"type": "string", "format": "date-time"}},
+                        ("module", "instance", "orphaned", "archived_until"),
+                        "An instance forgotten (`?orphan=true`); nothing was destroyed."),
         "RunRecord": record,
         "RunPage": obj({"runs": {"type": "array", "items": ref("RunRecord")},
                          "next": {"type": ["string", "null"],
@@ -331,6 +336,9 @@ INSTANCE = param("instance", "path", NAME, "The instance's name.")
 RUN = param("run_id", "path", {"type": "string", "pattern": RUN_ID}, "The run's id.")
 DRY_RUN = param("dry_run", "query", {"type": "boolean", "default": False},
                   "Plan without changing anything; the answer lists the planned changes.")
+ORPHAN = param("orphan", "query", {"type": "boolean", "default": False},
+                 "Admin: forget the instance without destroying anything (no terraform "
+                 "runs); its state is kept aside for TFSERVER_ARCHIVE_RETENTION.")
 TENANT = param("tenant", "query", {"type": "string", "pattern": TENANT_KEY_RE.pattern},
                  "Admin: another tenant's key, as listings show it.")
 LIMIT = param("limit", "query", {"type": "integer", "minimum": 1, "maximum": 100,

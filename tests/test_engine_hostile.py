@@ -295,3 +295,51 @@ def test_a_lost_runs_lock_is_waited_for_not_handed_back(tmp: Path) -> None:
     assert ran == [record.id] and held[0] <= 0
     done = runs.store.get(record.id)
     assert done.status == "succeeded" and done.attempt == 2, done
+
+
+def test_a_duplicate_message_does_not_stop_the_heartbeat_of_the_run(tmp: Path) -> None:
+    # A second message naming a run a worker holds (a hostile or careless sender) is handed
+    # back; the message of the run itself must still be kept invisible.
+    from tfserver.runs.queued import QueueWorker
+    from tfserver.runs.sqs import Message
+
+    extended: list[tuple[str, int]] = []
+    messages = [Message("f" * 32, "a", 1), Message("f" * 32, "b", 1)]
+    release, stopping = threading.Event(), threading.Event()
+
+    class Queue:
+        def receive(self, count: int, *, visibility: int, wait: int) -> list[Message]:
+            if messages:
+                return [messages.pop(0)]
+            time.sleep(0.05)
+            return []
+
+        def extend(self, message: Message, visibility: int) -> None:
+            extended.append((message.receipt, visibility))
+
+        def delete(self, message: Message) -> None:
+            pass
+
+    class Queued:
+        queue = Queue()
+
+        def __init__(self) -> None:
+            self.stopping = stopping
+
+        def take(self, message: Message, build: object) -> bool:
+            return message.receipt == "a" and release.wait(10)
+
+    worker = QueueWorker(Queued(), lambda r, s: None, slots=2, visibility=1,  # type: ignore
+                         wait=0)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 10
+        while ("b", 5) not in extended:  # the duplicate handed back
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        seen = len(extended)
+        time.sleep(1.0)
+        assert ("a", 1) in extended[seen:], extended
+    finally:
+        release.set()
+        worker.stop()

@@ -343,3 +343,30 @@ def test_a_duplicate_message_does_not_stop_the_heartbeat_of_the_run(tmp: Path) -
     finally:
         release.set()
         worker.stop()
+
+
+def test_places_hold_their_bound_under_threads_and_are_taken_over(tmp: Path) -> None:
+    from tfserver.runs.places import Places
+    from tfserver.storage.local import LocalObjects
+
+    places = Places(LocalObjects(tmp / "objects"))
+    waiting: set[str] = set()
+    left: set[str] = set()
+
+    def waits(run_id: str) -> bool | None:
+        # A run being admitted has no record yet (None): its place is trusted.
+        return True if run_id in waiting else False if run_id in left else None
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda i: places.take("f/", f"r{i}", 3, waits), range(16)))
+    holders = {f"r{i}" for i, ok in enumerate(got) if ok}
+    assert len(holders) == 3, got
+    waiting |= holders
+    assert not places.take("f/", "late", 3, waits)
+    places.free("f/", sorted(holders)[0])
+    assert places.take("f/", "late", 3, waits)
+    waiting.add("late")
+    waiting.discard(sorted(holders)[1])  # it left the queue without freeing its place
+    left.add(sorted(holders)[1])
+    assert places.take("f/", "later", 3, waits)
+    assert not places.take("f/", "last", 3, waits)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from ..storage.base import ObjectStore, json_object
 
@@ -32,7 +32,10 @@ class Places:
         """A place in `folder` for the run; False when `limit` runs hold one."""
         data = json.dumps({"run": run_id, "at": time.time()}).encode()
         for _ in range(2):
-            if any(self.objects.put_new(f"{folder}{n}", data) for n in range(limit)):
+            # Only the places free a moment ago are tried: one write each, not `limit`.
+            taken = set(self.objects.keys(folder, limit=limit + 1))
+            if any(self.objects.put_new(f"{folder}{n}", data) for n in range(limit)
+                   if str(n) not in taken):
                 return True
             freed = False
             for key, holder, at in self._held(folder):
@@ -49,12 +52,12 @@ class Places:
         for key, holder, _ in self._held(folder):
             if holder == run_id:
                 self.objects.delete(key)
+                return  # a run holds one place of a folder
 
-    def _held(self, folder: str) -> list[tuple[str, str, float]]:
-        found = []
-        for name in self.objects.keys(folder, limit=1000):
+    def _held(self, folder: str) -> Iterator[tuple[str, str, float]]:
+        """Each place of the folder: its key, its run, when it was taken (read lazily)."""
+        for name in self.objects.keys(folder, limit=100_000):
             doc = json_object(self.objects.get(folder + name)) or {}
             at = doc.get("at")
-            found.append((folder + name, str(doc.get("run", "")),
-                          float(at) if isinstance(at, int | float) else 0.0))
-        return found
+            yield (folder + name, str(doc.get("run", "")),
+                   float(at) if isinstance(at, int | float) else 0.0)

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from test_engine import Start, calls, fleet, queued_runs
+from test_engine import Control, Start, calls, fleet, queued_runs
 
 from support import Moto, Signer, bearer
 from test_runs import ASYNC, body, sleepers, wait_run, wait_sleeping
@@ -374,3 +374,38 @@ def test_places_hold_their_bound_under_threads_and_are_taken_over(tmp: Path) -> 
     left.add(sorted(holders)[1])
     assert places.take("f/", "later", 3, waits)
     assert not places.take("f/", "last", 3, waits)
+
+
+def test_a_burst_of_enqueues_never_passes_the_depth_or_the_tenants_bound(tmp: Path) -> None:
+    from tfserver.errors import Conflict
+    from tfserver.runs.queued import QueuedRuns
+    from tfserver.runs.run import Run
+    from tfserver.runs.store import RunRecord, new_run_id
+
+    (runs, _, _), _ = queued_runs(tmp, [])
+
+    class Queue:
+        def send(self, run_id: str, group: str) -> None:
+            time.sleep(0.01)
+
+    queued = QueuedRuns(runs, Queue(), queue_depth=3, resume_lost=1,  # type: ignore[arg-type]
+                        lock_of=lambda r: None, unlock=lambda r, i: False,
+                        stale_lock_after=60)
+
+    def enqueue(instance: str, max_queued: int | None) -> bool:
+        record = RunRecord(id=new_run_id(), module="m", instance=instance,
+                           workspace=f"t.{instance}", tenant="t", subject="s",
+                           operation="apply")
+        try:
+            queued.enqueue(Run(record, lambda r: None, lambda s: s, Control()), {},
+                           what="it", max_queued=max_queued)
+        except Conflict:
+            return False
+        return True
+
+    with ThreadPoolExecutor(12) as pool:
+        got = list(pool.map(lambda _: enqueue("deep", 5), range(24)))
+    assert sum(got) == 3, got
+    with ThreadPoolExecutor(12) as pool:
+        got = list(pool.map(lambda i: enqueue(f"i{i % 6}", 5), range(24)))
+    assert sum(got) == 2, got  # 3 of the tenant's runs wait already

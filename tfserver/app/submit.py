@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import Config
-from ..errors import Conflict, NotFound, TFServerError
+from ..errors import Conflict, TFServerError
 from ..metrics import Metrics
 from ..module.discover import Module
 from ..names import workspace_tenant
@@ -21,7 +21,7 @@ from ..runs.store import RunRecord, RunStore, new_run_id
 from ..terraform.output import api_event
 from ..terraform.process import RunControl
 from .engine import spec_doc, spec_of
-from .execute import Applied, Destroyed, Executor, Outcome, Planned, RunSpec
+from .execute import Applied, Executor, Outcome, Planned, RunSpec
 from .governance import Governance
 from .history import History, Idempotency, Submitted
 
@@ -104,26 +104,8 @@ class Submitter:
         """A queued run as the worker runs it: its job made from its stored spec."""
         spec = spec_of(self.modules, record, doc)
         control = RunControl()
-        if record.attempt > 1 and spec.operation == "destroy" and spec.plan_of is None:
-            return Run(record, lambda r: self.destroy_again(r, spec, control),
-                       lambda text: spec.scrub(text), control)
         return Run(record, lambda r: self.job(r, spec, control),
                    lambda text: spec.scrub(text), control)
-
-    def destroy_again(self, run: Run, spec: RunSpec, control: RunControl) -> Outcome:
-        """A lost destroy run again: when the lost worker's terraform destroyed the
-        instance to its end, what that worker could not do after it is done here (its
-        kept inputs and expiry removed) and the destroy succeeds."""
-        try:
-            return self.job(run, spec, control)
-        except NotFound:
-            name, ws = spec.module.name, spec.workspace
-            if self.executor.backend.exists(name, ws):
-                raise
-        self.executor.backend.inputs.delete(name, ws)
-        self.executor.expiries.clear(name, ws)
-        return Destroyed(name, spec.instance, {"add": 0, "change": 0, "destroy": 0},
-                         spec.run_id)
 
     def job(self, run: Run, spec: RunSpec, control: RunControl) -> Outcome:
         """What a run does: terraform through the executor, its events relayed."""

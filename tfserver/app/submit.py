@@ -75,9 +75,11 @@ class Submitter:
         record = _record(spec, idempotency, origin)
         record.retry_of = retry_of
         release: Callable[[], None] = _nothing
+        max_queued: int | None = None
         try:
             if governed:
                 limits = self.governance.limits(spec.principal, spec.module.name)
+                max_queued = limits.max_queued if asynchronous else None
                 release = self.governance.reserve(limits, record, queued=asynchronous)
             if spec.plan_of is not None and not self.store.claim_plan(spec.plan_of,
                                                                       spec.run_id):
@@ -92,7 +94,7 @@ class Submitter:
         what = f"instance {spec.instance!r} of module {spec.module.name}"
         try:
             if self.queued is not None:
-                self.queued.enqueue(run, spec_doc(spec), what=what)
+                self.queued.enqueue(run, spec_doc(spec), what=what, max_queued=max_queued)
             else:
                 self.runs.submit(run, what=what,
                                  wait=0.0 if asynchronous else self.config.lock_wait)

@@ -30,6 +30,7 @@ from typing import Any
 from ..errors import Conflict, TFServerError, Unavailable
 from ..storage.base import json_object
 from .liveness import QUEUED
+from .places import Places
 from .registry import Runs
 from .run import Run
 from .sqs import Message, SqsQueue, message_group
@@ -40,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 #: A claim older than this whose run never started: its worker died in between.
 STALE_CLAIM = 30.0
+#: How often a worker waiting for a lost run's holder or lock looks again (seconds).
+_POLL = 1.0
 
 #: What the app gives a worker: the run of a stored record and spec (its job and handle).
 Build = Callable[[RunRecord, dict[str, Any]], Run]
@@ -65,18 +68,31 @@ class QueuedRuns:
         #: A lost worker's lock older than this is past any deadline of its run.
         self.stale_lock_after = stale_lock_after
         self.on_resumed = on_resumed
+        #: Set when this worker stops: a take that waits hands its message back.
+        self.stopping = threading.Event()
+        #: Places on the queue: `queue_depth` an instance, `max_queued` a tenant.
+        self.places = Places(self.store.objects)
 
     # -- the API side -------------------------------------------------------------------
 
-    def enqueue(self, run: Run, spec: dict[str, Any], *, what: str) -> None:
+    def enqueue(self, run: Run, spec: dict[str, Any], *, what: str,
+                max_queued: int | None = None) -> None:
         """Store the run (record, events, spec) and queue its message; `Conflict` when
-        the instance already has `queue_depth` runs waiting (nothing is kept then)."""
+        the instance already has `queue_depth` runs waiting, or the tenant `max_queued`
+        (nothing is kept then)."""
         record = run.record
-        waiting = self.waiting(record)
-        if waiting >= self.queue_depth:
-            raise Conflict(f"{what} has {waiting} runs waiting; its queue is full",
+        # A place taken with a create-if-absent write: two replicas (or two threads)
+        # counting the same waiting runs at once never both take the last one.
+        if not self.places.take(_instance(record), record.id, self.queue_depth,
+                                self._waits):
+            raise Conflict(f"{what} has {self.queue_depth} runs waiting; its queue is full",
                            retry_after=5)
-        record.replica, record.queue_position = QUEUED, waiting + 1
+        if max_queued is not None and not self.places.take(
+                _tenant(record), record.id, max_queued, self._waits):
+            self.places.free(_instance(record), record.id)
+            raise Conflict(f"this tenant has {max_queued} runs waiting in queues; the limit "
+                           f"is {max_queued}: wait for some to start", retry_after=5)
+        record.replica, record.queue_position = QUEUED, self.waiting(record) + 1
         run.emit("queued")
         self.store.objects.put(_spec_key(record.id), json.dumps(spec).encode())
         record.heartbeat_at = time.time()
@@ -87,7 +103,19 @@ class QueuedRuns:
         except TFServerError:
             self.store.delete(record)
             self.store.objects.delete(_spec_key(record.id))
+            self._leave(record)
             raise
+
+    def _leave(self, record: RunRecord) -> None:
+        """The run left the queue: its places are free."""
+        self.places.free(_instance(record), record.id)
+        self.places.free(_tenant(record), record.id)
+
+    def _waits(self, run_id: str) -> bool | None:
+        """Whether the run still waits on the queue (None: it has no record)."""
+        record = self.store.get(run_id) if is_run_id(run_id) else None
+        return None if record is None else record.status == "queued" and \
+            record.replica == QUEUED
 
     def waiting(self, record: RunRecord) -> int:
         """How many runs of the record's instance wait on the queue before it."""
@@ -112,7 +140,7 @@ class QueuedRuns:
         if record is None or record.status != "queued" or record.replica != QUEUED:
             return None
         if not self._claim(run_id, 1):
-            return None
+            return self._settled(record)
         record.status, record.finished_at, record.queue_position = "canceled", time.time(), None
         record.cancel = "requested"
         record.problem = Conflict("the run was canceled before it began",
@@ -123,7 +151,19 @@ class QueuedRuns:
         self.store.put_events(run_id, events)
         self.store.save(record)
         self.store.objects.delete(_spec_key(run_id))
+        self._leave(record)
         return record
+
+    def _settled(self, record: RunRecord) -> RunRecord | None:
+        """The record once whoever claimed it first (another cancel, or a worker) stored
+        what it did: the ended record (a second cancel sees the first's), or None when a
+        worker took it (waited for a few seconds at most)."""
+        deadline = time.monotonic() + 5.0
+        while record.status == "queued" and record.replica == QUEUED and \
+                time.monotonic() < deadline:
+            time.sleep(0.05)
+            record = self.store.get(record.id) or record
+        return record if not record.active else None
 
     # -- the worker side ------------------------------------------------------------------
 
@@ -132,7 +172,8 @@ class QueuedRuns:
         (delete it), False to hand it back for later."""
         record = self.store.get(message.run_id) if is_run_id(message.run_id) else None
         if record is None:
-            logger.warning("queue: message for run %s, which has no record", message.run_id)
+            logger.warning("queue: message for run %.64r, which has no record",
+                           message.run_id)
             return False  # the dead-letter queue takes it after its last receive
         if not record.active:
             return True  # canceled while queued, or ended: nothing to do
@@ -140,14 +181,16 @@ class QueuedRuns:
             self._end(record, "canceled", "the run was canceled before a worker began it")
             return True
         if record.status == "queued" and self._claim(record.id, record.attempt):
-            pass  # first taken: it runs here
-        elif record.status == "running" and not self.runs.liveness.lost(record):
-            return False  # its worker lives: the message came back too early
-        elif record.status == "queued" and self._claim_age(record.id, record.attempt) \
-                < STALE_CLAIM:
-            return False  # another worker took it a moment ago
+            self._leave(record)  # first taken: it runs here
         else:
-            # Its worker died: while running, or between claiming it and starting it.
+            # Taken before: wait (bounded) until its worker is known dead, then resume it.
+            # Handing the message back at once would spend its receives (maxReceiveCount)
+            # on a run that only waits, and send it to the dead-letter queue.
+            record = self._holder_gone(record)
+            if record is None:
+                return False  # its worker lives (or this one stops)
+            if not record.active:
+                return True
             resumed = self._resume(record)
             if resumed is None or not resumed:
                 return resumed is None
@@ -166,19 +209,21 @@ class QueuedRuns:
         (its state is still locked), None when it ends instead (lost for good, or a
         saved plan, which is never applied twice)."""
         lost_on = record.replica
+        # Its terraform may still run: wait for it first, so that the instance's next
+        # run does not meet its lock.
+        lock = self._lock_left(record)
         if record.attempt > self.resume_lost or record.plan_of is not None:
             why = ("a saved plan is never applied twice: plan again" if record.plan_of
                    else f"it was lost {record.attempt} times")
             self._end(record, "lost" if record.plan_of is None else "failed",
                       f"the worker {lost_on} running the run stopped; {why}")
             return None
-        lock = self.lock_of(record)
         if lock is not None:
             created = _epoch(lock.get("created", ""))
             dead_workers = created is not None and record.started_at is not None and \
                 created >= record.started_at - 5
             if not dead_workers or time.time() - (created or 0) < self.stale_lock_after:
-                return False  # its terraform may still be finishing: wait for the lock
+                return False  # held by someone else (or this worker stops): try later
             if not self.unlock(record, lock.get("id", "")):
                 return False
             logger.warning("run %s: cleared the lock %s its lost worker %s left",
@@ -192,6 +237,40 @@ class QueuedRuns:
             self.on_resumed(record)
         return True
 
+    def _holder_gone(self, record: RunRecord) -> RunRecord | None:
+        """The record once the worker running it is known dead (or the run ended); None
+        while that worker may live: after a bounded wait (the message is kept invisible
+        meanwhile) for a running one, at once for one claimed a moment ago."""
+        deadline = time.monotonic() + self.runs.liveness.lost_after + 2 * _POLL
+        while record.active:
+            if record.status == "queued":
+                # Claimed and never started: its worker died in between, unless just now.
+                fresh = self._claim_age(record.id, record.attempt) < STALE_CLAIM
+                return None if fresh else record
+            if self.runs.liveness.lost(record):
+                return record
+            if time.monotonic() > deadline or self.stopping.wait(_POLL):
+                return None
+            found = self.store.get(record.id)
+            if found is None:
+                return None
+            record = found
+        return record
+
+    def _lock_left(self, record: RunRecord) -> dict[str, str] | None:
+        """The state's lock once the lost run's terraform no longer holds it: a lock it
+        took is waited for while younger than `stale_lock_after` (that terraform goes on
+        to its end and frees it); any other lock is returned at once."""
+        deadline = time.monotonic() + self.stale_lock_after
+        while (lock := self.lock_of(record)) is not None:
+            created = _epoch(lock.get("created", ""))
+            if created is None or record.started_at is None or \
+                    created < record.started_at - 5 or \
+                    time.time() - created >= self.stale_lock_after or \
+                    time.monotonic() > deadline or self.stopping.wait(_POLL):
+                return lock
+        return None
+
     def _end(self, record: RunRecord, status: str, detail: str) -> None:
         record.status, record.finished_at = status, time.time()
         record.problem = Unavailable(detail).problem()
@@ -201,6 +280,7 @@ class QueuedRuns:
         self.store.put_events(record.id, events)
         self.store.save(record)
         self.store.objects.delete(_spec_key(record.id))
+        self._leave(record)
 
     def _spec(self, run_id: str) -> dict[str, Any] | None:
         spec = json_object(self.store.objects.get(_spec_key(run_id)))
@@ -252,6 +332,7 @@ class QueueWorker:
     def stop(self) -> None:
         """Take no more runs (those running finish; the server's stop waits for them)."""
         self._stop.set()
+        self.queued.stopping.set()
 
     def busy(self) -> int:
         """How many runs this worker holds now."""
@@ -278,7 +359,7 @@ class QueueWorker:
                 self._free.release()
                 break
             with self._mutex:
-                self._held[message.run_id] = message
+                self._held[message.receipt] = message
             threading.Thread(target=self._run, args=(message,), name="queue-run",
                              daemon=True).start()
 
@@ -287,19 +368,19 @@ class QueueWorker:
         try:
             done = self.queued.take(message, self.build)
         except TFServerError as e:
-            logger.warning("queue: run %s not taken: %s", message.run_id, e.detail)
+            logger.warning("queue: run %.64s not taken: %s", message.run_id, e.detail)
         except Exception:  # a bug must not cost the slot or the message
-            logger.exception("queue: run %s failed unexpectedly", message.run_id)
+            logger.exception("queue: run %.64s failed unexpectedly", message.run_id)
         finally:
             with self._mutex:
-                self._held.pop(message.run_id, None)
+                self._held.pop(message.receipt, None)
             try:
                 if done:
                     self.queue.delete(message)
                 else:
                     self._hand_back(message)
             except TFServerError as e:
-                logger.warning("queue: message of run %s: %s", message.run_id, e.detail)
+                logger.warning("queue: message of run %.64s: %s", message.run_id, e.detail)
             self._free.release()
 
     def _hand_back(self, message: Message) -> None:
@@ -307,7 +388,7 @@ class QueueWorker:
         try:
             self.queue.extend(message, 5)
         except TFServerError as e:
-            logger.warning("queue: message of run %s not handed back: %s", message.run_id,
+            logger.warning("queue: message of run %.64s not handed back: %s", message.run_id,
                            e.detail)
 
     def _extend(self) -> None:
@@ -318,8 +399,16 @@ class QueueWorker:
                 try:
                     self.queue.extend(message, self.visibility)
                 except TFServerError as e:
-                    logger.warning("queue: run %s: its message not kept: %s",
+                    logger.warning("queue: run %.64s: its message not kept: %s",
                                    message.run_id, e.detail)
+
+
+def _instance(record: RunRecord) -> str:
+    return f"_runs/waiting/instances/{record.workspace}/"
+
+
+def _tenant(record: RunRecord) -> str:
+    return f"_runs/waiting/tenants/{record.tenant}/"
 
 
 def _spec_key(run_id: str) -> str:

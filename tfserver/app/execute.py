@@ -254,15 +254,24 @@ class Executor:
             planned = [{**p, "address": spec.scrub(p["address"])} for p in result.planned]
             return Planned(name, spec.instance, result.changes, planned, spec.run_id)
         if destroying:
-            self.workspaces.delete_workspace(spec, wc.path, _remaining(deadline))
-            self.backend.inputs.delete(name, ws)
-            self.expiries.clear(name, ws)
-            DriftReports(self.backend.objects).clear(name, ws)
-            return Destroyed(name, spec.instance, result.changes, spec.run_id)
+            return self.forget(spec, result.changes, deadline)
         return Applied(name, spec.instance, self._outputs(spec, result), result.changes,
                        spec.run_id, created=not existed, expires_at=expires_at,
                        warnings=warnings,
                        public_outputs=shown_outputs(result.outputs or {}, scrub=spec.scrub))
+
+    def forget(self, spec: RunSpec, changes: dict[str, int] | None = None,
+               deadline: float | None = None) -> Destroyed:
+        """A destroy's clean-up (its workspace, kept inputs, expiry, drift report); also
+        a destroy run again whose instance an earlier attempt already destroyed."""
+        name, ws = spec.module.name, spec.workspace
+        wc = self.copies.ready(name)
+        left = _remaining(deadline if deadline is not None else time.monotonic() + 120)
+        self.workspaces.delete_workspace(spec, wc.path, left)
+        self.backend.inputs.delete(name, ws)
+        self.expiries.clear(name, ws)
+        DriftReports(self.backend.objects).clear(name, ws)
+        return Destroyed(name, spec.instance, changes or dict.fromkeys(_COUNTS, 0), spec.run_id)
 
     def _expire(self, spec: RunSpec) -> float | None:
         """After an apply that succeeded: when the instance expires (recorded)."""
@@ -425,6 +434,9 @@ class Executor:
 def _detail(error: TFServerError | OSError) -> str:
     """What a storage error says (never a value: keys and the OS's reason only)."""
     return error.detail if isinstance(error, TFServerError) else str(error.strerror)
+
+
+_COUNTS = ("add", "change", "remove")
 
 
 def _remaining(deadline: float) -> float:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import Config
-from ..errors import Conflict, TFServerError
+from ..errors import Conflict, NotFound, TFServerError
 from ..metrics import Metrics
 from ..module.discover import Module
 from ..names import workspace_tenant
@@ -133,6 +133,12 @@ class Submitter:
             if "lock" in e.extra:  # the state was locked by a run elsewhere
                 self.metrics.lock_conflicts.labels(spec.module.name).inc()
             raise
+        except NotFound:
+            if spec.operation != "destroy" or run.record.attempt < 2:
+                raise
+            # A destroy run again after its worker died: that worker's terraform went on
+            # and destroyed the instance; what is left is the destroy's own clean-up.
+            outcome = self.executor.forget(spec)
         record = run.record
         record.changes = outcome.changes
         if isinstance(outcome, Applied):

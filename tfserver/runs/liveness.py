@@ -49,8 +49,10 @@ class Liveness:
         return beat is None or now - beat[0] > self.lost_after or record.id not in beat[1]
 
     def resumable(self, record: RunRecord) -> bool:
-        """A lost run another worker will run again (it shows as queued meanwhile)."""
-        return record.attempt <= self.resume_lost and record.plan_of is None
+        """A lost run the queue brings back to another worker: it shows as queued until
+        that worker runs it again (or ends it: a saved plan is never applied twice), so
+        `lost` is only ever final."""
+        return record.attempt <= self.resume_lost
 
     def _beat(self, replica: str) -> tuple[float, frozenset[str]] | None:
         with self._mutex:

@@ -17,7 +17,7 @@ from types import FrameType
 
 from . import logs
 from .app.service import Service
-from .app.statedir import prepare_state
+from .app.statedir import prepare_state, spool_dir
 from .auth import Authenticator, make_authenticator
 from .config import AcmeSettings, Config, load
 from .errors import ConfigError, TFServerError
@@ -80,7 +80,7 @@ def build(config: Config) -> Parts:
     terraform = Terraform(binary=binary, base_env=config.terraform_env,
                           cli_config_file=prepare_state(config),
                           kill_grace=config.kill_grace, memory_limit=config.run_memory,
-                          spool_dir=config.state_dir / "spool")
+                          spool_dir=spool_dir(config))
     backend = make_backend(config)
     metrics = Metrics()
     notifier = _notifier(config, policy, backend, metrics)

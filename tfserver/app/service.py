@@ -43,6 +43,7 @@ from .leftovers import Leftovers
 from .orphan import Orphaned, Orphaner
 from .reap import expired_destroy
 from .rerun import Reruns
+from .statedir import spool_dir
 from .submit import Origin, Submitter
 from .unlock import Unlocked, Unlocker
 
@@ -82,7 +83,7 @@ class Service:
                          replica=config.replica or socket.gethostname(),
                          kill_grace=config.kill_grace, retention=config.run_retention,
                          on_finish=self._counted, on_ended=self._audited,
-                         on_lost=Leftovers(backend, self.store, config.state_dir / "spool",
+                         on_lost=Leftovers(backend, self.store, spool_dir(config),
                                            self.modules),
                          resume_lost=config.queue.resume_lost
                          if config.queue.engine == "sqs" else 0)

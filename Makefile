@@ -41,6 +41,8 @@ bench: $(TEST_STAMP)
 	$(BIN)/python bench/bench_runs.py
 	$(BIN)/python bench/bench_ops.py
 	$(BIN)/python bench/bench_reads.py
+	$(BIN)/python bench/bench_engine.py
+	$(BIN)/python bench/bench_drift.py
 
 # Rewrite docs/configuration.md's table of settings from the one table in tfserver/settings.py.
 settings-table: $(RUN_STAMP)

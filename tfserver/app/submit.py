@@ -108,7 +108,9 @@ class Submitter:
             raise
         if spec.plan_of is not None:
             self.history.mark_plan_applied(spec.plan_of, spec.run_id)
-        else:  # a saved plan's apply is never retried: it is used up (plan again)
+        elif asynchronous:  # a saved plan's apply is never retried: it is used up
+            self.kept.put(spec.run_id, spec_doc(spec))
+        else:  # off a synchronous run's path (written while terraform runs)
             self.kept.keep(spec.run_id, spec_doc(spec))
         return Submitted(spec.run_id, run if self.queued is None else None)
 

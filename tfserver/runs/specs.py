@@ -47,6 +47,14 @@ class KeptRequests:
                 self._thread.start()
         self._todo.put(run_id)
 
+    def put(self, run_id: str, doc: dict[str, Any]) -> None:
+        """Keep a run's spec now (an asynchronous run's, before its 202: a server that
+        dies once the caller has the run's id leaves it kept)."""
+        try:
+            self.objects.put(request_key(run_id), json.dumps(doc, separators=(",", ":")).encode())
+        except TFServerError as e:
+            logger.warning("run %s: its request was not kept (no retry): %s", run_id, e.detail)
+
     def get(self, run_id: str) -> dict[str, Any] | None:
         """A run's kept spec, or None (never kept, damaged, or deleted)."""
         with self._mutex:

@@ -186,7 +186,8 @@ def test_idle_workers_end() -> None:
 def test_a_failing_start_hook_leaves_no_process_behind(tmp_path: Path) -> None:
     marker = tmp_path / "pid"
     tf = runner(tmp_path, f"""
-open({str(marker)!r}, "w").write(str(os.getpid()))
+open({str(marker)!r} + ".tmp", "w").write(str(os.getpid()))
+os.rename({str(marker)!r} + ".tmp", {str(marker)!r})  # whole, or not there
 time.sleep(60)
 """)
 
@@ -289,7 +290,8 @@ def test_a_reader_that_cannot_start_leaves_no_process(tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     marker = tmp_path / "pid"
     tf = runner(tmp_path, f"""
-open({str(marker)!r}, "w").write(str(os.getpid()))
+open({str(marker)!r} + ".tmp", "w").write(str(os.getpid()))
+os.rename({str(marker)!r} + ".tmp", {str(marker)!r})  # whole, or not there
 time.sleep(60)
 """)
 

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..storage.base import ObjectStore
+from ..storage.base import ObjectStore, json_object
 
 
 @dataclass(frozen=True)
@@ -44,14 +44,8 @@ class DriftReports:
 
     def get(self, module: str, workspace: str) -> dict[str, Any] | None:
         """The last check's report, or None when the instance was never checked."""
-        data = self.objects.get(self._key(module, workspace))
-        if data is None:
-            return None
-        try:
-            doc = json.loads(data)
-        except ValueError:
-            return None
-        return doc if isinstance(doc, dict) and doc.get("status") else None
+        doc = json_object(self.objects.get(self._key(module, workspace)))
+        return doc if doc is not None and doc.get("status") else None
 
     def put(self, module: str, workspace: str, report: DriftReport) -> None:
         """Keep a check's report (replacing the one before)."""

@@ -16,7 +16,7 @@ import threading
 from typing import Any
 
 from ..errors import TFServerError
-from ..storage.base import ObjectStore
+from ..storage.base import ObjectStore, json_object
 
 logger = logging.getLogger(__name__)
 
@@ -59,13 +59,7 @@ class KeptRequests:
         """A run's kept spec, or None (never kept, damaged, or deleted)."""
         with self._mutex:
             data = self._pending.get(run_id)
-        if data is None:
-            data = self.objects.get(request_key(run_id))
-        try:
-            doc = json.loads(data) if data is not None else None
-        except ValueError:
-            return None
-        return doc if isinstance(doc, dict) else None
+        return json_object(data if data is not None else self.objects.get(request_key(run_id)))
 
     def _write(self) -> None:
         """Write each spec kept, in order (a failed write is logged: no retry of it)."""

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 import stat
-import tempfile
+import threading
+import time
 from pathlib import Path
+
+#: How a temporary file is opened: new (never an existing file or a link), owner-only.
+_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def private_dir(path: Path) -> Path:
@@ -19,17 +23,34 @@ def private_dir(path: Path) -> Path:
 def _staged(path: Path, data: bytes) -> str:
     """`data` in a new owner-only temporary file beside `path` (its name)."""
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        fd, tmp = _temporary(path)
     except FileNotFoundError:
         private_dir(path.parent)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        fd, tmp = _temporary(path)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        os.unlink(tmp)
         raise
+    finally:
+        os.close(fd)
     return tmp
+
+
+def _temporary(path: Path) -> tuple[int, str]:
+    """A new owner-only file beside `path`, opened for writing. Named by process, thread
+    and time rather than by `tempfile.mkstemp`'s random letters: a run writes several
+    files, and the random names cost more than the writes."""
+    base = f"{path.parent}/.tmp-{os.getpid()}-{threading.get_ident()}-"
+    for _ in range(100):
+        tmp = f"{base}{time.monotonic_ns()}"
+        try:
+            return os.open(tmp, _NEW, 0o600), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {path}")
 
 
 def write_private(path: Path, data: bytes) -> None:

@@ -9,6 +9,7 @@ created, how many of its events are stored, and whether its final record was wri
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -122,7 +123,9 @@ class Keeper(threading.Thread):
             runs, self._soon = self._soon, []
         for run in runs:
             if not run.done.is_set():
-                self.flush(run)
+                # The record only: its events follow within EVENTS_EVERY (a crash needs
+                # the record to say terraform ran; most runs end before that).
+                self.flush(run, events=False)
 
     # -- the runs kept ----------------------------------------------------------------
 
@@ -174,9 +177,9 @@ class Keeper(threading.Thread):
             self.store.create(replace(run.record))
             kept.created, kept.written = True, _shape(run.record)
 
-    def flush(self, run: Run, *, final: bool = False) -> None:
-        """Store the run's new events, and its record (with a fresh heartbeat) if it
-        changed, or is the final one."""
+    def flush(self, run: Run, *, final: bool = False, events: bool = True) -> None:
+        """Store the run's new events (unless not `events`), and its record (with a fresh
+        heartbeat) if it changed, or is the final one."""
         kept = self._entry(run)
         if kept is None:
             return
@@ -188,7 +191,7 @@ class Keeper(threading.Thread):
             if run.ticket is not None and record.status == "queued":
                 record.queue_position = self.position(run.ticket)
             count = len(run.events)
-            if count != kept.events:
+            if events and count != kept.events:
                 self.store.put_events(record.id, run.events[:count])
                 kept.events = count
             shape = _shape(record)
@@ -260,4 +263,5 @@ class Keeper(threading.Thread):
 
 def _shape(record: RunRecord) -> bytes:
     """The record as stored, but for its heartbeat."""
-    return replace(record, heartbeat_at=0.0).to_json()
+    shape = dict(vars(record), heartbeat_at=0.0)
+    return json.dumps(shape, separators=(",", ":")).encode()

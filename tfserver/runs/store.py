@@ -29,7 +29,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import quote
 
@@ -119,7 +119,9 @@ class RunRecord:
 
     def to_json(self) -> bytes:
         """The stored form."""
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
+        # The fields themselves, not `asdict`: that deep-copies every nested list and
+        # dict first, and a record is serialised several times a run.
+        return json.dumps(vars(self), separators=(",", ":")).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> RunRecord | None:

@@ -36,6 +36,7 @@ test: lint
 
 bench: $(TEST_STAMP)
 	$(BIN)/python bench/bench.py
+	$(BIN)/python bench/bench_overhead.py
 	$(BIN)/python bench/bench_auth.py
 	$(BIN)/python bench/bench_s3.py
 	$(BIN)/python bench/bench_runs.py

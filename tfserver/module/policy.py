@@ -71,6 +71,10 @@ class ModuleRules:
 
     limits: Scope = field(default_factory=dict)
     variables: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    #: How often each instance's drift is checked (seconds; None: never on a schedule),
+    #: and whether a drifted one is then applied (app/driftschedule.py).
+    drift_check: float | None = None
+    reconcile: bool = False
 
 
 @dataclass(frozen=True)

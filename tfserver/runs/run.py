@@ -55,6 +55,8 @@ class Run:
     scrub: Callable[[str], str]
     control: Control
     sync: bool = False
+    #: A scheduled drift check: it runs in a spare slot (lanes.py), never a user's.
+    background: bool = False
     events: list[dict[str, Any]] = field(default_factory=list)
     done: threading.Event = field(default_factory=threading.Event)
     #: Set once a synchronous caller's answer is on the wire: the final record waits

@@ -7,15 +7,26 @@ rest."""
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import http.server
+import json
+import os
+import re
+import signal
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+from standardwebhooks import Webhook as Verifier
 
-from support import ROOT
+from support import ROOT, Moto, ServerProcess, start_server
+from test_runs import ASYNC, MODULES, SECRET, body, wait_run
+from test_s3 import MODES, store
 from tfserver.app.driftclaims import CLAIM_GRACE, DriftClaims
 from tfserver.app.driftschedule import (
     DriftSchedule,
@@ -32,6 +43,8 @@ from tfserver.module.policyfile import load_policy
 from tfserver.notify.payloads import instance_events
 from tfserver.runs.lanes import Scheduler, Ticket
 from tfserver.storage.local import LocalObjects
+
+__all__ = ["store"]
 
 # -- the policy's keys -------------------------------------------------------------------
 
@@ -307,3 +320,285 @@ def test_which_instance_events_a_run_makes(operation: str, status: str, drift: s
                                            expired: bool,
                                            events: list[tuple[str, str]]) -> None:
     assert instance_events(operation, status, drift, expired=expired) == events
+
+
+# -- real servers: a 2 s schedule -------------------------------------------------------
+
+HOOK_SECRET = "whsec_" + base64.b64encode(b"schedule-secret-0123456789").decode()
+REFRESH = "plan -json -refresh-only"
+#: What the stand-in reports when the `drift` flag is set: terraform_data never drifts, so
+#: a fake `resource_drift` line (of the shape terraform writes) follows the real plan's
+#: output. Real drift, with a real provider, is test_drift.py's.
+FAKE_DRIFT = json.dumps({"type": "resource_drift", "change": {
+    "resource": {"addr": "terraform_data.first"}, "action": "update"}})
+WAIT = 40.0
+
+
+@dataclass
+class Receiver:
+    """Webhooks received on 127.0.0.1: (headers, body) in order."""
+
+    url: str = ""
+    requests: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
+    arrived: threading.Condition = field(default_factory=threading.Condition)
+
+    def events(self, instance: str) -> list[dict[str, Any]]:
+        with self.arrived:
+            found = [Verifier(HOOK_SECRET).verify(body, headers)
+                     for headers, body in self.requests]
+        return [e for e in found if e["data"]["instance"] == instance]
+
+    def wait_for(self, instance: str, count: int) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + WAIT
+        with self.arrived:
+            while len(self.events(instance)) < count:
+                assert self.arrived.wait(max(0.0, deadline - time.monotonic())), \
+                    self.requests
+        return self.events(instance)
+
+
+def receive() -> tuple[Receiver, http.server.ThreadingHTTPServer]:
+    receiver = Receiver()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            with receiver.arrived:
+                receiver.requests.append((dict(self.headers.items()), body))
+                receiver.arrived.notify_all()
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    receiver.url = f"http://127.0.0.1:{server.server_address[1]}/hook"
+    return receiver, server
+
+
+def shim(folder: Path, real: str) -> Path:
+    """Terraform behind a stand-in: with the `drift` flag a check reports drift; with
+    `slow` a check sleeps first (its pids in `pids`, so a test can end it)."""
+    path = folder / "terraform-shim"
+    path.write_text(
+        f'#!/bin/sh\ncase "$*" in "{REFRESH}"*)\n'
+        f'  if [ -e "{folder}/slow" ]; then echo $$ >> "{folder}/pids"\n'
+        "    sleep 30 & p=$!; echo $p >> " f'"{folder}/pids"' "\n"
+        "    trap 'kill $p; exit 130' INT TERM; wait $p; fi\n"
+        f'  if [ -e "{folder}/drift" ]; then "{real}" "$@"; rc=$?\n'
+        f"    echo '{FAKE_DRIFT}'; exit $rc; fi;;\nesac\n"
+        f'exec "{real}" "$@"\n')
+    path.chmod(0o755)
+    return path
+
+
+def policy_file(folder: Path, text: str) -> Path:
+    path = folder / "policy.toml"
+    path.write_text(text)
+    return path
+
+
+def scheduled(terraform: Path, policy: Path, folder: Path,
+              **env: str) -> ServerProcess:
+    return start_server(folder, modules_dir=MODULES, env={
+        "TFSERVER_TERRAFORM": str(terraform), "TFSERVER_POLICY": str(policy),
+        "TFSERVER_DRIFT_CHECK_MIN": "1s", "TFSERVER_REAP_INTERVAL": "0.5",
+        "TFSERVER_WEBHOOK_ALLOW": "127.0.0.1", "HOOK_SECRET": HOOK_SECRET, **env})
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory: pytest.TempPathFactory, terraform_bin: str
+        ) -> Iterator[tuple[ServerProcess, Path, Receiver, Receiver]]:
+    """A server checking `steps` every 2 s (reconcile on), one check at a time, with
+    webhooks for every tenant and for another tenant only."""
+    tmp = tmp_path_factory.mktemp("schedule")
+    everyone, one = receive()
+    nobody, other = receive()
+    policy = policy_file(tmp, f"""
+[modules.steps]
+drift_check = "2s"
+reconcile = true
+
+[[webhooks]]
+url = "{everyone.url}"
+secret = "env:HOOK_SECRET"
+events = ["instance.expired", "instance.destroyed"]
+tenants = ["*"]
+
+[[webhooks]]
+url = "{nobody.url}"
+secret = "env:HOOK_SECRET"
+events = ["instance.expired", "instance.destroyed", "instance.drifted"]
+tenants = ["someone-else"]
+""")
+    server = scheduled(shim(tmp, terraform_bin), policy, tmp,
+                       TFSERVER_MAX_DRIFT_CHECKS="1")
+    yield server, tmp, everyone, nobody
+    server.stop()
+    one.shutdown()
+    other.shutdown()
+
+
+def drift_of(server: ServerProcess, instance: str) -> dict[str, Any]:
+    r = server.request("GET", f"/steps/{instance}")
+    assert r.status == 200, r.body
+    return dict(r.json["drift"])
+
+
+def until(what: Callable[[], Any], timeout: float = WAIT) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (found := what()):
+        assert time.monotonic() < deadline, "not in time"
+        time.sleep(0.2)
+    return found
+
+
+def counted(server: ServerProcess, result: str) -> float:
+    text = server.request("GET", "/metrics").body.decode()
+    found = re.search(r'^tfserver_drift_checks_scheduled_total\{module="steps",result="'
+                      + result + r'"\} (\S+)$', text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def runs_of(server: ServerProcess, instance: str) -> list[dict[str, Any]]:
+    return list(server.request("GET", f"/steps/{instance}/runs?limit=100").json["runs"])
+
+
+def test_a_scheduled_check_sets_the_drift(srv: tuple[ServerProcess, Path, Receiver, Receiver]
+                                          ) -> None:
+    server, *_ = srv
+    assert server.request("PUT", "/steps/sched", body(0, "sched")).status == 201
+    drift = until(lambda: (d := drift_of(server, "sched"))["status"] == "in_sync" and d)
+    run = server.request("GET", f"/runs/{drift['run_id']}").json
+    assert run["operation"] == "drift" and run["status"] == "succeeded", run
+    assert run["who"]["subject"] == "tfserver:schedule"
+    assert counted(server, "started") >= 1
+    # and again the next period
+    until(lambda: drift_of(server, "sched")["checked_at"] != drift["checked_at"])
+
+
+def test_a_busy_instance_is_skipped(srv: tuple[ServerProcess, Path, Receiver, Receiver]
+                                    ) -> None:
+    server, *_ = srv
+    assert server.request("PUT", "/steps/busy", body(0, "busy")).status == 201
+    until(lambda: drift_of(server, "busy")["status"] == "in_sync")
+    skipped = counted(server, "skipped_busy")
+    slow = server.request("PUT", "/steps/busy", body(2, "busy"), headers=ASYNC).json
+    applied = wait_run(server, slow["id"], timeout=60)
+    assert applied["status"] == "succeeded"
+    assert counted(server, "skipped_busy") > skipped
+    during = [r for r in runs_of(server, "busy") if r["operation"] == "drift"
+              and applied["started_at"] <= r["created_at"] <= applied["finished_at"]]
+    assert during == []
+
+
+def test_reconcile_from_the_schedule(srv: tuple[ServerProcess, Path, Receiver, Receiver]
+                                     ) -> None:
+    server, tmp, *_ = srv
+    assert server.request("PUT", "/steps/recon", body(0, "recon")).status == 201
+    until(lambda: drift_of(server, "recon")["status"] == "in_sync")
+    (tmp / "drift").touch()
+    try:
+        drift = until(lambda: (d := drift_of(server, "recon"))["status"] == "drifted" and
+                      d.get("reconciled_by") and d)
+    finally:
+        (tmp / "drift").unlink()
+    check = server.request("GET", f"/runs/{drift['run_id']}").json
+    assert check["who"]["subject"] == "tfserver:schedule"
+    applied = wait_run(server, drift["reconciled_by"], timeout=60)
+    assert applied["operation"] == "apply" and applied["status"] == "succeeded", applied
+    assert applied["who"]["subject"] == "tfserver:drift"
+
+
+def test_expired_and_destroyed_instances_are_told(
+        srv: tuple[ServerProcess, Path, Receiver, Receiver]) -> None:
+    server, _, everyone, nobody = srv
+    assert server.request("PUT", "/steps/short?ttl=2s", body(0, "short")).status == 201
+    expired, destroyed = everyone.wait_for("short", 2)
+    assert [expired["type"], destroyed["type"]] == ["instance.expired", "instance.destroyed"]
+    assert expired["data"]["status"] == "succeeded"
+    assert destroyed["data"]["status"] == "destroyed"
+    run = server.request("GET", f"/runs/{destroyed['data']['run_id']}").json
+    assert run["who"]["subject"] == "tfserver:ttl" and run["operation"] == "destroy"
+    assert expired["data"]["run_id"] == run["id"]
+    assert expired["data"]["links"] == {"instance": "/steps/short", "run": f"/runs/{run['id']}"}
+    assert server.request("GET", "/steps/short").status == 404
+
+    assert server.request("PUT", "/steps/gone", body(0, "gone")).status == 201
+    r = server.request("DELETE", "/steps/gone")
+    assert r.status == 200, r.body
+    (event,) = everyone.wait_for("gone", 1)
+    assert event["type"] == "instance.destroyed" and event["data"]["run_id"] == r.json["run_id"]
+    assert set(event["data"]) == {"module", "instance", "tenant", "run_id", "links", "status"}
+    bodies = b"".join(b for _, b in everyone.requests)
+    assert SECRET.encode() not in bodies and b"short" in bodies
+    assert nobody.requests == []  # another tenant's webhook hears nothing of these
+
+
+def test_a_server_killed_mid_check_checks_again_after_restart(
+        tmp: Path, terraform_bin: str) -> None:
+    policy = policy_file(tmp, '[modules.steps]\ndrift_check = "2s"\n')
+    terraform = shim(tmp, terraform_bin)
+    env = {"TFSERVER_REPLICA_ID": "kill-me", "TFSERVER_MAX_DRIFT_CHECKS": "1"}
+    server = scheduled(terraform, policy, tmp, **env)
+    try:
+        (tmp / "slow").touch()
+        assert server.request("PUT", "/steps/k", body(0, "k")).status == 201
+        killed = until(lambda: [r for r in runs_of(server, "k") if r["operation"] == "drift"
+                                and r["status"] == "running" and (tmp / "pids").exists()])
+        server.stop(signal.SIGKILL)
+    finally:
+        server.stop()
+        for pid in (tmp / "pids").read_text().split() if (tmp / "pids").exists() else []:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+        (tmp / "slow").unlink(missing_ok=True)
+    server = scheduled(terraform, policy, tmp, **env)
+    try:
+        drift = until(lambda: (d := drift_of(server, "k"))["status"] == "in_sync" and d)
+        assert drift["run_id"] != killed[0]["id"]
+        lost = server.request("GET", f"/runs/{killed[0]['id']}").json
+        assert lost["status"] in ("lost", "failed"), lost
+        # and again: the slot is not held by the killed check
+        until(lambda: drift_of(server, "k")["checked_at"] != drift["checked_at"])
+        assert server.request("GET", "/steps/k").json.get("lock") is None
+        assert server.request("PUT", "/steps/k", body(0, "after")).status == 200
+    finally:
+        server.stop()
+
+
+def test_two_replicas_on_one_bucket_run_each_check_once(
+        tmp: Path, terraform_bin: str, moto: Moto, store: dict[str, str]) -> None:
+    policy = policy_file(tmp, '[modules.steps]\ndrift_check = "2s"\n')
+    terraform = shim(tmp, terraform_bin)
+    env = {**store, **MODES["lockfile"], "TFSERVER_MAX_DRIFT_CHECKS": "2"}
+    a = scheduled(terraform, policy, tmp / "a", TFSERVER_REPLICA_ID="a", **env)
+    b = scheduled(terraform, policy, tmp / "b", TFSERVER_REPLICA_ID="b", **env)
+    try:
+        for name in ("one", "two"):
+            assert a.request("PUT", f"/steps/{name}", body(0, name)).status == 201
+        for name in ("one", "two"):
+            until(lambda n=name: len([r for r in runs_of(b, n)  # type: ignore[misc]
+                                      if r["operation"] == "drift"]) >= 3, timeout=60)
+        started = [m.groups() for s in (a, b) for m in re.finditer(
+            r"drift schedule: checking steps/(\S+), period (\d+) \(run (\w+)\)",
+            s.log_text())]
+        assert len({(ws, n) for ws, n, _ in started}) == len(started)  # each period once
+        checks = {r["id"]: r for name in ("one", "two") for r in runs_of(a, name)
+                  if r["operation"] == "drift"}
+        assert {run for *_, run in started} >= set(checks)
+        assert {r["status"] for r in checks.values()} <= {"succeeded", "running", "queued"}
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_no_drift_check_no_schedule() -> None:
+    from tfserver.app.driftrun import drift_schedule
+    from tfserver.module.policy import Policy
+
+    nothing: Any = None  # never touched: no thread, no store read, no listing
+    assert drift_schedule(load_config([], {}), Policy.empty(), nothing, nothing, nothing,
+                          Metrics()) is None

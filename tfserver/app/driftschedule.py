@@ -175,6 +175,6 @@ class DriftSchedule(threading.Thread):
         self.claims.note(module, workspace, number, {**doc, "run_id": run_id})
         self._next[key] = began + plan.interval
         self.metrics.drift_checks.labels(module, "started").inc()
-        logger.info("drift schedule: checking %s/%s (run %s)", module, workspace, run_id,
-                    extra={"run_id": run_id})
+        logger.info("drift schedule: checking %s/%s, period %d (run %s)", module, workspace,
+                    number, run_id, extra={"run_id": run_id})
         return "started"

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from standardwebhooks import Webhook as Verifier
+from test_engine import Start, calls, fleet
 
 from support import ROOT, Moto, ServerProcess, start_server
 from test_runs import ASYNC, MODULES, SECRET, body, wait_run
@@ -44,7 +45,7 @@ from tfserver.notify.payloads import instance_events
 from tfserver.runs.lanes import Scheduler, Ticket
 from tfserver.storage.local import LocalObjects
 
-__all__ = ["store"]
+__all__ = ["fleet", "store"]
 
 # -- the policy's keys -------------------------------------------------------------------
 
@@ -220,6 +221,10 @@ def test_a_due_check_starts_once_a_period_and_spreads(tmp: Path) -> None:
         assert schedule.tick_once() == 1
         fleet.end_all()
     assert len(fleet.started) == 6
+    objects = schedule.claims.objects
+    assert objects.keys("_driftcheck/m/t.i0/")
+    fleet.workspaces.clear()  # all destroyed: their claims go
+    assert schedule.tick_once() == 0 and objects.keys("_driftcheck/m/t.i0/") == []
 
 
 def test_a_busy_instance_is_skipped_until_the_next_period(tmp: Path) -> None:
@@ -602,3 +607,32 @@ def test_no_drift_check_no_schedule() -> None:
     nothing: Any = None  # never touched: no thread, no store read, no listing
     assert drift_schedule(load_config([], {}), Policy.empty(), nothing, nothing, nothing,
                           Metrics()) is None
+
+
+def test_a_scheduled_check_through_the_sqs_engine(fleet: tuple[Start, str], tmp: Path
+                                                  ) -> None:
+    """With `sqs`, a replica's schedule queues the check and a worker runs it."""
+    start, _ = fleet
+    policy = policy_file(tmp, '[modules.steps]\ndrift_check = "2s"\n')
+    env = {"TFSERVER_POLICY": str(policy), "TFSERVER_DRIFT_CHECK_MIN": "1s"}
+    api, worker = start("api1", "api", **env), start("w1", "worker", **env)
+    assert api.request("PUT", "/steps/queued", body(0, "q")).status == 201
+    drift = until(lambda: (d := drift_of(api, "queued"))["status"] == "in_sync" and d,
+                  timeout=60)
+    run = api.request("GET", f"/runs/{drift['run_id']}").json
+    assert run["who"]["subject"] == "tfserver:schedule", run
+    assert calls(api) == [] and [c for c in calls(worker) if c.startswith(REFRESH)]
+
+
+def test_a_tenants_webhook_hears_of_its_instances_whoever_ran() -> None:
+    """The reaper's and the schedule's runs have no client id: the instance's tenant key
+    names the tenant (it failed before: such a webhook heard nothing of them)."""
+    from tfserver.module.policy import Webhook
+    from tfserver.names import tenant_key
+
+    hook = Webhook("https://h.example/", "S", frozenset({"instance.expired"}),
+                   frozenset({"client-123"}))
+    assert hook.wants("instance.expired", tenant_key("client-123"), None)
+    assert hook.wants("instance.expired", "other", "client-123")
+    assert not hook.wants("instance.expired", tenant_key("client-9"), None)
+    assert not hook.wants("instance.destroyed", tenant_key("client-123"), None)

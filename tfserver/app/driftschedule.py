@@ -133,8 +133,9 @@ class DriftSchedule(threading.Thread):
                 if outcome == "full":
                     return started
                 started += outcome == "started"
-        for gone in self._next.keys() - seen:  # destroyed meanwhile
+        for gone in self._next.keys() - seen:  # destroyed meanwhile: its claims go too
             del self._next[gone]
+            self.claims.forget(*gone)
         return started
 
     def _consider(self, module: str, workspace: str, plan: Schedule) -> str:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..names import tenant_key
 from .discover import RESERVED_VARIABLES, Module
 from .limits import DEFAULT_MAX_QUEUED, Limits, Scope
 from .types import TfType
@@ -104,10 +105,13 @@ class Webhook:
     key: str = "webhooks"
 
     def wants(self, event: str, tenant: str | None, client_id: str | None = None) -> bool:
-        """True when this webhook takes `event` of that tenant (or client id)."""
+        """True when this webhook takes `event` of that tenant (or client id). `tenant`
+        may be an instance's tenant key (names.tenant_key): the runs of the reaper and of
+        the drift schedule are of no client, and still of the tenant's instance."""
         if event not in self.events:
             return False
-        return "*" in self.tenants or bool({tenant, client_id} & self.tenants)
+        return "*" in self.tenants or bool({tenant, client_id} & self.tenants) or \
+            any(tenant_key(name) == tenant for name in self.tenants)
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from tfserver.app.driftschedule import (
     schedules,
 )
 from tfserver.config import load as load_config
-from tfserver.errors import ConfigError, Unavailable
+from tfserver.errors import ConfigError, Conflict, Unavailable
 from tfserver.metrics import Metrics
 from tfserver.module.discover import discover
 from tfserver.module.policyfile import load_policy
@@ -125,10 +125,11 @@ def test_a_schedule_below_the_minimum_is_refused(tmp: Path) -> None:
 def test_checks_take_spare_slots_never_a_users() -> None:
     lanes = Scheduler(1, 4, spare=1)
     started: list[str] = []
+    stopped: list[str] = []
 
     def ticket(key: str, *, background: bool = False, sync: bool = False) -> Ticket:
         return Ticket(key, key, sync=sync, on_start=lambda: started.append(key),
-                      background=background)
+                      background=(lambda: stopped.append(key)) if background else None)
 
     check = ticket("a", background=True)
     lanes.enqueue(check)
@@ -146,7 +147,26 @@ def test_checks_take_spare_slots_never_a_users() -> None:
     assert started == ["a", "c", "b"]
     lanes.finish(second_check)
     lanes.finish(user)
-    assert lanes.counts() == (0, 0) and lanes.idle("a")
+    assert lanes.counts() == (0, 0) and lanes.idle("a") and stopped == []
+
+
+def test_a_users_run_stops_the_check_of_its_instance_and_waits_only_for_that() -> None:
+    lanes = Scheduler(1, 4, spare=1)
+    started: list[str] = []
+    check = Ticket("i", "check", sync=False, on_start=lambda: started.append("check"),
+                   background=lambda: threading.Timer(0.2, lanes.finish, [check]).start())
+    lanes.enqueue(check)
+    user = Ticket("i", "user", sync=True, on_start=lambda: started.append("user"))
+    began = time.monotonic()
+    lanes.enqueue(user, wait=0.0)  # no patience of its own: it is not refused
+    assert started == ["check", "user"] and time.monotonic() - began < 5
+    lanes.finish(user)
+    other = Ticket("i", "other", sync=True, on_start=lambda: started.append("other"))
+    lanes.enqueue(other)  # a user's run is never stopped for another's
+    blocked = Ticket("i", "blocked", sync=True, on_start=lambda: None)
+    with pytest.raises(Conflict):
+        lanes.enqueue(blocked, wait=0.0)
+    lanes.finish(other)
 
 
 # -- the tick, with fakes ----------------------------------------------------------------
@@ -540,6 +560,27 @@ def test_expired_and_destroyed_instances_are_told(
     bodies = b"".join(b for _, b in everyone.requests)
     assert SECRET.encode() not in bodies and b"short" in bodies
     assert nobody.requests == []  # another tenant's webhook hears nothing of these
+
+
+def test_a_users_run_on_an_instance_being_checked_stops_the_check(
+        tmp: Path, terraform_bin: str) -> None:
+    policy = policy_file(tmp, '[modules.steps]\ndrift_check = "2s"\n')
+    server = scheduled(shim(tmp, terraform_bin), policy, tmp, TFSERVER_MAX_DRIFT_CHECKS="1")
+    try:
+        (tmp / "slow").touch()
+        assert server.request("PUT", "/steps/p", body(0, "p")).status == 201
+        (check,) = until(lambda: [r for r in runs_of(server, "p") if r["operation"] == "drift"
+                                  and r["status"] == "running"])
+        began = time.monotonic()
+        r = server.request("PUT", "/steps/p", body(0, "user"), timeout=60)
+        assert r.status == 200, r.body  # not 409: the check stood aside
+        assert time.monotonic() - began < 20  # the check's 30 s sleep was not waited for
+        stopped = wait_run(server, check["id"])
+        assert stopped["status"] == "canceled", stopped
+        assert counted(server, "preempted") == 1
+    finally:
+        (tmp / "slow").unlink(missing_ok=True)
+        server.stop()
 
 
 def test_a_server_killed_mid_check_checks_again_after_restart(

@@ -4,10 +4,11 @@ is busy, and the `DriftSchedule` built from the policy (driftschedule.py)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
 from ..config import Config
-from ..errors import NotFound
+from ..errors import NotFound, TFServerError
 from ..metrics import Metrics
 from ..module.discover import Module
 from ..module.policy import Policy
@@ -24,14 +25,17 @@ from .driftstore import DriftReports
 from .execute import RunSpec
 from .submit import Submitter
 
+logger = logging.getLogger(__name__)
+
 
 class ScheduledChecks:
     """Starts scheduled checks as runs of `tfserver:schedule`, and says when an
     instance is busy."""
 
     def __init__(self, modules: Mapping[str, Module], runs: Runs, submitter: Submitter,
-                 *, queued: bool) -> None:
+                 metrics: Metrics, *, queued: bool) -> None:
         self.modules = modules
+        self.metrics = metrics
         self.runs = runs
         self.submitter = submitter
         self.queued = queued
@@ -53,9 +57,20 @@ class ScheduledChecks:
                            subject=SCHEDULER.subject, operation="drift")
         control = RunControl()
         run = Run(record, lambda r: self.submitter.job(r, spec, control),
-                  lambda text: spec.scrub(text), control, background=True)
+                  lambda text: spec.scrub(text), control,
+                  background=lambda: self._preempt(run))
         self.runs.submit(run, what=f"instance {parts[1]!r} of module {module}")
         return spec.run_id
+
+    def _preempt(self, run: Run) -> None:
+        """A user's run came to the instance: cancel its check (done again next period)."""
+        try:
+            self.runs.cancel_local(run, force=False)
+        except TFServerError:
+            return  # it ended meanwhile
+        self.metrics.drift_checks.labels(run.record.module, "preempted").inc()
+        logger.info("drift schedule: check of %s/%s stopped for a user's run",
+                    run.record.module, run.record.instance, extra={"run_id": run.record.id})
 
     def busy(self, module: str, workspace: str) -> bool:
         """True while a run is queued or running on the instance, on any replica."""
@@ -79,7 +94,7 @@ def drift_schedule(config: Config, policy: Policy, backend: StateBackend, runs: 
     plans = schedules(policy, config.drift_check_min)
     if not plans:
         return None
-    checks = ScheduledChecks(submitter.modules, runs, submitter,
+    checks = ScheduledChecks(submitter.modules, runs, submitter, metrics,
                              queued=config.queue.engine == "sqs")
     reports = DriftReports(backend.objects)
 

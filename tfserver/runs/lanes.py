@@ -10,6 +10,9 @@ slot as long as it takes.
 
 Background runs (the scheduled drift checks) take `spare` slots of their own, never one
 of the `slots` user runs share: a user run never waits because a check runs elsewhere.
+A user's run that comes to a lane a background run holds stops it (the ticket's
+`background` callable: the check is canceled, and done again another time) and waits
+only for that stop, even when synchronous.
 """
 
 from __future__ import annotations
@@ -38,8 +41,9 @@ class Ticket:
     admitted: threading.Event = field(default_factory=threading.Event)
     #: Why the run could not start (no slot for a synchronous run, shutdown).
     refused: TFServerError | None = None
-    #: A background run: it takes a spare slot, never a user's.
-    background: bool = False
+    #: A background run: how to stop it for a user's run (None: a user's run). It takes
+    #: a spare slot, never a user's.
+    background: Callable[[], object] | None = None
 
 
 @dataclass
@@ -73,7 +77,10 @@ class Scheduler:
             if self._closed:
                 raise Unavailable("the server is shutting down", retry_after=10)
             lane = self._lanes.setdefault(ticket.key, _Lane())
-            busy = lane.holder is not None or bool(lane.waiting)
+            holder = lane.holder
+            preempt = (holder.background if holder is not None and ticket.background is None
+                       else None)
+            busy = (holder is not None and preempt is None) or bool(lane.waiting)
             if ticket.sync and busy and wait <= 0:
                 self._forget_if_idle(ticket.key, lane)
                 raise _busy(ticket)
@@ -85,6 +92,8 @@ class Scheduler:
             lane.waiting.append(ticket)
             starting = self._dispatch()
         _start(starting)
+        if preempt is not None:
+            preempt()
         if not ticket.sync:
             return
         if not ticket.admitted.wait(wait if busy else 60.0):
@@ -116,7 +125,7 @@ class Scheduler:
             lane = self._lanes.get(ticket.key)
             if lane is not None and lane.holder is ticket:
                 lane.holder = None
-                if ticket.background:
+                if ticket.background is not None:
                     self._spare_used -= 1
                 else:
                     self._used -= 1
@@ -188,12 +197,12 @@ class Scheduler:
         heads = sorted(((lane.waiting[0], lane) for lane in self._lanes.values()
                         if lane.holder is None and lane.waiting), key=lambda h: h[0].seq)
         for head, lane in heads:
-            if head.background and self._spare_used < self.spare:
+            if head.background is not None and self._spare_used < self.spare:
                 lane.waiting.popleft()
                 lane.holder = head
                 self._spare_used += 1
                 starting.append(head)
-            elif not head.background and self._used < self.slots:
+            elif head.background is None and self._used < self.slots:
                 lane.waiting.popleft()
                 lane.holder = head
                 self._used += 1

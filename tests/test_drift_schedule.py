@@ -677,3 +677,27 @@ def test_a_tenants_webhook_hears_of_its_instances_whoever_ran() -> None:
     assert hook.wants("instance.expired", "other", "client-123")
     assert not hook.wants("instance.expired", tenant_key("client-9"), None)
     assert not hook.wants("instance.destroyed", tenant_key("client-123"), None)
+
+
+def test_a_reapers_destroy_refused_is_no_expiry() -> None:
+    """The reaper's destroy refused because a later apply moved the expiry (409) or the
+    instance went (404) tells nothing: the instance did not expire."""
+    from test_drift import _Notifier
+
+    from tfserver.__main__ import _webhooks
+    from tfserver.runs.store import RunRecord
+
+    notifier = _Notifier()
+    ended = _webhooks(notifier)  # type: ignore[arg-type]
+    base = {"id": "r1", "module": "m", "instance": "i", "workspace": "t.i", "tenant": "t",
+            "subject": "tfserver:ttl", "operation": "destroy", "finished_at": 5.0}
+    for status in (409, 404):
+        ended(RunRecord(**base, status="failed", problem={"status": status}))
+    assert [e for e, _, _ in notifier.sent] == ["run.finished", "run.finished"]
+    ended(RunRecord(**base, status="failed", problem={"status": 500}))
+    assert [e for e, _, _ in notifier.sent][2:] == ["run.finished", "instance.expired"]
+    ended(RunRecord(**base, status="succeeded"))
+    assert [e for e, _, _ in notifier.sent][4:] == ["run.finished", "instance.expired",
+                                                    "instance.destroyed"]
+    payload = notifier.sent[-1][1]
+    assert payload["data"]["status"] == "destroyed" and payload["data"]["run_id"] == "r1"

@@ -156,12 +156,18 @@ def _webhooks(notifier: Notifier) -> Callable[[RunRecord], object]:
         at = record.finished_at if record.finished_at is not None else time.time()
         for event, status in instance_events(
                 record.operation, record.status, (record.drift or {}).get("status"),
-                expired=record.subject == REAPER.subject):
+                expired=record.subject == REAPER.subject and _reaped(record)):
             notifier.notify(event, instance_event(
                 event, record.module, record.instance, record.tenant, at=at,
                 run_id=record.id, status=status), record.tenant, record.client_id)
 
     return ended
+
+
+def _reaped(record: RunRecord) -> bool:
+    """The reaper's destroy was of an instance that did expire: not one refused because
+    a later apply moved the expiry (409) or the instance was gone (404)."""
+    return (record.problem or {}).get("status") not in (404, 409)
 
 
 def serve(parts: Parts) -> int:

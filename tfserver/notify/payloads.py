@@ -62,8 +62,8 @@ def instance_event(event: str, module: str, instance: str, tenant: str, *, at: f
 def instance_events(operation: str, status: str, drift: str | None, *,
                     expired: bool) -> list[tuple[str, str]]:
     """The `instance.*` events a run's end makes, each with the status it carries: a drift
-    check that found drift (`instance.drifted`); the reaper's destroy of an expired
-    instance (`instance.expired`, whatever its end: the run's status says); a destroy
+    check that found drift (`instance.drifted`); the reaper's destroy of an instance that
+    did expire (`instance.expired`, whatever its end: the run's status says); a destroy
     that succeeded (`instance.destroyed`)."""
     found = []
     if operation == "drift" and drift == "drifted":

@@ -530,8 +530,10 @@ def test_reconcile_from_the_schedule(srv: tuple[ServerProcess, Path, Receiver, R
                       d.get("reconciled_by") and d)
     finally:
         (tmp / "drift").unlink()
-    check = server.request("GET", f"/runs/{drift['run_id']}").json
+    check = wait_run(server, drift["run_id"])
     assert check["who"]["subject"] == "tfserver:schedule"
+    assert check["status"] == "succeeded", check  # its own apply did not stop it
+    assert check.get("cancel") is None, check
     applied = wait_run(server, drift["reconciled_by"], timeout=60)
     assert applied["operation"] == "apply" and applied["status"] == "succeeded", applied
     assert applied["who"]["subject"] == "tfserver:drift"

@@ -5,6 +5,7 @@ is busy, and the `DriftSchedule` built from the policy (driftschedule.py)."""
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Mapping
 
 from ..config import Config
@@ -22,7 +23,7 @@ from ..terraform.process import RunControl
 from .driftclaims import DriftClaims
 from .driftschedule import SCHEDULER, DriftSchedule, Instances, schedules
 from .driftstore import DriftReports
-from .execute import RunSpec
+from .execute import Outcome, RunSpec
 from .submit import Submitter
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,8 @@ class ScheduledChecks:
         self.runs = runs
         self.submitter = submitter
         self.queued = queued
+        #: The check whose job this thread runs, if any.
+        self._own = threading.local()
 
     def start(self, module: str, workspace: str, reconcile: bool) -> str:
         """Start the check (NotFound for a module or workspace not served here); its
@@ -56,14 +59,25 @@ class ScheduledChecks:
                            workspace=workspace, tenant=workspace_tenant(workspace),
                            subject=SCHEDULER.subject, operation="drift")
         control = RunControl()
-        run = Run(record, lambda r: self.submitter.job(r, spec, control),
+        run = Run(record, lambda r: self._job(r, spec, control),
                   lambda text: spec.scrub(text), control,
                   background=lambda: self._preempt(run))
         self.runs.submit(run, what=f"instance {parts[1]!r} of module {module}")
         return spec.run_id
 
+    def _job(self, run: Run, spec: RunSpec, control: RunControl) -> Outcome:
+        """The check's job, marked as this thread's: the apply it queues to reconcile
+        comes to its lane from here, and must not stop it."""
+        self._own.run_id = run.record.id
+        try:
+            return self.submitter.job(run, spec, control)
+        finally:
+            self._own.run_id = None
+
     def _preempt(self, run: Run) -> None:
         """A user's run came to the instance: cancel its check (done again next period)."""
+        if getattr(self._own, "run_id", None) == run.record.id:
+            return  # the check's own reconciling apply
         try:
             self.runs.cancel_local(run, force=False)
         except TFServerError:

@@ -103,13 +103,12 @@ def build(config: Config) -> Parts:
                         else None)
         return Parts(TFServer(config, service, authenticator, certificates), policy=policy,
                      notifier=notifier, drift=drift)
-    parts = _with_acme(config, config.acme, policy, service, authenticator, notifier)
-    parts.drift = drift
-    return parts
+    return _with_acme(config, config.acme, policy, service, authenticator, notifier, drift)
 
 
 def _with_acme(config: Config, acme: AcmeSettings, policy: Policy, service: Service,
-               authenticator: Authenticator, notifier: Notifier | None) -> Parts:
+               authenticator: Authenticator, notifier: Notifier | None,
+               drift: DriftSchedule | None) -> Parts:
     """The challenge server, then the certificate it lets the CA issue, then the HTTPS
     server built with it and the renewer of that certificate."""
     server: TFServer | None = None
@@ -132,7 +131,7 @@ def _with_acme(config: Config, acme: AcmeSettings, policy: Policy, service: Serv
         challenge.server_close()
         raise
     return Parts(server, challenge, Renewer(issuer, certificates, acme.check_interval),
-                 policy=policy, notifier=notifier)
+                 policy=policy, notifier=notifier, drift=drift)
 
 
 def _notifier(config: Config, policy: Policy, backend: StateBackend,

@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from types import FrameType
 
 from . import logs
+from .app.driftrun import drift_schedule
+from .app.driftschedule import DriftSchedule
+from .app.reap import REAPER
 from .app.service import Service
 from .app.statedir import prepare_state, spool_dir
 from .auth import Authenticator, make_authenticator
@@ -26,7 +29,7 @@ from .module.discover import discover
 from .module.policy import Policy
 from .module.policyfile import load_policy
 from .notify.delivery import Notifier, targets_from_policy
-from .notify.payloads import instance_event
+from .notify.payloads import instance_event, instance_events
 from .notify.store import Deliveries
 from .notify.targets import AllowList
 from .runs.store import RunRecord
@@ -60,6 +63,8 @@ class Parts:
     policy: Policy = field(default_factory=Policy.empty)
     #: Sends the policy's webhooks (None when it names none).
     notifier: Notifier | None = None
+    #: Starts the policy's scheduled drift checks (None when it sets no `drift_check`).
+    drift: DriftSchedule | None = None
 
 
 def build(config: Config) -> Parts:
@@ -88,6 +93,7 @@ def build(config: Config) -> Parts:
                       metrics=metrics,
                       on_run_ended=_webhooks(notifier) if notifier is not None else None)
     service.prepare()
+    drift = drift_schedule(config, policy, backend, service.runs, service.submitter, metrics)
     fetched = service.metrics.jwks_fetches
     authenticator = make_authenticator(
         config, on_fetch=lambda result: fetched.labels(result).inc())
@@ -96,12 +102,13 @@ def build(config: Config) -> Parts:
                         if config.tls_cert is not None and config.tls_key is not None
                         else None)
         return Parts(TFServer(config, service, authenticator, certificates), policy=policy,
-                     notifier=notifier)
-    return _with_acme(config, config.acme, policy, service, authenticator, notifier)
+                     notifier=notifier, drift=drift)
+    return _with_acme(config, config.acme, policy, service, authenticator, notifier, drift)
 
 
 def _with_acme(config: Config, acme: AcmeSettings, policy: Policy, service: Service,
-               authenticator: Authenticator, notifier: Notifier | None) -> Parts:
+               authenticator: Authenticator, notifier: Notifier | None,
+               drift: DriftSchedule | None) -> Parts:
     """The challenge server, then the certificate it lets the CA issue, then the HTTPS
     server built with it and the renewer of that certificate."""
     server: TFServer | None = None
@@ -124,7 +131,7 @@ def _with_acme(config: Config, acme: AcmeSettings, policy: Policy, service: Serv
         challenge.server_close()
         raise
     return Parts(server, challenge, Renewer(issuer, certificates, acme.check_interval),
-                 policy=policy, notifier=notifier)
+                 policy=policy, notifier=notifier, drift=drift)
 
 
 def _notifier(config: Config, policy: Policy, backend: StateBackend,
@@ -140,17 +147,26 @@ def _notifier(config: Config, policy: Policy, backend: StateBackend,
 
 
 def _webhooks(notifier: Notifier) -> Callable[[RunRecord], object]:
-    """What a run's end sends: `run.finished`, and `instance.drifted` after a drift check
-    that found drift (ids and links only: the drift's names stay in the API)."""
+    """What a run's end sends: `run.finished`, then the instance's events (`instance.
+    drifted`, `instance.expired`, `instance.destroyed`: ids and links only, the drift's
+    names stay in the API)."""
     def ended(record: RunRecord) -> None:
         notifier.run_finished(record)
-        if record.operation == "drift" and (record.drift or {}).get("status") == "drifted":
-            at = record.finished_at if record.finished_at is not None else time.time()
-            notifier.notify("instance.drifted", instance_event(
-                "instance.drifted", record.module, record.instance, record.tenant, at=at,
-                run_id=record.id, status="drifted"), record.tenant, record.client_id)
+        at = record.finished_at if record.finished_at is not None else time.time()
+        for event, status in instance_events(
+                record.operation, record.status, (record.drift or {}).get("status"),
+                expired=record.subject == REAPER.subject and _reaped(record)):
+            notifier.notify(event, instance_event(
+                event, record.module, record.instance, record.tenant, at=at,
+                run_id=record.id, status=status), record.tenant, record.client_id)
 
     return ended
+
+
+def _reaped(record: RunRecord) -> bool:
+    """The reaper's destroy was of an instance that did expire: not one refused because
+    a later apply moved the expiry (409) or the instance was gone (404)."""
+    return (record.problem or {}).get("status") not in (404, 409)
 
 
 def serve(parts: Parts) -> int:
@@ -163,6 +179,8 @@ def serve(parts: Parts) -> int:
         parts.renewer.start()
     if parts.notifier is not None:
         parts.notifier.start()
+    if parts.drift is not None:
+        parts.drift.start()
     logger.info(
         "serving %s on %s (auth %s, backend %s)", ", ".join(server.service.modules),
         server.url, config.auth, config.backend.name,
@@ -235,6 +253,8 @@ def _stop(parts: Parts) -> None:
     if parts.challenge is not None:
         parts.challenge.shutdown()
         parts.challenge.server_close()
+    if parts.drift is not None:
+        parts.drift.stop_event.set()  # no check starts once the queues close
     runs = server.service.runs
     dropped = runs.close_queues()
     if dropped:

@@ -176,6 +176,9 @@ class Config:
     policy: Path | None = None
     replica: str | None = None
     reap_interval: float = default("TFSERVER_REAP_INTERVAL")
+    #: Scheduled drift checks at once (all replicas), and the shortest schedule allowed.
+    max_drift_checks: int = default("TFSERVER_MAX_DRIFT_CHECKS")
+    drift_check_min: float = default("TFSERVER_DRIFT_CHECK_MIN")
     #: How long a webhook delivery is retried, and the targets allowed besides public ones.
     webhook_retry: float = default("TFSERVER_WEBHOOK_RETRY")
     webhook_allow: tuple[str, ...] = ()
@@ -300,6 +303,8 @@ def load(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
         policy=v["TFSERVER_POLICY"],
         replica=v["TFSERVER_REPLICA_ID"],
         reap_interval=v["TFSERVER_REAP_INTERVAL"],
+        max_drift_checks=v["TFSERVER_MAX_DRIFT_CHECKS"],
+        drift_check_min=v["TFSERVER_DRIFT_CHECK_MIN"],
         webhook_retry=v["TFSERVER_WEBHOOK_RETRY"],
         webhook_allow=v["TFSERVER_WEBHOOK_ALLOW"],
         tmp_dir=v["TFSERVER_TMP_DIR"],

@@ -68,6 +68,10 @@ class Metrics:
                                   "Age of the oldest run waiting on the queue", registry=r)
         self.worker_busy = Gauge("tfserver_worker_slots_busy",
                                  "Runs this worker holds now", registry=r)
+        self.drift_checks = Counter("tfserver_drift_checks_scheduled_total",
+                                    "Scheduled drift checks started, or put off while "
+                                    "their instance was busy",
+                                    ["module", "result"], registry=r)
         self.resumed = Counter("tfserver_runs_resumed_total",
                                "Runs run again after their worker died", registry=r)
 

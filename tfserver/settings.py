@@ -298,6 +298,12 @@ SETTINGS: tuple[Setting, ...] = (
             "`https` ones (loopback, private); `http://` is allowed for these only"),
     Setting("TFSERVER_REAP_INTERVAL", _duration(0.5), 30.0,
             "how often each replica looks for expired instances to destroy", shown="30 s"),
+    Setting("TFSERVER_MAX_DRIFT_CHECKS", _integer(1, 1000), 2,
+            "scheduled drift checks at once, over all replicas; they run in slots of their "
+            "own beside TFSERVER_MAX_RUNS (docs/governance.md)"),
+    Setting("TFSERVER_DRIFT_CHECK_MIN", _duration(1.0), 300.0,
+            "the shortest `drift_check` a policy may set (lower only for tests)",
+            shown="300 s"),
     Setting("TFSERVER_REPLICA_ID", _text, None,
             "this replica's name in run records (leftovers of the same name are marked "
             "lost at start)", shown="the host name"),

@@ -79,7 +79,8 @@ class Service:
         self.metrics = metrics or Metrics()
         #: Told of every run that ended here, after its audit line (the webhooks).
         self.on_run_ended = on_run_ended
-        self.runs = Runs(self.store, Scheduler(config.max_runs, config.queue_depth),
+        self.runs = Runs(self.store, Scheduler(config.max_runs, config.queue_depth,
+                                                 spare=config.max_drift_checks),
                          replica=config.replica or socket.gethostname(),
                          kill_grace=config.kill_grace, retention=config.run_retention,
                          on_finish=self._counted, on_ended=self._audited,

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..names import tenant_key
 from .discover import RESERVED_VARIABLES, Module
 from .limits import DEFAULT_MAX_QUEUED, Limits, Scope
 from .types import TfType
@@ -71,6 +72,10 @@ class ModuleRules:
 
     limits: Scope = field(default_factory=dict)
     variables: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    #: How often each instance's drift is checked (seconds; None: never on a schedule),
+    #: and whether a drifted one is then applied (app/driftschedule.py).
+    drift_check: float | None = None
+    reconcile: bool = False
 
 
 @dataclass(frozen=True)
@@ -100,10 +105,13 @@ class Webhook:
     key: str = "webhooks"
 
     def wants(self, event: str, tenant: str | None, client_id: str | None = None) -> bool:
-        """True when this webhook takes `event` of that tenant (or client id)."""
+        """True when this webhook takes `event` of that tenant (or client id). `tenant`
+        may be an instance's tenant key (names.tenant_key): the runs of the reaper and of
+        the drift schedule are of no client, and still of the tenant's instance."""
         if event not in self.events:
             return False
-        return "*" in self.tenants or bool({tenant, client_id} & self.tenants)
+        return "*" in self.tenants or bool({tenant, client_id} & self.tenants) or \
+            any(tenant_key(name) == tenant for name in self.tenants)
 
 
 @dataclass(frozen=True)

@@ -75,7 +75,7 @@ class _Reader:
                 if not isinstance(fragment, dict):
                     raise self.fault((*keys, "variables", var_name),
                                      "must be a table of JSON Schema keywords")
-            modules[name] = ModuleRules(limits, variables)
+            modules[name] = ModuleRules(limits, variables, *self.schedule(body, keys))
         tenants: dict[str, TenantRules] = {}
         for client_id, body in self.names(document.get("tenants", {}), ("tenants",)).items():
             keys = ("tenants", client_id)
@@ -131,6 +131,31 @@ class _Reader:
         if not seconds > 0:
             raise self.fault(keys, "must be longer than 0")
         return seconds
+
+    def schedule(self, body: dict[str, Any], keys: tuple[str | int, ...]
+                 ) -> tuple[float | None, bool]:
+        """A module's `drift_check` (seconds, at most `DRIFT_CHECK_MAX`; the least is
+        TFSERVER_DRIFT_CHECK_MIN's, checked at start) and `reconcile`."""
+        reconcile = body.get("reconcile", False)
+        if not isinstance(reconcile, bool):
+            raise self.fault((*keys, "reconcile"), "must be true or false")
+        raw = body.get("drift_check")
+        if raw is None:
+            if reconcile:
+                raise self.fault((*keys, "reconcile"), "needs drift_check (reconcile "
+                                                       "applies what a scheduled check finds)")
+            return None, False
+        wanted = 'must be a duration such as "30m", "6h" or "1d"'
+        if not isinstance(raw, str):
+            raise self.fault((*keys, "drift_check"), wanted)
+        try:
+            seconds = parse_duration(raw)
+        except ValueError:
+            raise self.fault((*keys, "drift_check"), wanted) from None
+        if not seconds > 0 or seconds > DRIFT_CHECK_MAX:
+            raise self.fault((*keys, "drift_check"), f"must be longer than 0 and at most "
+                                                     f"{format_duration(DRIFT_CHECK_MAX)}")
+        return seconds, reconcile
 
     def check_ttls(self, resolved: Scope, own: Scope, keys: tuple[str | int, ...]) -> None:
         """`default_ttl` within `max_ttl`, once a table sets either of them."""
@@ -245,7 +270,11 @@ _DEFAULTS_KEYS = (*_COUNTS, *_DURATIONS)
 _MODULE_COUNTS = ("max_instances_per_tenant", "max_runs_per_tenant")
 
 
-_MODULE_KEYS = (*_MODULE_COUNTS, *_DURATIONS, "variables")
+_MODULE_KEYS = (*_MODULE_COUNTS, *_DURATIONS, "variables", "drift_check", "reconcile")
+
+
+#: The longest `drift_check`: a year (a longer one is a typo, not a schedule).
+DRIFT_CHECK_MAX = 365 * 86400.0
 
 
 _TENANT_KEYS = (*_COUNTS, "modules")

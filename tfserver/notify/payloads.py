@@ -57,3 +57,19 @@ def instance_event(event: str, module: str, instance: str, tenant: str, *, at: f
     if status is not None:
         data["status"] = status
     return envelope(event, data, at)
+
+
+def instance_events(operation: str, status: str, drift: str | None, *,
+                    expired: bool) -> list[tuple[str, str]]:
+    """The `instance.*` events a run's end makes, each with the status it carries: a drift
+    check that found drift (`instance.drifted`); the reaper's destroy of an instance that
+    did expire (`instance.expired`, whatever its end: the run's status says); a destroy
+    that succeeded (`instance.destroyed`)."""
+    found = []
+    if operation == "drift" and drift == "drifted":
+        found.append(("instance.drifted", "drifted"))
+    if operation == "destroy" and expired:
+        found.append(("instance.expired", status))
+    if operation == "destroy" and status == "succeeded":
+        found.append(("instance.destroyed", "destroyed"))
+    return found

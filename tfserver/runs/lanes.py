@@ -7,6 +7,12 @@ no slot. Synchronous callers keep the original contract: they wait at most their
 patience for the lane (then `Conflict`) and never for a slot (`Unavailable` at once);
 asynchronous runs queue (at most `queue_depth` per lane, then `Conflict`) and wait for a
 slot as long as it takes.
+
+Background runs (the scheduled drift checks) take `spare` slots of their own, never one
+of the `slots` user runs share: a user run never waits because a check runs elsewhere.
+A user's run that comes to a lane a background run holds stops it (the ticket's
+`background` callable: the check is canceled, and done again another time) and waits
+only for that stop, even when synchronous.
 """
 
 from __future__ import annotations
@@ -35,6 +41,9 @@ class Ticket:
     admitted: threading.Event = field(default_factory=threading.Event)
     #: Why the run could not start (no slot for a synchronous run, shutdown).
     refused: TFServerError | None = None
+    #: A background run: how to stop it for a user's run (None: a user's run). It takes
+    #: a spare slot, never a user's.
+    background: Callable[[], object] | None = None
 
 
 @dataclass
@@ -46,10 +55,12 @@ class _Lane:
 class Scheduler:
     """Lanes per instance key, and the run slots they share."""
 
-    def __init__(self, slots: int, queue_depth: int) -> None:
+    def __init__(self, slots: int, queue_depth: int, spare: int = 0) -> None:
         self.slots = slots
+        self.spare = spare
         self.queue_depth = queue_depth
         self._used = 0
+        self._spare_used = 0
         self._mutex = threading.Lock()
         self._lanes: dict[Hashable, _Lane] = {}
         self._seq = itertools.count(1)
@@ -66,7 +77,10 @@ class Scheduler:
             if self._closed:
                 raise Unavailable("the server is shutting down", retry_after=10)
             lane = self._lanes.setdefault(ticket.key, _Lane())
-            busy = lane.holder is not None or bool(lane.waiting)
+            holder = lane.holder
+            preempt = (holder.background if holder is not None and ticket.background is None
+                       else None)
+            busy = (holder is not None and preempt is None) or bool(lane.waiting)
             if ticket.sync and busy and wait <= 0:
                 self._forget_if_idle(ticket.key, lane)
                 raise _busy(ticket)
@@ -78,6 +92,8 @@ class Scheduler:
             lane.waiting.append(ticket)
             starting = self._dispatch()
         _start(starting)
+        if preempt is not None:
+            preempt()
         if not ticket.sync:
             return
         if not ticket.admitted.wait(wait if busy else 60.0):
@@ -109,7 +125,10 @@ class Scheduler:
             lane = self._lanes.get(ticket.key)
             if lane is not None and lane.holder is ticket:
                 lane.holder = None
-                self._used -= 1
+                if ticket.background is not None:
+                    self._spare_used -= 1
+                else:
+                    self._used -= 1
                 self._forget_if_idle(ticket.key, lane)
             starting = self._dispatch()
         _start(starting)
@@ -128,10 +147,16 @@ class Scheduler:
             lane = self._lanes.get(key)
             return lane is not None and lane.holder is not None
 
+    def idle(self, key: Hashable) -> bool:
+        """True when no run holds the key's lane or waits in it."""
+        with self._mutex:
+            return key not in self._lanes
+
     def counts(self) -> tuple[int, int]:
         """(running, queued) runs right now."""
         with self._mutex:
-            return self._used, sum(len(lane.waiting) for lane in self._lanes.values())
+            return (self._used + self._spare_used,
+                    sum(len(lane.waiting) for lane in self._lanes.values()))
 
     @contextmanager
     def hold(self, key: Hashable, what: str) -> Iterator[None]:
@@ -172,7 +197,12 @@ class Scheduler:
         heads = sorted(((lane.waiting[0], lane) for lane in self._lanes.values()
                         if lane.holder is None and lane.waiting), key=lambda h: h[0].seq)
         for head, lane in heads:
-            if self._used < self.slots:
+            if head.background is not None and self._spare_used < self.spare:
+                lane.waiting.popleft()
+                lane.holder = head
+                self._spare_used += 1
+                starting.append(head)
+            elif head.background is None and self._used < self.slots:
                 lane.waiting.popleft()
                 lane.holder = head
                 self._used += 1

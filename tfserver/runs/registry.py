@@ -96,13 +96,13 @@ class Runs:
     # -- submitting -------------------------------------------------------------------
 
     def submit(self, run: Run, *, what: str, wait: float = 0.0) -> Run:
-        """Queue the run on its instance's lane; a synchronous run waits up to `wait` for
-        the instance. Raises `Conflict` or `Unavailable` when the run is refused (then
-        nothing is stored)."""
+        """Queue the run on its instance's lane (once admitted, its job runs in a thread of
+        its own); a synchronous run waits up to `wait` for the instance. Raises `Conflict`
+        or `Unavailable` when the run is refused (then nothing is stored)."""
         record = run.record
         record.replica = self.replica
-        # Once admitted, the run's job runs in a thread of its own.
         run.ticket = Ticket((record.module, record.workspace), what, sync=run.sync,
+                            background=run.background,
                             on_start=lambda: self._workers.submit(lambda: self._execute(run)))
         with self._mutex:
             self._live[record.id] = run

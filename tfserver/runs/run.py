@@ -55,6 +55,9 @@ class Run:
     scrub: Callable[[str], str]
     control: Control
     sync: bool = False
+    #: A scheduled drift check: how to stop it for a user's run on its instance (it runs
+    #: in a spare slot, never a user's: lanes.py). None for every other run.
+    background: Callable[[], object] | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
     done: threading.Event = field(default_factory=threading.Event)
     #: Set once a synchronous caller's answer is on the wire: the final record waits

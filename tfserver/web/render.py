@@ -50,6 +50,8 @@ def render(result: Result) -> dict[str, Any]:
             body["status"] = "locked"
         if result.stale:
             body["stale"] = True
+        if result.used_by is not None:
+            body["used_by"], body["outdated"] = result.used_by, result.outdated or []
         return body
     if isinstance(result, ModuleView):
         m = result.module
@@ -139,6 +141,10 @@ def run(record: RunRecord, viewer_tenant: str) -> dict[str, Any]:
         body["warnings"] = record.warnings
     if record.drift is not None:
         body["drift"] = drift(record.drift)
+    if record.references is not None:
+        body["references"] = record.references
+    if record.triggered_by:
+        body["triggered_by"] = record.triggered_by
     return body
 
 

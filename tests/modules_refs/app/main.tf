@@ -1,0 +1,34 @@
+# Test module for references: the end of network -> subnet -> app; takes subnet's id and
+# its sensitive token.
+
+variable "subnet_id" {
+  type = string
+}
+
+variable "token" {
+  type      = string
+  sensitive = true
+  default   = "app-default-token"
+}
+
+variable "replicas" {
+  type    = number
+  default = 1
+}
+
+variable "labels" {
+  type    = map(string)
+  default = {}
+}
+
+resource "terraform_data" "app" {
+  input = var.subnet_id
+}
+
+output "url" {
+  value = "https://${terraform_data.app.output}.example"
+}
+
+output "token_length" {
+  value = length(nonsensitive(var.token))
+}

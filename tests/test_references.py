@@ -431,3 +431,93 @@ def test_references_on_s3_from_two_replicas(tmp: Path, moto: Moto) -> None:
     finally:
         one.stop()
         two.stop()
+
+
+def test_a_drift_check_of_a_dependent_resolves_its_references(srv: ServerProcess) -> None:
+    chain(srv, "d")
+    r = srv.request("POST", "/subnet/sd/drift")
+    assert r.status == 200, r.body
+    assert r.json["drift"]["status"] == "in_sync"
+    record = srv.request("GET", f"/runs/{r.json['run_id']}").json
+    assert record["references"][0]["ref"] == "/network/nd#/outputs/network_id"
+
+
+def test_cascade_from_the_policy(tmp: Path, terraform_bin: str) -> None:
+    from tfserver.errors import ConfigError
+    from tfserver.module.discover import discover
+    from tfserver.module.policyfile import load_policy
+
+    policy = tmp / "policy.toml"
+    policy.write_text('[modules.network]\ncascade = "yes"\n')
+    with pytest.raises(ConfigError, match=r"modules\.network\.cascade: must be true or false"):
+        load_policy(policy, discover(REFS))
+    policy.write_text("[modules.network]\ncascade = true\n")
+    assert load_policy(policy, discover(REFS)).limits("network", None).cascade
+    server = start_server(tmp, modules_dir=REFS, env={"TFSERVER_POLICY": str(policy)})
+    try:
+        assert server.request("PUT", "/network/p1", {"name": "one"}).status == 201
+        assert server.request("PUT", "/subnet/p1", {
+            "network_id": ref("/network/p1#/outputs/network_id")}).status == 201
+        r = server.request("PUT", "/network/p1", {"name": "two"})  # no ?cascade: the policy
+        (dep,) = cascaded(server, r.json["run_id"])
+        record = finished(server, dep["run_id"])
+        assert record["status"] == "succeeded" and record["triggered_by"] == r.json["run_id"]
+        # A dry run never cascades.
+        plan = server.request("PUT", "/network/p1?dry_run=true&cascade=true", {"name": "three"})
+        assert plan.status == 200 and cascaded(server, plan.json["run_id"]) == []
+    finally:
+        server.stop()
+
+
+def test_openapi_lets_every_variable_be_a_reference(srv: ServerProcess) -> None:
+    import jsonschema
+    from openapi_spec_validator import validate
+
+    doc = srv.request("GET", "/openapi.json").json
+    validate(doc)
+    root = {"components": doc["components"]}
+
+    def valid(schema: str, body: Any) -> bool:
+        return jsonschema.Draft202012Validator(
+            {**root, "$ref": f"#/components/schemas/{schema}"}).is_valid(body)
+
+    reference = ref("/network/n1#/outputs/subnets/0/id")
+    app = doc["components"]["schemas"]["app_variables"]["properties"]
+    assert app["subnet_id"]["oneOf"][1] == {"$ref": "#/components/schemas/Reference"}
+    assert app["token"]["writeOnly"] is True
+    # Each variable takes exactly one of its type and a reference (a map too).
+    assert valid("app_variables", {"subnet_id": reference, "labels": reference,
+                                   "replicas": reference, "token": reference})
+    assert valid("app_variables", {"subnet_id": "x", "labels": {"a": "b"}})
+    assert not valid("app_variables", {"subnet_id": ref("network/n1")})
+    assert not valid("app_variables", {"subnet_id": {"$ref": "/network/n1#/outputs/x",
+                                                     "b": 1}})
+    assert not valid("app_variables", {"subnet_id": 1})
+    for path, method in (("/app", "post"), ("/app/{instance}", "put")):
+        names = [p.get("name") for p in doc["paths"][path][method]["parameters"]]
+        assert "cascade" in names, (path, names)
+
+
+def test_get_of_a_module_says_which_outputs_are_referenced(srv: ServerProcess) -> None:
+    chain(srv, "o")
+    outputs = srv.request("GET", "/network").json["outputs"]
+    assert outputs["network_id"]["referenced_by"] == ["subnet"]
+    assert outputs["token"]["referenced_by"] == ["subnet"]
+    assert "referenced_by" not in outputs["size"]
+    assert srv.request("GET", "/subnet").json["outputs"]["subnet_id"]["referenced_by"] == ["app"]
+
+
+def test_a_saved_plan_with_references_is_applied_and_indexed(srv: ServerProcess) -> None:
+    assert srv.request("PUT", "/network/sp", {"name": "plan"}).status == 201
+    plan = srv.request("PUT", "/subnet/sp?dry_run=true", {
+        "network_id": ref("/network/sp#/outputs/network_id")})
+    assert plan.status == 200, plan.body
+    applied = srv.request("POST", f"/runs/{plan.json['run_id']}/apply")
+    assert applied.status == 201, applied.body
+    assert applied.json["outputs"]["subnet_id"] == "subnet-net-plan/a"
+    assert srv.request("GET", "/network/sp").json["used_by"] == [
+        {"module": "subnet", "instance": "sp", "variable": "network_id"}]
+    assert srv.request("DELETE", "/network/sp").status == 409
+    # A destroy of the dependent resolves its kept reference again.
+    assert srv.request("DELETE", "/subnet/sp").status == 200
+    assert srv.request("DELETE", "/network/sp").status == 200

@@ -35,6 +35,8 @@ class ModuleView:
 
     module: Module
     instances: list[InstanceRef]
+    #: Per output, the modules whose instances reference it (dependents.py).
+    referenced: dict[str, list[str]] | None = None
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from ..names import workspace_name, workspace_tenant
 from ..runs.run import Run
 from ..scrub import Scrubber
 from ..storage.base import StateBackend
-from .catalog import InstanceView, target_workspace
+from .catalog import InstanceView, ModuleView, target_workspace
 from .execute import Applied, Destroyed, Outcome, RunSpec
 from .orphan import Orphaned, Orphaner
 from .references import digest
@@ -70,6 +70,24 @@ class Dependents:
                                  "applied_serial": use.get("serial"),
                                  "current_serial": current})
         return dataclasses.replace(view, used_by=used_by, outdated=outdated)
+
+    def describe(self, view: ModuleView, principal: Principal) -> ModuleView:
+        """The module's view with, per output, the modules whose instances reference it
+        (of the instances the caller sees: one listing each, one read per user)."""
+        referenced: dict[str, set[str]] = {}
+        for ref_ in view.instances:
+            ws = workspace_name(ref_.tenant or principal.tenant_key, ref_.instance)
+            for user in self.index.users(view.module.name, ws):
+                dep_ws = workspace_name(workspace_tenant(ws), user.instance)
+                for use in self.index.uses(user.module, dep_ws):
+                    try:
+                        src = parse_ref(use.get("ref"))
+                    except RefSyntaxError:
+                        continue
+                    if src.module == view.module.name and src.instance == ref_.instance:
+                        referenced.setdefault(src.output, set()).add(user.module)
+        return dataclasses.replace(view, referenced={k: sorted(v)
+                                                     for k, v in referenced.items()})
 
     def users(self, module: str, workspace: str, *, at_most: int | None = None) -> list[User]:
         """The instance's users, each checked against its kept inputs (an entry the
@@ -127,7 +145,7 @@ class Dependents:
         try:
             if isinstance(outcome, Destroyed):
                 self.index.forget(name, ws)
-            elif isinstance(outcome, Applied) and spec.plan_of is None:
+            elif isinstance(outcome, Applied):
                 self.index.record(name, ws, list(spec.references or []))
         except TFServerError as e:  # repaired from the kept inputs (`users`, `repair`)
             logger.warning("reference index of %s/%s not kept: %s", name, spec.instance,

@@ -118,9 +118,10 @@ class References:
     def resolve(self, spec: RunSpec) -> None:
         """Give the run the referenced values (`spec.values`), its scrubber and the
         record's `references`; `InvalidInput` when one no longer resolves. A saved plan's
-        apply has its values in the plan."""
+        apply has its values in the plan: they are resolved again for the record and the
+        index only."""
         refs = references_of(spec.inputs)
-        if not refs or spec.plan_of is not None:
+        if not refs:
             return
         m, ws = spec.module, spec.workspace
         self._wait_for(spec, refs)

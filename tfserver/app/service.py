@@ -177,9 +177,10 @@ class Service:
         inputs = m.fill_reserved(self.references.validate(m, principal, instance, body),
                                  tenant=principal.tenant, instance=instance)
         ws = workspace_name(principal.tenant_key, instance)
-        spec = RunSpec(m, instance, ws, "plan" if dry_run else "apply", inputs, principal,
-                       Scrubber(m.secret_values(inputs)), cascade=cascade and not dry_run)
         limits = self.governance.limits(principal, name)
+        spec = RunSpec(m, instance, ws, "plan" if dry_run else "apply", inputs, principal,
+                       Scrubber(m.secret_values(inputs)),
+                       cascade=(cascade or limits.cascade) and not dry_run)
         if dry_run:
             if requested is not None:
                 limits.ttl(requested)  # refused as the apply would refuse it
@@ -263,8 +264,8 @@ class Service:
         return self.catalog.index(principal)
 
     def describe(self, principal: Principal, name: str) -> ModuleView:
-        """A module: its variables, outputs and the caller's instances."""
-        return self.catalog.describe(principal, name)
+        """A module: its variables, outputs, the caller's instances and who uses them."""
+        return self.dependents.describe(self.catalog.describe(principal, name), principal)
 
     def show(self, principal: Principal, name: str, instance: str,
              tenant: str | None = None) -> InstanceView:

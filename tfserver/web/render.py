@@ -60,6 +60,8 @@ def render(result: Result) -> dict[str, Any]:
             "description": m.description,
             "variables": m.schema,
             "outputs": {o.name: {"description": o.description, "sensitive": o.sensitive}
+                        | ({"referenced_by": result.referenced[o.name]}
+                           if result.referenced and o.name in result.referenced else {})
                         for o in m.outputs.values()},
             "instances": [{"instance": i.instance, "tenant": i.tenant} if i.tenant
                           else {"instance": i.instance, "href": f"/{m.name}/{i.instance}"}

@@ -521,3 +521,35 @@ def test_a_saved_plan_with_references_is_applied_and_indexed(srv: ServerProcess)
     # A destroy of the dependent resolves its kept reference again.
     assert srv.request("DELETE", "/subnet/sp").status == 200
     assert srv.request("DELETE", "/network/sp").status == 200
+
+
+def test_references_and_a_cascade_on_the_sqs_engine(tmp: Path, moto: Moto) -> None:
+    bucket = f"refs-{uuid.uuid4().hex[:12]}"
+    moto.client("s3").create_bucket(Bucket=bucket)
+    url = moto.client("sqs").create_queue(QueueName=f"refs-{uuid.uuid4().hex[:8]}.fifo",
+                                          Attributes={"FifoQueue": "true"})["QueueUrl"]
+    env = {"TFSERVER_BACKEND": "s3", "TF_STATE_BUCKET": bucket, "TF_STATE_REGION": "us-east-1",
+           "TF_STATE_ENDPOINT": moto.url, "TF_STATE_KEY_PREFIX": "tfs", **moto.aws_env(),
+           "TFSERVER_QUEUE": "sqs", "TFSERVER_QUEUE_URL": url,
+           "TFSERVER_SQS_ENDPOINT": moto.url, "TFSERVER_SQS_VISIBILITY": "6"}
+    api = start_server(tmp / "api", modules_dir=REFS,
+                       env={**env, "TFSERVER_ROLE": "api", "TFSERVER_REPLICA_ID": "api"})
+    worker = start_server(tmp / "worker", modules_dir=REFS,
+                          env={**env, "TFSERVER_ROLE": "worker", "TFSERVER_REPLICA_ID": "w"})
+    try:
+        assert api.request("PUT", "/network/qn", {"name": "q"}).status == 201
+        r = api.request("PUT", "/subnet/qs", {"network_id": ref("/network/qn#/outputs/network_id"),
+                                              "token": ref("/network/qn#/outputs/token")})
+        assert r.status == 201, r.body
+        assert r.json["outputs"]["subnet_id"] == "subnet-net-q/a"
+        assert api.request("DELETE", "/network/qn").status == 409
+        r = api.request("PUT", "/network/qn?cascade=true", {"name": "q2"})
+        assert r.status == 200, r.body
+        (dep,) = cascaded(api, r.json["run_id"])
+        record = finished(api, dep["run_id"])
+        assert record["status"] == "succeeded" and record["triggered_by"] == r.json["run_id"]
+        assert record["outputs"]["subnet_id"] == "subnet-net-q2/a"
+        assert "network-token-0001-q2" not in json.dumps(events(api, dep["run_id"]))
+    finally:
+        api.stop(timeout=90)
+        worker.stop(timeout=90)

@@ -303,13 +303,17 @@ def test_a_thousand_dependents_stay_fast(srv: ServerProcess, home: Path) -> None
     inputs = state / "_inputs/app"
     inputs.mkdir(parents=True, exist_ok=True)
     for i in range(1000):
-        (users / f"app.d{i:04d}.subnet_id").touch()
+        (users / f"app.d{i:04d}.subnet_id.network_id").touch()
         (inputs / f"local.d{i:04d}.json").write_text(json.dumps(
             {"subnet_id": ref("/network/big#/outputs/network_id")}))
     started = time.monotonic()
     shown = srv.request("GET", "/network/big")
     assert time.monotonic() - started < 2.0
     assert len(shown.json["used_by"]) == 1000
+    started = time.monotonic()
+    module = srv.request("GET", "/network")
+    assert time.monotonic() - started < 2.0
+    assert "app" in module.json["outputs"]["network_id"]["referenced_by"]
     started = time.monotonic()
     r = srv.request("DELETE", "/network/big")
     assert time.monotonic() - started < 2.0

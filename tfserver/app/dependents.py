@@ -73,19 +73,12 @@ class Dependents:
 
     def describe(self, view: ModuleView, principal: Principal) -> ModuleView:
         """The module's view with, per output, the modules whose instances reference it
-        (of the instances the caller sees: one listing each, one read per user)."""
+        (of the instances the caller sees: one listing of the index each)."""
         referenced: dict[str, set[str]] = {}
-        for ref_ in view.instances:
-            ws = workspace_name(ref_.tenant or principal.tenant_key, ref_.instance)
+        for listed in view.instances:
+            ws = workspace_name(listed.tenant or principal.tenant_key, listed.instance)
             for user in self.index.users(view.module.name, ws):
-                dep_ws = workspace_name(workspace_tenant(ws), user.instance)
-                for use in self.index.uses(user.module, dep_ws):
-                    try:
-                        src = parse_ref(use.get("ref"))
-                    except RefSyntaxError:
-                        continue
-                    if src.module == view.module.name and src.instance == ref_.instance:
-                        referenced.setdefault(src.output, set()).add(user.module)
+                referenced.setdefault(user.output, set()).add(user.module)
         return dataclasses.replace(view, referenced={k: sorted(v)
                                                      for k, v in referenced.items()})
 
@@ -107,9 +100,7 @@ class Dependents:
                 if at_most is not None and len(found) >= at_most:
                     break
             else:
-                self.backend.objects.delete(
-                    RefIndex._entry(module, workspace, user.module, user.instance,
-                                    user.variable))
+                self.index.drop(module, workspace, user)
         return found
 
     def check_unused(self, module: str, workspace: str, instance: str) -> None:

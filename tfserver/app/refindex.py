@@ -1,7 +1,8 @@
 """The dependency index of references between instances, in the backend's object store
 (so every replica and both run engines see it, and it survives restarts):
 
-    _refs/used-by/<module>/<workspace>/<dep module>.<dep instance>.<variable>   empty
+    _refs/used-by/<module>/<workspace>/<dep module>.<dep instance>.<variable>.<output>
+                                             empty (HCL names and ours hold no dot)
     _refs/uses/<module>/<workspace>.json     {"references": [{"variable", "ref",
                                               "serial", "digest"}]} of its last apply
     _refs/built                              written once the index was built
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import TFServerError
-from ..module.refs import RefSyntaxError, is_reference, parse_ref
+from ..module.refs import Ref, RefSyntaxError, is_reference, parse_ref
 from ..names import split_workspace, workspace_name, workspace_tenant
 from ..storage.base import ObjectStore, json_object
 
@@ -37,6 +38,8 @@ class User:
     module: str
     instance: str
     variable: str
+    #: The output of the instance used that the variable references.
+    output: str
 
 
 def used_by_folder(module: str, workspace: str) -> str:
@@ -76,11 +79,8 @@ class RefIndex:
         """After a dependent's apply: its references now (entries added and dropped)."""
         old = {(r.get("variable"), r.get("ref")) for r in self.uses(module, workspace)}
         new = {(r["variable"], r["ref"]) for r in references}
-        instance = workspace.partition(".")[2]
         for variable, ref in new - old:
-            src = parse_ref(ref)
-            self.objects.put(self._entry(src.module, workspace_name(
-                workspace_tenant(workspace), src.instance), module, instance, variable), b"")
+            self.objects.put(self._entry(module, workspace, variable, parse_ref(ref)), b"")
         if references:
             self.objects.put(uses_key(module, workspace),
                              json.dumps({"references": references}).encode())
@@ -101,7 +101,7 @@ class RefIndex:
             names = self.objects.keys(folder, start_after=after, limit=1000)
             for name in names:
                 parts = name.split(".")
-                if len(parts) == 3:
+                if len(parts) == 4:
                     found.append(User(*parts))
             if len(names) < 1000:
                 return found
@@ -133,17 +133,25 @@ class RefIndex:
         self.objects.put(BUILT, b"1")
         return count
 
+    def drop(self, module: str, workspace: str, user: User) -> None:
+        """Remove one entry of an instance's users (one its user's inputs no longer back)."""
+        self.objects.delete(used_by_folder(module, workspace) + _name(user))
+
     def _drop(self, module: str, workspace: str, gone: set[tuple[Any, Any]]) -> None:
-        instance = workspace.partition(".")[2]
         for variable, ref in gone:
             try:
                 src = parse_ref(ref)
             except RefSyntaxError:
                 continue
-            self.objects.delete(self._entry(src.module, workspace_name(
-                workspace_tenant(workspace), src.instance), module, instance, str(variable)))
+            self.objects.delete(self._entry(module, workspace, str(variable), src))
 
     @staticmethod
-    def _entry(module: str, workspace: str, dep_module: str, dep_instance: str,
-               variable: str) -> str:
-        return used_by_folder(module, workspace) + f"{dep_module}.{dep_instance}.{variable}"
+    def _entry(dep_module: str, dep_workspace: str, variable: str, src: Ref) -> str:
+        """The entry, under the instance `src` names, of a dependent's variable."""
+        user = User(dep_module, dep_workspace.partition(".")[2], variable, src.output)
+        return used_by_folder(src.module, workspace_name(workspace_tenant(dep_workspace),
+                                                         src.instance)) + _name(user)
+
+
+def _name(user: User) -> str:
+    return f"{user.module}.{user.instance}.{user.variable}.{user.output}"

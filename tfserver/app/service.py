@@ -99,7 +99,8 @@ class Service:
         self.history = History(self.runs, self.catalog, idempotency_ttl=config.idempotency_ttl,
                                queued=self.queued)
         self.governance = Governance(policy or Policy.empty(), backend, self.runs)
-        self.references = References(self.modules, backend, self.runs, wait=config.run_timeout)
+        self.references = References(self.modules, backend, self.runs,
+                                     wait=config.run_timeout / 2)
         self.dependents = Dependents(self.modules, backend, self.references.index)
         self.executor = Executor(runner, backend, self.copies, self.store, self.expiries,
                                  run_timeout=config.run_timeout, lock_wait=config.lock_wait,

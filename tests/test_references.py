@@ -557,3 +557,18 @@ def test_references_and_a_cascade_on_the_sqs_engine(tmp: Path, moto: Moto) -> No
     finally:
         api.stop(timeout=90)
         worker.stop(timeout=90)
+
+
+def test_an_apply_that_fails_part_way_keeps_the_index_with_its_kept_inputs(
+        srv: ServerProcess) -> None:
+    chain(srv, "f")
+    assert srv.request("PUT", "/subnet/sf2", {
+        "network_id": ref("/network/nf#/outputs/network_id")}).status == 201
+    r = srv.request("PUT", "/app/af", {"subnet_id": ref("/subnet/sf2#/outputs/subnet_id"),
+                                       "fail": True})
+    assert r.status == 502, r.body  # terraform started, then failed
+    # The kept inputs are the failed apply's (terraform changed things): so is the index.
+    assert srv.request("GET", "/subnet/sf2").json["used_by"] == [
+        {"module": "app", "instance": "af", "variable": "subnet_id"}]
+    assert srv.request("DELETE", "/subnet/sf2").status == 409
+    assert srv.request("GET", "/subnet/sf").json["used_by"] == []

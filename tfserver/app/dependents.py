@@ -147,8 +147,17 @@ class Dependents:
                 run.emit("cascade", runs=started)
 
     def failed(self, run: Run, spec: RunSpec) -> None:
-        """A run of a cascade failed: the cascade stops below it, and says so."""
-        if not spec.cascade or spec.operation != "apply":
+        """An apply failed: the index follows the kept inputs (an apply that failed
+        part way keeps its new inputs); a run of a cascade stops the cascade below it,
+        and says so."""
+        if spec.operation != "apply":
+            return
+        try:
+            self.index.reindex(spec.module.name, spec.workspace, self.backend.inputs)
+        except TFServerError as e:
+            logger.warning("reference index of %s/%s not kept: %s", spec.module.name,
+                           spec.instance, e.detail, extra={"run_id": spec.run_id})
+        if not spec.cascade:
             return
         below = [f"{u.module}/{u.instance}" for u in
                  self.index.users(spec.module.name, spec.workspace)]

@@ -117,21 +117,25 @@ class RefIndex:
                 if split_workspace(ws) is None:
                     continue
                 try:
-                    inputs = kept.load(module, ws)
+                    count += self.reindex(module, ws, kept, anew=True)
                 except TFServerError as e:
                     logger.warning("references of %s/%s not indexed: %s", module, ws,
                                    e.detail)
-                    continue
-                refs = [{"variable": v, "ref": r, "serial": None, "digest": None}
-                        for v, r in kept_references(inputs)]
-                applied = {(r.get("variable"), r.get("ref")): r
-                           for r in self.uses(module, ws)}
-                refs = [applied.get((r["variable"], r["ref"]), r) for r in refs]
-                self.objects.delete(uses_key(module, ws))  # every entry written anew
-                self.record(module, ws, refs)
-                count += len(refs)
         self.objects.put(BUILT, b"1")
         return count
+
+    def reindex(self, module: str, workspace: str, kept: Any, *, anew: bool = False) -> int:
+        """An instance's entries made to match its kept inputs (what its last apply that
+        changed something kept); what a reference's last apply resolved stays. `anew`:
+        every entry written again. How many references it has."""
+        refs = [{"variable": v, "ref": r, "serial": None, "digest": None}
+                for v, r in kept_references(kept.load(module, workspace))]
+        applied = {(r.get("variable"), r.get("ref")): r for r in self.uses(module, workspace)}
+        refs = [applied.get((r["variable"], r["ref"]), r) for r in refs]
+        if anew:
+            self.objects.delete(uses_key(module, workspace))
+        self.record(module, workspace, refs)
+        return len(refs)
 
     def drop(self, module: str, workspace: str, user: User) -> None:
         """Remove one entry of an instance's users (one its user's inputs no longer back)."""

@@ -32,3 +32,17 @@ output "url" {
 output "token_length" {
   value = length(nonsensitive(var.token))
 }
+
+variable "fail" {
+  type        = bool
+  default     = false
+  description = "Fail the apply once it started (a provisioner that exits 1)."
+}
+
+resource "terraform_data" "check" {
+  triggers_replace = [var.fail]
+
+  provisioner "local-exec" {
+    command = var.fail ? "exit 1" : "true"
+  }
+}

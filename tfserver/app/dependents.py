@@ -45,10 +45,15 @@ class Dependents:
 
     def repair(self) -> int | None:
         """Build the index from the kept inputs if it was never built (or was lost);
-        how many references it holds then (None: it was there)."""
-        if self.backend.objects.get(BUILT) is not None:
+        how many references it holds then (None: it was there, or the backend cannot
+        be read now: the next start tries again, and /readyz says why)."""
+        try:
+            if self.backend.objects.get(BUILT) is not None:
+                return None
+            count = self.index.rebuild(sorted(self.modules), self.backend.inputs)
+        except TFServerError as e:
+            logger.warning("reference index not checked: %s", e.detail)
             return None
-        count = self.index.rebuild(sorted(self.modules), self.backend.inputs)
         logger.info("reference index built from the kept inputs: %d references", count)
         return count
 

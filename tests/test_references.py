@@ -133,6 +133,12 @@ def test_resolution_record_kept_inputs_and_scrubbing(srv: ServerProcess, home: P
         text = json.dumps(events(srv, run_id)) + json.dumps(finished(srv, run_id))
         assert f"{SECRET}-main1" not in text
     assert f"{SECRET}-main1" not in srv.log_text()
+    # An output that tells terraform the token is not sensitive is scrubbed all the same,
+    # in the apply's answer and in a GET of the instance (its kept inputs hold the $ref).
+    assert made["app"]["outputs"]["token_echo"] != f"{SECRET}-main1"
+    shown = srv.request("GET", "/app/a1").json["outputs"]
+    assert shown["token_echo"] == made["app"]["outputs"]["token_echo"]
+    assert SECRET not in json.dumps(shown)
     # A pointer into a list.
     r = srv.request("PUT", "/subnet/s1b", {"network_id": ref("/network/n1#/outputs/subnets/1/id")})
     assert r.status == 201, r.body

@@ -7,6 +7,7 @@ carries the cascade on below it; a failure stops it there and its record says so
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable, Mapping
@@ -18,7 +19,7 @@ from ..module.discover import Module
 from ..module.refs import RefSyntaxError, follow, parse_ref
 from ..names import workspace_name, workspace_tenant
 from ..runs.run import Run
-from ..scrub import Scrubber
+from ..scrub import Scrubber, scrubbed
 from ..storage.base import StateBackend
 from .catalog import InstanceView, ModuleView, target_workspace
 from .execute import Applied, Destroyed, Outcome, RunSpec
@@ -58,10 +59,13 @@ class Dependents:
         return count
 
     def annotate(self, view: InstanceView, workspace: str) -> InstanceView:
-        """The instance's `used_by` and `outdated`, read from the index and states."""
+        """The instance's `used_by` and `outdated`, read from the index and states; its
+        outputs scrubbed of the values its sensitive variables reference (as the
+        referenced instances hold them now), as of a sensitive variable's own."""
         used_by = [{"module": u.module, "instance": u.instance, "variable": u.variable}
                    for u in self.index.users(view.module, workspace)]
-        outdated = []
+        module = self.modules.get(view.module)
+        outdated, secrets = [], {}
         for use in self.index.uses(view.module, workspace):
             try:
                 ref = parse_ref(use.get("ref"))
@@ -69,12 +73,22 @@ class Dependents:
                     workspace_tenant(workspace), ref.instance))
             except (RefSyntaxError, TFServerError):
                 continue
+            if module is not None and use.get("variable") in module.sensitive_variables:
+                with contextlib.suppress(KeyError):
+                    secrets[str(use["variable"])] = follow(
+                        ((state or {}).get("outputs") or {}).get(ref.output, {}).get("value"),
+                        ref.path)
             current = (state or {}).get("serial")
             if current != use.get("serial"):
                 outdated.append({"variable": use.get("variable"), "ref": use.get("ref"),
                                  "applied_serial": use.get("serial"),
                                  "current_serial": current})
-        return dataclasses.replace(view, used_by=used_by, outdated=outdated)
+        outputs = view.outputs
+        if secrets and module is not None:
+            scrub = Scrubber(module.secret_values(secrets))
+            outputs = {k: v if k in module.outputs and module.outputs[k].sensitive
+                       else scrubbed(v, scrub) for k, v in outputs.items()}
+        return dataclasses.replace(view, used_by=used_by, outdated=outdated, outputs=outputs)
 
     def describe(self, view: ModuleView, principal: Principal) -> ModuleView:
         """The module's view with, per output, the modules whose instances reference it

@@ -46,3 +46,8 @@ resource "terraform_data" "check" {
     command = var.fail ? "exit 1" : "true"
   }
 }
+
+output "token_echo" {
+  value       = nonsensitive(var.token)
+  description = "The token, told not to be sensitive: the server scrubs it all the same."
+}

@@ -578,3 +578,23 @@ def test_an_apply_that_fails_part_way_keeps_the_index_with_its_kept_inputs(
         {"module": "app", "instance": "af", "variable": "subnet_id"}]
     assert srv.request("DELETE", "/subnet/sf2").status == 409
     assert srv.request("GET", "/subnet/sf").json["used_by"] == []
+
+
+def test_a_cascade_never_applies_a_cycle_that_two_racing_applies_made(
+        srv: ServerProcess, home: Path) -> None:
+    """Two applies that reference each other's instance, submitted at once, each pass
+    the other's check; a cascade then finds the cycle and leaves it alone."""
+    for name, body in (("k2", {}), ("k0", {}), ("k1", {"up": ref("/link/k0#/outputs/id")})):
+        assert srv.request("PUT", f"/link/{name}", body).status == 201
+    state = home / "state"
+    # What the racing apply of k0 left: its kept inputs reference k1 (a cycle) and k2.
+    (state / "_inputs/link/local.k0.json").write_text(json.dumps(
+        {"up": ref("/link/k1#/outputs/id"), "side": ref("/link/k2#/outputs/id")}))
+    (state / "_refs/used-by/link/local.k2").mkdir(parents=True, exist_ok=True)
+    (state / "_refs/used-by/link/local.k2/link.k0.side.id").touch()
+    (state / "_refs/uses/link/local.k0.json").write_text(json.dumps({"references": [
+        {"variable": "side", "ref": "/link/k2#/outputs/id", "serial": 1, "digest": "x"}]}))
+    r = srv.request("PUT", "/link/k2?cascade=true", {"up": "changed"})
+    assert r.status == 200, r.body
+    assert cascaded(srv, r.json["run_id"]) == []
+    assert "a cycle: link/k0 -> link/k1 -> link/k0" in srv.log_text()

@@ -24,7 +24,7 @@ from ..storage.base import StateBackend
 from .catalog import InstanceView, ModuleView, target_workspace
 from .execute import Applied, Destroyed, Outcome, RunSpec
 from .orphan import Orphaned, Orphaner
-from .references import digest
+from .references import References, digest
 from .refindex import BUILT, RefIndex, User, kept_references
 
 logger = logging.getLogger(__name__)
@@ -39,10 +39,11 @@ class Dependents:
     """The referenced side of references."""
 
     def __init__(self, modules: Mapping[str, Module], backend: StateBackend,
-                 index: RefIndex) -> None:
+                 references: References) -> None:
         self.modules = modules
         self.backend = backend
-        self.index = index
+        self.references = references
+        self.index: RefIndex = references.index
 
     def repair(self) -> int | None:
         """Build the index from the kept inputs if it was never built (or was lost);
@@ -202,6 +203,11 @@ class Dependents:
             try:
                 inputs = self.backend.inputs.load(dep_module, dep_ws)
                 if inputs is None:
+                    continue
+                cycle = self.references.cycle(dep_module, dep_ws, inputs)
+                if cycle is not None:  # two applies that raced past each other's check
+                    logger.warning("cascade to %s/%s not started: %s", dep_module,
+                                   dep_instance, cycle, extra={"run_id": spec.run_id})
                     continue
                 dep = RunSpec(module, dep_instance, dep_ws, "apply", inputs, spec.principal,
                               Scrubber(module.secret_values(inputs)), cascade=True,

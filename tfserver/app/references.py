@@ -224,6 +224,17 @@ class References:
         ids = [r for t, mod, r in self.runs.store.active() if t == tenant and mod == module]
         return any(r.active and r.workspace == ws for r in self.runs.records(ids))
 
+    def cycle(self, module: str, ws: str, inputs: Mapping[str, Any]) -> str | None:
+        """What is wrong with the chains of references of an instance's inputs (a cycle,
+        or one too long), or None: what a cascade checks before it applies it, since two
+        applies submitted at once may each pass the other's check."""
+        try:
+            for _, text in references_of(inputs):
+                self._chain(module, ws, text)
+        except _Bad as e:
+            return str(e)
+        return None
+
     def _chain(self, module: str, ws: str, text: Any) -> None:
         """`_Bad` when the reference closes a cycle back to (module, ws) (named) or
         makes a chain longer than `MAX_CHAIN`; read from the kept inputs of each

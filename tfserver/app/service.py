@@ -101,7 +101,7 @@ class Service:
         self.governance = Governance(policy or Policy.empty(), backend, self.runs)
         self.references = References(self.modules, backend, self.runs,
                                      wait=config.run_timeout / 2)
-        self.dependents = Dependents(self.modules, backend, self.references.index)
+        self.dependents = Dependents(self.modules, backend, self.references)
         self.executor = Executor(runner, backend, self.copies, self.store, self.expiries,
                                  run_timeout=config.run_timeout, lock_wait=config.lock_wait,
                                  plan_ttl=config.plan_ttl, max_workers=config.max_runs,

@@ -35,6 +35,8 @@ class ModuleView:
 
     module: Module
     instances: list[InstanceRef]
+    #: Per output, the modules whose instances reference it (dependents.py).
+    referenced: dict[str, list[str]] | None = None
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,9 @@ class InstanceView:
     expires_at: float | None = None
     #: Its last drift check's report (`driftstore.py`), None if never checked.
     drift: dict[str, Any] | None = None
+    #: Who references it, and which of its own references moved on (`dependents.py`).
+    used_by: list[dict[str, Any]] | None = None
+    outdated: list[dict[str, Any]] | None = None
 
 
 def target_workspace(principal: Principal, instance: str, tenant: str | None) -> str:

@@ -69,7 +69,8 @@ class DriftCheck:
             raise NotFound(f"module {name} has no instance {spec.instance!r}")
         spec.inputs = x.backend.inputs.load(name, ws) or {}
         spec.scrub = Scrubber(spec.module.secret_values(spec.inputs))
-        with x.var_files.file(spec.inputs) as var_file:
+        x.resolve(spec)  # references among the kept inputs (app/references.py)
+        with x.var_files.file(spec.values or spec.inputs) as var_file:
             plan_file = var_file.with_suffix(".tfplan")
             try:
                 result = x.runner.run(

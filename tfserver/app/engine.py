@@ -41,7 +41,8 @@ def spec_doc(spec: RunSpec) -> dict[str, Any]:
                           "admin": p.admin, "all_modules": p.all_modules,
                           "scope_prefix": p.scope_prefix},
             "plan_of": spec.plan_of, "ttl": spec.ttl, "expires": spec.expires,
-            "expiry": spec.expiry, "reconcile": spec.reconcile}
+            "expiry": spec.expiry, "reconcile": spec.reconcile, "cascade": spec.cascade,
+            "triggered_by": spec.triggered_by}
 
 
 def spec_of(modules: Mapping[str, Module], record: RunRecord, doc: dict[str, Any]) -> RunSpec:
@@ -60,7 +61,8 @@ def spec_of(modules: Mapping[str, Module], record: RunRecord, doc: dict[str, Any
     return RunSpec(module, record.instance, record.workspace, doc["operation"], inputs,
                    principal, Scrubber(module.secret_values(inputs)), run_id=record.id,
                    plan_of=doc.get("plan_of"), ttl=doc.get("ttl"), expires=doc.get("expires"),
-                   expiry=doc.get("expiry"), reconcile=bool(doc.get("reconcile")))
+                   expiry=doc.get("expiry"), reconcile=bool(doc.get("reconcile")),
+                   cascade=bool(doc.get("cascade")), triggered_by=doc.get("triggered_by"))
 
 
 def queued_runs(config: Config, runs: Runs, backend: StateBackend, copies: WorkingCopies,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +28,6 @@ from ..errors import (
     UpstreamFailed,
 )
 from ..module.discover import Module
-from ..names import workspace_tenant
 from ..runs.expiry import Expiries
 from ..runs.store import RunStore
 from ..scrub import Scrubber, shown_outputs
@@ -38,6 +37,7 @@ from ..terraform.output import EventSink, Failure, RunResult
 from ..terraform.process import RunControl, Runner
 from ..terraform.workdir import VarFiles, WorkingCopies
 from .driftstore import DriftReports
+from .holder import lock_holder
 from .workspaces import Workspaces
 
 logger = logging.getLogger(__name__)
@@ -126,6 +126,12 @@ class RunSpec:
     expiry: float | None = None
     #: A drift check: apply the kept inputs when it finds drift.
     reconcile: bool = False
+    #: References (app/references.py): the inputs terraform gets and what was resolved
+    #: at the start; `cascade`: the dependents follow its success; `triggered_by`: whose.
+    values: dict[str, Any] | None = None
+    references: list[dict[str, Any]] | None = None
+    cascade: bool = False
+    triggered_by: str | None = None
 
 
 #: What an answer shows of a state lock: never the server's paths, user or host.
@@ -185,7 +191,8 @@ class Executor:
     def __init__(self, runner: Runner, backend: StateBackend, copies: WorkingCopies,
                  store: RunStore, expiries: Expiries, *, run_timeout: float,
                  lock_wait: float, plan_ttl: float, max_workers: int,
-                 var_files: VarFiles) -> None:
+                 var_files: VarFiles,
+                 resolve: Callable[[RunSpec], None] | None = None) -> None:
         self.runner = runner
         self.backend = backend
         self.copies = copies
@@ -195,6 +202,8 @@ class Executor:
         self.lock_wait = lock_wait
         self.plan_ttl = plan_ttl
         self.var_files = var_files
+        #: Before terraform: references resolved (app/references.py), in-use refused.
+        self.resolve = resolve or (lambda spec: None)
         self.workspaces = Workspaces(runner, backend, expiries, lock_wait=lock_wait)
         # Keeps inputs while terraform runs (off the critical path).
         self._background = ThreadPoolExecutor(max_workers=max_workers,
@@ -217,11 +226,12 @@ class Executor:
         if spec.operation == "destroy" and not existed and spec.plan_of is None:
             self.workspaces.drop_phantom(spec, wc.path)  # a DELETE answers 404 as a GET does
         self._check(spec, existed)
+        self.resolve(spec)
         # Destroy needs the same variables again, so they are kept durably. The write
         # starts once terraform runs and goes on meanwhile (a rename on disk, a PUT on
         # S3); it is undone if terraform changed nothing.
         keeping: list[Future[dict[str, Any] | None]] = []
-        with self.var_files.file(spec.inputs) as var_file:
+        with self.var_files.file(spec.values or spec.inputs) as var_file:
             plan_file = self._plan_file(spec, var_file)
             try:
                 result = self.runner.run(
@@ -241,7 +251,8 @@ class Executor:
         if not result.ok:
             if spec.operation == "apply" and not existed:
                 self.workspaces.failed_create(spec, result, wc.path)
-            holder = self._lock_holder(spec) if result.failure is Failure.LOCKED else None
+            holder = (lock_holder(self.store, spec.module.name, spec.workspace, spec.run_id)
+                      if result.failure is Failure.LOCKED else None)
             raise problem_for(result, spec.scrub, spec.instance, self.run_timeout, holder)
         expires_at = self._expire(spec) if spec.operation == "apply" else None
         if result.unreadable and spec.operation == "apply" and result.outputs is None:
@@ -296,23 +307,6 @@ class Executor:
                 raise NotFound(f"module {name} has no instance {spec.instance!r}")
             spec.inputs = self.backend.inputs.load(name, ws) or {}
             spec.scrub = Scrubber(spec.module.secret_values(spec.inputs))
-
-    def _lock_holder(self, spec: RunSpec) -> str | None:
-        """The run that holds the instance's state lock: another of its runs that some
-        replica holds now; None when the store knows none (terraform run by hand, or a
-        killed run's leftover lock)."""
-        tenant = workspace_tenant(spec.workspace)
-        try:
-            for t, module, run_id in self.store.active():
-                if t != tenant or module != spec.module.name or run_id == spec.run_id:
-                    continue
-                record = self.store.get(run_id)
-                if record is not None and record.workspace == spec.workspace:
-                    return run_id
-        except TFServerError as e:
-            logger.warning("the run holding %s/%s not found: %s", spec.module.name,
-                           spec.instance, e.detail, extra={"run_id": spec.run_id})
-        return None
 
     def _plan_file(self, spec: RunSpec, var_file: Path) -> Path | None:
         """Where the plan is saved (a dry run) or read from (applying a saved plan), on

@@ -34,6 +34,7 @@ from ..storage.local import LocalBackend
 from ..terraform.process import Runner
 from ..terraform.workdir import VarFiles, WorkingCopies
 from .catalog import Catalog, InstanceView, ModuleView, target_workspace
+from .dependents import Dependents, before_run
 from .drift import drift_spec
 from .engine import queued_runs
 from .execute import Applied, Destroyed, Executor, Outcome, Planned, RunSpec
@@ -42,6 +43,7 @@ from .history import History, Idempotency, RunPage, Submitted
 from .leftovers import Leftovers
 from .orphan import Orphaned, Orphaner
 from .reap import expired_destroy
+from .references import References
 from .rerun import Reruns
 from .statedir import spool_dir
 from .submit import Origin, Submitter
@@ -98,15 +100,20 @@ class Service:
         self.history = History(self.runs, self.catalog, idempotency_ttl=config.idempotency_ttl,
                                queued=self.queued)
         self.governance = Governance(policy or Policy.empty(), backend, self.runs)
+        self.references = References(self.modules, backend, self.runs,
+                                     wait=config.run_timeout / 2)
+        self.dependents = Dependents(self.modules, backend, self.references)
         self.executor = Executor(runner, backend, self.copies, self.store, self.expiries,
                                  run_timeout=config.run_timeout, lock_wait=config.lock_wait,
                                  plan_ttl=config.plan_ttl, max_workers=config.max_runs,
-                                 var_files=VarFiles(config.tmp_dir, config.state_dir / "tmp"))
+                                 var_files=VarFiles(config.tmp_dir, config.state_dir / "tmp"),
+                                 resolve=before_run(self.dependents, self.references.resolve))
         self.unlocker = Unlocker(self.catalog, self.copies, self.runs.scheduler, backend,
                                  runner, timeout=min(config.run_timeout, 120))
         self.submitter = Submitter(config, self.runs, self.history, self.governance,
                                    self.store, self.executor, self.metrics,
-                                   modules=self.modules, queued=self.queued)
+                                   modules=self.modules, queued=self.queued,
+                                   dependents=self.dependents)
         self.worker = (QueueWorker(self.queued, self.submitter.rebuild, slots=config.max_runs,
                                    visibility=config.queue.visibility)
                        if self.queued is not None and config.queue.role != "api" else None)
@@ -115,7 +122,7 @@ class Service:
         self.orphaner = Orphaner(self.catalog, backend, self.runs,
                                  self.governance.reservations, self.expiries,
                                  retention=config.archive_retention)
-        self.reaper = Reaper(self.expiries, self._reap, partial(_run_status, self.runs),
+        self.reaper = Reaper(self.expiries, partial(_reap, self), partial(_run_status, self.runs),
                              replica=self.runs.replica, interval=config.reap_interval,
                              chore=self.orphaner.purge)
 
@@ -135,6 +142,7 @@ class Service:
                 logger.error("terraform (%s) cannot run; runs will fail",
                              self.config.terraform_bin)
             self.copies.start()
+        self.dependents.repair()
         self.runs.start(leftovers="none" if self.queued is not None else
                         "all" if isinstance(self.backend, LocalBackend) else "mine")
         self.reaper.start()
@@ -161,19 +169,20 @@ class Service:
     def apply(self, principal: Principal, name: str, instance: str, body: Any, *,
               dry_run: bool = False, asynchronous: bool = False,
               idempotency: Idempotency | None = None, ttl: str | None = None,
-              origin: Origin | None = None) -> Submitted:
+              origin: Origin | None = None, cascade: bool = False) -> Submitted:
         """Start an apply (or plan, with `dry_run`) of the caller's instance; `ttl` (as
-        `?ttl=` gives it) sets when the instance expires."""
+        `?ttl=` gives it) sets when it expires; `cascade` applies its dependents after."""
         m = self.catalog.module(name)
         principal.require(name, "write")
         check_instance_name(instance)
         requested = parse_ttl(ttl) if ttl is not None else None
-        inputs = m.fill_reserved(m.validate(body), tenant=principal.tenant,
-                                 instance=instance)
+        inputs = m.fill_reserved(self.references.validate(m, principal, instance, body),
+                                 tenant=principal.tenant, instance=instance)
         ws = workspace_name(principal.tenant_key, instance)
-        spec = RunSpec(m, instance, ws, "plan" if dry_run else "apply", inputs, principal,
-                       Scrubber(m.secret_values(inputs)))
         limits = self.governance.limits(principal, name)
+        spec = RunSpec(m, instance, ws, "plan" if dry_run else "apply", inputs, principal,
+                       Scrubber(m.secret_values(inputs)),
+                       cascade=(cascade or limits.cascade) and not dry_run)
         if dry_run:
             if requested is not None:
                 limits.ttl(requested)  # refused as the apply would refuse it
@@ -210,16 +219,9 @@ class Service:
 
     def orphan(self, principal: Principal, name: str, instance: str, *,
                tenant: str | None = None, address: str | None = None) -> Orphaned:
-        """Admin: forget an instance, its state kept aside (see `Orphaner.orphan`)."""
-        return self.orphaner.orphan(principal, name, instance, tenant=tenant, address=address)
-
-    def _reap(self, due: Due) -> str | None:
-        """Start the destroy of an expired instance (None: not now, see `expired_destroy`)."""
-        spec = expired_destroy(self.modules, due, self.runs.scheduler.busy)
-        if spec is None:
-            return None
-        return self.submitter.submit(spec, asynchronous=True, idempotency=None,
-                            governed=False).run_id
+        """Admin: forget an instance, its state kept aside (see `Dependents.orphan`)."""
+        return self.dependents.orphan(self.orphaner, principal, name, instance,
+                                      tenant=tenant, address=address)
 
     def _counted(self, record: RunRecord) -> None:
         """A run ended here: count it, give back its slots, and free the saved plan it
@@ -264,13 +266,14 @@ class Service:
         return self.catalog.index(principal)
 
     def describe(self, principal: Principal, name: str) -> ModuleView:
-        """A module: its variables, outputs and the caller's instances."""
-        return self.catalog.describe(principal, name)
+        """A module: its variables, outputs, the caller's instances and who uses them."""
+        return self.dependents.describe(self.catalog.describe(principal, name), principal)
 
     def show(self, principal: Principal, name: str, instance: str,
              tenant: str | None = None) -> InstanceView:
-        """One instance, read from its state."""
-        return self.catalog.show(principal, name, instance, tenant)
+        """One instance, read from its state, with its references (dependents.py)."""
+        return self.dependents.annotate(self.catalog.show(principal, name, instance, tenant),
+                                        target_workspace(principal, instance, tenant))
 
     def list_runs(self, principal: Principal, *, module: str | None = None,
                   instance: str | None = None, tenant: str | None = None,
@@ -311,6 +314,15 @@ class Service:
         self.metrics.request(method, route, status, seconds)
 
     # -- helpers ----------------------------------------------------------------------
+
+
+def _reap(svc: Service, due: Due) -> str | None:
+    """Start the destroy of an expired instance (None: not now, see `expired_destroy`)."""
+    spec = expired_destroy(svc.modules, due, svc.runs.scheduler.busy)
+    if spec is None:
+        return None
+    return svc.submitter.submit(spec, asynchronous=True, idempotency=None,
+                                governed=False).run_id
 
 
 def _run_status(runs: Runs, run_id: str) -> str:

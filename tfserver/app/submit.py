@@ -22,6 +22,7 @@ from ..runs.specs import KeptRequests
 from ..runs.store import RunRecord, RunStore, new_run_id
 from ..terraform.output import api_event
 from ..terraform.process import RunControl
+from .dependents import Dependents
 from .drift import DriftCheck, reconcile_spec
 from .engine import spec_doc, spec_of
 from .execute import Applied, Checked, Executor, Outcome, Planned, RunSpec
@@ -44,7 +45,8 @@ class Submitter:
 
     def __init__(self, config: Config, runs: Runs, history: History, governance: Governance,
                  store: RunStore, executor: Executor, metrics: Metrics, *,
-                 modules: Mapping[str, Module], queued: QueuedRuns | None = None) -> None:
+                 modules: Mapping[str, Module], queued: QueuedRuns | None = None,
+                 dependents: Dependents | None = None) -> None:
         self.config = config
         self.runs = runs
         self.history = history
@@ -58,6 +60,8 @@ class Submitter:
         self.drift = DriftCheck(executor)
         #: Each run's request, kept for a retry (written off the run's path).
         self.kept = KeptRequests(store.objects)
+        #: The reference index kept after each run, and cascades (dependents.py).
+        self.dependents = dependents
 
     def submit(self, spec: RunSpec, asynchronous: bool, idempotency: Idempotency | None,
                *, governed: bool = True, origin: Origin | None = None,
@@ -66,6 +70,8 @@ class Submitter:
         claim), give it its record and queue it on its instance's lane; raises what
         refused it (then nothing of it is kept)."""
         spec.run_id = new_run_id()
+        if spec.operation == "destroy" and spec.plan_of is None and self.dependents:
+            self.dependents.check_unused(spec.module.name, spec.workspace, spec.instance)
         # Idempotency keys are the caller's; the run belongs to the instance's tenant.
         tenant = spec.principal.tenant_key
         if idempotency is not None:
@@ -122,6 +128,25 @@ class Submitter:
                    lambda text: spec.scrub(text), control)
 
     def job(self, run: Run, spec: RunSpec, control: RunControl) -> Outcome:
+        """What a run does (`_job`), then what its references need (dependents.py)."""
+        if self.dependents is None:
+            return self._job(run, spec, control)
+        try:
+            outcome = self._job(run, spec, control)
+        except TFServerError:
+            self.dependents.failed(run, spec)
+            raise
+        finally:
+            run.record.references = [{k: r[k] for k in ("variable", "ref", "serial")}
+                                     for r in spec.references or []] or None
+        self.dependents.settled(run, spec, outcome, self._cascaded)
+        return outcome
+
+    def _cascaded(self, spec: RunSpec) -> str:
+        """Start a cascade's apply of a dependent (async, ungoverned); its run id."""
+        return self.submit(spec, asynchronous=True, idempotency=None, governed=False).run_id
+
+    def _job(self, run: Run, spec: RunSpec, control: RunControl) -> Outcome:
         """What a run does: terraform through the executor, its events relayed."""
         def relay(raw: dict[str, Any]) -> None:
             event = api_event(raw)
@@ -176,7 +201,7 @@ def _record(spec: RunSpec, idempotency: Idempotency | None, origin: Origin | Non
     return RunRecord(id=spec.run_id, module=spec.module.name, instance=spec.instance,
                      workspace=spec.workspace, tenant=workspace_tenant(spec.workspace),
                      subject=spec.principal.subject, operation=spec.operation,
-                     plan_of=spec.plan_of,
+                     plan_of=spec.plan_of, triggered_by=spec.triggered_by,
                      idempotency_key=idempotency.key if idempotency else None,
                      client_id=spec.principal.client_id,
                      client_address=origin.address if origin else None,

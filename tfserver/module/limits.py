@@ -39,6 +39,8 @@ class Limits:
     default_ttl: float | None = None
     max_ttl: float | None = None
     max_queued: int | None = DEFAULT_MAX_QUEUED
+    #: Every apply of the module applies its dependents after it (`?cascade=true`).
+    cascade: bool = False
 
     @property
     def expires(self) -> bool:

@@ -161,7 +161,7 @@ class Policy:
                       max_queued=_count(merged.get("max_queued_per_tenant",
                                                    DEFAULT_MAX_QUEUED)),
                       default_ttl=merged.get("default_ttl"),
-                      max_ttl=merged.get("max_ttl"))
+                      max_ttl=merged.get("max_ttl"), cascade=bool(merged.get("cascade")))
 
     def narrowed(self, modules: Mapping[str, Module]) -> dict[str, Module]:
         """`modules` with the policy's allowed values merged into their schemas.

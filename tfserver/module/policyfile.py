@@ -116,6 +116,10 @@ class _Reader:
                     found[key] = raw
             elif key in _DURATIONS:
                 found[key] = self.duration(raw, at)
+            elif key == "cascade":  # an apply's dependents follow it (app/dependents.py)
+                if not isinstance(raw, bool):
+                    raise self.fault(at, "must be true or false")
+                found[key] = raw
         return found
 
     def duration(self, raw: Any, keys: tuple[str | int, ...]) -> float | None:
@@ -270,7 +274,8 @@ _DEFAULTS_KEYS = (*_COUNTS, *_DURATIONS)
 _MODULE_COUNTS = ("max_instances_per_tenant", "max_runs_per_tenant")
 
 
-_MODULE_KEYS = (*_MODULE_COUNTS, *_DURATIONS, "variables", "drift_check", "reconcile")
+_MODULE_KEYS = (*_MODULE_COUNTS, *_DURATIONS, "variables", "drift_check", "reconcile",
+                "cascade")
 
 
 #: The longest `drift_check`: a year (a longer one is a typo, not a schedule).

@@ -116,6 +116,10 @@ class RunRecord:
     attempt: int = 1
     #: A drift check's report: status, changes as names only, the reconciling run.
     drift: dict[str, Any] | None = None
+    #: The references resolved at the start: [{"variable", "ref", "serial"}].
+    references: list[dict[str, Any]] | None = None
+    #: The run whose cascade started this one (`?cascade=true`).
+    triggered_by: str | None = None
 
     def to_json(self) -> bytes:
         """The stored form."""

@@ -24,6 +24,7 @@ from ..auth import Principal
 from ..module.discover import Module
 from ..runs.store import ACTIVE, ENDED
 from .driftdoc import RECONCILE, drift_schemas
+from .refschema import CASCADE
 from .routes import ROUTES, Access, Route
 from .schemas import (
     APPLIED_PREF,
@@ -240,7 +241,7 @@ def module_operations(module: Module, ident: str,
                 f"{ident}_module"))}, *forbidden)),
         "apply_{module}": op(
             f"Apply (or plan) the default instance of {name}",
-            parameters=[DRY_RUN, *run_params], requestBody=body,
+            parameters=[DRY_RUN, CASCADE, *run_params], requestBody=body,
             responses=answers(settings, {
                 "200": ok_answer("The outputs of the apply, or the plan.", outcome,
                                  APPLIED_PREF),
@@ -257,7 +258,7 @@ def module_operations(module: Module, ident: str,
                 "200": ok_answer("The instance.", ref(instance_view))}, 400, 403, 404)),
         "apply_{module}_instance": op(
             f"Apply (or plan) a named instance of {name}",
-            parameters=[DRY_RUN, *run_params], requestBody=body,
+            parameters=[DRY_RUN, CASCADE, *run_params], requestBody=body,
             responses=answers(settings, {
                 "200": ok_answer("Updated (or planned).", outcome, APPLIED_PREF),
                 "201": ok_answer("Created.", ref(applied), {**LOCATION, **APPLIED_PREF}),

@@ -100,7 +100,7 @@ def apply(call: Call) -> Reply:
     body = h.read_body(required=True)
     submitted = svc.apply(call.who, module, instance, body, dry_run=dry_run,
                           asynchronous=asynchronous, idempotency=_idempotency(h),
-                          ttl=h.param("ttl"), origin=_origin(h))
+                          ttl=h.param("ttl"), origin=_origin(h), cascade=h.flag("cascade"))
     return _answer(call, submitted, wait, named=named)
 
 

@@ -50,6 +50,8 @@ def render(result: Result) -> dict[str, Any]:
             body["status"] = "locked"
         if result.stale:
             body["stale"] = True
+        if result.used_by is not None:
+            body["used_by"], body["outdated"] = result.used_by, result.outdated or []
         return body
     if isinstance(result, ModuleView):
         m = result.module
@@ -58,6 +60,8 @@ def render(result: Result) -> dict[str, Any]:
             "description": m.description,
             "variables": m.schema,
             "outputs": {o.name: {"description": o.description, "sensitive": o.sensitive}
+                        | ({"referenced_by": result.referenced[o.name]}
+                           if result.referenced and o.name in result.referenced else {})
                         for o in m.outputs.values()},
             "instances": [{"instance": i.instance, "tenant": i.tenant} if i.tenant
                           else {"instance": i.instance, "href": f"/{m.name}/{i.instance}"}
@@ -139,6 +143,10 @@ def run(record: RunRecord, viewer_tenant: str) -> dict[str, Any]:
         body["warnings"] = record.warnings
     if record.drift is not None:
         body["drift"] = drift(record.drift)
+    if record.references is not None:
+        body["references"] = record.references
+    if record.triggered_by:
+        body["triggered_by"] = record.triggered_by
     return body
 
 

@@ -17,6 +17,7 @@ from ..config import Config
 from ..module.discover import Module
 from ..names import NAME_RE, TENANT_KEY_RE
 from ..runs.store import ACTIVE, ENDED
+from . import refschema
 from .jsonbody import MAX_DIGITS, MAX_EXPONENT
 
 JSON = "application/json"
@@ -203,6 +204,7 @@ def common_schemas() -> dict[str, Any]:
         "cancel": {"enum": ["requested", "forced"]},
         "state_may_be_locked": {"type": "boolean"},
         "drift": {**ref("Drift"), "description": "A drift check: what it found."},
+        **refschema.RUN_REFERENCES,
     }, ("id", "module", "instance", "operation", "status", "queue_position", "created_at",
         "started_at", "finished_at", "who", "changes", "outputs", "planned", "problem",
         "links"), "A run: every apply, destroy and plan is one.")
@@ -210,7 +212,7 @@ def common_schemas() -> dict[str, Any]:
         "seq": {"type": "integer", "minimum": 1},
         "time": {"type": "string", "format": "date-time"},
         "type": {"enum": ["queued", "started", "planned", "resource", "diagnostic",
-                          "outputs", "drift", "finished"]},
+                          "outputs", "drift", "cascade", "cascade_stopped", "finished"]},
         "changes": {"anyOf": [ref("Changes"), {"type": "null"}]},
         "address": STRING,
         "action": STRING,
@@ -229,6 +231,7 @@ def common_schemas() -> dict[str, Any]:
             "run_id": {"type": "string", "pattern": RUN_ID}}
     return {
         "AnyValue": ANY_VALUE,
+        refschema.REFERENCE: refschema.reference_schema(),
         "Changes": changes,
         "PlannedChange": planned_change,
         "FieldError": obj({"field": STRING, "message": STRING}, ("field", "message")),
@@ -280,7 +283,7 @@ def module_schemas(module: Module, ident: str) -> dict[str, Any]:
                                 if o.sensitive else o.description}
                        for o in module.outputs.values()},
     }
-    body_schema = request_schema(module.schema)
+    body_schema = refschema.with_references(request_schema(module.schema))
     body_schema.setdefault("description", f"The input variables of module {name}. "
                            "Terraform's own `validation` blocks are checked at plan time "
                            "(422). Keys of one object must differ once Unicode-normalized "
@@ -304,13 +307,15 @@ def module_schemas(module: Module, ident: str) -> dict[str, Any]:
                       "description": "The last complete state; a newer one is being "
                                      "written."},
             "drift": ref("Drift"),
+            **refschema.INSTANCE_REFERENCES,
         }, ("module", "instance", "outputs", "resources", "serial", "terraform_version",
             "status"), f"An instance of module {name}, read from its state."),
         f"{ident}_module": obj({
             "module": STRING, "description": STRING,
             "variables": {"type": "object", "description": "The variables' JSON Schema."},
             "outputs": {"type": "object", "additionalProperties": obj(
-                {"description": STRING, "sensitive": {"type": "boolean"}},
+                {"description": STRING, "sensitive": {"type": "boolean"},
+                 "referenced_by": refschema.REFERENCED_BY},
                 ("description", "sensitive"))},
             "instances": {"type": "array", "items": obj(
                 {"instance": NAME, "href": STRING,

@@ -1,0 +1,161 @@
+"""The dependency index of references between instances, in the backend's object store
+(so every replica and both run engines see it, and it survives restarts):
+
+    _refs/used-by/<module>/<workspace>/<dep module>.<dep instance>.<variable>.<output>
+                                             empty (HCL names and ours hold no dot)
+    _refs/uses/<module>/<workspace>.json     {"references": [{"variable", "ref",
+                                              "serial", "digest"}]} of its last apply
+    _refs/built                              written once the index was built
+
+A dependent is always of the source's tenant (a reference names an instance of the
+caller's own), so an entry names its instance alone. The kept inputs (`_inputs/`) are the
+truth: `rebuild` makes the index again from them (at start when `_refs/built` is missing),
+and `users` callers that must be sure (a DELETE) check each entry against them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import TFServerError
+from ..module.refs import Ref, RefSyntaxError, is_reference, parse_ref
+from ..names import split_workspace, workspace_name, workspace_tenant
+from ..storage.base import ObjectStore, json_object
+
+logger = logging.getLogger(__name__)
+
+BUILT = "_refs/built"
+
+
+@dataclass(frozen=True)
+class User:
+    """One variable of one instance that references another instance."""
+
+    module: str
+    instance: str
+    variable: str
+    #: The output of the instance used that the variable references.
+    output: str
+
+
+def used_by_folder(module: str, workspace: str) -> str:
+    """The folder of an instance's users."""
+    return f"_refs/used-by/{module}/{workspace}/"
+
+
+def uses_key(module: str, workspace: str) -> str:
+    """Where a dependent's references of its last apply are."""
+    return f"_refs/uses/{module}/{workspace}.json"
+
+
+def kept_references(inputs: dict[str, Any] | None) -> Iterator[tuple[str, str]]:
+    """(variable, `$ref` text) of each well-formed reference among kept inputs."""
+    for name, value in sorted((inputs or {}).items()):
+        if is_reference(value):
+            try:
+                parse_ref(value["$ref"])
+            except RefSyntaxError:
+                continue
+            yield name, value["$ref"]
+
+
+class RefIndex:
+    """Who references whom, kept beside the state."""
+
+    def __init__(self, objects: ObjectStore) -> None:
+        self.objects = objects
+
+    def uses(self, module: str, workspace: str) -> list[dict[str, Any]]:
+        """A dependent's references as its last apply resolved them ([] if none)."""
+        doc = json_object(self.objects.get(uses_key(module, workspace)))
+        found = (doc or {}).get("references")
+        return [r for r in found if isinstance(r, dict)] if isinstance(found, list) else []
+
+    def record(self, module: str, workspace: str, references: list[dict[str, Any]]) -> None:
+        """After a dependent's apply: its references now (entries added and dropped)."""
+        old = {(r.get("variable"), r.get("ref")) for r in self.uses(module, workspace)}
+        new = {(r["variable"], r["ref"]) for r in references}
+        for variable, ref in new - old:
+            self.objects.put(self._entry(module, workspace, variable, parse_ref(ref)), b"")
+        if references:
+            self.objects.put(uses_key(module, workspace),
+                             json.dumps({"references": references}).encode())
+        else:
+            self.objects.delete(uses_key(module, workspace))
+        self._drop(module, workspace, old - new)
+
+    def forget(self, module: str, workspace: str) -> None:
+        """A dependent destroyed or orphaned: its entries go."""
+        old = {(r.get("variable"), r.get("ref")) for r in self.uses(module, workspace)}
+        self._drop(module, workspace, old)
+        self.objects.delete(uses_key(module, workspace))
+
+    def users(self, module: str, workspace: str) -> list[User]:
+        """The instance's users as the index lists them (every page)."""
+        folder, found, after = used_by_folder(module, workspace), [], ""
+        while True:
+            names = self.objects.keys(folder, start_after=after, limit=1000)
+            for name in names:
+                parts = name.split(".")
+                if len(parts) == 4:
+                    found.append(User(*parts))
+            if len(names) < 1000:
+                return found
+            after = names[-1]
+
+    def rebuild(self, modules: Iterable[str], kept: Any) -> int:
+        """Make the index again from every kept input of the modules (`kept`: the
+        backend's `KeptInputs`); how many references it holds."""
+        count = 0
+        for module in modules:
+            for name in self.objects.keys(f"_inputs/{module}/", limit=100000):
+                ws = name.removesuffix(".json")
+                if split_workspace(ws) is None:
+                    continue
+                try:
+                    count += self.reindex(module, ws, kept, anew=True)
+                except TFServerError as e:
+                    logger.warning("references of %s/%s not indexed: %s", module, ws,
+                                   e.detail)
+        self.objects.put(BUILT, b"1")
+        return count
+
+    def reindex(self, module: str, workspace: str, kept: Any, *, anew: bool = False) -> int:
+        """An instance's entries made to match its kept inputs (what its last apply that
+        changed something kept); what a reference's last apply resolved stays. `anew`:
+        every entry written again. How many references it has."""
+        refs = [{"variable": v, "ref": r, "serial": None, "digest": None}
+                for v, r in kept_references(kept.load(module, workspace))]
+        applied = {(r.get("variable"), r.get("ref")): r for r in self.uses(module, workspace)}
+        refs = [applied.get((r["variable"], r["ref"]), r) for r in refs]
+        if anew:
+            self.objects.delete(uses_key(module, workspace))
+        self.record(module, workspace, refs)
+        return len(refs)
+
+    def drop(self, module: str, workspace: str, user: User) -> None:
+        """Remove one entry of an instance's users (one its user's inputs no longer back)."""
+        self.objects.delete(used_by_folder(module, workspace) + _name(user))
+
+    def _drop(self, module: str, workspace: str, gone: set[tuple[Any, Any]]) -> None:
+        for variable, ref in gone:
+            try:
+                src = parse_ref(ref)
+            except RefSyntaxError:
+                continue
+            self.objects.delete(self._entry(module, workspace, str(variable), src))
+
+    @staticmethod
+    def _entry(dep_module: str, dep_workspace: str, variable: str, src: Ref) -> str:
+        """The entry, under the instance `src` names, of a dependent's variable."""
+        user = User(dep_module, dep_workspace.partition(".")[2], variable, src.output)
+        return used_by_folder(src.module, workspace_name(workspace_tenant(dep_workspace),
+                                                         src.instance)) + _name(user)
+
+
+def _name(user: User) -> str:
+    return f"{user.module}.{user.instance}.{user.variable}.{user.output}"

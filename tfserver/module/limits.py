@@ -39,6 +39,10 @@ class Limits:
     default_ttl: float | None = None
     max_ttl: float | None = None
     max_queued: int | None = DEFAULT_MAX_QUEUED
+    #: Applies and destroys plan first and wait for an approval (app/approvals.py);
+    #: `separate_approver`: never by the run's own subject.
+    require_approval: bool = False
+    separate_approver: bool = False
 
     @property
     def expires(self) -> bool:

@@ -126,6 +126,8 @@ class RunSpec:
     expiry: float | None = None
     #: A drift check: apply the kept inputs when it finds drift.
     reconcile: bool = False
+    #: Plan first and wait for an approval (app/approvals.py), then apply that plan.
+    approval: bool = False
 
 
 #: What an answer shows of a state lock: never the server's paths, user or host.

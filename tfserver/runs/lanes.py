@@ -35,6 +35,8 @@ class Ticket:
     admitted: threading.Event = field(default_factory=threading.Event)
     #: Why the run could not start (no slot for a synchronous run, shutdown).
     refused: TFServerError | None = None
+    #: Holding its lane without a slot: its run awaits an approval (`park`).
+    parked: bool = False
 
 
 @dataclass
@@ -109,8 +111,41 @@ class Scheduler:
             lane = self._lanes.get(ticket.key)
             if lane is not None and lane.holder is ticket:
                 lane.holder = None
-                self._used -= 1
+                if not ticket.parked:  # a parked ticket gave its slot back already
+                    self._used -= 1
                 self._forget_if_idle(ticket.key, lane)
+            starting = self._dispatch()
+        _start(starting)
+
+    def park(self, ticket: Ticket) -> bool:
+        """The holder's run waits (for an approval): it keeps its lane, so later runs of
+        the instance queue behind it, and gives its slot back; a ticket new to this
+        scheduler (a run found awaiting after a restart) takes its idle lane so, without
+        a slot. False when another ticket holds the lane."""
+        with self._mutex:
+            lane = self._lanes.setdefault(ticket.key, _Lane())
+            if lane.holder is None and not lane.waiting:
+                lane.holder, ticket.parked = ticket, True
+            if lane.holder is not ticket:
+                self._forget_if_idle(ticket.key, lane)
+                return False
+            if not ticket.parked:
+                ticket.parked = True
+                self._used -= 1
+            starting = self._dispatch()
+        _start(starting)
+        return True
+
+    def unpark(self, ticket: Ticket) -> None:
+        """The parked ticket's run goes on (approved): it leaves its lane's hold and waits
+        first in line for a slot, before every run queued behind it."""
+        with self._mutex:
+            lane = self._lanes.setdefault(ticket.key, _Lane())
+            if lane.holder is ticket:
+                lane.holder = None
+            ticket.parked, ticket.sync = False, False  # it waits for a slot as long as it takes
+            ticket.seq = 0  # the oldest head
+            lane.waiting.appendleft(ticket)
             starting = self._dispatch()
         _start(starting)
 

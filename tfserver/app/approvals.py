@@ -194,9 +194,11 @@ class Approvals:
 
     def _resume(self, run: Run, by: str) -> None:
         """Queue the approved run first on its lane, its job the apply of its plan."""
-        doc = json_object(self.objects.get(awaiting_key(run.record.id)))
-        spec = spec_of(self.modules, run.record, (doc or {}).get("spec") or {}) \
-            if doc is not None else None
+        kept = (json_object(self.objects.get(awaiting_key(run.record.id))) or {}).get("spec")
+        try:
+            spec = spec_of(self.modules, run.record, kept) if isinstance(kept, dict) else None
+        except (TFServerError, KeyError, TypeError, ValueError):  # damaged, or not served
+            spec = None
         if spec is None or spec.plan_of != run.record.id:
             self._end(run.record, "failed", "what the approved apply needs was not kept")
             raise Conflict(f"run {run.record.id}: what its apply needs was not kept; "
@@ -258,25 +260,28 @@ class Approvals:
             record = self.store.get(run_id)
             if record is None or record.status != AWAITING:
                 self.objects.delete(awaiting_key(run_id))  # it went on or ended
-                continue
-            if record.replica != self.runs.replica and self.runs.keeper.leftovers != "all":
-                continue  # another replica's
-            with self._mutex:
-                answer = json_object(self.objects.get(answer_key(run_id)))
-                if answer is None and float((record.approval or {}).get("expires_at")
-                                            or 0) <= self.clock():
-                    answer = {"answer": "expired", "by": PLAN_TTL} if self._claim(
-                        record, "expired", PLAN_TTL, strict=False) else None
-                run = self._revive(record)
-                if answer is None:
-                    logger.info("run %s awaits its approval still", run_id)
-                elif answer.get("answer") == "approved":
-                    self._resume(run, str(answer.get("by")))
-                else:
-                    status = str(answer.get("answer"))
-                    self._end(record, status if status in ("rejected", "canceled")
-                              else "expired", f"the run was {status} while the server "
-                              "was stopped")
+            elif record.replica == self.runs.replica or self.runs.keeper.leftovers == "all":
+                try:
+                    with self._mutex:
+                        self._recover(record)
+                except TFServerError as e:  # the others are recovered all the same
+                    logger.error("run %s awaiting approval not recovered: %s", run_id,
+                                 e.detail)
+
+    def _recover(self, record: RunRecord) -> None:
+        """One run found awaiting at start (see `recover`)."""
+        if float((record.approval or {}).get("expires_at") or 0) <= self.clock():
+            self._claim(record, "expired", PLAN_TTL, strict=False)
+        answer = json_object(self.objects.get(answer_key(record.id)))
+        run = self._revive(record)
+        if answer is None:
+            logger.info("run %s awaits its approval still", record.id)
+        elif answer.get("answer") == "approved":
+            self._resume(run, str(answer.get("by")))
+        else:
+            status = str(answer.get("answer"))
+            self._end(record, status if status in ("rejected", "canceled") else "expired",
+                      f"the run was {status} while the server was stopped")
 
     def _revive(self, record: RunRecord) -> Run:
         """A stored awaiting run held here (its job is set once it is approved)."""

@@ -377,6 +377,20 @@ def test_a_crash_while_awaiting_keeps_the_run(tmp_path: Path, jwks: Jwks, people
         assert kinds.count("awaiting_approval") == 1 and kinds[-1] == "finished", kinds
         seqs = [json.loads(line)["seq"] for line in events]
         assert seqs == list(range(1, len(seqs) + 1))
+        # A graceful stop does not wait for the awaiting run; it stays stored.
+        stopping = time.monotonic()
+        assert server.stop() == 0
+        assert time.monotonic() - stopping < 20
+        # An approval written just before a stop, whose apply never began, goes on.
+        objects = tmp_path / "state" / "_runs"
+        assert (objects / "awaiting" / f"{nxt['id']}.json").exists()
+        (objects / "answers" / nxt["id"]).write_text(
+            json.dumps({"answer": "approved", "by": "bob", "at": time.time()}))
+        server = start_server(tmp_path, modules_dir=MODULES, env=env)
+        done = wait_run(server, nxt["id"], ENDED, headers=people.alice)
+        assert done["status"] == "succeeded" and done["approval"]["answered_by"] == "bob"
+        assert journal(tmp_path, "crash") == ["apply c1", "destroy c1", "apply c2"]
+        assert not (objects / "awaiting" / f"{nxt['id']}.json").exists()
     finally:
         server.stop()
 

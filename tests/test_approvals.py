@@ -432,7 +432,17 @@ def test_the_cli_exits_with_its_own_status(srv: tuple[ServerProcess, Path], sign
                                                          sub="alice")})
     assert done.returncode == 3, done.stderr
     assert "awaiting approval" in done.stderr
-    assert json.loads(done.stdout)["status"] == "awaiting_approval"
+    run = json.loads(done.stdout)
+    assert run["status"] == "awaiting_approval"
+    # The approver follows the apply it lets run (its replayed events hold the wait).
+    done = subprocess.run(
+        [sys.executable, "-m", "tfserver", "run", "POST", f"{server.url}/runs/{run['id']}/approve"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={"PATH": os.environ["PATH"], "HOME": str(tmp),
+             "PYTHONPATH": os.environ.get("PYTHONPATH", str(ROOT)),
+             "TFSERVER_TOKEN": signer.token("team", "tfserver/gated.approve", sub="bob")})
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["status"] == "succeeded"
 
 
 def test_the_document_has_approvals(srv: tuple[ServerProcess, Path], people: People) -> None:

@@ -127,7 +127,7 @@ class Progress:
             self.out.write(_plain(event) + "\n")
             self.out.flush()
             return
-        if kind in ("finished", "awaiting_approval"):
+        if kind == "finished":
             self.clear()
             return
         total = "?" if self.planned is None else str(self.planned)
@@ -184,8 +184,12 @@ def watch(target: Target, run_id: str, progress: Progress) -> dict[str, Any]:
             for event in target.events(run_id, seq):
                 seq = max(seq, int(event.get("seq", seq)))
                 progress.show(event)
-                if event.get("type") in ("finished", "awaiting_approval"):
+                if event.get("type") == "finished":
                     return _record(target, run_id)
+                if event.get("type") == "awaiting_approval":  # still, or approved since
+                    record = _record(target, run_id)
+                    if record.get("status") == "awaiting_approval":
+                        return record
             status, _, doc = target.call("GET", f"/runs/{run_id}")
             if status == 200 and doc.get("status") not in ("queued", "running"):
                 return dict(doc)

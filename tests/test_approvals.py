@@ -20,6 +20,7 @@ import pytest
 
 from support import ROOT, Jwks, ServerProcess, Signer, bearer, start_server
 from test_runs import ASYNC, wait_run
+from test_s3 import store  # noqa: F401 - the fixture
 from tfserver.errors import ConfigError
 from tfserver.module.discover import discover
 from tfserver.module.policyfile import load_policy
@@ -550,3 +551,41 @@ def test_the_webhook_says_a_run_awaits(tmp_path: Path, terraform_bin: str) -> No
         server.stop()
         hook.shutdown()
         hook.server_close()
+
+
+def test_approvals_on_s3(moto: Any, store: dict[str, str], tmp_path: Path,  # noqa: F811
+                         jwks: Jwks, people: People, terraform_bin: str) -> None:
+    env = {**store, "TF_STATE_LOCK_TABLE": "locks", "TF_STATE_USE_LOCKFILE": "true",
+           **auth_env(tmp_path, jwks)}
+    server = start_server(tmp_path, modules_dir=MODULES, env=env)
+    try:
+        run = awaiting(server, tmp_path, people.alice, "s3", "one")
+        statuses: list[int] = []
+        start = threading.Barrier(4)
+
+        def approve() -> None:
+            start.wait(10)
+            statuses.append(answer(server, run["id"], "approve", people.bob).status)
+
+        threads = [threading.Thread(target=approve) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert sorted(statuses) == [201, 409, 409, 409], statuses
+        assert journal(tmp_path, "s3") == ["apply one"]
+        left = awaiting(server, tmp_path, people.alice, "s3", "two")
+        assert server.stop(signal.SIGKILL) == -signal.SIGKILL
+        server = start_server(tmp_path, modules_dir=MODULES, env=env)
+        record = server.request("GET", f"/runs/{left['id']}", headers=people.alice).json
+        assert record["status"] == "awaiting_approval", record
+        r = answer(server, left["id"], "reject", people.bob)
+        assert r.status == 200 and r.json["status"] == "rejected", r.body
+        names = [o["Key"] for o in moto.client("s3").list_objects_v2(
+            Bucket=store["TF_STATE_BUCKET"], Prefix="tfs/_").get("Contents", [])]
+        assert not [n for n in names if n.startswith("tfs/_runs/awaiting/")], names
+        assert f"tfs/_runs/answers/{left['id']}" in names
+        assert not [n for n in names if n.startswith(f"tfs/_plans/{left['id']}")]
+        assert f"tfs/_plans/{run['id']}.tfplan" not in names  # used: dropped
+    finally:
+        server.stop()

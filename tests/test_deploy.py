@@ -867,7 +867,7 @@ def check_auth_stack(book: Runbook, moto: Moto,
     served = sorted(p.name for p in (ROOT / "modules").iterdir() if list(p.glob("*.tf")))
     assert out["modules"] == served == ["demo", "droplet"]
     assert sorted(out["scopes"]) == ["tfserver/admin"] + [
-        f"tfserver/{m}.{rw}" for m in served for rw in ("read", "write")]
+        f"tfserver/{m}.{rw}" for m in served for rw in ("approve", "read", "write")]
     assert set(out["tenant_client_ids"]) == {"acme"}
     clients = [out["admin_client_id"], out["tenant_client_ids"]["acme"]]
     assert out["client_ids"] == clients
@@ -1020,10 +1020,13 @@ def test_auth_scopes_come_from_the_module_folders(tmp: Path) -> None:
         return {k: v["value"] for k, v in json.loads(got).items()}
 
     out = evaluate(tenants={"acme": ["demo.write", "demo.read"]})
+    assert evaluate(tenants={"acme": ["demo.approve"]})["tenant_scopes"] == {
+        "acme": ["tfserver/demo.approve"]}
     assert out["served"] == ["demo", "droplet", "jsononly"]
     assert out["module_scopes"][:2] == ["demo.read", "demo.write"]
     assert out["tenant_scopes"] == {"acme": ["tfserver/demo.read", "tfserver/demo.write"]}
-    assert evaluate(modules=["basic"])["module_scopes"] == ["basic.read", "basic.write"]
+    assert evaluate(modules=["basic"])["module_scopes"] == ["basic.read", "basic.write",
+                                                            "basic.approve"]
     for bad in ({"admin": ["demo.read"]}, {"acme": ["admin"]}, {"Acme": ["demo.read"]},
                 {"acme": ["demo.delete"]}, {"acme": ["demo.read", "nothere.read"]}):
         (stack / "t.auto.tfvars.json").write_text(json.dumps(

@@ -164,7 +164,8 @@ def test_operation_ids_are_stable_names_a_generator_can_use() -> None:
           for verb in ("apply", "get", "destroy", "unlock", "drift")),
         "list_demo_instance_runs", "list_droplet_instance_runs",
         "list_modules", "get_health", "get_readiness", "get_openapi", "get_docs", "get_metrics",
-        "list_runs", "get_run", "get_run_events", "cancel_run", "apply_plan", "retry_run"])
+        "list_runs", "get_run", "get_run_events", "cancel_run", "apply_plan", "retry_run",
+        "approve_run", "reject_run"])
     assert _document(["demo", "droplet"], auth=True) == doc
     # Names that differ only by - and _ still get ids of their own, the same every time.
     idents = operation_idents(["web-app", "web_app", "db"])
@@ -177,14 +178,14 @@ def test_security_is_oauth2_client_credentials_with_scopes_per_operation() -> No
     oauth = doc["components"]["securitySchemes"]["oauth2"]
     assert oauth["flows"]["clientCredentials"]["tokenUrl"] == TOKEN_URL
     assert set(oauth["flows"]["clientCredentials"]["scopes"]) == {
-        "tfserver/demo.read", "tfserver/demo.write", "tfserver/admin"}
+        "tfserver/demo.read", "tfserver/demo.write", "tfserver/demo.approve", "tfserver/admin"}
     ops = doc["paths"]
 
     def scopes(op: dict[str, Any]) -> set[str]:
         return {s for req in op["security"] for found in req.values() for s in found}
 
     assert scopes(ops["/demo"]["get"]) == {"tfserver/demo.read", "tfserver/demo.write",
-                                           "tfserver/admin"}
+                                           "tfserver/demo.approve", "tfserver/admin"}
     assert scopes(ops["/demo"]["post"]) == {"tfserver/demo.write", "tfserver/admin"}
     assert scopes(ops["/demo/{instance}/lock"]["delete"]) == {"tfserver/admin"}
     assert ops["/healthz"]["get"]["security"] == []
@@ -205,7 +206,8 @@ def test_only_the_modules_the_caller_may_read_are_shown() -> None:
     assert "/demo" in doc["paths"] and "/shapes" not in doc["paths"]
     assert "shapes_variables" not in doc["components"]["schemas"]
     assert set(doc["components"]["securitySchemes"]["oauth2"]["flows"]["clientCredentials"]
-               ["scopes"]) == {"tfserver/demo.read", "tfserver/demo.write", "tfserver/admin"}
+               ["scopes"]) == {"tfserver/demo.read", "tfserver/demo.write",
+                               "tfserver/demo.approve", "tfserver/admin"}
     nobody = api.document(modules, None)
     assert not any(p.startswith(("/demo", "/shapes")) for p in nobody["paths"])
     assert "/runs" in nobody["paths"]
@@ -522,7 +524,8 @@ def _fuzz_operation(operation: Any, mode: Any, count: int, checks: list[Any], ba
 
 def test_schemathesis_auth_off(open_server: Served) -> None:
     answered = fuzz(open_server, examples=20, negative_examples=5, budget=150)
-    assert len(answered) == 30, sorted(answered)  # 27, each module's drift check, retry
+    # 27, each module's drift check, retry, approve and reject
+    assert len(answered) == 32, sorted(answered)
     # The fuzzing reached terraform, not only the refusals (demo's names mostly fail its
     # validation block: 422, from terraform too).
     assert answered["POST /shapes"][200] and answered["PUT /shapes/{instance}"][201]
@@ -531,7 +534,8 @@ def test_schemathesis_auth_off(open_server: Served) -> None:
 
 def test_schemathesis_auth_on(auth_server: AuthServer) -> None:
     answered = fuzz(auth_server.served, examples=10, negative_examples=3, budget=150)
-    assert len(answered) == 30, sorted(answered)  # 27, each module's drift check, retry
+    # 27, each module's drift check, retry, approve and reject
+    assert len(answered) == 32, sorted(answered)
     assert answered["PUT /shapes/{instance}"][201] and answered["GET /demo"][200]
 
 

@@ -120,7 +120,7 @@ BAD = [
      "defualts: unknown key (expected defaults, modules, tenants, webhooks)"),
     ("[defaults]\nmax_runs = 2",
      "defaults.max_runs: unknown key (expected max_instances_per_tenant, max_runs_per_tenant, "
-     "max_queued_per_tenant, default_ttl, max_ttl)"),
+     "max_queued_per_tenant, default_ttl, max_ttl, require_approval, separate_approver)"),
     ('[defaults]\nmax_runs_per_tenant = "2"',
      'defaults.max_runs_per_tenant: must be a whole number, or "unlimited"'),
     ("[defaults]\nmax_runs_per_tenant = true",
@@ -148,7 +148,8 @@ BAD = [
     ('[modules.shop.variables]\nsize = "small"', "modules.shop.variables.size: must be a table"),
     ("[modules.shop]\ncolour = 1",
      "modules.shop.colour: unknown key (expected max_instances_per_tenant, max_runs_per_tenant, "
-     "default_ttl, max_ttl, variables, drift_check, reconcile, cascade)"),
+     "default_ttl, max_ttl, require_approval, separate_approver, variables, drift_check, "
+     "reconcile, cascade)"),
     (VAR.format("colour") + 'enum = ["x"]',
      "modules.shop.variables.colour: module shop has no variable colour (it has anything, "
      "count, flag, keys, labels, license, pair, password, region, size, spec)"),
@@ -235,12 +236,13 @@ BAD = [
      "modules.shop.variables.spec.properties: must be a table"),
     ('[tenants."abc"]\ndefault_ttl = "1h"',
      "tenants.abc.default_ttl: unknown key (expected max_instances_per_tenant, "
-     "max_runs_per_tenant, max_queued_per_tenant, modules)"),
+     "max_runs_per_tenant, max_queued_per_tenant, require_approval, separate_approver, "
+     "modules)"),
     ('[tenants."a.b".modules.nope]\nmax_instances_per_tenant = 1',
      'tenants."a.b".modules.nope: no module nope is served (served: other, shop)'),
     ('[tenants."a".modules.shop]\ndefault_ttl = "1h"',
      "tenants.a.modules.shop.default_ttl: unknown key (expected max_instances_per_tenant, "
-     "max_runs_per_tenant)"),
+     "max_runs_per_tenant, require_approval, separate_approver)"),
     ('[tenants.""]\nmax_runs_per_tenant = 1', 'tenants."": a client id cannot be empty'),
 ]
 

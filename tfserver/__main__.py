@@ -32,7 +32,7 @@ from .notify.delivery import Notifier, targets_from_policy
 from .notify.payloads import instance_event, instance_events
 from .notify.store import Deliveries
 from .notify.targets import AllowList
-from .runs.store import RunRecord
+from .runs.store import AWAITING, RunRecord
 from .storage import make_backend
 from .storage.base import StateBackend
 from .terraform.process import Terraform
@@ -81,6 +81,9 @@ def build(config: Config) -> Parts:
                           "executable terraform binary (not found on PATH)")
     modules = discover(config.modules_dir)
     policy = load_policy(config.policy, modules)
+    if config.queue.engine == "sqs" and policy.requires_approval:
+        raise ConfigError(f"{config.policy}: require_approval works with TFSERVER_QUEUE=local "
+                          "only (the sqs engine cannot hold an instance's queue yet)")
     modules = policy.narrowed(modules)
     terraform = Terraform(binary=binary, base_env=config.terraform_env,
                           cli_config_file=prepare_state(config),
@@ -146,11 +149,22 @@ def _notifier(config: Config, policy: Policy, backend: StateBackend,
                     retry=config.webhook_retry, allow=allow, metrics=metrics)
 
 
+#: The webhook event of a run that awaits its approval.
+AWAITING_EVENT = "run.awaiting_approval"
+
+
 def _webhooks(notifier: Notifier) -> Callable[[RunRecord], object]:
     """What a run's end sends: `run.finished`, then the instance's events (`instance.
     drifted`, `instance.expired`, `instance.destroyed`: ids and links only, the drift's
-    names stay in the API)."""
+    names stay in the API); and `run.awaiting_approval` when a run planned and now awaits
+    its approval."""
     def ended(record: RunRecord) -> None:
+        if record.status == AWAITING:
+            notifier.notify(AWAITING_EVENT, instance_event(
+                AWAITING_EVENT, record.module, record.instance, record.tenant,
+                at=time.time(), run_id=record.id, status=AWAITING), record.tenant,
+                record.client_id)
+            return
         notifier.run_finished(record)
         at = record.finished_at if record.finished_at is not None else time.time()
         for event, status in instance_events(

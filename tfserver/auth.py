@@ -44,12 +44,13 @@ class Principal:
         return tenant_key(self.tenant)
 
     def can(self, module: str, access: str) -> bool:
-        """True if the caller may `access` ("read" or "write") the module."""
+        """True if the caller may `access` ("read", "write" or "approve") the module."""
         if self.admin or self.all_modules:
             return True
         wanted = {f"{self.scope_prefix}/{module}.{access}"}
-        if access == "read":
-            wanted.add(f"{self.scope_prefix}/{module}.write")
+        if access == "read":  # who writes or approves (app/approvals.py) reads too
+            wanted |= {f"{self.scope_prefix}/{module}.write",
+                       f"{self.scope_prefix}/{module}.approve"}
         return bool(self.scopes & wanted)
 
     def require(self, module: str, access: str) -> None:

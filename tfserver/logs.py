@@ -50,6 +50,7 @@ class EndedRun(Protocol):
     client_id: str | None
     client_address: str | None
     request_id: str | None
+    approval: dict[str, Any] | None
 
 
 class JsonFormatter(logging.Formatter):
@@ -197,11 +198,15 @@ def configure(level: str = "INFO", fmt: str = "auto", stream: TextIO | None = No
 
 
 def audit_run(record: EndedRun, seconds: float | None) -> None:
-    """The audit line of a run that ended: who, what, and how it went."""
+    """The audit line of a run that ended (or awaits its approval): who, what, how it went,
+    and who planned and answered a run that needed an approval."""
+    approval = record.approval or {}
     audit_log.info(
         "run %s %s %s/%s: %s", record.id, record.operation, record.module, record.instance,
         record.status,
         extra={"event": "run",
+               **({"approval": {k: approval.get(k) for k in (
+                   "planned_by", "answer", "answered_by")}} if approval else {}),
                "who": {"subject": record.subject, "client_id": record.client_id,
                        "tenant": record.tenant, "address": record.client_address},
                "what": {"module": record.module, "instance": record.instance,

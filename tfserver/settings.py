@@ -279,7 +279,8 @@ SETTINGS: tuple[Setting, ...] = (
             "seconds a taken message stays hidden between a worker's extensions: a dead "
             "worker's run comes back after this long (`sqs`)"),
     Setting("TFSERVER_PLAN_TTL", _duration(1.0), 3600.0,
-            "how long a dry run's saved plan can be applied", shown="1 h"),
+            "how long a dry run's saved plan can be applied, and a run awaits its approval",
+            shown="1 h"),
     Setting("TFSERVER_RUN_RETENTION", _duration(60.0), 30 * 86400.0,
             "how long run records and event logs are kept", shown="30 d"),
     Setting("TFSERVER_ARCHIVE_RETENTION", _duration(60.0), 30 * 86400.0,

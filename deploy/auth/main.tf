@@ -1,6 +1,6 @@
 # tfserver's identity provider: a Cognito user pool with a domain (for /oauth2/token), a
-# resource server whose scopes follow tfserver's rules (<prefix>/<module>.read and .write for
-# every served module, <prefix>/admin), one admin client, and one client-credentials client
+# resource server whose scopes follow tfserver's rules (<prefix>/<module>.read, .write and
+# .approve for every served module, <prefix>/admin), one admin client, and one client-credentials client
 # per tenant. Adding a tenant is adding an entry to var.tenants and applying; the app's
 # TFSERVER_CLIENT_IDS comes from the client_ids output (see app_inputs).
 

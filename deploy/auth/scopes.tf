@@ -8,7 +8,8 @@ locals {
   discovered     = sort(distinct([for f in fileset(local.modules_dir, "*/*.{tf,tf.json}") : dirname(f)]))
   served_modules = var.modules != null ? sort(var.modules) : local.discovered
 
-  module_scopes = flatten([for m in local.served_modules : ["${m}.read", "${m}.write"]])
+  # .approve answers the module's runs awaiting approval (the policy's require_approval).
+  module_scopes = flatten([for m in local.served_modules : ["${m}.read", "${m}.write", "${m}.approve"]])
   admin_scopes  = ["${var.scope_prefix}/admin"]
   tenant_scopes = { for t, scopes in var.tenants : t => sort([for s in scopes : "${var.scope_prefix}/${s}"]) }
 }

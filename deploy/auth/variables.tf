@@ -27,13 +27,13 @@ variable "domain_prefix" {
 variable "modules" {
   type        = list(string)
   default     = null
-  description = "Modules tfserver serves, each with a read and a write scope; default: every folder of ../../modules with Terraform files."
+  description = "Modules tfserver serves, each with a read, a write and an approve scope; default: every folder of ../../modules with Terraform files."
 }
 
 variable "tenants" {
   type        = map(list(string))
   default     = {}
-  description = "Tenants by name, each with the scopes (without the prefix) its client may ask for, such as [\"droplet.read\", \"droplet.write\"]."
+  description = "Tenants by name, each with the scopes (without the prefix) its client may ask for, such as [\"droplet.read\", \"droplet.write\"] (or \"droplet.approve\")."
 
   validation {
     condition     = alltrue([for t in keys(var.tenants) : can(regex("^[a-z0-9][a-z0-9_-]{0,62}$", t)) && t != "admin"])
@@ -41,8 +41,8 @@ variable "tenants" {
   }
 
   validation {
-    condition     = alltrue(flatten([for scopes in values(var.tenants) : [for s in scopes : can(regex("^[a-z0-9][a-z0-9_-]{0,62}\\.(read|write)$", s))]]))
-    error_message = "Tenant scopes are <module>.read or <module>.write; admin belongs to the admin client only."
+    condition     = alltrue(flatten([for scopes in values(var.tenants) : [for s in scopes : can(regex("^[a-z0-9][a-z0-9_-]{0,62}\\.(read|write|approve)$", s))]]))
+    error_message = "Tenant scopes are <module>.read, <module>.write or <module>.approve; admin belongs to the admin client only."
   }
 
   validation {

@@ -14,6 +14,7 @@ from ..metrics import Metrics
 from ..module.discover import Module
 from ..module.policy import Policy
 from ..names import split_workspace, workspace_tenant
+from ..runs.parked import Awaiting
 from ..runs.registry import Runs
 from ..runs.run import Run
 from ..runs.store import RunRecord, new_run_id
@@ -65,7 +66,7 @@ class ScheduledChecks:
         self.runs.submit(run, what=f"instance {parts[1]!r} of module {module}")
         return spec.run_id
 
-    def _job(self, run: Run, spec: RunSpec, control: RunControl) -> Outcome:
+    def _job(self, run: Run, spec: RunSpec, control: RunControl) -> Outcome | Awaiting:
         """The check's job, marked as this thread's: the apply it queues to reconcile
         comes to its lane from here, and must not stop it."""
         self._own.run_id = run.record.id

@@ -132,6 +132,8 @@ class RunSpec:
     references: list[dict[str, Any]] | None = None
     cascade: bool = False
     triggered_by: str | None = None
+    #: Plan first and wait for an approval (app/approvals.py), then apply that plan.
+    approval: bool = False
 
 
 #: What an answer shows of a state lock: never the server's paths, user or host.

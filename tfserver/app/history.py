@@ -21,7 +21,7 @@ from ..runs.liveness import QUEUED
 from ..runs.queued import QueuedRuns
 from ..runs.registry import Runs
 from ..runs.run import Run, RunProblem
-from ..runs.store import ACTIVE, RunRecord
+from ..runs.store import ACTIVE, AWAITING, RunRecord
 from .catalog import Catalog, target_workspace
 from .execute import Applied, Checked, Destroyed, Operation, Outcome, Planned
 
@@ -73,14 +73,16 @@ class History:
         self.queued = queued
 
     def wait(self, submitted: Submitted, timeout: float | None) -> bool:
-        """Wait for the run to end (at most `timeout` seconds); True if it ended."""
+        """Wait for the run to end (at most `timeout` seconds); True if it ended, False
+        also at once when it awaits its approval (its caller is answered 202)."""
         if submitted.run is not None:
-            return submitted.run.done.wait(timeout)
+            return submitted.run.settle(timeout) and submitted.run.done.is_set()
         started = time.monotonic()
         deadline = None if timeout is None else started + timeout
         while True:
-            if self.runs.record(submitted.run_id).status not in ACTIVE:
-                return True
+            status = self.runs.record(submitted.run_id).status
+            if status not in ACTIVE:
+                return status != AWAITING
             now = time.monotonic()
             if deadline is not None and now >= deadline:
                 return False

@@ -64,6 +64,10 @@ class Reruns:
                        "destroy" if plan.operation == "plan-destroy" else "apply", inputs,
                        principal, Scrubber(m.secret_values(inputs)), plan_of=plan_id)
         limits = self.governance.limits(principal, m.name)
+        if limits.require_approval:  # a saved plan of its own is approved (approvals.py)
+            raise Conflict(f"module {m.name} applies only approved plans: send the apply "
+                           "or destroy itself, which plans and awaits an approval",
+                           retry_after=0)
         if spec.operation == "apply" and limits.expires:
             # The policy's expiry holds for a saved plan's apply as for any other.
             spec.expires = self.expiries.get(m.name, plan.workspace)

@@ -33,6 +33,7 @@ from ..storage.base import StateBackend
 from ..storage.local import LocalBackend
 from ..terraform.process import Runner
 from ..terraform.workdir import VarFiles, WorkingCopies
+from .approvals import Approvals
 from .catalog import Catalog, InstanceView, ModuleView, target_workspace
 from .dependents import Dependents, before_run
 from .drift import drift_spec
@@ -79,13 +80,14 @@ class Service:
                                     init_timeout=config.run_timeout)
         self.store = RunStore(backend.objects)
         self.metrics = metrics or Metrics()
-        #: Told of every run that ended here, after its audit line (the webhooks).
+        #: Told of every run that ended here, after its audit line, and of every run that
+        #: now awaits its approval (the webhooks).
         self.on_run_ended = on_run_ended
         self.runs = Runs(self.store, Scheduler(config.max_runs, config.queue_depth,
                                                  spare=config.max_drift_checks),
                          replica=config.replica or socket.gethostname(),
                          kill_grace=config.kill_grace, retention=config.run_retention,
-                         on_finish=self._counted, on_ended=self._audited,
+                         on_finish=self._counted, on_ended=self._audited, on_parked=self._audited,
                          on_lost=Leftovers(backend, self.store, spool_dir(config),
                                            self.modules),
                          resume_lost=config.queue.resume_lost
@@ -117,6 +119,7 @@ class Service:
         self.worker = (QueueWorker(self.queued, self.submitter.rebuild, slots=config.max_runs,
                                    visibility=config.queue.visibility)
                        if self.queued is not None and config.queue.role != "api" else None)
+        self.approvals = Approvals(self.runs, self.history, self.submitter)
         self.reruns = Reruns(self.modules, self.catalog, self.history, self.governance,
                              self.expiries, self.submitter)
         self.orphaner = Orphaner(self.catalog, backend, self.runs,
@@ -129,23 +132,21 @@ class Service:
     # -- start-up ---------------------------------------------------------------------
 
     def prepare(self) -> None:
-        """Copy every module's files into its working copy (no terraform); the state
-        folder is made before (statedir.py)."""
+        """Copy every module's files into its working copy (no terraform; statedir.py)."""
         self.copies.prepare()
 
     def start(self) -> None:
-        """Check terraform, initialise every module (in the background, once), and start
-        the runs' heartbeat."""
+        """Check terraform, initialise every module (in the background), start the runs."""
         if self.config.queue.runs_terraform:  # an API replica of `sqs` never starts one
             self.terraform_version = self.runner.version()
             if self.terraform_version is None:
-                logger.error("terraform (%s) cannot run; runs will fail",
-                             self.config.terraform_bin)
+                logger.error("terraform (%s) cannot run; runs will fail", self.config.terraform_bin)
             self.copies.start()
         self.dependents.repair()
         self.runs.start(leftovers="none" if self.queued is not None else
                         "all" if isinstance(self.backend, LocalBackend) else "mine")
         self.reaper.start()
+        self.approvals.start()
         if self.worker is not None:
             self.worker.start()
 
@@ -154,14 +155,13 @@ class Service:
         if self.worker is not None:
             self.worker.stop()
         self.reaper.stop_event.set()
+        self.approvals.stop()
         self.runs.stop()
         self.executor.close()
         self.backend.close()
 
     def readiness(self) -> Readiness:
-        """Whether the server can serve (terraform runs, the backend and the queue
-        answer, no module is still initialising), and a report of each part: a module
-        that failed to initialise is named there and answers 503 itself."""
+        """Whether the server can serve, and a report of each part (see `_readiness`)."""
         return _readiness(self)
 
     # -- runs -------------------------------------------------------------------------
@@ -217,6 +217,14 @@ class Service:
         return self.reruns.retry(principal, run_id, asynchronous=asynchronous,
                                  idempotency=idempotency, origin=origin)
 
+    def approve(self, principal: Principal, run_id: str) -> Submitted:
+        """Apply exactly the saved plan of a run awaiting approval (see `Approvals`)."""
+        return self.approvals.approve(principal, run_id)
+
+    def reject(self, principal: Principal, run_id: str) -> RunRecord:
+        """End a run awaiting approval `rejected` (see `Approvals`)."""
+        return self.approvals.reject(principal, run_id)
+
     def orphan(self, principal: Principal, name: str, instance: str, *,
                tenant: str | None = None, address: str | None = None) -> Orphaned:
         """Admin: forget an instance, its state kept aside (see `Dependents.orphan`)."""
@@ -224,8 +232,7 @@ class Service:
                                       tenant=tenant, address=address)
 
     def _counted(self, record: RunRecord) -> None:
-        """A run ended here: count it, give back its slots, and free the saved plan it
-        was to apply if it never started (canceled while queued, or stopped)."""
+        """A run ended here: count it, give its slots back, free a saved plan it never used."""
         self.metrics.run(record.module, record.operation, record.status, _seconds(record))
         self.governance.ended(record)
         if record.plan_of is not None and record.started_at is None:
@@ -233,8 +240,7 @@ class Service:
             self.history.mark_plan_applied(record.plan_of, None)
 
     def _audited(self, record: RunRecord) -> None:
-        """A run ended here (and its caller has the answer): its audit line, then its
-        webhooks (handed over, never waited on)."""
+        """A run ended here (its caller answered) or awaits approval: audit line, webhooks."""
         audit_run(record, _seconds(record))
         if self.on_run_ended is not None:
             self.on_run_ended(record)
@@ -288,7 +294,7 @@ class Service:
 
     def cancel(self, principal: Principal, run_id: str, *, force: bool) -> RunRecord:
         """Cancel a run."""
-        return self.history.cancel(principal, run_id, force=force)
+        return self.approvals.cancel(principal, run_id, force=force)
 
     def follow(self, principal: Principal, run_id: str,
                after: int = 0) -> Iterator[list[dict[str, Any]]]:
@@ -341,7 +347,8 @@ def _seconds(record: RunRecord) -> float | None:
 
 
 def _readiness(svc: Service) -> Readiness:
-    """See `Service.readiness`."""
+    """See `Service.readiness`: terraform runs, the backend and the queue answer, no module
+    is still initialising (a module that failed to initialise answers 503 itself)."""
     ok = not svc.config.queue.runs_terraform or (
         svc.terraform_version is not None and svc.copies.settled())
     try:

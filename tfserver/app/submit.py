@@ -15,6 +15,7 @@ from ..errors import Conflict, NotFound, TFServerError
 from ..metrics import Metrics
 from ..module.discover import Module
 from ..names import workspace_tenant
+from ..runs.parked import Awaiting
 from ..runs.queued import QueuedRuns
 from ..runs.registry import Runs
 from ..runs.run import Run
@@ -22,6 +23,7 @@ from ..runs.specs import KeptRequests
 from ..runs.store import RunRecord, RunStore, new_run_id
 from ..terraform.output import api_event
 from ..terraform.process import RunControl
+from .approvals import approval_of, plan_first
 from .dependents import Dependents
 from .drift import DriftCheck, reconcile_spec
 from .engine import spec_doc, spec_of
@@ -87,6 +89,8 @@ class Submitter:
                 limits = self.governance.limits(spec.principal, spec.module.name)
                 max_queued = limits.max_queued if asynchronous else None
                 release = self.governance.reserve(limits, record, queued=asynchronous)
+                record.approval = approval_of(spec, limits.require_approval,
+                                              limits.separate_approver)
             if spec.plan_of is not None and not self.store.claim_plan(spec.plan_of,
                                                                       spec.run_id):
                 raise Conflict("the saved plan was applied already", retry_after=0)
@@ -127,7 +131,7 @@ class Submitter:
         return Run(record, lambda r: self.job(r, spec, control),
                    lambda text: spec.scrub(text), control)
 
-    def job(self, run: Run, spec: RunSpec, control: RunControl) -> Outcome:
+    def job(self, run: Run, spec: RunSpec, control: RunControl) -> Outcome | Awaiting:
         """What a run does (`_job`), then what its references need (dependents.py)."""
         if self.dependents is None:
             return self._job(run, spec, control)
@@ -139,20 +143,23 @@ class Submitter:
         finally:
             run.record.references = [{k: r[k] for k in ("variable", "ref", "serial")}
                                      for r in spec.references or []] or None
-        self.dependents.settled(run, spec, outcome, self._cascaded)
+        if not isinstance(outcome, Awaiting):  # its approved apply settles them
+            self.dependents.settled(run, spec, outcome, self._cascaded)
         return outcome
 
     def _cascaded(self, spec: RunSpec) -> str:
         """Start a cascade's apply of a dependent (async, ungoverned); its run id."""
         return self.submit(spec, asynchronous=True, idempotency=None, governed=False).run_id
 
-    def _job(self, run: Run, spec: RunSpec, control: RunControl) -> Outcome:
+    def _job(self, run: Run, spec: RunSpec, control: RunControl) -> Outcome | Awaiting:
         """What a run does: terraform through the executor, its events relayed."""
         def relay(raw: dict[str, Any]) -> None:
             event = api_event(raw)
             if event is not None:
                 run.emit(event.pop("type"), **event)
 
+        if spec.approval:  # plans, and waits for an approval (approvals.py)
+            return plan_first(self.executor, run, spec, control, relay)
         try:
             outcome = (self.drift.check(spec, control, relay) if spec.operation == "drift"
                        else self.executor.execute(spec, control=control, on_event=relay))

@@ -5,7 +5,9 @@ after a dropped connection never starts a second run). The run's events are foll
 NDJSON: on a terminal as one live line (resources done of planned, the current one,
 elapsed), otherwise one line per event. A dropped stream is resumed after the last event
 seen. Ctrl-C cancels the run, a second Ctrl-C forces it. The run's final record is printed
-as JSON; the exit status is 0 when it succeeded, 1 when not, 2 for bad usage.
+as JSON; the exit status is 0 when it succeeded, 1 when not, 2 for bad usage, and 3
+(`EXIT_AWAITING`) when the run planned and now awaits an approval (`POST
+/runs/{id}/approve`; the record printed shows its plan).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from .token import TokenError, fetch_token, token_url_from
 
 #: Reconnects of a dropped event stream before giving up.
 MAX_RECONNECTS = 20
+#: The exit status of a run that awaits an approval (the policy's `require_approval`).
+EXIT_AWAITING = 3
 
 
 class ClientError(TFServerError):
@@ -182,6 +186,10 @@ def watch(target: Target, run_id: str, progress: Progress) -> dict[str, Any]:
                 progress.show(event)
                 if event.get("type") == "finished":
                     return _record(target, run_id)
+                if event.get("type") == "awaiting_approval":  # still, or approved since
+                    record = _record(target, run_id)
+                    if record.get("status") == "awaiting_approval":
+                        return record
             status, _, doc = target.call("GET", f"/runs/{run_id}")
             if status == 200 and doc.get("status") not in ("queued", "running"):
                 return dict(doc)
@@ -216,7 +224,7 @@ def main(argv: Sequence[str], environ: Mapping[str, str]) -> int:
         description="Start a run on a tfserver, follow its progress, print its record.",
         epilog="Token: TFSERVER_TOKEN, or TFSERVER_TOKEN_URL (or COGNITO_DOMAIN) with "
                "TFSERVER_CLIENT_ID and TFSERVER_CLIENT_SECRET. Exit status: 0 succeeded, "
-               "1 failed or canceled, 2 bad usage.")
+               "1 failed or canceled, 2 bad usage, 3 awaiting approval.")
     parser.add_argument("method", type=str.upper,
                         choices=("POST", "PUT", "DELETE"), metavar="METHOD")
     parser.add_argument("url", help="e.g. https://tfserver.example.com/demo/staging")
@@ -240,6 +248,11 @@ def main(argv: Sequence[str], environ: Mapping[str, str]) -> int:
         if status == 202 and isinstance(doc, dict) and doc.get("id"):
             doc = watch(target, str(doc["id"]), progress)
             ok = doc.get("status") == "succeeded"
+            if doc.get("status") == "awaiting_approval":
+                print(f"tfserver run: awaiting approval: POST /runs/{doc.get('id')}/approve "
+                      "(or /reject)", file=sys.stderr)
+                print(json.dumps(doc, indent=2))
+                return EXIT_AWAITING
         else:
             ok = 200 <= status < 300
     except ClientError as e:

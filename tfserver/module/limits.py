@@ -41,6 +41,10 @@ class Limits:
     max_queued: int | None = DEFAULT_MAX_QUEUED
     #: Every apply of the module applies its dependents after it (`?cascade=true`).
     cascade: bool = False
+    #: Applies and destroys plan first and wait for an approval (app/approvals.py);
+    #: `separate_approver`: never by the run's own subject.
+    require_approval: bool = False
+    separate_approver: bool = False
 
     @property
     def expires(self) -> bool:

@@ -135,11 +135,19 @@ class Policy:
         """True when some table sets an instance quota (instances then hold slots)."""
         return self._sets("max_instances_per_tenant")
 
+    @property
+    def requires_approval(self) -> bool:
+        """True when some table sets `require_approval = true` (app/approvals.py)."""
+        return any(scope.get("require_approval") is True for scope in self._scopes())
+
     def _sets(self, key: str) -> bool:
+        return any(scope.get(key) is not None for scope in self._scopes())
+
+    def _scopes(self) -> list[Scope]:
         scopes = [self.defaults, *(m.limits for m in self.modules.values())]
         for tenant in self.tenants.values():
             scopes += [tenant.limits, *tenant.modules.values()]
-        return any(scope.get(key) is not None for scope in scopes)
+        return scopes
 
     @classmethod
     def empty(cls) -> Policy:
@@ -161,7 +169,9 @@ class Policy:
                       max_queued=_count(merged.get("max_queued_per_tenant",
                                                    DEFAULT_MAX_QUEUED)),
                       default_ttl=merged.get("default_ttl"),
-                      max_ttl=merged.get("max_ttl"), cascade=bool(merged.get("cascade")))
+                      max_ttl=merged.get("max_ttl"), cascade=bool(merged.get("cascade")),
+                      require_approval=bool(merged.get("require_approval")),
+                      separate_approver=bool(merged.get("separate_approver")))
 
     def narrowed(self, modules: Mapping[str, Module]) -> dict[str, Module]:
         """`modules` with the policy's allowed values merged into their schemas.

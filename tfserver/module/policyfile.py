@@ -116,7 +116,7 @@ class _Reader:
                     found[key] = raw
             elif key in _DURATIONS:
                 found[key] = self.duration(raw, at)
-            elif key == "cascade":  # an apply's dependents follow it (app/dependents.py)
+            elif key in _SWITCHES or key == "cascade":  # cascade: app/dependents.py
                 if not isinstance(raw, bool):
                     raise self.fault(at, "must be true or false")
                 found[key] = raw
@@ -266,23 +266,27 @@ _COUNTS = ("max_instances_per_tenant", "max_runs_per_tenant", "max_queued_per_te
 _DURATIONS = ("default_ttl", "max_ttl")
 
 
+#: Approvals (app/approvals.py), in every table but the webhooks'.
+_SWITCHES = ("require_approval", "separate_approver")
+
+
 #: The keys of each table of limits.
-_DEFAULTS_KEYS = (*_COUNTS, *_DURATIONS)
+_DEFAULTS_KEYS = (*_COUNTS, *_DURATIONS, *_SWITCHES)
 
 
 #: A module's table and a tenant's module table: the queued-run bound is tenant-wide.
 _MODULE_COUNTS = ("max_instances_per_tenant", "max_runs_per_tenant")
 
 
-_MODULE_KEYS = (*_MODULE_COUNTS, *_DURATIONS, "variables", "drift_check", "reconcile",
-                "cascade")
+_MODULE_KEYS = (*_MODULE_COUNTS, *_DURATIONS, *_SWITCHES, "variables", "drift_check",
+                "reconcile", "cascade")
 
 
 #: The longest `drift_check`: a year (a longer one is a typo, not a schedule).
 DRIFT_CHECK_MAX = 365 * 86400.0
 
 
-_TENANT_KEYS = (*_COUNTS, "modules")
+_TENANT_KEYS = (*_COUNTS, *_SWITCHES, "modules")
 
 
-_TENANT_MODULE_KEYS = _MODULE_COUNTS
+_TENANT_MODULE_KEYS = (*_MODULE_COUNTS, *_SWITCHES)

@@ -44,6 +44,8 @@ class Ticket:
     #: A background run: how to stop it for a user's run (None: a user's run). It takes
     #: a spare slot, never a user's.
     background: Callable[[], object] | None = None
+    #: Holding its lane without a slot: its run awaits an approval (`park`).
+    parked: bool = False
 
 
 @dataclass
@@ -125,11 +127,41 @@ class Scheduler:
             lane = self._lanes.get(ticket.key)
             if lane is not None and lane.holder is ticket:
                 lane.holder = None
-                if ticket.background is not None:
-                    self._spare_used -= 1
-                else:
-                    self._used -= 1
+                if not ticket.parked:  # a parked ticket gave its slot back already
+                    self._release(ticket)
                 self._forget_if_idle(ticket.key, lane)
+            starting = self._dispatch()
+        _start(starting)
+
+    def park(self, ticket: Ticket) -> bool:
+        """The holder's run waits (for an approval): it keeps its lane, so later runs of
+        the instance queue behind it, and gives its slot back; a ticket new to this
+        scheduler (a run found awaiting after a restart) takes its idle lane so, without
+        a slot. False when another ticket holds the lane."""
+        with self._mutex:
+            lane = self._lanes.setdefault(ticket.key, _Lane())
+            if lane.holder is None and not lane.waiting:
+                lane.holder, ticket.parked = ticket, True
+            if lane.holder is not ticket:
+                self._forget_if_idle(ticket.key, lane)
+                return False
+            if not ticket.parked:
+                ticket.parked = True
+                self._release(ticket)
+            starting = self._dispatch()
+        _start(starting)
+        return True
+
+    def unpark(self, ticket: Ticket) -> None:
+        """The parked ticket's run goes on (approved): it leaves its lane's hold and waits
+        first in line for a slot, before every run queued behind it."""
+        with self._mutex:
+            lane = self._lanes.setdefault(ticket.key, _Lane())
+            if lane.holder is ticket:
+                lane.holder = None
+            ticket.parked, ticket.sync = False, False  # it waits for a slot as long as it takes
+            ticket.seq = 0  # the oldest head
+            lane.waiting.appendleft(ticket)
             starting = self._dispatch()
         _start(starting)
 
@@ -215,6 +247,13 @@ class Scheduler:
                 head.admitted.set()
                 self._forget_if_idle(head.key, lane)
         return starting
+
+    def _release(self, ticket: Ticket) -> None:
+        """Give back the slot the ticket took: a spare one for a background run."""
+        if ticket.background is not None:
+            self._spare_used -= 1
+        else:
+            self._used -= 1
 
     def _forget_if_idle(self, key: Hashable, lane: _Lane) -> None:
         if lane.holder is None and not lane.waiting:

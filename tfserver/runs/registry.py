@@ -20,10 +20,11 @@ from typing import Any
 
 from ..errors import Conflict, NotFound, TFServerError
 from .keeper import Keeper
-from .lanes import Scheduler, Ticket
+from .lanes import Scheduler
 from .liveness import Liveness
+from .parked import Awaiting, Parking
 from .run import Run
-from .store import ENDED, RunRecord, RunStore, is_run_id
+from .store import AWAITING, ENDED, RunRecord, RunStore, is_run_id
 from .workers import Workers
 
 logger = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ FOLLOW_POLL = 0.25
 _ANSWER_FIRST = 0.05
 
 
-class Runs:
+class Runs(Parking):
     """The runs of this replica, and the door to every replica's runs."""
 
     def __init__(self, store: RunStore, scheduler: Scheduler, *, replica: str,
@@ -46,6 +47,7 @@ class Runs:
                  on_finish: Callable[[RunRecord], None] | None = None,
                  on_ended: Callable[[RunRecord], None] | None = None,
                  on_lost: Callable[[RunRecord], None] | None = None,
+                 on_parked: Callable[[RunRecord], None] | None = None,
                  resume_lost: int = 0) -> None:
         self.store = store
         self.scheduler = scheduler
@@ -54,7 +56,7 @@ class Runs:
         self.clock = clock
         #: Told of every run that ends here, before anyone sees it ended (metrics), and
         #: once its synchronous caller has its answer (the audit line).
-        self.on_finish, self.on_ended = on_finish, on_ended
+        self.on_finish, self.on_ended, self.on_parked = on_finish, on_ended, on_parked
         self._mutex = threading.Lock()
         self._live: dict[str, Run] = {}
         self._workers = Workers("run")
@@ -85,13 +87,14 @@ class Runs:
         dropped = self.scheduler.close()
         for run in self.live():
             if run.ticket is not None and any(run.ticket is t for t in dropped):
-                self._end_unstarted(run, "canceled", "the server stopped before the run began")
+                self.end_waiting(run, "canceled", "the server stopped before the run began")
         return len(dropped)
 
     def wait_idle(self, timeout: float) -> bool:
-        """Wait until no run of this replica is running, nor still being ended (its audit
-        line, its final record); False on timeout."""
-        return _wait_idle(self.live, timeout)
+        """Wait until no run of this replica runs or is being ended (its audit line, final
+        record; one awaiting approval stays stored); False on timeout."""
+        return _wait_idle(lambda: [r for r in self.live() if r.record.status != AWAITING],
+                          timeout)
 
     # -- submitting -------------------------------------------------------------------
 
@@ -101,9 +104,7 @@ class Runs:
         or `Unavailable` when the run is refused (then nothing is stored)."""
         record = run.record
         record.replica = self.replica
-        run.ticket = Ticket((record.module, record.workspace), what, sync=run.sync,
-                            background=run.background,
-                            on_start=lambda: self._workers.submit(lambda: self._execute(run)))
+        run.ticket = self._ticket(run, what)
         with self._mutex:
             self._live[record.id] = run
         self.keeper.track(run)
@@ -141,7 +142,7 @@ class Runs:
         status = "failed"
         try:
             run.result = run.job(run)
-            status = "succeeded"
+            status = AWAITING if isinstance(run.result, Awaiting) else "succeeded"
         except TFServerError as e:
             run.error = e
             status = "canceled" if run.control.reason == "cancel" else "failed"
@@ -150,7 +151,10 @@ class Runs:
             run.error = TFServerError(f"the run failed unexpectedly; see the server log for "
                                       f"run {record.id}")
         finally:
-            self._finish(run, status)
+            if status == AWAITING:
+                self._park(run)
+            else:
+                self._finish(run, status)
 
     def _finish(self, run: Run, status: str) -> None:
         """End the run: free its lane first (whoever sees it ended may use the instance at
@@ -183,12 +187,6 @@ class Runs:
             self.keeper.forget(run)
             with self._mutex:  # a shutdown waits for this (`wait_idle`)
                 self._live.pop(record.id, None)
-
-    def _end_unstarted(self, run: Run, status: str, detail: str) -> None:
-        """End a run that never started (canceled while queued)."""
-        run.record.queue_position = None
-        run.error = Conflict(detail, retry_after=1)
-        self._finish(run, status)
 
     # -- reading ----------------------------------------------------------------------
 
@@ -276,7 +274,7 @@ class Runs:
             raise Conflict(f"run {run.record.id} already ended ({run.record.status})",
                            retry_after=0)
         if run.ticket is not None and self.scheduler.withdraw(run.ticket):
-            self._end_unstarted(run, "canceled", "the run was canceled before it began")
+            self.end_waiting(run, "canceled", "the run was canceled before it began")
             return
         now = time.monotonic()
         second = run.cancel_asked_at is not None and now - run.cancel_asked_at >= self.kill_grace

@@ -68,6 +68,8 @@ class Run:
     error: TFServerError | None = None
     ticket: Ticket | None = None
     cancel_asked_at: float | None = None
+    #: Set while the run awaits its approval, once that is stored (runs/parked.py).
+    parked: threading.Event = field(default_factory=threading.Event)
     _cond: threading.Condition = field(default_factory=threading.Condition)
 
     def emit(self, kind: str, **fields: Any) -> None:
@@ -84,6 +86,18 @@ class Run:
             if len(self.events) <= seq and not self.done.is_set():
                 self._cond.wait(timeout)
             return self.events[seq:]
+
+    def settle(self, timeout: float | None) -> bool:
+        """Wait (at most `timeout` seconds) until the run ended or awaits its approval
+        (stored so: a server killed then finds it again); True if it did."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not (self.done.is_set() or self.parked.is_set()):
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(left)
+            return True
 
     def wake(self) -> None:
         """Wake the followers (the run ended)."""

@@ -11,6 +11,8 @@ bucket under its prefix), so any replica can answer for any run. The layout:
     _runs/cancel/<id>                            a cancel asked on another replica
     _runs/replicas/<replica>                     its heartbeat: {"at", "runs": [its ids]}
     _runs/requests/<id>.json                     what the run was asked (specs.py: retry)
+    _runs/awaiting/<id>.json                     a run awaiting approval: its apply's spec
+    _runs/answers/<id>                           its answer, written once (approvals.py)
     _plans/<id>.tfplan, _plans/<id>.json         a saved plan and what applying it needs
     _plans/<id>.used                             written once, by the run that applies it
     _idempotency/<tenant>.<sha256 of the key>    {"fingerprint", "run_id", "claimed_at",
@@ -40,7 +42,10 @@ from .specs import request_key
 logger = logging.getLogger(__name__)
 
 ACTIVE = frozenset({"queued", "running"})
-ENDED = frozenset({"succeeded", "failed", "canceled", "lost"})
+ENDED = frozenset({"succeeded", "failed", "canceled", "lost", "rejected", "expired"})
+#: A run that planned and waits for an approval (app/approvals.py): neither active (no
+#: replica beats for it; it is never lost) nor ended.
+AWAITING = "awaiting_approval"
 _ID_MAX = (1 << 48) - 1
 
 
@@ -120,6 +125,9 @@ class RunRecord:
     references: list[dict[str, Any]] | None = None
     #: The run whose cascade started this one (`?cascade=true`).
     triggered_by: str | None = None
+    #: A run that needed an approval: {"separate_approver", "expires_at", "planned_by",
+    #: "answer": approved|rejected|expired|canceled, "answered_by", "answered_at"}.
+    approval: dict[str, Any] | None = None
 
     def to_json(self) -> bytes:
         """The stored form."""
@@ -227,6 +235,7 @@ class RunStore:
         """Forget a run entirely (retention)."""
         t, r = record.tenant, record.id
         keys = [f"_runs/events/{r}.ndjson", f"_runs/cancel/{r}", request_key(r),
+                f"_runs/answers/{r}", f"_runs/awaiting/{r}.json",
                 f"_plans/{r}.tfplan",
                 f"_plans/{r}.json", f"_plans/{r}.used", f"_runs/records/{r}.json"]
         if t and record.module and record.instance:  # unknown for a damaged record

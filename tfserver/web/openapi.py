@@ -22,7 +22,8 @@ from typing import Any
 
 from ..auth import Principal
 from ..module.discover import Module
-from ..runs.store import ACTIVE, ENDED
+from ..runs.store import ACTIVE, AWAITING, ENDED
+from .approvaldoc import APPROVE_SCOPE, approval_operations, approval_schema
 from .driftdoc import RECONCILE, drift_schemas
 from .refschema import CASCADE
 from .routes import ROUTES, Access, Route
@@ -179,7 +180,8 @@ def _access(settings: DocSettings, access: Access, module: str) -> dict[str, Any
         return {"security": []} if settings.auth else {}
     if access is Access.OPTIONAL:
         return {"security": [{}, {"oauth2": []}, {"bearer": []}]} if settings.auth else {}
-    scopes = {Access.TOKEN: (), Access.READ: (read, write, admin),
+    approve = f"{settings.scope_prefix}/{module}.approve"  # approvers read (app/approvals.py)
+    scopes = {Access.TOKEN: (), Access.READ: (read, write, approve, admin),
               Access.WRITE: (write, admin), Access.ADMIN: (admin,)}[access]
     return security(settings, *scopes)
 
@@ -211,7 +213,8 @@ def module_part(module: Module, ident: str, settings: DocSettings) -> ModulePart
                                                                               settings),
                      settings, name, ident)
     scopes = {read: f"Read module {name}: its schema, instances and runs",
-              write: f"Apply and destroy instances of module {name} (and read them)"}
+              write: f"Apply and destroy instances of module {name} (and read them)",
+              f"{settings.scope_prefix}/{name}.approve": APPROVE_SCOPE.format(name=name)}
     tag_doc: dict[str, Any] = {"name": name}
     if module.description:
         tag_doc["description"] = module.description
@@ -298,7 +301,8 @@ def base_document(settings: DocSettings) -> dict[str, Any]:
     """The paths and schemas that do not depend on the modules (pure)."""
     paths = paths_of((r for r in ROUTES if not r.per_module), base_operations(settings),
                      settings)
-    return {"paths": paths, "schemas": {**common_schemas(), **drift_schemas()}}
+    return {"paths": paths, "schemas": {**common_schemas(), **drift_schemas(),
+                                        "Approval": approval_schema()}}
 
 
 def base_operations(settings: DocSettings) -> dict[str, dict[str, Any]]:
@@ -343,7 +347,7 @@ def base_operations(settings: DocSettings) -> dict[str, dict[str, Any]]:
             "summary": "The caller's runs (admin: all), newest first", "tags": runs,
             "parameters": [
                 param("module", "query", NAME, "Only this module's runs."),
-                param("status", "query", {"enum": sorted(ACTIVE) + sorted(ENDED)},
+                param("status", "query", {"enum": [*sorted(ACTIVE), AWAITING, *sorted(ENDED)]},
                       "Only runs of this status."),
                 LIMIT, BEFORE],
             "responses": answers(settings, {"200": ok_answer("A page of runs.",
@@ -389,6 +393,7 @@ def base_operations(settings: DocSettings) -> dict[str, dict[str, Any]]:
                 "201": ok_answer("A new instance.", ref("Applied"), {**LOCATION,
                                                                       **APPLIED_PREF}),
                 "202": accepted()}, 403, 404, *RUN_FAILURES)},
+        **approval_operations(settings),
     }
 
 

@@ -216,6 +216,22 @@ def retry_run(call: Call) -> Reply:
     return _answer(call, submitted, wait, named=True)
 
 
+def approve_run(call: Call) -> Reply:
+    """Approve a run awaiting approval: exactly its saved plan is applied."""
+    h = call.req
+    h.read_body(required=False)
+    _, wait = prefer(h)
+    submitted = call.service.approve(call.who, call.params["id"])
+    return _answer(call, submitted, wait, named=True)
+
+
+def reject_run(call: Call) -> Reply:
+    """Reject a run awaiting approval: it ends `rejected`."""
+    call.req.read_body(required=False)
+    record = call.service.reject(call.who, call.params["id"])
+    return Reply(200, render.run(record, call.who.tenant_key))
+
+
 def run_events(call: Call) -> None:
     """Replay the run's events, then follow them live, as NDJSON or Server-Sent Events."""
     h = call.req

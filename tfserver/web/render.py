@@ -11,7 +11,7 @@ from ..app.execute import Applied, Checked, Destroyed, Planned
 from ..app.history import RunPage
 from ..app.orphan import Orphaned
 from ..app.service import Readiness, Unlocked
-from ..runs.store import RunRecord, rfc3339
+from ..runs.store import AWAITING, RunRecord, rfc3339
 
 Result = (Applied | Planned | Destroyed | Checked | InstanceView | ModuleView | Unlocked
           | Orphaned)
@@ -147,7 +147,22 @@ def run(record: RunRecord, viewer_tenant: str) -> dict[str, Any]:
         body["references"] = record.references
     if record.triggered_by:
         body["triggered_by"] = record.triggered_by
+    if record.approval is not None:
+        body["approval"] = approval(record.approval)
+        if record.status == AWAITING:
+            links |= {"approve": f"/runs/{record.id}/approve",
+                      "reject": f"/runs/{record.id}/reject"}
     return body
+
+
+def approval(kept: dict[str, Any]) -> dict[str, Any]:
+    """A run's approval as its record shows it: who planned, who answered, and when."""
+    expires, answered = kept.get("expires_at"), kept.get("answered_at")
+    return {"separate_approver": bool(kept.get("separate_approver")),
+            "planned_by": kept.get("planned_by"),
+            "expires_at": rfc3339(float(expires)) if expires is not None else None,
+            "answer": kept.get("answer"), "answered_by": kept.get("answered_by"),
+            "answered_at": rfc3339(float(answered)) if answered is not None else None}
 
 
 def run_page(page: RunPage, base: str, query: dict[str, str]) -> dict[str, Any]:

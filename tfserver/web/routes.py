@@ -84,6 +84,8 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/runs/{id}/cancel", op.cancel_run, A.TOKEN, "cancel_run"),
     Route("POST", "/runs/{id}/apply", op.apply_plan, A.TOKEN, "apply_plan"),
     Route("POST", "/runs/{id}/retry", op.retry_run, A.TOKEN, "retry_run"),
+    Route("POST", "/runs/{id}/approve", op.approve_run, A.TOKEN, "approve_run"),
+    Route("POST", "/runs/{id}/reject", op.reject_run, A.TOKEN, "reject_run"),
     Route("GET", "/{module}", op.describe, A.READ, "describe_{module}"),
     Route("POST", "/{module}", op.apply, A.WRITE, "apply_{module}"),
     Route("DELETE", "/{module}", op.destroy, A.WRITE, "destroy_{module}"),

@@ -16,7 +16,7 @@ from .. import __version__
 from ..config import Config
 from ..module.discover import Module
 from ..names import NAME_RE, TENANT_KEY_RE
-from ..runs.store import ACTIVE, ENDED
+from ..runs.store import ACTIVE, AWAITING, ENDED
 from . import refschema
 from .jsonbody import MAX_DIGITS, MAX_EXPONENT
 
@@ -180,7 +180,7 @@ def common_schemas() -> dict[str, Any]:
         "module": STRING,
         "instance": STRING,
         "operation": {"enum": ["apply", "destroy", "plan", "plan-destroy", "drift"]},
-        "status": {"enum": sorted(ACTIVE) + sorted(ENDED)},
+        "status": {"enum": [*sorted(ACTIVE), AWAITING, *sorted(ENDED)]},
         "queue_position": {"type": ["integer", "null"], "minimum": 0},
         "created_at": TIME,
         "started_at": TIME,
@@ -194,7 +194,8 @@ def common_schemas() -> dict[str, Any]:
         "problem": {"anyOf": [ref("Problem"), {"type": "null"}],
                     "description": "A failed run: what its synchronous call answered."},
         "links": obj({"self": STRING, "events": STRING, "instance": STRING,
-                       "apply": {**STRING, "description": "A plan that can still be applied."}},
+                       "apply": {**STRING, "description": "A plan that can still be applied."},
+                       "approve": STRING, "reject": STRING},
                       ("self", "events", "instance")),
         "plan": obj({"expires_at": TIME, "applied_by": {"type": ["string", "null"]}},
                      ("expires_at",)),
@@ -205,6 +206,7 @@ def common_schemas() -> dict[str, Any]:
         "state_may_be_locked": {"type": "boolean"},
         "drift": {**ref("Drift"), "description": "A drift check: what it found."},
         **refschema.RUN_REFERENCES,
+        "approval": ref("Approval"),
     }, ("id", "module", "instance", "operation", "status", "queue_position", "created_at",
         "started_at", "finished_at", "who", "changes", "outputs", "planned", "problem",
         "links"), "A run: every apply, destroy and plan is one.")
@@ -212,7 +214,8 @@ def common_schemas() -> dict[str, Any]:
         "seq": {"type": "integer", "minimum": 1},
         "time": {"type": "string", "format": "date-time"},
         "type": {"enum": ["queued", "started", "planned", "resource", "diagnostic",
-                          "outputs", "drift", "cascade", "cascade_stopped", "finished"]},
+                          "outputs", "drift", "cascade", "cascade_stopped", AWAITING,
+                          "approved", "finished"]},
         "changes": {"anyOf": [ref("Changes"), {"type": "null"}]},
         "address": STRING,
         "action": STRING,

@@ -90,8 +90,8 @@ HOSTILE = [
     ("reconcile = true", "reconcile: needs drift_check (reconcile applies what a scheduled "
                          "check finds)"),
     ('drift_checks = "6h"', "drift_checks: unknown key (expected max_instances_per_tenant, "
-                            "max_runs_per_tenant, default_ttl, max_ttl, variables, "
-                            "drift_check, reconcile, cascade)"),
+                            "max_runs_per_tenant, default_ttl, max_ttl, require_approval, "
+                            "separate_approver, variables, drift_check, reconcile, cascade)"),
 ]
 
 

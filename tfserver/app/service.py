@@ -83,15 +83,7 @@ class Service:
         #: Told of every run that ended here, after its audit line, and of every run that
         #: now awaits its approval (the webhooks).
         self.on_run_ended = on_run_ended
-        self.runs = Runs(self.store, Scheduler(config.max_runs, config.queue_depth,
-                                                 spare=config.max_drift_checks),
-                         replica=config.replica or socket.gethostname(),
-                         kill_grace=config.kill_grace, retention=config.run_retention,
-                         on_finish=self._counted, on_ended=self._audited, on_parked=self._audited,
-                         on_lost=Leftovers(backend, self.store, spool_dir(config),
-                                           self.modules),
-                         resume_lost=config.queue.resume_lost
-                         if config.queue.engine == "sqs" else 0)
+        self.runs = _runs(self, config, backend)
         self.metrics.watch(self.runs.scheduler.counts, self.copies.report, list(modules))
         self.expiries = Expiries(backend.objects)
         self.catalog = Catalog(self.modules, backend, self.runs.scheduler.busy, self.expiries)
@@ -320,6 +312,18 @@ class Service:
         self.metrics.request(method, route, status, seconds)
 
     # -- helpers ----------------------------------------------------------------------
+
+
+def _runs(svc: Service, config: Config, backend: StateBackend) -> Runs:
+    """This replica's runs: its lanes (spare slots for the scheduled drift checks), and
+    what it is told of their ends (metrics, audit lines) and of the runs found lost."""
+    return Runs(svc.store, Scheduler(config.max_runs, config.queue_depth,
+                                     spare=config.max_drift_checks),
+                replica=config.replica or socket.gethostname(),
+                kill_grace=config.kill_grace, retention=config.run_retention,
+                on_finish=svc._counted, on_ended=svc._audited, on_parked=svc._audited,
+                on_lost=Leftovers(backend, svc.store, spool_dir(config), svc.modules),
+                resume_lost=config.queue.resume_lost if config.queue.engine == "sqs" else 0)
 
 
 def _reap(svc: Service, due: Due) -> str | None:

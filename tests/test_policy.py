@@ -148,7 +148,7 @@ BAD = [
     ('[modules.shop.variables]\nsize = "small"', "modules.shop.variables.size: must be a table"),
     ("[modules.shop]\ncolour = 1",
      "modules.shop.colour: unknown key (expected max_instances_per_tenant, max_runs_per_tenant, "
-     "default_ttl, max_ttl, variables)"),
+     "default_ttl, max_ttl, variables, default_version)"),
     (VAR.format("colour") + 'enum = ["x"]',
      "modules.shop.variables.colour: module shop has no variable colour (it has anything, "
      "count, flag, keys, labels, license, pair, password, region, size, spec)"),

@@ -17,6 +17,7 @@ from ..config import Config
 from ..errors import NotFound, TFServerError
 from ..metrics import Metrics
 from ..module.discover import Module
+from ..module.versions import recorded
 from ..runs.queued import QueuedRuns
 from ..runs.registry import Runs
 from ..runs.sqs import SqsQueue
@@ -41,15 +42,18 @@ def spec_doc(spec: RunSpec) -> dict[str, Any]:
                           "admin": p.admin, "all_modules": p.all_modules,
                           "scope_prefix": p.scope_prefix},
             "plan_of": spec.plan_of, "ttl": spec.ttl, "expires": spec.expires,
-            "expiry": spec.expiry, "reconcile": spec.reconcile}
+            "expiry": spec.expiry, "reconcile": spec.reconcile, "version": spec.module.version,
+            "moved": spec.moved}
 
 
 def spec_of(modules: Mapping[str, Module], record: RunRecord, doc: dict[str, Any]) -> RunSpec:
     """The run a stored spec describes (`NotFound` for a module this worker lacks)."""
-    module = modules.get(str(doc.get("module")))
-    if module is None:
+    served = modules.get(str(doc.get("module")))
+    if served is None:
         raise NotFound(f"run {record.id}: this worker does not serve module "
                        f"{str(doc.get('module'))[:64]!r}")
+    version = doc.get("version")
+    module = recorded(served, version if isinstance(version, str) else None)
     who = doc.get("principal") or {}
     principal = Principal(subject=str(who.get("subject", "")), tenant=str(who.get("tenant", "")),
                           scopes=frozenset(who.get("scopes") or ()),
@@ -60,7 +64,8 @@ def spec_of(modules: Mapping[str, Module], record: RunRecord, doc: dict[str, Any
     return RunSpec(module, record.instance, record.workspace, doc["operation"], inputs,
                    principal, Scrubber(module.secret_values(inputs)), run_id=record.id,
                    plan_of=doc.get("plan_of"), ttl=doc.get("ttl"), expires=doc.get("expires"),
-                   expiry=doc.get("expiry"), reconcile=bool(doc.get("reconcile")))
+                   expiry=doc.get("expiry"), reconcile=bool(doc.get("reconcile")),
+                   moved=doc.get("moved"))
 
 
 def queued_runs(config: Config, runs: Runs, backend: StateBackend, copies: WorkingCopies,
@@ -74,7 +79,7 @@ def queued_runs(config: Config, runs: Runs, backend: StateBackend, copies: Worki
         if not lock_id:
             return False
         try:
-            wc = copies.ready(record.module)
+            wc = copies.ready(Module.key_of(record.module, record.version))
         except TFServerError as e:
             logger.warning("run %s: its lock not cleared: %s", record.id, e.detail)
             return False

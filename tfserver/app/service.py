@@ -22,6 +22,7 @@ from ..metrics import Metrics
 from ..module.discover import Module
 from ..module.limits import parse_ttl
 from ..module.policy import Policy
+from ..module.versions import every_version
 from ..names import check_instance_name, workspace_name
 from ..runs.expiry import Due, Expiries, Reaper
 from ..runs.lanes import Scheduler
@@ -46,6 +47,7 @@ from .rerun import Reruns
 from .statedir import spool_dir
 from .submit import Origin, Submitter
 from .unlock import Unlocked, Unlocker
+from .versions import choose
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +75,8 @@ class Service:
         self.runner = runner
         self.backend = backend
         self.terraform_version: str | None = None
-        self.copies = WorkingCopies(config.state_dir / "work", modules, runner, backend,
-                                    init_timeout=config.run_timeout)
+        self.copies = WorkingCopies(config.state_dir / "work", every_version(modules), runner,
+                                    backend, init_timeout=config.run_timeout)
         self.store = RunStore(backend.objects)
         self.metrics = metrics or Metrics()
         #: Told of every run that ended here, after its audit line (the webhooks).
@@ -87,7 +89,7 @@ class Service:
                                            self.modules),
                          resume_lost=config.queue.resume_lost
                          if config.queue.engine == "sqs" else 0)
-        self.metrics.watch(self.runs.scheduler.counts, self.copies.report, list(modules))
+        self.metrics.watch(self.runs.scheduler.counts, self.copies.by_module, list(modules))
         self.expiries = Expiries(backend.objects)
         self.catalog = Catalog(self.modules, backend, self.runs.scheduler.busy, self.expiries)
         #: The `sqs` engine's queue, and this replica's worker of it (role all or worker).
@@ -160,18 +162,18 @@ class Service:
     def apply(self, principal: Principal, name: str, instance: str, body: Any, *,
               dry_run: bool = False, asynchronous: bool = False,
               idempotency: Idempotency | None = None, ttl: str | None = None,
-              origin: Origin | None = None) -> Submitted:
-        """Start an apply (or plan, with `dry_run`) of the caller's instance; `ttl` (as
-        `?ttl=` gives it) sets when the instance expires."""
+              origin: Origin | None = None, version: str | None = None) -> Submitted:
+        """Start an apply (or plan, with `dry_run`) of the caller's instance; `ttl` sets
+        when it expires, `version` moves it to that version (`?ttl=`, `?version=`)."""
         m = self.catalog.module(name)
         principal.require(name, "write")
         check_instance_name(instance)
         requested = parse_ttl(ttl) if ttl is not None else None
-        inputs = m.fill_reserved(m.validate(body), tenant=principal.tenant,
-                                 instance=instance)
         ws = workspace_name(principal.tenant_key, instance)
+        m, inputs, moved = choose(self.backend, m, ws, version, body, principal.tenant,
+                                  instance)
         spec = RunSpec(m, instance, ws, "plan" if dry_run else "apply", inputs, principal,
-                       Scrubber(m.secret_values(inputs)))
+                       Scrubber(m.secret_values(inputs)), moved=moved)
         limits = self.governance.limits(principal, name)
         if dry_run:
             if requested is not None:
@@ -262,9 +264,10 @@ class Service:
         """The modules the caller may read."""
         return self.catalog.index(principal)
 
-    def describe(self, principal: Principal, name: str) -> ModuleView:
-        """A module: its variables, outputs and the caller's instances."""
-        return self.catalog.describe(principal, name)
+    def describe(self, principal: Principal, name: str, version: str | None = None
+                 ) -> ModuleView:
+        """A module (at `version`, else its default): variables, outputs, instances."""
+        return self.catalog.describe(principal, name, version)
 
     def show(self, principal: Principal, name: str, instance: str,
              tenant: str | None = None) -> InstanceView:

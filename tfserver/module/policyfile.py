@@ -15,6 +15,7 @@ from ..settings import parse_duration
 from .discover import Module
 from .limits import UNLIMITED, Scope, format_duration
 from .policy import WEBHOOK_EVENTS, ModuleRules, Policy, TenantRules, Webhook, key_path
+from .versions import is_version
 
 
 def load_policy(path: Path | None, modules: Mapping[str, Module]) -> Policy:
@@ -75,7 +76,8 @@ class _Reader:
                 if not isinstance(fragment, dict):
                     raise self.fault((*keys, "variables", var_name),
                                      "must be a table of JSON Schema keywords")
-            modules[name] = ModuleRules(limits, variables)
+            modules[name] = ModuleRules(limits, variables,
+                                        self.default_version(body, (*keys, "default_version")))
         tenants: dict[str, TenantRules] = {}
         for client_id, body in self.names(document.get("tenants", {}), ("tenants",)).items():
             keys = ("tenants", client_id)
@@ -89,6 +91,13 @@ class _Reader:
             tenants[client_id] = TenantRules(limits, per_module)
         return Policy(self.path, defaults, modules, tenants,
                       self.webhooks(document.get("webhooks", [])))
+
+    def default_version(self, body: dict[str, Any], keys: tuple[str | int, ...]) -> str | None:
+        """A module's `default_version` (that the module has it is checked at narrowing)."""
+        raw = body.get("default_version")
+        if raw is not None and not (isinstance(raw, str) and is_version(raw)):
+            raise self.fault(keys, "must be a semantic version such as 1.4.0, as a string")
+        return raw
 
     def names(self, value: Any, keys: tuple[str | int, ...]) -> dict[str, Any]:
         """A table of named tables (modules, variables, tenants)."""
@@ -245,7 +254,7 @@ _DEFAULTS_KEYS = (*_COUNTS, *_DURATIONS)
 _MODULE_COUNTS = ("max_instances_per_tenant", "max_runs_per_tenant")
 
 
-_MODULE_KEYS = (*_MODULE_COUNTS, *_DURATIONS, "variables")
+_MODULE_KEYS = (*_MODULE_COUNTS, *_DURATIONS, "variables", "default_version")
 
 
 _TENANT_KEYS = (*_COUNTS, "modules")

@@ -99,6 +99,8 @@ class RunRecord:
     plan_of: str | None = None
     #: The run this run retries (`POST /runs/{id}/retry`: its kept request again).
     retry_of: str | None = None
+    #: The module version the run used (None: an unversioned module).
+    version: str | None = None
     idempotency_key: str | None = None
     #: Who asked, for the audit log: the token's client id, the client's address, and
     #: the request's id.

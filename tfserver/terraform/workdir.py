@@ -1,8 +1,9 @@
 """Working copies and var files: where terraform runs, and how inputs reach it.
 
-Every module is copied once into `<state>/work/<module>/` with a backend override file and
-initialised once (in the background at start, retried on use after a failure). Variables
-travel in a 0600 `*.tfvars.json` file that exists only for the run, preferably on tmpfs.
+Every module is copied once into `<state>/work/<module>/` (a version of a versioned module
+into `<state>/work/<module>@<version>/`) with a backend override file and initialised once
+(in the background at start, retried on use after a failure). Variables travel in a 0600
+`*.tfvars.json` file that exists only for the run, preferably on tmpfs.
 """
 
 from __future__ import annotations
@@ -183,6 +184,15 @@ class WorkingCopies:
         """Each module's state: new, initialising, ready, or `failed: <why>`."""
         return {n: wc.status if wc.status != "failed" else f"failed: {wc.error}"
                 for n, wc in self.copies.items()}
+
+    def by_module(self) -> dict[str, str]:
+        """Each module's state, its versions taken together: `ready` when every one is."""
+        found: dict[str, str] = {}
+        for wc in self.copies.values():
+            name = wc.module.name
+            if found.get(name, "ready") == "ready":
+                found[name] = wc.status
+        return found
 
     def settled(self) -> bool:
         """True when no module is still to be initialised (each is ready, or failed and

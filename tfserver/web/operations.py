@@ -80,7 +80,8 @@ def describe(call: Call) -> Reply:
     """A module: variables, outputs, the caller's instances."""
     module = call.params["module"]
     call.service.check_module(module)
-    return Reply(200, render.render(call.service.describe(call.who, module)))
+    return Reply(200, render.render(call.service.describe(call.who, module,
+                                                          call.req.param("version"))))
 
 
 def show(call: Call) -> Reply:
@@ -100,7 +101,7 @@ def apply(call: Call) -> Reply:
     body = h.read_body(required=True)
     submitted = svc.apply(call.who, module, instance, body, dry_run=dry_run,
                           asynchronous=asynchronous, idempotency=_idempotency(h),
-                          ttl=h.param("ttl"), origin=_origin(h))
+                          ttl=h.param("ttl"), origin=_origin(h), version=h.param("version"))
     return _answer(call, submitted, wait, named=named)
 
 

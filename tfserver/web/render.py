@@ -29,7 +29,7 @@ def render(result: Result) -> dict[str, Any]:
     if isinstance(result, Planned):
         return {"module": result.module, "instance": result.instance, "dry_run": True,
                 "changes": result.changes, "planned": result.planned,
-                "run_id": result.run_id}
+                "run_id": result.run_id} | versioned(result.version)
     if isinstance(result, Destroyed):
         return {"module": result.module, "instance": result.instance, "destroyed": True,
                 "changes": result.changes, "run_id": result.run_id}
@@ -45,6 +45,9 @@ def render(result: Result) -> dict[str, Any]:
             "expires_at": rfc3339(result.expires_at),
             "drift": drift(result.drift),
         }
+        if result.latest is not None:
+            body.update(version=result.version, latest=result.latest,
+                        upgrade_available=result.upgrade_available)
         if result.lock:
             body["lock"] = result.lock
             body["status"] = "locked"
@@ -57,6 +60,8 @@ def render(result: Result) -> dict[str, Any]:
             "module": m.name,
             "description": m.description,
             "variables": m.schema,
+            **({"version": m.version, "default_version": result.default_version,
+                "versions": result.versions} if result.versions else {}),
             "outputs": {o.name: {"description": o.description, "sensitive": o.sensitive}
                         for o in m.outputs.values()},
             "instances": [{"instance": i.instance, "tenant": i.tenant} if i.tenant
@@ -67,6 +72,18 @@ def render(result: Result) -> dict[str, Any]:
         return {"module": result.module, "instance": result.instance, "orphaned": True,
                 "archived_until": rfc3339(result.archived_until)}
     return {"module": result.module, "instance": result.instance, "unlocked": result.lock_id}
+
+
+def versioned(moved: dict[str, Any] | None) -> dict[str, Any]:
+    """What a plan says of its module version: the version, and when the plan moves the
+    instance to it, the version it leaves and the variables that differ."""
+    if not moved or moved.get("to") is None:
+        return {}
+    if "from" not in moved:
+        return {"version": moved["to"]}
+    return {"version": moved["to"], "from_version": moved.get("from"),
+            "dropped": moved.get("dropped", []), "added": moved.get("added", []),
+            "retyped": moved.get("retyped", [])}
 
 
 def drift(report: dict[str, Any] | None) -> dict[str, Any]:
@@ -129,6 +146,8 @@ def run(record: RunRecord, viewer_tenant: str) -> dict[str, Any]:
         body["plan_of"] = record.plan_of
     if record.retry_of:
         body["retry_of"] = record.retry_of
+    if record.version:
+        body["version"] = record.version
     if record.idempotency_key:
         body["idempotency_key"] = record.idempotency_key
     if record.cancel:

@@ -47,6 +47,7 @@ from .rerun import Reruns
 from .statedir import spool_dir
 from .submit import Origin, Submitter
 from .unlock import Unlocked, Unlocker
+from .upgrades import UpgradeCalls, Upgrades
 from .versions import choose
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class Readiness:
     modules: dict[str, str]
 
 
-class Service:
+class Service(UpgradeCalls):
     """Everything the HTTP layer can ask for, given a `Principal`."""
 
     def __init__(self, config: Config, modules: Mapping[str, Module], runner: Runner,
@@ -113,6 +114,8 @@ class Service:
                        if self.queued is not None and config.queue.role != "api" else None)
         self.reruns = Reruns(self.modules, self.catalog, self.history, self.governance,
                              self.expiries, self.submitter)
+        self.upgrades = Upgrades(self.catalog, backend, self.submitter, self.history,
+                                 self.reruns, self.runs, timeout=config.run_timeout)
         self.orphaner = Orphaner(self.catalog, backend, self.runs,
                                  self.governance.reservations, self.expiries,
                                  retention=config.archive_retention)

@@ -171,6 +171,29 @@ def drift(call: Call) -> Reply:
     return _answer(call, submitted, wait, named=True)
 
 
+# -- fleet upgrades ---------------------------------------------------------------------
+
+
+def start_upgrade(call: Call) -> Reply:
+    """Admin: preview a fleet upgrade (a saved plan per instance; nothing applied)."""
+    module = call.params["module"]
+    call.service.check_module(module)
+    doc = call.service.start_upgrade(call.who, module, call.req.read_body(required=True))
+    return Reply(202, render.upgrade(doc), {"Location": f"/upgrades/{doc['id']}"})
+
+
+def get_upgrade(call: Call) -> Reply:
+    """Admin: an upgrade's record (its progress)."""
+    return Reply(200, render.upgrade(call.service.upgrade(call.who, call.params["id"])))
+
+
+def apply_upgrade(call: Call) -> Reply:
+    """Admin: apply a previewed upgrade's saved plans in batches."""
+    call.req.read_body(required=False)
+    return Reply(202, render.upgrade(call.service.apply_upgrade(call.who,
+                                                                call.params["id"])))
+
+
 # -- runs -------------------------------------------------------------------------------
 
 

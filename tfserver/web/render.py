@@ -86,6 +86,18 @@ def versioned(moved: dict[str, Any] | None) -> dict[str, Any]:
             "retyped": moved.get("retyped", [])}
 
 
+def upgrade(doc: dict[str, Any]) -> dict[str, Any]:
+    """A fleet upgrade's record as `GET /upgrades/{id}` shows it (times in RFC 3339)."""
+    links = {"self": f"/upgrades/{doc['id']}"}
+    if doc.get("status") == "planned":
+        links["apply"] = f"/upgrades/{doc['id']}/apply"
+    return {**{k: v for k, v in doc.items() if k not in ("created_at", "updated_at",
+                                                          "events")},
+            "created_at": rfc3339(doc.get("created_at")),
+            "updated_at": rfc3339(doc.get("updated_at")),
+            "events": [event(e) for e in doc.get("events", [])], "links": links}
+
+
 def drift(report: dict[str, Any] | None) -> dict[str, Any]:
     """An instance's last drift check (`unknown` before any): names, never values."""
     if not report:

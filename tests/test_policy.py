@@ -511,7 +511,7 @@ def test_a_reserved_variable_must_be_a_string(tmp: Path) -> None:
 # -- the droplet module and the deployed policy -------------------------------------------
 
 HCL = SerializationOptions(strip_string_quotes=True, explicit_blocks=False, with_comments=False)
-DROPLET = ROOT / "modules" / "droplet"
+DROPLET = ROOT / "modules" / "droplet" / "1.1.0"  # the newest version
 DO_TAG = re.compile(r"^[A-Za-z0-9:_-]{1,255}$")
 
 

@@ -90,7 +90,7 @@ class Service(UpgradeCalls):
                                            self.modules),
                          resume_lost=config.queue.resume_lost
                          if config.queue.engine == "sqs" else 0)
-        self.metrics.watch(self.runs.scheduler.counts, self.copies.by_module, list(modules))
+        self.metrics.watch(self.runs.scheduler.counts, self.copies.report, list(modules))
         self.expiries = Expiries(backend.objects)
         self.catalog = Catalog(self.modules, backend, self.runs.scheduler.busy, self.expiries)
         #: The `sqs` engine's queue, and this replica's worker of it (role all or worker).

@@ -181,17 +181,14 @@ class WorkingCopies:
         raise _not_initialised(name, wc.error)
 
     def report(self) -> dict[str, str]:
-        """Each module's state: new, initialising, ready, or `failed: <why>`."""
-        return {n: wc.status if wc.status != "failed" else f"failed: {wc.error}"
-                for n, wc in self.copies.items()}
-
-    def by_module(self) -> dict[str, str]:
-        """Each module's state, its versions taken together: `ready` when every one is."""
+        """Each module's state: new, initialising, ready, or `failed: <why>`; a versioned
+        module's versions taken together (ready when every one is, else the first that
+        is not)."""
         found: dict[str, str] = {}
         for wc in self.copies.values():
             name = wc.module.name
             if found.get(name, "ready") == "ready":
-                found[name] = wc.status
+                found[name] = wc.status if wc.status != "failed" else f"failed: {wc.error}"
         return found
 
     def settled(self) -> bool:

@@ -227,3 +227,22 @@ def test_instances_older_than_versions_keep_working(tmp: Path, terraform_bin: st
         assert srv.request("DELETE", "/app/old").status == 200
     finally:
         srv.stop()
+
+
+def test_drift_checks_and_retries_use_the_kept_version(srv: ServerProcess) -> None:
+    assert put(srv, "kv", {"name": "kv"}, "?version=1.0.0").status == 201
+    # Version 2.0.0 would want an `owner` this instance never had: the check runs 1.0.0.
+    check = srv.request("POST", "/app/kv/drift")
+    assert check.status == 200, check.body
+    assert check.json["drift"]["status"] == "in_sync"
+    assert srv.request("GET", f"/runs/{check.json['run_id']}").json["version"] == "1.0.0"
+    # An apply that fails on 1.1.0 (its provisioner refuses the name "bad") is retried there.
+    failed = put(srv, "kv", {"name": "bad"}, "?version=1.1.0")
+    assert failed.status == 502, failed.body
+    run = srv.request("GET", "/app/kv/runs").json["runs"][0]
+    assert (run["status"], run["version"]) == ("failed", "1.1.0")
+    retry = srv.request("POST", f"/runs/{run['id']}/retry")
+    assert retry.status == 502, retry.body
+    again = srv.request("GET", "/app/kv/runs").json["runs"][0]
+    assert (again["retry_of"], again["version"]) == (run["id"], "1.1.0")
+    assert srv.request("DELETE", "/app/kv").status == 200

@@ -4,6 +4,7 @@ holds back replacements, never applies a stale plan, and whose record any replic
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from support import ROOT, Moto, ServerProcess, start_server
+from support import ROOT, Jwks, Moto, ServerProcess, Signer, bearer, start_server
 from test_s3 import MODES, store
 
 __all__ = ["store"]  # the fixture
@@ -210,10 +211,58 @@ def test_two_replicas_on_s3_share_the_upgrade_record(tmp: Path, moto: Moto,
         doc = start(a, {"to": "1.1.0", "batch_size": 1})
         seen = settle(b, doc["id"])  # planned on a, read on b
         assert seen["status"] == "planned" and set(by_instance(seen)) == {"m1", "m2"}
-        assert b.request("POST", f"/upgrades/{doc['id']}/apply").status == 202
+        answers: list[int] = []
+        both = [threading.Thread(target=lambda s=s: answers.append(s.request(
+            "POST", f"/upgrades/{doc['id']}/apply").status)) for s in (a, b)]
+        for t in both:
+            t.start()
+        for t in both:
+            t.join(60)
+        assert sorted(answers) == [202, 409]  # asked of both at once: applied once
         done = settle(a, doc["id"], ("applied", "failed"))  # applied by b, read on a
         assert done["status"] == "applied", done
         assert version_of(a, "m1") == version_of(b, "m2") == "1.1.0"
     finally:
         a.stop()
         b.stop()
+
+
+def test_upgrades_are_an_admins_and_reach_every_tenant(tmp: Path, terraform_bin: str) -> None:
+    signer = Signer("upgrade-key")
+    jwks = Jwks()
+    jwks.publish(signer)
+    srv = start_server(tmp, modules_dir=MODULES, env={"COGNITO_ISSUER": Signer.ISSUER,
+                                                       "JWK_URL": jwks.url})
+    try:
+        writers = {c: bearer(signer.token(c, "tfserver/app.write")) for c in ("one", "two")}
+        admin = bearer(signer.token("ops", "tfserver/admin"))
+        for client, who in writers.items():
+            r = srv.request("PUT", "/app/web?version=1.0.0", {"name": client}, headers=who)
+            assert r.status == 201, r.body
+        r = srv.request("POST", "/app/upgrades", {"to": "1.1.0"}, headers=writers["one"])
+        assert r.status == 403
+        doc = srv.request("POST", "/app/upgrades", {"to": "1.1.0"}, headers=admin).json
+        assert srv.request("GET", f"/upgrades/{doc['id']}", headers=writers["one"]
+                           ).status == 403
+        assert srv.request("GET", f"/upgrades/{doc['id']}").status == 401
+        deadline = time.monotonic() + 60
+        while doc["status"] == "planning" and time.monotonic() < deadline:
+            time.sleep(0.1)
+            doc = srv.request("GET", f"/upgrades/{doc['id']}", headers=admin).json
+        assert doc["status"] == "planned"
+        assert len({e["tenant"] for e in doc["instances"]}) == 2  # both tenants' "web"
+        assert srv.request("POST", f"/upgrades/{doc['id']}/apply",
+                           headers=writers["two"]).status == 403
+        assert srv.request("POST", f"/upgrades/{doc['id']}/apply",
+                           headers=admin).status == 202
+        deadline = time.monotonic() + 60
+        while doc["status"] in ("planned", "applying") and time.monotonic() < deadline:
+            time.sleep(0.1)
+            doc = srv.request("GET", f"/upgrades/{doc['id']}", headers=admin).json
+        assert doc["status"] == "applied", doc
+        for who in writers.values():
+            shown = srv.request("GET", "/app/web", headers=who).json
+            assert shown["version"] == "1.1.0" and shown["upgrade_available"] is True
+    finally:
+        srv.stop()
+        jwks.close()

@@ -246,3 +246,20 @@ def test_drift_checks_and_retries_use_the_kept_version(srv: ServerProcess) -> No
     again = srv.request("GET", "/app/kv/runs").json["runs"][0]
     assert (again["retry_of"], again["version"]) == (run["id"], "1.1.0")
     assert srv.request("DELETE", "/app/kv").status == 200
+
+
+def test_openapi_shows_the_default_schema_and_the_version_values(srv: ServerProcess) -> None:
+    doc = srv.request("GET", "/openapi.json").json
+    put_op = doc["paths"]["/app/{instance}"]["put"]
+    version = next(p for p in put_op["parameters"] if p["name"] == "version")
+    assert version["in"] == "query"
+    assert version["schema"]["enum"] == ["1.0.0", "1.1.0", "2.0.0"]
+    assert version["schema"]["default"] == "2.0.0"
+    schemas = doc["components"]["schemas"]
+    variables = next(v for k, v in schemas.items() if k.endswith("_variables")
+                     and "owner" in v.get("properties", {}))
+    assert "legacy" not in variables["properties"]  # the default's (2.0.0) schema
+    assert "/app/upgrades" in doc["paths"] and "/plain/upgrades" not in doc["paths"]
+    assert not [p for p in doc["paths"]["/plain/{instance}"]["put"]["parameters"]
+                if p["name"] == "version"]
+    assert srv.request("GET", "/docs/").status == 200

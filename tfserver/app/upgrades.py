@@ -90,9 +90,9 @@ class Upgrades:
         """Start applying a previewed upgrade's saved plans (409 unless it is `planned`)."""
         _require_admin(principal)
         doc = self.store.get(upgrade_id)
-        if doc.get("status") != "planned":
+        if doc.get("status") != "planned" or not self.store.claim_apply(upgrade_id):
             raise Conflict(f"upgrade {upgrade_id} is {doc.get('status')}: only a planned "
-                           "upgrade is applied", retry_after=0)
+                           "upgrade is applied, once", retry_after=0)
         doc["status"] = "applying"
         _event(doc, "applying")
         self.store.put(doc)

@@ -135,6 +135,11 @@ class UpgradeStore:
         doc["updated_at"] = time.time()
         self.objects.put(self.key(doc["id"]), json.dumps(doc).encode())
 
+    def claim_apply(self, upgrade_id: str) -> bool:
+        """Take the one apply of an upgrade (a create-if-absent write, so two replicas
+        asked at once never both apply it); False if it was taken."""
+        return self.objects.put_new(f"_upgrades/{upgrade_id}.apply", b"")
+
     def get(self, upgrade_id: str) -> dict[str, Any]:
         """An upgrade's record (404 for an unknown or malformed id)."""
         doc = json_object(self.objects.get(self.key(upgrade_id))) \

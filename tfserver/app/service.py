@@ -114,8 +114,7 @@ class Service(UpgradeCalls):
                        if self.queued is not None and config.queue.role != "api" else None)
         self.reruns = Reruns(self.modules, self.catalog, self.history, self.governance,
                              self.expiries, self.submitter)
-        self.upgrades = Upgrades(self.catalog, backend, self.submitter, self.history,
-                                 self.reruns, self.runs, timeout=config.run_timeout)
+        self.upgrades = Upgrades(self.catalog, self.submitter, self.history, self.reruns)
         self.orphaner = Orphaner(self.catalog, backend, self.runs,
                                  self.governance.reservations, self.expiries,
                                  retention=config.archive_retention)
@@ -267,8 +266,7 @@ class Service(UpgradeCalls):
         """The modules the caller may read."""
         return self.catalog.index(principal)
 
-    def describe(self, principal: Principal, name: str, version: str | None = None
-                 ) -> ModuleView:
+    def describe(self, principal: Principal, name: str, version: str | None = None) -> ModuleView:
         """A module (at `version`, else its default): variables, outputs, instances."""
         return self.catalog.describe(principal, name, version)
 

@@ -43,17 +43,17 @@ _REPLACES, _DESTROYS = frozenset({"replace"}), frozenset({"delete"})
 class Upgrades:
     """Fleet upgrades: their previews, their applies in batches, their records."""
 
-    def __init__(self, catalog: Catalog, backend: StateBackend, submitter: Submitter,
-                 history: History, reruns: Reruns, runs: Runs, *, timeout: float) -> None:
+    def __init__(self, catalog: Catalog, submitter: Submitter, history: History,
+                 reruns: Reruns) -> None:
         self.catalog = catalog
-        self.backend = backend
+        self.backend: StateBackend = catalog.backend
         self.submitter = submitter
         self.history = history
         self.reruns = reruns
-        self.runs = runs
+        self.runs: Runs = submitter.runs
         #: The longest a run of an upgrade is waited for (its own deadline, and some).
-        self.timeout = timeout + 60
-        self.store = UpgradeStore(backend.objects)
+        self.timeout = submitter.config.run_timeout + 60
+        self.store = UpgradeStore(self.backend.objects)
 
     def start(self, principal: Principal, name: str, body: Any) -> dict[str, Any]:
         """Check the request, queue a dry run of every chosen instance and record the

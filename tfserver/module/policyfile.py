@@ -76,8 +76,8 @@ class _Reader:
                 if not isinstance(fragment, dict):
                     raise self.fault((*keys, "variables", var_name),
                                      "must be a table of JSON Schema keywords")
-            modules[name] = ModuleRules(limits, variables,
-                                        self.default_version(body, (*keys, "default_version")))
+            modules[name] = ModuleRules(limits, variables, default_version=self.default_version(
+                body, (*keys, "default_version")))
         tenants: dict[str, TenantRules] = {}
         for client_id, body in self.names(document.get("tenants", {}), ("tenants",)).items():
             keys = ("tenants", client_id)

@@ -263,6 +263,10 @@ def test_upgrades_are_an_admins_and_reach_every_tenant(tmp: Path, terraform_bin:
         for who in writers.values():
             shown = srv.request("GET", "/app/web", headers=who).json
             assert shown["version"] == "1.1.0" and shown["upgrade_available"] is True
+        # An admin's force-unlock of a versioned module's instance runs in a version's
+        # working copy (none is named after the module alone): no lock held, a 409.
+        r = srv.request("DELETE", "/app/web/lock", {"lock_id": "no-such-lock"}, headers=admin)
+        assert r.status == 409, r.body
     finally:
         srv.stop()
         jwks.close()

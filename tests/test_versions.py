@@ -263,3 +263,21 @@ def test_openapi_shows_the_default_schema_and_the_version_values(srv: ServerProc
     assert not [p for p in doc["paths"]["/plain/{instance}"]["put"]["parameters"]
                 if p["name"] == "version"]
     assert srv.request("GET", "/docs/").status == 200
+
+
+def test_the_policys_default_version_is_what_new_instances_get(tmp: Path,
+                                                                terraform_bin: str) -> None:
+    (tmp / "policy.toml").write_text('[modules.app]\ndefault_version = "1.1.0"\n')
+    srv = start_server(tmp, modules_dir=MODULES,
+                       env={"TFSERVER_POLICY": str(tmp / "policy.toml")})
+    try:
+        doc = srv.request("GET", "/app").json
+        assert (doc["version"], doc["default_version"]) == ("1.1.0", "1.1.0")
+        assert "tags" in doc["variables"]["properties"]
+        r = srv.request("PUT", "/app/p", {"name": "p"})
+        assert r.status == 201 and r.json["outputs"]["version"] == "1.1.0"
+        shown = srv.request("GET", "/app/p").json
+        assert (shown["version"], shown["latest"], shown["upgrade_available"]) == \
+            ("1.1.0", "2.0.0", True)
+    finally:
+        srv.stop()

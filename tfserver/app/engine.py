@@ -79,7 +79,7 @@ def queued_runs(config: Config, runs: Runs, backend: StateBackend, copies: Worki
         if not lock_id:
             return False
         try:
-            wc = copies.ready(Module.key_of(record.module, record.version))
+            wc = copies.ready_any(record.module, record.version)
         except TFServerError as e:
             logger.warning("run %s: its lock not cleared: %s", record.id, e.detail)
             return False

@@ -43,13 +43,13 @@ class Unlocker:
     def force_unlock(self, principal: Principal, name: str, instance: str,
                      lock_id: Any, tenant: str | None = None) -> Unlocked:
         """Admin: clear a backend lock left by a killed run (its id must match)."""
-        served = self.catalog.module(name)
+        self.catalog.module(name)
         principal.require_admin()
         ws = target_workspace(principal, instance, tenant)
         if not isinstance(lock_id, str) or not lock_id.strip():
             raise BadRequest("send the lock id to clear as {\"lock_id\": \"...\"}",
                              extra={"errors": [{"field": "lock_id", "message": "required"}]})
-        wc = self.copies.ready(served.copy_key)  # any version's copy: the state is shared
+        wc = self.copies.ready_any(name)  # a versioned module: any version's copy
         # Never while this server runs terraform on the instance: that lock is alive.
         with self.scheduler.hold((name, ws), f"instance {instance!r} of module {name}"):
             held = self.backend.lock_info(name, ws)

@@ -90,13 +90,8 @@ class Module:
 
     @property
     def copy_key(self) -> str:
-        """The name of this version's working copy (`key_of`)."""
-        return self.key_of(self.name, self.version)
-
-    @staticmethod
-    def key_of(name: str, version: str | None) -> str:
-        """The name of a module version's working copy: the module's, `@version` after."""
-        return name if version is None else f"{name}@{version}"
+        """The name of this version's working copy: the module's, `@version` after."""
+        return self.name if self.version is None else f"{self.name}@{self.version}"
 
     @property
     def latest(self) -> str | None:

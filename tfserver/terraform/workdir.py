@@ -144,6 +144,16 @@ class WorkingCopies:
             self._init(wc)
             return wc
 
+    def ready_any(self, module: str, version: str | None = None) -> WorkingCopy:
+        """That version's working copy, else any of the module's (what only needs the
+        backend, a force-unlock, works in any: the versions share the state)."""
+        key = module if version is None else f"{module}@{version}"
+        if key not in self.copies:
+            key = next((k for k, wc in self.copies.items() if wc.module.name == module), key)
+        if key not in self.copies:
+            raise Unavailable(f"module {module} is not served here")
+        return self.ready(key)
+
     def _init(self, wc: WorkingCopy) -> None:
         name = wc.module.name
         backend_config = self.backend.init_config(name)

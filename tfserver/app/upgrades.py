@@ -27,6 +27,7 @@ from ..names import workspace_name
 from ..runs.registry import Runs
 from ..scrub import Scrubber
 from ..storage.base import StateBackend
+from ..storage.inputs import Kept
 from .catalog import Catalog
 from .execute import RunSpec
 from .history import History, Submitted
@@ -69,10 +70,10 @@ class Upgrades:
             "batch_size": request.batch_size, "allow_replace": request.allow_replace,
             "set": sorted(request.values), "instances": [], "events": []}
         submitted: dict[str, Submitted] = {}
-        for tenant, instance in self._chosen(principal, served, request):
+        for tenant, instance, kept in self._chosen(principal, served, request):
             entry = {"instance": instance, "tenant": tenant, "status": "planning"}
             doc["instances"].append(entry)
-            found = self._plan(principal, served, request, entry)
+            found = self._plan(principal, served, request, entry, kept)
             if found is not None:
                 submitted[instance + "@" + tenant] = found
         _event(doc, "started", count=len(doc["instances"]))
@@ -102,17 +103,14 @@ class Upgrades:
 
     # -- the preview ------------------------------------------------------------------
 
-    def _chosen(self, principal: Principal, served: Module,
-                request: UpgradeRequest) -> list[tuple[str, str]]:
-        """(tenant key, instance) of each instance to upgrade: those named (400 for one
-        that does not exist), else every one on another version."""
+    def _chosen(self, principal: Principal, served: Module, request: UpgradeRequest
+                ) -> list[tuple[str, str, Kept | None]]:
+        """(tenant key, instance, kept inputs) of each instance to upgrade: those named
+        (400 for one that does not exist), else every one on another version."""
         have = [(ref.tenant or principal.tenant_key, ref.instance)
                 for ref in self.catalog.instances(principal, served.name)]
-        if request.instances is None:
-            return [(t, i) for t, i in have
-                    if self._current(served, t, i).version != request.to.version]
         chosen, missing = [], []
-        for target in request.instances:
+        for target in request.instances or []:
             found = [(t, i) for t, i in have if _names(target, t, i)]
             chosen += [f for f in found if f not in chosen]
             if not found:
@@ -121,18 +119,19 @@ class Upgrades:
             raise InvalidInput(f"module {served.name} has no instance of those names",
                                [FieldError("instances", f"no instance {n!r}")
                                 for n in missing])
-        return chosen
-
-    def _current(self, served: Module, tenant: str, instance: str) -> Module:
-        kept = self.backend.inputs.kept(served.name, workspace_name(tenant, instance))
-        return recorded(served, kept.version if kept is not None else None)
+        read = [(t, i, self.backend.inputs.kept(served.name, workspace_name(t, i)))
+                for t, i in (have if request.instances is None else chosen)]
+        if request.instances is not None:
+            return read
+        return [(t, i, kept) for t, i, kept in read
+                if recorded(served, kept.version if kept else None).version
+                != request.to.version]
 
     def _plan(self, principal: Principal, served: Module, request: UpgradeRequest,
-              entry: dict[str, Any]) -> Submitted | None:
+              entry: dict[str, Any], kept: Kept | None) -> Submitted | None:
         """Queue the dry run of one instance at the target version (None, and the entry
         held back, when its inputs do not fit it or the run is refused)."""
         ws = workspace_name(entry["tenant"], entry["instance"])
-        kept = self.backend.inputs.kept(served.name, ws)
         current = recorded(served, kept.version if kept is not None else None)
         target = request.to
         entry["from"] = current.version

@@ -16,7 +16,7 @@ from support import ROOT, ServerProcess, start_server
 from tfserver.errors import ConfigError
 from tfserver.module.discover import discover
 from tfserver.module.policyfile import load_policy
-from tfserver.module.versions import is_version, newest
+from tfserver.module.versions import difference, is_version, newest
 
 MODULES = ROOT / "tests" / "modules_versions"
 APP = MODULES / "app"
@@ -99,6 +99,18 @@ def test_policy_narrows_each_version_that_declares_the_variable(tmp: Path) -> No
     policy.write_text('[modules.app.variables.nowhere]\nenum = ["a"]\n')
     with pytest.raises(ConfigError, match="no variable nowhere"):
         load_policy(policy, modules).narrowed(modules)
+
+
+def test_reserved_variables_are_neither_dropped_nor_carried(tmp: Path) -> None:
+    reserved = 'variable "tfserver_tenant" {\n  type    = string\n  default = ""\n}\n'
+    for version, extra in (("1.0.0", reserved), ("1.1.0", "")):
+        (tmp / "m" / version).mkdir(parents=True)
+        (tmp / "m" / version / "main.tf").write_text(
+            'variable "name" {\n  type = string\n}\n' + extra)
+    m = discover(tmp)["m"]
+    moved = difference(m.versions["1.0.0"], m.versions["1.1.0"],
+                       {"name": "a", "tfserver_tenant": "t"})
+    assert (moved.dropped, moved.inputs) == ([], {"name": "a"})
 
 
 # -- the API ------------------------------------------------------------------------------

@@ -132,7 +132,7 @@ def difference(old: Module, new: Module, kept: Mapping[str, Any],
     """The kept inputs moved from `old` to `new` (with `overrides` on top): raises
     `InvalidInput` for a new required variable left without a value, or a kept value the
     new type refuses (every fault at once, never a value)."""
-    given = {k: v for k, v in kept.items() if k not in new.reserved}
+    given = {k: v for k, v in kept.items() if k not in old.reserved | new.reserved}
     dropped = sorted(k for k in given if k not in new.variables)
     inputs = {k: v for k, v in given.items() if k in new.variables}
     inputs.update(overrides or {})

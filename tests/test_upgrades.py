@@ -270,3 +270,33 @@ def test_upgrades_are_an_admins_and_reach_every_tenant(tmp: Path, terraform_bin:
     finally:
         srv.stop()
         jwks.close()
+
+
+def test_versions_and_upgrades_through_the_sqs_engine(tmp: Path, moto: Moto,
+                                                      store: dict[str, str]) -> None:
+    """An API replica that never runs terraform and a worker: the version travels with
+    each queued run's spec, and an upgrade's plans and applies run on the worker."""
+    url = moto.client("sqs").create_queue(QueueName=f"up-{time.time_ns()}.fifo", Attributes={
+        "FifoQueue": "true"})["QueueUrl"]
+    env = {**store, **MODES["lockfile"], "TFSERVER_QUEUE": "sqs", "TFSERVER_QUEUE_URL": url,
+           "TFSERVER_SQS_ENDPOINT": moto.url, "TFSERVER_SQS_VISIBILITY": "6"}
+    worker = start_server(tmp / "w", modules_dir=MODULES, env={
+        **env, "TFSERVER_ROLE": "worker", "TFSERVER_REPLICA_ID": "w"})
+    api = start_server(tmp / "a", modules_dir=MODULES, env={
+        **env, "TFSERVER_ROLE": "api", "TFSERVER_REPLICA_ID": "a"})
+    try:
+        for name in ("q1", "q2"):
+            make(api, name)
+        assert version_of(api, "q1") == "1.0.0"
+        plan = api.request("PUT", "/app/q1?dry_run=true&version=2.0.0",
+                           {"owner": "me", "size": 3})
+        assert plan.status == 200 and plan.json["from_version"] == "1.0.0", plan.body
+        doc = settle(api, start(api, {"to": "1.1.0", "batch_size": 1})["id"])
+        assert doc["status"] == "planned", doc
+        assert api.request("POST", f"/upgrades/{doc['id']}/apply").status == 202
+        assert settle(api, doc["id"], ("applied", "failed"))["status"] == "applied"
+        assert version_of(api, "q1") == version_of(api, "q2") == "1.1.0"
+        assert api.request("DELETE", "/app/q2").status == 200  # on its kept 1.1.0
+    finally:
+        api.stop(timeout=90)
+        worker.stop(timeout=90)

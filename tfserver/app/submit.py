@@ -179,7 +179,7 @@ def _record(spec: RunSpec, idempotency: Idempotency | None, origin: Origin | Non
     return RunRecord(id=spec.run_id, module=spec.module.name, instance=spec.instance,
                      workspace=spec.workspace, tenant=workspace_tenant(spec.workspace),
                      subject=spec.principal.subject, operation=spec.operation,
-                     plan_of=spec.plan_of, version=spec.module.version,
+                     plan_of=spec.plan_of, version=spec.module.version, moved=spec.moved,
                      idempotency_key=idempotency.key if idempotency else None,
                      client_id=spec.principal.client_id,
                      client_address=origin.address if origin else None,

@@ -158,8 +158,7 @@ def run(record: RunRecord, viewer_tenant: str) -> dict[str, Any]:
         body["plan_of"] = record.plan_of
     if record.retry_of:
         body["retry_of"] = record.retry_of
-    if record.version:
-        body["version"] = record.version
+    body.update(versioned(record.moved or {"to": record.version}))
     if record.idempotency_key:
         body["idempotency_key"] = record.idempotency_key
     if record.cancel:

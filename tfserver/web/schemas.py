@@ -200,6 +200,8 @@ def common_schemas() -> dict[str, Any]:
                      ("expires_at",)),
         "plan_of": {**STRING, "description": "The plan this run applies."},
         "retry_of": {**STRING, "description": "The run this run retries."},
+        "version": STRING, "from_version": STRING, "dropped": NAMES, "added": NAMES,
+        "retyped": NAMES,
         "idempotency_key": STRING,
         "cancel": {"enum": ["requested", "forced"]},
         "state_may_be_locked": {"type": "boolean"},

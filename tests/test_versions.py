@@ -178,7 +178,7 @@ def test_dry_run_to_another_version_names_the_differences(srv: ServerProcess) ->
     retyped = put(srv, "diff", {"owner": "me"}, "?version=2.0.0&dry_run=true")
     assert retyped.status == 400
     assert retyped.json["errors"] == [{"field": "size", "message": "must be a number or "
-                                         "null"}]
+                                         "null (its type is number in version 2.0.0)"}]
     assert put(srv, "diff", {"owner": "me", "size": 2},
                "?version=2.0.0&dry_run=true").status == 200
     # A dry run changes nothing: the instance is still on 1.0.0.

@@ -146,7 +146,11 @@ def difference(old: Module, new: Module, kept: Mapping[str, Any],
         missing = [f for f in e.errors if f.message == "required variable is missing"]
         others = [f for f in e.errors if f not in missing]
         errors = [FieldError(f.field, f"is new in version {new.version} and required: "
-                                      "give it a value") for f in missing] + others
+                                      "give it a value") for f in missing]
+        errors += [FieldError(f.field, f"{f.message} (its type is {new.variables[root].type} "
+                                       f"in version {new.version})")
+                   if (root := f.field.split(".")[0].split("[")[0]) in retyped else f
+                   for f in others]
         raise InvalidInput(f"the inputs of version {old.version or 'unversioned'} do not "
                            f"fit version {new.version}", errors) from e
     return Difference(inputs, dropped, added, retyped)

@@ -34,8 +34,11 @@ RUN case "${TARGETARCH}" in \
 # -- providers of the served modules, mirrored at build time --------------------------------
 FROM terraform AS providers
 COPY modules/ /build/modules/
-RUN for module in /build/modules/*/; do \
-      terraform -chdir="${module}" providers mirror /opt/tf-mirror; \
+# Each module folder, and each version folder of a versioned module (modules/droplet/1.1.0/).
+RUN for module in /build/modules/*/ /build/modules/*/*/; do \
+      if [ -n "$(find "${module}" -maxdepth 1 -name '*.tf' -print -quit)" ]; then \
+        terraform -chdir="${module}" providers mirror /opt/tf-mirror; \
+      fi; \
     done
 
 # -- the Python package as wheels -----------------------------------------------------------

@@ -48,7 +48,7 @@ from support import (
     start_moto,
 )
 from tfserver.config import PASSED_ENV
-from tfserver.module.discover import load_module
+from tfserver.module.discover import discover, load_module
 from tfserver.runs.sqs import QueueDepth, SqsQueue, message_group
 
 TF_TIMEOUT = 300
@@ -431,7 +431,7 @@ class Runbook:
         self.served = tmp / "served"
         shutil.copytree(ROOT / "modules" / "demo", self.served / "demo")
         (self.served / "droplet").mkdir()
-        shutil.copy(ROOT / "modules" / "droplet" / "variables.tf",
+        shutil.copy(ROOT / "modules" / "droplet" / "1.1.0" / "variables.tf",
                     self.served / "droplet" / "variables.tf")
         (self.served / "droplet" / "main.tf").write_text(
             'resource "terraform_data" "this" {\n  input = [var.name, var.size]\n}\n')
@@ -864,7 +864,7 @@ def check_auth_stack(book: Runbook, moto: Moto,
     assert out["jwks_url"] == out["issuer"] + "/.well-known/jwks.json"
     assert out["token_url"] == \
         "https://acme-tfserver.auth.eu-west-1.amazoncognito.com/oauth2/token"
-    served = sorted(p.name for p in (ROOT / "modules").iterdir() if list(p.glob("*.tf")))
+    served = sorted(discover(ROOT / "modules"))  # droplet's *.tf are in version folders
     assert out["modules"] == served == ["demo", "droplet"]
     assert sorted(out["scopes"]) == ["tfserver/admin"] + [
         f"tfserver/{m}.{rw}" for m in served for rw in ("approve", "read", "write")]
@@ -1193,7 +1193,7 @@ def test_the_governance_policy_file() -> None:
     droplet = policy["modules"]["droplet"]
     assert droplet["max_instances_per_tenant"] == 3
     assert (droplet["default_ttl"], droplet["max_ttl"]) == ("24h", "7d")
-    module = load_module(ROOT / "modules" / "droplet")
+    module = load_module(ROOT / "modules" / "droplet" / "1.1.0", "droplet")
     assert set(droplet["variables"]) == {"size", "region"} <= set(module.variables)
     sizes = droplet["variables"]["size"]["enum"]
     assert sizes and all(re.fullmatch(r"s-1vcpu-(512mb-10gb|1gb|2gb)", s) for s in sizes)
@@ -1269,7 +1269,7 @@ def test_the_runbook_is_complete_and_names_what_exists() -> None:
     # the droplet example is valid input that the policy allows
     droplet = next(b for b in steps["6"] if "/droplet/" in b)
     body = json.loads(re.search(r"-d '(\{.*?\})'", droplet, re.S).group(1))
-    load_module(ROOT / "modules" / "droplet").validate(body)
+    load_module(ROOT / "modules" / "droplet" / "1.1.0", "droplet").validate(body)
     allowed = tomllib.loads((ROOT / "deploy" / "policy.toml").read_text())[
         "modules"]["droplet"]["variables"]
     assert body["size"] in allowed["size"]["enum"]

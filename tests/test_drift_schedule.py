@@ -91,7 +91,8 @@ HOSTILE = [
                          "check finds)"),
     ('drift_checks = "6h"', "drift_checks: unknown key (expected max_instances_per_tenant, "
                             "max_runs_per_tenant, default_ttl, max_ttl, require_approval, "
-                            "separate_approver, variables, drift_check, reconcile, cascade)"),
+                            "separate_approver, variables, drift_check, reconcile, cascade, "
+                            "default_version)"),
 ]
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from support import ROOT
 from tfserver.auth import Principal
 from tfserver.logs import LineWriter
-from tfserver.module.discover import load_module
+from tfserver.module.discover import discover
 from tfserver.storage.local import ParsedFiles
 from tfserver.web.openapi import ApiDescription, DocSettings
 
@@ -148,7 +148,7 @@ def test_log_lines_from_many_threads_are_all_written_in_order() -> None:
 
 
 def test_the_api_document_is_made_once_per_set_of_readable_modules() -> None:
-    modules = {n: load_module(ROOT / "modules" / n) for n in ("demo", "droplet")}
+    modules = discover(ROOT / "modules")
     api = ApiDescription(DocSettings(auth=True, token_url="https://auth.example/token"))
     reader = Principal("c", "c", scopes=frozenset({"tfserver/demo.read"}))
     first = api.document(modules, reader)

@@ -165,7 +165,7 @@ def test_operation_ids_are_stable_names_a_generator_can_use() -> None:
         "list_demo_instance_runs", "list_droplet_instance_runs",
         "list_modules", "get_health", "get_readiness", "get_openapi", "get_docs", "get_metrics",
         "list_runs", "get_run", "get_run_events", "cancel_run", "apply_plan", "retry_run",
-        "approve_run", "reject_run"])
+        "approve_run", "reject_run", "get_upgrade", "apply_upgrade"])
     assert _document(["demo", "droplet"], auth=True) == doc
     # Names that differ only by - and _ still get ids of their own, the same every time.
     idents = operation_idents(["web-app", "web_app", "db"])
@@ -524,8 +524,8 @@ def _fuzz_operation(operation: Any, mode: Any, count: int, checks: list[Any], ba
 
 def test_schemathesis_auth_off(open_server: Served) -> None:
     answered = fuzz(open_server, examples=20, negative_examples=5, budget=150)
-    # 27, each module's drift check, retry, approve and reject
-    assert len(answered) == 32, sorted(answered)
+    # 27, each module's drift check, retry, approve, reject and the 2 upgrade routes
+    assert len(answered) == 34, sorted(answered)
     # The fuzzing reached terraform, not only the refusals (demo's names mostly fail its
     # validation block: 422, from terraform too).
     assert answered["POST /shapes"][200] and answered["PUT /shapes/{instance}"][201]
@@ -534,8 +534,8 @@ def test_schemathesis_auth_off(open_server: Served) -> None:
 
 def test_schemathesis_auth_on(auth_server: AuthServer) -> None:
     answered = fuzz(auth_server.served, examples=10, negative_examples=3, budget=150)
-    # 27, each module's drift check, retry, approve and reject
-    assert len(answered) == 32, sorted(answered)
+    # 27, each module's drift check, retry, approve, reject and the 2 upgrade routes
+    assert len(answered) == 34, sorted(answered)
     assert answered["PUT /shapes/{instance}"][201] and answered["GET /demo"][200]
 
 

@@ -149,7 +149,7 @@ BAD = [
     ("[modules.shop]\ncolour = 1",
      "modules.shop.colour: unknown key (expected max_instances_per_tenant, max_runs_per_tenant, "
      "default_ttl, max_ttl, require_approval, separate_approver, variables, drift_check, "
-     "reconcile, cascade)"),
+     "reconcile, cascade, default_version)"),
     (VAR.format("colour") + 'enum = ["x"]',
      "modules.shop.variables.colour: module shop has no variable colour (it has anything, "
      "count, flag, keys, labels, license, pair, password, region, size, spec)"),
@@ -513,7 +513,7 @@ def test_a_reserved_variable_must_be_a_string(tmp: Path) -> None:
 # -- the droplet module and the deployed policy -------------------------------------------
 
 HCL = SerializationOptions(strip_string_quotes=True, explicit_blocks=False, with_comments=False)
-DROPLET = ROOT / "modules" / "droplet"
+DROPLET = ROOT / "modules" / "droplet" / "1.1.0"  # the newest version
 DO_TAG = re.compile(r"^[A-Za-z0-9:_-]{1,255}$")
 
 

@@ -6,8 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from support import ROOT, require_tool
-from tfserver.module.discover import load_module
+from tfserver.module.discover import discover, load_module
 
 
 def test_every_terraform_folder_is_fmt_clean() -> None:
@@ -23,8 +25,12 @@ def test_every_terraform_folder_is_fmt_clean() -> None:
         assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_droplet_keeps_the_originals_contract() -> None:
-    m = load_module(ROOT / "modules" / "droplet")
+DROPLET_VERSIONS = ("1.0.0", "1.1.0")
+
+
+@pytest.mark.parametrize("version", DROPLET_VERSIONS)
+def test_droplet_keeps_the_originals_contract(version: str) -> None:
+    m = load_module(ROOT / "modules" / "droplet" / version, "droplet")
     v = m.variables
     for name in ("image", "region", "size"):
         assert v[name].required and v[name].type.kind == "string", name
@@ -44,17 +50,27 @@ def test_droplet_keeps_the_originals_contract() -> None:
     # the original's request body is valid input
     m.validate({"name": "web-1", "image": "ubuntu-24-04-x64", "region": "nyc3",
                 "size": "s-1vcpu-1gb"})
-    text = (ROOT / "modules" / "droplet" / "versions.tf").read_text()
+    text = (ROOT / "modules" / "droplet" / version / "versions.tf").read_text()
     assert 'source  = "digitalocean/digitalocean"' in text and 'version = "~>' in text
     assert "backend" not in "".join(p.read_text() for p in (ROOT / "modules").rglob("*.tf"))
 
 
-def test_droplet_validation_blocks_reject_bad_slugs(tmp: Path) -> None:
+def test_droplet_second_version_adds_backups() -> None:
+    """modules/droplet is versioned (DESIGN: Module versions): 1.1.0 adds `backups`."""
+    droplet = discover(ROOT / "modules")["droplet"]
+    assert list(droplet.versions) == list(DROPLET_VERSIONS) and droplet.version == "1.1.0"
+    assert "backups" not in droplet.versions["1.0.0"].variables
+    backups = droplet.variables["backups"]
+    assert not backups.required and backups.default is False and backups.type.kind == "bool"
+
+
+@pytest.mark.parametrize("version", DROPLET_VERSIONS)
+def test_droplet_validation_blocks_reject_bad_slugs(tmp: Path, version: str) -> None:
     # The validation conditions are plain regexes; check them with terraform console-free
     # logic: the same patterns in Python must agree with the examples the docs give.
     import re
 
-    text = (ROOT / "modules" / "droplet" / "variables.tf").read_text()
+    text = (ROOT / "modules" / "droplet" / version / "variables.tf").read_text()
     patterns = dict(re.findall(r'regex\("(.+?)", var\.(\w+)\)', text))
     patterns = {v: p.replace("\\\\", "\\") for p, v in patterns.items()}
     good = {"name": "web-1.example", "image": "ubuntu-24-04-x64", "region": "nyc3",

@@ -85,6 +85,8 @@ def test_the_openapi_paths_are_the_table_s() -> None:
                   for method, o in item.items() if method != "parameters"}
     expected = set()
     for route in ROUTES:
+        if route.operation_id == "upgrade_{module}":
+            continue  # `basic` has no versions: nothing to upgrade to, none documented
         path = route.label.replace("{module}", "basic").replace("{id}", "{run_id}")
         expected.add((path, route.method, route.operation_id.format(module="basic")))
     assert documented == expected

@@ -19,7 +19,7 @@ LOCAL_TENANT = "local"
 TENANT_KEY_RE = re.compile(r"^([0-9a-f]{24}|local)$")
 #: Top-level routes of the API; a module folder with one of these names is refused.
 RESERVED_NAMES = frozenset({"healthz", "readyz", "metrics", "runs", "openapi", "openapi.json",
-                            "docs", "jobs"})
+                            "docs", "jobs", "upgrades"})
 
 
 def tenant_key(tenant: str) -> str:

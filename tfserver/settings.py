@@ -169,7 +169,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TFSERVER_PORT", _integer(0, 65535), 8000, "listen port (0 picks a free one)",
             flag="--port"),
     Setting("TFSERVER_MODULES_DIR", _path, Path("modules"),
-            "each subfolder with `*.tf` or `*.tf.json` files is served at `/<folder>`",
+            "each subfolder with `*.tf` or `*.tf.json` files (or version folders such as "
+            "`1.4.0/` that have them) is served at `/<folder>`",
             flag="--modules-dir", shown="`./modules` (of the working directory)"),
     Setting("TFSERVER_STATE_DIR", _path, Path(".tfserver"),
             "working copies, local state, kept inputs, temp var files", flag="--state-dir",

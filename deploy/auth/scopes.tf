@@ -2,10 +2,15 @@
 # tests evaluate this file on its own.
 
 locals {
-  # Every folder of ../../modules (the folder the image serves) with *.tf or *.tf.json files
-  # is a served module, as tfserver itself decides; var.modules overrides the discovery.
-  modules_dir    = "${path.module}/../../modules"
-  discovered     = sort(distinct([for f in fileset(local.modules_dir, "*/*.{tf,tf.json}") : dirname(f)]))
+  # Every folder of ../../modules (the folder the image serves) with *.tf or *.tf.json files,
+  # or with version folders (named by semantic version) that have them, is a served module,
+  # as tfserver itself decides; var.modules overrides the discovery.
+  modules_dir = "${path.module}/../../modules"
+  discovered = sort(distinct(concat(
+    [for f in fileset(local.modules_dir, "*/*.{tf,tf.json}") : dirname(f)],
+    [for f in fileset(local.modules_dir, "*/*/*.{tf,tf.json}") : dirname(dirname(f))
+    if can(regex("^(0|[1-9][0-9]*)\\.(0|[1-9][0-9]*)\\.(0|[1-9][0-9]*)(-[0-9A-Za-z.-]+)?$", basename(dirname(f))))],
+  )))
   served_modules = var.modules != null ? sort(var.modules) : local.discovered
 
   # .approve answers the module's runs awaiting approval (the policy's require_approval).

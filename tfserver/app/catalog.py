@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Hashable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..auth import Principal
 from ..errors import NotFound
 from ..module.discover import Module
+from ..module.versions import requested
 from ..names import check_instance_name, check_tenant_key, split_workspace, workspace_name
 from ..runs.expiry import Expiries
 from ..scrub import Scrubber, Secret, shown_outputs
 from ..storage.base import StateBackend, holds_instance
 from .driftstore import DriftReports
+from .versions import instance_version
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,9 @@ class ModuleView:
     instances: list[InstanceRef]
     #: Per output, the modules whose instances reference it (dependents.py).
     referenced: dict[str, list[str]] | None = None
+    #: Every version of the module, oldest first (empty: unversioned), and the default.
+    versions: list[str] = field(default_factory=list)
+    default_version: str | None = None
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,10 @@ class InstanceView:
     #: Who references it, and which of its own references moved on (`dependents.py`).
     used_by: list[dict[str, Any]] | None = None
     outdated: list[dict[str, Any]] | None = None
+    #: The module version it is on, the newest served, and whether it is older.
+    version: str | None = None
+    latest: str | None = None
+    upgrade_available: bool = False
 
 
 def target_workspace(principal: Principal, instance: str, tenant: str | None) -> str:
@@ -112,11 +121,15 @@ class Catalog:
                 found.append(InstanceRef(instance, tenant))
         return found
 
-    def describe(self, principal: Principal, name: str) -> ModuleView:
-        """A module: its variables schema, outputs and the caller's instances."""
+    def describe(self, principal: Principal, name: str,
+                 version: str | None = None) -> ModuleView:
+        """A module (at `version`, else its default): its variables schema, outputs and
+        the caller's instances."""
         m = self.module(name)
         principal.require(name, "read")
-        return ModuleView(m, self.instances(principal, name))
+        shown = requested(m, version) or m
+        return ModuleView(shown, self.instances(principal, name), versions=list(m.versions),
+                          default_version=m.version)
 
     def show(self, principal: Principal, name: str, instance: str,
              tenant: str | None = None) -> InstanceView:
@@ -130,11 +143,12 @@ class Catalog:
         # or destroys the instance: a 404 then would come before that run ended.
         if state is None or not (busy or holds_instance(state)):
             raise NotFound(f"module {name} has no instance {instance!r}")
+        on = instance_version(self.backend, m, ws)
         return InstanceView(
             module=name,
             instance=instance,
             outputs=shown_outputs(state.get("outputs") or {}, reveal=principal.admin,
-                                  scrub=self._scrubber(m, ws)),
+                                  scrub=self._scrubber(on, ws)),
             resources=len(state.get("resources") or []),
             serial=state.get("serial"),
             terraform_version=state.get("terraform_version"),
@@ -143,6 +157,8 @@ class Catalog:
             stale=snap.stale,
             expires_at=self.expiries.get(name, ws),
             drift=DriftReports(self.backend.objects).get(name, ws),
+            version=on.version, latest=m.latest,
+            upgrade_available=on.version is not None and on.version != m.latest,
         )
 
     def _scrubber(self, m: Module, workspace: str) -> Scrubber | None:

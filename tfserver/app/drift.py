@@ -64,7 +64,7 @@ class DriftCheck:
         the saved plan (names only), and keep the report beside the instance."""
         x, name, ws = self.executor, spec.module.name, spec.workspace
         deadline = time.monotonic() + x.run_timeout
-        wc = x.copies.ready(name)
+        wc = x.copies.ready(spec.module.copy_key)
         if not x.backend.exists(name, ws):
             raise NotFound(f"module {name} has no instance {spec.instance!r}")
         spec.inputs = x.backend.inputs.load(name, ws) or {}
@@ -105,7 +105,7 @@ class DriftCheck:
         and dropped, never logged."""
         x = self.executor
         shown = x.runner.run(build_args("show", plan_file=plan_file),
-                             cwd=x.copies.ready(spec.module.name).path,
+                             cwd=x.copies.ready(spec.module.copy_key).path,
                              workspace=spec.workspace, timeout=_remaining(deadline),
                              label=spec.run_id)
         if not shown.ok:

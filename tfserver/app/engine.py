@@ -17,6 +17,7 @@ from ..config import Config
 from ..errors import NotFound, TFServerError
 from ..metrics import Metrics
 from ..module.discover import Module
+from ..module.versions import recorded
 from ..runs.queued import QueuedRuns
 from ..runs.registry import Runs
 from ..runs.sqs import SqsQueue
@@ -42,15 +43,18 @@ def spec_doc(spec: RunSpec) -> dict[str, Any]:
                           "scope_prefix": p.scope_prefix},
             "plan_of": spec.plan_of, "ttl": spec.ttl, "expires": spec.expires,
             "expiry": spec.expiry, "reconcile": spec.reconcile, "cascade": spec.cascade,
-            "triggered_by": spec.triggered_by}
+            "triggered_by": spec.triggered_by, "version": spec.module.version,
+            "moved": spec.moved}
 
 
 def spec_of(modules: Mapping[str, Module], record: RunRecord, doc: dict[str, Any]) -> RunSpec:
     """The run a stored spec describes (`NotFound` for a module this worker lacks)."""
-    module = modules.get(str(doc.get("module")))
-    if module is None:
+    served = modules.get(str(doc.get("module")))
+    if served is None:
         raise NotFound(f"run {record.id}: this worker does not serve module "
                        f"{str(doc.get('module'))[:64]!r}")
+    version = doc.get("version")
+    module = recorded(served, version if isinstance(version, str) else None)
     who = doc.get("principal") or {}
     principal = Principal(subject=str(who.get("subject", "")), tenant=str(who.get("tenant", "")),
                           scopes=frozenset(who.get("scopes") or ()),
@@ -62,7 +66,8 @@ def spec_of(modules: Mapping[str, Module], record: RunRecord, doc: dict[str, Any
                    principal, Scrubber(module.secret_values(inputs)), run_id=record.id,
                    plan_of=doc.get("plan_of"), ttl=doc.get("ttl"), expires=doc.get("expires"),
                    expiry=doc.get("expiry"), reconcile=bool(doc.get("reconcile")),
-                   cascade=bool(doc.get("cascade")), triggered_by=doc.get("triggered_by"))
+                   cascade=bool(doc.get("cascade")), triggered_by=doc.get("triggered_by"),
+                   moved=doc.get("moved"))
 
 
 def queued_runs(config: Config, runs: Runs, backend: StateBackend, copies: WorkingCopies,
@@ -76,7 +81,7 @@ def queued_runs(config: Config, runs: Runs, backend: StateBackend, copies: Worki
         if not lock_id:
             return False
         try:
-            wc = copies.ready(record.module)
+            wc = copies.ready_any(record.module, record.version)
         except TFServerError as e:
             logger.warning("run %s: its lock not cleared: %s", record.id, e.detail)
             return False

@@ -32,6 +32,7 @@ from ..runs.expiry import Expiries
 from ..runs.store import RunStore
 from ..scrub import Scrubber, shown_outputs
 from ..storage.base import StateBackend
+from ..storage.inputs import Kept
 from ..terraform.args import build_args
 from ..terraform.output import EventSink, Failure, RunResult
 from ..terraform.process import RunControl, Runner
@@ -76,6 +77,8 @@ class Planned:
     changes: dict[str, int]
     planned: list[dict[str, str]]
     run_id: str
+    #: The module version planned with (`to`), and what moving the instance changes.
+    version: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,8 @@ class RunSpec:
     triggered_by: str | None = None
     #: Plan first and wait for an approval (app/approvals.py), then apply that plan.
     approval: bool = False
+    #: An apply or plan that moves the instance to `module`'s version (`versions.py`).
+    moved: dict[str, Any] | None = None
 
 
 #: What an answer shows of a state lock: never the server's paths, user or host.
@@ -222,7 +227,7 @@ class Executor:
         """Run terraform for the spec; the typed outcome, or the error of `problem_for`."""
         name, ws = spec.module.name, spec.workspace
         deadline = time.monotonic() + self.run_timeout
-        wc = self.copies.ready(name)
+        wc = self.copies.ready(spec.module.copy_key)
         existed = self.backend.exists(name, ws)
         destroying = spec.operation in ("destroy", "plan-destroy")
         if spec.operation == "destroy" and not existed and spec.plan_of is None:
@@ -232,14 +237,14 @@ class Executor:
         # Destroy needs the same variables again, so they are kept durably. The write
         # starts once terraform runs and goes on meanwhile (a rename on disk, a PUT on
         # S3); it is undone if terraform changed nothing.
-        keeping: list[Future[dict[str, Any] | None]] = []
+        keeping: list[Future[Kept | None]] = []
         with self.var_files.file(spec.values or spec.inputs) as var_file:
             plan_file = self._plan_file(spec, var_file)
             try:
                 result = self.runner.run(
                     self._args(spec, var_file, plan_file), cwd=wc.path, workspace=ws,
                     timeout=_remaining(deadline), control=control, on_event=on_event,
-                    on_start=(lambda: keeping.append(self._keep_later(name, ws, spec.inputs)))
+                    on_start=(lambda: keeping.append(self._keep_later(name, ws, spec)))
                     if spec.operation == "apply" else None, label=spec.run_id)
                 saved = (plan_file.read_bytes() if plan_file is not None and result.ok
                          and spec.plan_of is None else None)
@@ -265,7 +270,8 @@ class Executor:
             if saved is not None:
                 self._save_plan(spec, saved)
             planned = [{**p, "address": spec.scrub(p["address"])} for p in result.planned]
-            return Planned(name, spec.instance, result.changes, planned, spec.run_id)
+            return Planned(name, spec.instance, result.changes, planned, spec.run_id,
+                           spec.moved or {"to": spec.module.version})
         if destroying:
             return self.forget(spec, result.changes, deadline)
         return Applied(name, spec.instance, self._outputs(spec, result), result.changes,
@@ -278,7 +284,7 @@ class Executor:
         """A destroy's clean-up (its workspace, kept inputs, expiry, drift report); also
         a destroy run again whose instance an earlier attempt already destroyed."""
         name, ws = spec.module.name, spec.workspace
-        wc = self.copies.ready(name)
+        wc = self.copies.ready(spec.module.copy_key)
         left = _remaining(deadline if deadline is not None else time.monotonic() + 120)
         self.workspaces.delete_workspace(spec, wc.path, left)
         self.backend.inputs.delete(name, ws)
@@ -343,47 +349,47 @@ class Executor:
         except TFServerError as e:
             logger.warning("plan of run %s not kept: %s", spec.run_id, e.detail)
 
-    def _keep_later(self, name: str, ws: str,
-                    inputs: dict[str, Any]) -> Future[dict[str, Any] | None]:
+    def _keep_later(self, name: str, ws: str, spec: RunSpec) -> Future[Kept | None]:
         """`_keep_inputs` in the background (what it returns, or raised, is the future's)."""
+        now = Kept(spec.inputs, spec.module.version)
         try:
-            return self._background.submit(self._keep_inputs, name, ws, inputs)
+            return self._background.submit(self._keep_inputs, name, ws, now)
         except RuntimeError:  # the pool stopped (a late shutdown): kept in this thread
-            kept: Future[dict[str, Any] | None] = Future()
+            kept: Future[Kept | None] = Future()
             try:
-                kept.set_result(self._keep_inputs(name, ws, inputs))
+                kept.set_result(self._keep_inputs(name, ws, now))
             except (TFServerError, OSError) as e:
                 kept.set_exception(e)
             return kept
 
-    def _keep_inputs(self, name: str, ws: str,
-                     inputs: dict[str, Any]) -> dict[str, Any] | None:
-        """Store the inputs unless they are stored already; return what was there."""
-        previous = self.backend.inputs.load(name, ws)
-        if previous != inputs:
-            self.backend.inputs.save(name, ws, inputs)
+    def _keep_inputs(self, name: str, ws: str, now: Kept) -> Kept | None:
+        """Store the inputs and version unless stored already; return what was there."""
+        previous = self.backend.inputs.kept(name, ws)
+        if previous != now:
+            self.backend.inputs.save(name, ws, now.inputs, now.version)
         return previous
 
     def _settle_inputs(self, spec: RunSpec, result: RunResult,
-                       keeping: Future[dict[str, Any] | None]) -> tuple[str, ...]:
+                       keeping: Future[Kept | None]) -> tuple[str, ...]:
         """After an apply: put back the previous inputs if terraform changed nothing, or
         make sure the new ones are kept if it did. A backend that fails here never turns
         the apply that happened into a failure: the warnings to record, if any."""
         name, ws = spec.module.name, spec.workspace
+        now = Kept(spec.inputs, spec.module.version)
         try:
             previous = keeping.result()
         except (TFServerError, OSError) as e:
             if not (result.ok or result.apply_started):
                 return ()  # nothing was written, nothing changed: nothing to keep
             try:  # once more, now that terraform is done (the store may be back)
-                self._keep_inputs(name, ws, spec.inputs)
+                self._keep_inputs(name, ws, now)
                 return ()
             except (TFServerError, OSError) as again:
                 logger.warning("inputs of %s/%s not kept after the apply: %s (first: %s)",
                                name, spec.instance, _detail(again), _detail(e),
                                extra={"run_id": spec.run_id})
                 return (INPUTS_NOT_KEPT,)
-        if not (result.ok or result.apply_started) and previous != spec.inputs:
+        if not (result.ok or result.apply_started) and previous != now:
             try:
                 self._restore_inputs(name, ws, previous)
             except (TFServerError, OSError) as e:
@@ -392,12 +398,9 @@ class Executor:
                                extra={"run_id": spec.run_id})
         return ()
 
-    def _restore_inputs(self, name: str, ws: str, previous: dict[str, Any] | None) -> None:
+    def _restore_inputs(self, name: str, ws: str, previous: Kept | None) -> None:
         """Put back the inputs of the last apply that changed something."""
-        if previous is None:
-            self.backend.inputs.delete(name, ws)
-        else:
-            self.backend.inputs.save(name, ws, previous)
+        self.backend.inputs.restore(name, ws, previous)
 
     def _outputs(self, spec: RunSpec, result: RunResult) -> dict[str, Any]:
         """The apply's outputs; sensitive ones redacted unless the caller is an admin (who

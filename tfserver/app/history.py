@@ -298,7 +298,7 @@ def _outcome_of(record: RunRecord) -> Outcome:
     op: Operation = record.operation  # type: ignore[assignment]
     if op in ("plan", "plan-destroy"):
         return Planned(record.module, record.instance, changes, record.planned or [],
-                       record.id)
+                       record.id, record.moved or {"to": record.version})
     if op == "destroy":
         return Destroyed(record.module, record.instance, changes, record.id)
     if op == "drift":

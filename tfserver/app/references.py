@@ -16,7 +16,7 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +77,12 @@ class References:
         self.index = RefIndex(backend.objects)
 
     # -- at submit ---------------------------------------------------------------------
+
+    def validator(self, principal: Principal, instance: str
+                  ) -> Callable[[Module, Any], dict[str, Any]]:
+        """`validate` for this caller's instance, as a check of one module version
+        (app/versions.py checks the version being applied with it)."""
+        return lambda m, body: self.validate(m, principal, instance, body)
 
     def validate(self, m: Module, principal: Principal, instance: str, body: Any
                  ) -> dict[str, Any]:

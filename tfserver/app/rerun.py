@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from ..auth import Principal
 from ..errors import Conflict
 from ..module.discover import Module
+from ..module.versions import recorded
 from ..runs.expiry import Expiries
 from ..scrub import Scrubber
 from .catalog import Catalog
@@ -60,6 +61,7 @@ class Reruns:
         if meta is None or float(meta.get("expires_at", 0)) <= time.time():
             raise Conflict("the saved plan expired or was used", retry_after=0)
         inputs = dict(meta.get("inputs") or {})
+        m = recorded(m, plan.version)  # the version the plan was made with
         spec = RunSpec(m, plan.instance, plan.workspace,
                        "destroy" if plan.operation == "plan-destroy" else "apply", inputs,
                        principal, Scrubber(m.secret_values(inputs)), plan_of=plan_id)
@@ -101,8 +103,8 @@ class Reruns:
                            retry_after=0)
         kept = spec_of(self.modules, old, doc)
         # The retry is the caller's run: its principal, the kept request's everything else.
-        spec = RunSpec(m, old.instance, old.workspace, kept.operation, kept.inputs,
-                       principal, Scrubber(m.secret_values(kept.inputs)))
+        spec = RunSpec(kept.module, old.instance, old.workspace, kept.operation, kept.inputs,
+                       principal, Scrubber(kept.module.secret_values(kept.inputs)))
         if spec.operation == "apply":
             limits = self.governance.limits(principal, m.name)
             if kept.ttl is not None or limits.expires:

@@ -22,6 +22,7 @@ from ..metrics import Metrics
 from ..module.discover import Module
 from ..module.limits import parse_ttl
 from ..module.policy import Policy
+from ..module.versions import every_version
 from ..names import check_instance_name, workspace_name
 from ..runs.expiry import Due, Expiries, Reaper
 from ..runs.lanes import Scheduler
@@ -49,6 +50,8 @@ from .rerun import Reruns
 from .statedir import spool_dir
 from .submit import Origin, Submitter
 from .unlock import Unlocked, Unlocker
+from .upgrades import UpgradeCalls, Upgrades
+from .versions import choose
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +67,7 @@ class Readiness:
     modules: dict[str, str]
 
 
-class Service:
+class Service(UpgradeCalls):
     """Everything the HTTP layer can ask for, given a `Principal`."""
 
     def __init__(self, config: Config, modules: Mapping[str, Module], runner: Runner,
@@ -76,8 +79,8 @@ class Service:
         self.runner = runner
         self.backend = backend
         self.terraform_version: str | None = None
-        self.copies = WorkingCopies(config.state_dir / "work", modules, runner, backend,
-                                    init_timeout=config.run_timeout)
+        self.copies = WorkingCopies(config.state_dir / "work", every_version(modules), runner,
+                                    backend, init_timeout=config.run_timeout)
         self.store = RunStore(backend.objects)
         self.metrics = metrics or Metrics()
         #: Told of every run that ended here, after its audit line, and of every run that
@@ -114,6 +117,7 @@ class Service:
         self.approvals = Approvals(self.runs, self.history, self.submitter)
         self.reruns = Reruns(self.modules, self.catalog, self.history, self.governance,
                              self.expiries, self.submitter)
+        self.upgrades = Upgrades(self.catalog, self.submitter, self.history, self.reruns)
         self.orphaner = Orphaner(self.catalog, backend, self.runs,
                                  self.governance.reservations, self.expiries,
                                  retention=config.archive_retention)
@@ -161,19 +165,21 @@ class Service:
     def apply(self, principal: Principal, name: str, instance: str, body: Any, *,
               dry_run: bool = False, asynchronous: bool = False,
               idempotency: Idempotency | None = None, ttl: str | None = None,
-              origin: Origin | None = None, cascade: bool = False) -> Submitted:
-        """Start an apply (or plan, with `dry_run`) of the caller's instance; `ttl` (as
-        `?ttl=` gives it) sets when it expires; `cascade` applies its dependents after."""
+              origin: Origin | None = None, cascade: bool = False,
+              version: str | None = None) -> Submitted:
+        """Start an apply (or plan, with `dry_run`) of the caller's instance; `ttl` sets
+        when it expires, `version` moves it to that version (`?ttl=`, `?version=`);
+        `cascade` applies its dependents after."""
         m = self.catalog.module(name)
         principal.require(name, "write")
         check_instance_name(instance)
         requested = parse_ttl(ttl) if ttl is not None else None
-        inputs = m.fill_reserved(self.references.validate(m, principal, instance, body),
-                                 tenant=principal.tenant, instance=instance)
         ws = workspace_name(principal.tenant_key, instance)
+        m, inputs, moved = choose(self.backend, m, ws, version, body, principal.tenant,
+                                  instance, self.references.validator(principal, instance))
         limits = self.governance.limits(principal, name)
         spec = RunSpec(m, instance, ws, "plan" if dry_run else "apply", inputs, principal,
-                       Scrubber(m.secret_values(inputs)),
+                       Scrubber(m.secret_values(inputs)), moved=moved,
                        cascade=(cascade or limits.cascade) and not dry_run)
         if dry_run:
             if requested is not None:
@@ -263,9 +269,12 @@ class Service:
         """The modules the caller may read."""
         return self.catalog.index(principal)
 
-    def describe(self, principal: Principal, name: str) -> ModuleView:
-        """A module: its variables, outputs, the caller's instances and who uses them."""
-        return self.dependents.describe(self.catalog.describe(principal, name), principal)
+    def describe(self, principal: Principal, name: str, version: str | None = None
+                 ) -> ModuleView:
+        """A module (at `version`, else its default): variables, outputs, the caller's
+        instances and who uses them."""
+        return self.dependents.describe(self.catalog.describe(principal, name, version),
+                                        principal)
 
     def show(self, principal: Principal, name: str, instance: str,
              tenant: str | None = None) -> InstanceView:

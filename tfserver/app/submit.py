@@ -30,6 +30,7 @@ from .engine import spec_doc, spec_of
 from .execute import Applied, Checked, Executor, Outcome, Planned, RunSpec
 from .governance import Governance
 from .history import History, Idempotency, Submitted
+from .versions import instance_version
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,8 @@ class Submitter:
         claim), give it its record and queue it on its instance's lane; raises what
         refused it (then nothing of it is kept)."""
         spec.run_id = new_run_id()
+        # A run of the module as served (not of one version) runs the instance's version.
+        spec.module = instance_version(self.executor.backend, spec.module, spec.workspace)
         if spec.operation == "destroy" and spec.plan_of is None and self.dependents:
             self.dependents.check_unused(spec.module.name, spec.workspace, spec.instance)
         # Idempotency keys are the caller's; the run belongs to the instance's tenant.
@@ -209,6 +212,7 @@ def _record(spec: RunSpec, idempotency: Idempotency | None, origin: Origin | Non
                      workspace=spec.workspace, tenant=workspace_tenant(spec.workspace),
                      subject=spec.principal.subject, operation=spec.operation,
                      plan_of=spec.plan_of, triggered_by=spec.triggered_by,
+                     version=spec.module.version, moved=spec.moved,
                      idempotency_key=idempotency.key if idempotency else None,
                      client_id=spec.principal.client_id,
                      client_address=origin.address if origin else None,

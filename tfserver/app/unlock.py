@@ -49,7 +49,7 @@ class Unlocker:
         if not isinstance(lock_id, str) or not lock_id.strip():
             raise BadRequest("send the lock id to clear as {\"lock_id\": \"...\"}",
                              extra={"errors": [{"field": "lock_id", "message": "required"}]})
-        wc = self.copies.ready(name)
+        wc = self.copies.ready_any(name)  # a versioned module: any version's copy
         # Never while this server runs terraform on the instance: that lock is alive.
         with self.scheduler.hold((name, ws), f"instance {instance!r} of module {name}"):
             held = self.backend.lock_info(name, ws)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from ..errors import ConfigError, FieldError, InvalidInput
 from ..names import NAME_RE, RESERVED_NAMES
 from ..scrub import Secret
 from .types import TfType, TypeSyntaxError, nullable, parse_type, to_schema
+from .versions import is_version, version_key
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,21 @@ class Module:
     #: The JSON Schema of a request body: published (GET /{module}, OpenAPI) and enforced
     #: by `validate`. A policy narrows it with `dataclasses.replace(module, schema=...)`.
     schema: dict[str, Any] = field(default_factory=dict, compare=False)
+    #: This version (a versioned module's folder name); None for an unversioned module.
+    version: str | None = None
+    #: Every version, oldest first, as the module served holds them (each of them with
+    #: no `versions` of its own); empty for an unversioned module.
+    versions: Mapping[str, Module] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def copy_key(self) -> str:
+        """The name of this version's working copy: the module's, `@version` after."""
+        return self.name if self.version is None else f"{self.name}@{self.version}"
+
+    @property
+    def latest(self) -> str | None:
+        """The newest version (None for an unversioned module)."""
+        return list(self.versions)[-1] if self.versions else None
 
     @property
     def sensitive_variables(self) -> frozenset[str]:
@@ -369,17 +385,50 @@ def load_module(path: Path, name: str | None = None) -> Module:
 
 
 def discover(modules_dir: Path) -> dict[str, Module]:
-    """Every subfolder of `modules_dir` holding `*.tf` or `*.tf.json` files, by URL name."""
+    """Every subfolder of `modules_dir` holding `*.tf` or `*.tf.json` files, or version
+    folders that do, by URL name (each module as served: its newest version)."""
     if not modules_dir.is_dir():
         raise ConfigError(f"modules folder {modules_dir} does not exist")
     found: dict[str, Module] = {}
     for sub in sorted(modules_dir.iterdir()):
-        if not sub.is_dir() or not (any(sub.glob("*.tf")) or any(sub.glob("*.tf.json"))):
+        if not sub.is_dir() or not (_holds_tf(sub) or any(map(_holds_tf, _folders(sub)))):
             continue
         if not NAME_RE.match(sub.name) or sub.name in RESERVED_NAMES:
             logger.warning("module folder %s skipped: its name cannot be a URL path", sub.name)
             continue
-        found[sub.name] = load_module(sub)
+        found[sub.name] = _load_folder(sub)
     if not found:
         raise ConfigError(f"no modules (folders with *.tf files) in {modules_dir}")
     return found
+
+
+def _holds_tf(folder: Path) -> bool:
+    return any(folder.glob("*.tf")) or any(folder.glob("*.tf.json"))
+
+
+def _folders(folder: Path) -> list[Path]:
+    return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _load_folder(sub: Path) -> Module:
+    """One module folder: unversioned (its own `*.tf`), or version folders, each named by
+    a semantic version; a folder with both, or a version folder named otherwise, is a
+    start error (which files would be served is not for the server to guess)."""
+    versioned = [d for d in _folders(sub) if _holds_tf(d)]
+    if _holds_tf(sub):
+        named = [d.name for d in versioned if is_version(d.name)]
+        if named:
+            raise ConfigError(f"module folder {sub} holds both *.tf files and version "
+                              f"folders ({', '.join(named)}): move the *.tf files into a "
+                              "version folder, or the version folders out")
+        return load_module(sub)
+    bad = [d.name for d in versioned if not is_version(d.name)]
+    if bad:
+        raise ConfigError(f"module folder {sub}: version folders are named by a semantic "
+                          f"version such as 1.4.0, not {', '.join(repr(b[:64]) for b in bad)}")
+    summary = _readme_summary(sub)
+    versions: dict[str, Module] = {}
+    for d in sorted(versioned, key=lambda d: version_key(d.name)):
+        m = load_module(d, sub.name)
+        versions[d.name] = replace(m, version=d.name, description=m.description or summary)
+    return replace(versions[next(reversed(versions))], versions=versions)

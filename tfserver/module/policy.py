@@ -26,6 +26,7 @@ from ..names import tenant_key
 from .discover import RESERVED_VARIABLES, Module
 from .limits import DEFAULT_MAX_QUEUED, Limits, Scope
 from .types import TfType
+from .versions import narrowed
 
 #: JSON Schema keywords a policy may add, and the JSON types they act on (None: any).
 #: Each can only shrink the set of values the type accepts. Left out on purpose: `format`
@@ -76,6 +77,8 @@ class ModuleRules:
     #: and whether a drifted one is then applied (app/driftschedule.py).
     drift_check: float | None = None
     reconcile: bool = False
+    #: The version new instances get (None: the newest).
+    default_version: str | None = None
 
 
 @dataclass(frozen=True)
@@ -186,9 +189,18 @@ class Policy:
             module = modules.get(name)
             if module is None:
                 raise self._fault(("modules", name), _no_module(name, modules))
-            if rules.variables:
-                out[name] = replace(module, schema=self._narrow_module(module, rules))
+            if rules.variables or rules.default_version:
+                out[name] = self._versioned(module, rules)
         return out
+
+    def _versioned(self, module: Module, rules: ModuleRules) -> Module:
+        """The module narrowed (each version by the variables it declares) and served at
+        its `default_version` (see `versions.narrowed`)."""
+        return narrowed(module, rules.variables, rules.default_version,
+                        lambda m, variables: self._narrow_module(
+                            m, replace(rules, variables=variables)),
+                        lambda what: self._fault(("modules", module.name,
+                                                  "default_version"), what))
 
     def check(self, modules: Mapping[str, Module]) -> None:
         """Raise ConfigError unless every module the policy names is served and its

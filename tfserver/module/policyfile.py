@@ -15,6 +15,7 @@ from ..settings import parse_duration
 from .discover import Module
 from .limits import UNLIMITED, Scope, format_duration
 from .policy import WEBHOOK_EVENTS, ModuleRules, Policy, TenantRules, Webhook, key_path
+from .versions import is_version
 
 
 def load_policy(path: Path | None, modules: Mapping[str, Module]) -> Policy:
@@ -75,7 +76,10 @@ class _Reader:
                 if not isinstance(fragment, dict):
                     raise self.fault((*keys, "variables", var_name),
                                      "must be a table of JSON Schema keywords")
-            modules[name] = ModuleRules(limits, variables, *self.schedule(body, keys))
+            drift_check, reconcile = self.schedule(body, keys)
+            modules[name] = ModuleRules(limits, variables, drift_check, reconcile,
+                                        default_version=self.default_version(
+                                            body, (*keys, "default_version")))
         tenants: dict[str, TenantRules] = {}
         for client_id, body in self.names(document.get("tenants", {}), ("tenants",)).items():
             keys = ("tenants", client_id)
@@ -89,6 +93,13 @@ class _Reader:
             tenants[client_id] = TenantRules(limits, per_module)
         return Policy(self.path, defaults, modules, tenants,
                       self.webhooks(document.get("webhooks", [])))
+
+    def default_version(self, body: dict[str, Any], keys: tuple[str | int, ...]) -> str | None:
+        """A module's `default_version` (that the module has it is checked at narrowing)."""
+        raw = body.get("default_version")
+        if raw is not None and not (isinstance(raw, str) and is_version(raw)):
+            raise self.fault(keys, "must be a semantic version such as 1.4.0, as a string")
+        return raw
 
     def names(self, value: Any, keys: tuple[str | int, ...]) -> dict[str, Any]:
         """A table of named tables (modules, variables, tenants)."""
@@ -279,7 +290,7 @@ _MODULE_COUNTS = ("max_instances_per_tenant", "max_runs_per_tenant")
 
 
 _MODULE_KEYS = (*_MODULE_COUNTS, *_DURATIONS, *_SWITCHES, "variables", "drift_check",
-                "reconcile", "cascade")
+                "reconcile", "cascade", "default_version")
 
 
 #: The longest `drift_check`: a year (a longer one is a typo, not a schedule).

@@ -104,6 +104,11 @@ class RunRecord:
     plan_of: str | None = None
     #: The run this run retries (`POST /runs/{id}/retry`: its kept request again).
     retry_of: str | None = None
+    #: The module version the run used (None: an unversioned module).
+    version: str | None = None
+    #: A plan or apply that moves the instance to `version`: from which, and the
+    #: variables that differ (`dropped`, `added`, `retyped`: names only).
+    moved: dict[str, Any] | None = None
     idempotency_key: str | None = None
     #: Who asked, for the audit log: the token's client id, the client's address, and
     #: the request's id.

@@ -1,8 +1,9 @@
 """Working copies and var files: where terraform runs, and how inputs reach it.
 
-Every module is copied once into `<state>/work/<module>/` with a backend override file and
-initialised once (in the background at start, retried on use after a failure). Variables
-travel in a 0600 `*.tfvars.json` file that exists only for the run, preferably on tmpfs.
+Every module is copied once into `<state>/work/<module>/` (a version of a versioned module
+into `<state>/work/<module>@<version>/`) with a backend override file and initialised once
+(in the background at start, retried on use after a failure). Variables travel in a 0600
+`*.tfvars.json` file that exists only for the run, preferably on tmpfs.
 """
 
 from __future__ import annotations
@@ -143,6 +144,16 @@ class WorkingCopies:
             self._init(wc)
             return wc
 
+    def ready_any(self, module: str, version: str | None = None) -> WorkingCopy:
+        """That version's working copy, else any of the module's (what only needs the
+        backend, a force-unlock, works in any: the versions share the state)."""
+        key = module if version is None else f"{module}@{version}"
+        if key not in self.copies:
+            key = next((k for k, wc in self.copies.items() if wc.module.name == module), key)
+        if key not in self.copies:
+            raise Unavailable(f"module {module} is not served here")
+        return self.ready(key)
+
     def _init(self, wc: WorkingCopy) -> None:
         name = wc.module.name
         backend_config = self.backend.init_config(name)
@@ -180,9 +191,15 @@ class WorkingCopies:
         raise _not_initialised(name, wc.error)
 
     def report(self) -> dict[str, str]:
-        """Each module's state: new, initialising, ready, or `failed: <why>`."""
-        return {n: wc.status if wc.status != "failed" else f"failed: {wc.error}"
-                for n, wc in self.copies.items()}
+        """Each module's state: new, initialising, ready, or `failed: <why>`; a versioned
+        module's versions taken together (ready when every one is, else the first that
+        is not)."""
+        found: dict[str, str] = {}
+        for wc in self.copies.values():
+            name = wc.module.name
+            if found.get(name, "ready") == "ready":
+                found[name] = wc.status if wc.status != "failed" else f"failed: {wc.error}"
+        return found
 
     def settled(self) -> bool:
         """True when no module is still to be initialised (each is ready, or failed and

@@ -23,6 +23,7 @@ from typing import Any
 from ..auth import Principal
 from ..module.discover import Module
 from ..runs.store import ACTIVE, AWAITING, ENDED
+from . import upgradedoc
 from .approvaldoc import APPROVE_SCOPE, approval_operations, approval_schema
 from .driftdoc import RECONCILE, drift_schemas
 from .refschema import CASCADE
@@ -209,9 +210,10 @@ def module_part(module: Module, ident: str, settings: DocSettings) -> ModulePart
     """The paths and schemas of one module (pure)."""
     name = module.name
     read, write, _ = scope_names(settings.scope_prefix, name)
-    paths = paths_of((r for r in ROUTES if r.per_module), module_operations(module, ident,
-                                                                              settings),
-                     settings, name, ident)
+    # A module without versions has no upgrades (its route answers 400).
+    routes = (r for r in ROUTES if r.per_module and (module.versions or r.operation_id
+                                                       != "upgrade_{module}"))
+    paths = paths_of(routes, module_operations(module, ident, settings), settings, name, ident)
     scopes = {read: f"Read module {name}: its schema, instances and runs",
               write: f"Apply and destroy instances of module {name} (and read them)",
               f"{settings.scope_prefix}/{name}.approve": APPROVE_SCOPE.format(name=name)}
@@ -232,6 +234,7 @@ def module_operations(module: Module, ident: str,
     outcome = {"oneOf": [ref(applied), ref("Planned")]}
     gone = {"oneOf": [ref("Destroyed"), ref("Planned"), ref("Orphaned")]}
     run_params = [PREFER, IDEMPOTENCY]
+    versions = upgradedoc.version_parameters(module)
     forbidden = (403,) if settings.auth else ()
 
     def op(summary: str, **fields: Any) -> dict[str, Any]:
@@ -240,11 +243,12 @@ def module_operations(module: Module, ident: str,
     return {
         "describe_{module}": op(
             f"Module {name}: variables, outputs, instances",
+            parameters=versions,
             responses=answers(settings, {"200": ok_answer("The module.", ref(
                 f"{ident}_module"))}, *forbidden)),
         "apply_{module}": op(
             f"Apply (or plan) the default instance of {name}",
-            parameters=[DRY_RUN, CASCADE, *run_params], requestBody=body,
+            parameters=[DRY_RUN, CASCADE, *run_params, *versions], requestBody=body,
             responses=answers(settings, {
                 "200": ok_answer("The outputs of the apply, or the plan.", outcome,
                                  APPLIED_PREF),
@@ -261,7 +265,7 @@ def module_operations(module: Module, ident: str,
                 "200": ok_answer("The instance.", ref(instance_view))}, 400, 403, 404)),
         "apply_{module}_instance": op(
             f"Apply (or plan) a named instance of {name}",
-            parameters=[DRY_RUN, CASCADE, *run_params], requestBody=body,
+            parameters=[DRY_RUN, CASCADE, *run_params, *versions], requestBody=body,
             responses=answers(settings, {
                 "200": ok_answer("Updated (or planned).", outcome, APPLIED_PREF),
                 "201": ok_answer("Created.", ref(applied), {**LOCATION, **APPLIED_PREF}),
@@ -291,6 +295,7 @@ def module_operations(module: Module, ident: str,
             parameters=[RECONCILE, TENANT, *run_params], responses=answers(settings, {
                 "200": ok_answer("What the check found.", ref("Checked"), APPLIED_PREF),
                 "202": accepted()}, 403, 404, *RUN_FAILURES)),
+        **upgradedoc.module_upgrade_operations(module, settings),
     }
 
 
@@ -302,7 +307,8 @@ def base_document(settings: DocSettings) -> dict[str, Any]:
     paths = paths_of((r for r in ROUTES if not r.per_module), base_operations(settings),
                      settings)
     return {"paths": paths, "schemas": {**common_schemas(), **drift_schemas(),
-                                        "Approval": approval_schema()}}
+                                        "Approval": approval_schema(),
+                                        **upgradedoc.upgrade_schemas()}}
 
 
 def base_operations(settings: DocSettings) -> dict[str, dict[str, Any]]:
@@ -394,6 +400,7 @@ def base_operations(settings: DocSettings) -> dict[str, dict[str, Any]]:
                                                                       **APPLIED_PREF}),
                 "202": accepted()}, 403, 404, *RUN_FAILURES)},
         **approval_operations(settings),
+        **upgradedoc.upgrade_operations(settings),
     }
 
 

@@ -80,7 +80,8 @@ def describe(call: Call) -> Reply:
     """A module: variables, outputs, the caller's instances."""
     module = call.params["module"]
     call.service.check_module(module)
-    return Reply(200, render.render(call.service.describe(call.who, module)))
+    return Reply(200, render.render(call.service.describe(call.who, module,
+                                                          call.req.param("version"))))
 
 
 def show(call: Call) -> Reply:
@@ -100,7 +101,8 @@ def apply(call: Call) -> Reply:
     body = h.read_body(required=True)
     submitted = svc.apply(call.who, module, instance, body, dry_run=dry_run,
                           asynchronous=asynchronous, idempotency=_idempotency(h),
-                          ttl=h.param("ttl"), origin=_origin(h), cascade=h.flag("cascade"))
+                          ttl=h.param("ttl"), origin=_origin(h), cascade=h.flag("cascade"),
+                          version=h.param("version"))
     return _answer(call, submitted, wait, named=named)
 
 
@@ -168,6 +170,29 @@ def drift(call: Call) -> Reply:
                                    tenant=h.param("tenant"), asynchronous=asynchronous,
                                    idempotency=_idempotency(h), origin=_origin(h))
     return _answer(call, submitted, wait, named=True)
+
+
+# -- fleet upgrades ---------------------------------------------------------------------
+
+
+def start_upgrade(call: Call) -> Reply:
+    """Admin: preview a fleet upgrade (a saved plan per instance; nothing applied)."""
+    module = call.params["module"]
+    call.service.check_module(module)
+    doc = call.service.start_upgrade(call.who, module, call.req.read_body(required=True))
+    return Reply(202, render.upgrade(doc), {"Location": f"/upgrades/{doc['id']}"})
+
+
+def get_upgrade(call: Call) -> Reply:
+    """Admin: an upgrade's record (its progress)."""
+    return Reply(200, render.upgrade(call.service.upgrade(call.who, call.params["id"])))
+
+
+def apply_upgrade(call: Call) -> Reply:
+    """Admin: apply a previewed upgrade's saved plans in batches."""
+    call.req.read_body(required=False)
+    return Reply(202, render.upgrade(call.service.apply_upgrade(call.who,
+                                                                call.params["id"])))
 
 
 # -- runs -------------------------------------------------------------------------------

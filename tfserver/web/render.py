@@ -29,7 +29,7 @@ def render(result: Result) -> dict[str, Any]:
     if isinstance(result, Planned):
         return {"module": result.module, "instance": result.instance, "dry_run": True,
                 "changes": result.changes, "planned": result.planned,
-                "run_id": result.run_id}
+                "run_id": result.run_id} | versioned(result.version)
     if isinstance(result, Destroyed):
         return {"module": result.module, "instance": result.instance, "destroyed": True,
                 "changes": result.changes, "run_id": result.run_id}
@@ -45,6 +45,9 @@ def render(result: Result) -> dict[str, Any]:
             "expires_at": rfc3339(result.expires_at),
             "drift": drift(result.drift),
         }
+        if result.latest is not None:
+            body.update(version=result.version, latest=result.latest,
+                        upgrade_available=result.upgrade_available)
         if result.lock:
             body["lock"] = result.lock
             body["status"] = "locked"
@@ -59,6 +62,8 @@ def render(result: Result) -> dict[str, Any]:
             "module": m.name,
             "description": m.description,
             "variables": m.schema,
+            **({"version": m.version, "default_version": result.default_version,
+                "versions": result.versions} if result.versions else {}),
             "outputs": {o.name: {"description": o.description, "sensitive": o.sensitive}
                         | ({"referenced_by": result.referenced[o.name]}
                            if result.referenced and o.name in result.referenced else {})
@@ -71,6 +76,30 @@ def render(result: Result) -> dict[str, Any]:
         return {"module": result.module, "instance": result.instance, "orphaned": True,
                 "archived_until": rfc3339(result.archived_until)}
     return {"module": result.module, "instance": result.instance, "unlocked": result.lock_id}
+
+
+def versioned(moved: dict[str, Any] | None) -> dict[str, Any]:
+    """What a plan says of its module version: the version, and when the plan moves the
+    instance to it, the version it leaves and the variables that differ."""
+    if not moved or moved.get("to") is None:
+        return {}
+    if "from" not in moved:
+        return {"version": moved["to"]}
+    return {"version": moved["to"], "from_version": moved.get("from"),
+            "dropped": moved.get("dropped", []), "added": moved.get("added", []),
+            "retyped": moved.get("retyped", [])}
+
+
+def upgrade(doc: dict[str, Any]) -> dict[str, Any]:
+    """A fleet upgrade's record as `GET /upgrades/{id}` shows it (times in RFC 3339)."""
+    links = {"self": f"/upgrades/{doc['id']}"}
+    if doc.get("status") == "planned":
+        links["apply"] = f"/upgrades/{doc['id']}/apply"
+    return {**{k: v for k, v in doc.items() if k not in ("created_at", "updated_at",
+                                                          "events")},
+            "created_at": rfc3339(doc.get("created_at")),
+            "updated_at": rfc3339(doc.get("updated_at")),
+            "events": [event(e) for e in doc.get("events", [])], "links": links}
 
 
 def drift(report: dict[str, Any] | None) -> dict[str, Any]:
@@ -133,6 +162,7 @@ def run(record: RunRecord, viewer_tenant: str) -> dict[str, Any]:
         body["plan_of"] = record.plan_of
     if record.retry_of:
         body["retry_of"] = record.retry_of
+    body.update(versioned(record.moved or {"to": record.version}))
     if record.idempotency_key:
         body["idempotency_key"] = record.idempotency_key
     if record.cancel:

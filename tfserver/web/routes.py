@@ -86,9 +86,13 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/runs/{id}/retry", op.retry_run, A.TOKEN, "retry_run"),
     Route("POST", "/runs/{id}/approve", op.approve_run, A.TOKEN, "approve_run"),
     Route("POST", "/runs/{id}/reject", op.reject_run, A.TOKEN, "reject_run"),
+    Route("GET", "/upgrades/{id}", op.get_upgrade, A.ADMIN, "get_upgrade"),
+    Route("POST", "/upgrades/{id}/apply", op.apply_upgrade, A.ADMIN, "apply_upgrade"),
     Route("GET", "/{module}", op.describe, A.READ, "describe_{module}"),
     Route("POST", "/{module}", op.apply, A.WRITE, "apply_{module}"),
     Route("DELETE", "/{module}", op.destroy, A.WRITE, "destroy_{module}"),
+    # Before `/{module}/{instance}`: no instance is named `upgrades`.
+    Route("POST", "/{module}/upgrades", op.start_upgrade, A.ADMIN, "upgrade_{module}"),
     Route("GET", "/{module}/{instance}", op.show, A.READ, "get_{module}_instance"),
     Route("PUT", "/{module}/{instance}", op.apply, A.WRITE, "apply_{module}_instance"),
     Route("DELETE", "/{module}/{instance}", op.destroy, A.WRITE, "destroy_{module}_instance"),

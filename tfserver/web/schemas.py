@@ -154,6 +154,7 @@ def obj(properties: dict[str, Any], required: Iterable[str] = (),
 STRING = {"type": "string"}
 NAME = {"type": "string", "pattern": NAME_RE.pattern}
 TIME = {"type": ["string", "null"], "format": "date-time"}
+NAMES = {"type": "array", "items": STRING}
 
 
 def common_schemas() -> dict[str, Any]:
@@ -201,6 +202,8 @@ def common_schemas() -> dict[str, Any]:
                      ("expires_at",)),
         "plan_of": {**STRING, "description": "The plan this run applies."},
         "retry_of": {**STRING, "description": "The run this run retries."},
+        "version": STRING, "from_version": STRING, "dropped": NAMES, "added": NAMES,
+        "retyped": NAMES,
         "idempotency_key": STRING,
         "cancel": {"enum": ["requested", "forced"]},
         "state_may_be_locked": {"type": "boolean"},
@@ -243,7 +246,9 @@ def common_schemas() -> dict[str, Any]:
                         ("module", "instance", "outputs", "changes", "run_id"),
                         "An apply that succeeded."),
         "Planned": obj({**base, "dry_run": {"const": True},
-                         "planned": {"type": "array", "items": ref("PlannedChange")}},
+                         "planned": {"type": "array", "items": ref("PlannedChange")},
+                         "version": STRING, "from_version": STRING, "dropped": NAMES,
+                         "added": NAMES, "retyped": NAMES},
                         ("module", "instance", "dry_run", "changes", "planned", "run_id"),
                         "A plan (`?dry_run=true`): what the run would change. It can be "
                         "applied as it is with `POST /runs/{run_id}/apply`."),
@@ -311,6 +316,7 @@ def module_schemas(module: Module, ident: str) -> dict[str, Any]:
                                      "written."},
             "drift": ref("Drift"),
             **refschema.INSTANCE_REFERENCES,
+            "version": STRING, "latest": STRING, "upgrade_available": {"type": "boolean"},
         }, ("module", "instance", "outputs", "resources", "serial", "terraform_version",
             "status"), f"An instance of module {name}, read from its state."),
         f"{ident}_module": obj({
@@ -324,6 +330,7 @@ def module_schemas(module: Module, ident: str) -> dict[str, Any]:
                 {"instance": NAME, "href": STRING,
                  "tenant": {**STRING, "description": "Another tenant's (admins)."}},
                 ("instance",))},
+            "version": STRING, "default_version": STRING, "versions": NAMES,
         }, ("module", "description", "variables", "outputs", "instances"),
             f"Module {name}: its variables, outputs and the caller's instances."),
     }

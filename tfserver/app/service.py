@@ -115,7 +115,8 @@ class Service:
                                    modules=self.modules, queued=self.queued,
                                    dependents=self.dependents)
         self.worker = (QueueWorker(self.queued, self.submitter.rebuild, slots=config.max_runs,
-                                   visibility=config.queue.visibility)
+                                   visibility=config.queue.visibility,
+                                   checks=self.queued.checks)
                        if self.queued is not None and config.queue.role != "api" else None)
         self.reruns = Reruns(self.modules, self.catalog, self.history, self.governance,
                              self.expiries, self.submitter)

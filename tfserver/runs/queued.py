@@ -309,8 +309,9 @@ class QueueWorker:
     invisible (its heartbeat to the queue) until they end."""
 
     def __init__(self, queued: QueuedRuns, build: Build, *, slots: int,
-                 visibility: int = 60, wait: int = 20) -> None:
+                 visibility: int = 60, wait: int = 20, checks: Checks | None = None) -> None:
         self.queued = queued
+        self.checks = checks
         self.queue = queued.queue
         self.build = build
         self.slots = slots
@@ -365,7 +366,7 @@ class QueueWorker:
                              daemon=True).start()
 
     def _run(self, message: Message) -> None:
-        done, checks = False, self.queued.checks
+        done, checks = False, self.checks
         spare: bool | None = False
         try:
             if checks is not None:  # a check gives its user slot back (checks.py)

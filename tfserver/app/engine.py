@@ -18,6 +18,7 @@ from ..errors import NotFound, TFServerError
 from ..metrics import Metrics
 from ..module.discover import Module
 from ..module.versions import recorded
+from ..runs.checks import Checks
 from ..runs.queued import QueuedRuns
 from ..runs.registry import Runs
 from ..runs.sqs import SqsQueue
@@ -27,6 +28,7 @@ from ..storage.base import StateBackend
 from ..terraform.args import build_args
 from ..terraform.process import Runner
 from ..terraform.workdir import WorkingCopies
+from .driftschedule import SCHEDULER
 from .execute import RunSpec
 
 logger = logging.getLogger(__name__)
@@ -94,8 +96,17 @@ def queued_runs(config: Config, runs: Runs, backend: StateBackend, copies: Worki
                         lock_of=lambda r: backend.lock_info(r.module, r.workspace),
                         unlock=unlock,
                         stale_lock_after=config.run_timeout + config.kill_grace + 30,
-                        on_resumed=lambda _: metrics.resumed.inc())
+                        on_resumed=lambda _: metrics.resumed.inc(),
+                        checks=Checks(runs, scheduled, spare=config.max_drift_checks,
+                                      on_preempted=lambda r: metrics.drift_checks.labels(
+                                          r.module, "preempted").inc()))
     metrics.watch_queue(lambda: float(queue.depth().waiting), queued.oldest,
                         lambda: float(len([r for r in runs.live()
                                            if r.record.status == "running"])))
     return queued
+
+
+def scheduled(record: RunRecord) -> bool:
+    """Whether the run is a scheduled drift check (driftrun.py starts them as
+    `tfserver:schedule`); a `POST .../drift` is a user's run."""
+    return record.operation == "drift" and record.subject == SCHEDULER.subject

@@ -112,7 +112,8 @@ class Service(UpgradeCalls):
                                    modules=self.modules, queued=self.queued,
                                    dependents=self.dependents)
         self.worker = (QueueWorker(self.queued, self.submitter.rebuild, slots=config.max_runs,
-                                   visibility=config.queue.visibility)
+                                   visibility=config.queue.visibility,
+                                   checks=self.queued.checks)
                        if self.queued is not None and config.queue.role != "api" else None)
         self.approvals = Approvals(self.runs, self.history, self.submitter)
         self.reruns = Reruns(self.modules, self.catalog, self.history, self.governance,

@@ -15,6 +15,8 @@ died leaves a run `running` with a dead heartbeat; its message comes back after 
 visibility timeout, and the next worker runs the operation again (at most `resume_lost`
 times, `attempt` counting), once the state's lock is free, or cleared when it is the
 dead worker's and older than any run of it could be. A saved plan is never applied twice.
+Scheduled drift checks run in spare slots beside a worker's and stand aside for a user's
+run of their instance (checks.py).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from dataclasses import replace
 from typing import Any
 
 from ..errors import Conflict, TFServerError, Unavailable
-from ..storage.base import json_object
+from ..storage.base import ObjectStore, json_object
+from .checks import Checks
 from .liveness import QUEUED
 from .places import Places
 from .registry import Runs
@@ -57,7 +60,8 @@ class QueuedRuns:
 
     def __init__(self, runs: Runs, queue: SqsQueue, *, queue_depth: int, resume_lost: int,
                  lock_of: LockOf, unlock: Unlock, stale_lock_after: float,
-                 on_resumed: Callable[[RunRecord], None] | None = None) -> None:
+                 on_resumed: Callable[[RunRecord], None] | None = None,
+                 checks: Checks | None = None) -> None:
         self.runs = runs
         self.store = runs.store
         self.queue = queue
@@ -68,6 +72,8 @@ class QueuedRuns:
         #: A lost worker's lock older than this is past any deadline of its run.
         self.stale_lock_after = stale_lock_after
         self.on_resumed = on_resumed
+        #: Scheduled checks: their spare slots on a worker, stopped by users' runs.
+        self.checks = checks
         #: Set when this worker stops: a take that waits hands its message back.
         self.stopping = threading.Event()
         #: Places on the queue: `queue_depth` an instance, `max_queued` a tenant.
@@ -105,6 +111,8 @@ class QueuedRuns:
             self.store.objects.delete(_spec_key(record.id))
             self._leave(record)
             raise
+        if self.checks is not None:
+            self.checks.preempt(record, self.cancel)
 
     def _leave(self, record: RunRecord) -> None:
         """The run left the queue: its places are free."""
@@ -245,7 +253,7 @@ class QueuedRuns:
         while record.active:
             if record.status == "queued":
                 # Claimed and never started: its worker died in between, unless just now.
-                fresh = self._claim_age(record.id, record.attempt) < STALE_CLAIM
+                fresh = _claim_age(self.store.objects, record.id, record.attempt) < STALE_CLAIM
                 return None if fresh else record
             if self.runs.liveness.lost(record):
                 return record
@@ -294,22 +302,16 @@ class QueuedRuns:
         return self.store.objects.put_new(f"_runs/claims/{run_id}.{attempt}",
                                           json.dumps({"at": time.time()}).encode())
 
-    def _claim_age(self, run_id: str, attempt: int) -> float:
-        """Seconds since the attempt was claimed (infinite when unreadable)."""
-        data = self.store.objects.get(f"_runs/claims/{run_id}.{attempt}")
-        try:
-            return time.time() - float(json.loads(data or b"{}")["at"])
-        except (ValueError, KeyError, TypeError):
-            return float("inf")
-
 
 class QueueWorker:
-    """Takes runs from the queue, at most `slots` at once, and keeps the messages of the
-    runs it holds invisible (its heartbeat to the queue) until they end."""
+    """Takes runs from the queue, at most `slots` users' runs at once (scheduled checks
+    in spare slots beside them: checks.py), and keeps the messages of the runs it holds
+    invisible (its heartbeat to the queue) until they end."""
 
     def __init__(self, queued: QueuedRuns, build: Build, *, slots: int,
-                 visibility: int = 60, wait: int = 20) -> None:
+                 visibility: int = 60, wait: int = 20, checks: Checks | None = None) -> None:
         self.queued = queued
+        self.checks = checks
         self.queue = queued.queue
         self.build = build
         self.slots = slots
@@ -364,9 +366,15 @@ class QueueWorker:
                              daemon=True).start()
 
     def _run(self, message: Message) -> None:
-        done = False
+        done, checks = False, self.checks
+        spare: bool | None = False
         try:
-            done = self.queued.take(message, self.build)
+            if checks is not None:  # a check gives its user slot back (checks.py)
+                spare = checks.slot(message.run_id, self._free, self._stop)
+                if spare:
+                    checks.own(message.run_id)
+            if spare is not None:  # None: this worker stops, the message goes back
+                done = self.queued.take(message, self.build)
         except TFServerError as e:
             logger.warning("queue: run %.64s not taken: %s", message.run_id, e.detail)
         except Exception:  # a bug must not cost the slot or the message
@@ -381,7 +389,10 @@ class QueueWorker:
                     self._hand_back(message)
             except TFServerError as e:
                 logger.warning("queue: message of run %.64s: %s", message.run_id, e.detail)
-            self._free.release()
+            if spare is False:
+                self._free.release()
+            elif spare and checks is not None:
+                checks.free_spare()
 
     def _hand_back(self, message: Message) -> None:
         """Let the message come back a little later (not at once: it would loop)."""
@@ -413,6 +424,15 @@ def _tenant(record: RunRecord) -> str:
 
 def _spec_key(run_id: str) -> str:
     return f"_runs/specs/{run_id}.json"
+
+
+def _claim_age(objects: ObjectStore, run_id: str, attempt: int) -> float:
+    """Seconds since the run's attempt was claimed (infinite when unreadable)."""
+    data = objects.get(f"_runs/claims/{run_id}.{attempt}")
+    try:
+        return time.time() - float(json.loads(data or b"{}")["at"])
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 def _epoch(text: str) -> float | None:

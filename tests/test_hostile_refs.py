@@ -1,0 +1,68 @@
+"""A hostile pass over references between instances (issue 22) and drift schedules
+(issue 23), against real servers: each test here is a defect found and fixed (the passes
+that found nothing need no test). Modules: tests/modules_refs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from support import ServerProcess, start_server
+from tfserver.module.refs import RefSyntaxError, parse_ref
+
+REFS = Path(__file__).parent / "modules_refs"
+
+
+def ref(text: str) -> dict[str, str]:
+    return {"$ref": text}
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder of the module's server (its state folder is `state/` in it)."""
+    return tmp_path_factory.mktemp("hostile-refs")
+
+
+@pytest.fixture(scope="module")
+def srv(home: Path, terraform_bin: str) -> Iterator[ServerProcess]:
+    server = start_server(home, modules_dir=REFS)
+    yield server
+    server.stop()
+
+
+def test_a_name_with_a_trailing_newline_is_no_name() -> None:
+    # `$` matches before a final newline: `/network/n1\n` named an instance "n1\n".
+    for text in ("/network/n1\n#/outputs/network_id", "/network\n/n1#/outputs/network_id"):
+        with pytest.raises(RefSyntaxError):
+            parse_ref(text)
+
+
+def test_a_damaged_uses_entry_is_no_500(srv: ServerProcess, home: Path) -> None:
+    """Entries of `_refs/uses/` with the wrong types (a damaged object): a GET, an
+    apply of the dependent and a cascade to it work on, and the entry is written anew."""
+    assert srv.request("PUT", "/network/d1", {}).status == 201
+    body = {"network_id": ref("/network/d1#/outputs/network_id")}
+    assert srv.request("PUT", "/subnet/d1", body).status == 201
+    uses = home / "state/_refs/uses/subnet/local.d1.json"
+    damaged: list[Any] = [
+        {"variable": ["network_id"], "ref": {"a": 1}, "serial": {}, "digest": 5},
+        {"variable": {"a": 1}, "ref": "/network/d1#/outputs/network_id"},
+        {"variable": "network_id", "ref": "/network/d1#/outputs/network_id",
+         "serial": [1], "digest": ["x"]}]
+    uses.write_text(json.dumps({"references": damaged}))
+    shown = srv.request("GET", "/subnet/d1")
+    assert shown.status == 200, shown.body
+    assert shown.json["outdated"] == [{"variable": "network_id",
+                                       "ref": "/network/d1#/outputs/network_id",
+                                       "applied_serial": None, "current_serial": 2}]
+    r = srv.request("PUT", "/subnet/d1", body)
+    assert r.status == 200, r.body
+    assert json.loads(uses.read_text())["references"] == [{
+        "variable": "network_id", "ref": "/network/d1#/outputs/network_id", "serial": 2,
+        "digest": json.loads(uses.read_text())["references"][0]["digest"]}]
+    assert srv.request("GET", "/subnet/d1").json["outdated"] == []
+

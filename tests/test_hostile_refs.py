@@ -5,6 +5,7 @@ that found nothing need no test). Modules: tests/modules_refs."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -66,3 +67,35 @@ def test_a_damaged_uses_entry_is_no_500(srv: ServerProcess, home: Path) -> None:
         "digest": json.loads(uses.read_text())["references"][0]["digest"]}]
     assert srv.request("GET", "/subnet/d1").json["outdated"] == []
 
+
+def wait_for(check: Any, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_a_delete_racing_a_dependents_apply_is_refused(srv: ServerProcess, home: Path
+                                                       ) -> None:
+    """The index listed a dependent only once its apply ended: a DELETE while the
+    dependent's terraform ran destroyed what it references."""
+    assert srv.request("PUT", "/network/r1", {}).status == 201
+    r = srv.request("PUT", "/subnet/r1", {"network_id": ref("/network/r1#/outputs/network_id")},
+                    headers={"Prefer": "respond-async"})
+    assert r.status == 202, r.body
+    run_id = r.json["id"]
+    kept = home / "state/_inputs/subnet/local.r1.json"
+    wait_for(kept.exists)  # terraform runs
+    d = srv.request("DELETE", "/network/r1")
+    assert d.status == 409, d.body
+    assert d.json["used_by"] == [{"module": "subnet", "instance": "r1",
+                                  "variable": "network_id"}]
+    srv.request("GET", f"/runs/{run_id}/events", timeout=120)
+    assert srv.request("GET", f"/runs/{run_id}").json["status"] == "succeeded"
+    assert srv.request("GET", "/network/r1").status == 200
+    # An apply that fails before changing anything leaves no entry behind.
+    assert srv.request("PUT", "/network/bad", {"name": "bad"}).status == 201
+    r = srv.request("PUT", "/subnet/r2", {"network_id": ref("/network/bad#/outputs/network_id")})
+    assert r.status >= 400, r.body
+    assert srv.request("GET", "/network/bad").json["used_by"] == []
+    assert srv.request("DELETE", "/network/bad").status == 200

@@ -24,7 +24,7 @@ from ..storage.base import StateBackend
 from .catalog import InstanceView, ModuleView, target_workspace
 from .execute import Applied, Destroyed, Outcome, RunSpec
 from .orphan import Orphaned, Orphaner
-from .references import References, digest
+from .references import References, digest, references_of
 from .refindex import BUILT, RefIndex, User, kept_references
 
 logger = logging.getLogger(__name__)
@@ -104,9 +104,11 @@ class Dependents:
 
     def users(self, module: str, workspace: str, *, at_most: int | None = None) -> list[User]:
         """The instance's users, each checked against its kept inputs (an entry the
-        inputs no longer back is dropped: the index repaired); `at_most` stops early."""
+        inputs no longer back is dropped, the index repaired, unless an apply of its
+        instance is under way: it wrote the entry as it started); `at_most` stops early."""
         found = []
         tenant = workspace_tenant(workspace)
+        applying: set[tuple[str, str]] | None = None
         for user in self.index.users(module, workspace):
             dep_ws = workspace_name(tenant, user.instance)
             try:
@@ -117,10 +119,15 @@ class Dependents:
             if any(v == user.variable and _names(r, module, workspace, tenant)
                    for v, r in kept_references(inputs)):
                 found.append(user)
-                if at_most is not None and len(found) >= at_most:
-                    break
             else:
-                self.index.drop(module, workspace, user)
+                if applying is None:
+                    applying = self.references.applying(tenant)
+                if (user.module, dep_ws) in applying:
+                    found.append(user)
+                else:
+                    self.index.drop(module, workspace, user)
+            if at_most is not None and len(found) >= at_most:
+                break
         return found
 
     def check_unused(self, module: str, workspace: str, instance: str) -> None:
@@ -174,6 +181,7 @@ class Dependents:
             return
         try:
             self.index.reindex(spec.module.name, spec.workspace, self.backend.inputs)
+            self._unclaim(spec)
         except TFServerError as e:
             logger.warning("reference index of %s/%s not kept: %s", spec.module.name,
                            spec.instance, e.detail, extra={"run_id": spec.run_id})
@@ -187,6 +195,20 @@ class Dependents:
                 + " were not applied")
         run.record.warnings = [*(run.record.warnings or []), note]
         run.emit("cascade_stopped", dependents=sorted(set(below)))
+
+    def _unclaim(self, spec: RunSpec) -> None:
+        """Drop the entries a failed apply wrote as it started (`RefIndex.claim`) that
+        its instance's kept inputs do not hold (it changed nothing, or never ran)."""
+        tenant = workspace_tenant(spec.workspace)
+        kept = set(kept_references(self.backend.inputs.load(spec.module.name,
+                                                            spec.workspace)))
+        for variable, text in references_of(spec.inputs):
+            if (variable, text) in kept:
+                continue
+            with contextlib.suppress(RefSyntaxError):
+                ref = parse_ref(text)
+                self.index.drop(ref.module, workspace_name(tenant, ref.instance), User(
+                    spec.module.name, spec.instance, variable, ref.output))
 
     def cascade(self, spec: RunSpec, submit: Submit) -> list[dict[str, str]]:
         """Start the apply of each dependent whose referenced value changed (async, its

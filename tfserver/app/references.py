@@ -124,6 +124,8 @@ class References:
         if not refs:
             return
         m, ws = spec.module, spec.workspace
+        if spec.operation == "apply":
+            self.index.claim(m.name, ws, refs)  # before the states are read: see `claim`
         self._wait_for(spec, refs)
         errors: list[FieldError] = []
         values = dict(spec.inputs)
@@ -217,6 +219,13 @@ class References:
             raise _Bad(f"references the sensitive output {ref.output!r} of {ref.source}: "
                        "only a sensitive variable may take it")
         return Found(ref, value, state.get("serial"), sensitive)
+
+    def applying(self, tenant: str) -> set[tuple[str, str]]:
+        """(module, workspace) of each instance of the tenant an apply is queued or
+        running on (on any replica)."""
+        ids = [r for t, _, r in self.runs.store.active() if t == tenant]
+        return {(r.module, r.workspace) for r in self.runs.records(ids)
+                if r.active and r.operation == "apply"}
 
     def _pending(self, module: str, ws: str) -> bool:
         """A run of the instance is queued or running (on any replica)."""

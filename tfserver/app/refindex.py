@@ -88,6 +88,18 @@ class RefIndex:
             self.objects.delete(uses_key(module, workspace))
         self._drop(module, workspace, old - new)
 
+    def claim(self, module: str, workspace: str, references: list[tuple[str, Any]]) -> None:
+        """At the start of a dependent's apply, before it reads what it references: the
+        entries of its references (variable, `$ref`), so that a destroy of a referenced
+        instance starting meanwhile finds it in use (its kept inputs are not written yet:
+        `Dependents.users` keeps the entries of an instance being applied)."""
+        for variable, text in references:
+            try:
+                src = parse_ref(text)
+            except RefSyntaxError:
+                continue
+            self.objects.put(self._entry(module, workspace, variable, src), b"")
+
     def forget(self, module: str, workspace: str) -> None:
         """A dependent destroyed or orphaned: its entries go."""
         old = {(r.get("variable"), r.get("ref")) for r in self.uses(module, workspace)}

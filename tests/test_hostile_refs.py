@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from support import ServerProcess, start_server
+from support import Jwks, ServerProcess, Signer, bearer, start_server
 from tfserver.module.refs import RefSyntaxError, parse_ref
 
 REFS = Path(__file__).parent / "modules_refs"
@@ -99,3 +99,45 @@ def test_a_delete_racing_a_dependents_apply_is_refused(srv: ServerProcess, home:
     assert r.status >= 400, r.body
     assert srv.request("GET", "/network/bad").json["used_by"] == []
     assert srv.request("DELETE", "/network/bad").status == 200
+
+
+@pytest.fixture(scope="module")
+def signer() -> Signer:
+    return Signer("key-hostile-refs")
+
+
+@pytest.fixture(scope="module")
+def auth_srv(tmp_path_factory: pytest.TempPathFactory, signer: Signer, terraform_bin: str
+             ) -> Iterator[ServerProcess]:
+    jwks = Jwks()
+    jwks.publish(signer)
+    server = start_server(tmp_path_factory.mktemp("hostile-refs-auth"), modules_dir=REFS,
+                          env={"COGNITO_ISSUER": Signer.ISSUER, "JWK_URL": jwks.url,
+                               "TFSERVER_CLIENT_IDS": "client-a"})
+    yield server
+    server.stop()
+    jwks.close()
+
+
+def test_an_unreadable_instance_tells_nothing_of_its_references(
+        auth_srv: ServerProcess, signer: Signer) -> None:
+    """The chain was followed before the caller's right to read the instance was
+    checked: a cycle through an instance of a module the caller may not read named it
+    (and what it references) where a missing one says "no such instance"."""
+    full = bearer(signer.token("client-a", "tfserver/network.write tfserver/subnet.write"))
+    narrow = bearer(signer.token("client-a", "tfserver/subnet.write"))
+    assert auth_srv.request("PUT", "/subnet/s0", {"network_id": "literal"},
+                            headers=full).status == 201
+    assert auth_srv.request("PUT", "/network/x", {"name": ref("/subnet/s0#/outputs/subnet_id")},
+                            headers=full).status == 201
+    answers = []
+    for text in ("/network/x#/outputs/network_id", "/network/absent#/outputs/network_id"):
+        r = auth_srv.request("PUT", "/subnet/s0", {"network_id": ref(text)}, headers=narrow)
+        assert r.status == 400, r.body
+        answers.append(r.json["errors"])
+    assert answers[0] == [{"field": "network_id",
+                           "message": "references network/x: no such instance (of yours)"}]
+    # The caller who may read it is told of the cycle.
+    r = auth_srv.request("PUT", "/subnet/s0", {"network_id": ref(
+        "/network/x#/outputs/network_id")}, headers=full)
+    assert r.status == 400 and "a cycle: subnet/s0 -> network/x -> subnet/s0" in r.body.decode()

@@ -92,9 +92,9 @@ class References:
         for name, text in references_of(body):
             if name not in m.variables or name in m.reserved:
                 continue  # m.validate names it (unknown, or the server's)
-            try:
-                self._chain(m.name, ws, text)
+            try:  # the instance first: a chain is followed only from one the caller reads
                 found = self._lookup(m, name, text, principal, ws, pending_ok=True)
+                self._chain(m.name, ws, text)
             except _Bad as e:
                 errors.append(FieldError(name, str(e)))
                 skip.add(name)

@@ -13,7 +13,11 @@ from typing import Any
 import pytest
 
 from support import Jwks, ServerProcess, Signer, bearer, start_server
+from tfserver.app.driftclaims import DriftClaims
+from tfserver.app.driftschedule import DriftSchedule, Instances, Schedule
+from tfserver.metrics import Metrics
 from tfserver.module.refs import RefSyntaxError, parse_ref
+from tfserver.storage.local import LocalObjects
 
 REFS = Path(__file__).parent / "modules_refs"
 
@@ -141,3 +145,41 @@ def test_an_unreadable_instance_tells_nothing_of_its_references(
     r = auth_srv.request("PUT", "/subnet/s0", {"network_id": ref(
         "/network/x#/outputs/network_id")}, headers=full)
     assert r.status == 400 and "a cycle: subnet/s0 -> network/x -> subnet/s0" in r.body.decode()
+
+
+# -- drift schedules -------------------------------------------------------------------
+
+
+def test_checks_that_cannot_keep_up_still_reach_every_module(tmp: Path) -> None:
+    """A tick started from the top of the list each time: with more checks due than
+    slots, the first module's instances took every slot and another module's were
+    never checked."""
+    listed = {"a": [f"t.a{n}" for n in range(5)], "b": ["t.b0"]}
+    checked: dict[tuple[str, str], float] = {}
+    status: dict[str, str] = {}
+    started: list[tuple[str, str]] = []
+    clock = [1_000_000.0]
+
+    def start(module: str, workspace: str, reconcile: bool) -> str:
+        run_id = f"r{len(started)}"
+        started.append((module, workspace))
+        status[run_id] = "running"
+        return run_id
+
+    claims = DriftClaims(LocalObjects(tmp / "o"), lambda r: status.get(r, "lost"), slots=1,
+                         max_age=3600)
+    instances = Instances(lambda m: listed[m], lambda m, ws: checked.get((m, ws)),
+                          lambda m, ws: False)
+    schedule = DriftSchedule({"a": Schedule(600, False), "b": Schedule(600, False)},
+                             instances, claims, start, replica="r", metrics=Metrics(),
+                             clock=lambda: clock[0])
+    for _ in range(30):  # one check a tick, a tick every 200 s: 3 a period for 6 due
+        schedule.tick_once()
+        for n, key in enumerate(started):
+            if status[f"r{n}"] == "running":
+                status[f"r{n}"] = "succeeded"
+                checked[key] = clock[0]
+        clock[0] += 200
+    assert ("b", "t.b0") in started
+    counts = {key: started.count(key) for key in set(started)}
+    assert len(counts) == 6 and max(counts.values()) - min(counts.values()) <= 2, counts

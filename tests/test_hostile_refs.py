@@ -105,6 +105,18 @@ def test_a_delete_racing_a_dependents_apply_is_refused(srv: ServerProcess, home:
     assert srv.request("DELETE", "/network/bad").status == 200
 
 
+def test_an_index_that_cannot_be_written_fails_no_apply(srv: ServerProcess, home: Path
+                                                        ) -> None:
+    """The entries an apply writes as it starts (see the test above) are as the rest of
+    the index: repaired from the kept inputs, never a reason to fail the apply."""
+    assert srv.request("PUT", "/network/w1", {}).status == 201
+    folder = home / "state/_refs/used-by/network/local.w1"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    folder.write_text("not a folder")
+    r = srv.request("PUT", "/subnet/w1", {"network_id": ref("/network/w1#/outputs/network_id")})
+    assert r.status == 201, r.body
+
+
 @pytest.fixture(scope="module")
 def signer() -> Signer:
     return Signer("key-hostile-refs")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import time
 from collections.abc import Mapping
@@ -30,6 +31,8 @@ from ..scrub import Scrubber
 from ..storage.base import StateBackend, holds_instance
 from .execute import RunSpec
 from .refindex import RefIndex, kept_references
+
+logger = logging.getLogger(__name__)
 
 #: The longest chain of references from one instance (deeper: 400). Each hop is one
 #: read of kept inputs at submit; eight covers network → subnet → app many times over.
@@ -124,8 +127,12 @@ class References:
         if not refs:
             return
         m, ws = spec.module, spec.workspace
-        if spec.operation == "apply":
-            self.index.claim(m.name, ws, refs)  # before the states are read: see `claim`
+        if spec.operation == "apply":  # before the states are read: see `claim`
+            try:
+                self.index.claim(m.name, ws, refs)
+            except TFServerError as e:  # the index is repaired from the kept inputs
+                logger.warning("reference index of %s/%s not claimed: %s", m.name,
+                               spec.instance, e.detail, extra={"run_id": spec.run_id})
         self._wait_for(spec, refs)
         errors: list[FieldError] = []
         values = dict(spec.inputs)

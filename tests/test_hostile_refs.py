@@ -72,6 +72,13 @@ def test_a_damaged_uses_entry_is_no_500(srv: ServerProcess, home: Path) -> None:
     assert srv.request("GET", "/subnet/d1").json["outdated"] == []
 
 
+def events(srv: ServerProcess, run_id: str) -> list[dict[str, Any]]:
+    """A run's whole event log (the stream ends with the run)."""
+    r = srv.request("GET", f"/runs/{run_id}/events", timeout=120)
+    assert r.status == 200, r.body
+    return [json.loads(line) for line in r.body.decode().splitlines() if line.strip()]
+
+
 def wait_for(check: Any, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -195,3 +202,29 @@ def test_checks_that_cannot_keep_up_still_reach_every_module(tmp: Path) -> None:
     assert ("b", "t.b0") in started
     counts = {key: started.count(key) for key in set(started)}
     assert len(counts) == 6 and max(counts.values()) - min(counts.values()) <= 2, counts
+
+
+def test_a_cascade_the_queue_cannot_take_says_so(tmp: Path, terraform_bin: str) -> None:
+    """A dependent whose cascaded apply the lanes refused (every slot busy, the queue
+    full) was left out without a word but a log line: the cascade's record now says so."""
+    server = start_server(tmp, modules_dir=REFS, env={"TFSERVER_MAX_RUNS": "2",
+                                                      "TFSERVER_QUEUE_DEPTH": "0"})
+    try:
+        assert server.request("PUT", "/network/q", {}).status == 201
+        for n in range(3):
+            assert server.request("PUT", f"/subnet/q{n}", {"network_id": ref(
+                "/network/q#/outputs/network_id")}).status == 201
+        r = server.request("PUT", "/network/q?cascade=true", {"name": "moved"})
+        assert r.status == 200, r.body
+        record = server.request("GET", f"/runs/{r.json['run_id']}").json
+        started = [e for e in events(server, r.json["run_id"]) if e["type"] == "cascade"]
+        named = {x["instance"] for e in started for x in e["runs"]}
+        stopped = [e for e in events(server, r.json["run_id"])
+                   if e["type"] == "cascade_stopped"]
+        left = {d for e in stopped for d in e["dependents"]}
+        assert len(named) + len(left) == 3 and left, (named, left)
+        assert {f"subnet/{n}" for n in named}.isdisjoint(left)
+        assert any(w.startswith("the cascade did not start the apply of subnet/q")
+                   and "full" in w for w in record["warnings"]), record
+    finally:
+        server.stop()

@@ -169,9 +169,14 @@ class Dependents:
             logger.warning("reference index of %s/%s not kept: %s", name, spec.instance,
                            e.detail, extra={"run_id": spec.run_id})
         if isinstance(outcome, Applied) and spec.cascade:
-            started = self.cascade(spec, submit)
+            started, refused = self.cascade(spec, submit)
             if started:
                 run.emit("cascade", runs=started)
+            if refused:  # the dependents stay outdated: the caller must hear of it
+                run.record.warnings = [*(run.record.warnings or []), *(
+                    f"the cascade did not start the apply of {d}: {why}"
+                    for d, why in refused)]
+                run.emit("cascade_stopped", dependents=[d for d, _ in refused])
 
     def failed(self, run: Run, spec: RunSpec) -> None:
         """An apply failed: the index follows the kept inputs (an apply that failed
@@ -210,12 +215,14 @@ class Dependents:
                 self.index.drop(ref.module, workspace_name(tenant, ref.instance), User(
                     spec.module.name, spec.instance, variable, ref.output))
 
-    def cascade(self, spec: RunSpec, submit: Submit) -> list[dict[str, str]]:
+    def cascade(self, spec: RunSpec, submit: Submit
+                ) -> tuple[list[dict[str, str]], list[tuple[str, str]]]:
         """Start the apply of each dependent whose referenced value changed (async, its
-        kept inputs, `triggered_by` this run); what started."""
+        kept inputs, `triggered_by` this run); what started, and the dependents that
+        could not be started (`module/instance`, why: busy, the queue full)."""
         name, ws = spec.module.name, spec.workspace
         tenant = workspace_tenant(ws)
-        started = []
+        started, refused = [], []
         for dep_module, dep_instance in sorted({(u.module, u.instance)
                                                 for u in self.users(name, ws)}):
             module = self.modules.get(dep_module)
@@ -239,7 +246,8 @@ class Dependents:
             except TFServerError as e:
                 logger.warning("cascade to %s/%s not started: %s", dep_module, dep_instance,
                                e.detail, extra={"run_id": spec.run_id})
-        return started
+                refused.append((f"{dep_module}/{dep_instance}", spec.scrub(e.detail)))
+        return started, refused
 
     def _changed(self, dep_module: str, dep_ws: str, module: str, ws: str) -> bool:
         """A dependent's references to (module, ws) resolve to other values now than at

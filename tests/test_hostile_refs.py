@@ -124,6 +124,20 @@ def test_an_index_that_cannot_be_written_fails_no_apply(srv: ServerProcess, home
     assert r.status == 201, r.body
 
 
+def test_a_failed_apply_that_moved_a_pointer_keeps_the_entry(srv: ServerProcess) -> None:
+    """An entry names the output, not the path into it: a failed apply whose reference
+    went elsewhere in the same output dropped the entry its kept inputs still need."""
+    assert srv.request("PUT", "/network/badp", {"name": "bad"}).status == 201
+    assert srv.request("PUT", "/subnet/p1", {"network_id": ref(
+        "/network/badp#/outputs/subnets/0/zone")}).status == 201
+    r = srv.request("PUT", "/subnet/p1", {"network_id": ref(
+        "/network/badp#/outputs/subnets/0/id")})  # "sn-bad-a": the module refuses it
+    assert r.status >= 400, r.body
+    used = [{"module": "subnet", "instance": "p1", "variable": "network_id"}]
+    assert srv.request("GET", "/network/badp").json["used_by"] == used
+    assert srv.request("DELETE", "/network/badp").status == 409
+
+
 @pytest.fixture(scope="module")
 def signer() -> Signer:
     return Signer("key-hostile-refs")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from ..auth import Principal
@@ -203,17 +203,24 @@ class Dependents:
 
     def _unclaim(self, spec: RunSpec) -> None:
         """Drop the entries a failed apply wrote as it started (`RefIndex.claim`) that
-        its instance's kept inputs do not hold (it changed nothing, or never ran)."""
+        its instance's kept inputs do not hold (it changed nothing, or never ran). An
+        entry names the variable and the output, not the path into it: so does this."""
         tenant = workspace_tenant(spec.workspace)
-        kept = set(kept_references(self.backend.inputs.load(spec.module.name,
-                                                            spec.workspace)))
-        for variable, text in references_of(spec.inputs):
-            if (variable, text) in kept:
-                continue
-            with contextlib.suppress(RefSyntaxError):
-                ref = parse_ref(text)
-                self.index.drop(ref.module, workspace_name(tenant, ref.instance), User(
-                    spec.module.name, spec.instance, variable, ref.output))
+
+        def entries(refs: Iterable[tuple[str, Any]]) -> dict[tuple[str, str, str], User]:
+            found = {}
+            for variable, text in refs:
+                with contextlib.suppress(RefSyntaxError):
+                    ref = parse_ref(text)
+                    found[(ref.module, ref.instance, variable)] = User(
+                        spec.module.name, spec.instance, variable, ref.output)
+            return found
+
+        kept = entries(kept_references(self.backend.inputs.load(spec.module.name,
+                                                                spec.workspace)))
+        for key, user in entries(references_of(spec.inputs)).items():
+            if kept.get(key) != user:
+                self.index.drop(key[0], workspace_name(tenant, key[1]), user)
 
     def cascade(self, spec: RunSpec, submit: Submit
                 ) -> tuple[list[dict[str, str]], list[tuple[str, str]]]:

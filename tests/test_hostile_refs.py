@@ -242,3 +242,13 @@ def test_a_cascade_the_queue_cannot_take_says_so(tmp: Path, terraform_bin: str) 
                    and "full" in w for w in record["warnings"]), record
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("at", ["1e300", "Infinity"])
+def test_a_lease_written_far_ahead_holds_no_slot_forever(tmp: Path, at: str) -> None:
+    """A lease whose time is far in the future (a damaged object, a replica's clock
+    gone wrong) was held until then: every scheduled check of every replica stopped."""
+    objects = LocalObjects(tmp / "o")
+    objects.put("_driftslots/0000.000000000000", f'{{"replica": "x", "at": {at}}}'.encode())
+    claims = DriftClaims(objects, lambda run_id: "lost", slots=1, max_age=3600)
+    assert claims.take("r", 1_000_000.0) is not None

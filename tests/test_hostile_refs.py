@@ -252,3 +252,21 @@ def test_a_lease_written_far_ahead_holds_no_slot_forever(tmp: Path, at: str) -> 
     objects.put("_driftslots/0000.000000000000", f'{{"replica": "x", "at": {at}}}'.encode())
     claims = DriftClaims(objects, lambda run_id: "lost", slots=1, max_age=3600)
     assert claims.take("r", 1_000_000.0) is not None
+
+
+def test_a_check_dated_in_the_future_does_not_stop_the_schedule(tmp: Path) -> None:
+    """The last check's time, read from the instance's drift report, was trusted when
+    ahead of the clock: a report dated far ahead (damaged) was never due again."""
+    started: list[str] = []
+
+    def start(module: str, workspace: str, reconcile: bool) -> str:
+        started.append(workspace)
+        return f"r{len(started)}"
+
+    claims = DriftClaims(LocalObjects(tmp / "o"), lambda r: "succeeded", slots=1,
+                         max_age=3600)
+    instances = Instances(lambda m: ["t.i0"], lambda m, ws: 1e300, lambda m, ws: False)
+    schedule = DriftSchedule({"m": Schedule(600, False)}, instances, claims, start,
+                             replica="r", metrics=Metrics(), clock=lambda: 1_000_000.0)
+    assert schedule.tick_once() == 1 and started == ["t.i0"]
+    assert schedule.tick_once() == 0  # and once a period only

@@ -151,7 +151,9 @@ class DriftSchedule(threading.Thread):
             return ""
         number, began = period(module, workspace, plan.interval, now)
         checked = self.instances.last_checked(module, workspace)
-        if (checked is not None and checked >= began) or \
+        # A check dated after now (a damaged report, a clock ahead) is none: else the
+        # instance is never due again; the period's claim still keeps it to one check.
+        if (checked is not None and began <= checked <= now) or \
                 self.claims.claimed(module, workspace, number):
             self._next[key] = began + plan.interval
             return ""

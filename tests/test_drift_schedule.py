@@ -633,12 +633,15 @@ def test_two_replicas_on_one_bucket_run_each_check_once(
         for name in ("one", "two"):
             until(lambda n=name: len([r for r in runs_of(b, n)  # type: ignore[misc]
                                       if r["operation"] == "drift"]) >= 3, timeout=60)
+        checks = {r["id"]: r for name in ("one", "two") for r in runs_of(a, name)
+                  if r["operation"] == "drift"}
+        # A check's line is logged once its run exists, and read from the pipe later.
+        until(lambda: all(f"(run {run})" in a.log_text() + b.log_text() for run in checks),
+              timeout=10)
         started = [m.groups() for s in (a, b) for m in re.finditer(
             r"drift schedule: checking steps/(\S+), period (\d+) \(run (\w+)\)",
             s.log_text())]
         assert len({(ws, n) for ws, n, _ in started}) == len(started)  # each period once
-        checks = {r["id"]: r for name in ("one", "two") for r in runs_of(a, name)
-                  if r["operation"] == "drift"}
         assert {run for *_, run in started} >= set(checks)
         assert {r["status"] for r in checks.values()} <= {"succeeded", "running", "queued"}
     finally:

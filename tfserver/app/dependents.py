@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from ..auth import Principal
@@ -24,7 +24,7 @@ from ..storage.base import StateBackend
 from .catalog import InstanceView, ModuleView, target_workspace
 from .execute import Applied, Destroyed, Outcome, RunSpec
 from .orphan import Orphaned, Orphaner
-from .references import References, digest
+from .references import References, digest, references_of
 from .refindex import BUILT, RefIndex, User, kept_references
 
 logger = logging.getLogger(__name__)
@@ -104,9 +104,11 @@ class Dependents:
 
     def users(self, module: str, workspace: str, *, at_most: int | None = None) -> list[User]:
         """The instance's users, each checked against its kept inputs (an entry the
-        inputs no longer back is dropped: the index repaired); `at_most` stops early."""
+        inputs no longer back is dropped, the index repaired, unless an apply of its
+        instance is under way: it wrote the entry as it started); `at_most` stops early."""
         found = []
         tenant = workspace_tenant(workspace)
+        applying: set[tuple[str, str]] | None = None
         for user in self.index.users(module, workspace):
             dep_ws = workspace_name(tenant, user.instance)
             try:
@@ -117,10 +119,15 @@ class Dependents:
             if any(v == user.variable and _names(r, module, workspace, tenant)
                    for v, r in kept_references(inputs)):
                 found.append(user)
-                if at_most is not None and len(found) >= at_most:
-                    break
             else:
-                self.index.drop(module, workspace, user)
+                if applying is None:
+                    applying = self.references.applying(tenant)
+                if (user.module, dep_ws) in applying:
+                    found.append(user)
+                else:
+                    self.index.drop(module, workspace, user)
+            if at_most is not None and len(found) >= at_most:
+                break
         return found
 
     def check_unused(self, module: str, workspace: str, instance: str) -> None:
@@ -162,9 +169,14 @@ class Dependents:
             logger.warning("reference index of %s/%s not kept: %s", name, spec.instance,
                            e.detail, extra={"run_id": spec.run_id})
         if isinstance(outcome, Applied) and spec.cascade:
-            started = self.cascade(spec, submit)
+            started, refused = self.cascade(spec, submit)
             if started:
                 run.emit("cascade", runs=started)
+            if refused:  # the dependents stay outdated: the caller must hear of it
+                run.record.warnings = [*(run.record.warnings or []), *(
+                    f"the cascade did not start the apply of {d}: {why}"
+                    for d, why in refused)]
+                run.emit("cascade_stopped", dependents=[d for d, _ in refused])
 
     def failed(self, run: Run, spec: RunSpec) -> None:
         """An apply failed: the index follows the kept inputs (an apply that failed
@@ -174,6 +186,7 @@ class Dependents:
             return
         try:
             self.index.reindex(spec.module.name, spec.workspace, self.backend.inputs)
+            self._unclaim(spec)
         except TFServerError as e:
             logger.warning("reference index of %s/%s not kept: %s", spec.module.name,
                            spec.instance, e.detail, extra={"run_id": spec.run_id})
@@ -188,12 +201,35 @@ class Dependents:
         run.record.warnings = [*(run.record.warnings or []), note]
         run.emit("cascade_stopped", dependents=sorted(set(below)))
 
-    def cascade(self, spec: RunSpec, submit: Submit) -> list[dict[str, str]]:
+    def _unclaim(self, spec: RunSpec) -> None:
+        """Drop the entries a failed apply wrote as it started (`RefIndex.claim`) that
+        its instance's kept inputs do not hold (it changed nothing, or never ran). An
+        entry names the variable and the output, not the path into it: so does this."""
+        tenant = workspace_tenant(spec.workspace)
+
+        def entries(refs: Iterable[tuple[str, Any]]) -> dict[tuple[str, str, str], User]:
+            found = {}
+            for variable, text in refs:
+                with contextlib.suppress(RefSyntaxError):
+                    ref = parse_ref(text)
+                    found[(ref.module, ref.instance, variable)] = User(
+                        spec.module.name, spec.instance, variable, ref.output)
+            return found
+
+        kept = entries(kept_references(self.backend.inputs.load(spec.module.name,
+                                                                spec.workspace)))
+        for key, user in entries(references_of(spec.inputs)).items():
+            if kept.get(key) != user:
+                self.index.drop(key[0], workspace_name(tenant, key[1]), user)
+
+    def cascade(self, spec: RunSpec, submit: Submit
+                ) -> tuple[list[dict[str, str]], list[tuple[str, str]]]:
         """Start the apply of each dependent whose referenced value changed (async, its
-        kept inputs, `triggered_by` this run); what started."""
+        kept inputs, `triggered_by` this run); what started, and the dependents that
+        could not be started (`module/instance`, why: busy, the queue full)."""
         name, ws = spec.module.name, spec.workspace
         tenant = workspace_tenant(ws)
-        started = []
+        started, refused = [], []
         for dep_module, dep_instance in sorted({(u.module, u.instance)
                                                 for u in self.users(name, ws)}):
             module = self.modules.get(dep_module)
@@ -217,7 +253,8 @@ class Dependents:
             except TFServerError as e:
                 logger.warning("cascade to %s/%s not started: %s", dep_module, dep_instance,
                                e.detail, extra={"run_id": spec.run_id})
-        return started
+                refused.append((f"{dep_module}/{dep_instance}", spec.scrub(e.detail)))
+        return started, refused
 
     def _changed(self, dep_module: str, dep_ws: str, module: str, ws: str) -> bool:
         """A dependent's references to (module, ws) resolve to other values now than at

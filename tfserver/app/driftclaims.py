@@ -130,7 +130,7 @@ class DriftClaims:
         if doc is None:
             return False  # gone meanwhile (released), or unreadable: free
         at = float(doc.get("at", 0)) if isinstance(doc.get("at"), int | float) else 0.0
-        if now - at > self.max_age:
+        if not abs(now - at) <= self.max_age:  # too old, damaged (NaN), or far ahead
             return False
         run_id = doc.get("run_id")
         if not isinstance(run_id, str):

@@ -110,6 +110,8 @@ class DriftSchedule(threading.Thread):
         self.stop_event = threading.Event()
         #: When each instance is next worth a look (its next period): no reads before.
         self._next: dict[tuple[str, str], float] = {}
+        #: The instance the last tick found no slot for: the next tick begins there.
+        self._resume: tuple[str, str] | None = None
 
     def run(self) -> None:
         """Look every tick (with jitter, so replicas do not look at the same moment)."""
@@ -122,17 +124,20 @@ class DriftSchedule(threading.Thread):
     def tick_once(self) -> int:
         """Start every due check this replica can take now; how many it started."""
         started = 0
-        seen: set[tuple[str, str]] = set()
-        for module, plan in self.plans.items():
-            workspaces = self.instances.workspaces(module)
-            seen.update((module, ws) for ws in workspaces)
-            for workspace in workspaces:
-                if self.stop_event.is_set():
-                    return started
-                outcome = self._consider(module, workspace, plan)
-                if outcome == "full":
-                    return started
-                started += outcome == "started"
+        listed = [(m, ws) for m in self.plans for ws in self.instances.workspaces(m)]
+        seen = set(listed)
+        # Round and round, not from the top each tick: when the slots cannot keep up,
+        # the instances listed last (another module's) still get their turn.
+        first = listed.index(self._resume) if self._resume in seen else 0
+        for module, workspace in listed[first:] + listed[:first]:
+            if self.stop_event.is_set():
+                return started
+            outcome = self._consider(module, workspace, self.plans[module])
+            if outcome == "full":
+                self._resume = (module, workspace)
+                return started
+            started += outcome == "started"
+        self._resume = None
         for gone in self._next.keys() - seen:  # destroyed meanwhile: its claims go too
             del self._next[gone]
             self.claims.forget(*gone)
@@ -146,7 +151,9 @@ class DriftSchedule(threading.Thread):
             return ""
         number, began = period(module, workspace, plan.interval, now)
         checked = self.instances.last_checked(module, workspace)
-        if (checked is not None and checked >= began) or \
+        # A check dated after now (a damaged report, a clock ahead) is none: else the
+        # instance is never due again; the period's claim still keeps it to one check.
+        if (checked is not None and began <= checked <= now) or \
                 self.claims.claimed(module, workspace, number):
             self._next[key] = began + plan.interval
             return ""

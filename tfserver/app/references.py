@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -30,6 +31,8 @@ from ..scrub import Scrubber
 from ..storage.base import StateBackend, holds_instance
 from .execute import RunSpec
 from .refindex import RefIndex, kept_references
+
+logger = logging.getLogger(__name__)
 
 #: The longest chain of references from one instance (deeper: 400). Each hop is one
 #: read of kept inputs at submit; eight covers network → subnet → app many times over.
@@ -98,9 +101,9 @@ class References:
         for name, text in references_of(body):
             if name not in m.variables or name in m.reserved:
                 continue  # m.validate names it (unknown, or the server's)
-            try:
-                self._chain(m.name, ws, text)
+            try:  # the instance first: a chain is followed only from one the caller reads
                 found = self._lookup(m, name, text, principal, ws, pending_ok=True)
+                self._chain(m.name, ws, text)
             except _Bad as e:
                 errors.append(FieldError(name, str(e)))
                 skip.add(name)
@@ -130,6 +133,12 @@ class References:
         if not refs:
             return
         m, ws = spec.module, spec.workspace
+        if spec.operation == "apply":  # before the states are read: see `claim`
+            try:
+                self.index.claim(m.name, ws, refs)
+            except TFServerError as e:  # the index is repaired from the kept inputs
+                logger.warning("reference index of %s/%s not claimed: %s", m.name,
+                               spec.instance, e.detail, extra={"run_id": spec.run_id})
         self._wait_for(spec, refs)
         errors: list[FieldError] = []
         values = dict(spec.inputs)
@@ -223,6 +232,13 @@ class References:
             raise _Bad(f"references the sensitive output {ref.output!r} of {ref.source}: "
                        "only a sensitive variable may take it")
         return Found(ref, value, state.get("serial"), sensitive)
+
+    def applying(self, tenant: str) -> set[tuple[str, str]]:
+        """(module, workspace) of each instance of the tenant an apply is queued or
+        running on (on any replica)."""
+        ids = [r for t, _, r in self.runs.store.active() if t == tenant]
+        return {(r.module, r.workspace) for r in self.runs.records(ids)
+                if r.active and r.operation == "apply"}
 
     def _pending(self, module: str, ws: str) -> bool:
         """A run of the instance is queued or running (on any replica)."""

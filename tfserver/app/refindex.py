@@ -73,7 +73,7 @@ class RefIndex:
         """A dependent's references as its last apply resolved them ([] if none)."""
         doc = json_object(self.objects.get(uses_key(module, workspace)))
         found = (doc or {}).get("references")
-        return [r for r in found if isinstance(r, dict)] if isinstance(found, list) else []
+        return [_use(r) for r in found if _well_formed(r)] if isinstance(found, list) else []
 
     def record(self, module: str, workspace: str, references: list[dict[str, Any]]) -> None:
         """After a dependent's apply: its references now (entries added and dropped)."""
@@ -87,6 +87,18 @@ class RefIndex:
         else:
             self.objects.delete(uses_key(module, workspace))
         self._drop(module, workspace, old - new)
+
+    def claim(self, module: str, workspace: str, references: list[tuple[str, Any]]) -> None:
+        """At the start of a dependent's apply, before it reads what it references: the
+        entries of its references (variable, `$ref`), so that a destroy of a referenced
+        instance starting meanwhile finds it in use (its kept inputs are not written yet:
+        `Dependents.users` keeps the entries of an instance being applied)."""
+        for variable, text in references:
+            try:
+                src = parse_ref(text)
+            except RefSyntaxError:
+                continue
+            self.objects.put(self._entry(module, workspace, variable, src), b"")
 
     def forget(self, module: str, workspace: str) -> None:
         """A dependent destroyed or orphaned: its entries go."""
@@ -155,6 +167,22 @@ class RefIndex:
         user = User(dep_module, dep_workspace.partition(".")[2], variable, src.output)
         return used_by_folder(src.module, workspace_name(workspace_tenant(dep_workspace),
                                                          src.instance)) + _name(user)
+
+
+def _well_formed(entry: Any) -> bool:
+    """True for an entry of `uses` whose variable and reference are text (a damaged one,
+    wrong types in it, is left out: `reindex` writes it again from the kept inputs)."""
+    return isinstance(entry, dict) and isinstance(entry.get("variable"), str) and \
+        isinstance(entry.get("ref"), str)
+
+
+def _use(entry: dict[str, Any]) -> dict[str, Any]:
+    """An entry of `uses` with a serial that is a number and a digest that is text, or
+    None (what a damaged one holds instead is not shown, nor compared)."""
+    serial, found = entry.get("serial"), entry.get("digest")
+    return {"variable": entry["variable"], "ref": entry["ref"],
+            "serial": serial if isinstance(serial, int) and not isinstance(serial, bool)
+            else None, "digest": found if isinstance(found, str) else None}
 
 
 def _name(user: User) -> str:

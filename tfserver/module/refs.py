@@ -56,7 +56,7 @@ def parse_ref(text: Any) -> Ref:
     if not hash_sign:
         raise RefSyntaxError("$ref must be /<module>/<instance>#/outputs/<name>")
     parts = document.split("/")
-    if len(parts) != 3 or parts[0] != "" or not all(NAME_RE.match(p) for p in parts[1:]):
+    if len(parts) != 3 or parts[0] != "" or not all(NAME_RE.fullmatch(p) for p in parts[1:]):
         raise RefSyntaxError("$ref must name an instance as /<module>/<instance> "
                              "(lowercase names, nothing encoded)")
     tokens = pointer_tokens(fragment)

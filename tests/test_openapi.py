@@ -39,7 +39,7 @@ from support import (
 from tfserver.auth import Principal
 from tfserver.module.discover import load_module
 from tfserver.web.openapi import ApiDescription, DocSettings, operation_idents
-from tfserver.web.schemas import NUMBER_LIMITS, request_schema
+from tfserver.web.varschema import NUMBER_LIMITS, request_schema
 
 SHAPES = Path(__file__).resolve().parent / "modules_openapi" / "shapes"
 MODULE_DIRS = {"demo": ROOT / "modules" / "demo", "droplet": ROOT / "modules" / "droplet",

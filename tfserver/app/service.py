@@ -34,7 +34,7 @@ from ..storage.base import StateBackend
 from ..storage.local import LocalBackend
 from ..terraform.process import Runner
 from ..terraform.workdir import VarFiles, WorkingCopies
-from .approvals import Approvals
+from .approvals import ApprovalCalls, Approvals
 from .catalog import Catalog, InstanceView, ModuleView, target_workspace
 from .dependents import Dependents, before_run
 from .drift import drift_spec
@@ -67,7 +67,7 @@ class Readiness:
     modules: dict[str, str]
 
 
-class Service(UpgradeCalls):
+class Service(UpgradeCalls, ApprovalCalls):
     """Everything the HTTP layer can ask for, given a `Principal`."""
 
     def __init__(self, config: Config, modules: Mapping[str, Module], runner: Runner,
@@ -215,14 +215,6 @@ class Service(UpgradeCalls):
         """Run an ended run's kept request again (see `Reruns.retry`)."""
         return self.reruns.retry(principal, run_id, asynchronous=asynchronous,
                                  idempotency=idempotency, origin=origin)
-
-    def approve(self, principal: Principal, run_id: str) -> Submitted:
-        """Apply exactly the saved plan of a run awaiting approval (see `Approvals`)."""
-        return self.approvals.approve(principal, run_id)
-
-    def reject(self, principal: Principal, run_id: str) -> RunRecord:
-        """End a run awaiting approval `rejected` (see `Approvals`)."""
-        return self.approvals.reject(principal, run_id)
 
     def orphan(self, principal: Principal, name: str, instance: str, *,
                tenant: str | None = None, address: str | None = None) -> Orphaned:

@@ -167,14 +167,7 @@ class Policy:
         if tenant is not None:
             merged.update(tenant.limits)
             merged.update(tenant.modules.get(module, {}))
-        return Limits(max_instances=_count(merged.get("max_instances_per_tenant")),
-                      max_runs=_count(merged.get("max_runs_per_tenant")),
-                      max_queued=_count(merged.get("max_queued_per_tenant",
-                                                   DEFAULT_MAX_QUEUED)),
-                      default_ttl=merged.get("default_ttl"),
-                      max_ttl=merged.get("max_ttl"), cascade=bool(merged.get("cascade")),
-                      require_approval=bool(merged.get("require_approval")),
-                      separate_approver=bool(merged.get("separate_approver")))
+        return _limits(merged)
 
     def narrowed(self, modules: Mapping[str, Module]) -> dict[str, Module]:
         """`modules` with the policy's allowed values merged into their schemas.
@@ -409,6 +402,17 @@ def _count(value: int | float | None) -> int | None:
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and \
         math.isfinite(value)
+
+
+def _limits(merged: Mapping[str, int | float | None]) -> Limits:
+    """The limits of the merged scopes of one client on one module."""
+    return Limits(max_instances=_count(merged.get("max_instances_per_tenant")),
+                  max_runs=_count(merged.get("max_runs_per_tenant")),
+                  max_queued=_count(merged.get("max_queued_per_tenant", DEFAULT_MAX_QUEUED)),
+                  default_ttl=merged.get("default_ttl"),
+                  max_ttl=merged.get("max_ttl"), cascade=bool(merged.get("cascade")),
+                  require_approval=bool(merged.get("require_approval")),
+                  separate_approver=bool(merged.get("separate_approver")))
 
 
 def _no_module(name: str, modules: Mapping[str, Module]) -> str:

@@ -114,10 +114,12 @@ class Approvals:
         self._thread = threading.Thread(target=self._expire_loop, name="approvals",
                                         daemon=True)
 
-    def start(self) -> None:
-        """Bring back the runs a stopped server left awaiting; then expire on time."""
+    def start(self, *, every_replica: bool = False) -> None:
+        """Bring back the runs a stopped server left awaiting (`every_replica`: the store
+        is this server's alone); then expire on time. Called before `Runs.start` marks
+        leftovers lost: an approved run whose apply never began is taken back first."""
         try:
-            self.recover()
+            self.recover(every_replica=every_replica)
         except TFServerError as e:
             logger.error("runs awaiting approval not recovered: %s", e.detail)
         self._thread.start()
@@ -206,8 +208,14 @@ class Approvals:
                            "plan it again", retry_after=0)
         self._answered(run.record, "approved", by)
         control = RunControl()
-        self.runs.resume(run, lambda r: self.job(r, spec, control), control, by=by)
-        self.objects.delete(awaiting_key(run.record.id))  # active again: no longer needed
+
+        def apply(r: Run) -> Any:
+            # Kept until the apply begins: a server killed while the approved run waits
+            # for a slot takes it back at start (`recover`); once begun, never again.
+            self.objects.delete(awaiting_key(r.record.id))
+            return self.job(r, spec, control)
+
+        self.runs.resume(run, apply, control, by=by)
 
     def _answered(self, record: RunRecord, answer: str, by: str) -> None:
         record.approval = {**(record.approval or {}), "answer": answer, "answered_by": by,
@@ -252,16 +260,18 @@ class Approvals:
             self._wake.wait(max(0.05, min(soonest, _TICK)))
             self._wake.clear()
 
-    def recover(self) -> None:
+    def recover(self, *, every_replica: bool = False) -> None:
         """Hold again the runs an earlier start of this server left awaiting (their lane
         taken first), expire those past their time, and go on with those approved
-        before the stop (their apply never started: a run is active before it starts)."""
+        before the stop whose apply never began (stored `queued`, their spec still kept:
+        it goes when the apply begins)."""
         for name in self.objects.keys("_runs/awaiting/", limit=100_000):
             run_id = name.removesuffix(".json")
             record = self.store.get(run_id)
-            if record is None or record.status != AWAITING:
+            if record is None or record.status not in (AWAITING, "queued") or (
+                    record.status == "queued" and record.approval is None):
                 self.objects.delete(awaiting_key(run_id))  # it went on or ended
-            elif record.replica == self.runs.replica or self.runs.keeper.leftovers == "all":
+            elif record.replica == self.runs.replica or every_replica:
                 try:
                     with self._mutex:
                         self._recover(record)
@@ -274,6 +284,9 @@ class Approvals:
         if float((record.approval or {}).get("expires_at") or 0) <= self.clock():
             self._claim(record, "expired", PLAN_TTL, strict=False)
         answer = json_object(self.objects.get(answer_key(record.id)))
+        if record.status != AWAITING and (answer or {}).get("answer") != "approved":
+            self.objects.delete(awaiting_key(record.id))  # not approved: marked lost
+            return
         run = self._revive(record)
         if answer is None:
             logger.info("run %s awaits its approval still", record.id)

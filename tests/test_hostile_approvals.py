@@ -1,0 +1,105 @@
+"""A hostile pass over approvals (issue 25): what a client or a crash can do to a run
+awaiting approval, against a running tfserver with real terraform and auth on (the
+tokens, module and policy of test_approvals.py)."""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_approvals import (
+    ENDED,
+    MODULES,
+    People,
+    answer,
+    auth_env,
+    awaiting,
+    body,
+    journal,
+)
+
+from support import Jwks, ServerProcess, Signer, start_server
+from test_runs import ASYNC, wait_run
+
+
+@pytest.fixture(scope="module")
+def signer() -> Signer:
+    return Signer("hostile-approvals-key")
+
+
+@pytest.fixture(scope="module")
+def jwks(signer: Signer) -> Iterator[Jwks]:
+    keys = Jwks()
+    keys.publish(signer)
+    yield keys
+    keys.close()
+
+
+@pytest.fixture(scope="module")
+def people(signer: Signer) -> People:
+    return People(signer)
+
+
+def kinds(server: ServerProcess, run_id: str, who: dict[str, str]) -> list[str]:
+    lines = server.request("GET", f"/runs/{run_id}/events",
+                           headers=who).body.decode().splitlines()
+    return [json.loads(line)["type"] for line in lines]
+
+
+def test_an_approval_killed_before_its_apply_began_applies_once(
+        tmp_path: Path, jwks: Jwks, people: People, terraform_bin: str) -> None:
+    """Approved (202), the apply waits for the one run slot; SIGKILL then: after the
+    restart the approved apply runs, once (it was lost, never applied, before)."""
+    env = auth_env(tmp_path, jwks, TFSERVER_MAX_RUNS="1")
+    server = start_server(tmp_path, modules_dir=MODULES, env=env)
+    run = awaiting(server, tmp_path, people.alice, "once", "o1")
+    # `free` needs no approval: its slow apply holds the only slot.
+    hog = server.request("PUT", "/gated/hog", body(tmp_path, "hog", "h", seconds=4),
+                         headers={**people.free, **ASYNC})
+    assert hog.status == 202, hog.body
+    wait_run(server, hog.json["id"], ("running", *ENDED), headers=people.free)
+    r = answer(server, run["id"], "approve", people.bob, ASYNC)
+    assert r.status == 202 and r.json["status"] == "queued", r.body
+    assert server.stop(signal.SIGKILL) == -signal.SIGKILL
+    server = start_server(tmp_path, modules_dir=MODULES, env=env)
+    try:
+        done = wait_run(server, run["id"], ENDED, headers=people.alice)
+        assert done["status"] == "succeeded", done
+        assert done["approval"]["answered_by"] == "bob"
+        assert journal(tmp_path, "once") == ["apply o1"]
+        assert not (tmp_path / "state" / "_runs" / "awaiting" / f"{run['id']}.json").exists()
+    finally:
+        assert server.stop() == 0
+    # Never twice: a later start finds nothing to take back.
+    server = start_server(tmp_path, modules_dir=MODULES, env=env)
+    try:
+        again = server.request("GET", f"/runs/{run['id']}", headers=people.alice).json
+        assert again["status"] == "succeeded"
+        assert journal(tmp_path, "once") == ["apply o1"]
+    finally:
+        server.stop()
+
+
+def test_an_approval_killed_once_its_apply_began_is_lost_not_rerun(
+        tmp_path: Path, jwks: Jwks, people: People, terraform_bin: str) -> None:
+    """SIGKILL while the approved apply runs: after the restart the run is lost (what it
+    did is unknown), never applied a second time by the server."""
+    env = auth_env(tmp_path, jwks)
+    server = start_server(tmp_path, modules_dir=MODULES, env=env)
+    run = awaiting(server, tmp_path, people.alice, "begun", "b1", seconds=2)
+    r = answer(server, run["id"], "approve", people.bob, ASYNC)
+    assert r.status == 202, r.body
+    wait_run(server, run["id"], ("running", *ENDED), headers=people.alice)
+    assert server.stop(signal.SIGKILL) == -signal.SIGKILL
+    server = start_server(tmp_path, modules_dir=MODULES, env=env)
+    try:
+        record = wait_run(server, run["id"], ENDED, headers=people.alice)
+        assert record["status"] == "lost", record
+        assert kinds(server, run["id"], people.alice).count("approved") <= 1
+        assert not (tmp_path / "state" / "_runs" / "awaiting" / f"{run['id']}.json").exists()
+    finally:
+        server.stop()
+

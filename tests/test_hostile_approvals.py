@@ -8,6 +8,7 @@ import json
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_approvals import (
@@ -23,6 +24,7 @@ from test_approvals import (
 
 from support import Jwks, ServerProcess, Signer, start_server
 from test_runs import ASYNC, wait_run
+from test_s3 import store  # noqa: F401 - the fixture
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +105,31 @@ def test_an_approval_killed_once_its_apply_began_is_lost_not_rerun(
     finally:
         server.stop()
 
+
+def test_an_answer_on_another_replica_frees_the_planners_lane(
+        moto: Any, store: dict[str, str], tmp_path: Path, jwks: Jwks,  # noqa: F811
+        people: People,
+        terraform_bin: str) -> None:
+    """Two replicas on one bucket: a run parked on A approved (or rejected) on B ends on
+    A too: A shows its end and its lane is free for the instance's next run."""
+    env = {**store, "TF_STATE_USE_LOCKFILE": "true", **auth_env(tmp_path, jwks)}
+    a = start_server(tmp_path / "a", modules_dir=MODULES,
+                     env={**env, "TFSERVER_REPLICA_ID": "a"})
+    b = start_server(tmp_path / "b", modules_dir=MODULES,
+                     env={**env, "TFSERVER_REPLICA_ID": "b"})
+    try:
+        run = awaiting(a, tmp_path, people.alice, "two", "t1")
+        r = answer(b, run["id"], "approve", people.bob)
+        assert r.status == 201, r.body
+        assert journal(tmp_path, "two") == ["apply t1"]
+        seen = wait_run(a, run["id"], ENDED, timeout=30, headers=people.alice)
+        assert seen["status"] == "succeeded", seen
+        nxt = awaiting(a, tmp_path, people.alice, "two", "t2")  # A's lane is free
+        r = answer(b, nxt["id"], "reject", people.bob)
+        assert r.status == 200 and r.json["status"] == "rejected", r.body
+        seen = wait_run(a, nxt["id"], ENDED, timeout=30, headers=people.alice)
+        assert seen["status"] == "rejected", seen
+        awaiting(a, tmp_path, people.alice, "two", "t3")
+    finally:
+        a.stop()
+        b.stop()

@@ -48,6 +48,8 @@ PLANS: Mapping[str, Operation] = {"apply": "plan", "destroy": "plan-destroy"}
 PLAN_TTL = "tfserver:plan-ttl"
 #: The longest the expiry thread sleeps (it finds a run parked meanwhile by then).
 _TICK = 1.0
+#: How often the runs parked here are checked for an answer another replica gave.
+_ELSEWHERE_EVERY = 2.0
 
 Job = Callable[[Run, RunSpec, RunControl], Any]
 
@@ -111,6 +113,8 @@ class Approvals:
         self._mutex = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
+        #: The store is this server's alone: no other replica answers its runs.
+        self._alone = False
         self._thread = threading.Thread(target=self._expire_loop, name="approvals",
                                         daemon=True)
 
@@ -118,6 +122,7 @@ class Approvals:
         """Bring back the runs a stopped server left awaiting (`every_replica`: the store
         is this server's alone); then expire on time. Called before `Runs.start` marks
         leftovers lost: an approved run whose apply never began is taken back first."""
+        self._alone = every_replica
         try:
             self.recover(every_replica=every_replica)
         except TFServerError as e:
@@ -246,8 +251,12 @@ class Approvals:
                                              "TFSERVER_PLAN_TTL")
 
     def _expire_loop(self) -> None:
+        checked = 0.0
         while not self._stop.is_set():
             now = self.clock()
+            if not self._alone and now - checked >= _ELSEWHERE_EVERY:
+                checked = now
+                self._answered_elsewhere()
             due = [(float((r.record.approval or {}).get("expires_at") or 0), r.record.id)
                    for r in self.runs.live() if r.record.status == AWAITING]
             for at, run_id in due:
@@ -259,6 +268,23 @@ class Approvals:
             soonest = min((at - now for at, _ in due if at > now), default=_TICK)
             self._wake.wait(max(0.05, min(soonest, _TICK)))
             self._wake.clear()
+
+    def _answered_elsewhere(self) -> None:
+        """Let go the runs parked here that another replica answered: it took the run on
+        (`approve` there revives it), so this replica's lane of the instance is freed."""
+        for run in self.runs.live():
+            if run.record.status != AWAITING:
+                continue
+            try:
+                answered = self.objects.get(answer_key(run.record.id)) is not None
+            except TFServerError as e:
+                logger.warning("run %s: its answer not read now: %s", run.record.id, e.detail)
+                return
+            with self._mutex:  # this replica's own answers change the status first
+                if answered and run.record.status == AWAITING \
+                        and self.runs.local(run.record.id) is run:
+                    logger.info("run %s was answered on another replica", run.record.id)
+                    self.runs.let_go(run)
 
     def recover(self, *, every_replica: bool = False) -> None:
         """Hold again the runs an earlier start of this server left awaiting (their lane
@@ -304,6 +330,7 @@ class Approvals:
         inputs = dict((doc.get("spec") or {}).get("inputs") or {})
         secrets = module.secret_values(inputs) if module is not None else []
         scrub = Scrubber(secrets)
+        record.replica = self.runs.replica  # held, and run once approved, here now
         run = Run(record, _unapproved, lambda text: scrub(text), RunControl())
         self.runs.hold(run, f"instance {record.instance!r} of module {record.module}")
         return run

@@ -97,6 +97,17 @@ class Parking:
         run.parked.set()
         return self.scheduler.park(run.ticket)
 
+    def let_go(self, run: Run) -> None:
+        """A run parked here that another replica answered (and took on): its lane here
+        is freed and it is forgotten, nothing stored (the other replica ends it)."""
+        if run.ticket is not None:
+            self.scheduler.finish(run.ticket)
+        self.keeper.forget(run)
+        with self._mutex:
+            self._live.pop(run.record.id, None)
+        run.done.set()  # a follower here stops; the record is read from the store now
+        run.wake()
+
     def resume(self, run: Run, job: Callable[[Run], Any], control: Control,
                **event: Any) -> None:
         """An approved run goes on with `job`: queued first on its lane (an `approved`

@@ -129,7 +129,16 @@ def test_an_answer_on_another_replica_frees_the_planners_lane(
         assert r.status == 200 and r.json["status"] == "rejected", r.body
         seen = wait_run(a, nxt["id"], ENDED, timeout=30, headers=people.alice)
         assert seen["status"] == "rejected", seen
-        awaiting(a, tmp_path, people.alice, "two", "t3")
+        # A cancel on A just after an approval on B cancels B's apply (it was taken by
+        # A's parked copy of the run, and the apply went on).
+        run = awaiting(a, tmp_path, people.alice, "two", "t3", seconds=6)
+        r = answer(b, run["id"], "approve", people.bob, ASYNC)
+        assert r.status == 202, r.body
+        r = a.request("POST", f"/runs/{run['id']}/cancel", headers=people.alice)
+        assert r.status == 202, r.body
+        seen = wait_run(b, run["id"], ENDED, timeout=30, headers=people.alice)
+        assert seen["status"] == "canceled", seen
+        assert "apply t3" not in journal(tmp_path, "two")
     finally:
         a.stop()
         b.stop()

@@ -166,6 +166,9 @@ class Approvals:
                 self._end(record, "canceled", "the run was canceled while it awaited "
                                               "approval")
                 return self.runs.record(run_id)
+            run = self.runs.local(run_id)
+            if run is not None and run.record.status == AWAITING:
+                self.runs.let_go(run)  # answered on another replica: the cancel is its
         return self.history.cancel(principal, run_id, force=force)
 
     def _answerable(self, principal: Principal, run_id: str, *, approving: bool

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -141,4 +142,33 @@ def test_an_answer_on_another_replica_frees_the_planners_lane(
         assert "apply t3" not in journal(tmp_path, "two")
     finally:
         a.stop()
+        b.stop()
+
+
+def test_a_run_left_awaiting_by_a_replica_gone_for_good_expires(
+        moto: Any, store: dict[str, str], tmp_path: Path, jwks: Jwks,  # noqa: F811
+        people: People, terraform_bin: str) -> None:
+    """Replica A parks a run and dies; it never comes back (a deploy names replicas
+    anew): replica B expires the run once its plan's time passed (it stayed awaiting)."""
+    env = {**store, "TF_STATE_USE_LOCKFILE": "true",
+           **auth_env(tmp_path, jwks, TFSERVER_PLAN_TTL="2s")}
+    a = start_server(tmp_path / "a", modules_dir=MODULES,
+                     env={**env, "TFSERVER_REPLICA_ID": "a"})
+    run = awaiting(a, tmp_path, people.alice, "gone", "g1")
+    assert a.stop(signal.SIGKILL) == -signal.SIGKILL
+    deadline = time.monotonic() + 10
+    while time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) <= run["approval"][
+            "expires_at"][:19]:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    b = start_server(tmp_path / "b", modules_dir=MODULES,
+                     env={**env, "TFSERVER_REPLICA_ID": "b", "TFSERVER_PLAN_TTL": "1h"})
+    try:
+        record = wait_run(b, run["id"], ENDED, timeout=20, headers=people.alice)
+        assert record["status"] == "expired", record
+        assert record["approval"]["answered_by"] == "tfserver:plan-ttl"
+        assert answer(b, awaiting(b, tmp_path, people.alice, "gone", "g2")["id"], "approve",
+                      people.bob).status == 201
+        assert journal(tmp_path, "gone") == ["apply g2"]
+    finally:
         b.stop()

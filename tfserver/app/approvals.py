@@ -50,6 +50,8 @@ PLAN_TTL = "tfserver:plan-ttl"
 _TICK = 1.0
 #: How often the runs parked here are checked for an answer another replica gave.
 _ELSEWHERE_EVERY = 2.0
+#: How often the store is swept for runs another replica left awaiting past their time.
+_SWEEP_EVERY = 30.0
 
 Job = Callable[[Run, RunSpec, RunControl], Any]
 
@@ -254,12 +256,15 @@ class Approvals:
                                              "TFSERVER_PLAN_TTL")
 
     def _expire_loop(self) -> None:
-        checked = 0.0
+        checked = swept = 0.0
         while not self._stop.is_set():
             now = self.clock()
             if not self._alone and now - checked >= _ELSEWHERE_EVERY:
                 checked = now
-                self._answered_elsewhere()
+                _answered_elsewhere(self)
+            if not self._alone and now - swept >= _SWEEP_EVERY:
+                swept = now
+                _sweep(self)
             due = [(float((r.record.approval or {}).get("expires_at") or 0), r.record.id)
                    for r in self.runs.live() if r.record.status == AWAITING]
             for at, run_id in due:
@@ -271,23 +276,6 @@ class Approvals:
             soonest = min((at - now for at, _ in due if at > now), default=_TICK)
             self._wake.wait(max(0.05, min(soonest, _TICK)))
             self._wake.clear()
-
-    def _answered_elsewhere(self) -> None:
-        """Let go the runs parked here that another replica answered: it took the run on
-        (`approve` there revives it), so this replica's lane of the instance is freed."""
-        for run in self.runs.live():
-            if run.record.status != AWAITING:
-                continue
-            try:
-                answered = self.objects.get(answer_key(run.record.id)) is not None
-            except TFServerError as e:
-                logger.warning("run %s: its answer not read now: %s", run.record.id, e.detail)
-                return
-            with self._mutex:  # this replica's own answers change the status first
-                if answered and run.record.status == AWAITING \
-                        and self.runs.local(run.record.id) is run:
-                    logger.info("run %s was answered on another replica", run.record.id)
-                    self.runs.let_go(run)
 
     def recover(self, *, every_replica: bool = False) -> None:
         """Hold again the runs an earlier start of this server left awaiting (their lane
@@ -342,3 +330,38 @@ class Approvals:
 def _unapproved(run: Run) -> Any:
     """The job of a run held again before its approval: never started."""
     raise Conflict(f"run {run.record.id} was not approved", retry_after=0)
+
+
+def _answered_elsewhere(approvals: Approvals) -> None:
+    """Let go the runs parked here that another replica answered: it took the run on
+    (`approve` there revives it), so this replica's lane of the instance is freed."""
+    for run in approvals.runs.live():
+        if run.record.status != AWAITING:
+            continue
+        try:
+            answered = approvals.objects.get(answer_key(run.record.id)) is not None
+        except TFServerError as e:
+            logger.warning("run %s: its answer not read now: %s", run.record.id, e.detail)
+            return
+        with approvals._mutex:  # this replica's own answers change the status first
+            if answered and run.record.status == AWAITING \
+                    and approvals.runs.local(run.record.id) is run:
+                logger.info("run %s was answered on another replica", run.record.id)
+                approvals.runs.let_go(run)
+
+
+def _sweep(approvals: Approvals) -> None:
+    """Expire the runs other replicas left awaiting past their time: a replica gone
+    for good (a new host name after a deploy) never does, nor recovers them."""
+    try:
+        names = approvals.objects.keys("_runs/awaiting/", limit=100_000)
+        for name in names:
+            run_id = name.removesuffix(".json")
+            if approvals.runs.local(run_id) is not None:
+                continue  # the expiry loop has it
+            record = approvals.store.get(run_id)
+            if record is not None and record.status == AWAITING and float(
+                    (record.approval or {}).get("expires_at") or 0) <= approvals.clock():
+                approvals.expire(run_id)
+    except TFServerError as e:
+        logger.warning("runs awaiting approval elsewhere not swept now: %s", e.detail)

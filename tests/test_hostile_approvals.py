@@ -140,6 +140,20 @@ def test_an_answer_on_another_replica_frees_the_planners_lane(
         seen = wait_run(b, run["id"], ENDED, timeout=30, headers=people.alice)
         assert seen["status"] == "canceled", seen
         assert "apply t3" not in journal(tmp_path, "two")
+        # B runs the apply it approved as its own: A sees it running past the lost-run
+        # window (10 s; it showed lost, or queued again, when the record named A).
+        run = awaiting(a, tmp_path, people.alice, "two", "t4", seconds=12)
+        assert answer(b, run["id"], "approve", people.bob, ASYNC).status == 202
+        began = time.monotonic()
+        wait_run(a, run["id"], ("running", *ENDED), timeout=10, headers=people.alice)
+        while time.monotonic() - began < 11.5:
+            shown = a.request("GET", f"/runs/{run['id']}", headers=people.alice).json
+            if shown["status"] != "running":
+                break
+            time.sleep(0.5)
+        assert shown["status"] in ("running", "succeeded"), shown
+        assert wait_run(a, run["id"], ENDED, timeout=30,
+                        headers=people.alice)["status"] == "succeeded"
     finally:
         a.stop()
         b.stop()

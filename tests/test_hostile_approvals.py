@@ -186,3 +186,30 @@ def test_a_run_left_awaiting_by_a_replica_gone_for_good_expires(
         assert journal(tmp_path, "gone") == ["apply g2"]
     finally:
         b.stop()
+
+
+def test_an_approval_stopped_before_its_apply_began_applies_after_the_start(
+        tmp_path: Path, jwks: Jwks, people: People, terraform_bin: str) -> None:
+    """A graceful stop (SIGTERM) while the approved apply waits for the one run slot: the
+    next start applies it, once (it ended canceled, the approval spent, while a SIGKILL
+    kept it)."""
+    env = auth_env(tmp_path, jwks, TFSERVER_MAX_RUNS="1")
+    server = start_server(tmp_path, modules_dir=MODULES, env=env)
+    run = awaiting(server, tmp_path, people.alice, "term", "t1")
+    hog = server.request("PUT", "/gated/hog", body(tmp_path, "hog", "h", seconds=2),
+                         headers={**people.free, **ASYNC})
+    assert hog.status == 202, hog.body
+    wait_run(server, hog.json["id"], ("running", *ENDED), headers=people.free)
+    r = answer(server, run["id"], "approve", people.bob, ASYNC)
+    assert r.status == 202 and r.json["status"] == "queued", r.body
+    assert server.stop() == 0
+    assert journal(tmp_path, "term") == []
+    server = start_server(tmp_path, modules_dir=MODULES, env=env)
+    try:
+        done = wait_run(server, run["id"], ENDED, headers=people.alice)
+        assert done["status"] == "succeeded", done
+        assert journal(tmp_path, "term") == ["apply t1"]
+        assert wait_run(server, hog.json["id"], ENDED,
+                        headers=people.free)["status"] == "succeeded"
+    finally:
+        server.stop()

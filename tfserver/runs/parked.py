@@ -68,6 +68,20 @@ class Parking:
         run.error = Conflict(detail, retry_after=1)
         self._finish(run, status)
 
+    def stop_waiting(self, run: Run) -> None:
+        """The server stops before the queued run began: it ends `canceled`, but for an
+        approved apply (queued: it never began), left stored so, its spec kept, for the
+        next start to apply (app/approvals.py), as after a crash."""
+        if run.record.status == "queued" and (run.record.approval or {}).get(
+                "answer") == "approved":
+            self.keeper.forget(run)
+            with self._mutex:
+                self._live.pop(run.record.id, None)
+            run.done.set()
+            run.wake()
+            return
+        self.end_waiting(run, "canceled", "the server stopped before the run began")
+
     def _park(self, run: Run) -> None:
         """The run planned and awaits its approval: stored so, it keeps its lane."""
         record = run.record

@@ -99,6 +99,41 @@ def plan_first(executor: Executor, run: Run, spec: RunSpec, control: RunControl,
                      "expires_at": rfc3339(expires_at)})
 
 
+def _answered_elsewhere(approvals: Approvals) -> None:
+    """Let go the runs parked here that another replica answered: it took the run on
+    (`approve` there revives it), so this replica's lane of the instance is freed."""
+    for run in approvals.runs.live():
+        if run.record.status != AWAITING:
+            continue
+        try:
+            answered = approvals.objects.get(answer_key(run.record.id)) is not None
+        except TFServerError as e:
+            logger.warning("run %s: its answer not read now: %s", run.record.id, e.detail)
+            return
+        with approvals._mutex:  # this replica's own answers change the status first
+            if answered and run.record.status == AWAITING \
+                    and approvals.runs.local(run.record.id) is run:
+                logger.info("run %s was answered on another replica", run.record.id)
+                approvals.runs.let_go(run)
+
+
+def _sweep(approvals: Approvals) -> None:
+    """Expire the runs other replicas left awaiting past their time: a replica gone
+    for good (a new host name after a deploy) never does, nor recovers them."""
+    try:
+        names = approvals.objects.keys("_runs/awaiting/", limit=100_000)
+        for name in names:
+            run_id = name.removesuffix(".json")
+            if approvals.runs.local(run_id) is not None:
+                continue  # the expiry loop has it
+            record = approvals.store.get(run_id)
+            if record is not None and record.status == AWAITING and float(
+                    (record.approval or {}).get("expires_at") or 0) <= approvals.clock():
+                approvals.expire(run_id)
+    except TFServerError as e:
+        logger.warning("runs awaiting approval elsewhere not swept now: %s", e.detail)
+
+
 class Approvals:
     """Answers to runs awaiting approval, their expiry, and their return after a start."""
 
@@ -330,38 +365,3 @@ class Approvals:
 def _unapproved(run: Run) -> Any:
     """The job of a run held again before its approval: never started."""
     raise Conflict(f"run {run.record.id} was not approved", retry_after=0)
-
-
-def _answered_elsewhere(approvals: Approvals) -> None:
-    """Let go the runs parked here that another replica answered: it took the run on
-    (`approve` there revives it), so this replica's lane of the instance is freed."""
-    for run in approvals.runs.live():
-        if run.record.status != AWAITING:
-            continue
-        try:
-            answered = approvals.objects.get(answer_key(run.record.id)) is not None
-        except TFServerError as e:
-            logger.warning("run %s: its answer not read now: %s", run.record.id, e.detail)
-            return
-        with approvals._mutex:  # this replica's own answers change the status first
-            if answered and run.record.status == AWAITING \
-                    and approvals.runs.local(run.record.id) is run:
-                logger.info("run %s was answered on another replica", run.record.id)
-                approvals.runs.let_go(run)
-
-
-def _sweep(approvals: Approvals) -> None:
-    """Expire the runs other replicas left awaiting past their time: a replica gone
-    for good (a new host name after a deploy) never does, nor recovers them."""
-    try:
-        names = approvals.objects.keys("_runs/awaiting/", limit=100_000)
-        for name in names:
-            run_id = name.removesuffix(".json")
-            if approvals.runs.local(run_id) is not None:
-                continue  # the expiry loop has it
-            record = approvals.store.get(run_id)
-            if record is not None and record.status == AWAITING and float(
-                    (record.approval or {}).get("expires_at") or 0) <= approvals.clock():
-                approvals.expire(run_id)
-    except TFServerError as e:
-        logger.warning("runs awaiting approval elsewhere not swept now: %s", e.detail)

@@ -48,6 +48,10 @@ PLANS: Mapping[str, Operation] = {"apply": "plan", "destroy": "plan-destroy"}
 PLAN_TTL = "tfserver:plan-ttl"
 #: The longest the expiry thread sleeps (it finds a run parked meanwhile by then).
 _TICK = 1.0
+#: How often the runs parked here are checked for an answer another replica gave.
+_ELSEWHERE_EVERY = 2.0
+#: How often the store is swept for runs another replica left awaiting past their time.
+_SWEEP_EVERY = 30.0
 
 Job = Callable[[Run, RunSpec, RunControl], Any]
 
@@ -95,6 +99,41 @@ def plan_first(executor: Executor, run: Run, spec: RunSpec, control: RunControl,
                      "expires_at": rfc3339(expires_at)})
 
 
+def _answered_elsewhere(approvals: Approvals) -> None:
+    """Let go the runs parked here that another replica answered: it took the run on
+    (`approve` there revives it), so this replica's lane of the instance is freed."""
+    for run in approvals.runs.live():
+        if run.record.status != AWAITING:
+            continue
+        try:
+            answered = approvals.objects.get(answer_key(run.record.id)) is not None
+        except TFServerError as e:
+            logger.warning("run %s: its answer not read now: %s", run.record.id, e.detail)
+            return
+        with approvals._mutex:  # this replica's own answers change the status first
+            if answered and run.record.status == AWAITING \
+                    and approvals.runs.local(run.record.id) is run:
+                logger.info("run %s was answered on another replica", run.record.id)
+                approvals.runs.let_go(run)
+
+
+def _sweep(approvals: Approvals) -> None:
+    """Expire the runs other replicas left awaiting past their time: a replica gone
+    for good (a new host name after a deploy) never does, nor recovers them."""
+    try:
+        names = approvals.objects.keys("_runs/awaiting/", limit=100_000)
+        for name in names:
+            run_id = name.removesuffix(".json")
+            if approvals.runs.local(run_id) is not None:
+                continue  # the expiry loop has it
+            record = approvals.store.get(run_id)
+            if record is not None and record.status == AWAITING and float(
+                    (record.approval or {}).get("expires_at") or 0) <= approvals.clock():
+                approvals.expire(run_id)
+    except TFServerError as e:
+        logger.warning("runs awaiting approval elsewhere not swept now: %s", e.detail)
+
+
 class Approvals:
     """Answers to runs awaiting approval, their expiry, and their return after a start."""
 
@@ -111,13 +150,18 @@ class Approvals:
         self._mutex = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
+        #: The store is this server's alone: no other replica answers its runs.
+        self._alone = False
         self._thread = threading.Thread(target=self._expire_loop, name="approvals",
                                         daemon=True)
 
-    def start(self) -> None:
-        """Bring back the runs a stopped server left awaiting; then expire on time."""
+    def start(self, *, every_replica: bool = False) -> None:
+        """Bring back the runs a stopped server left awaiting (`every_replica`: the store
+        is this server's alone); then expire on time. Called before `Runs.start` marks
+        leftovers lost: an approved run whose apply never began is taken back first."""
+        self._alone = every_replica
         try:
-            self.recover()
+            self.recover(every_replica=every_replica)
         except TFServerError as e:
             logger.error("runs awaiting approval not recovered: %s", e.detail)
         self._thread.start()
@@ -159,6 +203,9 @@ class Approvals:
                 self._end(record, "canceled", "the run was canceled while it awaited "
                                               "approval")
                 return self.runs.record(run_id)
+            run = self.runs.local(run_id)
+            if run is not None and run.record.status == AWAITING:
+                self.runs.let_go(run)  # answered on another replica: the cancel is its
         return self.history.cancel(principal, run_id, force=force)
 
     def _answerable(self, principal: Principal, run_id: str, *, approving: bool
@@ -206,8 +253,14 @@ class Approvals:
                            "plan it again", retry_after=0)
         self._answered(run.record, "approved", by)
         control = RunControl()
-        self.runs.resume(run, lambda r: self.job(r, spec, control), control, by=by)
-        self.objects.delete(awaiting_key(run.record.id))  # active again: no longer needed
+
+        def apply(r: Run) -> Any:
+            # Kept until the apply begins: a server killed while the approved run waits
+            # for a slot takes it back at start (`recover`); once begun, never again.
+            self.objects.delete(awaiting_key(r.record.id))
+            return self.job(r, spec, control)
+
+        self.runs.resume(run, apply, control, by=by)
 
     def _answered(self, record: RunRecord, answer: str, by: str) -> None:
         record.approval = {**(record.approval or {}), "answer": answer, "answered_by": by,
@@ -238,8 +291,15 @@ class Approvals:
                                              "TFSERVER_PLAN_TTL")
 
     def _expire_loop(self) -> None:
+        checked = swept = 0.0
         while not self._stop.is_set():
             now = self.clock()
+            if not self._alone and now - checked >= _ELSEWHERE_EVERY:
+                checked = now
+                _answered_elsewhere(self)
+            if not self._alone and now - swept >= _SWEEP_EVERY:
+                swept = now
+                _sweep(self)
             due = [(float((r.record.approval or {}).get("expires_at") or 0), r.record.id)
                    for r in self.runs.live() if r.record.status == AWAITING]
             for at, run_id in due:
@@ -252,16 +312,18 @@ class Approvals:
             self._wake.wait(max(0.05, min(soonest, _TICK)))
             self._wake.clear()
 
-    def recover(self) -> None:
+    def recover(self, *, every_replica: bool = False) -> None:
         """Hold again the runs an earlier start of this server left awaiting (their lane
         taken first), expire those past their time, and go on with those approved
-        before the stop (their apply never started: a run is active before it starts)."""
+        before the stop whose apply never began (stored `queued`, their spec still kept:
+        it goes when the apply begins)."""
         for name in self.objects.keys("_runs/awaiting/", limit=100_000):
             run_id = name.removesuffix(".json")
             record = self.store.get(run_id)
-            if record is None or record.status != AWAITING:
+            if record is None or record.status not in (AWAITING, "queued") or (
+                    record.status == "queued" and record.approval is None):
                 self.objects.delete(awaiting_key(run_id))  # it went on or ended
-            elif record.replica == self.runs.replica or self.runs.keeper.leftovers == "all":
+            elif record.replica == self.runs.replica or every_replica:
                 try:
                     with self._mutex:
                         self._recover(record)
@@ -274,6 +336,9 @@ class Approvals:
         if float((record.approval or {}).get("expires_at") or 0) <= self.clock():
             self._claim(record, "expired", PLAN_TTL, strict=False)
         answer = json_object(self.objects.get(answer_key(record.id)))
+        if record.status != AWAITING and (answer or {}).get("answer") != "approved":
+            self.objects.delete(awaiting_key(record.id))  # not approved: marked lost
+            return
         run = self._revive(record)
         if answer is None:
             logger.info("run %s awaits its approval still", record.id)
@@ -291,6 +356,7 @@ class Approvals:
         inputs = dict((doc.get("spec") or {}).get("inputs") or {})
         secrets = module.secret_values(inputs) if module is not None else []
         scrub = Scrubber(secrets)
+        record.replica = self.runs.replica  # held, and run once approved, here now
         run = Run(record, _unapproved, lambda text: scrub(text), RunControl())
         self.runs.hold(run, f"instance {record.instance!r} of module {record.module}")
         return run

@@ -140,10 +140,11 @@ class Service(UpgradeCalls, ApprovalCalls):
                 logger.error("terraform (%s) cannot run; runs will fail", self.config.terraform_bin)
             self.copies.start()
         self.dependents.repair()
-        self.runs.start(leftovers="none" if self.queued is not None else
-                        "all" if isinstance(self.backend, LocalBackend) else "mine")
+        leftovers = ("none" if self.queued is not None else
+                     "all" if isinstance(self.backend, LocalBackend) else "mine")
+        self.approvals.start(every_replica=leftovers == "all")  # before leftovers are lost
+        self.runs.start(leftovers=leftovers)
         self.reaper.start()
-        self.approvals.start()
         if self.worker is not None:
             self.worker.start()
 

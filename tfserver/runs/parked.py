@@ -68,6 +68,20 @@ class Parking:
         run.error = Conflict(detail, retry_after=1)
         self._finish(run, status)
 
+    def stop_waiting(self, run: Run) -> None:
+        """The server stops before the queued run began: it ends `canceled`, but for an
+        approved apply (queued: it never began), left stored so, its spec kept, for the
+        next start to apply (app/approvals.py), as after a crash."""
+        if run.record.status == "queued" and (run.record.approval or {}).get(
+                "answer") == "approved":
+            self.keeper.forget(run)
+            with self._mutex:
+                self._live.pop(run.record.id, None)
+            run.done.set()
+            run.wake()
+            return
+        self.end_waiting(run, "canceled", "the server stopped before the run began")
+
     def _park(self, run: Run) -> None:
         """The run planned and awaits its approval: stored so, it keeps its lane."""
         record = run.record
@@ -96,6 +110,17 @@ class Parking:
         self.keeper.track(run, stored=True)
         run.parked.set()
         return self.scheduler.park(run.ticket)
+
+    def let_go(self, run: Run) -> None:
+        """A run parked here that another replica answered (and took on): its lane here
+        is freed and it is forgotten, nothing stored (the other replica ends it)."""
+        if run.ticket is not None:
+            self.scheduler.finish(run.ticket)
+        self.keeper.forget(run)
+        with self._mutex:
+            self._live.pop(run.record.id, None)
+        run.done.set()  # a follower here stops; the record is read from the store now
+        run.wake()
 
     def resume(self, run: Run, job: Callable[[Run], Any], control: Control,
                **event: Any) -> None:

@@ -87,7 +87,7 @@ class Runs(Parking):
         dropped = self.scheduler.close()
         for run in self.live():
             if run.ticket is not None and any(run.ticket is t for t in dropped):
-                self.end_waiting(run, "canceled", "the server stopped before the run began")
+                self.stop_waiting(run)
         return len(dropped)
 
     def wait_idle(self, timeout: float) -> bool:

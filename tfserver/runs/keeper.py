@@ -123,9 +123,12 @@ class Keeper(threading.Thread):
             runs, self._soon = self._soon, []
         for run in runs:
             if not run.done.is_set():
-                # The record only: its events follow within EVENTS_EVERY (a crash needs
-                # the record to say terraform ran; most runs end before that).
-                self.flush(run, events=False)
+                # A synchronous run's record only: its events follow within EVENTS_EVERY
+                # (a crash needs the record to say terraform ran; most such runs end
+                # before that, and their caller is here). An asynchronous run's events
+                # go too: it is followed from anywhere, and a replica that dies at once
+                # must leave them with its record.
+                self.flush(run, events=not run.sync)
 
     # -- the runs kept ----------------------------------------------------------------
 

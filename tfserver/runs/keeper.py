@@ -79,13 +79,18 @@ class Keeper(threading.Thread):
         """Beat until stopped; store a started run as soon as it is asked to."""
         next_purge = 0.0
         next_beat = time.monotonic() + self.heartbeat
+        next_events = time.monotonic() + EVENTS_EVERY
         while not self.stop_event.is_set():
-            self._wake.wait(max(0.0, min(next_beat - time.monotonic(), EVENTS_EVERY)))
+            self._wake.wait(max(0.0, min(next_beat, next_events) - time.monotonic()))
             self._wake.clear()
             try:
                 self._store_soon()
                 if time.monotonic() < next_beat or self.stop_event.is_set():
-                    self._store_events()
+                    # Every EVENTS_EVERY, not at each wake: a run that just started
+                    # wakes the keeper for its record, and its first events can wait.
+                    if time.monotonic() >= next_events:
+                        next_events = time.monotonic() + EVENTS_EVERY
+                        self._store_events()
                     continue
                 next_beat = time.monotonic() + self.heartbeat
                 if not self._leftovers_done:

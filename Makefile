@@ -44,6 +44,8 @@ bench: $(TEST_STAMP)
 	$(BIN)/python bench/bench_reads.py
 	$(BIN)/python bench/bench_engine.py
 	$(BIN)/python bench/bench_drift.py
+	$(BIN)/python bench/bench_refs.py
+	$(BIN)/python bench/bench_upgrades.py
 
 # Rewrite docs/configuration.md's table of settings from the one table in tfserver/settings.py.
 settings-table: $(RUN_STAMP)

@@ -246,7 +246,8 @@ class Notifier:
     def _attempt(self, delivery: Delivery, number: int, claimed_at: float) -> None:
         try:
             attempt = self._send(delivery, Attempt(number, self.replica, claimed_at))
-            self.deliveries.note(delivery.id, attempt)
+            if attempt.result != "delivered":  # a delivered one is forgotten at once
+                self.deliveries.note(delivery.id, attempt)
             self._after(delivery, attempt)
         except TFServerError as e:
             logger.warning("webhooks: the backend failed: %s", e.detail)

@@ -213,6 +213,24 @@ def test_unknown_and_needless_versions_are_400s_naming_the_versions(
     assert r.status == 400 and "has no versions" in r.json["detail"]
 
 
+def test_a_reference_is_checked_against_the_version_being_applied(
+        srv: ServerProcess) -> None:
+    # `size` is a string in 1.x and a number in 2.0.0: the referenced output (a string)
+    # fits the one and not the other, and the check is the version's, before any run.
+    assert srv.request("PUT", "/plain/source", {"name": "not-a-number"}).status == 201
+    ref = {"$ref": "/plain/source#/outputs/id"}
+    r = put(srv, "fed", {"name": "fed", "size": ref}, "?version=1.0.0")
+    assert r.status == 201, r.body
+    r = put(srv, "fed2", {"name": "fed", "owner": "o", "size": ref}, "?version=2.0.0")
+    assert r.status == 400, r.body
+    assert [e["field"] for e in r.json["errors"]] == ["size"], r.json
+    moved = put(srv, "fed", {"owner": "o"}, "?version=2.0.0&dry_run=true")
+    assert moved.status == 400, moved.body  # the kept reference no longer fits
+    assert "size" in [e["field"] for e in moved.json["errors"]], moved.json
+    listed = srv.request("GET", "/app/fed2/runs")
+    assert listed.status == 404 or listed.json["runs"] == []  # refused before any run
+
+
 def test_instances_older_than_versions_keep_working(tmp: Path, terraform_bin: str) -> None:
     """An instance made while the module was unversioned is on its oldest version once
     the module has versions, and applies and destroys there."""

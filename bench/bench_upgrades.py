@@ -77,9 +77,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--instances", type=int, default=20)
+    parser.add_argument("--max-runs", type=int, default=None,
+                        help="TFSERVER_MAX_RUNS of the server (default: its default, 4)")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-upgrades-"))
-    server = start_server(tmp, modules_dir=versioned_demo(tmp), ready_timeout=120)
+    env = {"TFSERVER_MAX_RUNS": str(args.max_runs)} if args.max_runs else {}
+    server = start_server(tmp, modules_dir=versioned_demo(tmp), ready_timeout=120, env=env)
     try:
         names = [f"fleet-{i}" for i in range(args.instances)]
         for name in names:
@@ -96,7 +99,8 @@ def main() -> None:
                 times[key].append(timed(runs[key]))
         seq, pre = (statistics.median(times[k]) for k in ("sequential", "preview"))
         ratios = [p / s for p, s in zip(times["preview"], times["sequential"], strict=True)]
-        print(f"{args.instances} instances, {args.rounds} rounds (TFSERVER_MAX_RUNS default)")
+        print(f"{args.instances} instances, {args.rounds} rounds (TFSERVER_MAX_RUNS "
+              f"{args.max_runs or 'default'})")
         print(f"  {args.instances} sequential dry runs  {seq * 1000:8.0f} ms (median)")
         print(f"  fleet preview            {pre * 1000:8.0f} ms (median)")
         print(f"  ratio preview/sequential {pre / seq:8.2f} (median of rounds: "

@@ -52,6 +52,12 @@ def uses_key(module: str, workspace: str) -> str:
     return f"_refs/uses/{module}/{workspace}.json"
 
 
+def _uses_of(data: bytes | None) -> list[dict[str, Any]]:
+    """The well-formed references of a stored `uses` document ([] if none or damaged)."""
+    found = (json_object(data) or {}).get("references")
+    return [_use(r) for r in found if _well_formed(r)] if isinstance(found, list) else []
+
+
 def kept_references(inputs: dict[str, Any] | None) -> Iterator[tuple[str, str]]:
     """(variable, `$ref` text) of each well-formed reference among kept inputs."""
     for name, value in sorted((inputs or {}).items()):
@@ -71,20 +77,19 @@ class RefIndex:
 
     def uses(self, module: str, workspace: str) -> list[dict[str, Any]]:
         """A dependent's references as its last apply resolved them ([] if none)."""
-        doc = json_object(self.objects.get(uses_key(module, workspace)))
-        found = (doc or {}).get("references")
-        return [_use(r) for r in found if _well_formed(r)] if isinstance(found, list) else []
+        return _uses_of(self.objects.get(uses_key(module, workspace)))
 
     def record(self, module: str, workspace: str, references: list[dict[str, Any]]) -> None:
         """After a dependent's apply: its references now (entries added and dropped)."""
-        old = {(r.get("variable"), r.get("ref")) for r in self.uses(module, workspace)}
+        stored = self.objects.get(uses_key(module, workspace))
+        old = {(r.get("variable"), r.get("ref")) for r in _uses_of(stored)}
         new = {(r["variable"], r["ref"]) for r in references}
         for variable, ref in new - old:
             self.objects.put(self._entry(module, workspace, variable, parse_ref(ref)), b"")
         if references:
             self.objects.put(uses_key(module, workspace),
                              json.dumps({"references": references}).encode())
-        else:
+        elif stored is not None:  # most applies reference nothing: no delete of nothing
             self.objects.delete(uses_key(module, workspace))
         self._drop(module, workspace, old - new)
 

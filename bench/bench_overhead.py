@@ -98,14 +98,14 @@ def main() -> int:
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="tfserver-overhead-"))
     try:
-        script = stand_in(base)
-        execs = []
         if args.real:
             script, execs = Path(shutil.which("terraform") or "terraform"), [0.0]
-        for _ in range(0 if args.real else 50):
-            started = time.perf_counter()
-            subprocess.run([str(script), "apply"], capture_output=True, check=True)
-            execs.append(time.perf_counter() - started)
+        else:
+            script, execs = stand_in(base), []
+            for _ in range(50):
+                started = time.perf_counter()
+                subprocess.run([str(script), "apply"], capture_output=True, check=True)
+                execs.append(time.perf_counter() - started)
         served = base / "modules"
         shutil.copytree(MINIMAL, served / "minimal")
         policy = base / "policy.toml"

@@ -202,15 +202,17 @@ class Keeper(threading.Thread):
             if events and count != kept.events:
                 self.store.put_events(record.id, run.events[:count])
                 kept.events = count
-            shape = _shape(record)
-            if kept.created and shape == kept.written and not final:
+            # The final record is written whatever it is: only the others are compared
+            # with what was written last (a record serialised once less a run).
+            shape = b"" if final else _shape(record)
+            if kept.created and not final and shape == kept.written:
                 return
             record.heartbeat_at = self.clock()
             if kept.created:
                 self.store.save(replace(record))
             else:
-                # A synchronous run is stored at its first heartbeat (or its end, if
-                # sooner): nothing is written before terraform starts.
+                # A synchronous run is first stored as terraform starts (`soon`), or at
+                # its end if that came first.
                 self.store.create(replace(record))
                 kept.created = True
             kept.written = shape  # once written: a failed write is tried again

@@ -73,11 +73,11 @@ class DriftCheck:
         with x.var_files.file(spec.values or spec.inputs) as var_file:
             plan_file = var_file.with_suffix(".tfplan")
             try:
-                result = x.runner.run(
+                result = x.terraform.run(
                     build_args("plan", refresh_only=True, var_file=var_file,
                                lock_timeout=x.lock_wait, plan_out=plan_file),
-                    cwd=wc.path, workspace=ws, timeout=_remaining(deadline),
-                    control=control, on_event=on_event, label=spec.run_id)
+                    name, ws, spec.run_id, cwd=wc.path, deadline=deadline,
+                    control=control, on_event=on_event)
                 if not result.ok:
                     raise problem_for(result, spec.scrub, spec.instance, x.run_timeout)
                 found = stream_drift(result.events)

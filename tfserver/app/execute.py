@@ -39,6 +39,7 @@ from ..terraform.process import RunControl, Runner
 from ..terraform.workdir import VarFiles, WorkingCopies
 from .driftstore import DriftReports
 from .holder import lock_holder
+from .ownlock import OwnLocks
 from .workspaces import Workspaces
 
 logger = logging.getLogger(__name__)
@@ -212,6 +213,8 @@ class Executor:
         #: Before terraform: references resolved (app/references.py), in-use refused.
         self.resolve = resolve or (lambda spec: None)
         self.workspaces = Workspaces(runner, backend, expiries, lock_wait=lock_wait)
+        #: Terraform for a run; a lock it finds its own is cleared (`ownlock.py`).
+        self.terraform = OwnLocks(runner, backend, store)
         # Keeps inputs while terraform runs (off the critical path).
         self._background = ThreadPoolExecutor(max_workers=max_workers,
                                               thread_name_prefix="keep-inputs")
@@ -241,11 +244,12 @@ class Executor:
         with self.var_files.file(spec.values or spec.inputs) as var_file:
             plan_file = self._plan_file(spec, var_file)
             try:
-                result = self.runner.run(
-                    self._args(spec, var_file, plan_file), cwd=wc.path, workspace=ws,
-                    timeout=_remaining(deadline), control=control, on_event=on_event,
+                result = self.terraform.run(
+                    self._args(spec, var_file, plan_file), spec.module.name, ws,
+                    spec.run_id, cwd=wc.path, deadline=deadline, control=control,
+                    on_event=on_event,
                     on_start=(lambda: keeping.append(self._keep_later(name, ws, spec)))
-                    if spec.operation == "apply" else None, label=spec.run_id)
+                    if spec.operation == "apply" else None)
                 saved = (plan_file.read_bytes() if plan_file is not None and result.ok
                          and spec.plan_of is None else None)
             finally:

@@ -131,6 +131,11 @@ class StateBackend(Protocol):
         """Who holds the workspace's state lock, or None when it is free."""
         ...
 
+    def clear_lock(self, module: str, workspace: str, lock_id: str) -> bool:
+        """Remove the workspace's state lock if it is the lock `lock_id` (never another);
+        True when one was removed. Only for a lock that nobody holds any longer."""
+        ...
+
     def check(self) -> None:
         """Raise `BackendError` when the store cannot be reached."""
         ...

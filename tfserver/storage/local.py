@@ -198,6 +198,10 @@ class LocalBackend:
         """The local backend's lock lives in process memory and flock; not visible here."""
         return None
 
+    def clear_lock(self, module: str, workspace: str, lock_id: str) -> bool:
+        """A local lock ends with its terraform process: there is none to clear."""
+        return False
+
     def snapshot(self, module: str, workspace: str) -> Snapshot:
         """The state file; local locks are not visible from outside terraform."""
         state, stale = self.read(module, workspace)

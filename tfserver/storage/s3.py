@@ -233,6 +233,33 @@ class S3Backend:
             return {"info": "unreadable lock record"}
         return {str(k).lower(): str(v) for k, v in doc.items() if v not in (None, "")}
 
+    def clear_lock(self, module: str, workspace: str, lock_id: str) -> bool:
+        """The lock file if its id is `lock_id`, and the DynamoDB lock item if its info
+        names it (a conditional delete); what `terraform force-unlock` removes, without a
+        terraform that would lock a new workspace's state to start."""
+        key, bucket = self.state_key(module, workspace), self.settings.bucket
+        removed = False
+        if self.settings.use_lockfile:
+            data = self._get(key + ".tflock")
+            if data and _lock_id(data) == lock_id:
+                with _aws("S3 cannot clear a lock"):
+                    self.s3.delete_object(Bucket=bucket, Key=key + ".tflock")
+                removed = True
+        if self.ddb is not None:
+            with _aws("DynamoDB cannot clear a lock"):
+                try:
+                    self.ddb.delete_item(
+                        TableName=str(self.settings.lock_table),
+                        Key={"LockID": {"S": f"{bucket}/{key}"}},
+                        ConditionExpression="contains(Info, :id)",
+                        ExpressionAttributeValues={":id": {"S": f'"ID":"{lock_id}"'}})
+                    removed = True
+                except ClientError as e:
+                    if e.response.get("Error", {}).get("Code") != \
+                            "ConditionalCheckFailedException":
+                        raise
+        return removed
+
     def snapshot(self, module: str, workspace: str) -> Snapshot:
         """State and lock, fetched concurrently (the latency of one round trip)."""
         state = self._readers.submit(self.read_state, module, workspace)
@@ -303,6 +330,15 @@ def _aws(what: str) -> Iterator[None]:
         raise BackendError(f"{what}: {code}") from e
     except BotoCoreError as e:
         raise BackendError(f"{what}: cannot be reached ({type(e).__name__})") from e
+
+
+def _lock_id(data: bytes) -> str | None:
+    """The `ID` of a lock file's content."""
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        return None
+    return str(doc.get("ID")) if isinstance(doc, dict) and doc.get("ID") else None
 
 
 def _json_object(data: bytes | None, what: str) -> dict[str, Any] | None:

@@ -22,6 +22,10 @@ STDERR_KEEP = 64 * 1024
 
 _LOCK_SUMMARIES = ("Error acquiring the state lock", "Error locking state")
 
+#: The S3 backend's words when the lock it takes to write a new workspace's first state
+#: is held (its operation "init"); the lock's info follows in the summary itself.
+_NEW_STATE_LOCKED = "failed to lock s3 state"
+
 
 #: terraform's words for a saved plan the state moved on from (the second: the state was
 #: destroyed and made anew since, another lineage).
@@ -144,6 +148,8 @@ class RunResult:
         for d in self.errors:
             if d.summary.startswith(_LOCK_SUMMARIES):
                 return parse_lock_info(d.detail)
+            if _NEW_STATE_LOCKED in d.summary and "Lock Info:" in d.summary:
+                return parse_lock_info(d.summary)
         return None
 
     @property

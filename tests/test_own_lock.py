@@ -1,0 +1,132 @@
+"""A lock write whose answer is lost: the AWS SDK sends it again and terraform finds its
+own lock held (seen on moto under load, and what a connection reset does in the cloud).
+The run clears that lock and goes on; a lock anybody else holds is never touched. Real
+terraform and moto's server, behind a proxy that loses chosen answers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from lossy_proxy import LossyProxy, start_lossy_proxy
+
+from support import Moto, start_server
+from test_s3 import (
+    MODES,
+    assert_no_locks,
+    lock_rows,
+    store,  # noqa: F401 - the fixture
+)
+from tfserver.app.ownlock import lock_created, own_lock_id, terraform_who
+from tfserver.terraform.output import RunResult
+
+
+@pytest.fixture()
+def proxy(moto: Moto) -> Iterator[LossyProxy]:
+    lossy = start_lossy_proxy(moto.url)
+    yield lossy
+    lossy.stop()
+
+
+def lock_write(mode: str) -> Any:
+    """Picks the request that writes the state's lock in `mode` (not a digest item)."""
+    def dynamodb(method: str, path: str, headers: dict[str, str], body: bytes) -> bool:
+        return headers.get("X-Amz-Target", "").endswith(".PutItem") and b"-md5" not in body \
+            and b"terraform.tfstate" in body
+
+    def lockfile(method: str, path: str, headers: dict[str, str], body: bytes) -> bool:
+        return method == "PUT" and path.split("?")[0].endswith(".tflock")
+
+    return lockfile if mode == "lockfile" else dynamodb
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_a_lock_written_twice_is_cleared_and_the_run_goes_on(
+        tmp: Path, moto: Moto, store: dict[str, str], proxy: LossyProxy,  # noqa: F811
+        mode: str) -> None:
+    env = {**store, **MODES[mode], "TF_STATE_ENDPOINT": proxy.url}
+    server = start_server(tmp, env=env)
+    bucket = store["TF_STATE_BUCKET"]
+    try:
+        proxy.lose_once(lock_write(mode))
+        r = server.request("PUT", "/basic/twice", {"name": "one"})
+        assert r.status == 201, r.body
+        assert len(proxy.lost) == 1, proxy.lost  # the lock write's answer was lost
+        assert any("its own lock" in line for line in server.lines)
+        assert_no_locks(moto, bucket)
+        # A dry run (a plan takes the lock too), then the destroy, each losing one answer.
+        proxy.lose_once(lock_write(mode))
+        r = server.request("PUT", "/basic/twice?dry_run=true", {"name": "two"})
+        assert r.status == 200, r.body
+        proxy.lose_once(lock_write(mode))
+        r = server.request("DELETE", "/basic/twice")
+        assert r.status == 200, r.body
+        assert len(proxy.lost) == 3, proxy.lost
+        assert_no_locks(moto, bucket)
+        assert server.request("GET", "/basic/twice").status == 404
+    finally:
+        server.stop()
+
+
+def test_a_lock_another_holds_is_never_cleared(tmp: Path, moto: Moto,
+                                               store: dict[str, str]) -> None:  # noqa: F811
+    """A lock written before the run began (a hand-run terraform, a killed run) stays:
+    409 naming it, the lock still there."""
+    env = {**store, **MODES["dynamodb"]}
+    server = start_server(tmp, env=env)
+    bucket = store["TF_STATE_BUCKET"]
+    try:
+        assert server.request("PUT", "/basic/held", {"name": "one"}).status == 201
+        row = f"{bucket}/tfs/basic/local.held/terraform.tfstate"
+        info = ('{"ID":"0d5e1f5e-1111-2222-3333-444455556666","Operation":"OperationTypeApply",'
+                '"Info":"","Who":"root@vm","Version":"1.11.4",'
+                '"Created":"2020-01-01T00:00:00Z","Path":"' + row + '"}')
+        moto.client("dynamodb").put_item(TableName="locks", Item={
+            "LockID": {"S": row}, "Info": {"S": info}})
+        r = server.request("PUT", "/basic/held", {"name": "two"})
+        assert r.status == 409, r.body
+        assert r.json["lock"]["id"] == "0d5e1f5e-1111-2222-3333-444455556666"
+        assert lock_rows(moto, bucket) == [row]
+        # A new instance: the lock terraform takes to write its first state ("init") is
+        # held: 409 too (it was a 422, "terraform rejected the inputs").
+        fresh = f"{bucket}/tfs/basic/local.fresh/terraform.tfstate"
+        moto.client("dynamodb").put_item(TableName="locks", Item={
+            "LockID": {"S": fresh}, "Info": {"S": info.replace(row, fresh)}})
+        r = server.request("PUT", "/basic/fresh", {"name": "new"})
+        assert r.status == 409, r.body
+        assert r.json["lock"]["operation"] == "OperationTypeApply"
+        assert sorted(lock_rows(moto, bucket)) == sorted([row, fresh])
+        assert not any("its own lock" in line for line in server.lines)
+    finally:
+        server.stop()
+
+
+def locked(created: str, who: str = "root@vm", operation: str = "OperationTypeApply",
+           command: str = "apply") -> RunResult:
+    detail = (f"Lock Info:\n  ID:        abc\n  Path:      b/k\n  Operation: {operation}\n"
+              f"  Who:       {who}\n  Version:   1.11.4\n  Created:   {created}\n  Info:\n")
+    return RunResult((command,), 1, events=({"type": "diagnostic", "diagnostic": {
+        "severity": "error", "summary": "Error acquiring the state lock", "detail": detail}},))
+
+
+def test_only_a_lock_taken_by_that_very_process_is_its_own() -> None:
+    created = "2026-12-02 02:54:35.7450315 +0000 UTC"
+    at = lock_created({"created": created})
+    assert at is not None and abs(at - 1796180075.7450315) < 1e-6
+    assert lock_created({"created": "2026-12-02 02:54:35 +0000 UTC"}) == 1796180075.0
+    assert lock_created({"created": "yesterday"}) is None
+    assert lock_created({}) is None
+    who = frozenset({"root@vm"})
+    assert own_lock_id(locked(created), at - 1, at + 1, who) == "abc"
+    assert own_lock_id(locked(created), at + 0.001, at + 1, who) is None  # before it ran
+    assert own_lock_id(locked(created), at - 2, at - 1, who) is None  # after it ended
+    assert own_lock_id(locked(created, who="ops@laptop"), at - 1, at + 1, who) is None
+    assert own_lock_id(locked(created, operation="OperationTypePlan"), at - 1, at + 1,
+                       who) is None
+    assert own_lock_id(locked(created, operation="OperationTypePlan", command="plan"),
+                       at - 1, at + 1, who) == "abc"
+    assert own_lock_id(locked(created, command="destroy"), at - 1, at + 1, who) == "abc"
+    assert own_lock_id(RunResult(("apply",), 1), at - 1, at + 1, who) is None
+    assert all("@" in w for w in terraform_who())

@@ -1,0 +1,138 @@
+"""A state lock that terraform reports held by another run when it is its own.
+
+Terraform writes its lock with a conditional write (a DynamoDB item, or S3's lock file
+`If-None-Match: *`). When the answer to that write is lost, by a connection reset between
+the server and AWS, the AWS SDK sends it again; the second write finds the first one's
+lock, and terraform fails with "Error acquiring the state lock", naming its own lock, and
+leaves it held. Every later run of the instance would then be refused until an admin
+cleared it. `OwnLocks.run` clears such a lock (`StateBackend.clear_lock`) and runs
+terraform once more, only when `own_lock_id` is sure the lock is the run's own and no
+other run holds the instance.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+import pwd
+import re
+import socket
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+from ..errors import TFServerError
+from ..runs.store import RunStore
+from ..storage.base import StateBackend
+from ..terraform.output import EventSink, Failure, RunResult
+from ..terraform.process import RunControl, Runner
+from .holder import lock_holder
+
+logger = logging.getLogger(__name__)
+
+#: The lock's `Operation` each terraform command takes it for.
+LOCK_OPERATIONS = {"apply": "OperationTypeApply", "destroy": "OperationTypeApply",
+                   "plan": "OperationTypePlan"}
+
+#: The operation of the lock the S3 backend takes to write a new workspace's first state
+#: (any command on a new instance).
+NEW_STATE = "init"
+
+#: Go's `time.Time.String()`, as terraform prints a lock's `Created`.
+_GO_TIME = re.compile(r"^(\d{4}-\d{2}-\d{2}) (\d{2}:\d{2}:\d{2})(?:\.(\d{1,9}))? "
+                      r"([+-]\d{4})\b")
+
+
+def lock_created(lock: Mapping[str, str]) -> float | None:
+    """When the lock was taken (a Unix time), or None when its `created` is unreadable."""
+    m = _GO_TIME.match(lock.get("created", ""))
+    if m is None:
+        return None
+    day, clock, fraction, offset = m.groups()
+    try:
+        at = datetime.datetime.strptime(f"{day} {clock} {offset}", "%Y-%m-%d %H:%M:%S %z")
+    except ValueError:
+        return None
+    return at.timestamp() + (int(fraction.ljust(9, "0")) / 1e9 if fraction else 0.0)
+
+
+def terraform_who() -> frozenset[str]:
+    """The `Who` terraform writes into the locks it takes here: user@host (the user as
+    the password database or the environment names it)."""
+    host = socket.gethostname()
+    names = {os.environ.get("USER", ""), os.environ.get("LOGNAME", "")}
+    with contextlib.suppress(KeyError):  # a uid the password database does not name
+        names.add(pwd.getpwuid(os.getuid()).pw_name)
+    return frozenset(f"{name}@{host}" for name in names if name)
+
+
+def own_lock_id(result: RunResult, started: float, ended: float,
+                who: frozenset[str]) -> str | None:
+    """The id of the lock that `result`'s terraform found held when it is its own: taken
+    while that very process ran (`started`..`ended`, Unix times), by this user on this
+    host, for this command's operation. The caller also checks that no other run holds
+    the instance (`holder.lock_holder`): a run of another replica on the same host that
+    locked meanwhile looks the same."""
+    lock = result.lock
+    if result.failure is not Failure.LOCKED or lock is None or not lock.get("id"):
+        return None
+    created = lock_created(lock)
+    if created is None or not started <= created <= ended:
+        return None
+    if lock.get("who") not in who:
+        return None
+    command = result.args[0] if result.args else ""
+    if lock.get("operation") not in (LOCK_OPERATIONS.get(command), NEW_STATE):
+        return None
+    return lock["id"]
+
+
+class OwnLocks:
+    """Terraform for one run of an instance (the caller holds it), a lock it reports
+    held that is its own cleared and terraform run once more."""
+
+    def __init__(self, runner: Runner, backend: StateBackend, store: RunStore) -> None:
+        self.runner = runner
+        self.backend = backend
+        self.store = store
+        #: The `Who` of the locks this server's terraform takes.
+        self.who = terraform_who()
+
+    def run(self, args: Sequence[str], module: str, workspace: str, run_id: str, *,
+            cwd: Path, deadline: float, control: RunControl | None,
+            on_event: EventSink | None,
+            on_start: Callable[[], None] | None = None) -> RunResult:
+        """`Runner.run` before `deadline` (monotonic); `on_start` at the first start only."""
+        started: list[None] = []
+
+        def first_start() -> None:
+            if not started and on_start is not None:
+                on_start()
+            started.append(None)
+
+        def run() -> RunResult:
+            return self.runner.run(args, cwd=cwd, workspace=workspace,
+                                   timeout=max(0.1, deadline - time.monotonic()),
+                                   control=control, on_event=on_event,
+                                   on_start=first_start, label=run_id)
+
+        began = time.time()
+        result = run()
+        lock_id = own_lock_id(result, began, time.time(), self.who)
+        if lock_id is None or lock_holder(self.store, module, workspace, run_id) is not None:
+            return result
+        try:
+            cleared, why = self.backend.clear_lock(module, workspace, lock_id), "not found"
+        except TFServerError as e:
+            cleared, why = False, e.detail
+        if not cleared:
+            logger.warning("run %s: its own lock %s, left by a lock request sent twice, "
+                           "was not cleared: %s", run_id, lock_id, why,
+                           extra={"run_id": run_id})
+            return result
+        logger.warning("run %s: terraform found its own lock %s held (its lock request "
+                       "was sent twice); cleared, and terraform runs once more", run_id,
+                       lock_id, extra={"run_id": run_id})
+        return run()

@@ -7,21 +7,29 @@ receive is a short poll under one lock, and a long poll is a series of them, eac
 soon as a message is sent, deleted or made visible again (or after 50 ms, when a
 visibility timeout may have run out): it answers about as soon as real SQS would, without
 spinning.
+
+Every other request runs under one lock, one at a time: moto checks a conditional write
+(S3's `If-None-Match: *`, DynamoDB's condition expressions) and then writes, so two
+writers of one key at once could both win, where real S3 and DynamoDB let exactly one.
 """
 
 from __future__ import annotations
 
+import io
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
+import moto.server
 from moto.server import main
 from moto.sqs.models import SQSBackend
 
 _receive = SQSBackend.receive_message
 _lock = threading.Lock()
+#: Held by every request but SQS's receives (which poll under `_lock`, and wait).
+_one_at_a_time = threading.Lock()
 _changed = threading.Condition()
 
 
@@ -56,6 +64,36 @@ for _name in ("send_message", "send_message_batch", "delete_message",
               "delete_message_batch", "change_message_visibility",
               "change_message_visibility_batch"):
     setattr(SQSBackend, _name, _waking(getattr(SQSBackend, _name)))
+
+def _serialised(app: Callable[..., Iterable[bytes]]) -> Callable[..., Iterable[bytes]]:
+    """`app` (moto's WSGI application) taking requests one at a time, SQS receives
+    aside. The body is read first, so a slow sender holds nobody up."""
+    def call(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        if length:
+            body = environ["wsgi.input"].read(length)
+            environ["wsgi.input"] = io.BytesIO(body)
+        else:
+            body = b""
+        receive = str(environ.get("HTTP_X_AMZ_TARGET", "")).endswith(".ReceiveMessage") \
+            or "Action=ReceiveMessage" in str(environ.get("QUERY_STRING", "")) \
+            or b"Action=ReceiveMessage" in body
+        if receive:
+            return list(app(environ, start_response))
+        with _one_at_a_time:
+            return list(app(environ, start_response))
+    return call
+
+
+_run_simple = moto.server.run_simple
+
+
+def run_simple(host: str, port: int, app: Any, **options: Any) -> None:
+    """werkzeug's `run_simple`, serving `app` one request at a time (`_serialised`)."""
+    _run_simple(host, port, _serialised(app), **options)
+
+
+moto.server.run_simple = run_simple  # type: ignore[assignment]
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

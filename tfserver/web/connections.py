@@ -45,6 +45,8 @@ class ConnectionLimits:
         self._by_address: dict[str, int] = {}
         #: The peers (address, port...) of the connections in a reserved place.
         self._health_only: set[tuple[Any, ...]] = set()
+        #: The peers of every open connection (a place is given back once).
+        self._peers: set[tuple[Any, ...]] = set()
 
     def admit(self, peer: tuple[Any, ...], *, per_address: bool = True) -> str | None:
         """Count a new connection from `peer` (address, port...) and return None; or
@@ -61,6 +63,7 @@ class ConnectionLimits:
                     return (f"connection limit ({self.total}, and {self.health} kept for "
                             "health checks) reached")
                 self._health_only.add(peer)
+            self._peers.add(peer)
             self._open += 1
             self._by_address[address] = held + 1
             return None
@@ -71,9 +74,13 @@ class ConnectionLimits:
             return peer in self._health_only
 
     def release(self, peer: tuple[Any, ...]) -> None:
-        """A connection admitted for `peer` closed."""
+        """A connection admitted for `peer` closed, or is about to (its place is given
+        back once, whoever calls first)."""
         address = str(peer[0])
         with self._mutex:
+            if peer not in self._peers:
+                return
+            self._peers.discard(peer)
             self._open -= 1
             self._health_only.discard(peer)
             left = self._by_address.get(address, 1) - 1

@@ -71,6 +71,10 @@ class Serving(Host, Protocol):
         """True for a connection in a place kept for health checks."""
         ...
 
+    def give_back(self, peer: Any) -> None:
+        """The connection's place is free (it closes after the answer being sent)."""
+        ...
+
 
 class RequestHandler(Connection):
     """A request: routed, answered, and logged (access line, metrics, audit line); the
@@ -230,6 +234,13 @@ class RequestHandler(Connection):
                 self._drain()
             request_id.reset(token)
             self.host.leave()
+
+    def closing(self) -> None:
+        """A place kept for health checks is given back before its answer is written: a
+        checker that reconnects as soon as it has the answer finds the place free (the
+        thread's own end comes later)."""
+        if self.health_only:
+            self.host.give_back(self.client_address)
 
     def _health_check_only(self) -> None:
         """On a place kept for health checks: nothing else, and the place is given back

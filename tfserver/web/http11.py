@@ -171,12 +171,16 @@ class Connection(BaseHTTPRequestHandler):
             data = b""
         if self.close_connection:
             fields["Connection"] = "close"
+            self.closing()
         self.send_response(status)
         for key, value in fields.items():
             self.send_header(key, value)
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
+
+    def closing(self) -> None:
+        """Called as an answer after which the connection closes is written."""
 
     def _fields(self, content_type: str) -> dict[str, str]:
         """The headers of every answer."""

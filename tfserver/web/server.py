@@ -98,6 +98,10 @@ class TFServer(ThreadingHTTPServer):
         """True for a connection in a place kept for health checks."""
         return self.limits.health_only(peer)
 
+    def give_back(self, peer: Any) -> None:
+        """The connection's place is free before its thread ends (see `limits.release`)."""
+        self.limits.release(peer)
+
     def finish_request(self, request: Any, client_address: Any) -> None:
         """Run the TLS handshake in the connection's own thread, with a deadline."""
         if self.certificates is not None:

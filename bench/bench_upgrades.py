@@ -63,11 +63,11 @@ def preview(server: ServerProcess, count: int) -> None:
         raise SystemExit(f"upgrade: {r.status} {r.body[:300]!r}")
     upgrade_id = r.json["id"]
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        doc = server.request("GET", f"/upgrades/{upgrade_id}").json
+    while time.monotonic() < deadline:  # answered once it is planned (Prefer: wait)
+        doc = server.request("GET", f"/upgrades/{upgrade_id}",
+                             headers={"Prefer": "wait=60"}, timeout=90).json
         if doc["status"] != "planning":
             break
-        time.sleep(0.02)
     planned = [e for e in doc["instances"] if e["status"] == "planned"]
     if doc["status"] != "planned" or len(planned) != count:
         raise SystemExit(f"upgrade {upgrade_id} ended {doc['status']}: {doc['instances']}")

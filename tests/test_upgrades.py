@@ -107,6 +107,32 @@ def test_fleet_of_ten_in_batches_of_three_stops_at_the_first_failure(
     assert srv.request("POST", f"/upgrades/{doc['id']}/apply").status == 409
 
 
+def waited(srv: ServerProcess, upgrade_id: str, prefer: str = "wait=60") -> Any:
+    return srv.request("GET", f"/upgrades/{upgrade_id}", headers={"Prefer": prefer},
+                       timeout=100)
+
+
+def test_prefer_wait_answers_once_the_upgrade_is_no_longer_on_its_way(
+        srv: ServerProcess) -> None:
+    for name in ("w1", "w2", "w3"):
+        make(srv, name)
+    doc = start(srv, {"to": "1.1.0", "instances": ["w1", "w2", "w3"]})
+    r = waited(srv, doc["id"])  # one request, answered when the preview is done
+    assert r.status == 200 and r.json["status"] == "planned", r.body
+    assert [e["status"] for e in r.json["instances"]] == ["planned"] * 3
+    r = srv.request("POST", f"/upgrades/{doc['id']}/apply")
+    assert r.status == 202
+    r = waited(srv, doc["id"])
+    assert r.json["status"] == "applied", r.body
+    # Done already, no wait; hostile or odd preferences are no wait or the longest one.
+    for prefer in ("wait=90", "wait=0", "wait=abc", "wait=99999999999999999999",
+                   "wait=-1", "respond-async"):
+        r = waited(srv, doc["id"], prefer)
+        assert r.status == 200 and r.json["status"] == "applied", (prefer, r.body)
+    assert waited(srv, "0" * 32).status == 404
+    assert waited(srv, "not-an-id").status == 404
+
+
 def test_replacing_plans_are_held_back_unless_allowed(srv: ServerProcess) -> None:
     for name in ("r1", "r2"):
         make(srv, name)
@@ -209,7 +235,7 @@ def test_two_replicas_on_s3_share_the_upgrade_record(tmp: Path, moto: Moto,
         for name in ("m1", "m2"):
             make(a, name)
         doc = start(a, {"to": "1.1.0", "batch_size": 1})
-        seen = settle(b, doc["id"])  # planned on a, read on b
+        seen = waited(b, doc["id"]).json  # planned on a, waited for on b
         assert seen["status"] == "planned" and set(by_instance(seen)) == {"m1", "m2"}
         answers: list[int] = []
         both = [threading.Thread(target=lambda s=s: answers.append(s.request(

@@ -82,10 +82,12 @@ class Upgrades:
                          name=f"upgrade-{doc['id'][:8]}", daemon=True).start()
         return doc
 
-    def get(self, principal: Principal, upgrade_id: str) -> dict[str, Any]:
-        """An upgrade's record, as any replica wrote it last."""
+    def get(self, principal: Principal, upgrade_id: str, wait: float = 0.0
+            ) -> dict[str, Any]:
+        """An upgrade's record, as any replica wrote it last; with `wait`, once it is no
+        longer planning or applying, or after `wait` seconds (`UpgradeStore.wait`)."""
         _require_admin(principal)
-        return self.store.get(upgrade_id)
+        return self.store.wait(upgrade_id, wait) if wait > 0 else self.store.get(upgrade_id)
 
     def apply(self, principal: Principal, upgrade_id: str) -> dict[str, Any]:
         """Start applying a previewed upgrade's saved plans (409 unless it is `planned`)."""
@@ -278,9 +280,10 @@ class UpgradeCalls:
         """Admin: preview a fleet upgrade (see `Upgrades.start`)."""
         return self.upgrades.start(principal, name, body)
 
-    def upgrade(self, principal: Principal, upgrade_id: str) -> dict[str, Any]:
-        """Admin: an upgrade's record."""
-        return self.upgrades.get(principal, upgrade_id)
+    def upgrade(self, principal: Principal, upgrade_id: str, wait: float = 0.0
+                ) -> dict[str, Any]:
+        """Admin: an upgrade's record (`wait`: see `Upgrades.get`)."""
+        return self.upgrades.get(principal, upgrade_id, wait)
 
     def apply_upgrade(self, principal: Principal, upgrade_id: str) -> dict[str, Any]:
         """Admin: apply a previewed upgrade in batches (see `Upgrades.apply`)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ DEFAULT_BATCH = 5
 MAX_BATCH = 100
 MAX_INSTANCES = 1000
 _ID_RE = re.compile(r"^[0-9a-f]{32}$")
+#: The statuses of an upgrade still on its way (`Prefer: wait` waits past them).
+BUSY = frozenset({"planning", "applying"})
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,9 @@ class UpgradeStore:
 
     def __init__(self, objects: ObjectStore) -> None:
         self.objects = objects
+        #: Notified at each write of this replica (see `wait`); `_writes` counts them.
+        self._written = threading.Condition()
+        self._writes = 0
 
     @staticmethod
     def key(upgrade_id: str) -> str:
@@ -134,11 +140,30 @@ class UpgradeStore:
         """Write an upgrade's record (the one thread that drives it is its only writer)."""
         doc["updated_at"] = time.time()
         self.objects.put(self.key(doc["id"]), json.dumps(doc).encode())
+        with self._written:
+            self._writes += 1
+            self._written.notify_all()
 
     def claim_apply(self, upgrade_id: str) -> bool:
         """Take the one apply of an upgrade (a create-if-absent write, so two replicas
         asked at once never both apply it); False if it was taken."""
         return self.objects.put_new(f"_upgrades/{upgrade_id}.apply", b"")
+
+    def wait(self, upgrade_id: str, seconds: float) -> dict[str, Any]:
+        """The record once its upgrade is no longer planning or applying, or when
+        `seconds` have passed (`Prefer: wait`): woken by this replica's writes, read
+        again every 0.25 s for another replica's."""
+        deadline = time.monotonic() + seconds
+        while True:
+            with self._written:
+                seen = self._writes
+            doc = self.get(upgrade_id)
+            left = deadline - time.monotonic()
+            if doc.get("status") not in BUSY or left <= 0:
+                return doc
+            with self._written:
+                if self._writes == seen:
+                    self._written.wait(min(left, 0.25))
 
     def get(self, upgrade_id: str) -> dict[str, Any]:
         """An upgrade's record (404 for an unknown or malformed id)."""

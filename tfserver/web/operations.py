@@ -184,8 +184,10 @@ def start_upgrade(call: Call) -> Reply:
 
 
 def get_upgrade(call: Call) -> Reply:
-    """Admin: an upgrade's record (its progress)."""
-    return Reply(200, render.upgrade(call.service.upgrade(call.who, call.params["id"])))
+    """Admin: an upgrade's record (its progress); with `Prefer: wait=N`, once it is no
+    longer planning or applying, or after N seconds."""
+    doc = call.service.upgrade(call.who, call.params["id"], _asked_wait(call.req) or 0.0)
+    return Reply(200, render.upgrade(doc))
 
 
 def apply_upgrade(call: Call) -> Reply:

@@ -90,12 +90,19 @@ def module_upgrade_operations(module: Module, settings: DocSettings) -> dict[str
             400, 403, 411, 413, 415)}}
 
 
+#: `Prefer: wait=N` on an upgrade's record: no polling while it plans or applies.
+WAIT_UPGRADE = param("Prefer", "header", {"type": "string", "examples": ["wait=60"]},
+                     "RFC 7240 `wait=N`: answer once the upgrade is no longer planning or "
+                     "applying, or after N seconds (at most 90), whichever comes first.")
+
+
 def upgrade_operations(settings: DocSettings) -> dict[str, Any]:
     """`get_upgrade` and `apply_upgrade`."""
     tags = ["upgrades"]
     return {
         "get_upgrade": {"summary": "Admin: a fleet upgrade's record (its progress)",
-                        "tags": tags, "responses": answers(settings, {"200": ok_answer(
+                        "tags": tags, "parameters": [WAIT_UPGRADE],
+                        "responses": answers(settings, {"200": ok_answer(
                             "The upgrade.", ref("Upgrade"))}, 403, 404)},
         "apply_upgrade": {"summary": "Admin: apply a previewed upgrade's saved plans in "
                                      "batches (stops at the first failure)",

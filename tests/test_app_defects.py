@@ -50,6 +50,9 @@ class FailingInputs:
     def put_new(self, key: str, data: bytes) -> bool:
         return self.inner.put_new(key, data)
 
+    def put_copy(self, key: str, data: bytes, source: str) -> None:
+        self.inner.put_copy(key, data, source)
+
     def get(self, key: str) -> bytes | None:
         return self.inner.get(key)
 

@@ -228,6 +228,10 @@ class Counting:
         self.calls["put_new"] += 1
         return self.inner.put_new(key, data)
 
+    def put_copy(self, key: str, data: bytes, source: str) -> None:
+        self.calls["put_copy"] += 1
+        self.inner.put_copy(key, data, source)
+
     def get(self, key: str) -> bytes | None:
         self.calls["get"] += 1
         return self.inner.get(key)

@@ -382,3 +382,34 @@ def test_client_address_behind_trusted_proxies(peer: str, forwarded: list[str],
     from tfserver.web.connections import client_address
 
     assert client_address(peer, forwarded, lambda a: a.startswith("10.")) == expected
+
+
+def test_local_objects_share_files_for_empty_objects_and_copies(tmp_path: Path) -> None:
+    """Index entries are hard links to one empty file and an active marker a second name
+    of its run's record (a link, not a new file: on ext4 a new file costs ~15 times a
+    name); nothing written later through one name changes another."""
+    import os
+
+    from tfserver.storage.local import LocalObjects
+
+    objects = LocalObjects(tmp_path / "o")
+    objects.put("idx/a", b"")
+    objects.put("idx/b", b"")
+    a, b = (os.stat(tmp_path / "o" / "idx" / n) for n in "ab")
+    assert (a.st_ino, a.st_size, a.st_mode & 0o777) == (b.st_ino, 0, 0o600)
+    objects.put("idx/a", b"now data")  # replaced by a rename: b stays empty
+    assert objects.get("idx/a") == b"now data" and objects.get("idx/b") == b""
+    objects.put("idx/a", b"")  # and empty again
+    assert objects.get("idx/a") == b"" and objects.keys("idx/") == ["a", "b"]
+    objects.put("rec/r.json", b'{"replica": "one"}')
+    objects.put_copy("act/r", b'{"replica": "one"}', "rec/r.json")
+    rec, act = (os.stat(tmp_path / "o" / p) for p in ("rec/r.json", "act/r"))
+    assert rec.st_ino == act.st_ino
+    objects.put("rec/r.json", b'{"replica": "one", "status": "succeeded"}')
+    assert objects.get("act/r") == b'{"replica": "one"}'  # the record moved on, not it
+    # A source gone, or holding other bytes, or a name taken: the bytes are written.
+    objects.put_copy("act/s", b"xyz", "rec/missing.json")
+    objects.put_copy("act/t", b"xyz", "rec/r.json")
+    objects.put_copy("act/r", b"new", "rec/missing.json")
+    assert [objects.get(k) for k in ("act/s", "act/t", "act/r")] == [b"xyz", b"xyz", b"new"]
+    assert objects.get("idx/b") == b"" and (tmp_path / "o" / ".empty").stat().st_size == 0

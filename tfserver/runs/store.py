@@ -7,7 +7,8 @@ bucket under its prefix), so any replica can answer for any run. The layout:
     _runs/events/<id>.ndjson                     its event log
     _runs/by-tenant/<tenant>/<id>                an empty index entry per run
     _runs/by-instance/<tenant>/<module>/<instance>/<id>
-    _runs/active/<tenant>.<module>.<id>          while queued or running: {"replica"}
+    _runs/active/<tenant>.<module>.<id>          while queued or running: its first record
+                                                 (read for its "replica")
     _runs/cancel/<id>                            a cancel asked on another replica
     _runs/replicas/<replica>                     its heartbeat: {"at", "runs": [its ids]}
     _runs/requests/<id>.json                     what the run was asked (specs.py: retry)
@@ -177,13 +178,13 @@ class RunStore:
     def create(self, record: RunRecord) -> None:
         """Store a new record with its index entries and its active marker (none for a
         run stored only once it ended)."""
-        self.objects.put(f"_runs/records/{record.id}.json", record.to_json())
+        data, key = record.to_json(), f"_runs/records/{record.id}.json"
+        self.objects.put(key, data)
         t, r = record.tenant, record.id
         self.objects.put(f"_runs/by-tenant/{t}/{r}", b"")
         self.objects.put(f"_runs/by-instance/{t}/{record.module}/{record.instance}/{r}", b"")
-        if record.active:
-            self.objects.put(self._active(record),
-                             json.dumps({"replica": record.replica}).encode())
+        if record.active:  # the start record, its "replica" the replica that holds it
+            self.objects.put_copy(self._active(record), data, key)
 
     @staticmethod
     def _active(record: RunRecord) -> str:

@@ -82,6 +82,11 @@ class ObjectStore(Protocol):
         """Write the object only if there is none yet; False if there was (atomic)."""
         ...
 
+    def put_copy(self, key: str, data: bytes, source: str) -> None:
+        """`put(key, data)` where the object `source` holds these very bytes: a store
+        that can (files) makes `key` a second name of it instead of writing them again."""
+        ...
+
     def get(self, key: str) -> bytes | None:
         """The object's bytes, or None when there is none."""
         ...

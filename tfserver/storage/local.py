@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
 import shutil
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -44,6 +47,8 @@ class LocalObjects:
         self.root = root
         # Folders known to exist (private): a run writes several objects into few folders.
         self._folders: set[Path] = set()
+        self._empty_lock = threading.Lock()
+        self._empty: str | None = None
 
     def _path(self, key: str) -> Path:
         return self.root.joinpath(*self._parts(key))
@@ -70,12 +75,76 @@ class LocalObjects:
                 if data:
                     write_private(path, data)
                 else:
-                    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+                    self._put_empty(path)
             except FileNotFoundError:
                 self._folders.discard(path.parent)  # removed meanwhile: made again
                 write_private(path, data)
         except OSError as e:
             raise BackendError(f"cannot write {key}: {e.strerror}") from e
+
+    def put_copy(self, key: str, data: bytes, source: str) -> None:
+        """A hard link to `source`'s file (a name, not a new file: see `_put_empty`), or
+        the bytes written when it cannot be linked (gone, replaced meanwhile)."""
+        path, origin = self._path(key), self._path(source)
+        try:
+            self._folder(path)
+            if os.stat(origin).st_size == len(data):  # not replaced by other bytes since
+                os.link(origin, path)
+                return
+        except FileExistsError:
+            pass  # an object of that name already: replaced by the bytes below
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.EMLINK):
+                raise BackendError(f"cannot write {key}: {e.strerror}") from e
+            self._folders.discard(path.parent)
+        self.put(key, data)
+
+    def _put_empty(self, path: Path) -> None:
+        """An empty object (an index entry) as a hard link to one empty file: a link is
+        a name only, where a new file is an inode (on ext4 here about 15 times the
+        cost). Nothing writes into an object in place (`write_private` replaces it by a
+        rename), so the entries sharing the file stay empty."""
+        for _ in range(3):
+            source = self._empty_source()
+            try:
+                os.link(source, path)
+                return
+            except FileExistsError:  # an object made empty: replaced by the link
+                staged = f"{path.parent}/.lnk-{os.getpid()}-{threading.get_ident()}"
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(staged)
+                os.link(source, staged)
+                os.replace(staged, path)
+                return
+            except OSError as e:
+                if e.errno != errno.EMLINK and (e.errno != errno.ENOENT
+                                                or os.path.exists(source)):
+                    raise  # the object's folder is missing (`put` makes it), or worse
+                with self._empty_lock:  # its links ran out, or it was removed: a new one
+                    if self._empty == source:
+                        self._empty = None
+        raise BackendError(f"cannot write the empty object {path.name}")
+
+    def _empty_source(self) -> str:
+        """The empty file the empty objects link to: `.empty` in the root (never a key:
+        names starting with a dot are not listed), or a new `.empty-*` when that one is
+        not an empty file of ours, or has all the links it may."""
+        with self._empty_lock:
+            if self._empty is None:
+                private_dir(self.root)
+                name = f"{self.root}/.empty"
+                fd = os.open(name, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+                try:
+                    st = os.fstat(fd)
+                finally:
+                    os.close(fd)
+                if not (stat.S_ISREG(st.st_mode) and st.st_size == 0
+                        and st.st_uid == os.getuid() and st.st_nlink < 60_000):
+                    name = f"{self.root}/.empty-{os.getpid()}-{time.monotonic_ns()}"
+                    os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                                     | os.O_NOFOLLOW, 0o600))
+                self._empty = name
+            return self._empty
 
     def put_new(self, key: str, data: bytes) -> bool:
         """Create the file only if absent (see `files.create_private`)."""

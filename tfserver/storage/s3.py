@@ -61,6 +61,10 @@ class S3Objects:
                 raise
         return True
 
+    def put_copy(self, key: str, data: bytes, source: str) -> None:
+        """A PUT of the bytes (a copy in S3 is a request too)."""
+        self.put(key, data)
+
     def get(self, key: str) -> bytes | None:
         """GET the object, or None."""
         with _aws(f"S3 cannot read {key}"):

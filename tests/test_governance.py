@@ -112,7 +112,13 @@ def test_an_instance_expires_and_the_reaper_destroys_it(
     # (GET shows expires_at: checked on the longer-lived instance below, as a loaded
     # machine may reap this one before a GET gets there)
     wait_gone(server, "/steps/brief", who)
-    runs = server.request("GET", "/steps/brief/runs", headers=who).json["runs"]
+    # The state goes before the destroy's record ends: its status follows (bounded).
+    deadline = time.monotonic() + 30
+    while True:
+        runs = server.request("GET", "/steps/brief/runs", headers=who).json["runs"]
+        if runs[0]["status"] not in ("queued", "running") or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert [(x["operation"], x["who"]["subject"], x["status"]) for x in runs[:2]] == [
         ("destroy", "tfserver:ttl", "succeeded"), ("apply", "ttl-client", "succeeded")]
     # without ?ttl= the policy's max_ttl (no default_ttl) is the expiry; a later ?ttl=

@@ -155,6 +155,14 @@ def test_approve_applies_exactly_the_plan(srv: tuple[ServerProcess, Path],
                                                              "succeeded"]
     assert lines[-1]["approval"] == {"planned_by": "alice", "answer": "approved",
                                      "answered_by": "bob"}
+    # The approve request's own audit line names the run's module and instance (its route
+    # names neither); a refused answer's line names what its route does: nothing.
+    answers = [r["what"] for r in server.log_records() if r.get("event") == "request"
+               and r.get("what", {}).get("route") == "/runs/{id}/approve"
+               and r.get("status", r.get("outcome", {}).get("status")) in (201, None)
+               and r["what"].get("run_id") == run["id"]]
+    assert answers and all((w["module"], w["instance"]) == ("gated", "one")
+                           for w in answers), answers
     # A destroy waits too; an admin approves it (of another tenant: it sees all).
     r = server.request("DELETE", "/gated/one", headers=people.alice)
     assert r.status == 202 and r.json["operation"] == "destroy", r.body

@@ -276,6 +276,8 @@ class RequestHandler(Connection):
                    p.tenant_key if p is not None else None)
         if method in _CHANGING:
             route_template, module, instance = template(path)
+            if module is None and self.audit_names is not None:
+                module, instance = self.audit_names  # a run's route: the run's own
             audit_request(
                 p, client, status=self.status, title=self.audit_title,
                 what={"method": method, "route": route_template, "module": module,

@@ -72,6 +72,8 @@ class Connection(BaseHTTPRequestHandler):
     query: dict[str, list[str]] = {}
     #: What the audit line names: the run an answer carried, the title of a problem.
     audit_run: str | None = None
+    #: The module and instance of the run the answer is (a `/runs/{id}` route names none).
+    audit_names: tuple[str, str] | None = None
     audit_title: str | None = None
 
     @property
@@ -98,7 +100,7 @@ class Connection(BaseHTTPRequestHandler):
         # The defaults again: an error http.server answers before `dispatch` (a bad head,
         # an early 413) must not be logged with the previous request's path or id.
         self.status, self.request_id, self.url_path, self.client_ip = 0, "", "", ""
-        self.principal = self.audit_run = self.audit_title = None
+        self.principal = self.audit_run = self.audit_title = self.audit_names = None
         try:
             super().handle_one_request()
         except (ConnectionError, TimeoutError) as e:
@@ -147,6 +149,8 @@ class Connection(BaseHTTPRequestHandler):
         """Write a JSON answer (see `send_bytes`)."""
         run = body.get("run_id") or (body.get("id") if "operation" in body else None)
         self.audit_run = str(run) if run else None
+        if run and isinstance(body.get("module"), str) and isinstance(body.get("instance"), str):
+            self.audit_names = (body["module"], body["instance"])  # a run, or its outcome
         self.audit_title = str(body["title"]) if content_type == PROBLEM else None
         self.send_bytes(status, (json.dumps(body, indent=2) + "\n").encode(), content_type,
                         headers)

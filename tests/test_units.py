@@ -413,3 +413,23 @@ def test_local_objects_share_files_for_empty_objects_and_copies(tmp_path: Path) 
     objects.put_copy("act/r", b"new", "rec/missing.json")
     assert [objects.get(k) for k in ("act/s", "act/t", "act/r")] == [b"xyz", b"xyz", b"new"]
     assert objects.get("idx/b") == b"" and (tmp_path / "o" / ".empty").stat().st_size == 0
+
+
+def test_the_sweep_of_runs_left_awaiting_says_whether_any_was_found(tmp_path: Path) -> None:
+    """A server whose policy requires no approval sweeps other replicas' leftovers until
+    a sweep finds none (each sweep is a LIST on a shared bucket)."""
+    from types import SimpleNamespace
+
+    from tfserver.app.approvals import _sweep
+    from tfserver.runs.store import RunStore
+    from tfserver.storage.local import LocalObjects
+
+    objects = LocalObjects(tmp_path / "o")
+    store = RunStore(objects)
+    expired: list[str] = []
+    stub = SimpleNamespace(objects=objects, store=store, clock=lambda: 0.0,
+                           runs=SimpleNamespace(local=lambda run_id: None),
+                           expire=expired.append)
+    assert _sweep(stub) is False  # type: ignore[arg-type]
+    objects.put("_runs/awaiting/" + "ab" * 16 + ".json", b"{}")
+    assert _sweep(stub) is True and expired == []  # type: ignore[arg-type]

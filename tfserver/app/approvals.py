@@ -117,9 +117,10 @@ def _answered_elsewhere(approvals: Approvals) -> None:
                 approvals.runs.let_go(run)
 
 
-def _sweep(approvals: Approvals) -> None:
+def _sweep(approvals: Approvals) -> bool:
     """Expire the runs other replicas left awaiting past their time: a replica gone
-    for good (a new host name after a deploy) never does, nor recovers them."""
+    for good (a new host name after a deploy) never does, nor recovers them. False when
+    none was found awaiting (nor answered, nor unreadable)."""
     try:
         names = approvals.objects.keys("_runs/awaiting/", limit=100_000)
         for name in names:
@@ -132,13 +133,15 @@ def _sweep(approvals: Approvals) -> None:
                 approvals.expire(run_id)
     except TFServerError as e:
         logger.warning("runs awaiting approval elsewhere not swept now: %s", e.detail)
+        return True
+    return bool(names)
 
 
 class Approvals:
     """Answers to runs awaiting approval, their expiry, and their return after a start."""
 
     def __init__(self, runs: Runs, history: History, submitter: Submitter, *,
-                 clock: Callable[[], float] = time.time) -> None:
+                 gated: bool = True, clock: Callable[[], float] = time.time) -> None:
         self.runs = runs
         self.store = runs.store
         self.objects = runs.store.objects
@@ -152,6 +155,10 @@ class Approvals:
         self._wake = threading.Event()
         #: The store is this server's alone: no other replica answers its runs.
         self._alone = False
+        #: Some policy table requires approvals; without, the sweep of other replicas'
+        #: leftovers stops once one found none (`_sweep`: a LIST a round on a bucket).
+        self.gated = gated
+        self._left_awaiting = True
         self._thread = threading.Thread(target=self._expire_loop, name="approvals",
                                         daemon=True)
 
@@ -297,9 +304,10 @@ class Approvals:
             if not self._alone and now - checked >= _ELSEWHERE_EVERY:
                 checked = now
                 _answered_elsewhere(self)
-            if not self._alone and now - swept >= _SWEEP_EVERY:
+            if not self._alone and now - swept >= _SWEEP_EVERY and (
+                    self.gated or self._left_awaiting):
                 swept = now
-                _sweep(self)
+                self._left_awaiting = _sweep(self)
             due = [(float((r.record.approval or {}).get("expires_at") or 0), r.record.id)
                    for r in self.runs.live() if r.record.status == AWAITING]
             for at, run_id in due:

@@ -115,7 +115,8 @@ class Service(UpgradeCalls, ApprovalCalls):
                                    visibility=config.queue.visibility,
                                    checks=self.queued.checks)
                        if self.queued is not None and config.queue.role != "api" else None)
-        self.approvals = Approvals(self.runs, self.history, self.submitter)
+        self.approvals = Approvals(self.runs, self.history, self.submitter,
+                                   gated=(policy or Policy.empty()).requires_approval)
         self.reruns = Reruns(self.modules, self.catalog, self.history, self.governance,
                              self.expiries, self.submitter)
         self.upgrades = Upgrades(self.catalog, self.submitter, self.history, self.reruns)

@@ -270,3 +270,30 @@ def test_a_check_dated_in_the_future_does_not_stop_the_schedule(tmp: Path) -> No
                              replica="r", metrics=Metrics(), clock=lambda: 1_000_000.0)
     assert schedule.tick_once() == 1 and started == ["t.i0"]
     assert schedule.tick_once() == 0  # and once a period only
+
+
+def test_an_entry_of_long_names_is_kept_under_a_digest(tmp: Path) -> None:
+    """A variable and an output whose names together pass a file name's 255 bytes: the
+    entry is named by a digest and holds the names (it failed to be written, and the
+    referenced instance could be destroyed under its user)."""
+    from tfserver.app.refindex import RefIndex, User, used_by_folder
+    from tfserver.storage.local import LocalObjects
+
+    objects = LocalObjects(tmp / "o")
+    index = RefIndex(objects)
+    variable, output = "v" * 150, "o" * 150
+    ref = {"variable": variable, "ref": f"/network/main#/outputs/{output}",
+           "serial": 1, "digest": None}
+    index.record("app", "local.web", [ref, {**ref, "variable": "short",
+                                             "ref": "/network/main#/outputs/id"}])
+    names = objects.keys(used_by_folder("network", "local.main"))
+    assert all(len(n.encode()) <= 255 for n in names) and len(names) == 2, names
+    assert sorted(index.users("network", "local.main"), key=lambda u: u.variable) == [
+        User("app", "web", "short", "id"), User("app", "web", variable, output)]
+    # A damaged long entry is no user (and no 500); dropping the reference drops it.
+    long_name = next(n for n in names if "~" in n)
+    objects.put(used_by_folder("network", "local.main") + long_name, b"{not json")
+    assert [u.variable for u in index.users("network", "local.main")] == ["short"]
+    index.record("app", "local.web", [ref])
+    index.record("app", "local.web", [])
+    assert objects.keys(used_by_folder("network", "local.main")) == []

@@ -2,7 +2,11 @@
 (so every replica and both run engines see it, and it survives restarts):
 
     _refs/used-by/<module>/<workspace>/<dep module>.<dep instance>.<variable>.<output>
-                                             empty (HCL names and ours hold no dot)
+                                             empty (HCL names and ours hold no dot); when
+                                             that name is long, <dep module>.<dep
+                                             instance>.~<digest>, its content
+                                             {"variable", "output"} (a file name has at
+                                             most 255 bytes)
     _refs/uses/<module>/<workspace>.json     {"references": [{"variable", "ref",
                                               "serial", "digest"}]} of its last apply
     _refs/built                              written once the index was built
@@ -15,6 +19,7 @@ and `users` callers that must be sure (a DELETE) check each entry against them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Iterable, Iterator
@@ -85,7 +90,7 @@ class RefIndex:
         old = {(r.get("variable"), r.get("ref")) for r in _uses_of(stored)}
         new = {(r["variable"], r["ref"]) for r in references}
         for variable, ref in new - old:
-            self.objects.put(self._entry(module, workspace, variable, parse_ref(ref)), b"")
+            self.objects.put(*self._entry(module, workspace, variable, parse_ref(ref)))
         if references:
             self.objects.put(uses_key(module, workspace),
                              json.dumps({"references": references}).encode())
@@ -103,7 +108,7 @@ class RefIndex:
                 src = parse_ref(text)
             except RefSyntaxError:
                 continue
-            self.objects.put(self._entry(module, workspace, variable, src), b"")
+            self.objects.put(*self._entry(module, workspace, variable, src))
 
     def forget(self, module: str, workspace: str) -> None:
         """A dependent destroyed or orphaned: its entries go."""
@@ -120,6 +125,10 @@ class RefIndex:
                 parts = name.split(".")
                 if len(parts) == 4:
                     found.append(User(*parts))
+                elif len(parts) == 3 and parts[2].startswith("~"):
+                    long = self._long(folder + name, parts[0], parts[1])
+                    if long is not None:
+                        found.append(long)
             if len(names) < 1000:
                 return found
             after = names[-1]
@@ -156,7 +165,7 @@ class RefIndex:
 
     def drop(self, module: str, workspace: str, user: User) -> None:
         """Remove one entry of an instance's users (one its user's inputs no longer back)."""
-        self.objects.delete(used_by_folder(module, workspace) + _name(user))
+        self.objects.delete(used_by_folder(module, workspace) + _name(user)[0])
 
     def _drop(self, module: str, workspace: str, gone: set[tuple[Any, Any]]) -> None:
         for variable, ref in gone:
@@ -164,14 +173,26 @@ class RefIndex:
                 src = parse_ref(ref)
             except RefSyntaxError:
                 continue
-            self.objects.delete(self._entry(module, workspace, str(variable), src))
+            self.objects.delete(self._entry(module, workspace, str(variable), src)[0])
+
+    def _long(self, key: str, module: str, instance: str) -> User | None:
+        """The user a long entry's content names (None when it is damaged, or gone)."""
+        doc = json_object(self.objects.get(key)) or {}
+        variable, output = doc.get("variable"), doc.get("output")
+        if not (isinstance(variable, str) and isinstance(output, str)) or \
+                _name(User(module, instance, variable, output))[0] != key.rpartition("/")[2]:
+            return None
+        return User(module, instance, variable, output)
 
     @staticmethod
-    def _entry(dep_module: str, dep_workspace: str, variable: str, src: Ref) -> str:
-        """The entry, under the instance `src` names, of a dependent's variable."""
+    def _entry(dep_module: str, dep_workspace: str, variable: str, src: Ref
+               ) -> tuple[str, bytes]:
+        """The entry, under the instance `src` names, of a dependent's variable, and its
+        content."""
         user = User(dep_module, dep_workspace.partition(".")[2], variable, src.output)
+        name, data = _name(user)
         return used_by_folder(src.module, workspace_name(workspace_tenant(dep_workspace),
-                                                         src.instance)) + _name(user)
+                                                         src.instance)) + name, data
 
 
 def _well_formed(entry: Any) -> bool:
@@ -190,5 +211,17 @@ def _use(entry: dict[str, Any]) -> dict[str, Any]:
             else None, "digest": found if isinstance(found, str) else None}
 
 
-def _name(user: User) -> str:
-    return f"{user.module}.{user.instance}.{user.variable}.{user.output}"
+#: The longest entry name made of the names themselves (a file name has 255 bytes).
+_NAME_MAX = 200
+
+
+def _name(user: User) -> tuple[str, bytes]:
+    """An entry's name and content: the four names, or when they are too long together,
+    the dependent's two and a digest of the variable and output, which the content
+    holds."""
+    full = f"{user.module}.{user.instance}.{user.variable}.{user.output}"
+    if len(full.encode()) <= _NAME_MAX:
+        return full, b""
+    digest = hashlib.sha256(f"{user.variable}\0{user.output}".encode()).hexdigest()[:32]
+    return (f"{user.module}.{user.instance}.~{digest}",
+            json.dumps({"variable": user.variable, "output": user.output}).encode())

@@ -8,7 +8,6 @@ value (the values of `set` reach the saved plans, which are kept like state).
 from __future__ import annotations
 
 import json
-import re
 import threading
 import time
 import uuid
@@ -19,6 +18,7 @@ from ..errors import FieldError, InvalidInput, NotFound
 from ..module.discover import Module
 from ..module.versions import check_version, requested
 from ..names import NAME_RE, TENANT_KEY_RE
+from ..runs.store import is_run_id
 from ..storage.base import ObjectStore, json_object
 
 #: The keys of an upgrade's body.
@@ -26,7 +26,6 @@ UPGRADE_KEYS = ("to", "instances", "set", "batch_size", "allow_replace")
 DEFAULT_BATCH = 5
 MAX_BATCH = 100
 MAX_INSTANCES = 1000
-_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 #: The statuses of an upgrade still on its way (`Prefer: wait` waits past them).
 BUSY = frozenset({"planning", "applying"})
 
@@ -168,7 +167,7 @@ class UpgradeStore:
     def get(self, upgrade_id: str) -> dict[str, Any]:
         """An upgrade's record (404 for an unknown or malformed id)."""
         doc = json_object(self.objects.get(self.key(upgrade_id))) \
-            if _ID_RE.fullmatch(upgrade_id) else None
+            if is_run_id(upgrade_id) else None  # 32 hex digits, as a run's id
         if doc is None:
             raise NotFound(f"no upgrade {upgrade_id[:64]!r}")
         return doc

@@ -70,6 +70,28 @@ def test_a_lock_written_twice_is_cleared_and_the_run_goes_on(
         server.stop()
 
 
+def test_two_replicas_on_one_host_never_clear_a_lock_as_their_own(
+        tmp: Path, moto: Moto, store: dict[str, str], proxy: LossyProxy) -> None:  # noqa: F811
+    """Two replicas of one user on one host take locks with the same `Who`: a lock taken
+    while one's terraform ran may be the other's (its run not stored yet), so neither
+    clears one. The lost write then leaves the lock, as before: 409, the lock shown."""
+    env = {**store, **MODES["dynamodb"], "TF_STATE_ENDPOINT": proxy.url}
+    a = start_server(tmp / "a", env={**env, "TFSERVER_REPLICA_ID": "a"})
+    b = start_server(tmp / "b", env={**env, "TFSERVER_REPLICA_ID": "b"})
+    bucket = store["TF_STATE_BUCKET"]
+    try:
+        assert b.request("PUT", "/basic/on-b", {"name": "b"}).status == 201
+        assert a.request("PUT", "/basic/shared", {"name": "one"}).status == 201
+        proxy.lose_once(lock_write("dynamodb"))
+        r = a.request("PUT", "/basic/shared", {"name": "two"})
+        assert r.status == 409 and len(proxy.lost) == 1, r.body
+        assert not any("its own lock" in line for line in a.lines)
+        assert lock_rows(moto, bucket) == [f"{bucket}/tfs/basic/local.shared/terraform.tfstate"]
+    finally:
+        a.stop()
+        b.stop()
+
+
 def test_a_lock_another_holds_is_never_cleared(tmp: Path, moto: Moto,
                                                store: dict[str, str]) -> None:  # noqa: F811
     """A lock written before the run began (a hand-run terraform, a killed run) stays:

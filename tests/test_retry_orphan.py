@@ -160,7 +160,10 @@ def test_a_run_lost_with_its_killed_server_runs_again(tmp_path: Path, terraform_
         while again.request("GET", f"/runs/{r.json['id']}").json["status"] != "running":
             assert time.monotonic() < deadline + 60
             time.sleep(0.1)
-        assert sleepers("41")
+        # "running" as terraform starts: its provisioner's sleep comes a little later.
+        while not sleepers("41"):
+            assert time.monotonic() < deadline + 90, "the retried run never slept"
+            time.sleep(0.1)
         assert again.request("POST", f"/runs/{r.json['id']}/cancel?force=true").status == 202
         assert wait_run(again, r.json["id"])["status"] == "canceled"
     finally:

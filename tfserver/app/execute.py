@@ -199,7 +199,7 @@ class Executor:
     def __init__(self, runner: Runner, backend: StateBackend, copies: WorkingCopies,
                  store: RunStore, expiries: Expiries, *, run_timeout: float,
                  lock_wait: float, plan_ttl: float, max_workers: int,
-                 var_files: VarFiles,
+                 var_files: VarFiles, replica: str = "",
                  resolve: Callable[[RunSpec], None] | None = None) -> None:
         self.runner = runner
         self.backend = backend
@@ -214,7 +214,7 @@ class Executor:
         self.resolve = resolve or (lambda spec: None)
         self.workspaces = Workspaces(runner, backend, expiries, lock_wait=lock_wait)
         #: Terraform for a run; a lock it finds its own is cleared (`ownlock.py`).
-        self.terraform = OwnLocks(runner, backend, store)
+        self.terraform = OwnLocks(runner, backend, store, replica)
         # Keeps inputs while terraform runs (off the critical path).
         self._background = ThreadPoolExecutor(max_workers=max_workers,
                                               thread_name_prefix="keep-inputs")

@@ -6,14 +6,19 @@ the server and AWS, the AWS SDK sends it again; the second write finds the first
 lock, and terraform fails with "Error acquiring the state lock", naming its own lock, and
 leaves it held. Every later run of the instance would then be refused until an admin
 cleared it. `OwnLocks.run` clears such a lock (`StateBackend.clear_lock`) and runs
-terraform once more, only when `own_lock_id` is sure the lock is the run's own and no
-other run holds the instance.
+terraform once more, only when `own_lock_id` finds the lock taken by that very process's
+user and host while it ran, no other run holds the instance, and no other replica runs
+terraform as the same user on the same host: every replica names itself under
+`_replicas/<user@host>/` before its first terraform, so that a lock of another replica on
+this host (the same `Who`, a run whose record is not stored yet) is never taken for one's
+own. Replicas on separate hosts (containers) each have a `Who` of their own.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import logging
 import os
 import pwd
@@ -22,6 +27,7 @@ import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from urllib.parse import quote
 
 from ..errors import TFServerError
 from ..runs.store import RunStore
@@ -31,6 +37,9 @@ from ..terraform.process import RunControl, Runner
 from .holder import lock_holder
 
 logger = logging.getLogger(__name__)
+
+#: Where each replica names itself under its `Who` (user@host), before its first run.
+PRESENCE = "_replicas/"
 
 #: The lock's `Operation` each terraform command takes it for.
 LOCK_OPERATIONS = {"apply": "OperationTypeApply", "destroy": "OperationTypeApply",
@@ -93,12 +102,41 @@ class OwnLocks:
     """Terraform for one run of an instance (the caller holds it), a lock it reports
     held that is its own cleared and terraform run once more."""
 
-    def __init__(self, runner: Runner, backend: StateBackend, store: RunStore) -> None:
+    def __init__(self, runner: Runner, backend: StateBackend, store: RunStore,
+                 replica: str) -> None:
         self.runner = runner
         self.backend = backend
         self.store = store
+        self.replica = replica
         #: The `Who` of the locks this server's terraform takes.
         self.who = terraform_who()
+        self._named = False
+
+    def _presence(self, who: str) -> str:
+        return f"{PRESENCE}{quote(who, safe='')}/"
+
+    def _name_this_replica(self) -> None:
+        """Before this replica's first terraform: its name under each of its `Who`s."""
+        if self._named:
+            return
+        try:
+            for who in self.who:
+                self.backend.objects.put(self._presence(who) + quote(self.replica, safe=""),
+                                         json.dumps({"at": time.time()}).encode())
+            self._named = True
+        except TFServerError as e:
+            logger.warning("this replica's name not kept beside the state (tried again at "
+                           "the next run): %s", e.detail)
+
+    def _alone(self) -> bool:
+        """True when no other replica ever named itself with this replica's `Who`."""
+        mine = quote(self.replica, safe="")
+        try:
+            return self._named and all(
+                name == mine for who in self.who
+                for name in self.backend.objects.keys(self._presence(who), limit=100))
+        except TFServerError:
+            return False
 
     def run(self, args: Sequence[str], module: str, workspace: str, run_id: str, *,
             cwd: Path, deadline: float, control: RunControl | None,
@@ -118,10 +156,12 @@ class OwnLocks:
                                    control=control, on_event=on_event,
                                    on_start=first_start, label=run_id)
 
+        self._name_this_replica()
         began = time.time()
         result = run()
         lock_id = own_lock_id(result, began, time.time(), self.who)
-        if lock_id is None or lock_holder(self.store, module, workspace, run_id) is not None:
+        if lock_id is None or not self._alone() or lock_holder(
+                self.store, module, workspace, run_id) is not None:
             return result
         try:
             cleared, why = self.backend.clear_lock(module, workspace, lock_id), "not found"

@@ -104,6 +104,7 @@ class Service(UpgradeCalls, ApprovalCalls):
                                  run_timeout=config.run_timeout, lock_wait=config.lock_wait,
                                  plan_ttl=config.plan_ttl, max_workers=config.max_runs,
                                  var_files=VarFiles(config.tmp_dir, config.state_dir / "tmp"),
+                                 replica=self.runs.replica,
                                  resolve=before_run(self.dependents, self.references.resolve))
         self.unlocker = Unlocker(self.catalog, self.copies, self.runs.scheduler, backend,
                                  runner, timeout=min(config.run_timeout, 120))

@@ -50,8 +50,11 @@ def start_lossy_proxy(upstream: str) -> LossyProxy:
         def _forward(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else b""
+            # Without the SDK's invocation id: moto's launcher answers a request sent again
+            # with its first answer, and here the second attempt must be carried out.
             headers = {k: v for k, v in self.headers.items()
-                       if k.lower() not in ("connection", "keep-alive")}
+                       if k.lower() not in ("connection", "keep-alive",
+                                            "amz-sdk-invocation-id")}
             upstream_conn = http.client.HTTPConnection(target.hostname, target.port,
                                                        timeout=30)
             try:

@@ -11,6 +11,15 @@ spinning.
 Every other request runs under one lock, one at a time: moto checks a conditional write
 (S3's `If-None-Match: *`, DynamoDB's condition expressions) and then writes, so two
 writers of one key at once could both win, where real S3 and DynamoDB let exactly one.
+
+A request sent again by an AWS SDK (the same `amz-sdk-invocation-id`, a later attempt) is
+answered with what its first attempt was answered. Under load on this machine, the client
+sometimes never gets an answer that moto sent for a request it carried out (the cause was
+not found); the SDK then sends it again. A conditional write sent again then fails on its
+own first write: a terraform that finds its own lock held (tfserver clears it where it
+can tell: `app/ownlock.py`, tested through `tests/lossy_proxy.py`, which drops the id so
+that moto carries out the second attempt). Here the second attempt gets the first
+answer, as if it had arrived.
 """
 
 from __future__ import annotations
@@ -30,6 +39,8 @@ _receive = SQSBackend.receive_message
 _lock = threading.Lock()
 #: Held by every request but SQS's receives (which poll under `_lock`, and wait).
 _one_at_a_time = threading.Lock()
+#: The answers to the last requests, by their SDK invocation id (oldest first).
+_answers: dict[str, tuple[str, list[Any], list[bytes]]] = {}
 _changed = threading.Condition()
 
 
@@ -80,8 +91,26 @@ def _serialised(app: Callable[..., Iterable[bytes]]) -> Callable[..., Iterable[b
             or b"Action=ReceiveMessage" in body
         if receive:
             return list(app(environ, start_response))
+        invocation = str(environ.get("HTTP_AMZ_SDK_INVOCATION_ID", ""))
+        again = invocation and not str(environ.get("HTTP_AMZ_SDK_REQUEST", "attempt=1")
+                                       ).startswith("attempt=1;")
         with _one_at_a_time:
-            return list(app(environ, start_response))
+            if again and invocation in _answers:
+                status, headers, data = _answers[invocation]
+                start_response(status, headers)
+                return data
+            kept: list[Any] = []
+
+            def keep(status: str, headers: list[Any], *exc: Any) -> Any:
+                kept[:] = [status, headers]
+                return start_response(status, headers, *exc)
+
+            data = list(app(environ, keep))
+            if invocation and kept:
+                _answers[invocation] = (kept[0], kept[1], data)
+                while len(_answers) > 2000:
+                    _answers.pop(next(iter(_answers)))
+            return data
     return call
 
 

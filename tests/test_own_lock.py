@@ -30,6 +30,12 @@ def proxy(moto: Moto) -> Iterator[LossyProxy]:
     lossy.stop()
 
 
+def said(server: Any) -> list[str]:
+    """The server's warnings and errors, and terraform's exits (for a failure's message)."""
+    return [line[:700] for line in server.lines
+            if any(w in line for w in ('"warning"', '"error"', "exited"))]
+
+
 def lock_write(mode: str) -> Any:
     """Picks the request that writes the state's lock in `mode` (not a digest item)."""
     def dynamodb(method: str, path: str, headers: dict[str, str], body: bytes) -> bool:
@@ -52,18 +58,19 @@ def test_a_lock_written_twice_is_cleared_and_the_run_goes_on(
     try:
         proxy.lose_once(lock_write(mode))
         r = server.request("PUT", "/basic/twice", {"name": "one"})
-        assert r.status == 201, r.body
+        assert r.status == 201, (r.body, said(server))
         assert len(proxy.lost) == 1, proxy.lost  # the lock write's answer was lost
         assert any("its own lock" in line for line in server.lines)
         assert_no_locks(moto, bucket)
         # A dry run (a plan takes the lock too), then the destroy, each losing one answer.
         proxy.lose_once(lock_write(mode))
         r = server.request("PUT", "/basic/twice?dry_run=true", {"name": "two"})
-        assert r.status == 200, r.body
+        assert r.status == 200, (r.body, said(server))
         proxy.lose_once(lock_write(mode))
         r = server.request("DELETE", "/basic/twice")
-        assert r.status == 200, r.body
+        assert r.status == 200, (r.body, said(server))
         assert len(proxy.lost) == 3, proxy.lost
+        assert lock_rows(moto, bucket) == [], said(server)
         assert_no_locks(moto, bucket)
         assert server.request("GET", "/basic/twice").status == 404
     finally:
@@ -152,3 +159,34 @@ def test_only_a_lock_taken_by_that_very_process_is_its_own() -> None:
     assert own_lock_id(locked(created, command="destroy"), at - 1, at + 1, who) == "abc"
     assert own_lock_id(RunResult(("apply",), 1), at - 1, at + 1, who) is None
     assert all("@" in w for w in terraform_who())
+
+
+def test_the_moto_launcher_answers_a_request_sent_again_as_it_was_first(moto: Moto) -> None:
+    """The harness (tests/moto_launcher.py): an SDK's later attempt of a request gets the
+    first attempt's answer; a new request is carried out (its condition fails)."""
+    import uuid
+
+    table = f"replay-{uuid.uuid4().hex[:8]}"
+    ddb = moto.client("dynamodb")
+    ddb.create_table(TableName=table, KeySchema=[{"AttributeName": "k", "KeyType": "HASH"}],
+                     AttributeDefinitions=[{"AttributeName": "k", "AttributeType": "S"}],
+                     BillingMode="PAY_PER_REQUEST")
+    attempt = [1]
+    invocation = uuid.uuid4().hex
+
+    def headers(request: Any, **_: Any) -> None:
+        request.headers["amz-sdk-invocation-id"] = invocation
+        request.headers["amz-sdk-request"] = f"attempt={attempt[0]}; max=3"
+
+    ddb.meta.events.register("before-send.dynamodb.PutItem", headers)
+
+    def put() -> None:
+        ddb.put_item(TableName=table, Item={"k": {"S": "x"}},
+                     ConditionExpression="attribute_not_exists(k)")
+
+    put()
+    attempt[0] = 2
+    put()  # the first answer again: no ConditionalCheckFailedException
+    attempt[0] = 1
+    with pytest.raises(ddb.exceptions.ConditionalCheckFailedException):
+        put()

@@ -190,3 +190,37 @@ def test_the_moto_launcher_answers_a_request_sent_again_as_it_was_first(moto: Mo
     attempt[0] = 1
     with pytest.raises(ddb.exceptions.ConditionalCheckFailedException):
         put()
+
+
+def test_a_run_of_this_replica_still_stored_active_is_no_holder(
+        tmp: Path, moto: Moto, store: dict[str, str], proxy: LossyProxy) -> None:  # noqa: F811
+    """A run's last write follows its answer, so the next request can find it stored
+    active: a run of this very replica (which holds the instance's lane) does not hold
+    the lock, and the run clears its own. A run stored active on another replica does:
+    the lock stays (409)."""
+    from tfserver.runs.store import RunRecord, new_run_id
+
+    env = {**store, **MODES["dynamodb"], "TF_STATE_ENDPOINT": proxy.url,
+           "TFSERVER_REPLICA_ID": "solo"}
+    server = start_server(tmp, env=env)
+    s3, bucket = moto.client("s3"), store["TF_STATE_BUCKET"]
+
+    def stored_active(replica: str) -> None:
+        record = RunRecord(new_run_id(), "basic", "stale", "local.stale", "local", "x",
+                           "apply", status="running", started_at=1.0, replica=replica)
+        for key in (f"_runs/records/{record.id}.json",
+                    f"_runs/active/local.basic.{record.id}"):
+            s3.put_object(Bucket=bucket, Key=f"tfs/{key}", Body=record.to_json())
+
+    try:
+        assert server.request("PUT", "/basic/stale", {"name": "one"}).status == 201
+        stored_active("solo")
+        proxy.lose_once(lock_write("dynamodb"))
+        r = server.request("PUT", "/basic/stale", {"name": "two"})
+        assert r.status == 200 and len(proxy.lost) == 1, (r.body, said(server))
+        stored_active("elsewhere")
+        proxy.lose_once(lock_write("dynamodb"))
+        r = server.request("PUT", "/basic/stale", {"name": "three"})
+        assert r.status == 409 and len(proxy.lost) == 2, (r.body, said(server))
+    finally:
+        server.stop()

@@ -161,7 +161,8 @@ class OwnLocks:
         result = run()
         lock_id = own_lock_id(result, began, time.time(), self.who)
         if lock_id is None or not self._alone() or lock_holder(
-                self.store, module, workspace, run_id) is not None:
+                self.store, module, workspace, run_id,
+                elsewhere_than=self.replica) is not None:
             return result
         try:
             cleared, why = self.backend.clear_lock(module, workspace, lock_id), "not found"

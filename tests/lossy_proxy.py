@@ -26,10 +26,12 @@ class LossyProxy:
     url: str
     choose: list[Choose] = field(default_factory=list)
     lost: list[str] = field(default_factory=list)
+    mutex: threading.Lock = field(default_factory=threading.Lock)
 
     def lose_once(self, choose: Choose) -> None:
         """Lose the answer to the next request `choose` picks (once)."""
-        self.choose.append(choose)
+        with self.mutex:
+            self.choose.append(choose)
 
     def stop(self) -> None:
         self.server.shutdown()
@@ -50,11 +52,21 @@ def start_lossy_proxy(upstream: str) -> LossyProxy:
         def _forward(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else b""
-            # Without the SDK's invocation id: moto's launcher answers a request sent again
-            # with its first answer, and here the second attempt must be carried out.
             headers = {k: v for k, v in self.headers.items()
-                       if k.lower() not in ("connection", "keep-alive",
-                                            "amz-sdk-invocation-id")}
+                       if k.lower() not in ("connection", "keep-alive")}
+            with proxy.mutex:
+                picked = next((c for c in proxy.choose
+                               if c(self.command, self.path, headers, body)), None)
+                if picked is not None:
+                    proxy.choose.remove(picked)
+                    proxy.lost.append(f"{self.command} {self.path}")
+            if picked is not None:
+                # Sent on without the SDK's invocation id: moto's launcher answers a request
+                # sent again with its first answer, and this one's second attempt must be
+                # carried out (every other request keeps it, so an answer the client here
+                # misses by itself is still given again).
+                headers = {k: v for k, v in headers.items()
+                           if k.lower() != "amz-sdk-invocation-id"}
             upstream_conn = http.client.HTTPConnection(target.hostname, target.port,
                                                        timeout=30)
             try:
@@ -63,11 +75,7 @@ def start_lossy_proxy(upstream: str) -> LossyProxy:
                 data = answer.read()
             finally:
                 upstream_conn.close()
-            picked = next((c for c in proxy.choose
-                           if c(self.command, self.path, headers, body)), None)
             if picked is not None:
-                proxy.choose.remove(picked)
-                proxy.lost.append(f"{self.command} {self.path}")
                 self.close_connection = True
                 self.connection.shutdown(socket.SHUT_RDWR)  # carried out, never answered
                 return

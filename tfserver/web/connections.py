@@ -41,11 +41,11 @@ class ConnectionLimits:
         self.per_address = per_address
         self.health = health
         self._mutex = threading.Lock()
-        self._open = 0
         self._by_address: dict[str, int] = {}
         #: The peers (address, port...) of the connections in a reserved place.
         self._health_only: set[tuple[Any, ...]] = set()
-        #: The peers of every open connection (a place is given back once).
+        #: The peers of every open connection (their count is the connections open; a
+        #: place is given back once).
         self._peers: set[tuple[Any, ...]] = set()
 
     def admit(self, peer: tuple[Any, ...], *, per_address: bool = True) -> str | None:
@@ -58,13 +58,12 @@ class ConnectionLimits:
             held = self._by_address.get(address, 0)
             if per_address and self.per_address and held >= self.per_address:
                 return f"limit of {self.per_address} connections per address reached"
-            if self._open - len(self._health_only) >= self.total:
+            if len(self._peers) - len(self._health_only) >= self.total:
                 if len(self._health_only) >= self.health:
                     return (f"connection limit ({self.total}, and {self.health} kept for "
                             "health checks) reached")
                 self._health_only.add(peer)
             self._peers.add(peer)
-            self._open += 1
             self._by_address[address] = held + 1
             return None
 
@@ -80,8 +79,7 @@ class ConnectionLimits:
         with self._mutex:
             if peer not in self._peers:
                 return
-            self._peers.discard(peer)
-            self._open -= 1
+            self._peers.remove(peer)
             self._health_only.discard(peer)
             left = self._by_address.get(address, 1) - 1
             if left:
@@ -92,7 +90,7 @@ class ConnectionLimits:
     def open(self) -> int:
         """Connections open now."""
         with self._mutex:
-            return self._open
+            return len(self._peers)
 
 
 #: How soon a connection in a place kept for health checks must send its request.

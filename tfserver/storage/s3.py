@@ -229,13 +229,7 @@ class S3Backend:
                     ConsistentRead=True,
                 ).get("Item")
             raw = (item or {}).get("Info", {}).get("S")
-        if not raw:
-            return None
-        try:
-            doc = json.loads(raw)
-        except ValueError:
-            return {"info": "unreadable lock record"}
-        return {str(k).lower(): str(v) for k, v in doc.items() if v not in (None, "")}
+        return _lock_fields(raw) if raw else None
 
     def clear_lock(self, module: str, workspace: str, lock_id: str) -> bool:
         """The lock file if its id is `lock_id`, and the DynamoDB lock item if its info
@@ -245,7 +239,7 @@ class S3Backend:
         removed = False
         if self.settings.use_lockfile:
             data = self._get(key + ".tflock")
-            if data and _lock_id(data) == lock_id:
+            if data and _lock_fields(data.decode("utf-8", "replace")).get("id") == lock_id:
                 with _aws("S3 cannot clear a lock"):
                     self.s3.delete_object(Bucket=bucket, Key=key + ".tflock")
                 removed = True
@@ -336,13 +330,16 @@ def _aws(what: str) -> Iterator[None]:
         raise BackendError(f"{what}: cannot be reached ({type(e).__name__})") from e
 
 
-def _lock_id(data: bytes) -> str | None:
-    """The `ID` of a lock file's content."""
+def _lock_fields(raw: str) -> dict[str, str]:
+    """A lock's record (the lock file's content, or the DynamoDB item's `Info`), its
+    field names in lower case; an unreadable one says so."""
     try:
-        doc = json.loads(data)
+        doc = json.loads(raw)
     except ValueError:
-        return None
-    return str(doc.get("ID")) if isinstance(doc, dict) and doc.get("ID") else None
+        return {"info": "unreadable lock record"}
+    if not isinstance(doc, dict):
+        return {"info": "unreadable lock record"}
+    return {str(k).lower(): str(v) for k, v in doc.items() if v not in (None, "")}
 
 
 def _json_object(data: bytes | None, what: str) -> dict[str, Any] | None:

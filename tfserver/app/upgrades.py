@@ -233,7 +233,7 @@ class Upgrades:
             if record.status == "succeeded":
                 entry["status"] = "applied"
             elif "stale" in problem:
-                _held(entry, f"{problem}", status="stale")
+                _held(entry, problem, status="stale")
             else:
                 entry["status"], entry["problem"] = "failed", problem or record.status
                 failed = failed or entry["instance"]

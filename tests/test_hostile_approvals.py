@@ -52,20 +52,27 @@ def kinds(server: ServerProcess, run_id: str, who: dict[str, str]) -> list[str]:
     return [json.loads(line)["type"] for line in lines]
 
 
+def approved_behind_a_hog(server: ServerProcess, tmp: Path, people: People, instance: str,
+                          tag: str, *, seconds: float) -> tuple[dict[str, Any], str]:
+    """A run awaiting approval, approved (202, queued) while `free`'s slow apply (no
+    approval needed) holds the one run slot: (the run, the slow apply's run id)."""
+    run = awaiting(server, tmp, people.alice, instance, tag)
+    hog = server.request("PUT", "/gated/hog", body(tmp, "hog", "h", seconds=seconds),
+                         headers={**people.free, **ASYNC})
+    assert hog.status == 202, hog.body
+    wait_run(server, hog.json["id"], ("running", *ENDED), headers=people.free)
+    r = answer(server, run["id"], "approve", people.bob, ASYNC)
+    assert r.status == 202 and r.json["status"] == "queued", r.body
+    return run, str(hog.json["id"])
+
+
 def test_an_approval_killed_before_its_apply_began_applies_once(
         tmp_path: Path, jwks: Jwks, people: People, terraform_bin: str) -> None:
     """Approved (202), the apply waits for the one run slot; SIGKILL then: after the
     restart the approved apply runs, once (it was lost, never applied, before)."""
     env = auth_env(tmp_path, jwks, TFSERVER_MAX_RUNS="1")
     server = start_server(tmp_path, modules_dir=MODULES, env=env)
-    run = awaiting(server, tmp_path, people.alice, "once", "o1")
-    # `free` needs no approval: its slow apply holds the only slot.
-    hog = server.request("PUT", "/gated/hog", body(tmp_path, "hog", "h", seconds=4),
-                         headers={**people.free, **ASYNC})
-    assert hog.status == 202, hog.body
-    wait_run(server, hog.json["id"], ("running", *ENDED), headers=people.free)
-    r = answer(server, run["id"], "approve", people.bob, ASYNC)
-    assert r.status == 202 and r.json["status"] == "queued", r.body
+    run, _ = approved_behind_a_hog(server, tmp_path, people, "once", "o1", seconds=4)
     assert server.stop(signal.SIGKILL) == -signal.SIGKILL
     server = start_server(tmp_path, modules_dir=MODULES, env=env)
     try:
@@ -195,13 +202,7 @@ def test_an_approval_stopped_before_its_apply_began_applies_after_the_start(
     kept it)."""
     env = auth_env(tmp_path, jwks, TFSERVER_MAX_RUNS="1")
     server = start_server(tmp_path, modules_dir=MODULES, env=env)
-    run = awaiting(server, tmp_path, people.alice, "term", "t1")
-    hog = server.request("PUT", "/gated/hog", body(tmp_path, "hog", "h", seconds=2),
-                         headers={**people.free, **ASYNC})
-    assert hog.status == 202, hog.body
-    wait_run(server, hog.json["id"], ("running", *ENDED), headers=people.free)
-    r = answer(server, run["id"], "approve", people.bob, ASYNC)
-    assert r.status == 202 and r.json["status"] == "queued", r.body
+    run, hog = approved_behind_a_hog(server, tmp_path, people, "term", "t1", seconds=2)
     assert server.stop() == 0
     assert journal(tmp_path, "term") == []
     server = start_server(tmp_path, modules_dir=MODULES, env=env)
@@ -209,7 +210,6 @@ def test_an_approval_stopped_before_its_apply_began_applies_after_the_start(
         done = wait_run(server, run["id"], ENDED, headers=people.alice)
         assert done["status"] == "succeeded", done
         assert journal(tmp_path, "term") == ["apply t1"]
-        assert wait_run(server, hog.json["id"], ENDED,
-                        headers=people.free)["status"] == "succeeded"
+        assert wait_run(server, hog, ENDED, headers=people.free)["status"] == "succeeded"
     finally:
         server.stop()

@@ -210,6 +210,9 @@ class Control:
     def kill(self, reason: str) -> None:
         self.killed = True
 
+    def when_started(self, fn: Callable[[], None]) -> None:
+        fn()
+
 
 def queued_runs(tmp: Path, ran: list[str]) -> tuple[object, Callable[..., object]]:
     from tfserver.runs.lanes import Scheduler

@@ -48,6 +48,9 @@ class FakeControl:
         self.reason = self.reason or reason
         self.killed = True
 
+    def when_started(self, fn: Callable[[], None]) -> None:
+        fn()  # no process to wait for: it "runs" as soon as it is asked
+
 
 def make_runs(tmp_path: Path, slots: int = 4) -> Runs:
     return Runs(RunStore(LocalObjects(tmp_path / "objects")), Scheduler(slots, 8),

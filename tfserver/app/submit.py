@@ -101,9 +101,7 @@ class Submitter:
             release()
             self.history.drop_key(tenant, idempotency)
             raise
-        control = RunControl()
-        run = Run(record, lambda r: self.job(r, spec, control),
-                  lambda text: spec.scrub(text), control, sync=not asynchronous)
+        run = self._run(spec, record, asynchronous)
         what = f"instance {spec.instance!r} of module {spec.module.name}"
         try:
             if self.queued is not None:
@@ -123,9 +121,20 @@ class Submitter:
             self.history.mark_plan_applied(spec.plan_of, spec.run_id)
         elif asynchronous:  # a saved plan's apply is never retried: it is used up
             self.kept.put(spec.run_id, spec_doc(spec))
-        else:  # off a synchronous run's path (written while terraform runs)
+        elif self.queued is not None:  # off a synchronous run's path
             self.kept.keep(spec.run_id, spec_doc(spec))
         return Submitted(spec.run_id, run if self.queued is None else None)
+
+    def _run(self, spec: RunSpec, record: RunRecord, asynchronous: bool) -> Run:
+        """The run of an admitted spec; a synchronous one here keeps its request (for a
+        retry) once terraform runs: written before, it competed with terraform's start."""
+        control = RunControl()
+        run = Run(record, lambda r: self.job(r, spec, control),
+                  lambda text: spec.scrub(text), control, sync=not asynchronous)
+        if not asynchronous and self.queued is None and spec.plan_of is None:
+            doc = spec_doc(spec)  # a saved plan's apply is never retried: it is used up
+            run.on_started.append(lambda: self.kept.put(spec.run_id, doc))
+        return run
 
     def rebuild(self, record: RunRecord, doc: dict[str, Any]) -> Run:
         """A queued run as the worker runs it: its job made from its stored spec."""

@@ -105,7 +105,7 @@ class Keeper(threading.Thread):
 
     def soon(self, run: Run) -> None:
         """Store the run's record now, in the keeper's thread (a run that started: if
-        this replica dies, its record says terraform ran)."""
+        this replica dies, its record says terraform ran), then do its `on_started`."""
         with self._mutex:
             self._soon.append(run)
         self._wake.set()
@@ -127,13 +127,16 @@ class Keeper(threading.Thread):
         with self._mutex:
             runs, self._soon = self._soon, []
         for run in runs:
-            if not run.done.is_set():
-                # A synchronous run's record only: its events follow within EVENTS_EVERY
-                # (a crash needs the record to say terraform ran; most such runs end
-                # before that, and their caller is here). An asynchronous run's events
-                # go too: it is followed from anywhere, and a replica that dies at once
-                # must leave them with its record.
-                self.flush(run, events=not run.sync)
+            try:
+                if not run.done.is_set():
+                    # A synchronous run's record only: its events follow within
+                    # EVENTS_EVERY (a crash needs the record to say terraform ran; most
+                    # such runs end before that, and their caller is here). An
+                    # asynchronous run's events go too: it is followed from anywhere, and
+                    # a replica that dies at once must leave them with its record.
+                    self.flush(run, events=not run.sync)
+            finally:
+                run.started()  # the rest of what waited for terraform's start
 
     # -- the runs kept ----------------------------------------------------------------
 

@@ -138,7 +138,10 @@ class Runs(Parking):
         record = run.record
         record.status, record.started_at, record.queue_position = "running", self.clock(), None
         run.emit("started")
-        self.keeper.soon(run)
+        # A synchronous run's record (and its other `on_started` work) is stored as
+        # terraform starts: written before, it held the GIL from the run's way to terraform.
+        when = run.control.when_started if run.sync else (lambda fn: fn())
+        when(lambda: self.keeper.soon(run))
         status = "failed"
         try:
             run.result = run.job(run)
@@ -175,10 +178,10 @@ class Runs(Parking):
         run.done.set()
         run.wake()
         if run.sync and record.started_at is not None:
-            # Writing the record at once took the GIL from the waking caller (about 1 ms
-            # of its answer); the record waits until the answer is out.
+            # Written at once, the record took the GIL from the waking caller: it waits.
             run.answered.wait(_ANSWER_FIRST)
         try:
+            run.started()  # what waited for a terraform that never ran
             _tell(self.on_ended, record)
             self.keeper.flush(run, final=True)
         except TFServerError as e:

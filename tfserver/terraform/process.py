@@ -39,6 +39,7 @@ class RunControl:
     def __init__(self) -> None:
         self._mutex = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
+        self._on_start: list[Callable[[], None]] | None = []
         self.reason: str | None = None
         self.killed = False
 
@@ -47,10 +48,23 @@ class RunControl:
         with self._mutex:
             self._proc = proc
             reason, killed = self.reason, self.killed
+            waiting, self._on_start = self._on_start or [], None
         if killed:
             _kill_group(proc)
         elif reason is not None:
             _signal(proc, signal.SIGINT)
+        for fn in waiting:
+            fn()
+
+    def when_started(self, fn: Callable[[], None]) -> None:
+        """Call `fn` once, as the first process of this handle runs (at once if one has).
+        Work that must follow terraform's start goes here: done before, it delays it."""
+        with self._mutex:
+            waiting = self._on_start
+            if waiting is not None:
+                waiting.append(fn)
+        if waiting is None:
+            fn()
 
     def interrupt(self, reason: str) -> bool:
         """Ask terraform to stop (SIGINT); False if it was asked already."""

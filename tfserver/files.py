@@ -28,9 +28,7 @@ def _staged(path: Path, data: bytes) -> str:
         private_dir(path.parent)
         fd, tmp = _temporary(path)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        write_all(fd, data)
     except BaseException:
         os.unlink(tmp)
         raise
@@ -39,18 +37,30 @@ def _staged(path: Path, data: bytes) -> str:
     return tmp
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of `data` to the descriptor (a write may take only part of it)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def _temporary(path: Path) -> tuple[int, str]:
-    """A new owner-only file beside `path`, opened for writing. Named by process, thread
-    and time rather than by `tempfile.mkstemp`'s random letters: a run writes several
-    files, and the random names cost more than the writes."""
-    base = f"{path.parent}/.tmp-{os.getpid()}-{threading.get_ident()}-"
+    """A new owner-only file beside `path`, opened for writing."""
+    return new_private(path.parent, ".tmp-")
+
+
+def new_private(folder: Path, prefix: str, suffix: str = "") -> tuple[int, str]:
+    """A new owner-only file in `folder`, opened for writing: its descriptor and name.
+    Named by process, thread and time rather than by `tempfile.mkstemp`'s random letters:
+    a run writes several files, and the random names cost more than the writes."""
+    base = f"{folder}/{prefix}{os.getpid()}-{threading.get_ident()}-"
     for _ in range(100):
-        tmp = f"{base}{time.monotonic_ns()}"
+        name = f"{base}{time.monotonic_ns()}{suffix}"
         try:
-            return os.open(tmp, _NEW, 0o600), tmp
+            return os.open(name, _NEW, 0o600), name
         except FileExistsError:
             continue
-    raise FileExistsError(f"no free temporary name beside {path}")
+    raise FileExistsError(f"no free temporary name in {folder}")
 
 
 def write_private(path: Path, data: bytes) -> None:

@@ -243,9 +243,8 @@ class LocalBackend:
 
     def exists(self, module: str, workspace: str) -> bool:
         """The state (or terraform's backup of the last complete one, when a kill
-        mid-write left it empty) holds an instance."""
-        return self._present(module, workspace) and holds_instance(self.read_state(
-            module, workspace))
+        mid-write left it empty) holds an instance (a missing file reads as None)."""
+        return holds_instance(self.read_state(module, workspace))
 
     def phantom(self, module: str, workspace: str) -> bool:
         """A state file is there, but neither it nor its backup holds an instance."""

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..errors import TFServerError, Unavailable
-from ..files import private_dir, tighten_tree
+from ..files import new_private, private_dir, tighten_tree, write_all
 from .args import build_args
 from .output import error_text
 from .process import Runner
@@ -231,11 +231,14 @@ class VarFiles:
     @contextmanager
     def file(self, inputs: Mapping[str, Any]) -> Iterator[Path]:
         """The variables in a 0600 file that exists only inside the block."""
-        fd, raw = tempfile.mkstemp(suffix=".tfvars.json", dir=self.folder)
+        data = json.dumps(dict(inputs)).encode()
+        fd, raw = new_private(self.folder, "vars-", ".tfvars.json")
         path = Path(raw)
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(dict(inputs), f)
+            try:
+                write_all(fd, data)
+            finally:
+                os.close(fd)
             yield path
         finally:
             path.unlink(missing_ok=True)

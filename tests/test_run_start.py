@@ -170,3 +170,32 @@ def test_the_caller_waiting_for_the_answer_wakes_when_the_run_parks() -> None:
     run.wake()
     waiter.join(10)
     assert answered == [True] and not run.done.is_set()
+
+
+def test_a_failing_start_work_never_leaves_terraform_unwatched() -> None:
+    control, calls = RunControl(), []
+
+    def broken() -> None:
+        raise RuntimeError("a bug in what waited")
+
+    control.when_started(broken)
+    control.when_started(lambda: calls.append("next"))
+    proc = a_process()
+    try:
+        control.attach(proc)  # does not raise: the runner goes on to watch the process
+        assert calls == ["next"]
+    finally:
+        proc.wait(10)
+
+
+def test_a_failing_piece_of_start_work_does_not_stop_the_rest() -> None:
+    run, calls = new_run(lambda r: None, sync=True), []
+
+    def broken() -> None:
+        raise RuntimeError("a bug in what waited")
+
+    run.on_started.extend([broken, lambda: calls.append("next")])
+    run.started()  # in the keeper's thread this must not raise: it would end the thread
+    assert calls == ["next"]
+    run.started()
+    assert calls == ["next"]

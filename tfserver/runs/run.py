@@ -95,7 +95,10 @@ class Run:
         with self._starting:
             todo, self.on_started = self.on_started, []
             for fn in todo:
-                fn()
+                try:
+                    fn()
+                except Exception:  # run by the keeper's thread: a bug must not end it
+                    logger.exception("run %s: work after its start failed", self.record.id)
 
     def emit(self, kind: str, **fields: Any) -> None:
         """Add an event (every string scrubbed) and wake the followers."""

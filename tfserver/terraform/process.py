@@ -54,7 +54,10 @@ class RunControl:
         elif reason is not None:
             _signal(proc, signal.SIGINT)
         for fn in waiting:
-            fn()
+            try:
+                fn()
+            except Exception:  # terraform runs: it must be watched whatever this did
+                logger.exception("work waiting for terraform's start failed")
 
     def when_started(self, fn: Callable[[], None]) -> None:
         """Call `fn` once, as the first process of this handle runs (at once if one has).

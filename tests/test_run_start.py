@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from test_runs_defects import make_runs, new_run, wait_for
+from test_runs_defects import FakeControl, make_runs, new_run, wait_for
 
 from tfserver.errors import Conflict
 from tfserver.runs.run import Run
@@ -25,20 +25,12 @@ def a_process() -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-c", "pass"])
 
 
-class Startable:
+class Startable(FakeControl):
     """A process handle whose process "starts" when the test says so."""
 
     def __init__(self) -> None:
-        self.reason: str | None = None
-        self.killed = False
+        super().__init__()
         self._waiting: list[Callable[[], None]] | None = []
-
-    def interrupt(self, reason: str) -> bool:
-        self.reason = self.reason or reason
-        return True
-
-    def kill(self, reason: str) -> None:
-        self.killed = True
 
     def when_started(self, fn: Callable[[], None]) -> None:
         if self._waiting is None:

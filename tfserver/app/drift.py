@@ -20,7 +20,7 @@ from ..scrub import Scrubber
 from ..terraform.args import build_args
 from ..terraform.drift import DriftChange, plan_drift, stream_drift
 from ..terraform.output import EventSink
-from ..terraform.process import RunControl
+from ..terraform.process import RunControl, time_left
 from .catalog import Catalog, target_workspace
 from .driftstore import DriftReport, DriftReports
 from .execute import Checked, Executor, RunSpec, problem_for
@@ -106,7 +106,7 @@ class DriftCheck:
         x = self.executor
         shown = x.runner.run(build_args("show", plan_file=plan_file),
                              cwd=x.copies.ready(spec.module.copy_key).path,
-                             workspace=spec.workspace, timeout=_remaining(deadline),
+                             workspace=spec.workspace, timeout=time_left(deadline),
                              label=spec.run_id)
         if not shown.ok:
             logger.warning("drift of %s/%s: the saved plan could not be read (exit %d)",
@@ -125,6 +125,3 @@ def _shown(change: DriftChange, scrub: Scrubber) -> dict[str, Any]:
     return {**change.as_dict(), "address": scrub(change.address),
             "attributes": [scrub(a) for a in change.attributes]}
 
-
-def _remaining(deadline: float) -> float:
-    return max(0.1, deadline - time.monotonic())

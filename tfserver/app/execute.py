@@ -35,7 +35,7 @@ from ..storage.base import StateBackend
 from ..storage.inputs import Kept
 from ..terraform.args import build_args
 from ..terraform.output import EventSink, Failure, RunResult
-from ..terraform.process import RunControl, Runner
+from ..terraform.process import RunControl, Runner, time_left
 from ..terraform.workdir import VarFiles, WorkingCopies
 from .driftstore import DriftReports
 from .holder import lock_holder
@@ -289,7 +289,7 @@ class Executor:
         a destroy run again whose instance an earlier attempt already destroyed."""
         name, ws = spec.module.name, spec.workspace
         wc = self.copies.ready(spec.module.copy_key)
-        left = _remaining(deadline if deadline is not None else time.monotonic() + 120)
+        left = time_left(deadline if deadline is not None else time.monotonic() + 120)
         self.workspaces.delete_workspace(spec, wc.path, left)
         self.backend.inputs.delete(name, ws)
         self.expiries.clear(name, ws)
@@ -441,6 +441,3 @@ def _detail(error: TFServerError | OSError) -> str:
 
 _COUNTS = ("add", "change", "remove")
 
-
-def _remaining(deadline: float) -> float:
-    return max(0.1, deadline - time.monotonic())

@@ -33,7 +33,7 @@ from ..errors import TFServerError
 from ..runs.store import RunStore
 from ..storage.base import StateBackend
 from ..terraform.output import EventSink, Failure, RunResult
-from ..terraform.process import RunControl, Runner
+from ..terraform.process import RunControl, Runner, time_left
 from .holder import lock_holder
 
 logger = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ class OwnLocks:
 
         def run() -> RunResult:
             return self.runner.run(args, cwd=cwd, workspace=workspace,
-                                   timeout=max(0.1, deadline - time.monotonic()),
+                                   timeout=time_left(deadline),
                                    control=control, on_event=on_event,
                                    on_start=first_start, label=run_id)
 

@@ -336,7 +336,7 @@ def _lock_fields(raw: str) -> dict[str, str]:
     try:
         doc = json.loads(raw)
     except ValueError:
-        return {"info": "unreadable lock record"}
+        doc = None
     if not isinstance(doc, dict):
         return {"info": "unreadable lock record"}
     return {str(k).lower(): str(v) for k, v in doc.items() if v not in (None, "")}

@@ -90,6 +90,12 @@ class RunControl:
             _kill_group(proc)
 
 
+def time_left(deadline: float) -> float:
+    """The seconds before the monotonic `deadline`, as a run's timeout: at least 0.1 (a
+    runner's timeout must be positive; a run past its deadline is interrupted at once)."""
+    return max(0.1, deadline - time.monotonic())
+
+
 def _signal(proc: subprocess.Popen[bytes], sig: int) -> None:
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from test_runs_defects import wait_for
 
 from support import ROOT, TEST_MODULES, Jwks, ServerProcess, Signer, bearer, start_server
 
@@ -119,16 +120,24 @@ def test_the_audit_trail_names_who_and_what_and_never_a_secret(
     writer = bearer(signer.token("audit-writer", "tfserver/basic.write tfserver/fails.write"))
     reader = bearer(signer.token("audit-reader", "tfserver/basic.read"))
     key = {"Idempotency-Key": "audit-key-1"}
+    before = len(audit_lines(ops))
     assert ops.request("PUT", "/basic/au", {"name": "x", "token": SECRET},
                        headers={**writer, **key, "X-Forwarded-For": "10.9.8.7"}).status == 201
     assert ops.request("PUT", "/basic/au", {"name": "y"}, headers=reader).status == 403
     assert ops.request("PUT", "/fails/au", {"secret": SECRET}, headers=writer).status == 502
     assert ops.request("DELETE", "/basic/au", headers=writer).status == 200
-    time.sleep(0.3)
-    lines = audit_lines(ops)
-    requests = [r for r in lines if r["event"] == "request" and r["what"]["instance"] == "au"]
-    runs = [r for r in lines if r["event"] == "run" and r["what"]["instance"] == "au"]
-    apply, refused, failed, destroy = requests[-4:]
+
+    def of_au(event: str) -> list[dict[str, Any]]:
+        return [r for r in audit_lines(ops)[before:]
+                if r["event"] == event and r["what"]["instance"] == "au"]
+
+    # Each line is written by its request's thread after the answer: they may come in
+    # another order than the requests, and a moment after the last answer.
+    wait_for(lambda: len(of_au("request")) == 4 and len(of_au("run")) >= 3, timeout=30)
+    requests, runs = of_au("request"), of_au("run")
+    by_status = {(r["what"]["method"], r["outcome"]["status"]): r for r in requests}
+    apply, refused, failed, destroy = (by_status[("PUT", 201)], by_status[("PUT", 403)],
+                                       by_status[("PUT", 502)], by_status[("DELETE", 200)])
     assert apply["who"]["subject"] == "audit-writer" and apply["who"]["client_id"] == \
         "audit-writer" and len(apply["who"]["tenant"]) == 24
     assert apply["who"]["address"] == "127.0.0.1"  # the peer is not a trusted proxy

@@ -18,7 +18,7 @@ from support import ROOT
 from tfserver.auth import Principal
 from tfserver.logs import LineWriter
 from tfserver.module.discover import discover
-from tfserver.storage.local import ParsedFiles
+from tfserver.storage.settled import ParsedFiles
 from tfserver.web.openapi import ApiDescription, DocSettings
 
 #: Libraries a server with `make run`'s defaults (auth off, local state, no TLS) has no

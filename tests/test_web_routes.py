@@ -77,6 +77,35 @@ def test_labels_are_a_bounded_set_and_literal_heads_are_no_modules() -> None:
     assert routes.RESERVED <= RESERVED_NAMES
 
 
+def _walk(path: str) -> routes.Match | None:
+    """What `match` must give: the first template of the table that binds the path."""
+    parts = routes._parts(path)
+    for rows in routes._BY_TEMPLATE.values():
+        params = routes._bind(rows[0].segments, parts)
+        if params is not None:
+            return routes.Match(rows, params)
+    return None
+
+
+def test_the_indexed_match_is_the_first_template_of_the_table() -> None:
+    # `match` looks only at the templates a path's length and first segment allow: it
+    # must find what a walk of the whole table finds, for every shape of path.
+    heads = [*sorted(routes.RESERVED), "basic", "demo", "", "runs.x", "{module}"]
+    tails = ["x", "upgrades", "lock", "runs", "drift", "events", "apply", "cancel",
+             "retry", "approve", "reject", "", "a b", "%2F"]
+    paths = ["/", "//", "///"]
+    for head in heads:
+        paths += [f"/{head}", f"/{head}/"]
+        for one in tails:
+            paths += [f"/{head}/{one}", f"/{head}/{one}/"]
+            for two in tails:
+                paths += [f"/{head}/{one}/{two}", f"/{head}/x/{one}/{two}",
+                          f"/{head}/{one}/{two}/x/y/z"]
+    paths += [_path(r) for r in ROUTES]
+    for path in paths:
+        assert match(path) == _walk(path), path
+
+
 def test_the_openapi_paths_are_the_table_s() -> None:
     doc = ApiDescription(DocSettings(auth=True, token_url="https://t/token")).document(
         {"basic": load_module(BASIC)}, Principal("local", "local", all_modules=True))

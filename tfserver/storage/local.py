@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import logging
 import os
 import shutil
 import stat
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +25,10 @@ from .base import (
     holds_instance,
 )
 from .inputs import KeptInputs
+from .settled import ParsedFiles, SettledBytes, Unreadable, read_json
 
 logger = logging.getLogger(__name__)
 
-#: A file last changed longer ago than this when it is looked at cannot change again
-#: without a new modification time (filesystems stamp a change with a clock that is at
-#: worst a second or two coarse): only such a file's document is kept (`ParsedFiles`).
-SETTLED_NS = 3_000_000_000
-#: At most this many bytes of files are kept parsed (a document takes several times that).
-PARSED_BYTES = 1 << 20
 #: Not a part of an object key: each would leave the folder or name it.
 _NAMES = frozenset({"", ".", ".."})
 
@@ -47,6 +40,7 @@ class LocalObjects:
         self.root = root
         # Folders known to exist (private): a run writes several objects into few folders.
         self._folders: set[Path] = set()
+        self._settled = SettledBytes()
         self._empty_lock = threading.Lock()
         self._empty: str | None = None
 
@@ -154,14 +148,11 @@ class LocalObjects:
             raise BackendError(f"cannot write {key}: {e.strerror}") from e
 
     def get(self, key: str) -> bytes | None:
-        """The file's bytes."""
+        """The file's bytes (from memory while it has not changed: `SettledBytes`)."""
         try:
-            # Opened by its name as a string: a GET reads an expiry (mostly absent) this
-            # way, and building a Path cost more than the lookup.
-            with open(os.path.join(str(self.root), *self._parts(key)), "rb") as f:
-                return f.read()
-        except (FileNotFoundError, NotADirectoryError):
-            return None
+            # Named by a string: a GET reads an expiry (mostly absent) this way, and
+            # building a Path cost more than the lookup.
+            return self._settled.read(os.path.join(str(self.root), *self._parts(key)))
         except OSError as e:
             raise BackendError(f"cannot read {key}: {e.strerror}") from e
 
@@ -233,10 +224,10 @@ class LocalBackend:
         path = os.path.join(str(self.root), module, workspace, STATE_NAME)
         for attempt in range(3):
             doc = self._parsed.read(path)
-            if not isinstance(doc, _Unreadable):
+            if not isinstance(doc, Unreadable):
                 return doc, False
             time.sleep(0.01 * (attempt + 1))  # caught mid-write: a moment may finish it
-        backup = _read_json(path + ".backup")
+        backup = read_json(path + ".backup")
         if isinstance(backup, dict):
             return backup, True
         return None, False  # a first write that never completed: no instance yet
@@ -312,84 +303,3 @@ class LocalBackend:
 
     def close(self) -> None:
         """Nothing to release."""
-
-
-class _Unreadable:
-    """The marker of a file that exists but holds no complete JSON document."""
-
-
-_UNREADABLE = _Unreadable()
-
-
-def _read_json(path: str | Path) -> dict[str, Any] | _Unreadable | None:
-    """A JSON object file: its document, None when missing, or `_UNREADABLE`."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise BackendError(f"cannot read local state: {e.strerror}") from e
-    try:
-        doc = json.loads(text)
-    except ValueError:
-        return _UNREADABLE
-    return doc if isinstance(doc, dict) else _UNREADABLE
-
-
-class ParsedFiles:
-    """JSON object files, each parsed once per version: a file found unchanged (same
-    inode, size and modification time) gives the document read before, unread.
-
-    A GET of an instance read and parsed its state file on every request: 25 of the 38 µs
-    its read of the instance took (a 3 KB state). The documents are shared by every
-    reader: they are read, never changed. Only a settled file (`SETTLED_NS`) is kept, so
-    a change always shows as a new version; at most `budget` bytes of files are kept, the
-    oldest dropped first.
-    """
-
-    def __init__(self, budget: int = PARSED_BYTES,
-                 clock: Callable[[], int] = time.time_ns) -> None:
-        self.budget = budget
-        self._clock = clock
-        self._kept: dict[str, tuple[tuple[int, int, int], dict[str, Any]]] = {}
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    def read(self, path: str) -> dict[str, Any] | _Unreadable | None:
-        """What `_read_json(path)` gives, from memory when the file has not changed."""
-        try:
-            st = os.stat(path)
-        except OSError:
-            self._forget(path)
-            return _read_json(path)
-        # Looked at before the read: a change made meanwhile gives a newer document under
-        # an older version, which only costs another read.
-        version = (st.st_ino, st.st_size, st.st_mtime_ns)
-        with self._lock:
-            kept = self._kept.get(path)
-        if kept is not None and kept[0] == version:
-            return kept[1]
-        doc = _read_json(path)
-        if isinstance(doc, dict) and st.st_size <= self.budget \
-                and self._clock() - st.st_mtime_ns > SETTLED_NS:
-            self._keep(path, version, doc)
-        return doc
-
-    def _keep(self, path: str, version: tuple[int, int, int], doc: dict[str, Any]) -> None:
-        with self._lock:
-            self._forget_locked(path)
-            self._kept[path] = (version, doc)
-            self._bytes += version[1]
-            while self._bytes > self.budget:
-                oldest = next(iter(self._kept))
-                self._forget_locked(oldest)
-
-    def _forget(self, path: str) -> None:
-        with self._lock:
-            self._forget_locked(path)
-
-    def _forget_locked(self, path: str) -> None:
-        old = self._kept.pop(path, None)
-        if old is not None:
-            self._bytes -= old[0][1]

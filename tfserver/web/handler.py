@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import re
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any, Protocol, cast
 from urllib.parse import parse_qs, urlsplit
@@ -34,6 +34,10 @@ from .routes import dispatch, template
 logger = logging.getLogger(__name__)
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+#: Request ids name a request in logs and answers and are no secret: drawn from a
+#: generator seeded once, where uuid4's read of the system's randomness was a system call
+#: (and so a handoff of the GIL between busy threads) on every request.
+_IDS = random.Random()  # noqa: S311 - an id, not a secret
 #: Methods that change something: each gets an audit line.
 _CHANGING = frozenset({"POST", "PUT", "DELETE", "PATCH"})
 #: At most this much of a refused body is read after the answer, for at most this long.
@@ -104,7 +108,7 @@ class RequestHandler(Connection):
         if lengths and not (lengths[0].strip().isascii() and lengths[0].strip().isdigit()):
             self.close_connection = True
             raise BadRequest("Content-Length is not a number")
-        self.connection.settimeout(self.host.config.read_timeout)
+        self.reader.for_writes()
 
     def _drain(self) -> None:
         """Read (and drop) a bounded part of an unread body after the answer, so that the
@@ -187,7 +191,7 @@ class RequestHandler(Connection):
         self.host.enter()
         started = time.monotonic()
         given = self.headers.get("X-Request-Id", "")
-        self.request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        self.request_id = given if _REQUEST_ID.match(given) else f"{_IDS.getrandbits(128):032x}"
         token = request_id.set(self.request_id)
         # status, principal and the audit fields start from `handle_one_request`'s reset.
         self.body_consumed = False

@@ -111,6 +111,29 @@ RESERVED = frozenset(r.segments[0] for r in ROUTES if r.segments
 #: The rows of each template, in the table's order.
 _BY_TEMPLATE = {t: tuple(r for r in ROUTES if r.template == t) for t in
                 dict.fromkeys(r.template for r in ROUTES)}
+#: The most segments a template has without a `{name*}`: a longer path reaches only one
+#: with it.
+_LONGEST = max(len(r.segments) for r in ROUTES)
+
+
+def _could_bind(segments: tuple[str, ...], n: int, first: str | None) -> bool:
+    """Whether a path of `n` segments whose first is `first` (None: no literal first
+    segment of the table) could reach the template of `segments`."""
+    wild = len(segments) - 1 if segments and segments[-1].endswith("*}") else None
+    if (n != len(segments)) if wild is None else (n < wild):
+        return False
+    if not segments or wild == 0:
+        return True
+    head = segments[0]
+    return first is None if head.startswith("{") else head == first
+
+
+#: The templates a path may reach, in the table's order, by its number of segments (at
+#: most `_LONGEST + 1`) and literal first segment (or None): a GET of an instance tried
+#: 15 templates before its own, twice a request (dispatch, then the metrics label).
+_CANDIDATES = {(n, first): tuple(rows for rows in _BY_TEMPLATE.values()
+                                 if _could_bind(rows[0].segments, n, first))
+               for n in range(_LONGEST + 2) for first in (*sorted(RESERVED), None)}
 
 
 @dataclass(frozen=True)
@@ -163,7 +186,8 @@ def _bind(segments: tuple[str, ...], parts: list[str]) -> dict[str, str] | None:
 def match(path: str) -> Match | None:
     """The template a path reaches, or None."""
     parts = _parts(path)
-    for rows in _BY_TEMPLATE.values():
+    first = parts[0] if parts and parts[0] in RESERVED else None
+    for rows in _CANDIDATES[min(len(parts), _LONGEST + 1), first]:
         params = _bind(rows[0].segments, parts)
         if params is not None:
             return Match(rows, params)

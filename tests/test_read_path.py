@@ -1,0 +1,192 @@
+"""The read path's system calls (issue 19, "faster on reads"): under many busy keep-alive
+connections every system call hands the GIL to another thread, so a GET of an instance
+at rest reads settled objects from memory, a socket's timeout is changed only when it
+must be, and request ids are drawn without the system's randomness."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from support import ServerProcess
+from tfserver.storage import settled
+from tfserver.storage.base import BackendError
+from tfserver.storage.local import LocalObjects
+from tfserver.web.connections import SLACK, DeadlineReader
+
+
+def _settle(path: Path) -> None:
+    """Date the file back: it has settled (`settled.SETTLED_NS`)."""
+    old = time.time() - 10
+    os.utime(path, (old, old))
+
+
+def _opens(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The files `SettledBytes` opens from now on."""
+    opened: list[str] = []
+    real = os.open
+
+    def counting(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        opened.append(str(path))
+        return real(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(settled.os, "open", counting)
+    return opened
+
+
+# -- objects at rest --------------------------------------------------------------------
+
+
+def test_a_settled_object_is_read_once_and_a_replaced_one_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    objects = LocalObjects(tmp_path)
+    objects.put("_inputs/m/ws.json", b'{"name": "a"}')
+    _settle(tmp_path / "_inputs/m/ws.json")
+    opened = _opens(monkeypatch)
+    first = objects.get("_inputs/m/ws.json")
+    assert first == b'{"name": "a"}'
+    assert objects.get("_inputs/m/ws.json") is first  # from memory: one stat, no open
+    assert len(opened) == 1
+    # Replaced by a write of the same size (a new file, renamed over it): read again.
+    objects.put("_inputs/m/ws.json", b'{"name": "b"}')
+    assert objects.get("_inputs/m/ws.json") == b'{"name": "b"}'
+    objects.delete("_inputs/m/ws.json")
+    assert objects.get("_inputs/m/ws.json") is None
+
+
+def test_an_object_written_just_now_is_read_each_time(tmp_path: Path) -> None:
+    # Its next change could carry the same modification time (a coarse clock).
+    objects = LocalObjects(tmp_path)
+    objects.put("k/v", b"x")
+    first = objects.get("k/v")
+    again = objects.get("k/v")
+    assert first == again == b"x"
+    assert again is not first
+
+
+def test_a_large_object_is_never_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                      ) -> None:
+    objects = LocalObjects(tmp_path)
+    data = os.urandom(settled.LARGEST_KEPT + 1)
+    objects.put("_plans/p", data)
+    _settle(tmp_path / "_plans/p")
+    opened = _opens(monkeypatch)
+    assert objects.get("_plans/p") == data
+    assert objects.get("_plans/p") == data
+    assert len(opened) == 2
+
+
+def test_objects_of_every_size_are_read_whole(tmp_path: Path) -> None:
+    objects = LocalObjects(tmp_path)
+    for size in (0, 1, 4095, 4096, 65536, 65537, 300_000):
+        data = os.urandom(size)
+        objects.put(f"s/{size}", data)
+        assert objects.get(f"s/{size}") == data
+
+
+def test_a_missing_object_is_none_and_a_folder_is_a_backend_error(tmp_path: Path) -> None:
+    objects = LocalObjects(tmp_path)
+    assert objects.get("nothing/here.json") is None
+    objects.put("file", b"x")
+    assert objects.get("file/below") is None  # a file where a folder would be
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(BackendError, match="cannot read folder"):
+        objects.get("folder")
+
+
+# -- socket timeouts --------------------------------------------------------------------
+
+
+class FakeSocket:
+    """A socket whose reads give `chunks` in turn (an exception is raised), recording
+    each timeout set."""
+
+    def __init__(self, clock: list[float], chunks: list[bytes | BaseException],
+                 timeout: float | None = 30.0) -> None:
+        self.clock, self.chunks, self.timeout = clock, chunks, timeout
+        self.set: list[float] = []
+
+    def gettimeout(self) -> float | None:
+        return self.timeout
+
+    def settimeout(self, seconds: float) -> None:
+        self.timeout = seconds
+        self.set.append(seconds)
+
+    def recv_into(self, buffer: bytearray) -> int:
+        chunk = self.chunks.pop(0)
+        if isinstance(chunk, BaseException):
+            assert self.timeout is not None
+            self.clock[0] += self.timeout  # the wait it timed out after
+            raise chunk
+        buffer[:len(chunk)] = chunk
+        return len(chunk)
+
+
+def _reader(chunks: list[bytes | BaseException], read_timeout: float = 30.0
+            ) -> tuple[DeadlineReader, FakeSocket, list[float]]:
+    clock = [1000.0]
+    sock = FakeSocket(clock, chunks, timeout=read_timeout)
+    return DeadlineReader(sock, read_timeout, clock=lambda: clock[0]), sock, clock  # type: ignore[arg-type]
+
+
+def test_keep_alive_requests_set_the_socket_timeout_once() -> None:
+    reader, sock, clock = _reader([b"GET / HTTP/1.1\r\n\r\n"] * 50)
+    buffer = bytearray(100)
+    for _ in range(50):
+        reader.arm(30.0)  # each request's deadline, as `handle_one_request` arms it
+        clock[0] += 0.001
+        assert reader.readinto(buffer) > 0
+        reader.for_writes()  # as the handler does before it answers
+        clock[0] += 0.002
+    assert len(sock.set) == 1
+    assert 30.0 - SLACK <= sock.set[0] <= 30.0
+
+
+def test_a_read_ended_early_by_the_slack_goes_on_for_exactly_the_rest() -> None:
+    reader, sock, _clock = _reader([TimeoutError(), b"late"])
+    reader.arm(10.0)
+    buffer = bytearray(10)
+    assert reader.readinto(buffer) == 4
+    shortened, rest = sock.set
+    assert shortened < 10.0 and rest == pytest.approx(10.0 - shortened)
+
+
+def test_a_read_that_waits_out_its_deadline_times_out_on_time() -> None:
+    reader, _sock, clock = _reader([TimeoutError(), TimeoutError()])
+    reader.arm(10.0)
+    started = clock[0]
+    with pytest.raises(TimeoutError):
+        reader.readinto(bytearray(10))
+    assert clock[0] - started == pytest.approx(10.0)
+    with pytest.raises(TimeoutError, match="too long"):
+        reader.readinto(bytearray(10))  # the deadline has passed: no wait at all
+
+
+def test_writes_get_the_read_timeout_back_after_a_deadline_shortened_it() -> None:
+    reader, sock, clock = _reader([b"x"])
+    reader.arm(30.0)
+    clock[0] += 25.0  # a client that took its time
+    reader.readinto(bytearray(10))
+    assert sock.timeout is not None and sock.timeout <= 5.0
+    reader.arm(None)
+    assert 30.0 - SLACK <= sock.timeout <= 30.0
+
+
+# -- request ids ------------------------------------------------------------------------
+
+
+def test_request_ids_are_new_for_each_request(server: ServerProcess) -> None:
+    ids = set()
+    for _ in range(50):
+        r = server.request("GET", "/healthz")
+        given = r.header("X-Request-Id") or ""
+        assert r.status == 200 and re.fullmatch(r"[0-9a-f]{32}", given)
+        ids.add(given)
+    assert len(ids) == 50
+

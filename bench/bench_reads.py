@@ -9,7 +9,9 @@ local state), in a temporary state folder. Figures:
 - RSS at idle: VmRSS of the server one second after /readyz first answers;
 - requests/s of a keep-alive GET of an instance (after a PUT), of /healthz and of
   GET /demo, with wrk (2 threads, 32 connections) when it is installed, else with a Python
-  keep-alive client (whose own cost then shows in the figures).
+  keep-alive client (whose own cost then shows in the figures);
+- the same three rates again with TFSERVER_PIN_CPU=auto (the server's threads kept to one
+  CPU), on a machine of more than one.
 Each figure is given as the best and the median of its repetitions: the machine may be
 shared. Nothing here asserts a time; it prints a table.
 """
@@ -29,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,14 +77,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start() -> tuple[Server, float]:
-    """A server as `make run` starts it, and the seconds from its exec to its first
-    answer of /healthz."""
+def start(extra: dict[str, str] | None = None) -> tuple[Server, float]:
+    """A server as `make run` starts it (with `extra` settings), and the seconds from its
+    exec to its first answer of /healthz."""
     folder = Path(tempfile.mkdtemp(prefix="tfserver-bench-reads-"))
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TFSERVER_PORT": str(port),
            "TFSERVER_STATE_DIR": str(folder / "state"),
-           "TFSERVER_MODULES_DIR": str(ROOT / "modules"), "TFSERVER_LOG_FORMAT": "json"}
+           "TFSERVER_MODULES_DIR": str(ROOT / "modules"), "TFSERVER_LOG_FORMAT": "json",
+           **(extra or {})}
     log = (folder / "server.log").open("wb")
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "tfserver"], cwd=ROOT, env=env,
@@ -147,6 +151,32 @@ def python_rate(port: int, path: str, seconds: float, connections: int = 32) -> 
     return sum(counts) / (time.monotonic() - began)
 
 
+def put_instance(server: Server) -> None:
+    """The instance the GETs read, left to settle."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+    conn.request("PUT", f"/demo/{INSTANCE}", body=json.dumps({"name": INSTANCE}),
+                 headers={"Content-Type": "application/json"})
+    put = conn.getresponse()
+    put.read()
+    conn.close()
+    if put.status not in (200, 201):
+        raise SystemExit(f"PUT /demo/{INSTANCE}: {put.status}")
+    time.sleep(SETTLE)
+
+
+PATHS = {"instance GET": f"/demo/{INSTANCE}", "/healthz": "/healthz", "GET /demo": "/demo"}
+
+
+def read_rates(server: Server, rate: Callable[[int, str, float], float], rounds: int,
+               seconds: float) -> dict[str, list[float]]:
+    """Each path's rates, `rounds` times, the paths taken in turn."""
+    rates: dict[str, list[float]] = {name: [] for name in PATHS}
+    for _ in range(rounds):
+        for name, path in PATHS.items():
+            rates[name].append(rate(server.port, path, seconds))
+    return rates
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--starts", type=int, default=5, help="starts timed")
@@ -170,24 +200,21 @@ def main() -> int:
         wait_ready(server)
         time.sleep(1.0)
         idle = rss_mb(server.proc.pid)
-        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
-        conn.request("PUT", f"/demo/{INSTANCE}", body=json.dumps({"name": INSTANCE}),
-                     headers={"Content-Type": "application/json"})
-        put = conn.getresponse()
-        put.read()
-        conn.close()
-        if put.status not in (200, 201):
-            raise SystemExit(f"PUT /demo/{INSTANCE}: {put.status}")
-        time.sleep(SETTLE)
-        paths = {"instance GET": f"/demo/{INSTANCE}", "/healthz": "/healthz",
-                 "GET /demo": "/demo"}
-        rates: dict[str, list[float]] = {name: [] for name in paths}
-        for _ in range(args.rounds):
-            for name, path in paths.items():
-                rates[name].append(rate(server.port, path, args.seconds))
+        put_instance(server)
+        rates = read_rates(server, rate, args.rounds, args.seconds)
         loaded = rss_mb(server.proc.pid)
     finally:
         server.stop()
+    # The same reads with the server's threads kept to one CPU (terraform/affinity.py).
+    pinned: dict[str, list[float]] = {}
+    if len(os.sched_getaffinity(0)) > 1:
+        server, _ = start({"TFSERVER_PIN_CPU": "auto"})
+        try:
+            wait_ready(server)
+            put_instance(server)
+            pinned = read_rates(server, rate, args.rounds, args.seconds)
+        finally:
+            server.stop()
 
     client = "wrk -t2 -c32" if use_wrk else "Python client, 32 connections (wrk missing)"
     print(f"tfserver at rest and under keep-alive reads ({client}; load average "
@@ -198,9 +225,12 @@ def main() -> int:
           f"| {statistics.median(starts):.2f} s | < 1 s |")
     print(f"| RSS at idle (after /readyz) | {idle:.1f} MB | - | < 50 MB |")
     goals = {"instance GET": ">= 3,000/s"}
-    for name, values in rates.items():
+    rows = [*((name, values) for name, values in rates.items()),
+            *((f"{name}, TFSERVER_PIN_CPU=auto", values) for name, values in pinned.items())]
+    for name, values in rows:
+        goal = goals.get(name.split(",")[0], "-")
         print(f"| {name} (req/s) | {max(values):,.0f} | {statistics.median(values):,.0f} "
-              f"| {goals.get(name, '-')} |")
+              f"| {goal} |")
     print(f"| RSS after the load | {loaded:.1f} MB | - | - |")
     return 0
 

@@ -5,15 +5,19 @@ must be, and request ids are drawn without the system's randomness."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from support import ServerProcess
+from support import ROOT, ServerProcess, start_server
 from tfserver.storage import settled
 from tfserver.storage.base import BackendError
 from tfserver.storage.local import LocalObjects
@@ -190,3 +194,58 @@ def test_request_ids_are_new_for_each_request(server: ServerProcess) -> None:
         ids.add(given)
     assert len(ids) == 50
 
+
+# -- the server's threads on one CPU, terraform on all ----------------------------------
+
+
+def _cpus(status_file: Path) -> str:
+    """The `Cpus_allowed_list` of a thread or process status file."""
+    for line in status_file.read_text().splitlines():
+        if line.startswith("Cpus_allowed_list:"):
+            return line.split(":", 1)[1].strip()
+    raise AssertionError(f"no Cpus_allowed_list in {status_file}")
+
+
+def test_pin_cpu_keeps_the_server_s_threads_to_one_cpu_and_terraform_to_all(
+        tmp_path: Path) -> None:
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        pytest.skip("one CPU only: pinned and not pinned look the same")
+    cpu = allowed[-1]
+    log = tmp_path / "cpus.log"
+    shim = tmp_path / "terraform-shim"
+    # The shim is the process terraform becomes (exec): its CPUs are terraform's.
+    shim.write_text(f'#!/bin/sh\ngrep Cpus_allowed_list /proc/$$/status >> "{log}"\n'
+                    f'exec "{shutil.which("terraform")}" "$@"\n')
+    shim.chmod(0o755)
+    everything = _cpus(Path("/proc/self/status"))
+    srv = start_server(tmp_path, env={"TFSERVER_PIN_CPU": str(cpu),
+                                      "TFSERVER_TERRAFORM": str(shim)})
+    try:
+        r = srv.request("PUT", "/basic/pinned", {"name": "p"})
+        assert r.status in (200, 201), r.body
+        threads = list(Path(f"/proc/{srv.proc.pid}/task").iterdir())
+        assert len(threads) > 3
+        for thread in threads:
+            with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+                assert _cpus(thread / "status") == str(cpu), thread
+        lines = log.read_text().splitlines()
+        assert lines and all(line.split(":", 1)[1].strip() == everything for line in lines)
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("4096", "TFSERVER_PIN_CPU: CPU 4096 is not one this server may run on"),
+    ("fast", "TFSERVER_PIN_CPU must be off, auto or a CPU's number, not 'fast'"),
+])
+def test_a_cpu_the_server_cannot_have_stops_the_start(tmp_path: Path, value: str,
+                                                      message: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "tfserver", "--port", "0",
+                           "--state-dir", str(tmp_path / "state")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={"PATH": os.environ["PATH"], "HOME": str(tmp_path),
+                               "TFSERVER_PIN_CPU": value})
+    assert done.returncode == 2
+    assert done.stderr.startswith("tfserver: error: ") and message in done.stderr, \
+        done.stderr

@@ -35,6 +35,7 @@ from .notify.targets import AllowList
 from .runs.store import AWAITING, RunRecord
 from .storage import make_backend
 from .storage.base import StateBackend
+from .terraform.affinity import Affinity
 from .terraform.process import Terraform
 from .tls import (
     AcmeIssuer,
@@ -65,6 +66,8 @@ class Parts:
     notifier: Notifier | None = None
     #: Starts the policy's scheduled drift checks (None when it sets no `drift_check`).
     drift: DriftSchedule | None = None
+    #: The CPU the server's threads keep to (TFSERVER_PIN_CPU), pinned as serving starts.
+    affinity: Affinity = field(default_factory=Affinity)
 
 
 def build(config: Config) -> Parts:
@@ -85,10 +88,11 @@ def build(config: Config) -> Parts:
         raise ConfigError(f"{config.policy}: require_approval works with TFSERVER_QUEUE=local "
                           "only (the sqs engine cannot hold an instance's queue yet)")
     modules = policy.narrowed(modules)
+    affinity = Affinity.choose(config.pin_cpu)
     terraform = Terraform(binary=binary, base_env=config.terraform_env,
                           cli_config_file=prepare_state(config),
                           kill_grace=config.kill_grace, memory_limit=config.run_memory,
-                          spool_dir=spool_dir(config))
+                          spool_dir=spool_dir(config), affinity=affinity)
     backend = make_backend(config)
     metrics = Metrics()
     notifier = _notifier(config, policy, backend, metrics)
@@ -105,13 +109,16 @@ def build(config: Config) -> Parts:
                         if config.tls_cert is not None and config.tls_key is not None
                         else None)
         return Parts(TFServer(config, service, authenticator, certificates), policy=policy,
-                     notifier=notifier, drift=drift)
-    return _with_acme(config, config.acme, policy, service, authenticator, notifier, drift)
+                     notifier=notifier, drift=drift, affinity=affinity)
+    return _with_acme(config, config.acme, service, authenticator,
+                      lambda https, challenge, renewer: Parts(
+                          https, challenge, renewer, policy=policy, notifier=notifier,
+                          drift=drift, affinity=affinity))
 
 
-def _with_acme(config: Config, acme: AcmeSettings, policy: Policy, service: Service,
-               authenticator: Authenticator, notifier: Notifier | None,
-               drift: DriftSchedule | None) -> Parts:
+def _with_acme(config: Config, acme: AcmeSettings, service: Service,
+               authenticator: Authenticator,
+               parts: Callable[[TFServer, ChallengeServer, Renewer], Parts]) -> Parts:
     """The challenge server, then the certificate it lets the CA issue, then the HTTPS
     server built with it and the renewer of that certificate."""
     server: TFServer | None = None
@@ -133,8 +140,7 @@ def _with_acme(config: Config, acme: AcmeSettings, policy: Policy, service: Serv
         challenge.shutdown()
         challenge.server_close()
         raise
-    return Parts(server, challenge, Renewer(issuer, certificates, acme.check_interval),
-                 policy=policy, notifier=notifier, drift=drift)
+    return parts(server, challenge, Renewer(issuer, certificates, acme.check_interval))
 
 
 def _notifier(config: Config, policy: Policy, backend: StateBackend,
@@ -188,6 +194,7 @@ def serve(parts: Parts) -> int:
     server = parts.server
     config = server.config
     _install_signals(parts)
+    parts.affinity.pin()  # before the service starts its threads: they inherit it
     server.service.start()
     if parts.renewer is not None:
         parts.renewer.start()

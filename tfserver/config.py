@@ -186,6 +186,8 @@ class Config:
     tmp_dir: Path | None = None
     terraform_bin: str = default("TFSERVER_TERRAFORM")
     run_memory: int = default("TFSERVER_RUN_MEMORY")
+    #: The CPU the server's threads keep to: a number, "auto", or None (any).
+    pin_cpu: int | str | None = None
     cli_config_file: Path | None = None
     provider_mirror: Path | None = None
     log_level: str = default("TFSERVER_LOG_LEVEL")
@@ -310,6 +312,7 @@ def load(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
         tmp_dir=v["TFSERVER_TMP_DIR"],
         terraform_bin=v["TFSERVER_TERRAFORM"],
         run_memory=v["TFSERVER_RUN_MEMORY"],
+        pin_cpu=v["TFSERVER_PIN_CPU"],
         cli_config_file=cli_config if cli_config is not None and cli_config.is_file() else None,
         provider_mirror=v["TFSERVER_PROVIDER_MIRROR"],
         log_level=v["TFSERVER_LOG_LEVEL"],

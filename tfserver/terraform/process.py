@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from .affinity import Affinity
 from .args import JSON_COMMANDS, build_env
 from .follow import Output, Spool
 from .output import EventSink, RunResult
@@ -165,6 +166,8 @@ class Terraform:
     #: Where terraform's output files are written while it runs (see `Spool`); a private
     #: temporary folder when None.
     spool_dir: Path | None = None
+    #: The CPUs terraform starts with: all the server's, even when its threads keep to one.
+    affinity: Affinity = field(default_factory=Affinity)
     _live: dict[int, RunControl] = field(default_factory=dict, init=False, repr=False)
     _mutex: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _stopping: bool = field(default=False, init=False, repr=False)
@@ -253,22 +256,24 @@ class Terraform:
     def _start(self, argv: list[str], cwd: Path, env: dict[str, str], spool: Spool
                ) -> subprocess.Popen[bytes]:
         """Start terraform in its own session, owner-only files, under the memory cap,
-        writing to its spool files."""
+        writing to its spool files, on every CPU the server may use."""
         try:
-            proc = subprocess.Popen(
-                argv,
-                cwd=cwd,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=spool.writers[0],
-                stderr=spool.writers[1],
-                # Own process group and session: a Ctrl-C meant for the server does not hit
-                # terraform mid-apply, SIGKILL can take the providers down with it, and
-                # terraform outlives a server that dies (and finishes writing its state).
-                start_new_session=True,
-                # State, backups and plan files hold secrets in clear: owner only.
-                umask=0o077,
-            )
+            with self.affinity.spawning():
+                proc = subprocess.Popen(
+                    argv,
+                    cwd=cwd,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=spool.writers[0],
+                    stderr=spool.writers[1],
+                    # Own process group and session: a Ctrl-C meant for the server does
+                    # not hit terraform mid-apply, SIGKILL can take the providers down
+                    # with it, and terraform outlives a server that dies (and finishes
+                    # writing its state).
+                    start_new_session=True,
+                    # State, backups and plan files hold secrets in clear: owner only.
+                    umask=0o077,
+                )
         finally:
             spool.close_writers()
         if self.memory_limit:

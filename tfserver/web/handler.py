@@ -34,16 +34,19 @@ from .routes import dispatch, template
 logger = logging.getLogger(__name__)
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-#: Request ids name a request in logs and answers and are no secret: drawn from a
-#: generator seeded once, where uuid4's read of the system's randomness was a system call
-#: (and so a handoff of the GIL between busy threads) on every request.
-_IDS = random.Random()  # noqa: S311 - an id, not a secret
 #: Methods that change something: each gets an audit line.
 _CHANGING = frozenset({"POST", "PUT", "DELETE", "PATCH"})
 #: At most this much of a refused body is read after the answer, for at most this long.
 DRAIN_LIMIT = 4 * 1024 * 1024
 DRAIN_SECONDS = 5.0
 _JSON_TYPES = ("application/json",)
+
+
+def _new_request_id() -> str:
+    """A request's id: it names a request in logs and answers and is no secret, so it is
+    drawn from `random`'s generator (seeded once), where uuid4's read of the system's
+    randomness was a system call (a handoff of the GIL between busy threads) a request."""
+    return f"{random.getrandbits(128):032x}"
 
 
 class Serving(Host, Protocol):
@@ -191,7 +194,7 @@ class RequestHandler(Connection):
         self.host.enter()
         started = time.monotonic()
         given = self.headers.get("X-Request-Id", "")
-        self.request_id = given if _REQUEST_ID.match(given) else f"{_IDS.getrandbits(128):032x}"
+        self.request_id = given if _REQUEST_ID.match(given) else _new_request_id()
         token = request_id.set(self.request_id)
         # status, principal and the audit fields start from `handle_one_request`'s reset.
         self.body_consumed = False

@@ -18,7 +18,7 @@ from support import ROOT
 from tfserver.auth import Principal
 from tfserver.logs import LineWriter
 from tfserver.module.discover import discover
-from tfserver.storage.settled import ParsedFiles
+from tfserver.storage.settled import ENTRY_COST, ParsedFiles
 from tfserver.web.openapi import ApiDescription, DocSettings
 
 #: Libraries a server with `make run`'s defaults (auth off, local state, no TLS) has no
@@ -74,27 +74,34 @@ def test_auth_on_imports_the_jwt_stack(tmp_path: Path, terraform_bin: str) -> No
 # -- reads at rest: parsed state files, log lines written off the request thread ------
 
 
+def _later() -> int:
+    """A clock 10 s ahead: every file written so far has settled."""
+    return time.time_ns() + 10_000_000_000
+
+
 def test_a_settled_file_is_parsed_once_and_a_changed_one_again(tmp_path: Path) -> None:
     path = tmp_path / "terraform.tfstate"
     path.write_text(json.dumps({"serial": 1}))
-    old = time.time() - 10
-    os.utime(path, (old, old))
-    files = ParsedFiles()
+    files = ParsedFiles(clock=_later)
     first = files.read(str(path))
     assert first == {"serial": 1}
     assert files.read(str(path)) is first  # from memory
-    # The same size, a newer modification time: read again.
+    # The same size, the same modification time: its change time tells.
+    mtime = path.stat().st_mtime_ns
     path.write_text(json.dumps({"serial": 2}))
-    os.utime(path, (old + 5, old + 5))
+    os.utime(path, ns=(mtime, mtime))
     assert files.read(str(path)) == {"serial": 2}
     path.unlink()
     assert files.read(str(path)) is None
 
 
 def test_a_file_changed_just_now_is_not_kept(tmp_path: Path) -> None:
-    # Its next change could carry the same modification time (a coarse clock).
+    # Its next change could carry the same change time (a coarse clock), even when its
+    # modification time was set back.
     path = tmp_path / "terraform.tfstate"
     path.write_text(json.dumps({"serial": 1}))
+    old = time.time() - 10
+    os.utime(path, (old, old))
     files = ParsedFiles()
     first = files.read(str(path))
     again = files.read(str(path))
@@ -103,16 +110,16 @@ def test_a_file_changed_just_now_is_not_kept(tmp_path: Path) -> None:
 
 
 def test_parsed_files_keep_at_most_their_budget(tmp_path: Path) -> None:
-    files = ParsedFiles(budget=40)
-    old = time.time() - 10
     paths = []
     for i in range(3):
         path = tmp_path / f"s{i}.json"
         path.write_text(json.dumps({"serial": i, "pad": "x" * 5}))  # 29 bytes
-        os.utime(path, (old, old))
         paths.append(str(path))
+    # Room for two: each entry costs its bytes, its path and ENTRY_COST.
+    files = ParsedFiles(budget=2 * (29 + len(paths[0]) + ENTRY_COST), clock=_later)
     docs = [files.read(p) for p in paths]
     assert files.read(paths[2]) is docs[2]  # the newest is kept
+    assert files.read(paths[1]) is docs[1]
     assert files.read(paths[0]) is not docs[0]  # the oldest was dropped
 
 

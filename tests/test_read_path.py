@@ -6,56 +6,59 @@ must be, and request ids are drawn without the system's randomness."""
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
 import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from support import ROOT, ServerProcess, start_server
+from tfserver.errors import ConfigError
 from tfserver.storage import settled
 from tfserver.storage.base import BackendError
 from tfserver.storage.local import LocalObjects
+from tfserver.terraform.affinity import Affinity, Scheduler
 from tfserver.web.connections import SLACK, DeadlineReader
 
 
-def _settle(path: Path) -> None:
-    """Date the file back: it has settled (`settled.SETTLED_NS`)."""
-    old = time.time() - 10
-    os.utime(path, (old, old))
+def _later() -> int:
+    """A clock 10 s ahead: every file written so far has settled (`settled.SETTLED_NS`)."""
+    return time.time_ns() + 10_000_000_000
 
 
-def _opens(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The files `SettledBytes` opens from now on."""
-    opened: list[str] = []
-    real = os.open
+class Reads:
+    """`os.read` that records each read, giving at most `most` bytes a call."""
 
-    def counting(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
-        opened.append(str(path))
-        return real(path, flags, *args, **kwargs)
+    def __init__(self, most: int | None = None) -> None:
+        self.most = most
+        self.calls: list[int] = []
 
-    monkeypatch.setattr(settled.os, "open", counting)
-    return opened
-
-
-# -- objects at rest --------------------------------------------------------------------
+    def __call__(self, fd: int, want: int) -> bytes:
+        self.calls.append(want)
+        return os.read(fd, want if self.most is None else min(want, self.most))
 
 
-def test_a_settled_object_is_read_once_and_a_replaced_one_again(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    objects = LocalObjects(tmp_path)
+def _objects(root: Path, reads: Reads | None = None,
+             clock: Callable[[], int] = _later) -> LocalObjects:
+    return LocalObjects(root, settled.SettledBytes(clock=clock, read=reads or Reads()))
+
+
+def test_a_settled_object_is_read_once_and_a_replaced_one_again(tmp_path: Path) -> None:
+    reads = Reads()
+    objects = _objects(tmp_path, reads)
     objects.put("_inputs/m/ws.json", b'{"name": "a"}')
-    _settle(tmp_path / "_inputs/m/ws.json")
-    opened = _opens(monkeypatch)
     first = objects.get("_inputs/m/ws.json")
     assert first == b'{"name": "a"}'
-    assert objects.get("_inputs/m/ws.json") is first  # from memory: one stat, no open
-    assert len(opened) == 1
+    assert objects.get("_inputs/m/ws.json") is first  # from memory: one stat, no read
+    assert len(reads.calls) == 1
     # Replaced by a write of the same size (a new file, renamed over it): read again.
     objects.put("_inputs/m/ws.json", b'{"name": "b"}')
     assert objects.get("_inputs/m/ws.json") == b'{"name": "b"}'
@@ -63,9 +66,22 @@ def test_a_settled_object_is_read_once_and_a_replaced_one_again(
     assert objects.get("_inputs/m/ws.json") is None
 
 
+def test_an_object_changed_in_place_with_its_old_mtime_put_back_is_read_again(
+        tmp_path: Path) -> None:
+    objects = _objects(tmp_path)
+    objects.put("k/v", b"one")
+    path = tmp_path / "k/v"
+    before = path.stat()
+    assert objects.get("k/v") == b"one"
+    path.write_bytes(b"two")  # the same inode and size
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # and the same mtime
+    assert path.stat().st_ino == before.st_ino
+    assert objects.get("k/v") == b"two"  # its change time is new
+
+
 def test_an_object_written_just_now_is_read_each_time(tmp_path: Path) -> None:
-    # Its next change could carry the same modification time (a coarse clock).
-    objects = LocalObjects(tmp_path)
+    # Its next change could carry the same change time (a coarse clock).
+    objects = _objects(tmp_path, clock=time.time_ns)
     objects.put("k/v", b"x")
     first = objects.get("k/v")
     again = objects.get("k/v")
@@ -73,34 +89,88 @@ def test_an_object_written_just_now_is_read_each_time(tmp_path: Path) -> None:
     assert again is not first
 
 
-def test_a_large_object_is_never_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-                                      ) -> None:
-    objects = LocalObjects(tmp_path)
+def test_a_large_object_is_never_kept(tmp_path: Path) -> None:
+    reads = Reads()
+    objects = _objects(tmp_path, reads)
     data = os.urandom(settled.LARGEST_KEPT + 1)
     objects.put("_plans/p", data)
-    _settle(tmp_path / "_plans/p")
-    opened = _opens(monkeypatch)
     assert objects.get("_plans/p") == data
     assert objects.get("_plans/p") == data
-    assert len(opened) == 2
+    assert len(reads.calls) == 2
 
 
-def test_objects_of_every_size_are_read_whole(tmp_path: Path) -> None:
-    objects = LocalObjects(tmp_path)
-    for size in (0, 1, 4095, 4096, 65536, 65537, 300_000):
+@pytest.mark.parametrize("most", [None, 1000, 4096])
+def test_objects_of_every_size_are_read_whole_even_in_short_reads(
+        tmp_path: Path, most: int | None) -> None:
+    # A read may give less than asked before the end (over 2 GiB, a network or FUSE
+    # filesystem): only an empty read is the end of a file shorter than fstat said.
+    objects = _objects(tmp_path, Reads(most))
+    for size in (0, 1, 999, 1000, 1001, 4095, 4096, 65536, 65537, 300_000):
         data = os.urandom(size)
         objects.put(f"s/{size}", data)
-        assert objects.get(f"s/{size}") == data
+        assert objects.get(f"s/{size}") == data, size
+
+
+def test_a_file_that_grew_since_its_fstat_is_read_to_its_end(tmp_path: Path) -> None:
+    path = tmp_path / "grown"
+    path.write_bytes(b"x" * 100_000)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert settled.read_all(fd, 10) == b"x" * 100_000
+    finally:
+        os.close(fd)
+
+
+def test_empty_objects_too_fill_the_budget(tmp_path: Path) -> None:
+    kept: settled.Versions[bytes] = settled.Versions(20_000, 1024, clock=_later)
+    for i in range(1000):
+        path = tmp_path / f"empty-{i}"
+        path.write_bytes(b"")
+        kept.keep(str(path), path.stat(), b"")
+    assert kept.cost <= 20_000
+    assert 0 < len(kept) <= 20_000 // settled.ENTRY_COST
 
 
 def test_a_missing_object_is_none_and_a_folder_is_a_backend_error(tmp_path: Path) -> None:
-    objects = LocalObjects(tmp_path)
+    objects = _objects(tmp_path)
     assert objects.get("nothing/here.json") is None
     objects.put("file", b"x")
     assert objects.get("file/below") is None  # a file where a folder would be
     (tmp_path / "folder").mkdir()
-    with pytest.raises(BackendError, match="cannot read folder"):
+    with pytest.raises(BackendError, match="cannot read folder: not a regular file"):
         objects.get("folder")
+
+
+def _bounded(call: Callable[[], object]) -> BaseException | None:
+    """What `call` raised, run in a thread given 10 s (a hang fails the test)."""
+    raised: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            call()
+            raised.append(None)
+        except BaseException as e:  # handed to the test
+            raised.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(10)
+    assert raised, "the read hung"
+    return raised[0]
+
+
+def test_a_fifo_at_an_object_or_state_path_is_refused_not_waited_on(tmp_path: Path) -> None:
+    objects = _objects(tmp_path)
+    objects.put("k/v", b"x")
+    (tmp_path / "k/v").unlink()
+    os.mkfifo(tmp_path / "k/v")
+    raised = _bounded(lambda: objects.get("k/v"))
+    assert isinstance(raised, BackendError)
+    assert "cannot read k/v: not a regular file" in str(raised)
+    os.mkfifo(tmp_path / "terraform.tfstate")
+    raised = _bounded(lambda: settled.ParsedFiles().read(str(tmp_path / "terraform.tfstate")))
+    assert isinstance(raised, BackendError)
+    assert "cannot read local state: not a regular file" in str(raised)
 
 
 # -- socket timeouts --------------------------------------------------------------------
@@ -249,3 +319,73 @@ def test_a_cpu_the_server_cannot_have_stops_the_start(tmp_path: Path, value: str
     assert done.returncode == 2
     assert done.stderr.startswith("tfserver: error: ") and message in done.stderr, \
         done.stderr
+
+
+class FakeScheduler(Scheduler):
+    """Threads' CPUs in a dict; `fail_on` names the `keep` calls (counted from 1) that
+    fail; `started` threads appear, unpinned, at the first walk."""
+
+    def __init__(self, cpus: dict[int, set[int]], fail_on: tuple[int, ...] = (),
+                 started: tuple[int, ...] = ()) -> None:
+        self.cpus, self.fail_on, self.started = cpus, fail_on, list(started)
+        self.keeps = 0
+
+    def cpus_of(self, tid: int) -> set[int]:
+        return set(self.cpus[tid])
+
+    def keep(self, tid: int, cpus: set[int] | frozenset[int]) -> None:
+        self.keeps += 1
+        if self.keeps in self.fail_on:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        self.cpus[tid] = set(cpus)
+
+    def threads(self) -> list[int]:
+        for tid in self.started:  # started by a thread not yet pinned: all CPUs
+            self.cpus[tid] = {0, 1}
+        self.started = []
+        return [tid for tid in self.cpus if tid]
+
+
+def test_spawning_gives_the_thread_back_the_cpus_it_had() -> None:
+    # A thread that was never pinned (started before `pin`) stays unpinned.
+    sched = FakeScheduler({0: {0, 1}})
+    with Affinity(1, frozenset({0, 1}), sched).spawning():
+        assert sched.cpus[0] == {0, 1}
+    assert sched.cpus[0] == {0, 1}
+    sched = FakeScheduler({0: {1}})
+    with Affinity(1, frozenset({0, 1}), sched).spawning():
+        assert sched.cpus[0] == {0, 1}
+    assert sched.cpus[0] == {1}
+
+
+@pytest.mark.parametrize(("fail_on", "logged"), [
+    ((1,), "cannot give terraform every CPU"),
+    ((2,), "cannot keep this thread to CPU 1 again"),
+])
+def test_spawning_that_cannot_change_cpus_logs_and_starts_the_process_anyway(
+        caplog: pytest.LogCaptureFixture, fail_on: tuple[int, ...], logged: str) -> None:
+    # Raised after the process started, the error would lose the process (untracked).
+    sched = FakeScheduler({0: {1}}, fail_on=fail_on)
+    started = []
+    with caplog.at_level(logging.WARNING, "tfserver.terraform.affinity"), \
+            Affinity(1, frozenset({0, 1}), sched).spawning():
+        started.append(True)
+    assert started == [True]
+    assert logged in caplog.text
+
+
+def test_pin_walks_the_threads_until_none_is_left_unpinned() -> None:
+    sched = FakeScheduler({0: {0, 1}, 11: {0, 1}}, started=(12, 13))
+    Affinity(1, frozenset({0, 1}), sched).pin()
+    assert sched.cpus == {0: {1}, 11: {1}, 12: {1}, 13: {1}}
+
+
+def test_pin_that_cannot_list_or_move_the_threads_is_a_config_error() -> None:
+    class NoProc(FakeScheduler):
+        def threads(self) -> list[int]:
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory")
+
+    with pytest.raises(ConfigError, match="cannot keep the server's threads to CPU 1: No "):
+        Affinity(1, frozenset({0, 1}), NoProc({0: {0, 1}})).pin()
+    with pytest.raises(ConfigError, match="Invalid argument"):
+        Affinity(1, frozenset({0, 1}), FakeScheduler({0: {0, 1}}, fail_on=(1,))).pin()

@@ -194,7 +194,6 @@ def serve(parts: Parts) -> int:
     server = parts.server
     config = server.config
     _install_signals(parts)
-    parts.affinity.pin()  # before the service starts its threads: they inherit it
     server.service.start()
     if parts.renewer is not None:
         parts.renewer.start()
@@ -325,6 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load(args, os.environ)
         logs.configure(config.log_level, config.log_format)
         parts = build(config)
+        parts.affinity.pin()  # before the service starts its threads: they inherit it
     except TFServerError as e:
         print(f"tfserver: error: {e}", file=sys.stderr)
         return 2

@@ -36,11 +36,11 @@ _NAMES = frozenset({"", ".", ".."})
 class LocalObjects:
     """Objects as 0600 files under a 0700 folder."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, settled: SettledBytes | None = None) -> None:
         self.root = root
         # Folders known to exist (private): a run writes several objects into few folders.
         self._folders: set[Path] = set()
-        self._settled = SettledBytes()
+        self._settled = settled or SettledBytes()
         self._empty_lock = threading.Lock()
         self._empty: str | None = None
 

@@ -4,18 +4,22 @@
 Why: a GET of an instance reads its state and several small objects (kept inputs,
 expiry, drift report, references). Every system call a thread makes hands the GIL to
 another busy thread, and under 32 keep-alive connections each handoff cost about as
-much as the work between them. A file found unchanged (same inode, size and
-modification time) is served from memory after one `stat`.
+much as the work between them. A file found unchanged (same device, inode, size,
+modification and change times) is served from memory after one `stat`.
 
-Only a settled file is kept: one last changed longer ago than `SETTLED_NS` when it is
-looked at cannot change again without a new modification time, so a change always
-shows as a new version. At most a budget of bytes is kept, the oldest dropped first.
+Only a settled file is kept: one whose last change (its `ctime`, which no caller can
+set back) is older than `SETTLED_NS` when it is looked at cannot change again without a
+new change time, so a change always shows as a new version. At most a budget of bytes
+is kept (each entry costs its size and its path's, and `ENTRY_COST`), the oldest
+dropped first. Only regular files are read: a FIFO at an object's path would block.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -24,22 +28,32 @@ from typing import Any, Generic, TypeVar
 from .base import BackendError
 
 #: A file last changed longer ago than this when it is looked at cannot change again
-#: without a new modification time (filesystems stamp a change with a clock that is at
-#: worst a second or two coarse): only such a file's contents are kept.
+#: without a new change time (filesystems stamp a change with a clock that is at worst a
+#: second or two coarse): only such a file's contents are kept.
 SETTLED_NS = 3_000_000_000
 #: At most this many bytes of files are kept (a parsed document takes several times that).
 PARSED_BYTES = 1 << 20
 #: A larger object is never kept (plans, event logs): the budget is for small documents.
 LARGEST_KEPT = 64 * 1024
+#: What an entry costs beside its file's bytes and its path (the key, the version, the
+#: dict's slot): empty files too fill the budget, so their number stays bounded.
+ENTRY_COST = 200
 
 T = TypeVar("T")
-#: What tells two versions of a file apart: inode, size, modification time.
-Version = tuple[int, int, int]
+#: What tells two versions of a file apart: device, inode, size, modification and
+#: change times (a file put back with its old mtime still has a new ctime).
+Version = tuple[int, int, int, int, int]
 
 
 def version(st: os.stat_result) -> Version:
     """A file's version as its `stat` gives it."""
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def require_file(st: os.stat_result) -> None:
+    """OSError unless `st` is a regular file's (not a folder, a FIFO, a device)."""
+    if not stat.S_ISREG(st.st_mode):
+        raise OSError(errno.EINVAL, "not a regular file")
 
 
 class Versions(Generic[T]):
@@ -50,9 +64,17 @@ class Versions(Generic[T]):
         self.budget = budget
         self.largest = min(budget, largest)
         self._clock = clock
-        self._kept: dict[str, tuple[Version, T]] = {}
+        self._kept: dict[str, tuple[Version, T, int]] = {}
         self._bytes = 0
         self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    @property
+    def cost(self) -> int:
+        """What the kept entries cost of the budget."""
+        return self._bytes
 
     def get(self, path: str, seen: Version) -> T | None:
         """What was kept of `path` at version `seen`, or None."""
@@ -62,13 +84,15 @@ class Versions(Generic[T]):
 
     def keep(self, path: str, st: os.stat_result, value: T) -> None:
         """Keep `value` for `path` at `st`'s version, if the file has settled and fits."""
-        if st.st_size > self.largest \
-                or self._clock() - st.st_mtime_ns <= SETTLED_NS:
+        cost = st.st_size + len(path) + ENTRY_COST
+        changed = max(st.st_mtime_ns, st.st_ctime_ns)
+        if st.st_size > self.largest or cost > self.budget \
+                or self._clock() - changed <= SETTLED_NS:
             return
         with self._lock:
             self._forget_locked(path)
-            self._kept[path] = (version(st), value)
-            self._bytes += st.st_size
+            self._kept[path] = (version(st), value, cost)
+            self._bytes += cost
             while self._bytes > self.budget:
                 self._forget_locked(next(iter(self._kept)))
 
@@ -80,7 +104,7 @@ class Versions(Generic[T]):
     def _forget_locked(self, path: str) -> None:
         old = self._kept.pop(path, None)
         if old is not None:
-            self._bytes -= old[0][1]
+            self._bytes -= old[2]
 
 
 class Unreadable:
@@ -131,6 +155,10 @@ class ParsedFiles:
         kept = self._kept.get(path, version(st))
         if kept is not None:
             return kept
+        try:
+            require_file(st)
+        except OSError as e:
+            raise BackendError(f"cannot read local state: {e.strerror}") from e
         doc = read_json(path)
         if isinstance(doc, dict):
             self._kept.keep(path, st, doc)
@@ -138,11 +166,16 @@ class ParsedFiles:
 
 
 class SettledBytes:
-    """Files' bytes, read once per version (see the module's docstring)."""
+    """Files' bytes, read once per version (see the module's docstring).
+
+    `read` is how a descriptor is read (os.read; a test gives short reads, as a network
+    or FUSE filesystem may)."""
 
     def __init__(self, budget: int = PARSED_BYTES,
-                 clock: Callable[[], int] = time.time_ns) -> None:
+                 clock: Callable[[], int] = time.time_ns,
+                 read: Callable[[int, int], bytes] = os.read) -> None:
         self._kept: Versions[bytes] = Versions(budget, LARGEST_KEPT, clock)
+        self._read = read
 
     def read(self, path: str) -> bytes | None:
         """The file's bytes, None when it is missing (OSError for any other failure)."""
@@ -154,27 +187,34 @@ class SettledBytes:
         kept = self._kept.get(path, version(st))
         if kept is not None:
             return kept
+        require_file(st)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            # O_NONBLOCK: a FIFO put there since the stat must not hang the open.
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except (FileNotFoundError, NotADirectoryError):
             return None  # removed since
         try:
             st = os.fstat(fd)  # the version of the very file read
-            data = _read_all(fd, st.st_size)
+            require_file(st)
+            data = read_all(fd, st.st_size, self._read)
         finally:
             os.close(fd)
         self._kept.keep(path, st, data)
         return data
 
 
-def _read_all(fd: int, size: int) -> bytes:
+def read_all(fd: int, size: int, read: Callable[[int, int], bytes] = os.read) -> bytes:
     """All of a regular file from its descriptor (`size`: what fstat said): one read
-    when it has not grown. (A regular file's short read is its end.)"""
-    chunks, want = [], size + 1
+    when it has not grown. A read may come up short before `size` (a read over 2 GiB, a
+    network filesystem): only an empty read, or a short one past `size`, is the end."""
+    chunks: list[bytes] = []
+    total = 0
     while True:
-        chunk = os.read(fd, want)
-        if chunk:
-            chunks.append(chunk)
-        if len(chunk) < want:
+        want = size - total + 1 if total <= size else 1 << 16
+        chunk = read(fd, want)
+        if not chunk:
             return b"".join(chunks)
-        want = 1 << 16
+        chunks.append(chunk)
+        total += len(chunk)
+        if total >= size and len(chunk) < want:
+            return b"".join(chunks)

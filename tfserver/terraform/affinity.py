@@ -7,7 +7,7 @@ busy thread; on a machine of several CPUs that thread often sleeps on another CP
 waking it there (an interrupt between processors, slow under a hypervisor) leaves the GIL
 unused meanwhile. With the server's threads on one CPU a handoff is a switch on that CPU:
 on a 2-CPU virtual machine, keep-alive GETs of an instance under 32 connections went from
-about 1,900 to 3,700 a second (docs/development.md). What it costs: work done outside the
+about 2,200 to 4,200 a second (docs/development.md). What it costs: work done outside the
 GIL (TLS handshakes, the kernel's side of file and socket calls) no longer spreads over
 the other CPUs, and the pinned CPU's other load is not moved away from.
 
@@ -19,19 +19,44 @@ scheduler by them), so that thread is widened to all of them while it starts one
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 
 from ..errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+#: How often `pin` walks the threads again when the last walk found one unpinned (a
+#: thread started by one not yet pinned).
+PIN_PASSES = 10
+
+
+class Scheduler:
+    """The system calls `Affinity` makes (Linux; a test gives a fake that fails)."""
+
+    def cpus_of(self, tid: int) -> set[int]:
+        """The CPUs thread `tid` (0: the calling one) may run on."""
+        return os.sched_getaffinity(tid)
+
+    def keep(self, tid: int, cpus: set[int] | frozenset[int]) -> None:
+        """Keep thread `tid` (0: the calling one) to `cpus`."""
+        os.sched_setaffinity(tid, cpus)
+
+    def threads(self) -> list[int]:
+        """The ids of the process's threads."""
+        return [int(tid) for tid in os.listdir("/proc/self/task")]
 
 
 class Affinity:
     """Where the server's threads run (`cpu`; None: anywhere) and terraform's processes
     (`allowed`: every CPU the server was started with)."""
 
-    def __init__(self, cpu: int | None = None, allowed: frozenset[int] = frozenset()) -> None:
+    def __init__(self, cpu: int | None = None, allowed: frozenset[int] = frozenset(),
+                 scheduler: Scheduler | None = None) -> None:
         self.cpu = cpu
         self.allowed = allowed
+        self.scheduler = scheduler or Scheduler()
 
     @classmethod
     def choose(cls, setting: int | str | None) -> Affinity:
@@ -50,24 +75,55 @@ class Affinity:
         return cls(cpu, allowed)
 
     def pin(self) -> None:
-        """Every thread of the server onto its CPU; threads started later inherit it."""
+        """Every thread of the server onto its CPU; threads started later inherit it.
+        ConfigError when the threads cannot be listed or moved."""
         if self.cpu is None:
             return
-        for tid in os.listdir("/proc/self/task"):
-            with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
-                os.sched_setaffinity(int(tid), {self.cpu})
+        only = {self.cpu}
+        sched = self.scheduler
+        try:
+            sched.keep(0, only)  # the calling thread first: what it starts inherits it
+            for _ in range(PIN_PASSES):
+                # A thread started meanwhile by one not yet pinned shows in the next walk.
+                moved = 0
+                for tid in sched.threads():
+                    with contextlib.suppress(ProcessLookupError):  # ended meanwhile
+                        if sched.cpus_of(tid) != only:
+                            sched.keep(tid, only)
+                            moved += 1
+                if not moved:
+                    return
+        except OSError as e:
+            raise ConfigError(f"TFSERVER_PIN_CPU: cannot keep the server's threads to CPU "
+                              f"{self.cpu}: {e.strerror or e}") from e
+        raise ConfigError(f"TFSERVER_PIN_CPU: threads kept starting unpinned after "
+                          f"{PIN_PASSES} walks")
 
     @contextlib.contextmanager
     def spawning(self) -> Iterator[None]:
-        """While the calling thread starts a process: every CPU the server may use."""
+        """While the calling thread starts a process: every CPU the server may use.
+
+        Never raises: a process started is tracked by its caller, so a failure to widen
+        or to narrow back is logged, not thrown over it (the thread keeps what it got)."""
         if self.cpu is None:
             yield
             return
-        os.sched_setaffinity(0, self.allowed)
+        sched = self.scheduler
+        try:
+            before = sched.cpus_of(0)
+            sched.keep(0, self.allowed)
+        except OSError as e:
+            logger.warning("cannot give terraform every CPU: %s", e.strerror or e)
+            yield
+            return
         try:
             yield
         finally:
-            os.sched_setaffinity(0, {self.cpu})
+            try:
+                sched.keep(0, before)
+            except OSError as e:
+                logger.warning("cannot keep this thread to CPU %d again: %s", self.cpu,
+                               e.strerror or e)
 
 
 def _current_cpu(allowed: frozenset[int]) -> int:

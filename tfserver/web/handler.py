@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import re
 import socket
 import threading
@@ -26,7 +25,7 @@ from ..errors import (
 from ..logs import audit_request, log_access, request_id
 from ..settings import parse_bool
 from .connections import HEALTH_HEAD_TIMEOUT, HEALTH_PATHS, client_address
-from .http11 import Connection, Host
+from .http11 import Connection, Host, new_request_id
 from .jsonbody import parse_body
 from .request import Site
 from .routes import dispatch, template
@@ -40,13 +39,6 @@ _CHANGING = frozenset({"POST", "PUT", "DELETE", "PATCH"})
 DRAIN_LIMIT = 4 * 1024 * 1024
 DRAIN_SECONDS = 5.0
 _JSON_TYPES = ("application/json",)
-
-
-def _new_request_id() -> str:
-    """A request's id: it names a request in logs and answers and is no secret, so it is
-    drawn from `random`'s generator (seeded once), where uuid4's read of the system's
-    randomness was a system call (a handoff of the GIL between busy threads) a request."""
-    return f"{random.getrandbits(128):032x}"
 
 
 class Serving(Host, Protocol):
@@ -194,7 +186,7 @@ class RequestHandler(Connection):
         self.host.enter()
         started = time.monotonic()
         given = self.headers.get("X-Request-Id", "")
-        self.request_id = given if _REQUEST_ID.match(given) else _new_request_id()
+        self.request_id = given if _REQUEST_ID.match(given) else new_request_id()
         token = request_id.set(self.request_id)
         # status, principal and the audit fields start from `handle_one_request`'s reset.
         self.body_consumed = False

@@ -111,8 +111,8 @@ RESERVED = frozenset(r.segments[0] for r in ROUTES if r.segments
 #: The rows of each template, in the table's order.
 _BY_TEMPLATE = {t: tuple(r for r in ROUTES if r.template == t) for t in
                 dict.fromkeys(r.template for r in ROUTES)}
-#: The most segments a template has without a `{name*}`: a longer path reaches only one
-#: with it.
+#: The most segments any template has (a `{name*}` counted as one): a longer path can
+#: reach only a template ending in a `{name*}`, so all longer paths share one index row.
 _LONGEST = max(len(r.segments) for r in ROUTES)
 
 

@@ -10,8 +10,10 @@ local state), in a temporary state folder. Figures:
 - requests/s of a keep-alive GET of an instance (after a PUT), of /healthz and of
   GET /demo, with wrk (2 threads, 32 connections) when it is installed, else with a Python
   keep-alive client (whose own cost then shows in the figures);
-- the same three rates again with TFSERVER_PIN_CPU=auto (the server's threads kept to one
-  CPU), on a machine of more than one.
+- new TLS connections a second (wrk, `Connection: close` on /healthz over HTTPS with a
+  self-signed P-256 certificate: a handshake each), when wrk is installed;
+- the same figures again with TFSERVER_PIN_CPU=off (the server's threads on every CPU,
+  not kept to one as by default), on a machine of more than one.
 Each figure is given as the best and the median of its repetitions: the machine may be
 shared. Nothing here asserts a time; it prints a table.
 """
@@ -25,6 +27,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -49,11 +52,15 @@ class Server:
     proc: subprocess.Popen[bytes]
     port: int
     folder: Path
+    tls: bool = False
 
     def get(self, path: str) -> int:
         """The status of a GET on a new connection (0 when refused)."""
         try:
-            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+            conn = http.client.HTTPSConnection(
+                "127.0.0.1", self.port, timeout=10,
+                context=ssl._create_unverified_context()) if self.tls \
+                else http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
             conn.request("GET", path)
             status = conn.getresponse().status
             conn.close()
@@ -77,10 +84,39 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start(extra: dict[str, str] | None = None) -> tuple[Server, float]:
-    """A server as `make run` starts it (with `extra` settings), and the seconds from its
-    exec to its first answer of /healthz."""
+def self_signed(folder: Path) -> dict[str, str]:
+    """TLS settings with a new self-signed P-256 certificate for 127.0.0.1 in `folder`."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .sign(key, hashes.SHA256()))
+    (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / "key.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    return {"TFSERVER_TLS_CERT": str(folder / "cert.pem"),
+            "TFSERVER_TLS_KEY": str(folder / "key.pem")}
+
+
+def start(extra: dict[str, str] | None = None, tls: bool = False) -> tuple[Server, float]:
+    """A server as `make run` starts it (with `extra` settings, over HTTPS with `tls`),
+    and the seconds from its exec to its first answer of /healthz."""
     folder = Path(tempfile.mkdtemp(prefix="tfserver-bench-reads-"))
+    if tls:
+        extra = {**(extra or {}), **self_signed(folder)}
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TFSERVER_PORT": str(port),
            "TFSERVER_STATE_DIR": str(folder / "state"),
@@ -90,7 +126,7 @@ def start(extra: dict[str, str] | None = None) -> tuple[Server, float]:
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "tfserver"], cwd=ROOT, env=env,
                             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-    server = Server(proc, port, folder)
+    server = Server(proc, port, folder, tls)
     deadline = started + 60
     while server.get("/healthz") != 200:
         if proc.poll() is not None or time.perf_counter() > deadline:
@@ -114,9 +150,10 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def wrk_rate(port: int, path: str, seconds: float) -> float:
-    out = subprocess.run(["wrk", "-t2", "-c32", f"-d{seconds:g}s",
-                          f"http://127.0.0.1:{port}{path}"],
+def wrk_rate(port: int, path: str, seconds: float, *options: str,
+             scheme: str = "http") -> float:
+    out = subprocess.run(["wrk", "-t2", "-c32", f"-d{seconds:g}s", *options,
+                          f"{scheme}://127.0.0.1:{port}{path}"],
                          capture_output=True, text=True, check=True).stdout
     if "Non-2xx" in out:
         raise SystemExit(f"GET {path} answered errors:\n{out}")
@@ -177,6 +214,16 @@ def read_rates(server: Server, rate: Callable[[int, str, float], float], rounds:
     return rates
 
 
+def handshake_rates(extra: dict[str, str], rounds: int, seconds: float) -> list[float]:
+    """New TLS connections a second: wrk's GETs of /healthz, each on its own connection."""
+    server, _ = start(extra, tls=True)
+    try:
+        return [wrk_rate(server.port, "/healthz", seconds, "-H", "Connection: close",
+                         scheme="https") for _ in range(rounds)]
+    finally:
+        server.stop()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--starts", type=int, default=5, help="starts timed")
@@ -205,16 +252,21 @@ def main() -> int:
         loaded = rss_mb(server.proc.pid)
     finally:
         server.stop()
-    # The same reads with the server's threads kept to one CPU (terraform/affinity.py).
-    pinned: dict[str, list[float]] = {}
+    if use_wrk:
+        rates["new TLS connection"] = handshake_rates({}, args.rounds, args.seconds)
+    # The same with the server's threads on every CPU (terraform/affinity.py).
+    unpinned: dict[str, list[float]] = {}
     if len(os.sched_getaffinity(0)) > 1:
-        server, _ = start({"TFSERVER_PIN_CPU": "auto"})
+        off = {"TFSERVER_PIN_CPU": "off"}
+        server, _ = start(off)
         try:
             wait_ready(server)
             put_instance(server)
-            pinned = read_rates(server, rate, args.rounds, args.seconds)
+            unpinned = read_rates(server, rate, args.rounds, args.seconds)
         finally:
             server.stop()
+        if use_wrk:
+            unpinned["new TLS connection"] = handshake_rates(off, args.rounds, args.seconds)
 
     client = "wrk -t2 -c32" if use_wrk else "Python client, 32 connections (wrk missing)"
     print(f"tfserver at rest and under keep-alive reads ({client}; load average "
@@ -226,9 +278,9 @@ def main() -> int:
     print(f"| RSS at idle (after /readyz) | {idle:.1f} MB | - | < 50 MB |")
     goals = {"instance GET": ">= 3,000/s"}
     rows = [*((name, values) for name, values in rates.items()),
-            *((f"{name}, TFSERVER_PIN_CPU=auto", values) for name, values in pinned.items())]
+            *((f"{name}, TFSERVER_PIN_CPU=off", values) for name, values in unpinned.items())]
     for name, values in rows:
-        goal = goals.get(name.split(",")[0], "-")
+        goal = goals.get(name, "-")
         print(f"| {name} (req/s) | {max(values):,.0f} | {statistics.median(values):,.0f} "
               f"| {goal} |")
     print(f"| RSS after the load | {loaded:.1f} MB | - | - |")

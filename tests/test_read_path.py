@@ -276,12 +276,28 @@ def _cpus(status_file: Path) -> str:
     raise AssertionError(f"no Cpus_allowed_list in {status_file}")
 
 
-def test_pin_cpu_keeps_the_server_s_threads_to_one_cpu_and_terraform_to_all(
-        tmp_path: Path) -> None:
+def _several_cpus() -> list[int]:
     allowed = sorted(os.sched_getaffinity(0))
     if len(allowed) < 2:
         pytest.skip("one CPU only: pinned and not pinned look the same")
-    cpu = allowed[-1]
+    return allowed
+
+
+def _thread_cpus(srv: ServerProcess) -> set[str]:
+    """The `Cpus_allowed_list` of each of the server's threads."""
+    seen = set()
+    threads = list(Path(f"/proc/{srv.proc.pid}/task").iterdir())
+    assert len(threads) > 3
+    for thread in threads:
+        with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+            seen.add(_cpus(thread / "status"))
+    return seen
+
+
+@pytest.mark.parametrize("setting", ["last", "default"])
+def test_pin_cpu_keeps_the_server_s_threads_to_one_cpu_and_terraform_to_all(
+        tmp_path: Path, setting: str) -> None:
+    allowed = _several_cpus()
     log = tmp_path / "cpus.log"
     shim = tmp_path / "terraform-shim"
     # The shim is the process terraform becomes (exec): its CPUs are terraform's.
@@ -289,18 +305,29 @@ def test_pin_cpu_keeps_the_server_s_threads_to_one_cpu_and_terraform_to_all(
                     f'exec "{shutil.which("terraform")}" "$@"\n')
     shim.chmod(0o755)
     everything = _cpus(Path("/proc/self/status"))
-    srv = start_server(tmp_path, env={"TFSERVER_PIN_CPU": str(cpu),
-                                      "TFSERVER_TERRAFORM": str(shim)})
+    env = {"TFSERVER_TERRAFORM": str(shim)}
+    if setting == "last":
+        env["TFSERVER_PIN_CPU"] = str(allowed[-1])
+    srv = start_server(tmp_path, env=env)
     try:
         r = srv.request("PUT", "/basic/pinned", {"name": "p"})
         assert r.status in (200, 201), r.body
-        threads = list(Path(f"/proc/{srv.proc.pid}/task").iterdir())
-        assert len(threads) > 3
-        for thread in threads:
-            with contextlib.suppress(FileNotFoundError):  # a thread that just ended
-                assert _cpus(thread / "status") == str(cpu), thread
+        pinned = _thread_cpus(srv)
+        # Every thread on the one CPU: the one asked for, or (auto) the one it started on.
+        assert len(pinned) == 1 and pinned.pop() in {str(cpu) for cpu in allowed}
+        if setting == "last":
+            assert _thread_cpus(srv) == {str(allowed[-1])}
         lines = log.read_text().splitlines()
         assert lines and all(line.split(":", 1)[1].strip() == everything for line in lines)
+    finally:
+        srv.stop()
+
+
+def test_pin_cpu_off_leaves_the_server_s_threads_on_every_cpu(tmp_path: Path) -> None:
+    _several_cpus()
+    srv = start_server(tmp_path, env={"TFSERVER_PIN_CPU": "off"})
+    try:
+        assert _thread_cpus(srv) == {_cpus(Path("/proc/self/status"))}
     finally:
         srv.stop()
 
@@ -389,3 +416,26 @@ def test_pin_that_cannot_list_or_move_the_threads_is_a_config_error() -> None:
         Affinity(1, frozenset({0, 1}), NoProc({0: {0, 1}})).pin()
     with pytest.raises(ConfigError, match="Invalid argument"):
         Affinity(1, frozenset({0, 1}), FakeScheduler({0: {0, 1}}, fail_on=(1,))).pin()
+
+
+def test_auto_that_cannot_pin_warns_and_serves_on_every_cpu(
+        caplog: pytest.LogCaptureFixture) -> None:
+    sched = FakeScheduler({0: {0, 1}, 11: {0, 1}}, fail_on=(2,))
+    affinity = Affinity(1, frozenset({0, 1}), sched, required=False)
+    with caplog.at_level(logging.WARNING, "tfserver.terraform.affinity"):
+        affinity.pin()
+    assert "cannot keep the server's threads to CPU 1: Invalid argument; its threads run " \
+        "on every CPU" in caplog.text
+    assert affinity.cpu is None and sched.cpus == {0: {0, 1}, 11: {0, 1}}
+    before = sched.keeps
+    with affinity.spawning():  # nothing left to widen
+        pass
+    assert sched.keeps == before
+
+
+def test_auto_on_one_cpu_or_off_pins_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Affinity.choose(None).cpu is None
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
+    assert Affinity.choose("auto").cpu is None
+    with pytest.raises(ConfigError, match="CPU 2 is not one this server may run on"):
+        Affinity.choose(2)

@@ -187,7 +187,7 @@ class Config:
     terraform_bin: str = default("TFSERVER_TERRAFORM")
     run_memory: int = default("TFSERVER_RUN_MEMORY")
     #: The CPU the server's threads keep to: a number, "auto", or None (any).
-    pin_cpu: int | str | None = None
+    pin_cpu: int | str | None = default("TFSERVER_PIN_CPU")
     cli_config_file: Path | None = None
     provider_mirror: Path | None = None
     log_level: str = default("TFSERVER_LOG_LEVEL")

@@ -324,10 +324,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TFSERVER_RUN_MEMORY", _size(0), 4 * 1024 * MiB,
             "address space each terraform process and provider may take (RLIMIT_AS; "
             "GOMEMLIMIT at half); 0 for no cap", shown="4 GiB"),
-    Setting("TFSERVER_PIN_CPU", _cpu, None,
-            "keep the server's own threads to one CPU (`auto`: the one it starts on, or a "
-            "number); terraform keeps every CPU. More keep-alive reads a second on a "
-            "machine of several CPUs (docs/operations.md)", shown="off"),
+    Setting("TFSERVER_PIN_CPU", _cpu, "auto",
+            "keep the server's own threads to one CPU (`auto`: the one it starts on, where "
+            "there are several; a number; or `off`); terraform keeps every CPU. Many more "
+            "requests a second on a machine of several CPUs (docs/operations.md)"),
     Setting("TFSERVER_TMP_DIR", _path, None, "where the short-lived 0600 var files go",
             shown="a private folder in `/dev/shm`, else `<state>/tmp`"),
     Setting("TF_CLI_CONFIG_FILE", _path, None,

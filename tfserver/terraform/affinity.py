@@ -7,9 +7,12 @@ busy thread; on a machine of several CPUs that thread often sleeps on another CP
 waking it there (an interrupt between processors, slow under a hypervisor) leaves the GIL
 unused meanwhile. With the server's threads on one CPU a handoff is a switch on that CPU:
 on a 2-CPU virtual machine, keep-alive GETs of an instance under 32 connections went from
-about 2,200 to 4,200 a second (docs/development.md). What it costs: work done outside the
-GIL (TLS handshakes, the kernel's side of file and socket calls) no longer spreads over
-the other CPUs, and the pinned CPU's other load is not moved away from.
+about 2,200 to 4,200 a second, and new TLS connections from about 800 to 1,350 (the
+handshakes' work outside the GIL gained less from a second CPU than the handoffs lost;
+docs/development.md). So it is the default (`auto`, where there are several CPUs). What it
+costs: work done outside the GIL no longer spreads over the other CPUs, and the server
+cannot move away from other load on its CPU (the kernel moves that load instead, unless
+it is pinned too).
 
 Terraform and its providers are processes of their own and keep every CPU the server
 may use: a child inherits the CPUs of the thread that starts it (and Go sizes its
@@ -53,22 +56,31 @@ class Affinity:
     (`allowed`: every CPU the server was started with)."""
 
     def __init__(self, cpu: int | None = None, allowed: frozenset[int] = frozenset(),
-                 scheduler: Scheduler | None = None) -> None:
+                 scheduler: Scheduler | None = None, *, required: bool = True) -> None:
         self.cpu = cpu
         self.allowed = allowed
         self.scheduler = scheduler or Scheduler()
+        #: A CPU asked for by number must be had; `auto` is done where it can be.
+        self.required = required
 
     @classmethod
     def choose(cls, setting: int | str | None) -> Affinity:
         """The affinity TFSERVER_PIN_CPU asks for: None (off), `auto` (the CPU the server
-        starts on) or a CPU's number. ConfigError when it cannot be had."""
+        starts on, where threads can be kept to one and there are several) or a CPU's
+        number. ConfigError when a CPU asked for by number cannot be had."""
         if setting is None:
             return cls()
         if not hasattr(os, "sched_setaffinity"):
+            if setting == "auto":
+                return cls()
             raise ConfigError("TFSERVER_PIN_CPU: this system cannot keep threads to a CPU "
                               "(Linux only); leave it off")
         allowed = frozenset(os.sched_getaffinity(0))
-        cpu = _current_cpu(allowed) if setting == "auto" else int(setting)
+        if setting == "auto":
+            # On one CPU there is nothing to keep to.
+            return cls(_current_cpu(allowed), allowed, required=False) \
+                if len(allowed) > 1 else cls()
+        cpu = int(setting)
         if cpu not in allowed:
             raise ConfigError(f"TFSERVER_PIN_CPU: CPU {cpu} is not one this server may run "
                               f"on ({', '.join(map(str, sorted(allowed)))})")
@@ -76,10 +88,21 @@ class Affinity:
 
     def pin(self) -> None:
         """Every thread of the server onto its CPU; threads started later inherit it.
-        ConfigError when the threads cannot be listed or moved."""
+        When the threads cannot be listed or moved: ConfigError for a CPU asked for by
+        number; for `auto`, a warning, and the threads are left on every CPU."""
         if self.cpu is None:
             return
-        only = {self.cpu}
+        try:
+            self._pin({self.cpu})
+        except ConfigError as e:
+            if self.required:
+                raise
+            logger.warning("%s; its threads run on every CPU", e)
+            with contextlib.suppress(ConfigError):
+                self._pin(set(self.allowed))
+            self.cpu = None
+
+    def _pin(self, only: set[int]) -> None:
         sched = self.scheduler
         try:
             sched.keep(0, only)  # the calling thread first: what it starts inherits it

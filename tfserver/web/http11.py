@@ -25,6 +25,7 @@ from ..config import Config
 from ..errors import TFServerError
 from ..tls import Certificates
 from .connections import DeadlineReader
+from .head import BadHead, read_fields, request_line
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class Connection(BaseHTTPRequestHandler):
     request_id = ""
     url_path = ""
     command = ""  # http.server sets these once it has read a request line
+    raw_requestline = b""
     path = ""
     principal: Principal | None = None
     client_ip = ""
@@ -125,13 +127,31 @@ class Connection(BaseHTTPRequestHandler):
             self.rfile.close()
 
     def parse_request(self) -> bool:
-        """http.server's parsing, without HTTP/0.9: a request line without a version would
-        get an answer without a status line or headers."""
-        if not super().parse_request():
+        """The request line and header fields (`head.py`: http.server's parsing, lighter
+        and stricter); False once an error is answered."""
+        self.command = ""  # no request yet (an error answered now has no method)
+        self.request_version = self.default_request_version
+        self.close_connection = True
+        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        try:
+            line = request_line(self.requestline)
+            if line is None:
+                return False
+            self.command, self.path, self.request_version = line.command, line.path, \
+                line.version
+            self.close_connection = not line.keep_alive
+            self.headers = read_fields(self.rfile)
+        except BadHead as e:
+            self.send_error(e.status, e.message, e.explain)
             return False
-        if self.request_version == "HTTP/0.9":
-            self.send_error(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED)
-            return False
+        connection = self.headers.get("Connection", "").lower()
+        if connection == "close":
+            self.close_connection = True
+        elif connection == "keep-alive":
+            self.close_connection = False
+        if self.headers.get("Expect", "").lower() == "100-continue" \
+                and self.request_version >= "HTTP/1.1":
+            return self.handle_expect_100()
         return True
 
     def version_string(self) -> str:

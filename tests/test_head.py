@@ -1,0 +1,157 @@
+"""A request's head (web/head.py): read as http.server read it, but with less code and
+refusing what RFC 9112 says is no header field (a space before the colon, a folded
+line, control characters)."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import socket
+from collections.abc import Iterator
+from http import HTTPStatus
+
+import pytest
+
+from support import ServerProcess, start_server
+from tfserver.web.head import MAX_LINE, MAX_LINES, BadHead, read_fields, request_line
+
+
+def _fields(block: bytes) -> list[tuple[str, str]]:
+    return list(read_fields(io.BytesIO(block)).items())
+
+
+@pytest.mark.parametrize("block", [
+    b"Host: x\r\n\r\n",
+    b"Host: x\r\nContent-Type: application/json\r\nContent-Length: 12\r\n\r\n",
+    b"host:x\r\nX-Empty:\r\nX-Tabs:\t a b \t\r\n\r\n",
+    b"Prefer: wait=5\r\nPrefer: respond-async\r\nAccept: */*\n\n",  # bare LF line ends
+    b"X-Latin: caf\xe9\r\nAuthorization: Bearer a.b.c\r\n\r\n",
+    b"Host: x\r\n",  # the stream ends before the blank line
+    b"\r\n",
+])
+def test_valid_fields_read_as_http_client_reads_them(block: bytes) -> None:
+    expected = http.client.parse_headers(io.BytesIO(block))
+    # The email parser keeps a value's trailing blanks; a field's value has none (OWS).
+    assert _fields(block) == [(k, v.rstrip(" \t")) for k, v in expected.items()]
+    fields = read_fields(io.BytesIO(block))
+    assert fields.get("HOST") == expected.get("host")
+    assert fields.get_all("prefer") == expected.get_all("Prefer")
+
+
+@pytest.mark.parametrize("line", [
+    b"Content-Length : 5\r\n",  # a space before the colon: a length a proxy did not see
+    b" folded: line\r\n",  # obs-fold
+    b"\tX: y\r\n",
+    b"no colon here\r\n",
+    b": empty name\r\n",
+    b"X-Nul: a\x00b\r\n",
+    b"X-CR: a\rb\r\n",
+    b"X-Esc: \x1b[31m\r\n",
+    b"X-Del: \x7f\r\n",
+    b"Na\xefme: v\r\n",
+    b"From someone\r\n",
+])
+def test_a_line_that_is_no_field_is_a_400(line: bytes) -> None:
+    with pytest.raises(BadHead) as raised:
+        read_fields(io.BytesIO(b"Host: x\r\n" + line + b"\r\n"))
+    assert raised.value.status == HTTPStatus.BAD_REQUEST
+    assert raised.value.message == "Bad header field"  # the line itself is not echoed
+
+
+def test_the_limits_are_http_client_s() -> None:
+    fields = b"".join(b"X-%d: y\r\n" % i for i in range(MAX_LINES - 1))
+    assert len(_fields(fields + b"\r\n")) == MAX_LINES - 1
+    with pytest.raises(BadHead) as raised:
+        read_fields(io.BytesIO(fields + b"X-last: y\r\n\r\n"))
+    assert raised.value.status == HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
+    with pytest.raises(http.client.HTTPException):  # where http.client draws the line too
+        http.client.parse_headers(io.BytesIO(fields + b"X-last: y\r\n\r\n"))
+    long = b"X: " + b"y" * (MAX_LINE - 5) + b"\r\n"
+    assert len(long) == MAX_LINE and _fields(long + b"\r\n")[0][0] == "X"
+    with pytest.raises(BadHead) as raised:
+        read_fields(io.BytesIO(b"X: y" + long + b"\r\n"))
+    assert raised.value.status == HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
+
+
+@pytest.mark.parametrize(("text", "parts"), [
+    ("GET /basic HTTP/1.1", ("GET", "/basic", "HTTP/1.1", True)),
+    ("PUT /basic/a HTTP/1.0", ("PUT", "/basic/a", "HTTP/1.0", False)),
+    ("GET / HTTP/01.01", ("GET", "/", "HTTP/01.01", True)),  # leading zeros ignored
+    ("GET //evil.example/x HTTP/1.1", ("GET", "/evil.example/x", "HTTP/1.1", True)),
+])
+def test_request_lines(text: str, parts: tuple[str, str, str, bool]) -> None:
+    line = request_line(text)
+    assert line is not None
+    assert (line.command, line.path, line.version, line.keep_alive) == parts
+
+
+@pytest.mark.parametrize(("text", "status"), [
+    ("GET /basic HTTP/1.1 extra", HTTPStatus.BAD_REQUEST),
+    ("GET / HTTP/1.x", HTTPStatus.BAD_REQUEST),
+    ("GET / HTTP/\u0661.\u0661", HTTPStatus.BAD_REQUEST),  # digits, but not ASCII ones
+    ("GET / HTTP/11111111111.1", HTTPStatus.BAD_REQUEST),
+    ("GET / HTTP/2.0", HTTPStatus.HTTP_VERSION_NOT_SUPPORTED),
+    ("GET / HTTP/0.9", HTTPStatus.HTTP_VERSION_NOT_SUPPORTED),
+    ("GET /", HTTPStatus.HTTP_VERSION_NOT_SUPPORTED),  # HTTP/0.9: an answer without a head
+    ("PUT /", HTTPStatus.BAD_REQUEST),
+    ("GET", HTTPStatus.BAD_REQUEST),
+])
+def test_bad_request_lines(text: str, status: HTTPStatus) -> None:
+    with pytest.raises(BadHead) as raised:
+        request_line(text)
+    assert raised.value.status == status
+    assert request_line("   ") is None  # an empty line: closed without an answer
+
+
+# -- on the wire --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    srv = start_server(tmp_path_factory.mktemp("head"))
+    yield srv
+    srv.stop()
+
+
+def _exchange(server: ServerProcess, data: bytes) -> bytes:
+    host, port = server.url.split("//")[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        got = b""
+        while chunk := s.recv(65536):
+            got += chunk
+    return got
+
+
+def test_a_smuggled_length_is_refused_on_the_wire(server: ServerProcess) -> None:
+    answer = _exchange(server, b"PUT /basic/smuggled HTTP/1.1\r\nHost: x\r\n"
+                               b"Content-Type: application/json\r\nContent-Length : 2\r\n"
+                               b"\r\n{}")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), answer[:200]
+    assert json.loads(body)["status"] == 400
+    assert b"Connection: close" in head  # the head was refused, not the body read as one
+    answer = _exchange(server, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Nul: a\x00b\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+
+
+def test_keep_alive_and_close_are_read_from_the_fields(server: ServerProcess) -> None:
+    two = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n" \
+          b"Connection: close\r\n\r\n"
+    assert _exchange(server, two).count(b"HTTP/1.1 200 ") == 2
+    # HTTP/1.0 closes after one answer, unless it asks to be kept.
+    one = b"GET /healthz HTTP/1.0\r\n\r\nGET /healthz HTTP/1.0\r\n\r\n"
+    assert _exchange(server, one).count(b"HTTP/1.1 200 ") == 1
+    kept = b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /healthz HTTP/1.0\r\n\r\n"
+    assert _exchange(server, kept).count(b"HTTP/1.1 200 ") == 2
+
+
+def test_expect_100_continue_is_answered_before_the_body(server: ServerProcess) -> None:
+    host, port = server.url.split("//")[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(b"PUT /basic/expect HTTP/1.1\r\nHost: x\r\n"
+                  b"Content-Type: application/json\r\nExpect: 100-continue\r\n"
+                  b"Content-Length: 2\r\n\r\n")
+        assert s.recv(65536).startswith(b"HTTP/1.1 100 Continue\r\n")

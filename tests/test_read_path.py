@@ -5,14 +5,8 @@ must be, and request ids are drawn without the system's randomness."""
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import logging
 import os
 import re
-import shutil
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -20,12 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from support import ROOT, ServerProcess, start_server
-from tfserver.errors import ConfigError
+from support import ServerProcess
 from tfserver.storage import settled
 from tfserver.storage.base import BackendError
 from tfserver.storage.local import LocalObjects
-from tfserver.terraform.affinity import Affinity, Scheduler
 from tfserver.web.connections import SLACK, DeadlineReader
 
 
@@ -263,179 +255,3 @@ def test_request_ids_are_new_for_each_request(server: ServerProcess) -> None:
         assert r.status == 200 and re.fullmatch(r"[0-9a-f]{32}", given)
         ids.add(given)
     assert len(ids) == 50
-
-
-# -- the server's threads on one CPU, terraform on all ----------------------------------
-
-
-def _cpus(status_file: Path) -> str:
-    """The `Cpus_allowed_list` of a thread or process status file."""
-    for line in status_file.read_text().splitlines():
-        if line.startswith("Cpus_allowed_list:"):
-            return line.split(":", 1)[1].strip()
-    raise AssertionError(f"no Cpus_allowed_list in {status_file}")
-
-
-def _several_cpus() -> list[int]:
-    allowed = sorted(os.sched_getaffinity(0))
-    if len(allowed) < 2:
-        pytest.skip("one CPU only: pinned and not pinned look the same")
-    return allowed
-
-
-def _thread_cpus(srv: ServerProcess) -> set[str]:
-    """The `Cpus_allowed_list` of each of the server's threads."""
-    seen = set()
-    threads = list(Path(f"/proc/{srv.proc.pid}/task").iterdir())
-    assert len(threads) > 3
-    for thread in threads:
-        with contextlib.suppress(FileNotFoundError):  # a thread that just ended
-            seen.add(_cpus(thread / "status"))
-    return seen
-
-
-@pytest.mark.parametrize("setting", ["last", "default"])
-def test_pin_cpu_keeps_the_server_s_threads_to_one_cpu_and_terraform_to_all(
-        tmp_path: Path, setting: str) -> None:
-    allowed = _several_cpus()
-    log = tmp_path / "cpus.log"
-    shim = tmp_path / "terraform-shim"
-    # The shim is the process terraform becomes (exec): its CPUs are terraform's.
-    shim.write_text(f'#!/bin/sh\ngrep Cpus_allowed_list /proc/$$/status >> "{log}"\n'
-                    f'exec "{shutil.which("terraform")}" "$@"\n')
-    shim.chmod(0o755)
-    everything = _cpus(Path("/proc/self/status"))
-    env = {"TFSERVER_TERRAFORM": str(shim)}
-    if setting == "last":
-        env["TFSERVER_PIN_CPU"] = str(allowed[-1])
-    srv = start_server(tmp_path, env=env)
-    try:
-        r = srv.request("PUT", "/basic/pinned", {"name": "p"})
-        assert r.status in (200, 201), r.body
-        pinned = _thread_cpus(srv)
-        # Every thread on the one CPU: the one asked for, or (auto) the one it started on.
-        assert len(pinned) == 1 and pinned.pop() in {str(cpu) for cpu in allowed}
-        if setting == "last":
-            assert _thread_cpus(srv) == {str(allowed[-1])}
-        lines = log.read_text().splitlines()
-        assert lines and all(line.split(":", 1)[1].strip() == everything for line in lines)
-    finally:
-        srv.stop()
-
-
-def test_pin_cpu_off_leaves_the_server_s_threads_on_every_cpu(tmp_path: Path) -> None:
-    _several_cpus()
-    srv = start_server(tmp_path, env={"TFSERVER_PIN_CPU": "off"})
-    try:
-        assert _thread_cpus(srv) == {_cpus(Path("/proc/self/status"))}
-    finally:
-        srv.stop()
-
-
-@pytest.mark.parametrize(("value", "message"), [
-    ("4096", "TFSERVER_PIN_CPU: CPU 4096 is not one this server may run on"),
-    ("fast", "TFSERVER_PIN_CPU must be off, auto or a CPU's number, not 'fast'"),
-])
-def test_a_cpu_the_server_cannot_have_stops_the_start(tmp_path: Path, value: str,
-                                                      message: str) -> None:
-    done = subprocess.run([sys.executable, "-m", "tfserver", "--port", "0",
-                           "--state-dir", str(tmp_path / "state")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=60,
-                          env={"PATH": os.environ["PATH"], "HOME": str(tmp_path),
-                               "TFSERVER_PIN_CPU": value})
-    assert done.returncode == 2
-    assert done.stderr.startswith("tfserver: error: ") and message in done.stderr, \
-        done.stderr
-
-
-class FakeScheduler(Scheduler):
-    """Threads' CPUs in a dict; `fail_on` names the `keep` calls (counted from 1) that
-    fail; `started` threads appear, unpinned, at the first walk."""
-
-    def __init__(self, cpus: dict[int, set[int]], fail_on: tuple[int, ...] = (),
-                 started: tuple[int, ...] = ()) -> None:
-        self.cpus, self.fail_on, self.started = cpus, fail_on, list(started)
-        self.keeps = 0
-
-    def cpus_of(self, tid: int) -> set[int]:
-        return set(self.cpus[tid])
-
-    def keep(self, tid: int, cpus: set[int] | frozenset[int]) -> None:
-        self.keeps += 1
-        if self.keeps in self.fail_on:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        self.cpus[tid] = set(cpus)
-
-    def threads(self) -> list[int]:
-        for tid in self.started:  # started by a thread not yet pinned: all CPUs
-            self.cpus[tid] = {0, 1}
-        self.started = []
-        return [tid for tid in self.cpus if tid]
-
-
-def test_spawning_gives_the_thread_back_the_cpus_it_had() -> None:
-    # A thread that was never pinned (started before `pin`) stays unpinned.
-    sched = FakeScheduler({0: {0, 1}})
-    with Affinity(1, frozenset({0, 1}), sched).spawning():
-        assert sched.cpus[0] == {0, 1}
-    assert sched.cpus[0] == {0, 1}
-    sched = FakeScheduler({0: {1}})
-    with Affinity(1, frozenset({0, 1}), sched).spawning():
-        assert sched.cpus[0] == {0, 1}
-    assert sched.cpus[0] == {1}
-
-
-@pytest.mark.parametrize(("fail_on", "logged"), [
-    ((1,), "cannot give terraform every CPU"),
-    ((2,), "cannot keep this thread to CPU 1 again"),
-])
-def test_spawning_that_cannot_change_cpus_logs_and_starts_the_process_anyway(
-        caplog: pytest.LogCaptureFixture, fail_on: tuple[int, ...], logged: str) -> None:
-    # Raised after the process started, the error would lose the process (untracked).
-    sched = FakeScheduler({0: {1}}, fail_on=fail_on)
-    started = []
-    with caplog.at_level(logging.WARNING, "tfserver.terraform.affinity"), \
-            Affinity(1, frozenset({0, 1}), sched).spawning():
-        started.append(True)
-    assert started == [True]
-    assert logged in caplog.text
-
-
-def test_pin_walks_the_threads_until_none_is_left_unpinned() -> None:
-    sched = FakeScheduler({0: {0, 1}, 11: {0, 1}}, started=(12, 13))
-    Affinity(1, frozenset({0, 1}), sched).pin()
-    assert sched.cpus == {0: {1}, 11: {1}, 12: {1}, 13: {1}}
-
-
-def test_pin_that_cannot_list_or_move_the_threads_is_a_config_error() -> None:
-    class NoProc(FakeScheduler):
-        def threads(self) -> list[int]:
-            raise FileNotFoundError(errno.ENOENT, "No such file or directory")
-
-    with pytest.raises(ConfigError, match="cannot keep the server's threads to CPU 1: No "):
-        Affinity(1, frozenset({0, 1}), NoProc({0: {0, 1}})).pin()
-    with pytest.raises(ConfigError, match="Invalid argument"):
-        Affinity(1, frozenset({0, 1}), FakeScheduler({0: {0, 1}}, fail_on=(1,))).pin()
-
-
-def test_auto_that_cannot_pin_warns_and_serves_on_every_cpu(
-        caplog: pytest.LogCaptureFixture) -> None:
-    sched = FakeScheduler({0: {0, 1}, 11: {0, 1}}, fail_on=(2,))
-    affinity = Affinity(1, frozenset({0, 1}), sched, required=False)
-    with caplog.at_level(logging.WARNING, "tfserver.terraform.affinity"):
-        affinity.pin()
-    assert "cannot keep the server's threads to CPU 1: Invalid argument; its threads run " \
-        "on every CPU" in caplog.text
-    assert affinity.cpu is None and sched.cpus == {0: {0, 1}, 11: {0, 1}}
-    before = sched.keeps
-    with affinity.spawning():  # nothing left to widen
-        pass
-    assert sched.keeps == before
-
-
-def test_auto_on_one_cpu_or_off_pins_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert Affinity.choose(None).cpu is None
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
-    assert Affinity.choose("auto").cpu is None
-    with pytest.raises(ConfigError, match="CPU 2 is not one this server may run on"):
-        Affinity.choose(2)

@@ -96,9 +96,11 @@ def build(config: Config) -> Parts:
     backend = make_backend(config)
     metrics = Metrics()
     notifier = _notifier(config, policy, backend, metrics)
+    # The threads that run terraform and keep its records use every CPU (affinity.py).
     service = Service(config, modules, terraform, backend, policy,
                       metrics=metrics,
-                      on_run_ended=_webhooks(notifier) if notifier is not None else None)
+                      on_run_ended=_webhooks(notifier) if notifier is not None else None,
+                      run_thread=affinity.anywhere)
     service.prepare()
     drift = drift_schedule(config, policy, backend, service.runs, service.submitter, metrics)
     fetched = service.metrics.jwks_fetches

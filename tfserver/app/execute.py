@@ -200,7 +200,8 @@ class Executor:
                  store: RunStore, expiries: Expiries, *, run_timeout: float,
                  lock_wait: float, plan_ttl: float, max_workers: int,
                  var_files: VarFiles, replica: str = "",
-                 resolve: Callable[[RunSpec], None] | None = None) -> None:
+                 resolve: Callable[[RunSpec], None] | None = None,
+                 run_thread: Callable[[], None] | None = None) -> None:
         self.runner = runner
         self.backend = backend
         self.copies = copies
@@ -215,9 +216,11 @@ class Executor:
         self.workspaces = Workspaces(runner, backend, expiries, lock_wait=lock_wait)
         #: Terraform for a run; a lock it finds its own is cleared (`ownlock.py`).
         self.terraform = OwnLocks(runner, backend, store, replica)
-        # Keeps inputs while terraform runs (off the critical path).
+        # Keeps inputs while terraform runs (off the critical path); `run_thread` is
+        # called first in each of its threads (the server's `Affinity.anywhere`).
         self._background = ThreadPoolExecutor(max_workers=max_workers,
-                                              thread_name_prefix="keep-inputs")
+                                              thread_name_prefix="keep-inputs",
+                                              initializer=run_thread)
 
     def close(self) -> None:
         """Wait for background writes; remove the var-file folder."""

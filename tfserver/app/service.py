@@ -73,7 +73,8 @@ class Service(UpgradeCalls, ApprovalCalls):
     def __init__(self, config: Config, modules: Mapping[str, Module], runner: Runner,
                  backend: StateBackend, policy: Policy | None = None, *,
                  metrics: Metrics | None = None,
-                 on_run_ended: Callable[[RunRecord], object] | None = None) -> None:
+                 on_run_ended: Callable[[RunRecord], object] | None = None,
+                 run_thread: Callable[[], None] | None = None) -> None:
         self.config = config
         self.modules = dict(modules)
         self.runner = runner
@@ -86,7 +87,7 @@ class Service(UpgradeCalls, ApprovalCalls):
         #: Told of every run that ended here, after its audit line, and of every run that
         #: now awaits its approval (the webhooks).
         self.on_run_ended = on_run_ended
-        self.runs = _runs(self, config, backend)
+        self.runs = _runs(self, config, backend, run_thread)
         self.metrics.watch(self.runs.scheduler.counts, self.copies.report, list(modules))
         self.expiries = Expiries(backend.objects)
         self.catalog = Catalog(self.modules, backend, self.runs.scheduler.busy, self.expiries)
@@ -105,7 +106,8 @@ class Service(UpgradeCalls, ApprovalCalls):
                                  plan_ttl=config.plan_ttl, max_workers=config.max_runs,
                                  var_files=VarFiles(config.tmp_dir, config.state_dir / "tmp"),
                                  replica=self.runs.replica,
-                                 resolve=before_run(self.dependents, self.references.resolve))
+                                 resolve=before_run(self.dependents, self.references.resolve),
+                                 run_thread=run_thread)
         self.unlocker = Unlocker(self.catalog, self.copies, self.runs.scheduler, backend,
                                  runner, timeout=min(config.run_timeout, 120))
         self.submitter = Submitter(config, self.runs, self.history, self.governance,
@@ -114,7 +116,7 @@ class Service(UpgradeCalls, ApprovalCalls):
                                    dependents=self.dependents)
         self.worker = (QueueWorker(self.queued, self.submitter.rebuild, slots=config.max_runs,
                                    visibility=config.queue.visibility,
-                                   checks=self.queued.checks)
+                                   checks=self.queued.checks, run_thread=run_thread)
                        if self.queued is not None and config.queue.role != "api" else None)
         self.approvals = Approvals(self.runs, self.history, self.submitter,
                                    gated=(policy or Policy.empty()).requires_approval)
@@ -319,16 +321,19 @@ class Service(UpgradeCalls, ApprovalCalls):
     # -- helpers ----------------------------------------------------------------------
 
 
-def _runs(svc: Service, config: Config, backend: StateBackend) -> Runs:
+def _runs(svc: Service, config: Config, backend: StateBackend,
+          run_thread: Callable[[], None] | None) -> Runs:
     """This replica's runs: its lanes (spare slots for the scheduled drift checks), and
-    what it is told of their ends (metrics, audit lines) and of the runs found lost."""
+    what it is told of their ends (metrics, audit lines) and of the runs found lost;
+    `run_thread` is called first in each of their threads."""
     return Runs(svc.store, Scheduler(config.max_runs, config.queue_depth,
                                      spare=config.max_drift_checks),
                 replica=config.replica or socket.gethostname(),
                 kill_grace=config.kill_grace, retention=config.run_retention,
                 on_finish=svc._counted, on_ended=svc._audited, on_parked=svc._audited,
                 on_lost=Leftovers(backend, svc.store, spool_dir(config), svc.modules),
-                resume_lost=config.queue.resume_lost if config.queue.engine == "sqs" else 0)
+                resume_lost=config.queue.resume_lost if config.queue.engine == "sqs" else 0,
+                run_thread=run_thread)
 
 
 def _reap(svc: Service, due: Due) -> str | None:

@@ -53,8 +53,11 @@ class Keeper(threading.Thread):
     def __init__(self, store: RunStore, *, replica: str, heartbeat: float, retention: float,
                  clock: Callable[[], float], position: Callable[[Ticket], int | None],
                  cancel: Callable[[Run, bool], None],
-                 on_lost: Callable[[RunRecord], None] | None = None) -> None:
+                 on_lost: Callable[[RunRecord], None] | None = None,
+                 on_start: Callable[[], None] | None = None) -> None:
         super().__init__(name="runs-heartbeat", daemon=True)
+        #: Called first in the keeper's thread (the server's `Affinity.anywhere`).
+        self.on_start = on_start
         self.store = store
         self.replica = replica
         self.heartbeat = heartbeat
@@ -77,6 +80,8 @@ class Keeper(threading.Thread):
 
     def run(self) -> None:
         """Beat until stopped; store a started run as soon as it is asked to."""
+        if self.on_start is not None:
+            self.on_start()
         next_purge = 0.0
         next_beat = time.monotonic() + self.heartbeat
         next_events = time.monotonic() + EVENTS_EVERY

@@ -309,8 +309,11 @@ class QueueWorker:
     invisible (its heartbeat to the queue) until they end."""
 
     def __init__(self, queued: QueuedRuns, build: Build, *, slots: int,
-                 visibility: int = 60, wait: int = 20, checks: Checks | None = None) -> None:
+                 visibility: int = 60, wait: int = 20, checks: Checks | None = None,
+                 run_thread: Callable[[], None] | None = None) -> None:
         self.queued = queued
+        #: Called first in each thread that runs a run (the server's `Affinity.anywhere`).
+        self.run_thread = run_thread
         self.checks = checks
         self.queue = queued.queue
         self.build = build
@@ -366,6 +369,8 @@ class QueueWorker:
                              daemon=True).start()
 
     def _run(self, message: Message) -> None:
+        if self.run_thread is not None:
+            self.run_thread()
         done, checks = False, self.checks
         spare: bool | None = False
         try:

@@ -48,7 +48,8 @@ class Runs(Parking):
                  on_ended: Callable[[RunRecord], None] | None = None,
                  on_lost: Callable[[RunRecord], None] | None = None,
                  on_parked: Callable[[RunRecord], None] | None = None,
-                 resume_lost: int = 0) -> None:
+                 resume_lost: int = 0,
+                 run_thread: Callable[[], None] | None = None) -> None:
         self.store = store
         self.scheduler = scheduler
         self.replica = replica
@@ -59,12 +60,15 @@ class Runs(Parking):
         self.on_finish, self.on_ended, self.on_parked = on_finish, on_ended, on_parked
         self._mutex = threading.Lock()
         self._live: dict[str, Run] = {}
-        self._workers = Workers("run")
+        # `run_thread` is called first in each thread that runs terraform or keeps the
+        # runs' records (the server's `Affinity.anywhere`).
+        self._workers = Workers("run", on_start=run_thread)
         self.liveness = Liveness(store, lost_after=lost_after, clock=clock,
                                  resume_lost=resume_lost)
         self.keeper = Keeper(store, replica=replica, heartbeat=heartbeat, retention=retention,
                              clock=clock, position=scheduler.position,
-                             cancel=self.cancel_local, on_lost=on_lost)
+                             cancel=self.cancel_local, on_lost=on_lost,
+                             on_start=run_thread)
 
     # -- start and stop ---------------------------------------------------------------
 

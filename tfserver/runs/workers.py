@@ -15,11 +15,14 @@ class Workers:
     """Threads for runs: an idle one takes the next job, else a new one starts; a thread
     idle for `idle_for` seconds ends. Starting a thread for every run cost about 0.2 ms
     before terraform could start. Each job runs in a fresh context (nothing of the one
-    before it, such as a request id, carries over)."""
+    before it, such as a request id, carries over). `on_start` is called first in each
+    new thread (the server's `Affinity.anywhere`)."""
 
-    def __init__(self, name: str, idle_for: float = 60.0) -> None:
+    def __init__(self, name: str, idle_for: float = 60.0,
+                 on_start: Callable[[], None] | None = None) -> None:
         self.name = name
         self.idle_for = idle_for
+        self.on_start = on_start
         self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._mutex = threading.Lock()
         self._idle = 0
@@ -38,6 +41,8 @@ class Workers:
         threading.Thread(target=self._work, args=(job,), name=name, daemon=True).start()
 
     def _work(self, job: Callable[[], None]) -> None:
+        if self.on_start is not None:
+            self.on_start()
         while True:
             try:
                 contextvars.Context().run(job)

@@ -1,5 +1,5 @@
 """The CPU the server's own threads may run on (TFSERVER_PIN_CPU), and every CPU for
-terraform.
+terraform and the threads of runs.
 
 Why pin: the server is one Python process, where one thread at a time runs Python (the
 GIL). Each system call a thread makes (a socket read, a `stat`) hands the GIL to another
@@ -14,9 +14,11 @@ costs: work done outside the GIL no longer spreads over the other CPUs, and the 
 cannot move away from other load on its CPU (the kernel moves that load instead, unless
 it is pinned too).
 
-Terraform and its providers are processes of their own and keep every CPU the server
-may use: a child inherits the CPUs of the thread that starts it (and Go sizes its
-scheduler by them), so that thread is widened to all of them while it starts one.
+Not pinned: terraform and its providers, processes of their own, which keep every CPU the
+server may use (a child inherits the CPUs of the thread that starts it, and Go sizes its
+scheduler by them, so that thread is widened to all of them while it starts one); and the
+threads of runs (`anywhere`: the run's own, the record keeper, the inputs' writers), whose
+work while terraform starts would otherwise queue behind terraform on the server's CPU.
 """
 
 from __future__ import annotations
@@ -122,31 +124,46 @@ class Affinity:
         raise ConfigError(f"TFSERVER_PIN_CPU: threads kept starting unpinned after "
                           f"{PIN_PASSES} walks")
 
+    def anywhere(self) -> None:
+        """The calling thread onto every CPU the server may use: a thread that runs
+        terraform or keeps a run's records. Its work while terraform starts (the run's
+        record, its inputs, its request written) then goes to whichever CPU is free; kept
+        to the server's, it queued behind terraform's own start there (about 1% on an
+        apply of the benchmark). Never raises: a failure leaves the thread where it is."""
+        if self.cpu is None:
+            return
+        try:
+            self.scheduler.keep(0, self.allowed)
+        except OSError as e:
+            logger.warning("cannot let a run's thread use every CPU: %s", e.strerror or e)
+
     @contextlib.contextmanager
     def spawning(self) -> Iterator[None]:
         """While the calling thread starts a process: every CPU the server may use.
 
-        Never raises: a process started is tracked by its caller, so a failure to widen
-        or to narrow back is logged, not thrown over it (the thread keeps what it got)."""
+        Raises nothing of its own: a process started is tracked by its caller, so a
+        failure to widen or to narrow back is logged, not thrown over it (the thread
+        keeps what it got)."""
         if self.cpu is None:
             yield
             return
-        sched = self.scheduler
+        sched, before, widened = self.scheduler, set(self.allowed), False
         try:
             before = sched.cpus_of(0)
-            sched.keep(0, self.allowed)
+            if before != self.allowed:  # not already a run's thread (`anywhere`)
+                sched.keep(0, self.allowed)
+                widened = True
         except OSError as e:
             logger.warning("cannot give terraform every CPU: %s", e.strerror or e)
-            yield
-            return
         try:
             yield
         finally:
-            try:
-                sched.keep(0, before)
-            except OSError as e:
-                logger.warning("cannot keep this thread to CPU %d again: %s", self.cpu,
-                               e.strerror or e)
+            if widened:
+                try:
+                    sched.keep(0, before)
+                except OSError as e:
+                    logger.warning("cannot keep this thread to CPU %d again: %s", self.cpu,
+                                   e.strerror or e)
 
 
 def _current_cpu(allowed: frozenset[int]) -> int:

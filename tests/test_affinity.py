@@ -128,9 +128,11 @@ class FakeScheduler(Scheduler):
         self.cpus[tid] = set(cpus)
 
     def threads(self) -> list[int]:
-        for tid in self.started:  # started by a thread not yet pinned: all CPUs
+        # One more thread each walk, started by one not yet pinned (so on all CPUs): a
+        # single walk would miss those after the first.
+        for tid in self.started[:1]:
             self.cpus[tid] = {0, 1}
-        self.started = []
+        self.started = self.started[1:]
         return [tid for tid in self.cpus if tid]
 
 
@@ -166,6 +168,10 @@ def test_pin_walks_the_threads_until_none_is_left_unpinned() -> None:
     sched = FakeScheduler({0: {0, 1}, 11: {0, 1}}, started=(12, 13))
     Affinity(1, frozenset({0, 1}), sched).pin()
     assert sched.cpus == {0: {1}, 11: {1}, 12: {1}, 13: {1}}
+    # Threads that keep coming unpinned: the walks end, and the start with them.
+    endless = FakeScheduler({0: {0, 1}}, started=tuple(range(100, 130)))
+    with pytest.raises(ConfigError, match="threads kept starting unpinned after 10 walks"):
+        Affinity(1, frozenset({0, 1}), endless).pin()
 
 
 def test_pin_that_cannot_list_or_move_the_threads_is_a_config_error() -> None:
@@ -194,12 +200,24 @@ def test_auto_that_cannot_pin_warns_and_serves_on_every_cpu(
     assert sched.keeps == before
 
 
-def test_auto_on_one_cpu_or_off_pins_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_on_one_cpu_or_off_pins_nothing(monkeypatch: pytest.MonkeyPatch,
+                                             caplog: pytest.LogCaptureFixture) -> None:
     assert Affinity.choose(None).cpu is None
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
     assert Affinity.choose("auto").cpu is None
     with pytest.raises(ConfigError, match="CPU 2 is not one this server may run on"):
         Affinity.choose(2)
+
+    def refused(pid: int) -> set[int]:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    # A sandbox that refuses to say: `auto` runs unpinned, a number stops the start.
+    monkeypatch.setattr(os, "sched_getaffinity", refused)
+    with caplog.at_level(logging.WARNING, "tfserver.terraform.affinity"):
+        assert Affinity.choose("auto").cpu is None
+    assert "cannot read this server's CPUs (Operation not permitted)" in caplog.text
+    with pytest.raises(ConfigError, match="cannot read this server's CPUs"):
+        Affinity.choose(1)
 
 
 def test_a_run_s_thread_may_use_every_cpu_and_starts_terraform_as_it_is() -> None:

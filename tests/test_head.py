@@ -104,6 +104,19 @@ def test_bad_request_lines(text: str, status: HTTPStatus) -> None:
     assert request_line("   ") is None  # an empty line: closed without an answer
 
 
+@pytest.mark.parametrize("text", [
+    # Lines ended by a bare CR: the whole head is one request line, its token a word.
+    "GET /x HTTP/1.1\rAuthorization: Bearer sekrit.token.value",
+    "GET /x sekrit.token.value",
+    "PUT sekrit.token.value",
+    "GET / HTTP/sekrit.token.value",
+])
+def test_no_error_repeats_the_request_line(text: str) -> None:
+    with pytest.raises(BadHead) as raised:
+        request_line(text)
+    assert "sekrit" not in f"{raised.value.message} {raised.value.explain}"
+
+
 # -- on the wire --------------------------------------------------------------------------
 
 
@@ -150,8 +163,39 @@ def test_keep_alive_and_close_are_read_from_the_fields(server: ServerProcess) ->
 
 def test_expect_100_continue_is_answered_before_the_body(server: ServerProcess) -> None:
     host, port = server.url.split("//")[1].split(":")
-    with socket.create_connection((host, int(port)), timeout=10) as s:
+    with socket.create_connection((host, int(port)), timeout=30) as s:
         s.sendall(b"PUT /basic/expect HTTP/1.1\r\nHost: x\r\n"
                   b"Content-Type: application/json\r\nExpect: 100-continue\r\n"
-                  b"Content-Length: 2\r\n\r\n")
+                  b"Content-Length: 14\r\nConnection: close\r\n\r\n")
         assert s.recv(65536).startswith(b"HTTP/1.1 100 Continue\r\n")
+        s.sendall(b'{"name": "ex"}')
+        got = b""
+        while chunk := s.recv(65536):
+            got += chunk
+    assert got.startswith((b"HTTP/1.1 200 ", b"HTTP/1.1 201 ")), got[:300]
+
+
+def test_a_content_length_of_too_many_digits_is_refused_unread(server: ServerProcess
+                                                               ) -> None:
+    digits = b"9" * 5000
+    answer = _exchange(server, b"PUT /basic/long HTTP/1.1\r\nHost: x\r\n"
+                               b"Content-Type: application/json\r\nContent-Length: "
+                               + digits + b"\r\n\r\n{}")
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    assert b"at most 18 digits" in answer and digits not in answer
+    answer = _exchange(server, b"PUT /basic/long HTTP/1.1\r\nHost: x\r\n"
+                               b"Content-Type: application/json\r\nExpect: 100-continue"
+                               b"\r\nContent-Length: " + digits + b"\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+    assert digits not in answer
+
+
+def test_any_transfer_encoding_ends_the_connection(server: ServerProcess) -> None:
+    # An empty field first: `get` reads "", yet a proxy that joins the two sees chunked,
+    # and would take the chunk below for the body where this server took a request.
+    smuggled = b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
+    two = (b"GET /healthz HTTP/1.1\r\nHost: x\r\nTransfer-Encoding:\r\n"
+           b"Transfer-Encoding: chunked\r\n\r\n" + smuggled + b"\r\n")
+    answer = _exchange(server, two)
+    assert answer.count(b"HTTP/1.1 ") == 1, answer[:400]
+    assert b"Connection: close" in answer

@@ -65,6 +65,7 @@ def test_an_object_changed_in_place_with_its_old_mtime_put_back_is_read_again(
     path = tmp_path / "k/v"
     before = path.stat()
     assert objects.get("k/v") == b"one"
+    time.sleep(0.02)  # past a coarse kernel's timestamp tick: the change time moves
     path.write_bytes(b"two")  # the same inode and size
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # and the same mtime
     assert path.stat().st_ino == before.st_ino
@@ -163,6 +164,26 @@ def test_a_fifo_at_an_object_or_state_path_is_refused_not_waited_on(tmp_path: Pa
     raised = _bounded(lambda: settled.ParsedFiles().read(str(tmp_path / "terraform.tfstate")))
     assert isinstance(raised, BackendError)
     assert "cannot read local state: not a regular file" in str(raised)
+
+
+def test_a_fifo_is_opened_without_waiting_for_a_writer(tmp_path: Path) -> None:
+    # Put there between the `stat` and the `open`, a FIFO would hang a blocking open.
+    os.mkfifo(tmp_path / "fifo")
+    raised = _bounded(lambda: settled.read_file(str(tmp_path / "fifo")))
+    assert isinstance(raised, OSError) and raised.strerror == "not a regular file"
+
+
+def test_an_object_that_grew_as_it_was_read_is_not_kept(tmp_path: Path) -> None:
+    class Growing(Reads):
+        def __call__(self, fd: int, want: int) -> bytes:
+            self.calls.append(want)
+            return os.read(fd, want) + (b"+" if len(self.calls) == 1 else b"")
+
+    reads = Growing()
+    objects = _objects(tmp_path, reads)
+    objects.put("k/v", b"abc")
+    assert objects.get("k/v") == b"abc+"  # more than its fstat said
+    assert objects.get("k/v") == b"abc"  # read again: not kept as the version it saw
 
 
 # -- socket timeouts --------------------------------------------------------------------

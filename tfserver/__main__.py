@@ -66,7 +66,7 @@ class Parts:
     notifier: Notifier | None = None
     #: Starts the policy's scheduled drift checks (None when it sets no `drift_check`).
     drift: DriftSchedule | None = None
-    #: The CPU the server's threads keep to (TFSERVER_PIN_CPU), pinned as serving starts.
+    #: The CPU the server's threads keep to (TFSERVER_PIN_CPU), pinned once it is built.
     affinity: Affinity = field(default_factory=Affinity)
 
 

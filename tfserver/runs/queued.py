@@ -312,8 +312,7 @@ class QueueWorker:
                  visibility: int = 60, wait: int = 20, checks: Checks | None = None,
                  run_thread: Callable[[], None] | None = None) -> None:
         self.queued = queued
-        #: Called first in each thread that runs a run (the server's `Affinity.anywhere`).
-        self.run_thread = run_thread
+        self.run_thread = run_thread  # called first in each thread that runs a run
         self.checks = checks
         self.queue = queued.queue
         self.build = build

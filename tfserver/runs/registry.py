@@ -37,6 +37,9 @@ FOLLOW_POLL = 0.25
 #: How long a synchronous run's final record waits for its caller to take the outcome.
 _ANSWER_FIRST = 0.05
 
+#: What is told of a run's record (its end, its loss, its parking).
+Tell = Callable[[RunRecord], None]
+
 
 class Runs(Parking):
     """The runs of this replica, and the door to every replica's runs."""
@@ -44,12 +47,9 @@ class Runs(Parking):
     def __init__(self, store: RunStore, scheduler: Scheduler, *, replica: str,
                  kill_grace: float, heartbeat: float = 2.0, lost_after: float = 10.0,
                  retention: float = 30 * 86400.0, clock: Callable[[], float] = time.time,
-                 on_finish: Callable[[RunRecord], None] | None = None,
-                 on_ended: Callable[[RunRecord], None] | None = None,
-                 on_lost: Callable[[RunRecord], None] | None = None,
-                 on_parked: Callable[[RunRecord], None] | None = None,
-                 resume_lost: int = 0,
-                 run_thread: Callable[[], None] | None = None) -> None:
+                 on_finish: Tell | None = None, on_ended: Tell | None = None,
+                 on_lost: Tell | None = None, on_parked: Tell | None = None,
+                 resume_lost: int = 0, run_thread: Callable[[], None] | None = None) -> None:
         self.store = store
         self.scheduler = scheduler
         self.replica = replica
@@ -60,15 +60,13 @@ class Runs(Parking):
         self.on_finish, self.on_ended, self.on_parked = on_finish, on_ended, on_parked
         self._mutex = threading.Lock()
         self._live: dict[str, Run] = {}
-        # `run_thread` is called first in each thread that runs terraform or keeps the
-        # runs' records (the server's `Affinity.anywhere`).
+        # `run_thread` starts each thread that runs terraform or keeps the runs' records.
         self._workers = Workers("run", on_start=run_thread)
         self.liveness = Liveness(store, lost_after=lost_after, clock=clock,
                                  resume_lost=resume_lost)
         self.keeper = Keeper(store, replica=replica, heartbeat=heartbeat, retention=retention,
                              clock=clock, position=scheduler.position,
-                             cancel=self.cancel_local, on_lost=on_lost,
-                             on_start=run_thread)
+                             cancel=self.cancel_local, on_lost=on_lost, on_start=run_thread)
 
     # -- start and stop ---------------------------------------------------------------
 

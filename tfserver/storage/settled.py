@@ -116,18 +116,22 @@ UNREADABLE = Unreadable()
 
 def read_json(path: str) -> dict[str, Any] | Unreadable | None:
     """A JSON object file: its document, None when missing, or `UNREADABLE`."""
+    return _parsed(path)[0]
+
+
+def _parsed(path: str) -> tuple[dict[str, Any] | Unreadable | None, os.stat_result | None]:
+    """`read_json`'s document and the version of the very file read (None if missing)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        return None
+        got = read_file(path)
     except OSError as e:
         raise BackendError(f"cannot read local state: {e.strerror}") from e
+    if got is None:
+        return None, None
     try:
-        doc = json.loads(text)
+        doc = json.loads(got[0])  # bytes: UTF-8 (or -16/-32 by its BOM), else unreadable
     except ValueError:
-        return UNREADABLE
-    return doc if isinstance(doc, dict) else UNREADABLE
+        return UNREADABLE, got[1]
+    return (doc if isinstance(doc, dict) else UNREADABLE), got[1]
 
 
 class ParsedFiles:
@@ -150,19 +154,30 @@ class ParsedFiles:
         except OSError:
             self._kept.forget(path)
             return read_json(path)
-        # Looked at before the read: a change made meanwhile gives a newer document under
-        # an older version, which only costs another read.
         kept = self._kept.get(path, version(st))
         if kept is not None:
             return kept
-        try:
-            require_file(st)
-        except OSError as e:
-            raise BackendError(f"cannot read local state: {e.strerror}") from e
-        doc = read_json(path)
-        if isinstance(doc, dict):
-            self._kept.keep(path, st, doc)
+        doc, read = _parsed(path)
+        if isinstance(doc, dict) and read is not None:
+            self._kept.keep(path, read, doc)
         return doc
+
+
+def read_file(path: str, read: Callable[[int, int], bytes] = os.read
+              ) -> tuple[bytes, os.stat_result] | None:
+    """A regular file's bytes and the `fstat` of the very file read; None when it is
+    missing, OSError for any other failure (EINVAL: not a regular file). Opened with
+    O_NONBLOCK: a FIFO put at the path must not hang the open."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        st = os.fstat(fd)
+        require_file(st)
+        return read_all(fd, st.st_size, read), st
+    finally:
+        os.close(fd)
 
 
 class SettledBytes:
@@ -188,18 +203,12 @@ class SettledBytes:
         if kept is not None:
             return kept
         require_file(st)
-        try:
-            # O_NONBLOCK: a FIFO put there since the stat must not hang the open.
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-        except (FileNotFoundError, NotADirectoryError):
+        got = read_file(path, self._read)
+        if got is None:
             return None  # removed since
-        try:
-            st = os.fstat(fd)  # the version of the very file read
-            require_file(st)
-            data = read_all(fd, st.st_size, self._read)
-        finally:
-            os.close(fd)
-        self._kept.keep(path, st, data)
+        data, read = got
+        if len(data) == read.st_size:  # not a file that grew as it was read
+            self._kept.keep(path, read, data)
         return data
 
 

@@ -77,7 +77,15 @@ class Affinity:
                 return cls()
             raise ConfigError("TFSERVER_PIN_CPU: this system cannot keep threads to a CPU "
                               "(Linux only); leave it off")
-        allowed = frozenset(os.sched_getaffinity(0))
+        try:
+            allowed = frozenset(os.sched_getaffinity(0))
+        except OSError as e:  # a sandbox that refuses it
+            if setting == "auto":
+                logger.warning("TFSERVER_PIN_CPU=auto: cannot read this server's CPUs (%s); "
+                               "its threads run on every CPU", e.strerror or e)
+                return cls()
+            raise ConfigError(f"TFSERVER_PIN_CPU: cannot read this server's CPUs: "
+                              f"{e.strerror or e}") from e
         if setting == "auto":
             # On one CPU there is nothing to keep to.
             return cls(_current_cpu(allowed), allowed, required=False) \
@@ -96,6 +104,9 @@ class Affinity:
             return
         try:
             self._pin({self.cpu})
+            logger.info("the server's threads keep to CPU %d (TFSERVER_PIN_CPU; threads of "
+                        "runs and terraform use CPUs %s)", self.cpu,
+                        ",".join(map(str, sorted(self.allowed))))
         except ConfigError as e:
             if self.required:
                 raise

@@ -62,8 +62,9 @@ class RequestLine:
 def request_line(text: str) -> RequestLine | None:
     """The parts of a request line (without its line end), None for an empty one; raises
     BadHead as http.server answered it, but that a version below 1.0 (HTTP/0.9, or no
-    version at all) is refused with 505: it would get an answer without a status line
-    or headers."""
+    version at all) is refused with 505 (it would get an answer without a status line or
+    headers), and that no message repeats the line: a client whose lines end in a bare
+    CR sends its whole head as one line, its token among the words."""
     words = text.split()
     if not words:
         return None
@@ -74,14 +75,14 @@ def request_line(text: str) -> RequestLine | None:
         number = _version(version)
         if not (1, 0) <= number < (2, 0):
             raise BadHead(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED,
-                          f"Invalid HTTP version ({version.split('/', 1)[1]})")
+                          f"Invalid HTTP version ({number[0]}.{number[1]})")
         keep_alive = number >= (1, 1)
     if not 2 <= len(words) <= 3:
-        raise BadHead(HTTPStatus.BAD_REQUEST, f"Bad request syntax ({text!r})")
+        raise BadHead(HTTPStatus.BAD_REQUEST, f"Bad request syntax ({len(words)} words)")
     command, path = words[:2]
     if len(words) == 2:
         if command != "GET":
-            raise BadHead(HTTPStatus.BAD_REQUEST, f"Bad HTTP/0.9 request type ({command!r})")
+            raise BadHead(HTTPStatus.BAD_REQUEST, "Bad HTTP/0.9 request type")
         raise BadHead(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, "HTTP/0.9 is not supported")
     # As http.server does (gh-87389): a path starting with // could be taken for a host.
     if path.startswith("//"):
@@ -94,7 +95,7 @@ def _version(version: str) -> tuple[int, int]:
     parts = version[5:].split(".") if version.startswith("HTTP/") else []
     if len(parts) != 2 or not all(p.isdigit() and p.isascii() and len(p) <= 10
                                   for p in parts):
-        raise BadHead(HTTPStatus.BAD_REQUEST, f"Bad request version ({version!r})")
+        raise BadHead(HTTPStatus.BAD_REQUEST, "Bad request version")
     return int(parts[0]), int(parts[1])
 
 

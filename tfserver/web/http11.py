@@ -191,7 +191,7 @@ class Connection(BaseHTTPRequestHandler):
         answer goes out in one write with the headers."""
         self.status = status
         if not self.body_consumed and (
-                self.headers.get("Transfer-Encoding")
+                self.headers.get_all("Transfer-Encoding") is not None
                 or self.headers.get("Content-Length", "0").strip() not in ("", "0")):
             # An answer given before the body was read (401, 404, 405...): the body is
             # still in the stream and would be taken for the next request. Close instead.

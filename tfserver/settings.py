@@ -326,8 +326,9 @@ SETTINGS: tuple[Setting, ...] = (
             "GOMEMLIMIT at half); 0 for no cap", shown="4 GiB"),
     Setting("TFSERVER_PIN_CPU", _cpu, "auto",
             "keep the server's own threads to one CPU (`auto`: the one it starts on, where "
-            "there are several; a number; or `off`); terraform keeps every CPU. Many more "
-            "requests a second on a machine of several CPUs (docs/operations.md)"),
+            "there are several; a number; or `off`); terraform and the threads of runs "
+            "keep every CPU. Many more requests a second on a machine of several CPUs "
+            "(docs/operations.md)"),
     Setting("TFSERVER_TMP_DIR", _path, None, "where the short-lived 0600 var files go",
             shown="a private folder in `/dev/shm`, else `<state>/tmp`"),
     Setting("TF_CLI_CONFIG_FILE", _path, None,

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +24,7 @@ from ..errors import (
 from ..logs import audit_request, log_access, request_id
 from ..settings import parse_bool
 from .connections import HEALTH_HEAD_TIMEOUT, HEALTH_PATHS, client_address
-from .http11 import Connection, Host, new_request_id
+from .http11 import DRAIN_LIMIT, Connection, Host, new_request_id
 from .jsonbody import parse_body
 from .request import Site
 from .routes import dispatch, template
@@ -36,11 +35,9 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 #: Methods that change something: each gets an audit line.
 _CHANGING = frozenset({"POST", "PUT", "DELETE", "PATCH"})
 #: At most this much of a refused body is read after the answer, for at most this long.
-DRAIN_LIMIT = 4 * 1024 * 1024
 #: The most digits a Content-Length may have (an exabyte): a longer one is refused
 #: before it is made a number.
 MAX_LENGTH_DIGITS = 18
-DRAIN_SECONDS = 5.0
 _JSON_TYPES = ("application/json",)
 
 
@@ -122,15 +119,8 @@ class RequestHandler(Connection):
         """Read (and drop) a bounded part of an unread body after the answer, so that the
         client can read the answer (closing with unread data resets the connection)."""
         length = self.headers.get("Content-Length", "")
-        left = min(int(length), DRAIN_LIMIT) if _is_length(length) else DRAIN_LIMIT
-        with contextlib.suppress(OSError, ValueError):
-            self.connection.shutdown(socket.SHUT_WR)
-            self.reader.arm(DRAIN_SECONDS)
-            while left > 0:
-                chunk = self.rfile.read1(min(left, 1 << 16))
-                if not chunk:
-                    break
-                left -= len(chunk)
+        self.discard_rest(min(int(length), DRAIN_LIMIT) if _is_length(length)
+                          else DRAIN_LIMIT)
 
     def read_body(self, *, required: bool) -> Any:
         """The JSON body, within the size limit; an empty body is `{}`."""

@@ -30,6 +30,10 @@ from .head import BadHead, read_fields, request_line
 logger = logging.getLogger(__name__)
 
 PROBLEM = "application/problem+json"
+#: After an answer that ends a connection whose request was not all read, at most this
+#: much of what the client still sends is read and dropped, for at most this long.
+DRAIN_LIMIT = 4 * 1024 * 1024
+DRAIN_SECONDS = 5.0
 
 
 def new_request_id() -> str:
@@ -143,6 +147,7 @@ class Connection(BaseHTTPRequestHandler):
             self.headers = read_fields(self.rfile)
         except BadHead as e:
             self.send_error(e.status, e.message, e.explain)
+            self.discard_rest(DRAIN_LIMIT)  # the rest of the head, and any body
             return False
         connection = self.headers.get("Connection", "").lower()
         if connection == "close":
@@ -214,6 +219,21 @@ class Connection(BaseHTTPRequestHandler):
 
     def closing(self) -> None:
         """Called as an answer after which the connection closes is written."""
+
+    def discard_rest(self, limit: int) -> None:
+        """After an answer that ends the connection with the request not all read: send
+        it, end this side, and read and drop up to `limit` bytes of what the client still
+        sends (within DRAIN_SECONDS). Closed with unread data, the socket would reset the
+        connection, and the client could lose the answer."""
+        with contextlib.suppress(OSError, ValueError):
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+            self.reader.arm(DRAIN_SECONDS)
+            while limit > 0:
+                chunk = self.rfile.read1(min(limit, 1 << 16))
+                if not chunk:
+                    break
+                limit -= len(chunk)
 
     def _fields(self, content_type: str) -> dict[str, str]:
         """The headers of every answer."""

@@ -401,10 +401,13 @@ class Runbook:
         for stack in AWS_STACKS:
             endpoints = {k: moto.url for k in ("s3", "dynamodb", "sts", "iam", "cognitoidp",
                                                "sqs")}
+            # Three attempts: once, a response moto had sent (200) could not be read (the
+            # provider's "use of closed network connection") and a single attempt failed
+            # the whole runbook. More would wait long on what moto does not implement.
             (deploy / stack / "moto_override.tf.json").write_text(json.dumps({"provider": {
                 "aws": {"s3_use_path_style": True, "skip_credentials_validation": True,
                         "skip_metadata_api_check": True, "skip_requesting_account_id": True,
-                        "max_retries": 1, "endpoints": [endpoints]}}}))
+                        "max_retries": 3, "endpoints": [endpoints]}}}))
         # moto keeps no RedriveAllowPolicy (the provider would wait for it for ever): the
         # dead-letter queue's allow policy is left out here and checked statically
         # (test_state_stack_limits_who_moves_messages_to_the_dead_letter_queue).

@@ -34,7 +34,6 @@ logger = logging.getLogger(__name__)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 #: Methods that change something: each gets an audit line.
 _CHANGING = frozenset({"POST", "PUT", "DELETE", "PATCH"})
-#: At most this much of a refused body is read after the answer, for at most this long.
 #: The most digits a Content-Length may have (an exabyte): a longer one is refused
 #: before it is made a number.
 MAX_LENGTH_DIGITS = 18

@@ -315,3 +315,26 @@ def test_runs_are_judged_by_their_replicas_heartbeat(tmp_path: Path) -> None:
     assert other.record(stray.id).status == "lost"
     clock.now += 60  # the replica stopped beating
     assert other.record(run.record.id).status == "lost"
+
+
+def test_a_run_s_final_record_is_stored_before_its_finished_event(tmp_path: Path) -> None:
+    # A follower on another replica ends at the stored `finished` event and reads the
+    # record at once (the sqs engine's api replica): it must be the ended one by then.
+    writes: list[tuple[str, bytes]] = []
+
+    class Recording(LocalObjects):
+        def put(self, key: str, data: bytes) -> None:
+            if key.startswith(("_runs/records/", "_runs/events/")):
+                writes.append((key.split("/")[1], data))
+            super().put(key, data)
+
+    runs = Runs(RunStore(Recording(tmp_path / "objects")), Scheduler(4, 8),
+                replica="r1", kill_grace=1.0)
+    run = runs.submit(new_run(lambda r: "done"), what="x")
+    assert run.done.wait(10)
+    wait_for(lambda: not runs.live())
+    finished = next(i for i, (kind, data) in enumerate(writes)
+                    if kind == "events" and b'"type":"finished"' in data)
+    ended = [i for i, (kind, data) in enumerate(writes)
+             if kind == "records" and json.loads(data)["status"] == "succeeded"]
+    assert ended and ended[0] < finished, writes

@@ -195,7 +195,9 @@ class Keeper(threading.Thread):
 
     def flush(self, run: Run, *, final: bool = False, events: bool = True) -> None:
         """Store the run's new events (unless not `events`), and its record (with a fresh
-        heartbeat) if it changed, or is the final one."""
+        heartbeat) if it changed, or is the final one. The final record goes before the
+        events: a follower on another replica ends at the `finished` event and may read
+        the record at once, which must then be the ended one."""
         kept = self._entry(run)
         if kept is None:
             return
@@ -206,24 +208,32 @@ class Keeper(threading.Thread):
             record = run.record
             if run.ticket is not None and record.status == "queued":
                 record.queue_position = self.position(run.ticket)
-            count = len(run.events)
-            if events and count != kept.events:
-                self.store.put_events(record.id, run.events[:count])
-                kept.events = count
+            if not final:
+                self._put_events(run, kept, events)
             # The final record is written whatever it is: only the others are compared
             # with what was written last (a record serialised once less a run).
             shape = b"" if final else _shape(record)
             if kept.created and not final and shape == kept.written:
                 return
-            record.heartbeat_at = self.clock()
-            if kept.created:
-                self.store.save(replace(record))
-            else:
-                # A synchronous run is first stored as terraform starts (`soon`), or at
-                # its end if that came first.
-                self.store.create(replace(record))
-                kept.created = True
-            kept.written = shape  # once written: a failed write is tried again
+            try:
+                record.heartbeat_at = self.clock()
+                if kept.created:
+                    self.store.save(replace(record))
+                else:
+                    # A synchronous run is first stored as terraform starts (`soon`), or
+                    # at its end if that came first.
+                    self.store.create(replace(record))
+                    kept.created = True
+                kept.written = shape  # once written: a failed write is tried again
+            finally:
+                if final:  # even when the record could not be stored: its events are
+                    self._put_events(run, kept, events)
+
+    def _put_events(self, run: Run, kept: _Kept, events: bool) -> None:
+        count = len(run.events)
+        if events and count != kept.events:
+            self.store.put_events(run.record.id, run.events[:count])
+            kept.events = count
 
     def flush_all(self) -> None:
         """Store every run this replica holds (at stop)."""

@@ -202,8 +202,7 @@ class SettledBytes:
         kept = self._kept.get(path, version(st))
         if kept is not None:
             return kept
-        require_file(st)
-        got = read_file(path, self._read)
+        got = read_file(path, self._read)  # refuses what is not a regular file
         if got is None:
             return None  # removed since
         data, read = got

@@ -110,7 +110,7 @@ class RequestHandler(Connection):
             self.close_connection = True
             raise BadRequest("Content-Length is not a number of at most "
                              f"{MAX_LENGTH_DIGITS} digits")
-        if self.headers.get_all("Transfer-Encoding") is not None:
+        if self.transfer_encoded():
             self.close_connection = True
         self.reader.for_writes()
 
@@ -123,7 +123,7 @@ class RequestHandler(Connection):
 
     def read_body(self, *, required: bool) -> Any:
         """The JSON body, within the size limit; an empty body is `{}`."""
-        if self.headers.get_all("Transfer-Encoding") is not None:
+        if self.transfer_encoded():
             self.close_connection = True
             raise LengthRequired("send the body with a Content-Length, not chunked")
         raw_length = self.headers.get("Content-Length", "0").strip() or "0"

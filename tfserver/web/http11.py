@@ -196,7 +196,7 @@ class Connection(BaseHTTPRequestHandler):
         answer goes out in one write with the headers."""
         self.status = status
         if not self.body_consumed and (
-                self.headers.get_all("Transfer-Encoding") is not None
+                self.transfer_encoded()
                 or self.headers.get("Content-Length", "0").strip() not in ("", "0")):
             # An answer given before the body was read (401, 404, 405...): the body is
             # still in the stream and would be taken for the next request. Close instead.
@@ -219,6 +219,11 @@ class Connection(BaseHTTPRequestHandler):
 
     def closing(self) -> None:
         """Called as an answer after which the connection closes is written."""
+
+    def transfer_encoded(self) -> bool:
+        """The request has a Transfer-Encoding field, even an empty one beside another
+        (`headers.get` gives only the first: "" there hid a `chunked` after it)."""
+        return self.headers.get_all("Transfer-Encoding") is not None
 
     def discard_rest(self, limit: int) -> None:
         """After an answer that ends the connection with the request not all read: send

@@ -2,18 +2,23 @@
 
     _driftcheck/<module>/<workspace>/<period:012d>   one period's check of an instance:
                                                      {"replica", "at", "run_id"} or
-                                                     {"replica", "at", "skipped": "busy"},
+                                                     {"replica", "at", "skipped": "busy"}
+                                                     ("busy", or "failed": not started),
                                                      written once
     _driftslots/<n:04d>.<generation:012d>            a lease on check slot n (of
                                                      TFSERVER_MAX_DRIFT_CHECKS):
                                                      {"replica", "at", "run_id"}
 
 Every replica schedules; a period's check is claimed by writing its key only if absent,
-so exactly one replica starts it (or notes it put off). A slot is taken by writing the
-next generation of its lease only if absent, once the last one is over: its run ended
-(any replica's liveness says so: a killed replica's run shows `lost`), or it never named
-a run within `CLAIM_GRACE`, or it is older than `max_age`. Nothing needs freeing after a
-crash: a dead lease is simply outlived.
+so exactly one replica starts it (or notes it put off). Two neighbouring periods are
+claimed by two replicas when one looks just before a period's end and the other just
+after: each, once its claim is written, reads the other period's (`overlaps`), and the
+earlier period gives way, so one instance never has two checks at once.
+
+A slot is taken by writing the next generation of its lease only if absent, once the last
+one is over: its run ended (any replica's liveness says so: a killed replica's run shows
+`lost`), or it never named a run within `CLAIM_GRACE`, or it is older than `max_age`.
+Nothing needs freeing after a crash: a dead lease is simply outlived.
 """
 
 from __future__ import annotations
@@ -75,6 +80,24 @@ class DriftClaims:
             if name.isdigit() and int(name) < period - 1:
                 self.objects.delete(folder + name)
         return True
+
+    def overlaps(self, module: str, workspace: str, period: int, now: float) -> bool:
+        """True when, this period's claim just taken, a neighbouring period's check is in
+        hand: the next period is claimed already (this replica looked late), or the
+        previous period's check is being started or still runs. Each of two replicas
+        claiming neighbouring periods reads the other's key after writing its own, so at
+        least one of them sees the other."""
+        folder = self._folder(module, workspace)
+        if self.objects.get(f"{folder}{period + 1:012d}") is not None:
+            return True
+        doc = json_object(self.objects.get(f"{folder}{period - 1:012d}"))
+        if doc is None or "skipped" in doc:
+            return False
+        run_id = doc.get("run_id")
+        if isinstance(run_id, str):
+            return self.status(run_id) in _ACTIVE
+        at = doc.get("at")  # claimed, its run not named yet: being started (or died)
+        return isinstance(at, int | float) and abs(now - at) < CLAIM_GRACE
 
     def note(self, module: str, workspace: str, period: int, doc: dict[str, Any]) -> None:
         """Record what the claimed check did (its run)."""

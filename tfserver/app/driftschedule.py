@@ -172,10 +172,19 @@ class DriftSchedule(threading.Thread):
             self.claims.release(lease)
             self._next[key] = began + plan.interval
             return ""
+        if self.claims.overlaps(module, workspace, number, now):
+            self.claims.release(lease)
+            self.claims.note(module, workspace, number, {**doc, "skipped": "busy"})
+            self.metrics.drift_checks.labels(module, "skipped_busy").inc()
+            logger.info("drift schedule: %s/%s has a check of a neighbouring period; "
+                        "checked next period", module, workspace)
+            self._next[key] = began + plan.interval
+            return "skipped"
         try:
             run_id = self.start_check(module, workspace, plan.reconcile)
         except TFServerError as e:
             self.claims.release(lease)
+            self.claims.note(module, workspace, number, {**doc, "skipped": "failed"})
             logger.warning("drift schedule: %s/%s not checked: %s", module, workspace,
                            e.detail)
             return ""

@@ -213,3 +213,38 @@ def test_an_approval_stopped_before_its_apply_began_applies_after_the_start(
         assert wait_run(server, hog, ENDED, headers=people.free)["status"] == "succeeded"
     finally:
         server.stop()
+
+
+def test_a_run_awaiting_approval_holds_no_run_slot(
+        tmp_path: Path, jwks: Jwks, people: People, terraform_bin: str) -> None:
+    """`max_runs_per_tenant = 1`: a run awaiting its approval is not in flight, so the
+    tenant's next run plans at once (it was 429 for 30 s, the parked run's slot kept); an
+    approval takes the slot again, 429 while another approved run holds it (the run still
+    awaits, and is approved once that one ended)."""
+    env = auth_env(tmp_path, jwks)
+    limited = tmp_path / "limited.toml"
+    limited.write_text((tmp_path / "policy.toml").read_text()
+                       + "\n[tenants.team.modules.gated]\nmax_runs_per_tenant = 1\n")
+    server = start_server(tmp_path, modules_dir=MODULES,
+                          env={**env, "TFSERVER_POLICY": str(limited)})
+    try:
+        first = awaiting(server, tmp_path, people.alice, "s1", "a", seconds=3)
+        second = awaiting(server, tmp_path, people.alice, "s2", "b")
+        r = answer(server, first["id"], "approve", people.bob, ASYNC)
+        assert r.status == 202, r.body
+        r = answer(server, second["id"], "approve", people.bob)
+        assert r.status == 429 and r.headers["Retry-After"], r.body
+        assert "approve run" in r.json["detail"] and r.json["limit"] == 1, r.body
+        shown = server.request("GET", f"/runs/{second['id']}", headers=people.alice).json
+        assert shown["status"] == "awaiting_approval" and shown["approval"]["answer"] is None
+        refused = server.request("PUT", "/gated/s3", body(tmp_path, "s3", "c"),
+                                 headers=people.alice)
+        assert refused.status == 429, refused.body  # the approved run is in flight
+        done = wait_run(server, first["id"], ENDED, headers=people.alice)
+        assert done["status"] == "succeeded", done
+        r = answer(server, second["id"], "approve", people.bob)
+        assert r.status == 201 and r.json["outputs"] == {"tag": "b"}, r.body
+        assert journal(tmp_path, "s1") == ["apply a"] and journal(tmp_path, "s2") == ["apply b"]
+        awaiting(server, tmp_path, people.alice, "s3", "c")  # every slot given back
+    finally:
+        server.stop()

@@ -54,6 +54,13 @@ _ELSEWHERE_EVERY = 2.0
 _SWEEP_EVERY = 30.0
 
 Job = Callable[[Run, RunSpec, RunControl], Any]
+#: Takes an approved run's run slot (`Governance.resumed`): what gives it back, or
+#: `TooManyRuns` while the tenant's runs fill every slot.
+Admit = Callable[[RunRecord, Principal], Callable[[], None]]
+
+
+def _nothing() -> None:
+    """Nothing to give back."""
 
 
 def awaiting_key(run_id: str) -> str:
@@ -149,6 +156,8 @@ class Approvals:
         self.modules: Mapping[str, Module] = submitter.modules
         #: What an approved run does: the submitter's job with the apply's spec.
         self.job: Job = submitter.job
+        #: Takes an approved run's run slot again (a parked run holds none).
+        self.admit: Admit = submitter.governance.resumed
         self.clock = clock
         self._mutex = threading.Lock()
         self._stop = threading.Event()
@@ -184,10 +193,17 @@ class Approvals:
         """Apply exactly the run's saved plan (see `_answerable` for who may); 409 once
         answered, expired or stale (the apply then fails as a stale saved plan does)."""
         record = self._answerable(principal, run_id, approving=True)
-        with self._mutex:
-            self._claim(record, "approved", principal.subject)
-            run = self.runs.local(run_id) or self._revive(record)
-            self._resume(run, principal.subject)
+        spec = self._kept(record)
+        # The run slot is taken (429) before the answer is written: refused, it awaits.
+        release = self.admit(record, spec.principal) if spec is not None else _nothing
+        try:
+            with self._mutex:
+                self._claim(record, "approved", principal.subject)
+                run = self.runs.local(run_id) or self._revive(record)
+                self._resume(run, principal.subject, spec)
+        except BaseException:
+            release()
+            raise
         return Submitted(run_id, run)
 
     def reject(self, principal: Principal, run_id: str) -> RunRecord:
@@ -247,14 +263,21 @@ class Approvals:
             raise Conflict(f"run {record.id} was answered already", retry_after=0)
         return False
 
-    def _resume(self, run: Run, by: str) -> None:
-        """Queue the approved run first on its lane, its job the apply of its plan."""
-        kept = (json_object(self.objects.get(awaiting_key(run.record.id))) or {}).get("spec")
+    def _kept(self, record: RunRecord) -> RunSpec | None:
+        """What the run's apply needs, as kept beside it (None: damaged, not kept, or its
+        module not served here)."""
+        kept = (json_object(self.objects.get(awaiting_key(record.id))) or {}).get("spec")
         try:
-            spec = spec_of(self.modules, run.record, kept) if isinstance(kept, dict) else None
-        except (TFServerError, KeyError, TypeError, ValueError):  # damaged, or not served
-            spec = None
-        if spec is None or spec.plan_of != run.record.id:
+            spec = spec_of(self.modules, record, kept) if isinstance(kept, dict) else None
+        except (TFServerError, KeyError, TypeError, ValueError):
+            return None
+        return spec if spec is not None and spec.plan_of == record.id else None
+
+    def _resume(self, run: Run, by: str, spec: RunSpec | None = None) -> None:
+        """Queue the approved run first on its lane, its job the apply of its plan (read
+        from what was kept, unless given)."""
+        spec = spec or self._kept(run.record)
+        if spec is None:
             self._end(run.record, "failed", "what the approved apply needs was not kept")
             raise Conflict(f"run {run.record.id}: what its apply needs was not kept; "
                            "plan it again", retry_after=0)

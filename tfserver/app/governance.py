@@ -67,6 +67,27 @@ class Governance:
                 give_back()
         return release
 
+    def parked(self, record: RunRecord) -> None:
+        """A run awaits its approval: it is not in flight, so its run slot goes back
+        (`resumed` takes one again once it is approved)."""
+        if self.policy.limits_runs:
+            self.reservations.free_run(record.tenant, record.module, record.id)
+
+    def resumed(self, record: RunRecord, planner: Principal) -> Callable[[], None]:
+        """An approved run goes on: it takes a run slot again, under its planner's
+        limits (429 while the tenant's runs of the module fill every slot: the run still
+        awaits its approval); returns what gives the slot back if it goes no further."""
+        tenant, module = record.tenant, record.module
+        limits = self.limits(planner, module)
+        if limits.max_runs is None:
+            return lambda: None
+        if not self.reservations.take_run(tenant, module, record.id, limits.max_runs):
+            raise TooManyRuns(
+                f"this tenant has {limits.max_runs} runs of module {module} queued or "
+                f"running; the limit is {limits.max_runs}: approve run {record.id} once "
+                "one ended", limit=limits.max_runs)
+        return lambda: self.reservations.free_run(tenant, module, record.id)
+
     def ended(self, record: RunRecord) -> None:
         """A run ended here: its run slot back; the slot back of a destroyed instance, or
         of a create that failed leaving no instance (a phantom is not counted)."""

@@ -318,8 +318,6 @@ class Service(UpgradeCalls, ApprovalCalls):
         """Count one answered HTTP request."""
         self.metrics.request(method, route, status, seconds)
 
-    # -- helpers ----------------------------------------------------------------------
-
 
 def _runs(svc: Service, config: Config, backend: StateBackend,
           run_thread: Callable[[], None] | None) -> Runs:
@@ -330,10 +328,16 @@ def _runs(svc: Service, config: Config, backend: StateBackend,
                                      spare=config.max_drift_checks),
                 replica=config.replica or socket.gethostname(),
                 kill_grace=config.kill_grace, retention=config.run_retention,
-                on_finish=svc._counted, on_ended=svc._audited, on_parked=svc._audited,
+                on_finish=svc._counted, on_ended=svc._audited, on_parked=partial(_parked, svc),
                 on_lost=Leftovers(backend, svc.store, spool_dir(config), svc.modules),
                 resume_lost=config.queue.resume_lost if config.queue.engine == "sqs" else 0,
                 run_thread=run_thread)
+
+
+def _parked(svc: Service, record: RunRecord) -> None:
+    """A run awaits its approval: its run slot back, its audit line and webhooks."""
+    svc.governance.parked(record)
+    svc._audited(record)
 
 
 def _reap(svc: Service, due: Due) -> str | None:

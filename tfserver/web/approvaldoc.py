@@ -49,7 +49,10 @@ def approval_operations(settings: DocSettings) -> dict[str, dict[str, Any]]:
     return {
         "approve_run": {
             "summary": "Approve a run awaiting approval: exactly its saved plan is applied",
-            "description": who + " A plan gone stale meanwhile fails the run (409).",
+            "description": who + " A plan gone stale meanwhile fails the run (409). The "
+                           "approved run takes a slot of `max_runs_per_tenant` again: 429 "
+                           "while the tenant's runs of the module fill them (it still "
+                           "awaits).",
             "tags": runs, "parameters": [PREFER],
             "responses": answers(settings, {
                 "200": ok_answer("The outcome.", {"oneOf": [ref("Applied"),

@@ -100,6 +100,9 @@ def test_the_fields_in_all_are_bounded_and_read_no_further() -> None:
     ("PUT /basic/a HTTP/1.0", ("PUT", "/basic/a", "HTTP/1.0", False)),
     ("GET / HTTP/01.01", ("GET", "/", "HTTP/01.01", True)),  # leading zeros ignored
     ("GET //evil.example/x HTTP/1.1", ("GET", "/evil.example/x", "HTTP/1.1", True)),
+    # RFC 9112's whitespace between the words: SP, HTAB, VT, FF, a bare CR, runs of them.
+    ("GET\t/basic \x0b\x0cHTTP/1.1 \r", ("GET", "/basic", "HTTP/1.1", True)),
+    ("GET /caf\xe9 HTTP/1.1", ("GET", "/caf\xe9", "HTTP/1.1", True)),  # for the route
 ])
 def test_request_lines(text: str, parts: tuple[str, str, str, bool]) -> None:
     line = request_line(text)
@@ -117,6 +120,15 @@ def test_request_lines(text: str, parts: tuple[str, str, str, bool]) -> None:
     ("GET /", HTTPStatus.HTTP_VERSION_NOT_SUPPORTED),  # HTTP/0.9: an answer without a head
     ("PUT /", HTTPStatus.BAD_REQUEST),
     ("GET", HTTPStatus.BAD_REQUEST),
+    # No other whitespace separates words (str.split() took these, a proxy would not):
+    # the line is then two words, its method no token.
+    ("GET\xa0/basic HTTP/1.1", HTTPStatus.BAD_REQUEST),
+    ("GET\x85/basic HTTP/1.1", HTTPStatus.BAD_REQUEST),
+    ("GET /a\x1cb HTTP/1.1", HTTPStatus.BAD_REQUEST),  # nor any other control character
+    ("GET /a\x00 HTTP/1.1", HTTPStatus.BAD_REQUEST),
+    ("GET /a HTTP/1.1\x7f", HTTPStatus.BAD_REQUEST),
+    ("G:T /a HTTP/1.1", HTTPStatus.BAD_REQUEST),  # a method is a token
+    ("GET\x1f/x\x1fHTTP/1.1", HTTPStatus.BAD_REQUEST),
 ])
 def test_bad_request_lines(text: str, status: HTTPStatus) -> None:
     with pytest.raises(BadHead) as raised:
@@ -200,6 +212,22 @@ def test_expect_100_continue_is_answered_before_the_body(server: ServerProcess) 
                   b"Content-Length: 14\r\nConnection: close\r\n\r\n")
         assert s.recv(65536).startswith(b"HTTP/1.1 100 Continue\r\n")
         s.sendall(b'{"name": "ex"}')
+        got = b""
+        while chunk := s.recv(65536):
+            got += chunk
+    assert got.startswith((b"HTTP/1.1 200 ", b"HTTP/1.1 201 ")), got[:300]
+
+
+def test_expect_is_read_by_the_versions_numbers(server: ServerProcess) -> None:
+    """HTTP/01.1 is 1.1 (leading zeros ignored): its connection is kept, and its Expect
+    answered (a string comparison put it below "HTTP/1.1", and the client waited)."""
+    host, port = server.url.split("//")[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(b"PUT /basic/expect01 HTTP/01.1\r\nHost: x\r\n"
+                  b"Content-Type: application/json\r\nExpect: 100-continue\r\n"
+                  b"Content-Length: 16\r\nConnection: close\r\n\r\n")
+        assert s.recv(65536).startswith(b"HTTP/1.1 100 Continue\r\n")
+        s.sendall(b'{"name": "ex01"}')
         got = b""
         while chunk := s.recv(65536):
             got += chunk

@@ -32,6 +32,14 @@ MAX_FIELD_BYTES = 256 * 1024
 _NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 #: What a field value may not hold: control characters but horizontal tab.
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+#: What separates a request line's words: SP, or the whitespace RFC 9112 (3) lets a
+#: server take for SP (HTAB, VT, FF, a bare CR). `str.split()` took `\x1c`-`\x1f`, `\x85`
+#: and `\xa0` for separators too, where a proxy in front sees one word.
+_SEPARATORS = re.compile(r"[ \t\x0b\x0c\r]+")
+#: What a request line may not hold: the other control characters.
+_LINE_CONTROL = re.compile(r"[\x00-\x08\x0a\x0e-\x1f\x7f]")
+#: A method: a token (RFC 9110, 9.1).
+_METHOD = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 class Lines(Protocol):
@@ -67,10 +75,14 @@ def request_line(text: str) -> RequestLine | None:
     BadHead as http.server answered it, but that a version below 1.0 (HTTP/0.9, or no
     version at all) is refused with 505 (it would get an answer without a status line or
     headers), and that no message repeats the line: a client whose lines end in a bare
-    CR sends its whole head as one line, its token among the words."""
-    words = text.split()
-    if not words:
+    CR sends its whole head as one line, its token among the words. Stricter than
+    http.server: words are split on RFC 9112's whitespace only, the line may hold no
+    other control character, and the method is a token (400 each)."""
+    words = _SEPARATORS.split(text.strip(" \t\x0b\x0c\r"))
+    if words == [""]:
         return None
+    if _LINE_CONTROL.search(text):
+        raise BadHead(HTTPStatus.BAD_REQUEST, "Bad request line (a control character)")
     keep_alive = False
     version = "HTTP/0.9"
     if len(words) >= 3:
@@ -83,6 +95,8 @@ def request_line(text: str) -> RequestLine | None:
     if not 2 <= len(words) <= 3:
         raise BadHead(HTTPStatus.BAD_REQUEST, f"Bad request syntax ({len(words)} words)")
     command, path = words[:2]
+    if _METHOD.fullmatch(command) is None:
+        raise BadHead(HTTPStatus.BAD_REQUEST, "Bad request method (not a token)")
     if len(words) == 2:
         if command != "GET":
             raise BadHead(HTTPStatus.BAD_REQUEST, "Bad HTTP/0.9 request type")

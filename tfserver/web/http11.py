@@ -144,6 +144,7 @@ class Connection(BaseHTTPRequestHandler):
             self.command, self.path, self.request_version = line.command, line.path, \
                 line.version
             self.close_connection = not line.keep_alive
+            http11 = line.keep_alive  # 1.1 by its numbers: "HTTP/01.1" is too
             self.headers = read_fields(self.rfile)
         except BadHead as e:
             self.send_error(e.status, e.message, e.explain)
@@ -154,8 +155,7 @@ class Connection(BaseHTTPRequestHandler):
             self.close_connection = True
         elif connection == "keep-alive":
             self.close_connection = False
-        if self.headers.get("Expect", "").lower() == "100-continue" \
-                and self.request_version >= "HTTP/1.1":
+        if self.headers.get("Expect", "").lower() == "100-continue" and http11:
             return self.handle_expect_100()
         return True
 

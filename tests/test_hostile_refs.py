@@ -297,3 +297,74 @@ def test_an_entry_of_long_names_is_kept_under_a_digest(tmp: Path) -> None:
     index.record("app", "local.web", [ref])
     index.record("app", "local.web", [])
     assert objects.keys(used_by_folder("network", "local.main")) == []
+
+
+def test_a_destroy_and_a_dependents_first_apply_never_both_go_on(tmp: Path) -> None:
+    """A DELETE racing a dependent's first apply stranded the dependent: the destroy
+    took the apply's claimed entry for a leftover (no kept inputs, no stored record: a
+    synchronous run on another replica, or this one's before its first heartbeat), and
+    the apply never looked for the destroy. Each now writes before it reads: a fresh
+    claim refuses the destroy (409), and a destroy under way holds the apply back."""
+    import threading
+
+    from support import ROOT
+    from tfserver.app.dependents import Dependents, destroy_ends, destroy_starts
+    from tfserver.app.execute import RunSpec
+    from tfserver.app.references import References
+    from tfserver.app.refindex import CLAIM_GRACE
+    from tfserver.auth import Principal
+    from tfserver.errors import Conflict
+    from tfserver.module.discover import discover
+    from tfserver.runs.lanes import Scheduler
+    from tfserver.runs.registry import Runs
+    from tfserver.runs.store import RunRecord, RunStore, new_run_id
+    from tfserver.scrub import Scrubber
+    from tfserver.storage.local import LocalBackend
+
+    modules = discover(ROOT / "tests" / "modules_refs")
+    backend = LocalBackend(tmp / "state")
+    runs = Runs(RunStore(backend.objects), Scheduler(1, 4), replica="r", kill_grace=1)
+    references = References(modules, backend, runs, wait=60)
+    dependents = Dependents(modules, backend, references)
+    index, who = references.index, Principal(subject="someone", tenant="local")
+    ref = "/network/n1#/outputs/network_id"
+
+    def destroy() -> RunSpec:
+        return RunSpec(modules["network"], "n1", "local.n1", "destroy", {}, who, Scrubber([]))
+
+    index.claim("subnet", "local.s1", [("network_id", ref)], run_id=new_run_id(),
+                at=time.time())
+    with pytest.raises(Conflict):
+        destroy_starts(dependents, destroy())
+    assert index.destroy_of("network", "local.n1") is None  # refused: its marker went
+    # A claim past CLAIM_GRACE with nothing behind it (its server died) holds nothing.
+    index.claim("subnet", "local.s1", [("network_id", ref)], run_id=new_run_id(),
+                at=time.time() - CLAIM_GRACE - 1)
+    spec = destroy()
+    destroy_starts(dependents, spec)
+    assert index.users("network", "local.n1") == []
+    assert references.destroying("network", "local.n1")  # young, its record not stored
+    # A dependent's apply starting now waits for the destroy to end.
+    apply = RunSpec(modules["subnet"], "s2", "local.s2", "apply",
+                    {"network_id": {"$ref": ref}}, who, Scrubber([]))
+    ended = threading.Event()
+
+    def end_later() -> None:
+        time.sleep(0.3)
+        ended.set()
+        destroy_ends(dependents, spec)
+
+    threading.Thread(target=end_later, daemon=True).start()
+    references._wait_for(apply, [("network_id", ref)])
+    assert ended.is_set() and not references.destroying("network", "local.n1")
+    # A marker is a destroy under way while its run is active, or young with no record.
+    record = RunRecord(id=spec.run_id, module="network", instance="n1", workspace="local.n1",
+                       tenant="local", subject="someone", operation="destroy")
+    runs.store.create(record)
+    index.mark_destroy("network", "local.n1", spec.run_id, time.time() - CLAIM_GRACE - 1)
+    assert references.destroying("network", "local.n1")  # queued: active
+    record.status = "failed"
+    runs.store.save(record)
+    assert not references.destroying("network", "local.n1")
+    index.mark_destroy("network", "local.n1", new_run_id(), time.time() - CLAIM_GRACE - 1)
+    assert not references.destroying("network", "local.n1")  # left by a crash

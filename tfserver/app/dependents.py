@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -105,7 +106,8 @@ class Dependents:
     def users(self, module: str, workspace: str, *, at_most: int | None = None) -> list[User]:
         """The instance's users, each checked against its kept inputs (an entry the
         inputs no longer back is dropped, the index repaired, unless an apply of its
-        instance is under way: it wrote the entry as it started); `at_most` stops early."""
+        instance is under way: it wrote the entry as it started, and is listed active or
+        claimed it within CLAIM_GRACE); `at_most` stops early."""
         found = []
         tenant = workspace_tenant(workspace)
         applying: set[tuple[str, str]] | None = None
@@ -122,7 +124,8 @@ class Dependents:
             else:
                 if applying is None:
                     applying = self.references.applying(tenant)
-                if (user.module, dep_ws) in applying:
+                if (user.module, dep_ws) in applying or \
+                        self.index.fresh(module, workspace, user, time.time()):
                     found.append(user)
                 else:
                     self.index.drop(module, workspace, user)
@@ -281,14 +284,38 @@ class Dependents:
         return False
 
 
+def destroy_starts(dependents: Dependents, spec: RunSpec) -> None:
+    """A destroy starts: its marker first (a dependent's apply starting meanwhile waits
+    for it: refindex.py), then the 409 of an instance in use (the marker goes again)."""
+    name, ws = spec.module.name, spec.workspace
+    dependents.index.mark_destroy(name, ws, spec.run_id, time.time())
+    if spec.plan_of is not None:
+        return  # an approved destroy: its plan was checked, and so was its approval
+    try:
+        dependents.check_unused(name, ws, spec.instance)
+    except TFServerError:
+        destroy_ends(dependents, spec)
+        raise
+
+
+def destroy_ends(dependents: Dependents, spec: RunSpec) -> None:
+    """A destroy ended, however: its marker goes (one left by a crash is outlived: its
+    run is not active, `References.destroying`)."""
+    try:
+        dependents.index.unmark_destroy(spec.module.name, spec.workspace)
+    except TFServerError as e:
+        logger.warning("destroy marker of %s/%s not removed: %s", spec.module.name,
+                       spec.instance, e.detail, extra={"run_id": spec.run_id})
+
+
 def before_run(dependents: Dependents, resolve: Callable[[RunSpec], None]
                ) -> Callable[[RunSpec], None]:
     """What the executor does before terraform: a destroy of an instance in use is
     refused (whoever started it: a caller, the reaper, a retry), then references are
     resolved."""
     def before(spec: RunSpec) -> None:
-        if spec.operation == "destroy" and spec.plan_of is None:
-            dependents.check_unused(spec.module.name, spec.workspace, spec.instance)
+        if spec.operation == "destroy":
+            destroy_starts(dependents, spec)
         resolve(spec)
     return before
 

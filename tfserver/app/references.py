@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..auth import Principal
-from ..errors import FieldError, InvalidInput, TFServerError
+from ..errors import FieldError, InvalidInput, NotFound, TFServerError
 from ..module.discover import Module
 from ..module.refs import Ref, RefSyntaxError, follow, is_reference, parse_ref
 from ..names import workspace_name, workspace_tenant
@@ -30,7 +30,7 @@ from ..runs.registry import Runs
 from ..scrub import Scrubber
 from ..storage.base import StateBackend, holds_instance
 from .execute import RunSpec
-from .refindex import RefIndex, kept_references
+from .refindex import CLAIM_GRACE, RefIndex, kept_references
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class References:
         m, ws = spec.module, spec.workspace
         if spec.operation == "apply":  # before the states are read: see `claim`
             try:
-                self.index.claim(m.name, ws, refs)
+                self.index.claim(m.name, ws, refs, run_id=spec.run_id, at=time.time())
             except TFServerError as e:  # the index is repaired from the kept inputs
                 logger.warning("reference index of %s/%s not claimed: %s", m.name,
                                spec.instance, e.detail, extra={"run_id": spec.run_id})
@@ -186,9 +186,23 @@ class References:
             older = [run_id for t, module, run_id in self.runs.store.active()
                      if t == tenant and module in modules and run_id > spec.run_id]
             if not any(r.active and (r.module, r.workspace) in sources
-                       for r in self.runs.records(older)):
+                       for r in self.runs.records(older)) and \
+                    not any(self.destroying(*source) for source in sources):
                 return
             time.sleep(_POLL)
+
+    def destroying(self, module: str, workspace: str) -> bool:
+        """A destroy of the instance is under way, of any age (refindex.py: its marker,
+        written before it looked for users; a marker whose run ended or was lost is
+        none). A dependent starting meanwhile waits for it: the destroy may have looked
+        for users before the dependent claimed its entries."""
+        marker = self.index.destroy_of(module, workspace)
+        if marker is None:
+            return False
+        try:
+            return self.runs.record(marker[0]).active
+        except NotFound:
+            return abs(time.time() - marker[1]) < CLAIM_GRACE
 
     # -- one reference -----------------------------------------------------------------
 

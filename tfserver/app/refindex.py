@@ -10,6 +10,14 @@
     _refs/uses/<module>/<workspace>.json     {"references": [{"variable", "ref",
                                               "serial", "digest"}]} of its last apply
     _refs/built                              written once the index was built
+    _refs/destroying/<module>/<workspace>.json {"run_id", "at"}: a destroy of the
+                                             instance is under way
+
+A dependent's apply writes its entries as it starts (`claim`, with its run id and time)
+and then looks for a destroy under way of what it references; a destroy writes its
+marker (`mark_destroy`) and then looks for users. Each writes before it reads, so of a
+destroy and a dependent's first apply racing, at least one sees the other: the destroy
+is refused (409), or the apply waits for it and then fails (400), never strands.
 
 A dependent is always of the source's tenant (a reference names an instance of the
 caller's own), so an entry names its instance alone. The kept inputs (`_inputs/`) are the
@@ -34,6 +42,9 @@ from ..storage.base import ObjectStore, json_object
 logger = logging.getLogger(__name__)
 
 BUILT = "_refs/built"
+#: A claim or a destroy's marker this young is taken for a run under way even when no
+#: record of it is found yet (a synchronous run is stored at its first heartbeat).
+CLAIM_GRACE = 60.0
 
 
 @dataclass(frozen=True)
@@ -55,6 +66,11 @@ def used_by_folder(module: str, workspace: str) -> str:
 def uses_key(module: str, workspace: str) -> str:
     """Where a dependent's references of its last apply are."""
     return f"_refs/uses/{module}/{workspace}.json"
+
+
+def destroying_key(module: str, workspace: str) -> str:
+    """Where a destroy under way of an instance is marked."""
+    return f"_refs/destroying/{module}/{workspace}.json"
 
 
 def _uses_of(data: bytes | None) -> list[dict[str, Any]]:
@@ -98,17 +114,46 @@ class RefIndex:
             self.objects.delete(uses_key(module, workspace))
         self._drop(module, workspace, old - new)
 
-    def claim(self, module: str, workspace: str, references: list[tuple[str, Any]]) -> None:
-        """At the start of a dependent's apply, before it reads what it references: the
-        entries of its references (variable, `$ref`), so that a destroy of a referenced
-        instance starting meanwhile finds it in use (its kept inputs are not written yet:
-        `Dependents.users` keeps the entries of an instance being applied)."""
+    def claim(self, module: str, workspace: str, references: list[tuple[str, Any]], *,
+              run_id: str, at: float) -> None:
+        """At the start of a dependent's apply (run `run_id`, at `at`), before it reads
+        what it references: the entries of its references (variable, `$ref`), so that a
+        destroy of a referenced instance starting meanwhile finds it in use (its kept
+        inputs are not written yet: `Dependents.users` keeps an entry of an instance
+        being applied, or claimed within `CLAIM_GRACE`)."""
         for variable, text in references:
             try:
                 src = parse_ref(text)
             except RefSyntaxError:
                 continue
-            self.objects.put(*self._entry(module, workspace, variable, src))
+            key, data = self._entry(module, workspace, variable, src)
+            doc = {**(json_object(data) or {}), "run_id": run_id, "at": at}
+            self.objects.put(key, json.dumps(doc).encode())
+
+    def fresh(self, module: str, workspace: str, user: User, now: float) -> bool:
+        """True when an apply of `user`'s instance claimed its entry as it started,
+        within CLAIM_GRACE: it is under way, even with no record stored yet (another
+        replica's synchronous run)."""
+        doc = json_object(self.objects.get(used_by_folder(module, workspace) + _name(user)[0]))
+        at = (doc or {}).get("at")
+        return isinstance(at, int | float) and abs(now - at) < CLAIM_GRACE
+
+    def mark_destroy(self, module: str, workspace: str, run_id: str, at: float) -> None:
+        """A destroy of the instance starts (before it looks for users)."""
+        self.objects.put(destroying_key(module, workspace),
+                         json.dumps({"run_id": run_id, "at": at}).encode())
+
+    def unmark_destroy(self, module: str, workspace: str) -> None:
+        """The destroy of the instance ended (however it ended)."""
+        self.objects.delete(destroying_key(module, workspace))
+
+    def destroy_of(self, module: str, workspace: str) -> tuple[str, float] | None:
+        """(run id, when it started) of a destroy of the instance under way, or None."""
+        doc = json_object(self.objects.get(destroying_key(module, workspace))) or {}
+        run_id, at = doc.get("run_id"), doc.get("at")
+        if not isinstance(run_id, str) or not isinstance(at, int | float):
+            return None
+        return run_id, float(at)
 
     def forget(self, module: str, workspace: str) -> None:
         """A dependent destroyed or orphaned: its entries go."""

@@ -24,7 +24,7 @@ from ..runs.store import RunRecord, RunStore, new_run_id
 from ..terraform.output import api_event
 from ..terraform.process import RunControl
 from .approvals import approval_of, plan_first
-from .dependents import Dependents
+from .dependents import Dependents, destroy_ends
 from .drift import DriftCheck, reconcile_spec
 from .engine import spec_doc, spec_of
 from .execute import Applied, Checked, Executor, Outcome, Planned, RunSpec
@@ -155,6 +155,8 @@ class Submitter:
         finally:
             run.record.references = [{k: r[k] for k in ("variable", "ref", "serial")}
                                      for r in spec.references or []] or None
+            if spec.operation == "destroy":
+                destroy_ends(self.dependents, spec)
         if not isinstance(outcome, Awaiting):  # its approved apply settles them
             self.dependents.settled(run, spec, outcome, self._cascaded)
         return outcome

@@ -12,8 +12,10 @@
 Every replica schedules; a period's check is claimed by writing its key only if absent,
 so exactly one replica starts it (or notes it put off). Two neighbouring periods are
 claimed by two replicas when one looks just before a period's end and the other just
-after: each, once its claim is written, reads the other period's (`overlaps`), and the
-earlier period gives way, so one instance never has two checks at once.
+after: each, once its claim is written, reads the other period's (`overlaps`). The
+earlier period gives way; the later one, finding the earlier being started, gives its
+claim back and looks again next tick. So one instance never has two checks at once, and a
+period is not lost to two replicas each giving way to the other.
 
 A slot is taken by writing the next generation of its lease only if absent, once the last
 one is over: its run ended (any replica's liveness says so: a killed replica's run shows
@@ -81,23 +83,31 @@ class DriftClaims:
                 self.objects.delete(folder + name)
         return True
 
-    def overlaps(self, module: str, workspace: str, period: int, now: float) -> bool:
-        """True when, this period's claim just taken, a neighbouring period's check is in
-        hand: the next period is claimed already (this replica looked late), or the
-        previous period's check is being started or still runs. Each of two replicas
-        claiming neighbouring periods reads the other's key after writing its own, so at
-        least one of them sees the other."""
+    def overlaps(self, module: str, workspace: str, period: int, now: float) -> str:
+        """What a neighbouring period's check is doing, this period's claim just taken:
+        "busy" when this period must give way (the next period is claimed already: this
+        replica looked late; or the previous period's check still runs), "starting"
+        when the previous period's check is being started (its run not named yet: look
+        again next tick, `unclaim` first), "" when neither. Each of two replicas claiming
+        neighbouring periods reads the other's key after writing its own, so at least
+        one of them sees the other; the earlier period always gives way, and the later
+        one waits for it to say what it did."""
         folder = self._folder(module, workspace)
         if self.objects.get(f"{folder}{period + 1:012d}") is not None:
-            return True
+            return "busy"
         doc = json_object(self.objects.get(f"{folder}{period - 1:012d}"))
         if doc is None or "skipped" in doc:
-            return False
+            return ""
         run_id = doc.get("run_id")
         if isinstance(run_id, str):
-            return self.status(run_id) in _ACTIVE
+            return "busy" if self.status(run_id) in _ACTIVE else ""
         at = doc.get("at")  # claimed, its run not named yet: being started (or died)
-        return isinstance(at, int | float) and abs(now - at) < CLAIM_GRACE
+        return "starting" if isinstance(at, int | float) and abs(now - at) < CLAIM_GRACE \
+            else ""
+
+    def unclaim(self, module: str, workspace: str, period: int) -> None:
+        """Give this period's claim back (its check is decided on a later look)."""
+        self.objects.delete(f"{self._folder(module, workspace)}{period:012d}")
 
     def note(self, module: str, workspace: str, period: int, doc: dict[str, Any]) -> None:
         """Record what the claimed check did (its run)."""

@@ -172,7 +172,12 @@ class DriftSchedule(threading.Thread):
             self.claims.release(lease)
             self._next[key] = began + plan.interval
             return ""
-        if self.claims.overlaps(module, workspace, number, now):
+        overlap = self.claims.overlaps(module, workspace, number, now)
+        if overlap == "starting":  # the earlier period's check: look again next tick
+            self.claims.release(lease)
+            self.claims.unclaim(module, workspace, number)
+            return ""
+        if overlap:
             self.claims.release(lease)
             self.claims.note(module, workspace, number, {**doc, "skipped": "busy"})
             self.metrics.drift_checks.labels(module, "skipped_busy").inc()

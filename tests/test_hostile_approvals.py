@@ -248,3 +248,41 @@ def test_a_run_awaiting_approval_holds_no_run_slot(
         awaiting(server, tmp_path, people.alice, "s3", "c")  # every slot given back
     finally:
         server.stop()
+
+
+def test_a_losing_approval_gives_back_only_its_own_slot(tmp_path: Path) -> None:
+    """Two approvals of one run racing (two replicas, a double click) each take a run
+    slot before one wins the answer: the loser gave back every slot of the run, the
+    winner's too, and the tenant could run one more than its limit. And a slot that
+    cannot be given back as a run parks is no error (it is freed as stale later)."""
+    from test_approvals import POLICY
+
+    from tfserver.app.governance import Governance
+    from tfserver.auth import Principal
+    from tfserver.errors import Unavailable
+    from tfserver.module.discover import discover
+    from tfserver.module.policyfile import load_policy
+    from tfserver.runs.lanes import Scheduler
+    from tfserver.runs.registry import Runs
+    from tfserver.runs.store import RunRecord, RunStore, new_run_id
+    from tfserver.storage.local import LocalBackend
+
+    path = tmp_path / "policy.toml"
+    path.write_text(POLICY + "\n[tenants.team.modules.gated]\nmax_runs_per_tenant = 2\n")
+    backend = LocalBackend(tmp_path / "state")
+    runs = Runs(RunStore(backend.objects), Scheduler(1, 4), replica="r", kill_grace=1)
+    governance = Governance(load_policy(path, discover(MODULES)), backend, runs)
+    record = RunRecord(id=new_run_id(), module="gated", instance="x", workspace="t.x",
+                       tenant="t", subject="alice", operation="apply")
+    planner = Principal(subject="alice", tenant="team")
+    governance.resumed(record, planner)  # the approval that wins the answer
+    lost = governance.resumed(record, planner)
+    lost()  # the other: 409, its slot back
+    held = governance.reservations.runs.held("t", "gated")
+    assert [h.holder for h in held] == [record.id]
+
+    def failing(tenant: str, module: str, run_id: str) -> None:
+        raise Unavailable("the backend is down")
+
+    governance.reservations.free_run = failing  # type: ignore[method-assign]
+    governance.parked(record)  # logged, not raised: the run still parks

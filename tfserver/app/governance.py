@@ -47,7 +47,7 @@ class Governance:
             self._check_queued(limits.max_queued, tenant)
         taken: list[Callable[[], None]] = []
         if limits.max_runs is not None:
-            if not self.reservations.take_run(tenant, module, record.id, limits.max_runs):
+            if self.reservations.take_run(tenant, module, record.id, limits.max_runs) is None:
                 raise TooManyRuns(
                     f"this tenant has {limits.max_runs} runs of module {module} queued or "
                     f"running; the limit is {limits.max_runs}", limit=limits.max_runs)
@@ -70,8 +70,12 @@ class Governance:
     def parked(self, record: RunRecord) -> None:
         """A run awaits its approval: it is not in flight, so its run slot goes back
         (`resumed` takes one again once it is approved)."""
-        if self.policy.limits_runs:
+        if not self.policy.limits_runs:
+            return
+        try:
             self.reservations.free_run(record.tenant, record.module, record.id)
+        except TFServerError as e:  # not active now: freed as stale by the next take
+            logger.warning("run slot of %s not given back yet: %s", record.id, e.detail)
 
     def resumed(self, record: RunRecord, planner: Principal) -> Callable[[], None]:
         """An approved run goes on: it takes a run slot again, under its planner's
@@ -81,12 +85,14 @@ class Governance:
         limits = self.limits(planner, module)
         if limits.max_runs is None:
             return lambda: None
-        if not self.reservations.take_run(tenant, module, record.id, limits.max_runs):
+        key = self.reservations.take_run(tenant, module, record.id, limits.max_runs)
+        if key is None:
             raise TooManyRuns(
                 f"this tenant has {limits.max_runs} runs of module {module} queued or "
                 f"running; the limit is {limits.max_runs}: approve run {record.id} once "
                 "one ended", limit=limits.max_runs)
-        return lambda: self.reservations.free_run(tenant, module, record.id)
+        # That slot alone: a second approval racing this one holds another of the run's.
+        return lambda: self.reservations.free_slot(key)
 
     def ended(self, record: RunRecord) -> None:
         """A run ended here: its run slot back; the slot back of a destroyed instance, or

@@ -63,11 +63,13 @@ class Slots:
                 found.append(held)
         return found
 
-    def take(self, tenant: str, module: str, holder: str, limit: int) -> bool:
-        """Take a free slot of the `limit` for `holder`; False when all are taken."""
+    def take(self, tenant: str, module: str, holder: str, limit: int) -> str | None:
+        """Take a free slot of the `limit` for `holder`: its key, None when all are
+        taken."""
         folder = self.folder(tenant, module)
         data = json.dumps({"holder": holder, "since": self.clock()}).encode()
-        return any(self.objects.put_new(f"{folder}{n}", data) for n in range(limit))
+        return next((f"{folder}{n}" for n in range(limit)
+                     if self.objects.put_new(f"{folder}{n}", data)), None)
 
     def free(self, tenant: str, module: str, holder: str) -> None:
         """Give back every slot `holder` holds."""
@@ -108,18 +110,22 @@ class Reservations:
         self.instances = Slots(objects, "instances", clock=clock, grace=grace)
         self.run_alive = run_alive
 
-    def take_run(self, tenant: str, module: str, run_id: str, limit: int) -> bool:
-        """A run slot for `run_id`; False when `limit` runs of the tenant's module are in
-        flight (leftovers of ended or lost runs are freed first)."""
-        if self.runs.take(tenant, module, run_id, limit):
-            return True
-        if self.runs.free_stale(tenant, module, lambda h: self.run_alive(h.holder)):
-            return self.runs.take(tenant, module, run_id, limit)
-        return False
+    def take_run(self, tenant: str, module: str, run_id: str, limit: int) -> str | None:
+        """A run slot for `run_id` (its key); None when `limit` runs of the tenant's
+        module are in flight (leftovers of ended or lost runs are freed first)."""
+        key = self.runs.take(tenant, module, run_id, limit)
+        if key is None and self.runs.free_stale(tenant, module,
+                                                lambda h: self.run_alive(h.holder)):
+            key = self.runs.take(tenant, module, run_id, limit)
+        return key
 
     def free_run(self, tenant: str, module: str, run_id: str) -> None:
         """The run ended (or was refused after it took its slot)."""
         self.runs.free(tenant, module, run_id)
+
+    def free_slot(self, key: str) -> None:
+        """Give back the one slot `take_run` took as `key`."""
+        self.runs.objects.delete(key)
 
     def take_instance(self, tenant: str, module: str, workspace: str, limit: int, *,
                       existing: Collection[str], creating: Iterable[str]) -> bool:
@@ -131,15 +137,15 @@ class Reservations:
         if workspace in held:
             return True
         for ws in sorted(set(existing) - held):
-            if not self.instances.take(tenant, module, ws, limit):
+            if self.instances.take(tenant, module, ws, limit) is None:
                 return False  # the instances there are already fill every slot
-        if self.instances.take(tenant, module, workspace, limit):
+        if self.instances.take(tenant, module, workspace, limit) is not None:
             return True
         making = set(creating)
         if self.instances.free_stale(
                 tenant, module,
                 lambda h: h.holder in existing or h.holder in making):
-            return self.instances.take(tenant, module, workspace, limit)
+            return self.instances.take(tenant, module, workspace, limit) is not None
         return False
 
     def free_instance(self, tenant: str, module: str, workspace: str) -> None:

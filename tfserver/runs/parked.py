@@ -95,10 +95,15 @@ class Parking:
         except TFServerError as e:  # the next write of it (its answer's) stores it
             logger.error("run %s: its record awaiting approval could not be stored: %s",
                          record.id, e.detail)
+        # Told before the caller's 202: its run slot is back by then, so the caller's
+        # next run is never refused for the one that parked.
+        if self.on_parked is not None:
+            try:
+                self.on_parked(replace(record))
+            except Exception:  # a listener's bug must not keep the run from parking
+                logger.exception("run %s: a listener of its parking failed", record.id)
         run.parked.set()
         run.wake()  # its synchronous caller answers now (202)
-        if self.on_parked is not None:
-            self.on_parked(replace(record))
 
     def hold(self, run: Run, what: str) -> bool:
         """Hold here a stored run that awaits its approval (found after a restart): its

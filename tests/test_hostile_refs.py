@@ -110,6 +110,10 @@ def test_a_delete_racing_a_dependents_apply_is_refused(srv: ServerProcess, home:
     assert r.status >= 400, r.body
     assert srv.request("GET", "/network/bad").json["used_by"] == []
     assert srv.request("DELETE", "/network/bad").status == 200
+    # Each destroy marked itself while it ran, and its mark went as it ended (refused
+    # with 409, or done).
+    marks = home / "state" / "_refs" / "destroying"
+    assert not [p for p in marks.rglob("*") if p.is_file()], list(marks.rglob("*"))
 
 
 def test_an_index_that_cannot_be_written_fails_no_apply(srv: ServerProcess, home: Path
@@ -336,7 +340,7 @@ def test_a_destroy_and_a_dependents_first_apply_never_both_go_on(tmp: Path) -> N
                 at=time.time())
     with pytest.raises(Conflict):
         destroy_starts(dependents, destroy())
-    assert index.destroy_of("network", "local.n1") is None  # refused: its marker went
+    assert index.destroys_of("network", "local.n1") == []  # refused: its mark went
     # A claim past CLAIM_GRACE with nothing behind it (its server died) holds nothing.
     index.claim("subnet", "local.s1", [("network_id", ref)], run_id=new_run_id(),
                 at=time.time() - CLAIM_GRACE - 1)
@@ -368,3 +372,18 @@ def test_a_destroy_and_a_dependents_first_apply_never_both_go_on(tmp: Path) -> N
     assert not references.destroying("network", "local.n1")
     index.mark_destroy("network", "local.n1", new_run_id(), time.time() - CLAIM_GRACE - 1)
     assert not references.destroying("network", "local.n1")  # left by a crash
+    assert index.destroys_of("network", "local.n1") == []  # both old marks of no run went
+    # A destroy still under way when the wait ends: the dependent does not start.
+    index.mark_destroy("network", "local.n1", new_run_id(), time.time())
+    references.wait = 0.2
+    with pytest.raises(Conflict, match="network/n1 referenced by this run is being "
+                                       "destroyed"):
+        references._wait_for(apply, [("network_id", ref)])
+    # An approved destroy (of a saved plan) is refused too when the instance is in use.
+    index.claim("subnet", "local.s3", [("network_id", ref)], run_id=new_run_id(),
+                at=time.time())
+    approved = destroy()
+    approved.plan_of = new_run_id()
+    with pytest.raises(Conflict):
+        destroy_starts(dependents, approved)
+    assert approved.run_id not in [r for r, _ in index.destroys_of("network", "local.n1")]

@@ -289,9 +289,7 @@ def destroy_starts(dependents: Dependents, spec: RunSpec) -> None:
     for it: refindex.py), then the 409 of an instance in use (the marker goes again)."""
     name, ws = spec.module.name, spec.workspace
     dependents.index.mark_destroy(name, ws, spec.run_id, time.time())
-    if spec.plan_of is not None:
-        return  # an approved destroy: its plan was checked, and so was its approval
-    try:
+    try:  # an approved destroy too: a dependent may have come while it awaited
         dependents.check_unused(name, ws, spec.instance)
     except TFServerError:
         destroy_ends(dependents, spec)
@@ -302,7 +300,7 @@ def destroy_ends(dependents: Dependents, spec: RunSpec) -> None:
     """A destroy ended, however: its marker goes (one left by a crash is outlived: its
     run is not active, `References.destroying`)."""
     try:
-        dependents.index.unmark_destroy(spec.module.name, spec.workspace)
+        dependents.index.unmark_destroy(spec.module.name, spec.workspace, spec.run_id)
     except TFServerError as e:
         logger.warning("destroy marker of %s/%s not removed: %s", spec.module.name,
                        spec.instance, e.detail, extra={"run_id": spec.run_id})

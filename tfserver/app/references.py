@@ -12,6 +12,7 @@ referenced instance ends; the kept inputs keep the `$ref`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..auth import Principal
-from ..errors import FieldError, InvalidInput, NotFound, TFServerError
+from ..errors import Conflict, FieldError, InvalidInput, NotFound, TFServerError
 from ..module.discover import Module
 from ..module.refs import Ref, RefSyntaxError, follow, is_reference, parse_ref
 from ..names import workspace_name, workspace_tenant
@@ -171,7 +172,9 @@ class References:
         """Wait (at most `wait` seconds) until no run of a referenced instance made
         before this one is queued or running: a reference to an instance whose apply is
         queued resolves to what that apply made. Only older runs count, so two runs that
-        reference each other's instance never wait for each other."""
+        reference each other's instance never wait for each other. A destroy of one
+        under way counts whatever its age; still under way when the wait ends, it is a
+        `Conflict` (409): the run would reference what the destroy takes away."""
         tenant = workspace_tenant(spec.workspace)
         sources = set()
         for _, text in refs:
@@ -190,19 +193,29 @@ class References:
                     not any(self.destroying(*source) for source in sources):
                 return
             time.sleep(_POLL)
+        gone = sorted(f"{m}/{ws.partition('.')[2]}" for m, ws in sources
+                      if self.destroying(m, ws))
+        if gone:  # applied now, it would reference what the destroy takes away
+            raise Conflict(f"{', '.join(gone)} referenced by this run is being destroyed; "
+                           "the run did not start", retry_after=10)
 
     def destroying(self, module: str, workspace: str) -> bool:
-        """A destroy of the instance is under way, of any age (refindex.py: its marker,
-        written before it looked for users; a marker whose run ended or was lost is
-        none). A dependent starting meanwhile waits for it: the destroy may have looked
-        for users before the dependent claimed its entries."""
-        marker = self.index.destroy_of(module, workspace)
-        if marker is None:
-            return False
-        try:
-            return self.runs.record(marker[0]).active
-        except NotFound:
-            return abs(time.time() - marker[1]) < CLAIM_GRACE
+        """A destroy of the instance is under way, of any age (refindex.py: its mark,
+        written before it looked for users). A dependent starting meanwhile waits for
+        it: the destroy may have looked for users before the dependent claimed its
+        entries. A mark whose run ended or was lost is none, and goes (a crash's)."""
+        under_way = False
+        for run_id, at in self.index.destroys_of(module, workspace):
+            try:
+                active = self.runs.record(run_id).active
+            except NotFound:
+                active = abs(time.time() - at) < CLAIM_GRACE  # its record not stored yet
+            if active:
+                under_way = True
+            elif abs(time.time() - at) >= CLAIM_GRACE:
+                with contextlib.suppress(TFServerError):  # tried again by the next look
+                    self.index.unmark_destroy(module, workspace, run_id)
+        return under_way
 
     # -- one reference -----------------------------------------------------------------
 

@@ -10,8 +10,10 @@
     _refs/uses/<module>/<workspace>.json     {"references": [{"variable", "ref",
                                               "serial", "digest"}]} of its last apply
     _refs/built                              written once the index was built
-    _refs/destroying/<module>/<workspace>.json {"run_id", "at"}: a destroy of the
-                                             instance is under way
+    _refs/destroying/<module>/<workspace>/<run id>
+                                             {"at"}: a destroy of the instance is under
+                                             way (one key a run: two replicas' destroys
+                                             of one instance never remove each other's)
 
 A dependent's apply writes its entries as it starts (`claim`, with its run id and time)
 and then looks for a destroy under way of what it references; a destroy writes its
@@ -68,9 +70,9 @@ def uses_key(module: str, workspace: str) -> str:
     return f"_refs/uses/{module}/{workspace}.json"
 
 
-def destroying_key(module: str, workspace: str) -> str:
-    """Where a destroy under way of an instance is marked."""
-    return f"_refs/destroying/{module}/{workspace}.json"
+def destroying_folder(module: str, workspace: str) -> str:
+    """Where the destroys under way of an instance are marked."""
+    return f"_refs/destroying/{module}/{workspace}/"
 
 
 def _uses_of(data: bytes | None) -> list[dict[str, Any]]:
@@ -140,20 +142,21 @@ class RefIndex:
 
     def mark_destroy(self, module: str, workspace: str, run_id: str, at: float) -> None:
         """A destroy of the instance starts (before it looks for users)."""
-        self.objects.put(destroying_key(module, workspace),
-                         json.dumps({"run_id": run_id, "at": at}).encode())
+        self.objects.put(destroying_folder(module, workspace) + run_id,
+                         json.dumps({"at": at}).encode())
 
-    def unmark_destroy(self, module: str, workspace: str) -> None:
-        """The destroy of the instance ended (however it ended)."""
-        self.objects.delete(destroying_key(module, workspace))
+    def unmark_destroy(self, module: str, workspace: str, run_id: str) -> None:
+        """The destroy `run_id` of the instance ended (however it ended)."""
+        self.objects.delete(destroying_folder(module, workspace) + run_id)
 
-    def destroy_of(self, module: str, workspace: str) -> tuple[str, float] | None:
-        """(run id, when it started) of a destroy of the instance under way, or None."""
-        doc = json_object(self.objects.get(destroying_key(module, workspace))) or {}
-        run_id, at = doc.get("run_id"), doc.get("at")
-        if not isinstance(run_id, str) or not isinstance(at, int | float):
-            return None
-        return run_id, float(at)
+    def destroys_of(self, module: str, workspace: str) -> list[tuple[str, float]]:
+        """(run id, when it started) of each destroy of the instance marked under way
+        (a damaged mark is dated 0: long past)."""
+        folder, found = destroying_folder(module, workspace), []
+        for run_id in self.objects.keys(folder):
+            at = (json_object(self.objects.get(folder + run_id)) or {}).get("at")
+            found.append((run_id, float(at) if isinstance(at, int | float) else 0.0))
+        return found
 
     def forget(self, module: str, workspace: str) -> None:
         """A dependent destroyed or orphaned: its entries go."""

@@ -514,6 +514,23 @@ def test_the_sqs_engine_refuses_approvals(tmp_path: Path, terraform_bin: str) ->
     assert "require_approval works with TFSERVER_QUEUE=local only" in done.stderr
 
 
+def test_a_separate_approver_without_authentication_stops_the_start(
+        tmp_path: Path, terraform_bin: str) -> None:
+    """With auth off every caller is `local`: a separate approver could never be found,
+    and every gated run would wait until it expired. A one-line start error instead."""
+    (tmp_path / "policy.toml").write_text(POLICY)
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path),
+           "PYTHONPATH": os.environ.get("PYTHONPATH", str(ROOT)),
+           "TFSERVER_POLICY": str(tmp_path / "policy.toml"),
+           "TFSERVER_MODULES_DIR": str(MODULES), "TFSERVER_PORT": "0",
+           "TFSERVER_STATE_DIR": str(tmp_path / "state")}
+    done = subprocess.run([sys.executable, "-m", "tfserver"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, env=env)
+    assert done.returncode == 2, done.stderr
+    assert "modules.gated: separate_approver needs TFSERVER_AUTH=jwt" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_the_webhook_says_a_run_awaits(tmp_path: Path, terraform_bin: str) -> None:
     import http.server
 

@@ -11,7 +11,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 
@@ -25,9 +25,10 @@ from .auth import Authenticator, make_authenticator
 from .config import AcmeSettings, Config, load
 from .errors import ConfigError, TFServerError
 from .metrics import Metrics
-from .module.discover import discover
+from .module.discover import Module, discover
 from .module.policy import Policy
 from .module.policyfile import load_policy
+from .names import LOCAL_TENANT
 from .notify.delivery import Notifier, targets_from_policy
 from .notify.payloads import instance_event, instance_events
 from .notify.store import Deliveries
@@ -84,9 +85,7 @@ def build(config: Config) -> Parts:
                           "executable terraform binary (not found on PATH)")
     modules = discover(config.modules_dir)
     policy = load_policy(config.policy, modules)
-    if config.queue.engine == "sqs" and policy.requires_approval:
-        raise ConfigError(f"{config.policy}: require_approval works with TFSERVER_QUEUE=local "
-                          "only (the sqs engine cannot hold an instance's queue yet)")
+    _check_approvals(config, policy, modules)
     modules = policy.narrowed(modules)
     affinity = Affinity.choose(config.pin_cpu)
     terraform = Terraform(binary=binary, base_env=config.terraform_env,
@@ -300,6 +299,23 @@ def _stop(parts: Parts) -> None:
     if parts.notifier is not None:
         parts.notifier.close()  # after the last run's end: its webhook is kept
     server.service.close()
+
+
+def _check_approvals(config: Config, policy: Policy, modules: Mapping[str, Module]) -> None:
+    """ConfigError for approvals the settings cannot give: any with the sqs engine, or
+    a separate approver with authentication off (every caller is then the one subject
+    `local`, and no gated run could ever be approved)."""
+    if config.queue.engine == "sqs" and policy.requires_approval:
+        raise ConfigError(f"{config.policy}: require_approval works with TFSERVER_QUEUE=local "
+                          "only (the sqs engine cannot hold an instance's queue yet)")
+    if config.auth == "jwt":
+        return
+    for name in sorted(modules):
+        limits = policy.limits(name, LOCAL_TENANT)
+        if limits.require_approval and limits.separate_approver:
+            raise ConfigError(f"{config.policy}: modules.{name}: separate_approver needs "
+                              "TFSERVER_AUTH=jwt (with authentication off every caller is "
+                              "`local`, and nobody else could approve its runs)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

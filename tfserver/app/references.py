@@ -200,19 +200,17 @@ class References:
                            "the run did not start", retry_after=10)
 
     def destroying(self, module: str, workspace: str) -> bool:
-        """A destroy of the instance is under way, of any age (refindex.py: its mark,
-        written before it looked for users). A dependent starting meanwhile waits for
-        it: the destroy may have looked for users before the dependent claimed its
-        entries. A mark whose run ended or was lost is none, and goes (a crash's)."""
+        """A destroy of the instance is under way, of any age (its mark: refindex.py),
+        which may have looked for users before this dependent claimed its entries. A
+        mark whose run ended or was lost is none, and goes (a crash's)."""
         under_way = False
         for run_id, at in self.index.destroys_of(module, workspace):
             try:
                 active = self.runs.record(run_id).active
             except NotFound:
                 active = abs(time.time() - at) < CLAIM_GRACE  # its record not stored yet
-            if active:
-                under_way = True
-            elif abs(time.time() - at) >= CLAIM_GRACE:
+            under_way = under_way or active
+            if not active and abs(time.time() - at) >= CLAIM_GRACE:
                 with contextlib.suppress(TFServerError):  # tried again by the next look
                     self.index.unmark_destroy(module, workspace, run_id)
         return under_way

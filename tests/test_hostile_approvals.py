@@ -253,8 +253,9 @@ def test_a_run_awaiting_approval_holds_no_run_slot(
 def test_a_losing_approval_gives_back_only_its_own_slot(tmp_path: Path) -> None:
     """Two approvals of one run racing (two replicas, a double click) each take a run
     slot before one wins the answer: the loser gave back every slot of the run, the
-    winner's too, and the tenant could run one more than its limit. And a slot that
-    cannot be given back as a run parks is no error (it is freed as stale later)."""
+    winner's too, and the tenant could run one more than its limit; so did the parking
+    of a run approved as it parked. And a slot that cannot be given back as a run parks
+    is no error (it is freed as stale later)."""
     from test_approvals import POLICY
 
     from tfserver.app.governance import Governance
@@ -275,14 +276,21 @@ def test_a_losing_approval_gives_back_only_its_own_slot(tmp_path: Path) -> None:
     record = RunRecord(id=new_run_id(), module="gated", instance="x", workspace="t.x",
                        tenant="t", subject="alice", operation="apply")
     planner = Principal(subject="alice", tenant="team")
-    governance.resumed(record, planner)  # the approval that wins the answer
-    lost = governance.resumed(record, planner)
-    lost()  # the other: 409, its slot back
+    governance.reserve(governance.limits(planner, "gated"), record, queued=False)
+    governance.resumed(record, planner)  # approved as it parks: the event came first
+    governance.parked(record)  # gives back its admission's slot, not the approval's
     held = governance.reservations.runs.held("t", "gated")
     assert [h.holder for h in held] == [record.id]
+    lost = governance.resumed(record, planner)  # a second approval racing the first
+    lost()  # it lost the answer (409): its slot back, and that one only
+    held = governance.reservations.runs.held("t", "gated")
+    assert [h.holder for h in held] == [record.id]
+    governance.ended(record)
+    assert governance.reservations.runs.held("t", "gated") == []
 
-    def failing(tenant: str, module: str, run_id: str) -> None:
+    def failing(key: str, holder: str) -> None:
         raise Unavailable("the backend is down")
 
-    governance.reservations.free_run = failing  # type: ignore[method-assign]
+    governance.reserve(governance.limits(planner, "gated"), record, queued=False)
+    governance.reservations.free_slot = failing  # type: ignore[method-assign]
     governance.parked(record)  # logged, not raised: the run still parks

@@ -9,6 +9,7 @@ runs is counted from the stored records (a bound against flooding, not a quota).
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 
 from ..auth import Principal
@@ -32,6 +33,10 @@ class Governance:
         self.backend = backend
         self.runs = runs
         self.reservations = Reservations(backend.objects, run_alive=self._run_alive)
+        #: The run slot each run took as it was admitted here: a run that parks gives
+        #: back that one alone (an approval racing the parking holds one of its own).
+        self._admitted: dict[str, str] = {}
+        self._mutex = threading.Lock()
 
     def limits(self, principal: Principal, module: str) -> Limits:
         """What the policy allows this caller on this module."""
@@ -47,11 +52,14 @@ class Governance:
             self._check_queued(limits.max_queued, tenant)
         taken: list[Callable[[], None]] = []
         if limits.max_runs is not None:
-            if self.reservations.take_run(tenant, module, record.id, limits.max_runs) is None:
+            key = self.reservations.take_run(tenant, module, record.id, limits.max_runs)
+            if key is None:
                 raise TooManyRuns(
                     f"this tenant has {limits.max_runs} runs of module {module} queued or "
                     f"running; the limit is {limits.max_runs}", limit=limits.max_runs)
-            taken.append(lambda: self.reservations.free_run(tenant, module, record.id))
+            with self._mutex:
+                self._admitted[record.id] = key
+            taken.append(lambda: self._give_back(record))
         if limits.max_instances is not None and record.operation == "apply":
             try:
                 if self._reserve_instance(limits.max_instances, record):
@@ -70,10 +78,12 @@ class Governance:
     def parked(self, record: RunRecord) -> None:
         """A run awaits its approval: it is not in flight, so its run slot goes back
         (`resumed` takes one again once it is approved)."""
-        if not self.policy.limits_runs:
+        with self._mutex:
+            key = self._admitted.pop(record.id, None)
+        if key is None:
             return
         try:
-            self.reservations.free_run(record.tenant, record.module, record.id)
+            self.reservations.free_slot(key, record.id)
         except TFServerError as e:  # not active now: freed as stale by the next take
             logger.warning("run slot of %s not given back yet: %s", record.id, e.detail)
 
@@ -92,19 +102,25 @@ class Governance:
                 f"running; the limit is {limits.max_runs}: approve run {record.id} once "
                 "one ended", limit=limits.max_runs)
         # That slot alone: a second approval racing this one holds another of the run's.
-        return lambda: self.reservations.free_slot(key)
+        return lambda: self.reservations.free_slot(key, record.id)
 
     def ended(self, record: RunRecord) -> None:
         """A run ended here: its run slot back; the slot back of a destroyed instance, or
         of a create that failed leaving no instance (a phantom is not counted)."""
         if self.policy.limits_runs:
-            self.reservations.free_run(record.tenant, record.module, record.id)
+            self._give_back(record)
         if not self.policy.limits_instances:
             return
         if record.operation == "destroy" and record.status == "succeeded":
             self.reservations.free_instance(record.tenant, record.module, record.workspace)
         elif record.operation == "apply" and record.status != "succeeded":
             self._settle_failed_create(record)
+
+    def _give_back(self, record: RunRecord) -> None:
+        """Every run slot the run holds (its admission's, an approval's)."""
+        with self._mutex:
+            self._admitted.pop(record.id, None)
+        self.reservations.free_run(record.tenant, record.module, record.id)
 
     def _settle_failed_create(self, record: RunRecord) -> None:
         """Give the instance slot back when the failed apply left no instance and no other

@@ -58,7 +58,7 @@ class Slots:
         folder = self.folder(tenant, module)
         found = []
         for name in self.objects.keys(folder, limit=100_000):
-            held = self._read(folder + name)
+            held = self.read(folder + name)
             if held is not None:
                 found.append(held)
         return found
@@ -89,7 +89,8 @@ class Slots:
                 freed += 1
         return freed
 
-    def _read(self, key: str) -> Held | None:
+    def read(self, key: str) -> Held | None:
+        """The slot at `key` (None when it is free)."""
         data = self.objects.get(key)
         if data is None:
             return None
@@ -123,9 +124,12 @@ class Reservations:
         """The run ended (or was refused after it took its slot)."""
         self.runs.free(tenant, module, run_id)
 
-    def free_slot(self, key: str) -> None:
-        """Give back the one slot `take_run` took as `key`."""
-        self.runs.objects.delete(key)
+    def free_slot(self, key: str, holder: str) -> None:
+        """Give back the one slot `take_run` took as `key`, if `holder` still holds it
+        (freed meanwhile, it may be another run's now)."""
+        held = self.runs.read(key)
+        if held is not None and held.holder == holder:
+            self.runs.objects.delete(key)
 
     def take_instance(self, tenant: str, module: str, workspace: str, limit: int, *,
                       existing: Collection[str], creating: Iterable[str]) -> bool:

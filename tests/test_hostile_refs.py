@@ -114,6 +114,19 @@ def test_a_delete_racing_a_dependents_apply_is_refused(srv: ServerProcess, home:
     # with 409, or done).
     marks = home / "state" / "_refs" / "destroying"
     assert not [p for p in marks.rglob("*") if p.is_file()], list(marks.rglob("*"))
+    # A saved destroy plan of an instance used since the plan: 409 as it is applied, and
+    # the plan is not used up (it was, refused only as it started).
+    assert srv.request("PUT", "/network/sp", {}).status == 201
+    plan = srv.request("DELETE", "/network/sp?dry_run=true").json
+    assert srv.request("PUT", "/subnet/sp", {
+        "network_id": ref("/network/sp#/outputs/network_id")}).status == 201
+    r = srv.request("POST", f"/runs/{plan['run_id']}/apply")
+    assert r.status == 409 and "is used by subnet/sp" in r.json["detail"], r.body
+    assert srv.request("GET", "/network/sp").status == 200
+    assert srv.request("DELETE", "/subnet/sp").status == 200
+    r = srv.request("POST", f"/runs/{plan['run_id']}/apply")  # unused: it applies now
+    assert r.status == 200, r.body
+    assert srv.request("GET", "/network/sp").status == 404
 
 
 def test_an_index_that_cannot_be_written_fails_no_apply(srv: ServerProcess, home: Path
@@ -373,6 +386,11 @@ def test_a_destroy_and_a_dependents_first_apply_never_both_go_on(tmp: Path) -> N
     index.mark_destroy("network", "local.n1", new_run_id(), time.time() - CLAIM_GRACE - 1)
     assert not references.destroying("network", "local.n1")  # left by a crash
     assert index.destroys_of("network", "local.n1") == []  # both old marks of no run went
+    ahead = time.time() + 3600  # a mark dated ahead (a clock ahead) is young, and kept
+    index.mark_destroy("network", "local.n1", new_run_id(), ahead)
+    assert references.destroying("network", "local.n1")
+    index.unmark_destroys("network", "local.n1")  # the instance destroyed: all go
+    assert index.destroys_of("network", "local.n1") == []
     # A destroy still under way when the wait ends: the dependent does not start.
     index.mark_destroy("network", "local.n1", new_run_id(), time.time())
     references.wait = 0.2

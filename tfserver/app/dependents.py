@@ -166,6 +166,7 @@ class Dependents:
         try:
             if isinstance(outcome, Destroyed):
                 self.index.forget(name, ws)
+                self.index.unmark_destroys(name, ws)  # a crash's too: nobody looks again
             elif isinstance(outcome, Applied):
                 self.index.record(name, ws, list(spec.references or []))
         except TFServerError as e:  # repaired from the kept inputs (`users`, `repair`)

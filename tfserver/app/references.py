@@ -12,7 +12,6 @@ referenced instance ends; the kept inputs keep the `$ref`.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -31,7 +30,7 @@ from ..runs.registry import Runs
 from ..scrub import Scrubber
 from ..storage.base import StateBackend, holds_instance
 from .execute import RunSpec
-from .refindex import CLAIM_GRACE, RefIndex, kept_references
+from .refindex import RefIndex, kept_references
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +39,8 @@ logger = logging.getLogger(__name__)
 MAX_CHAIN = 8
 #: How often a run waiting on an older run of an instance it references looks again.
 _POLL = 0.05
+#: How often a run waiting for a destroy of an instance it references looks again.
+_DESTROY_POLL = 1.0
 
 
 class _Bad(Exception):
@@ -185,12 +186,16 @@ class References:
             sources.add((ref.module, workspace_name(tenant, ref.instance)))
         modules = {s[0] for s in sources}
         deadline = time.monotonic() + self.wait
+        looked, destroying = float("-inf"), False
         while time.monotonic() < deadline:
             older = [run_id for t, module, run_id in self.runs.store.active()
                      if t == tenant and module in modules and run_id > spec.run_id]
-            if not any(r.active and (r.module, r.workspace) in sources
-                       for r in self.runs.records(older)) and \
-                    not any(self.destroying(*source) for source in sources):
+            if time.monotonic() - looked >= _DESTROY_POLL:
+                # A LIST a source: looked at less often than the runs while one goes on.
+                destroying = any(self.destroying(*source) for source in sources)
+                looked = time.monotonic()
+            if not destroying and not any(r.active and (r.module, r.workspace) in sources
+                                          for r in self.runs.records(older)):
                 return
             time.sleep(_POLL)
         gone = sorted(f"{m}/{ws.partition('.')[2]}" for m, ws in sources
@@ -200,20 +205,16 @@ class References:
                            "the run did not start", retry_after=10)
 
     def destroying(self, module: str, workspace: str) -> bool:
-        """A destroy of the instance is under way, of any age (its mark: refindex.py),
-        which may have looked for users before this dependent claimed its entries. A
-        mark whose run ended or was lost is none, and goes (a crash's)."""
-        under_way = False
-        for run_id, at in self.index.destroys_of(module, workspace):
-            try:
-                active = self.runs.record(run_id).active
-            except NotFound:
-                active = abs(time.time() - at) < CLAIM_GRACE  # its record not stored yet
-            under_way = under_way or active
-            if not active and abs(time.time() - at) >= CLAIM_GRACE:
-                with contextlib.suppress(TFServerError):  # tried again by the next look
-                    self.index.unmark_destroy(module, workspace, run_id)
-        return under_way
+        """A destroy of the instance is under way, of any age (`RefIndex.under_way`): it
+        may have looked for users before this dependent claimed its entries."""
+        return self.index.under_way(module, workspace, self._active)
+
+    def _active(self, run_id: str) -> bool | None:
+        """Whether the run is queued or running (None: no record of it is found)."""
+        try:
+            return self.runs.record(run_id).active
+        except NotFound:
+            return None
 
     # -- one reference -----------------------------------------------------------------
 

@@ -29,10 +29,12 @@ and `users` callers that must be sure (a DELETE) check each entry against them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,6 +150,29 @@ class RefIndex:
     def unmark_destroy(self, module: str, workspace: str, run_id: str) -> None:
         """The destroy `run_id` of the instance ended (however it ended)."""
         self.objects.delete(destroying_folder(module, workspace) + run_id)
+
+    def unmark_destroys(self, module: str, workspace: str) -> None:
+        """The instance was destroyed: every mark of a destroy of it goes."""
+        folder = destroying_folder(module, workspace)
+        for run_id in self.objects.keys(folder):
+            self.objects.delete(folder + run_id)
+
+    def under_way(self, module: str, workspace: str,
+                  active: Callable[[str], bool | None]) -> bool:
+        """A destroy of the instance is under way: a mark whose run is `active` (None:
+        no record of it found, then it counts while the mark is younger than
+        CLAIM_GRACE). A mark of a run that ended, or was lost, counts for nothing, and
+        goes once that old (a crash's)."""
+        found = False
+        for run_id, at in self.destroys_of(module, workspace):
+            alive = active(run_id)
+            if alive is None:
+                alive = time.time() - at < CLAIM_GRACE  # its record not stored yet
+            found = found or alive
+            if not alive and time.time() - at >= CLAIM_GRACE:
+                with contextlib.suppress(TFServerError):  # tried again by the next look
+                    self.unmark_destroy(module, workspace, run_id)
+        return found
 
     def destroys_of(self, module: str, workspace: str) -> list[tuple[str, float]]:
         """(run id, when it started) of each destroy of the instance marked under way

@@ -75,7 +75,7 @@ class Submitter:
         spec.run_id = new_run_id()
         # A run of the module as served (not of one version) runs the instance's version.
         spec.module = instance_version(self.executor.backend, spec.module, spec.workspace)
-        if spec.operation == "destroy" and spec.plan_of is None and self.dependents:
+        if spec.operation == "destroy" and self.dependents:  # a saved plan's too: 409 now
             self.dependents.check_unused(spec.module.name, spec.workspace, spec.instance)
         # Idempotency keys are the caller's; the run belongs to the instance's tenant.
         tenant = spec.principal.tenant_key

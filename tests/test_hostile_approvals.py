@@ -139,7 +139,7 @@ def test_an_answer_on_another_replica_frees_the_planners_lane(
         assert seen["status"] == "rejected", seen
         # A cancel on A just after an approval on B cancels B's apply (it was taken by
         # A's parked copy of the run, and the apply went on).
-        run = awaiting(a, tmp_path, people.alice, "two", "t3", seconds=6)
+        run = awaiting(a, tmp_path, people.alice, "two", "t3", seconds=6.5)
         r = answer(b, run["id"], "approve", people.bob, ASYNC)
         assert r.status == 202, r.body
         r = a.request("POST", f"/runs/{run['id']}/cancel", headers=people.alice)

@@ -60,8 +60,8 @@ def assert_no_instance(server: ServerProcess, instance: str) -> None:
 
 def test_a_force_canceled_create_leaves_no_phantom(srv: tuple[ServerProcess, Path]) -> None:
     server, states = srv
-    run_id = start_async(server, "/half/forced", {"seconds": 41}).json["id"]
-    wait_sleeping("41")  # terraform made the workspace's state; no resource exists yet
+    run_id = start_async(server, "/half/forced", {"seconds": 71}).json["id"]
+    wait_sleeping("71")  # terraform made the workspace's state; no resource exists yet
     r = server.request("POST", f"/runs/{run_id}/cancel?force=true")
     assert r.status == 202, r.body
     assert wait_run(server, run_id, timeout=60)["status"] == "canceled"
@@ -103,8 +103,8 @@ def test_a_failed_create_expires_as_it_asked(srv: tuple[ServerProcess, Path]) ->
 
 def test_a_canceled_create_expires_as_it_asked(srv: tuple[ServerProcess, Path]) -> None:
     server, _ = srv
-    run_id = start_async(server, "/half/halfway?ttl=30m", {"then_seconds": 43}).json["id"]
-    wait_sleeping("43")  # the first resource exists
+    run_id = start_async(server, "/half/halfway?ttl=30m", {"then_seconds": 73}).json["id"]
+    wait_sleeping("73")  # the first resource exists
     assert server.request("POST", f"/runs/{run_id}/cancel").status == 202
     assert wait_run(server, run_id, timeout=60)["status"] == "canceled"
     check_expires(server, "halfway", 2)  # the second is tainted
@@ -135,8 +135,8 @@ def test_a_force_canceled_create_in_s3_is_no_instance_while_locked(
     server = start_server(tmp, modules_dir=MODULES, env={
         **store, "TF_STATE_USE_LOCKFILE": "true", "TFSERVER_POLICY": str(tmp / "policy.toml")})
     try:
-        run_id = start_async(server, "/half/forced", {"seconds": 47}).json["id"]
-        wait_sleeping("47")
+        run_id = start_async(server, "/half/forced", {"seconds": 77}).json["id"]
+        wait_sleeping("77")
         assert server.request("POST", f"/runs/{run_id}/cancel?force=true").status == 202
         assert wait_run(server, run_id, timeout=60)["status"] == "canceled"
         assert_no_instance(server, "forced")

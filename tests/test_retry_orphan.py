@@ -142,26 +142,26 @@ def test_a_run_lost_with_its_killed_server_runs_again(tmp_path: Path, terraform_
     gate = tmp_path / "gate"
     gate.write_text("open")
     server = start_server(tmp_path, modules_dir=MODULES)
-    r = server.request("PUT", "/flaky/killed", flaky(gate, 41, "killed"), headers=ASYNC)
+    r = server.request("PUT", "/flaky/killed", flaky(gate, 79, "killed"), headers=ASYNC)
     run_id = r.json["id"]
     deadline = time.monotonic() + 30
     while server.request("GET", f"/runs/{run_id}").json["status"] != "running":
         assert time.monotonic() < deadline
         time.sleep(0.1)
     server.stop(signal.SIGKILL)
-    for pid in sleepers("41"):
+    for pid in sleepers("79"):
         os.kill(pid, signal.SIGKILL)  # what a crashed host would not leave behind
     again = start_server(tmp_path, modules_dir=MODULES)
     try:
         assert again.request("GET", f"/runs/{run_id}").json["status"] == "lost"
         r = retry(again, run_id, ASYNC)
         assert r.status == 202 and r.json["retry_of"] == run_id, r.body
-        # Its kept request: 41 s of sleep, the same tag; cancel it once it runs.
+        # Its kept request: 79 s of sleep, the same tag; cancel it once it runs.
         while again.request("GET", f"/runs/{r.json['id']}").json["status"] != "running":
             assert time.monotonic() < deadline + 60
             time.sleep(0.1)
         # "running" as terraform starts: its provisioner's sleep comes a little later.
-        while not sleepers("41"):
+        while not sleepers("79"):
             assert time.monotonic() < deadline + 90, "the retried run never slept"
             time.sleep(0.1)
         assert again.request("POST", f"/runs/{r.json['id']}/cancel?force=true").status == 202

@@ -315,13 +315,13 @@ def test_runs_of_other_tenants_and_bad_ids_are_404(srv: tuple[ServerProcess, Pat
 
 def test_a_restart_marks_its_leftover_runs_lost(tmp: Path) -> None:
     server = start_server(tmp, modules_dir=MODULES)
-    run_id = start_async(server, "/steps/left", body(30, "left")).json["id"]
+    run_id = start_async(server, "/steps/left", body(33, "left")).json["id"]
     deadline = time.monotonic() + 30
     while server.request("GET", f"/runs/{run_id}").json["status"] != "running":
         assert time.monotonic() < deadline
         time.sleep(0.1)
     server.stop(signal.SIGKILL)
-    for pid in sleepers("30"):
+    for pid in sleepers("33"):
         os.kill(pid, signal.SIGKILL)  # what a crashed host would not leave behind
     again = start_server(tmp, modules_dir=MODULES)
     try:
@@ -439,3 +439,28 @@ def test_a_synchronous_run_is_listed_as_soon_as_it_answers(srv: tuple[ServerProc
         runs = server.request("GET", "/steps/listed/runs?limit=1").json["runs"]
         assert runs[0]["id"] == answer.json["run_id"], i  # read your writes
     assert server.request("DELETE", "/steps/listed").status == 200
+
+
+def test_each_sleep_length_belongs_to_one_test_file() -> None:
+    """`sleepers` finds a run's `sleep <seconds>` among every process of the machine,
+    and test files run side by side (pytest-xdist): a length that another file sleeps
+    too is a flake (test_hostile once took test_phantoms' sleep of 47 s for its own, left
+    behind; a test here killed every sleep of 30 s, the drift tests' stand-ins' too)."""
+    import re
+    from collections import defaultdict
+
+    watched: dict[str, set[str]] = defaultdict(set)
+    slept: dict[str, set[str]] = defaultdict(set)
+    number = r"([0-9]+(?:\.[0-9]+)?)"
+    for path in Path(__file__).parent.glob("test_*.py"):
+        text = path.read_text()
+        for seconds in re.findall(r'(?:sleepers|wait_sleeping)\("' + number + '"', text):
+            watched[seconds].add(path.name)
+        for pattern in (r"\bsleep " + number + r"\b", r"\bbody\(" + number + ",",
+                        r'seconds": ' + number + r"\b", r"seconds=" + number + r"\b",
+                        r"flaky\(gate, " + number + ","):
+            for seconds in re.findall(pattern, text):
+                slept[seconds].add(path.name)
+    shared = {s: sorted(files | slept[s]) for s, files in watched.items()
+              if len(files | slept[s]) > 1}
+    assert not shared, shared

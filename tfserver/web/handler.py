@@ -22,6 +22,7 @@ from ..errors import (
     UnsupportedMediaType,
 )
 from ..logs import audit_request, log_access, request_id
+from ..metrics import method_label
 from ..settings import parse_bool
 from .connections import HEALTH_HEAD_TIMEOUT, HEALTH_PATHS, client_address
 from .http11 import DRAIN_LIMIT, Connection, Host, new_request_id
@@ -271,7 +272,7 @@ class RequestHandler(Connection):
 
     def _log(self, seconds: float) -> None:
         path = self._path()
-        method = self.command or "-"
+        method = method_label(self.command) if self.command else "-"
         p = self.principal
         client = self.client_ip or self.client_address[0]
         log_access(method, path, self.status, seconds, client,

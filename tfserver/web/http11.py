@@ -23,6 +23,7 @@ from .. import __version__
 from ..auth import Principal
 from ..config import Config
 from ..errors import TFServerError
+from ..metrics import method_label
 from ..tls import Certificates
 from .connections import DeadlineReader
 from .head import BadHead, read_fields, request_line
@@ -57,6 +58,15 @@ class Host(Protocol):
     def certificates(self) -> Certificates | None:
         """The TLS certificates (None: plain HTTP)."""
         ...
+
+
+def _loggable(text: str, method: str) -> str:
+    """A protocol error's text fit for the log. It may hold a raw request line: query
+    strings are cut (a token could be there), and so is a method the API does not know
+    ("Unsupported method ('<a token>')": any token is a method)."""
+    if method and method_label(method) == "other":
+        text = text.replace(method, "<method>")
+    return " ".join(word.split("?")[0] for word in text.split())[:300]
 
 
 class Connection(BaseHTTPRequestHandler):
@@ -155,7 +165,9 @@ class Connection(BaseHTTPRequestHandler):
             self.close_connection = True
         elif connection == "keep-alive":
             self.close_connection = False
-        if self.headers.get("Expect", "").lower() == "100-continue" and http11:
+        # Not for a method the API does not know: its 501 comes at once, and closes.
+        if self.headers.get("Expect", "").lower() == "100-continue" and http11 \
+                and method_label(self.command) != "other":
             return self.handle_expect_100()
         return True
 
@@ -172,8 +184,7 @@ class Connection(BaseHTTPRequestHandler):
             text = format % args
         except (TypeError, ValueError):
             text = " ".join([format, *map(str, args)])
-        # The text may hold a raw request line: cut query strings (a token could be there).
-        logger.warning("http: %s", " ".join(word.split("?")[0] for word in text.split())[:300])
+        logger.warning("http: %s", _loggable(text, self.command))
 
     # -- answers ----------------------------------------------------------------------
 

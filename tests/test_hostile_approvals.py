@@ -287,6 +287,13 @@ def test_a_losing_approval_gives_back_only_its_own_slot(tmp_path: Path) -> None:
     assert [h.holder for h in held] == [record.id]
     governance.ended(record)
     assert governance.reservations.runs.held("t", "gated") == []
+    # A run that cannot park is not remembered: on the sqs engine it ends on a worker,
+    # and the API replica's memory of it would grow with every run.
+    from tfserver.module.limits import Limits
+    other = RunRecord(id=new_run_id(), module="gated", instance="y", workspace="t.y",
+                      tenant="t", subject="alice", operation="apply")
+    governance.reserve(Limits(max_runs=2), other, queued=True)
+    assert other.id not in governance._admitted
 
     def failing(key: str, holder: str) -> None:
         raise Unavailable("the backend is down")

@@ -33,8 +33,10 @@ class Governance:
         self.backend = backend
         self.runs = runs
         self.reservations = Reservations(backend.objects, run_alive=self._run_alive)
-        #: The run slot each run took as it was admitted here: a run that parks gives
+        #: The run slot each run that may park took as it was admitted here: it gives
         #: back that one alone (an approval racing the parking holds one of its own).
+        #: Entries go as the run parks or ends (runs that cannot park are not kept: on
+        #: the sqs engine they end on a worker, and would stay here for ever).
         self._admitted: dict[str, str] = {}
         self._mutex = threading.Lock()
 
@@ -57,8 +59,9 @@ class Governance:
                 raise TooManyRuns(
                     f"this tenant has {limits.max_runs} runs of module {module} queued or "
                     f"running; the limit is {limits.max_runs}", limit=limits.max_runs)
-            with self._mutex:
-                self._admitted[record.id] = key
+            if limits.require_approval:  # it may park here (else it may end elsewhere)
+                with self._mutex:
+                    self._admitted[record.id] = key
             taken.append(lambda: self._give_back(record))
         if limits.max_instances is not None and record.operation == "apply":
             try:

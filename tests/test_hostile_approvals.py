@@ -301,3 +301,43 @@ def test_a_losing_approval_gives_back_only_its_own_slot(tmp_path: Path) -> None:
     governance.reserve(governance.limits(planner, "gated"), record, queued=False)
     governance.reservations.free_slot = failing  # type: ignore[method-assign]
     governance.parked(record)  # logged, not raised: the run still parks
+
+
+def test_an_approved_run_taken_back_at_a_restart_takes_its_slot_again(
+        tmp_path: Path) -> None:
+    """An approved run a killed server left waiting held its slot; while the server was
+    down the slot could be freed as stale, and the run taken back at the restart went on
+    without one (a run past the tenant's limit). Now it takes one again (never refused:
+    it was approved; past the limit it is logged), and none more if it still holds one."""
+    from test_approvals import POLICY
+
+    from tfserver.app.governance import Governance
+    from tfserver.auth import Principal
+    from tfserver.module.discover import discover
+    from tfserver.module.policyfile import load_policy
+    from tfserver.runs.lanes import Scheduler
+    from tfserver.runs.registry import Runs
+    from tfserver.runs.store import RunRecord, RunStore, new_run_id
+    from tfserver.storage.local import LocalBackend
+
+    path = tmp_path / "policy.toml"
+    path.write_text(POLICY + "\n[tenants.team.modules.gated]\nmax_runs_per_tenant = 1\n")
+    backend = LocalBackend(tmp_path / "state")
+    runs = Runs(RunStore(backend.objects), Scheduler(1, 4), replica="r", kill_grace=1)
+    governance = Governance(load_policy(path, discover(MODULES)), backend, runs)
+    planner = Principal(subject="alice", tenant="team")
+
+    def run() -> RunRecord:
+        return RunRecord(id=new_run_id(), module="gated", instance="x", workspace="t.x",
+                         tenant="t", subject="alice", operation="apply")
+
+    def holders() -> list[str]:
+        return [h.holder for h in governance.reservations.runs.held("t", "gated")]
+
+    first, second = run(), run()
+    governance.readmitted(first, planner)
+    assert holders() == [first.id]
+    governance.readmitted(first, planner)  # it holds one: none more
+    assert holders() == [first.id]
+    governance.readmitted(second, planner)  # the limit is full: logged, not refused
+    assert holders() == [first.id]

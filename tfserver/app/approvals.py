@@ -54,13 +54,19 @@ _ELSEWHERE_EVERY = 2.0
 _SWEEP_EVERY = 30.0
 
 Job = Callable[[Run, RunSpec, RunControl], Any]
-#: Takes an approved run's run slot (`Governance.resumed`): what gives it back, or
-#: `TooManyRuns` while the tenant's runs fill every slot.
-Admit = Callable[[RunRecord, Principal], Callable[[], None]]
 
 
 def _nothing() -> None:
     """Nothing to give back."""
+
+
+def _readmitted(approvals: Approvals, record: RunRecord) -> RunSpec | None:
+    """What an approved run taken back at a restart applies (None: not kept), its run
+    slot taken again first if the restart lost it (`Governance.readmitted`)."""
+    spec = approvals._kept(record)
+    if spec is not None:
+        approvals.governance.readmitted(record, spec.principal)
+    return spec
 
 
 def awaiting_key(run_id: str) -> str:
@@ -156,8 +162,8 @@ class Approvals:
         self.modules: Mapping[str, Module] = submitter.modules
         #: What an approved run does: the submitter's job with the apply's spec.
         self.job: Job = submitter.job
-        #: Takes an approved run's run slot again (a parked run holds none).
-        self.admit: Admit = submitter.governance.resumed
+        #: An approved run's run slot taken again (a parked run holds none).
+        self.governance = submitter.governance
         self.clock = clock
         self._mutex = threading.Lock()
         self._stop = threading.Event()
@@ -195,7 +201,7 @@ class Approvals:
         record = self._answerable(principal, run_id, approving=True)
         spec = self._kept(record)
         # The run slot is taken (429) before the answer is written: refused, it awaits.
-        release = self.admit(record, spec.principal) if spec is not None else _nothing
+        release = self.governance.resumed(record, spec.principal) if spec else _nothing
         try:
             with self._mutex:
                 self._claim(record, "approved", principal.subject)
@@ -374,7 +380,7 @@ class Approvals:
         if answer is None:
             logger.info("run %s awaits its approval still", record.id)
         elif answer.get("answer") == "approved":
-            self._resume(run, str(answer.get("by")))
+            self._resume(run, str(answer.get("by")), _readmitted(self, record))
         else:
             status = str(answer.get("answer"))
             self._end(record, status if status in ("rejected", "canceled") else "expired",

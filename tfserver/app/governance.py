@@ -107,6 +107,20 @@ class Governance:
         # That slot alone: a second approval racing this one holds another of the run's.
         return lambda: self.reservations.free_slot(key, record.id)
 
+    def readmitted(self, record: RunRecord, planner: Principal) -> None:
+        """An approved run taken back at a restart goes on: it takes a run slot again
+        unless it still holds one (a slot freed as stale while the server was down). It
+        was approved already, so it is never refused: past the limit it is logged."""
+        tenant, module = record.tenant, record.module
+        limits = self.limits(planner, module)
+        if limits.max_runs is None or any(
+                h.holder == record.id for h in self.reservations.runs.held(tenant, module)):
+            return
+        if self.reservations.take_run(tenant, module, record.id, limits.max_runs) is None:
+            logger.warning("run %s, approved before the restart, goes on past "
+                           "max_runs_per_tenant (%d) of module %s", record.id,
+                           limits.max_runs, module)
+
     def ended(self, record: RunRecord) -> None:
         """A run ended here: its run slot back; the slot back of a destroyed instance, or
         of a create that failed leaving no instance (a phantom is not counted)."""

@@ -14,13 +14,13 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import Conflict, TFServerError
 from .keeper import Keeper
 from .lanes import Scheduler, Ticket
-from .run import Control, Run
+from .run import Control, Run, tell
 from .store import AWAITING, RunRecord, RunStore
 from .workers import Workers
 
@@ -97,11 +97,7 @@ class Parking:
                          record.id, e.detail)
         # Told before the caller's 202: its run slot is back by then, so the caller's
         # next run is never refused for the one that parked.
-        if self.on_parked is not None:
-            try:
-                self.on_parked(replace(record))
-            except Exception:  # a listener's bug must not keep the run from parking
-                logger.exception("run %s: a listener of its parking failed", record.id)
+        tell(self.on_parked, record, "parking")
         run.parked.set()
         run.wake()  # its synchronous caller answers now (202)
 

@@ -23,7 +23,7 @@ from .keeper import Keeper
 from .lanes import Scheduler
 from .liveness import Liveness
 from .parked import Awaiting, Parking
-from .run import Run
+from .run import Run, tell
 from .store import AWAITING, ENDED, RunRecord, RunStore, is_run_id
 from .workers import Workers
 
@@ -174,7 +174,7 @@ class Runs(Parking):
             record.cancel, record.state_may_be_locked = "forced", True
         record.status = status
         run.emit("finished", status=status, changes=record.changes, problem=record.problem)
-        _tell(self.on_finish, record)
+        tell(self.on_finish, record, "end")
         # The caller waiting on the run answers now; the store follows. Until the record
         # is stored the run stays this replica's, so `record` and `page` still show it.
         run.done.set()
@@ -184,7 +184,7 @@ class Runs(Parking):
             run.answered.wait(_ANSWER_FIRST)
         try:
             run.started()  # what waited for a terraform that never ran
-            _tell(self.on_ended, record)
+            tell(self.on_ended, record, "end")
             self.keeper.flush(run, final=True)
         except TFServerError as e:
             logger.error("run %s: its final record could not be stored: %s", record.id, e)
@@ -290,15 +290,6 @@ class Runs(Parking):
         elif run.control.interrupt("cancel"):
             run.cancel_asked_at = now
         run.emit("canceling", force=force or second)
-
-
-def _tell(listener: Callable[[RunRecord], None] | None, record: RunRecord) -> None:
-    """Tell a listener of a run's end (a copy of its record)."""
-    if listener is not None:
-        try:
-            listener(replace(record))
-        except Exception:  # a listener's bug must not keep the run from ending
-            logger.exception("run %s: a listener of its end failed", record.id)
 
 
 def _follow_local(run: Run, after: int) -> Iterator[list[dict[str, Any]]]:

@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from ..errors import StoredProblem, TFServerError
@@ -143,3 +143,12 @@ def _scrubbed(value: Any, scrub: Callable[[str], str]) -> Any:
     if isinstance(value, list):
         return [_scrubbed(v, scrub) for v in value]
     return value
+
+
+def tell(listener: Callable[[RunRecord], None] | None, record: RunRecord, what: str) -> None:
+    """Tell a listener of a run's `what` (its end, its parking): a copy of its record."""
+    if listener is not None:
+        try:
+            listener(replace(record))
+        except Exception:  # a listener's bug must not keep the run from going on
+            logger.exception("run %s: a listener of its %s failed", record.id, what)

@@ -15,15 +15,15 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 #: The content type of `render()`'s text format.
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+#: Runs take seconds to many minutes (a droplet: about one).
+_RUN_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+                1800.0)
 
 
 def method_label(method: str) -> str:
     """A request's method as metrics and log lines name it: one the API knows, else
     `other` (any token is a method: a client may send a bearer token there, or 64 KiB)."""
     return method if method in _METHODS else "other"
-#: Runs take seconds to many minutes (a droplet: about one).
-_RUN_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
-                1800.0)
 
 
 class Metrics:

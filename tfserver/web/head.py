@@ -28,8 +28,9 @@ MAX_LINES = 100
 #: each (6.5 MB) were read and held for every connection that sent them.
 MAX_FIELD_BYTES = 256 * 1024
 
-#: A field name: a token (RFC 9110, 5.1).
-_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+#: A token (RFC 9110, 5.6.2): a field name (5.1), a method (9.1).
+_TCHARS = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_NAME = re.compile(_TCHARS.encode())
 #: What a field value may not hold: control characters but horizontal tab.
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 #: What separates a request line's words: SP, or the whitespace RFC 9112 (3) lets a
@@ -38,8 +39,7 @@ _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _SEPARATORS = re.compile(r"[ \t\x0b\x0c\r]+")
 #: What a request line may not hold: the other control characters.
 _LINE_CONTROL = re.compile(r"[\x00-\x08\x0a\x0e-\x1f\x7f]")
-#: A method: a token (RFC 9110, 9.1).
-_METHOD = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_METHOD = re.compile(_TCHARS)
 
 
 class Lines(Protocol):

@@ -56,9 +56,7 @@ class Governance:
         if limits.max_runs is not None:
             key = self.reservations.take_run(tenant, module, record.id, limits.max_runs)
             if key is None:
-                raise TooManyRuns(
-                    f"this tenant has {limits.max_runs} runs of module {module} queued or "
-                    f"running; the limit is {limits.max_runs}", limit=limits.max_runs)
+                raise _too_many(limits.max_runs, module)
             if limits.require_approval:  # it may park here (else it may end elsewhere)
                 with self._mutex:
                     self._admitted[record.id] = key
@@ -100,10 +98,7 @@ class Governance:
             return lambda: None
         key = self.reservations.take_run(tenant, module, record.id, limits.max_runs)
         if key is None:
-            raise TooManyRuns(
-                f"this tenant has {limits.max_runs} runs of module {module} queued or "
-                f"running; the limit is {limits.max_runs}: approve run {record.id} once "
-                "one ended", limit=limits.max_runs)
+            raise _too_many(limits.max_runs, module, f": approve run {record.id} once one ended")
         # That slot alone: a second approval racing this one holds another of the run's.
         return lambda: self.reservations.free_slot(key, record.id)
 
@@ -203,3 +198,9 @@ class Governance:
         if requested is None and expires:
             return None
         return limits.ttl(requested)
+
+
+def _too_many(limit: int, module: str, then: str = "") -> TooManyRuns:
+    """The 429 of a tenant whose runs of `module` fill its `limit` (`then`: what to do)."""
+    return TooManyRuns(f"this tenant has {limit} runs of module {module} queued or running; "
+                       f"the limit is {limit}{then}", limit=limit)

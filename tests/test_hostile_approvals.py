@@ -250,48 +250,65 @@ def test_a_run_awaiting_approval_holds_no_run_slot(
         server.stop()
 
 
+def limited(tmp_path: Path, max_runs: int) -> Any:
+    """`Governance` over test_approvals' policy, `team` limited to `max_runs` runs of
+    `gated`, on a local backend."""
+    from test_approvals import POLICY
+
+    from tfserver.app.governance import Governance
+    from tfserver.module.discover import discover
+    from tfserver.module.policyfile import load_policy
+    from tfserver.runs.lanes import Scheduler
+    from tfserver.runs.registry import Runs
+    from tfserver.runs.store import RunStore
+    from tfserver.storage.local import LocalBackend
+
+    path = tmp_path / "policy.toml"
+    path.write_text(POLICY + f"\n[tenants.team.modules.gated]\nmax_runs_per_tenant = {max_runs}\n")
+    backend = LocalBackend(tmp_path / "state")
+    runs = Runs(RunStore(backend.objects), Scheduler(1, 4), replica="r", kill_grace=1)
+    return Governance(load_policy(path, discover(MODULES)), backend, runs)
+
+
+def gated_run(instance: str) -> Any:
+    """A new run record of `gated` (tenant `t`)."""
+    from tfserver.runs.store import RunRecord, new_run_id
+
+    return RunRecord(id=new_run_id(), module="gated", instance=instance,
+                     workspace=f"t.{instance}", tenant="t", subject="alice",
+                     operation="apply")
+
+
+def holders(governance: Any) -> list[str]:
+    """Who holds `gated`'s run slots of tenant `t`."""
+    return [h.holder for h in governance.reservations.runs.held("t", "gated")]
+
+
 def test_a_losing_approval_gives_back_only_its_own_slot(tmp_path: Path) -> None:
     """Two approvals of one run racing (two replicas, a double click) each take a run
     slot before one wins the answer: the loser gave back every slot of the run, the
     winner's too, and the tenant could run one more than its limit; so did the parking
     of a run approved as it parked. And a slot that cannot be given back as a run parks
     is no error (it is freed as stale later)."""
-    from test_approvals import POLICY
-
-    from tfserver.app.governance import Governance
     from tfserver.auth import Principal
     from tfserver.errors import Unavailable
-    from tfserver.module.discover import discover
-    from tfserver.module.policyfile import load_policy
-    from tfserver.runs.lanes import Scheduler
-    from tfserver.runs.registry import Runs
-    from tfserver.runs.store import RunRecord, RunStore, new_run_id
-    from tfserver.storage.local import LocalBackend
+    from tfserver.module.limits import Limits
 
-    path = tmp_path / "policy.toml"
-    path.write_text(POLICY + "\n[tenants.team.modules.gated]\nmax_runs_per_tenant = 2\n")
-    backend = LocalBackend(tmp_path / "state")
-    runs = Runs(RunStore(backend.objects), Scheduler(1, 4), replica="r", kill_grace=1)
-    governance = Governance(load_policy(path, discover(MODULES)), backend, runs)
-    record = RunRecord(id=new_run_id(), module="gated", instance="x", workspace="t.x",
-                       tenant="t", subject="alice", operation="apply")
+    governance = limited(tmp_path, 2)
+    record = gated_run("x")
     planner = Principal(subject="alice", tenant="team")
     governance.reserve(governance.limits(planner, "gated"), record, queued=False)
     governance.resumed(record, planner)  # approved as it parks: the event came first
     governance.parked(record)  # gives back its admission's slot, not the approval's
-    held = governance.reservations.runs.held("t", "gated")
-    assert [h.holder for h in held] == [record.id]
+    assert holders(governance) == [record.id]
     lost = governance.resumed(record, planner)  # a second approval racing the first
     lost()  # it lost the answer (409): its slot back, and that one only
-    held = governance.reservations.runs.held("t", "gated")
-    assert [h.holder for h in held] == [record.id]
+    assert holders(governance) == [record.id]
     governance.ended(record)
-    assert governance.reservations.runs.held("t", "gated") == []
+    assert holders(governance) == []
     # A run that cannot park is not remembered: on the sqs engine it ends on a worker,
     # and the API replica's memory of it would grow with every run.
-    from tfserver.module.limits import Limits
-    other = RunRecord(id=new_run_id(), module="gated", instance="y", workspace="t.y",
-                      tenant="t", subject="alice", operation="apply")
+    other = gated_run("y")
     governance.reserve(Limits(max_runs=2), other, queued=True)
     assert other.id not in governance._admitted
 
@@ -299,7 +316,7 @@ def test_a_losing_approval_gives_back_only_its_own_slot(tmp_path: Path) -> None:
         raise Unavailable("the backend is down")
 
     governance.reserve(governance.limits(planner, "gated"), record, queued=False)
-    governance.reservations.free_slot = failing  # type: ignore[method-assign]
+    governance.reservations.free_slot = failing
     governance.parked(record)  # logged, not raised: the run still parks
 
 
@@ -309,35 +326,14 @@ def test_an_approved_run_taken_back_at_a_restart_takes_its_slot_again(
     down the slot could be freed as stale, and the run taken back at the restart went on
     without one (a run past the tenant's limit). Now it takes one again (never refused:
     it was approved; past the limit it is logged), and none more if it still holds one."""
-    from test_approvals import POLICY
-
-    from tfserver.app.governance import Governance
     from tfserver.auth import Principal
-    from tfserver.module.discover import discover
-    from tfserver.module.policyfile import load_policy
-    from tfserver.runs.lanes import Scheduler
-    from tfserver.runs.registry import Runs
-    from tfserver.runs.store import RunRecord, RunStore, new_run_id
-    from tfserver.storage.local import LocalBackend
 
-    path = tmp_path / "policy.toml"
-    path.write_text(POLICY + "\n[tenants.team.modules.gated]\nmax_runs_per_tenant = 1\n")
-    backend = LocalBackend(tmp_path / "state")
-    runs = Runs(RunStore(backend.objects), Scheduler(1, 4), replica="r", kill_grace=1)
-    governance = Governance(load_policy(path, discover(MODULES)), backend, runs)
+    governance = limited(tmp_path, 1)
     planner = Principal(subject="alice", tenant="team")
-
-    def run() -> RunRecord:
-        return RunRecord(id=new_run_id(), module="gated", instance="x", workspace="t.x",
-                         tenant="t", subject="alice", operation="apply")
-
-    def holders() -> list[str]:
-        return [h.holder for h in governance.reservations.runs.held("t", "gated")]
-
-    first, second = run(), run()
+    first, second = gated_run("x"), gated_run("x")
     governance.readmitted(first, planner)
-    assert holders() == [first.id]
+    assert holders(governance) == [first.id]
     governance.readmitted(first, planner)  # it holds one: none more
-    assert holders() == [first.id]
+    assert holders(governance) == [first.id]
     governance.readmitted(second, planner)  # the limit is full: logged, not refused
-    assert holders() == [first.id]
+    assert holders(governance) == [first.id]

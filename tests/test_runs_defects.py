@@ -338,3 +338,23 @@ def test_a_run_s_final_record_is_stored_before_its_finished_event(tmp_path: Path
     ended = [i for i, (kind, data) in enumerate(writes)
              if kind == "records" and json.loads(data)["status"] == "succeeded"]
     assert ended and ended[0] < finished, writes
+
+
+def test_a_follower_reads_the_finished_event_stored_just_after_the_record() -> None:
+    """The final record is stored before the final events (the test above): a follower
+    on another replica that read the events a moment before they were stored, and then
+    the ended record, stopped without the `finished` event (test_runs_replicas saw its
+    stream end at `resource`). It reads the events on, for up to FINAL_EVENTS."""
+    from types import SimpleNamespace
+
+    from tfserver.runs.registry import _follow_stored
+
+    started = {"seq": 1, "type": "started"}
+    finished = {"seq": 2, "type": "finished", "status": "succeeded"}
+    reads = iter([[started], [started], [started, finished]])
+    store = SimpleNamespace(get_events=lambda run_id: next(reads, [started, finished]))
+    record = RunRecord(id=new_run_id(), module="m", instance="i", workspace="t.i",
+                       tenant="t", subject="s", operation="apply", status="succeeded")
+    runs: Any = SimpleNamespace(store=store, record=lambda run_id: record)
+    batches = list(_follow_stored(runs, record.id, 0))
+    assert [e["type"] for batch in batches for e in batch] == ["started", "finished"]

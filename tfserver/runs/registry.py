@@ -34,6 +34,9 @@ FOLLOW_IDLE = 15.0
 #: How often a follower on another replica reads the stored event log (the keeper stores
 #: new events about as often: keeper.EVENTS_EVERY).
 FOLLOW_POLL = 0.25
+#: How long a follower on another replica reads for the `finished` event of a run whose
+#: record says it ended (the events are stored just after the record).
+FINAL_EVENTS = 2.0
 #: How long a synchronous run's final record waits for its caller to take the outcome.
 _ANSWER_FIRST = 0.05
 
@@ -312,6 +315,7 @@ def _follow_stored(runs: Runs, run_id: str, after: int) -> Iterator[list[dict[st
     """A run of another replica: its stored event log, read every FOLLOW_POLL seconds."""
     seq = after
     idle = 0.0
+    ended: float | None = None
     while True:
         events = [e for e in runs.store.get_events(run_id) if e.get("seq", 0) > seq]
         if events:
@@ -321,8 +325,14 @@ def _follow_stored(runs: Runs, run_id: str, after: int) -> Iterator[list[dict[st
             if any(e.get("type") == "finished" for e in events):
                 return
         record = runs.record(run_id)
-        if record.status == "lost" or (record.status in ENDED and not events):
+        if record.status == "lost":
             return
+        if record.status in ENDED and not events:
+            # The final record is stored just before the final events (keeper.py): its
+            # `finished` may be a moment behind it, and is read for up to FINAL_EVENTS.
+            ended = time.monotonic() if ended is None else ended
+            if time.monotonic() - ended >= FINAL_EVENTS:
+                return
         time.sleep(FOLLOW_POLL)
         idle += FOLLOW_POLL
         if idle >= FOLLOW_IDLE:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import itertools
 import json
@@ -149,8 +150,23 @@ def test_a_run_lost_with_its_killed_server_runs_again(tmp_path: Path, terraform_
         assert time.monotonic() < deadline
         time.sleep(0.1)
     server.stop(signal.SIGKILL)
+    # What a crashed host would not leave behind: terraform (it outlives its server, in
+    # a session of its own) and its provisioner. Killing the sleep alone let terraform
+    # run on and hold the state while the retried run started.
+    groups = set()
     for pid in sleepers("79"):
-        os.kill(pid, signal.SIGKILL)  # what a crashed host would not leave behind
+        with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
+            group = os.getpgid(pid)
+            os.killpg(group, signal.SIGKILL)
+            groups.add(group)
+    while groups:
+        assert time.monotonic() < deadline + 30, "terraform's group outlived SIGKILL"
+        for group in list(groups):
+            try:
+                os.killpg(group, 0)
+            except ProcessLookupError:
+                groups.discard(group)
+        time.sleep(0.05)
     again = start_server(tmp_path, modules_dir=MODULES)
     try:
         assert again.request("GET", f"/runs/{run_id}").json["status"] == "lost"

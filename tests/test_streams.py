@@ -121,6 +121,7 @@ def read_to_end(s: socket.socket, timeout: float = 30) -> bytes:
 def test_streams_past_the_tenant_cap_are_429_and_a_closed_one_frees_its_place(
         capped: tuple[ServerProcess, dict[str, str], str]) -> None:
     server, a, run_id = capped
+    places_back(server, run_id, a)
     held = [until_admitted(server, run_id, a) for _ in range(CAP)]
     try:
         extra = server.request("GET", f"/runs/{run_id}/events", headers={**a, **SSE},
@@ -151,9 +152,20 @@ def idle_connection(server: ServerProcess) -> tuple[socket.socket, bytes]:
     return s, got
 
 
+def places_back(server: ServerProcess, run_id: str, a: dict[str, str]) -> None:
+    """Wait (bounded) until an ordinary request is served again: the streams a test
+    before closed hold their places until their threads notice (at their next write),
+    and meanwhile a new request gets a kept place, and a 503."""
+    deadline = time.monotonic() + 30
+    while server.request("GET", f"/runs/{run_id}", headers=a, timeout=10).status == 503:
+        assert time.monotonic() < deadline, "the places of closed streams stayed taken"
+        time.sleep(0.2)
+
+
 def fill(server: ServerProcess, run_id: str, a: dict[str, str]) -> list[socket.socket]:
     """Take every ordinary place: the tenant's streams, then idle keep-alive connections
     until one is answered on a kept place (closed after its answer) or refused."""
+    places_back(server, run_id, a)
     held = [until_admitted(server, run_id, a) for _ in range(CAP)]
     for _ in range(16):
         s, answer = idle_connection(server)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import shutil
 import signal
 import threading
 import time
@@ -64,6 +66,49 @@ def test_a_server_killed_mid_apply_leaves_its_resource_in_state(tmp: Path) -> No
         assert again.request("DELETE", "/made/one").status == 200
     finally:
         again.stop()
+
+
+def test_a_server_killed_while_an_answered_apply_still_exits_loses_nothing(
+        tmp: Path) -> None:
+    # A run is answered at terraform's last event, before its exit (terraform/process.py).
+    # This terraform's process outlives terraform itself by a `sleep`, as a slow exit would.
+    real = shutil.which("terraform")
+    slow = tmp / "terraform-slow-exit"
+    slow.write_text(f'#!/bin/sh\n"{real}" "$@"\nstatus=$?\n'
+                    'if [ "$1" = apply ]; then sleep 89; fi\nexit $status\n')
+    slow.chmod(0o755)
+    marker = tmp / "made"
+    body = {"marker": str(marker), "seconds": 0}
+    server = start_server(tmp, modules_dir=MODULES, env={"TFSERVER_TERRAFORM": str(slow)})
+    try:
+        r = server.request("PUT", "/made/exiting", body)
+        assert r.status == 201, r.body
+        assert r.json["outputs"] == {"marker": str(marker)}, r.json
+        wait_sleeping("89")  # answered while its process runs on
+        run_id = r.json["run_id"]
+        stored = tmp / "state" / "_runs" / "records" / f"{run_id}.json"
+        deadline = time.monotonic() + 30  # its record is kept just after its answer
+        while not (stored.exists() and json.loads(stored.read_text())["status"] == "succeeded"):
+            assert time.monotonic() < deadline, "the run's record was never kept"
+            time.sleep(0.02)
+        server.stop(signal.SIGKILL)
+        again = start_server(tmp, modules_dir=MODULES)
+        try:
+            got = again.request("GET", "/made/exiting")
+            assert got.status == 200 and got.json["outputs"]["marker"] == str(marker), got.body
+            assert wait_run(again, run_id)["status"] == "succeeded"
+            # No lock is left, and nothing is made twice.
+            r = again.request("PUT", "/made/exiting", body)
+            assert r.status == 200 and r.json["changes"]["add"] == 0, r.body
+            assert again.request("DELETE", "/made/exiting").status == 200
+            assert marker.read_text().splitlines() == ["made"]
+        finally:
+            again.stop()
+    finally:
+        server.stop(signal.SIGKILL)
+        for pid in sleepers("89"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_a_synchronous_run_killed_in_its_first_seconds_is_recorded_as_started(

@@ -57,6 +57,9 @@ class FakeRunner:
     def interrupt_all(self) -> int:
         return 0
 
+    def close(self) -> None:
+        pass
+
 
 def diag(summary: str, detail: str = "", severity: str | None = "error",
          variable: str | None = None) -> dict[str, Any]:

@@ -281,6 +281,7 @@ def test_without_a_pidfd_the_exit_is_still_seen(tmp_path: Path,
     tf = runner(tmp_path, 'print(\'{"type": "version"}\')', kill_grace=0.5)
     before = len(os.listdir("/proc/self/fd"))
     result = tf.run(["apply"], cwd=tmp_path, timeout=20)
+    tf.close()  # its idle output wakes (wake.py) are kept until then
     assert result.returncode == 0 and not result.timed_out
     assert [e["type"] for e in result.events] == ["version"]
     assert len(os.listdir("/proc/self/fd")) == before
@@ -306,6 +307,7 @@ time.sleep(60)
     with pytest.raises(OSError):
         tf.run(["apply"], cwd=tmp_path, timeout=60)
     assert _ends(int(marker.read_text()), within=0)
+    tf.close()
     assert len(os.listdir("/proc/self/fd")) == before
     assert tf.running() == 0
 
@@ -334,5 +336,6 @@ print("err " + sys.argv[2], file=sys.stderr, flush=True)
     for t in threads:
         t.join(120)
     assert not failures, failures[:3]
+    tf.close()
     assert len(os.listdir("/proc/self/fd")) == before
     assert list(tf._spool().iterdir()) == []

@@ -299,6 +299,7 @@ def _stop(parts: Parts) -> None:
     if parts.notifier is not None:
         parts.notifier.close()  # after the last run's end: its webhook is kept
     server.service.close()
+    server.service.runner.close()  # the exits still awaited (process.py)
 
 
 def _check_approvals(config: Config, policy: Policy, modules: Mapping[str, Module]) -> None:

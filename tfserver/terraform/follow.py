@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .output import STDERR_KEEP, EventSink, parse_event
+from .wake import Wake
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +91,8 @@ class Output:
     write to a pipe whose reader is gone, so a server killed mid-apply took terraform with
     it before it wrote its state, leaving resources that no state records. A file has no
     reader to lose: terraform finishes and writes its state whatever happens to the server.
-    The process's exit is watched through a pidfd (the selector wakes at once); the files
+    The process's exit is watched through a pidfd (the selector wakes at once), and so
+    are terraform's writes to stdout where a `Wake` watches the file (wake.py); the files
     are read whenever it wakes, and at least every `POLL` seconds while terraform runs.
     """
 
@@ -100,7 +102,9 @@ class Output:
     POLL = 0.05
 
     def __init__(self, proc: subprocess.Popen[bytes], files: tuple[int, int], *,
-                 streamed: bool, on_event: EventSink | None) -> None:
+                 streamed: bool, on_event: EventSink | None,
+                 last: Callable[[dict[str, Any]], bool] | None = None,
+                 wake: Wake | None = None) -> None:
         self.proc = proc
         self.pid = proc.pid
         self.streamed = streamed
@@ -112,6 +116,11 @@ class Output:
         self.unreadable = 0
         self._err_kept = 0
         self.exited = False
+        #: `last` (output.py's `last_event`) saw the event after which terraform has only
+        #: to exit: its run is over, and `pump` returns.
+        self.finished = False
+        self._last = last
+        self._wake = wake
         self._stdout_fd, self._stderr_fd = files
         self._lines: dict[int, Callable[[str], None]] = {
             self._stdout_fd: self._stdout_line, self._stderr_fd: self._stderr_line}
@@ -129,17 +138,26 @@ class Output:
                 os.close(pidfd)
                 raise
             self._pidfd = pidfd
+        if wake is not None and self._pidfd is None:
+            wake.close()  # polled: nothing selects on it
+            self._wake = None
+        elif wake is not None:
+            self._selector.register(wake.fd, selectors.EVENT_READ, wake)
 
-    def pump(self, until: float) -> bool:
-        """Read what comes until the process exits or the monotonic time `until` passes;
-        True when it exited (everything it wrote is read then)."""
-        while not self.exited:
+    def pump(self, until: float, *, to_exit: bool = False) -> bool:
+        """Read what comes until the process exits (or, unless `to_exit`, reports its last
+        event) or the monotonic time `until` passes; True when it did (everything it wrote
+        until then is read)."""
+        while not (self.exited or (self.finished and not to_exit)):
             left = until - time.monotonic()
             if left <= 0:
                 return False
             if self._pidfd is not None:
-                if self._selector.select(min(left, self.POLL)):
-                    self.exited = True
+                for key, _ in self._selector.select(min(left, self.POLL)):
+                    if key.data is None:
+                        self.exited = True
+                    else:
+                        key.data.clear()  # a write: read below
             else:
                 time.sleep(min(left, self.POLL))
                 self.exited = self.proc.poll() is not None
@@ -153,6 +171,10 @@ class Output:
             if pieces:  # the last line may lack its newline
                 self._lines[fd](_decoded(b"".join(pieces)))
             pieces.clear()
+        if self._wake is not None:
+            self._selector.unregister(self._wake.fd)
+            self._wake.close()
+            self._wake = None
         if self._pidfd is not None:
             self._selector.unregister(self._pidfd)
             os.close(self._pidfd)
@@ -198,6 +220,8 @@ class Output:
                              "(%d characters)", len(line))
             return
         self.events.append(event)
+        if self._last is not None and self._last(event):
+            self.finished = True
         if self.on_event is not None:
             try:
                 self.on_event(event)

@@ -211,6 +211,34 @@ class RunResult:
         return any(e.get("type") in ("apply_start", "apply_errored") for e in self.events)
 
 
+def last_event(command: str) -> Callable[[Mapping[str, Any]], bool] | None:
+    """A test of each event of terraform `command`'s stream, true at the event after which
+    the command has nothing left to do but exit 0; None for a command without one.
+
+    `apply` and `destroy` report their result only once the operation is over, its state
+    written and its lock released: first the summary of what they changed (a
+    `change_summary` whose operation is `apply` or `destroy`, never `plan`), then, for an
+    apply, its `outputs`. After them the command returns 0 (terraform 1.11,
+    internal/command/apply.go). A stream that lacks them (a failure, an older terraform)
+    simply ends at the exit, as every other command's does.
+    """
+    if command not in ("apply", "destroy"):
+        return None
+    summarized = False
+
+    def is_last(event: Mapping[str, Any]) -> bool:
+        nonlocal summarized
+        kind = event.get("type")
+        if kind == "change_summary":
+            changes = event.get("changes")
+            operation = changes.get("operation") if isinstance(changes, dict) else None
+            summarized = operation in ("apply", "destroy")
+            return summarized and command == "destroy"
+        return kind == "outputs" and summarized
+
+    return is_last
+
+
 def api_event(raw: Mapping[str, Any]) -> dict[str, Any] | None:
     """A terraform `-json` event as an event of tfserver's API (without `seq` and `time`),
     or None for the kinds the API does not show. Sensitive output values are redacted

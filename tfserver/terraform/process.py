@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -23,7 +24,8 @@ from typing import Protocol
 from .affinity import Affinity
 from .args import JSON_COMMANDS, build_env
 from .follow import Output, Spool
-from .output import EventSink, RunResult
+from .output import EventSink, RunResult, last_event
+from .wake import Wake, Wakes
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +154,10 @@ class Runner(Protocol):
         """Interrupt every live run (the server is stopping); how many there were."""
         ...
 
+    def close(self) -> None:
+        """Await what is still ending (the server stops)."""
+        ...
+
 
 @dataclass
 class Terraform:
@@ -168,7 +174,10 @@ class Terraform:
     spool_dir: Path | None = None
     #: The CPUs terraform starts with: all the server's, even when its threads keep to one.
     affinity: Affinity = field(default_factory=Affinity)
+    #: What wakes a run's reader as terraform writes (wake.py).
+    wakes: Wakes = field(default_factory=Wakes, repr=False)
     _live: dict[int, RunControl] = field(default_factory=dict, init=False, repr=False)
+    _exits: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
     _mutex: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _stopping: bool = field(default=False, init=False, repr=False)
 
@@ -198,33 +207,90 @@ class Terraform:
         control.attach(proc)
         if stopping:
             control.interrupt("shutdown")
+        return self._follow(proc, args, spool, control, on_event=on_event,
+                            on_start=on_start, started=started, deadline=started + timeout)
+
+    def _follow(self, proc: subprocess.Popen[bytes], args: Sequence[str], spool: Spool,
+                control: RunControl, *, on_event: EventSink | None,
+                on_start: Callable[[], None] | None, started: float, deadline: float
+                ) -> RunResult:
+        """Read terraform's output until it exits, or until it reports its last event (its
+        exit is then awaited apart, `_exiting`); what it did."""
         output: Output | None = None
-        timed_out = waited = False
+        wake: Wake | None = None
+        timed_out = waited = early = False
         try:
-            output = Output(proc, spool.readers,
-                             streamed=bool(args) and args[0] in JSON_COMMANDS,
-                             on_event=on_event)
+            streamed = bool(args) and args[0] in JSON_COMMANDS
+            last = last_event(args[0]) if streamed else None
+            wake = self.wakes.watch(spool.paths[0]) if last else None
+            output = Output(proc, spool.readers, streamed=streamed, on_event=on_event,
+                            last=last, wake=wake)
             if on_start is not None:
                 on_start()
-            timed_out = self._wait(proc, output, started + timeout)
+            timed_out = self._wait(proc, output, deadline)
             waited = True
+            early = not (timed_out or output.exited)
         finally:
-            self._end(proc, output, stopped=timed_out or control.reason is not None,
-                      watched=waited)
-            spool.discard()
+            if not early:
+                self._end(proc, output, stopped=timed_out or control.reason is not None,
+                          watched=waited)
+                spool.discard()
+                if output is None and wake is not None:
+                    wake.close()  # the reader that would have closed it never started
         assert output is not None
-        return RunResult(
-            args=tuple(args),
-            returncode=proc.returncode,
-            events=tuple(output.events),
-            stdout="".join(output.out),
-            stderr="".join(output.err),
-            duration=time.monotonic() - started,
-            timed_out=timed_out,
-            interrupted=control.reason == "shutdown",
-            canceled=control.reason == "cancel",
-            unreadable=output.unreadable,
-        )
+        try:
+            return RunResult(
+                args=tuple(args), returncode=0 if early else proc.returncode,
+                events=tuple(output.events), stdout="".join(output.out),
+                stderr="".join(output.err), duration=time.monotonic() - started,
+                timed_out=timed_out, interrupted=control.reason == "shutdown",
+                canceled=control.reason == "cancel", unreadable=output.unreadable)
+        finally:
+            if early:  # read above, so that the exit's thread has the output to itself
+                self._exiting(proc, output, spool, stopped=control.reason is not None)
+
+    def _exiting(self, proc: subprocess.Popen[bytes], output: Output, spool: Spool, *,
+                 stopped: bool) -> None:
+        """Await the exit of a terraform that reported its last event, in the background."""
+        with self._mutex:
+            if self._exits is None:
+                self._exits = ThreadPoolExecutor(max_workers=4,
+                                                 thread_name_prefix="terraform-exit")
+            exits = self._exits
+        try:
+            exits.submit(self._exit, proc, output, spool, stopped)
+        except RuntimeError:  # closed (a late shutdown): awaited here
+            self._exit(proc, output, spool, stopped)
+
+    def _exit(self, proc: subprocess.Popen[bytes], output: Output, spool: Spool,
+              stopped: bool) -> None:
+        """After the last event: the exit (within the kill grace, else its group is
+        killed), what it said after, and no process of its group left."""
+        try:
+            output.on_event = None  # its run has ended: nothing is told of it any more
+            until = time.monotonic() + self.kill_grace
+            exited = output.pump(until, to_exit=True) and _reaped(proc, until)
+            if not exited:
+                logger.error("terraform pid %d has not exited %gs after its last event; "
+                             "killing it", proc.pid, self.kill_grace)
+            self._end(proc, output, stopped=stopped, watched=exited)
+            if proc.returncode:
+                # Never seen: after its last event terraform returns 0 (output.py).
+                logger.error("terraform pid %d exited %d after its last event; its run "
+                             "was answered as it reported", proc.pid, proc.returncode)
+        except Exception:  # a thread of its own: nothing above it would log this
+            logger.exception("awaiting terraform pid %d's exit failed", proc.pid)
+        finally:
+            spool.discard()
+
+    def close(self) -> None:
+        """Await the exits still awaited (each at most the kill grace) and release the
+        output wakes."""
+        with self._mutex:
+            exits, self._exits = self._exits, None
+        if exits is not None:
+            exits.shutdown(wait=True)
+        self.wakes.close()
 
     def _spool(self) -> Path:
         """The folder terraform's output files go to (made once, owner-only)."""
@@ -292,14 +358,14 @@ class Terraform:
         polls with sleeps that grow to 50 ms, which cost every run up to that much after
         terraform was done. Output is read while it winds down, too.
         """
-        if output.pump(deadline) and _reaped(proc, deadline):
-            return False
+        if output.pump(deadline) and (not output.exited or _reaped(proc, deadline)):
+            return False  # it exited, or reported its last event (`early` in `run`)
         _signal(proc, signal.SIGINT)
         grace = time.monotonic() + self.kill_grace
-        if not (output.pump(grace) and _reaped(proc, grace)):
+        if not (output.pump(grace, to_exit=True) and _reaped(proc, grace)):
             logger.warning("terraform pid %d ignored SIGINT; killing it", proc.pid)
             _kill_group(proc)
-            output.pump(time.monotonic() + self.kill_grace)
+            output.pump(time.monotonic() + self.kill_grace, to_exit=True)
             proc.wait(timeout=self.kill_grace)
         return True
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tfserver.terraform.follow import Output
 from tfserver.terraform.output import last_event
 from tfserver.terraform.process import Terraform
 from tfserver.terraform.wake import Wakes
@@ -36,14 +37,16 @@ DESTROYED = [{"type": "change_summary", "changes": {"add": 0, "change": 0, "remo
 
 
 def stand_in(tmp_path: Path, events: list[dict[str, object]], after: str = "",
-             kill_grace: float = 2.0, wakes: Wakes | None = None) -> Terraform:
-    """A runner whose terraform prints `events` one write each, then runs `after`."""
+             kill_grace: float = 2.0, wakes: Wakes | None = None,
+             before: str = "") -> Terraform:
+    """A runner whose terraform runs `before`, prints `events` one write each, then runs
+    `after`."""
     path = tmp_path / "fake-terraform"
     (tmp_path / "spool").mkdir(exist_ok=True)
     lines = "".join(f"sys.stdout.write({json.dumps(json.dumps(e) + chr(10))}); "
                     "sys.stdout.flush()\n" for e in events)
     path.write_text(f"#!{sys.executable}\nimport os, sys, time, signal, subprocess\n"
-                    f"{lines}{after}\n")
+                    f"{before}{lines}{after}\n")
     path.chmod(0o755)
     return Terraform(binary=str(path), base_env={"PATH": "/usr/bin:/bin"},
                      kill_grace=kill_grace, spool_dir=tmp_path / "spool",
@@ -66,8 +69,10 @@ def until(check: object, within: float = 30.0) -> bool:
 
 @pytest.mark.parametrize("wakes", [None, Wakes(enabled=False)], ids=["woken", "polled"])
 def test_an_apply_ends_at_its_last_event_and_its_exit_is_awaited_apart(
-        tmp_path: Path, wakes: Wakes | None) -> None:
+        tmp_path: Path, wakes: Wakes | None, monkeypatch: pytest.MonkeyPatch) -> None:
     go = tmp_path / "go"
+    if wakes is None:  # woken by the write itself: a poll would come only after the wait
+        monkeypatch.setattr(Output, "POLL", 60.0)
     tf = stand_in(tmp_path, PLAN + APPLIED, waits_for(go), wakes=wakes)
     result = tf.run(["apply", "-json"], cwd=tmp_path, timeout=60)
     assert result.ok and result.returncode == 0
@@ -121,12 +126,11 @@ def test_an_exit_status_after_the_last_event_is_logged(
 def test_a_terraform_that_does_not_exit_after_its_last_event_is_killed(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     child = tmp_path / "child"
-    after = ("signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
-             "c = subprocess.Popen(['sleep', '83'])\n"
-             f"open({str(child)!r} + '.tmp', 'w').write(str(c.pid))\n"
-             f"os.rename({str(child)!r} + '.tmp', {str(child)!r})\n"
-             "time.sleep(60)\n")
-    tf = stand_in(tmp_path, APPLIED, after, kill_grace=0.5)
+    before = ("signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+              "c = subprocess.Popen(['sleep', '83'])\n"
+              f"open({str(child)!r} + '.tmp', 'w').write(str(c.pid))\n"
+              f"os.rename({str(child)!r} + '.tmp', {str(child)!r})\n")
+    tf = stand_in(tmp_path, APPLIED, "time.sleep(60)\n", kill_grace=0.5, before=before)
     with caplog.at_level(logging.ERROR, logger="tfserver.terraform.process"):
         assert tf.run(["apply", "-json"], cwd=tmp_path, timeout=60).ok
         assert until(child.exists)
@@ -135,6 +139,31 @@ def test_a_terraform_that_does_not_exit_after_its_last_event_is_killed(
     pid = int(child.read_text())
     assert until(lambda: not _alive(pid), within=10), "its group's child lives"
     assert any("has not exited" in r.getMessage() for r in caplog.records)
+
+
+def test_a_failure_awaiting_the_exit_still_leaves_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    pid_file = tmp_path / "pid"
+    tf = stand_in(tmp_path, APPLIED, "time.sleep(60)\n",
+                  before=f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n")
+    pump = Output.pump
+
+    def failing(self: Output, until: float, *, to_exit: bool = False) -> bool:
+        if to_exit:
+            raise OSError(5, "Input/output error")
+        return pump(self, until, to_exit=to_exit)
+
+    monkeypatch.setattr(Output, "pump", failing)
+    before = len(os.listdir("/proc/self/fd"))
+    with caplog.at_level(logging.ERROR, logger="tfserver.terraform.process"):
+        assert tf.run(["apply", "-json"], cwd=tmp_path, timeout=60).ok
+        tf.close()
+    assert tf.running() == 0
+    assert until(lambda: not _alive(int(pid_file.read_text())), within=10)
+    assert not list((tmp_path / "spool").iterdir())
+    assert len(os.listdir("/proc/self/fd")) <= before
+    assert any("exit failed" in r.getMessage() for r in caplog.records)
 
 
 def test_a_wake_wakes_at_each_write_and_its_descriptor_is_used_again(tmp_path: Path) -> None:

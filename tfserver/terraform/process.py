@@ -178,6 +178,7 @@ class Terraform:
     wakes: Wakes = field(default_factory=Wakes, repr=False)
     _live: dict[int, RunControl] = field(default_factory=dict, init=False, repr=False)
     _exits: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
+    _closed: bool = field(default=False, init=False, repr=False)
     _mutex: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _stopping: bool = field(default=False, init=False, repr=False)
 
@@ -251,21 +252,23 @@ class Terraform:
 
     def _exiting(self, proc: subprocess.Popen[bytes], output: Output, spool: Spool, *,
                  stopped: bool) -> None:
-        """Await the exit of a terraform that reported its last event, in the background."""
+        """Await the exit of a terraform that reported its last event, in the background
+        (in this thread once the runner is closed: the server is stopping)."""
         with self._mutex:
-            if self._exits is None:
+            if self._exits is None and not self._closed:
                 self._exits = ThreadPoolExecutor(max_workers=4,
                                                  thread_name_prefix="terraform-exit")
             exits = self._exits
-        try:
-            exits.submit(self._exit, proc, output, spool, stopped)
-        except RuntimeError:  # closed (a late shutdown): awaited here
+        if exits is None:
             self._exit(proc, output, spool, stopped)
+        else:
+            exits.submit(self._exit, proc, output, spool, stopped)
 
     def _exit(self, proc: subprocess.Popen[bytes], output: Output, spool: Spool,
               stopped: bool) -> None:
         """After the last event: the exit (within the kill grace, else its group is
         killed), what it said after, and no process of its group left."""
+        ended = False
         try:
             output.on_event = None  # its run has ended: nothing is told of it any more
             until = time.monotonic() + self.kill_grace
@@ -274,20 +277,24 @@ class Terraform:
                 logger.error("terraform pid %d has not exited %gs after its last event; "
                              "killing it", proc.pid, self.kill_grace)
             self._end(proc, output, stopped=stopped, watched=exited)
-            if proc.returncode:
+            ended = True
+            if exited and proc.returncode:
                 # Never seen: after its last event terraform returns 0 (output.py).
                 logger.error("terraform pid %d exited %d after its last event; its run "
                              "was answered as it reported", proc.pid, proc.returncode)
         except Exception:  # a thread of its own: nothing above it would log this
             logger.exception("awaiting terraform pid %d's exit failed", proc.pid)
         finally:
+            if not ended:  # nothing of it may stay: not the process, its entry, its files
+                with contextlib.suppress(Exception):
+                    self._end(proc, output, stopped=True, watched=False)
             spool.discard()
 
     def close(self) -> None:
         """Await the exits still awaited (each at most the kill grace) and release the
-        output wakes."""
+        output wakes; a run after this awaits its own exit."""
         with self._mutex:
-            exits, self._exits = self._exits, None
+            exits, self._exits, self._closed = self._exits, None, True
         if exits is not None:
             exits.shutdown(wait=True)
         self.wakes.close()

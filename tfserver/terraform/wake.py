@@ -54,12 +54,13 @@ class Wakes:
         self._idle: list[int] = []
         self._enabled = enabled
         self._libc: ctypes.CDLL | None = None
+        self._closed = False
 
     def watch(self, path: Path) -> Wake | None:
         """A wake for writes to `path`, or None where none can be had (not Linux, no
         libc, or the system's inotify limits reached): the file is then polled."""
         libc = self._library()
-        if libc is None:
+        if libc is None or self._closed:
             return None
         with self._mutex:
             fd = self._idle.pop() if self._idle else -1
@@ -82,16 +83,21 @@ class Wakes:
         self._keep(fd)
 
     def close(self) -> None:
-        """Close the idle descriptors (the runner is done)."""
+        """Close the idle descriptors (the runner is done); one given back later is
+        closed then, and no new wake is had."""
         with self._mutex:
-            idle, self._idle = self._idle, []
+            idle, self._idle, self._closed = self._idle, [], True
         for fd in idle:
             with contextlib.suppress(OSError):
                 os.close(fd)
 
     def _keep(self, fd: int) -> None:
         with self._mutex:
-            self._idle.append(fd)
+            if not self._closed:
+                self._idle.append(fd)
+                return
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
     def _library(self) -> ctypes.CDLL | None:
         """libc's inotify calls, loaded once (None when they cannot be)."""

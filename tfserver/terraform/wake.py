@@ -14,12 +14,15 @@ descriptor is made once, watches one file at a time, and goes back to the pool a
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # loaded at the first run's watch, not at the server's start
+    import ctypes
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +108,8 @@ class Wakes:
             if self._libc is None and self._enabled:
                 self._enabled = False  # one attempt
                 try:
+                    import ctypes
+
                     # The interpreter's own symbols: libc is linked in already.
                     libc = ctypes.CDLL(None, use_errno=True)
                     for name, args in (("inotify_init1", [ctypes.c_int]),
@@ -113,7 +118,7 @@ class Wakes:
                                        ("inotify_rm_watch", [ctypes.c_int, ctypes.c_int])):
                         function = getattr(libc, name)
                         function.argtypes, function.restype = args, ctypes.c_int
-                except (OSError, AttributeError) as e:
+                except (ImportError, OSError, AttributeError) as e:
                     logger.info("no inotify (%s): terraform's output is polled", e)
                 else:
                     self._libc = libc

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_runner_io import _alive
 
 from tfserver.terraform.follow import Output
 from tfserver.terraform.output import last_event
@@ -212,10 +213,3 @@ def test_last_event_of_each_command() -> None:
 
 def _readable(fd: int, timeout: float) -> bool:
     return bool(select.select([fd], [], [], timeout)[0])
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except FileNotFoundError:
-        return False

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import selectors
+import subprocess
 import sys
 import threading
 import time
@@ -339,3 +340,45 @@ print("err " + sys.argv[2], file=sys.stderr, flush=True)
     tf.close()
     assert len(os.listdir("/proc/self/fd")) == before
     assert list(tf._spool().iterdir()) == []
+
+
+def test_a_stopped_run_ends_only_once_nothing_of_its_group_is_left(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # SIGKILL is delivered when its target next runs: the run must wait for that, or a
+    # caller told "stopped" may still see the process (test_hostile once did, in CI). A
+    # kill that spares the group's member stands in for one not yet delivered.
+    import contextlib
+    import signal
+
+    from tfserver.terraform import process
+
+    def kill_the_leader(proc: subprocess.Popen[bytes]) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
+
+    monkeypatch.setattr(process, "_kill_group", kill_the_leader)
+    marker = tmp_path / "member.pid"
+    tf = runner(tmp_path, f"""
+import subprocess
+member = subprocess.Popen(["sleep", "60"])
+open({str(marker)!r}, "w").write(str(member.pid))
+time.sleep(60)
+""", kill_grace=30)
+    control = RunControl()
+    done = threading.Event()
+    thread = threading.Thread(target=lambda: (tf.run(["apply"], cwd=tmp_path, timeout=60,
+                                                     control=control), done.set()))
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not marker.exists() or not marker.read_text():
+        assert time.monotonic() < deadline, "the stand-in did not start"
+        time.sleep(0.01)
+    member = int(marker.read_text())
+    try:
+        control.kill("cancel")
+        assert not done.wait(1.0), "the run ended while its group still had a member"
+    finally:
+        os.kill(member, signal.SIGKILL)
+    assert done.wait(30), "the run did not end once its group was gone"
+    thread.join(timeout=30)
+    assert tf.running() == 0

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,15 +112,31 @@ class ServerProcess:
                 found.append(json.loads(line))
         return found
 
+    def records(self, matches: Callable[[dict[str, Any]], bool], *, count: int = 1,
+                timeout: float = 30) -> list[dict[str, Any]]:
+        """The log records that `matches`, once there are `count` of them (or what there
+        is after `timeout` seconds): a line is read by a thread of this process a moment
+        after the server wrote it, and many are written after their request's answer."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [r for r in self.log_records() if matches(r)]
+            if len(found) >= count or time.monotonic() >= deadline:
+                return found
+            time.sleep(0.02)
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        """Signal the server and await its exit, and the reading of its last lines."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
-            return self.proc.wait(timeout=timeout)
+            code = self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(timeout=10)
             raise
+        if self._reader is not None:
+            self._reader.join(timeout=10)  # its last lines were not all read yet
+        return code
 
 
 def launch(argv: list[str], *, cwd: Path, env: dict[str, str],

@@ -149,18 +149,19 @@ def test_approve_applies_exactly_the_plan(srv: tuple[ServerProcess, Path],
     assert record["approval"]["planned_by"] == "alice"
     assert answer(server, run["id"], "approve", people.bob).status == 409  # answered
     assert answer(server, run["id"], "reject", people.bob).status == 409
-    lines = [r for r in server.log_records() if r.get("event") == "run"
-             and r.get("what", {}).get("run_id") == run["id"]]
+    lines = server.records(lambda r: r.get("event") == "run"
+                           and r.get("what", {}).get("run_id") == run["id"], count=2)
     assert [line["outcome"]["status"] for line in lines] == ["awaiting_approval",
                                                              "succeeded"]
     assert lines[-1]["approval"] == {"planned_by": "alice", "answer": "approved",
                                      "answered_by": "bob"}
     # The approve request's own audit line names the run's module and instance (its route
     # names neither); a refused answer's line names what its route does: nothing.
-    answers = [r["what"] for r in server.log_records() if r.get("event") == "request"
-               and r.get("what", {}).get("route") == "/runs/{id}/approve"
-               and r.get("status", r.get("outcome", {}).get("status")) in (201, None)
-               and r["what"].get("run_id") == run["id"]]
+    answers = [r["what"] for r in server.records(
+        lambda r: r.get("event") == "request"
+        and r.get("what", {}).get("route") == "/runs/{id}/approve"
+        and r.get("status", r.get("outcome", {}).get("status")) in (201, None)
+        and r["what"].get("run_id") == run["id"])]
     assert answers and all((w["module"], w["instance"]) == ("gated", "one")
                            for w in answers), answers
     # A destroy waits too; an admin approves it (of another tenant: it sees all).

@@ -251,14 +251,7 @@ def test_any_transfer_encoding_ends_the_connection(server: ServerProcess) -> Non
 def _logged(server: ServerProcess, status: int, count: int) -> list[dict[str, object]]:
     """The access lines of `status`, once there are `count` of them (bounded wait: a
     request's log lines follow its answer)."""
-    import time
-
-    deadline = time.monotonic() + 10
-    while True:
-        found = [r for r in server.log_records() if r.get("status") == status]
-        if len(found) >= count or time.monotonic() > deadline:
-            return found
-        time.sleep(0.05)
+    return server.records(lambda r: r.get("status") == status, count=count, timeout=10)
 
 
 def test_a_method_the_api_does_not_know_is_never_logged(server: ServerProcess) -> None:

@@ -371,8 +371,8 @@ def test_orphan_forgets_the_instance_and_destroys_nothing(
     assert [x["id"] for x in runs] == [run_id]
     archived = list((tmp / "state" / "_archive" / "keep").glob("*.o1.*/terraform.tfstate"))
     assert len(archived) == 1 and json.loads(archived[0].read_text())["resources"], archived
-    audit = [x for x in server.log_records() if x.get("logger") == "tfserver.audit"
-             and x.get("event") == "orphan"]
+    audit = server.records(lambda x: x.get("logger") == "tfserver.audit"
+                           and x.get("event") == "orphan")
     assert audit and audit[-1]["what"]["instance"] == "o1", audit
     assert audit[-1]["who"]["subject"] == "keeper"
     # The quota no longer counts it (one instance per tenant), and the name starts afresh.

@@ -7,6 +7,7 @@ output, a process that ignores SIGINT), which real terraform cannot be made to d
 
 from __future__ import annotations
 
+import contextlib
 import os
 import selectors
 import subprocess
@@ -347,7 +348,6 @@ def test_a_stopped_run_ends_only_once_nothing_of_its_group_is_left(
     # SIGKILL is delivered when its target next runs: the run must wait for that, or a
     # caller told "stopped" may still see the process (test_hostile once did, in CI). A
     # kill that spares the group's member stands in for one not yet delivered.
-    import contextlib
     import signal
 
     from tfserver.terraform import process
@@ -381,4 +381,49 @@ time.sleep(60)
         os.kill(member, signal.SIGKILL)
     assert done.wait(30), "the run did not end once its group was gone"
     thread.join(timeout=30)
+    assert tf.running() == 0
+
+
+def test_a_member_left_as_a_zombie_does_not_hold_the_run(tmp_path: Path) -> None:
+    # In the image tfserver may be PID 1 (without an init): an orphan of terraform's group
+    # is its child then, and a zombie until reaped, which tfserver never does. Here this
+    # test process stands in for PID 1 as a child subreaper: the run must end without
+    # waiting out the kill grace for that zombie.
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_child_subreaper = 36
+    assert libc.prctl(pr_set_child_subreaper, 1, 0, 0, 0) == 0, ctypes.get_errno()
+    marker = tmp_path / "member.pid"
+    tf = runner(tmp_path, f"""
+import subprocess
+member = subprocess.Popen(["sleep", "60"])
+open({str(marker)!r}, "w").write(str(member.pid))
+time.sleep(60)
+""", kill_grace=30)
+    control = RunControl()
+    done = threading.Event()
+    thread = threading.Thread(target=lambda: (tf.run(["apply"], cwd=tmp_path, timeout=60,
+                                                     control=control), done.set()))
+    member = 0
+    try:
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not marker.exists() or not marker.read_text():
+            assert time.monotonic() < deadline, "the stand-in did not start"
+            time.sleep(0.01)
+        member = int(marker.read_text())
+        control.kill("cancel")
+        assert _ends(member, within=30), "the member outlived SIGKILL"
+        assert Path(f"/proc/{member}").exists()  # a zombie of this process: not reaped yet
+        assert done.wait(10), "the run waited on a zombie"
+    finally:
+        libc.prctl(pr_set_child_subreaper, 0, 0, 0, 0)
+        if member:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(member, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(member, 0)
+        thread.join(timeout=60)
     assert tf.running() == 0

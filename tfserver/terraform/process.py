@@ -122,16 +122,39 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
 
 
 def _group_gone(proc: subprocess.Popen[bytes], until: float) -> bool:
-    """Wait until no process of terraform's group is left, until the monotonic time
-    `until`; True if none is."""
+    """Wait until no process of terraform's group runs, until the monotonic time `until`;
+    True if none does."""
     while True:
         try:
             os.killpg(proc.pid, 0)
         except (ProcessLookupError, PermissionError):
             return True
+        if not _group_runs(proc.pid):
+            return True
         if time.monotonic() >= until:
             return False
         time.sleep(0.01)
+
+
+def _group_runs(group: int) -> bool:
+    """Whether a process of `group` runs (True where /proc cannot tell). A zombie does
+    not: an orphan of the group is one for good under a PID 1 that never reaps (tfserver
+    itself, in a container started without an init)."""
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return True
+    for name in names:
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat", "rb") as stat:
+                    # "pid (comm) state ppid pgrp ...": comm may hold spaces and parens.
+                    state, _, pgrp = stat.read().rpartition(b")")[2].split()[:3]
+            except (OSError, ValueError):
+                continue  # gone meanwhile
+            if int(pgrp) == group and state != b"Z":
+                return True
+    return False
 
 
 class Runner(Protocol):

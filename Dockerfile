@@ -50,7 +50,13 @@ RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
 # -- the runtime ----------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE}
-RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin tfserver \
+# tini runs as PID 1: it reaps what terraform's runs leave orphaned (a provisioner's child
+# after a cancel) and passes SIGTERM on. tfserver as PID 1 would leave those as zombies.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends tini \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --create-home --uid 10001 --shell /usr/sbin/nologin tfserver \
  && install -d -o tfserver -g tfserver -m 0700 /var/lib/tfserver
 COPY --from=terraform /usr/local/bin/terraform /usr/local/bin/terraform
 COPY --from=providers /opt/tf-mirror /opt/tf-mirror
@@ -75,4 +81,5 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
   CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('TFSERVER_PORT', '8000') + '/healthz', timeout=4)"]
 # Listening on 0.0.0.0 requires TFSERVER_AUTH=jwt (COGNITO_ISSUER): without it tfserver
 # refuses to start, so an unauthenticated container cannot happen by accident.
+ENTRYPOINT ["/usr/bin/tini", "--"]
 CMD ["tfserver"]

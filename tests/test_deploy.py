@@ -1308,17 +1308,18 @@ def test_dockerfile_lints_clean() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def dockerfile() -> tuple[dict[str, str], list[str], list[str]]:
-    """The runtime stage's ENV, CMD and HEALTHCHECK command."""
+def dockerfile() -> tuple[dict[str, str], list[str], list[str], list[str]]:
+    """The runtime stage's ENV, ENTRYPOINT, CMD and HEALTHCHECK command."""
     text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
     runtime = text.split("\nFROM ")[-1]
     env: dict[str, str] = {}
     for line in runtime.splitlines():
         if line.startswith("ENV "):
             env.update(re.findall(r"(\w+)=(\S+)", line))
+    entrypoint = json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", runtime, re.M).group(1))
     cmd = json.loads(re.search(r"^CMD (\[.*\])$", runtime, re.M).group(1))
     health = json.loads(re.search(r"HEALTHCHECK .*?CMD (\[.*\])$", runtime, re.M).group(1))
-    return env, cmd, health
+    return env, entrypoint, cmd, health
 
 
 def test_dockerfile_pins_and_verifies_terraform() -> None:
@@ -1335,20 +1336,24 @@ def test_dockerfile_pins_and_verifies_terraform() -> None:
 
 
 def test_container_entrypoint_outside_docker(tmp: Path) -> None:
-    env, cmd, health = dockerfile()
-    assert cmd == ["tfserver"]
+    env, entrypoint, cmd, health = dockerfile()
+    # PID 1 is tini (Debian's package puts it there): it reaps the orphans of canceled runs,
+    # which tfserver as PID 1 would leave as zombies, and passes signals on.
+    assert entrypoint == ["/usr/bin/tini", "--"] and cmd == ["tfserver"]
     script = shutil.which("tfserver", path=str(Path(sys.executable).parent))
     assert script, "the console script is installed"
+    # Outside a container tini is not PID 1: as a child subreaper it does what it does there.
+    argv = [require_tool("tini"), *entrypoint[1:], script]
     base = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HOME": str(tmp),
             **env, "TFSERVER_STATE_DIR": str(tmp / "state"),
             "TFSERVER_MODULES_DIR": str(ROOT / "modules"), "TFSERVER_PROVIDER_MIRROR": "",
-            "TFSERVER_PORT": "0"}
+            "TFSERVER_PORT": "0", "TINI_SUBREAPER": "1"}
     # As the image ships it: listening on 0.0.0.0 without auth is refused.
-    done = subprocess.run([script], env=base, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(argv, env=base, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "refusing to serve without authentication" in done.stderr
     # With an issuer configured (as App Platform sets it), the same command serves.
-    srv = launch([script], cwd=tmp, env={**base, "COGNITO_ISSUER": "https://issuer.test/p",
-                                         "JWK_URL": "http://127.0.0.1:9/jwks"})
+    srv = launch(argv, cwd=tmp, env={**base, "COGNITO_ISSUER": "https://issuer.test/p",
+                                     "JWK_URL": "http://127.0.0.1:9/jwks"})
     try:
         assert srv.url.startswith("http://0.0.0.0:")
         port = srv.url.rsplit(":", 1)[1]
@@ -1360,5 +1365,5 @@ def test_container_entrypoint_outside_docker(tmp: Path) -> None:
                               capture_output=True, text=True)
         assert down.returncode != 0
     finally:
-        assert srv.stop() == 0
+        assert srv.stop() == 0  # tini passed SIGTERM on, and tfserver's exit status back
 

@@ -158,3 +158,80 @@ def test_a_leftover_whose_lock_is_still_held_says_so(tmp: Path) -> None:
                            started_at=started)
         leftovers(record)
         assert record.state_may_be_locked is (started is not None and ws == "local.held")
+
+
+def test_a_start_removes_the_output_files_nothing_will_read(tmp: Path) -> None:
+    """A process killed between a run's end and the removal of its output files (or
+    before a run answered at once was stored) left them for good: a start removes those
+    of ended runs, of runs without a record not written for a run's longest, and of
+    processes that are gone. Those of live runs and live processes stay."""
+    import subprocess
+
+    shm = tmp / "shm"
+    shm.mkdir()
+    env = {"TFSERVER_TMP_DIR": str(shm), "TFSERVER_RUN_TIMEOUT": "60",
+           "TFSERVER_KILL_GRACE": "5"}
+    server = start_server(tmp, env=env)
+    answer = server.request("PUT", "/basic/swept", {"name": "x"})
+    assert answer.status == 201, answer.body
+    ended = answer.json["run_id"]
+    assert server.stop() == 0
+    (spool,) = shm.glob("tfserver-spool-*")
+    assert list(spool.iterdir()) == []  # a run removes its own
+    gone = subprocess.Popen(["true"])
+    gone.wait(timeout=30)
+    stems = {"ended": f"{ended}.1", "young": f"{'f' * 32}.2", "old": f"{'e' * 32}.3",
+             "gone": f"{gone.pid}-1-2", "live": f"{os.getpid()}-1-2"}
+    for stem in stems.values():
+        for suffix in (".out", ".err"):
+            (spool / f"{stem}{suffix}").write_text("{}\n")
+    (spool / "notes.out").write_text("not a spool file")
+    long_ago = time.time() - 66  # past the longest run (60 s) and its kill grace (5 s)
+    for suffix in (".out", ".err"):
+        os.utime(spool / f"{stems['old']}{suffix}", (long_ago, long_ago))
+    again = start_server(tmp, env=env)
+    try:
+        said = again.records(lambda r: "output files that earlier" in r.get("message", ""))
+        assert said and said[0]["message"].startswith("removed 3 runs'"), said
+        kept = {p.name for p in spool.iterdir()}
+        assert kept == {"notes.out"} | {f"{stems[k]}{s}" for k in ("young", "live")
+                                        for s in (".out", ".err")}, kept
+        assert again.request("DELETE", "/basic/swept").status == 200
+    finally:
+        again.stop()
+
+
+def test_a_sweep_asks_a_bounded_number_and_keeps_all_while_the_store_is_down(
+        tmp: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from tfserver.app.leftovers import Leftovers
+    from tfserver.errors import Unavailable
+    from tfserver.runs.store import RunRecord, RunStore
+    from tfserver.storage.local import LocalBackend
+    from tfserver.terraform import follow
+
+    spool = tmp / "spool"
+    spool.mkdir()
+    runs = [f"{n:032x}" for n in range(5)]
+    for run_id in runs:
+        (spool / f"{run_id}.7.out").write_text("")
+    long_ago = follow.STARTED - 10
+    for path in spool.iterdir():
+        os.utime(path, (long_ago, long_ago))
+    asked: list[str] = []
+
+    def ended(run_id: str, age: float) -> bool:
+        asked.append(run_id)
+        return True
+
+    assert follow.sweep(spool, ended, limit=2) == 2 and asked == runs[:2]
+    assert sorted(p.name for p in spool.iterdir()) == [f"{r}.7.out" for r in runs[2:]]
+
+    class Down(RunStore):
+        def get(self, run_id: str) -> RunRecord | None:
+            raise Unavailable("the store cannot be reached")
+
+    backend = LocalBackend(tmp / "state")
+    with caplog.at_level("WARNING", logger="tfserver.app.leftovers"):
+        Leftovers(backend, Down(backend.objects), spool, {}).sweep(idle=0)
+    assert len(list(spool.iterdir())) == 3
+    assert "not swept (next start): the store cannot be reached" in caplog.text

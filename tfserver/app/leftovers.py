@@ -19,7 +19,7 @@ from ..module.discover import Module
 from ..runs.store import RunRecord, RunStore
 from ..scrub import Scrubber, scrubbed
 from ..storage.base import StateBackend
-from ..terraform.follow import leftover
+from ..terraform.follow import leftover, sweep
 from ..terraform.output import api_event
 
 logger = logging.getLogger(__name__)
@@ -52,6 +52,26 @@ class Leftovers:
         except TFServerError as e:
             logger.warning("run %s: its lock cannot be read: %s", record.id, e.detail)
             record.state_may_be_locked = True
+
+    def sweep(self, idle: float) -> None:
+        """At start, after the leftover runs were marked lost: remove the output files no
+        run will read. A run's go once it ended, or once its record is gone (a run
+        answered at once whose server died before storing it) and they were not written
+        for `idle` seconds (the longest a run of a live server sharing the folder lasts)."""
+        def ended(run_id: str, age: float) -> bool:
+            record = self.store.get(run_id)
+            return not record.active if record is not None else age > idle
+
+        try:
+            removed = sweep(self.spool, ended)
+        except OSError as e:
+            logger.warning("the spool folder %s cannot be swept: %s", self.spool, e)
+        except TFServerError as e:
+            logger.warning("the spool folder is not swept (next start): %s", e.detail)
+        else:
+            if removed:
+                logger.info("removed %d runs' output files that earlier processes left",
+                            removed)
 
     def _scrubber(self, record: RunRecord) -> Callable[[str], str]:
         """Scrubs the secrets of the instance's kept inputs (and the module's defaults)."""

@@ -87,7 +87,8 @@ class Service(UpgradeCalls, ApprovalCalls):
         #: Told of every run that ended here, after its audit line, and of every run that
         #: now awaits its approval (the webhooks).
         self.on_run_ended = on_run_ended
-        self.runs = _runs(self, config, backend, run_thread)
+        self.leftovers = Leftovers(backend, self.store, spool_dir(config), self.modules)
+        self.runs = _runs(self, config, run_thread)
         self.metrics.watch(self.runs.scheduler.counts, self.copies.report, list(modules))
         self.expiries = Expiries(backend.objects)
         self.catalog = Catalog(self.modules, backend, self.runs.scheduler.busy, self.expiries)
@@ -144,10 +145,7 @@ class Service(UpgradeCalls, ApprovalCalls):
                 logger.error("terraform (%s) cannot run; runs will fail", self.config.terraform_bin)
             self.copies.start()
         self.dependents.repair()
-        leftovers = ("none" if self.queued is not None else
-                     "all" if isinstance(self.backend, LocalBackend) else "mine")
-        self.approvals.start(every_replica=leftovers == "all")  # before leftovers are lost
-        self.runs.start(leftovers=leftovers)
+        _start_runs(self)
         self.reaper.start()
         if self.worker is not None:
             self.worker.start()
@@ -319,8 +317,17 @@ class Service(UpgradeCalls, ApprovalCalls):
         self.metrics.request(method, route, status, seconds)
 
 
-def _runs(svc: Service, config: Config, backend: StateBackend,
-          run_thread: Callable[[], None] | None) -> Runs:
+def _start_runs(svc: Service) -> None:
+    """Take over what an earlier process left (the approvals awaited, the runs it left
+    active, lost now, and their output files), then keep the runs' records."""
+    leftovers = ("none" if svc.queued is not None else
+                 "all" if isinstance(svc.backend, LocalBackend) else "mine")
+    svc.approvals.start(every_replica=leftovers == "all")  # before leftovers are lost
+    svc.runs.start(leftovers=leftovers)
+    svc.leftovers.sweep(idle=svc.config.run_timeout + svc.config.kill_grace)
+
+
+def _runs(svc: Service, config: Config, run_thread: Callable[[], None] | None) -> Runs:
     """This replica's runs: its lanes (spare slots for the scheduled drift checks), and
     what it is told of their ends (metrics, audit lines) and of the runs found lost;
     `run_thread` is called first in each of their threads."""
@@ -329,7 +336,7 @@ def _runs(svc: Service, config: Config, backend: StateBackend,
                 replica=config.replica or socket.gethostname(),
                 kill_grace=config.kill_grace, retention=config.run_retention,
                 on_finish=svc._counted, on_ended=svc._audited, on_parked=partial(_parked, svc),
-                on_lost=Leftovers(backend, svc.store, spool_dir(config), svc.modules),
+                on_lost=svc.leftovers,
                 resume_lost=config.queue.resume_lost if config.queue.engine == "sqs" else 0,
                 run_thread=run_thread)
 

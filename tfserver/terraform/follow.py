@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import selectors
 import subprocess
 import threading
@@ -19,6 +20,12 @@ from .output import STDERR_KEEP, EventSink, parse_event
 from .wake import Wake
 
 logger = logging.getLogger(__name__)
+
+#: About when this process started (this module is imported before any run): what an
+#: earlier process left was last written before.
+STARTED = time.time()
+#: A spool file's stem: a run's (`<run id>.<ns>`), or a command's of no run (`<pid>-...`).
+_STEM = re.compile(r"(?:(?P<run>[0-9A-Za-z_-]+)\.[0-9]+|(?P<pid>[0-9]+)-[0-9]+-[0-9]+)")
 
 
 @dataclass
@@ -74,6 +81,46 @@ def leftover(folder: Path, label: str) -> list[dict[str, Any]] | None:
         path.unlink(missing_ok=True)
         path.with_suffix(".err").unlink(missing_ok=True)
     return events
+
+
+def sweep(folder: Path, ended: Callable[[str, float], bool], *, limit: int = 200) -> int:
+    """Remove what earlier processes left that nothing will read: a run's files once
+    `ended(its id, seconds since they were written)` says so, and the files of a process
+    that is gone; how many stems were removed. At most `limit` runs are asked about (each
+    may be a read of the store): the rest wait for the next start."""
+    removed = asked = 0
+    for stem in sorted({path.name.rsplit(".", 1)[0] for path in folder.glob("*.out")} |
+                       {path.name.rsplit(".", 1)[0] for path in folder.glob("*.err")}):
+        found = _STEM.fullmatch(stem)
+        paths = [folder / f"{stem}.out", folder / f"{stem}.err"]
+        try:
+            written = max(p.stat().st_mtime for p in paths if p.exists())
+        except (OSError, ValueError):
+            continue  # removed meanwhile
+        if found is None or written >= STARTED:
+            continue  # not ours, or this process's own
+        if found["run"] is not None:
+            if asked >= limit:
+                continue
+            asked += 1
+            if not ended(found["run"], time.time() - written):
+                continue
+        elif int(found["pid"]) != os.getpid() and _runs(int(found["pid"])):
+            continue
+        for path in paths:
+            path.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+def _runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # somebody else's
+    return True
 
 
 def _close(fds: tuple[int, int]) -> None:

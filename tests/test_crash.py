@@ -186,7 +186,7 @@ def test_a_start_removes_the_output_files_nothing_will_read(tmp: Path) -> None:
         for suffix in (".out", ".err"):
             (spool / f"{stem}{suffix}").write_text("{}\n")
     (spool / "notes.out").write_text("not a spool file")
-    long_ago = time.time() - 66  # past the longest run (60 s) and its kill grace (5 s)
+    long_ago = time.time() - 86  # past the longest run (60 s) and five kill graces (25 s)
     for suffix in (".out", ".err"):
         os.utime(spool / f"{stems['old']}{suffix}", (long_ago, long_ago))
     again = start_server(tmp, env=env)
@@ -223,8 +223,15 @@ def test_a_sweep_asks_a_bounded_number_and_keeps_all_while_the_store_is_down(
         asked.append(run_id)
         return True
 
-    assert follow.sweep(spool, ended, limit=2) == 2 and asked == runs[:2]
-    assert sorted(p.name for p in spool.iterdir()) == [f"{r}.7.out" for r in runs[2:]]
+    older = long_ago - 10
+    os.utime(spool / f"{runs[4]}.7.out", (older, older))
+    blocked = spool / f"{'b' * 32}.7.out"  # a folder: it cannot be removed as a file
+    blocked.mkdir()
+    os.utime(blocked, (older - 10, older - 10))
+    # the oldest first; one that cannot go does not stop the others
+    assert follow.sweep(spool, ended, limit=3) == 2 and asked == ["b" * 32, runs[4], runs[0]]
+    blocked.rmdir()
+    assert sorted(p.name for p in spool.iterdir()) == [f"{r}.7.out" for r in runs[1:4]]
 
     class Down(RunStore):
         def get(self, run_id: str) -> RunRecord | None:

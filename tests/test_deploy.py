@@ -1119,7 +1119,7 @@ def test_app_stack_adds_workers_with_the_sqs_engine() -> None:
     [dynamic] = spec["dynamic"]
     assert dynamic["worker"]["for_each"] == '${var.engine == "sqs" ? ["tfserver-worker"] : []}'
     worker = dynamic["worker"]["content"][0]
-    assert worker["run_command"] == "tfserver worker"
+    assert worker["run_command"] == "/usr/bin/tini -s -- tfserver worker"
     assert worker["instance_count"] == "${var.worker_count}"
     assert worker["instance_size_slug"] == "${var.worker_size_slug}"
     assert worker["image"] == service["image"]

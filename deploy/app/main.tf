@@ -106,7 +106,10 @@ resource "digitalocean_app" "tfserver" {
         name               = worker.value
         instance_count     = var.worker_count
         instance_size_slug = var.worker_size_slug
-        run_command        = "tfserver worker"
+        # tini (the image's PID 1) named again: whether App Platform's run command
+        # keeps the image's ENTRYPOINT or replaces it, an init reaps what runs orphan
+        # (-s: as a child subreaper when it is not PID 1).
+        run_command = "/usr/bin/tini -s -- tfserver worker"
 
         image {
           registry_type = var.image_registry_type

@@ -55,7 +55,7 @@ class Leftovers:
 
     def sweep(self, idle: float) -> None:
         """At start, after the leftover runs were marked lost: remove the output files no
-        run will read. A run's go once it ended, or once its record is gone (a run
+        run will read. A run's go once it is not active, or once its record is gone (a run
         answered at once whose server died before storing it) and they were not written
         for `idle` seconds (the longest a run of a live server sharing the folder lasts)."""
         def ended(run_id: str, age: float) -> bool:

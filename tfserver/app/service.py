@@ -324,7 +324,8 @@ def _start_runs(svc: Service) -> None:
                  "all" if isinstance(svc.backend, LocalBackend) else "mine")
     svc.approvals.start(every_replica=leftovers == "all")  # before leftovers are lost
     svc.runs.start(leftovers=leftovers)
-    svc.leftovers.sweep(idle=svc.config.run_timeout + svc.config.kill_grace)
+    # A stopped run's files are in use for up to its timeout and four kill graces.
+    svc.leftovers.sweep(idle=svc.config.run_timeout + 5 * svc.config.kill_grace)
 
 
 def _runs(svc: Service, config: Config, run_thread: Callable[[], None] | None) -> Runs:

@@ -89,14 +89,9 @@ def sweep(folder: Path, ended: Callable[[str, float], bool], *, limit: int = 200
     that is gone; how many stems were removed. At most `limit` runs are asked about (each
     may be a read of the store): the rest wait for the next start."""
     removed = asked = 0
-    for stem in sorted({path.name.rsplit(".", 1)[0] for path in folder.glob("*.out")} |
-                       {path.name.rsplit(".", 1)[0] for path in folder.glob("*.err")}):
+    for written, stem in _stems(folder):  # the oldest first: the likeliest to go
         found = _STEM.fullmatch(stem)
         paths = [folder / f"{stem}.out", folder / f"{stem}.err"]
-        try:
-            written = max(p.stat().st_mtime for p in paths if p.exists())
-        except (OSError, ValueError):
-            continue  # removed meanwhile
         if found is None or written >= STARTED:
             continue  # not ours, or this process's own
         if found["run"] is not None:
@@ -107,10 +102,27 @@ def sweep(folder: Path, ended: Callable[[str, float], bool], *, limit: int = 200
                 continue
         elif int(found["pid"]) != os.getpid() and _runs(int(found["pid"])):
             continue
-        for path in paths:
-            path.unlink(missing_ok=True)
+        try:
+            for path in paths:
+                path.unlink(missing_ok=True)
+        except OSError as e:  # one that cannot go does not keep the others
+            logger.warning("spool file %s cannot be removed: %s", stem, e.strerror)
+            continue
         removed += 1
     return removed
+
+
+def _stems(folder: Path) -> list[tuple[float, str]]:
+    """The stems of the spool files in `folder`, each with when it was last written."""
+    written: dict[str, float] = {}
+    for path in [*folder.glob("*.out"), *folder.glob("*.err")]:
+        try:
+            mtime = path.lstat().st_mtime
+        except OSError:
+            continue  # removed meanwhile
+        stem = path.name.rsplit(".", 1)[0]
+        written[stem] = max(mtime, written.get(stem, mtime))
+    return sorted((mtime, stem) for stem, mtime in written.items())
 
 
 def _runs(pid: int) -> bool:

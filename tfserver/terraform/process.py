@@ -124,6 +124,7 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
 def _group_gone(proc: subprocess.Popen[bytes], until: float) -> bool:
     """Wait until no process of terraform's group runs, until the monotonic time `until`;
     True if none does."""
+    pause = 0.01
     while True:
         try:
             os.killpg(proc.pid, 0)
@@ -133,7 +134,8 @@ def _group_gone(proc: subprocess.Popen[bytes], until: float) -> bool:
             return True
         if time.monotonic() >= until:
             return False
-        time.sleep(0.01)
+        time.sleep(pause)
+        pause = min(pause * 2, 0.2)  # a scan of /proc reads every process: a few ms
 
 
 def _group_runs(group: int) -> bool:
@@ -150,9 +152,10 @@ def _group_runs(group: int) -> bool:
                 with open(f"/proc/{name}/stat", "rb") as stat:
                     # "pid (comm) state ppid pgrp ...": comm may hold spaces and parens.
                     state, _, pgrp = stat.read().rpartition(b")")[2].split()[:3]
+                    member = int(pgrp) == group
             except (OSError, ValueError):
                 continue  # gone meanwhile
-            if int(pgrp) == group and state != b"Z":
+            if member and state != b"Z":
                 return True
     return False
 

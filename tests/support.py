@@ -175,11 +175,16 @@ def start_server(
 ) -> ServerProcess:
     """Start tfserver on a free loopback port and wait until it serves."""
     state = tmp / "state"
+    # terraform's output files and var files go under the test's folder, not /dev/shm: a
+    # folder there per state folder outlived every run of the suite (hundreds a run).
+    scratch = tmp / "shm"
+    scratch.mkdir(parents=True, exist_ok=True)
     full_env = {
         "PATH": os.environ["PATH"],
         "HOME": os.environ.get("HOME", str(tmp)),
         "TFSERVER_PORT": "0",
         "TFSERVER_STATE_DIR": str(state),
+        "TFSERVER_TMP_DIR": str(scratch),
         "TFSERVER_MODULES_DIR": str(modules_dir),
         "TFSERVER_LOG_LEVEL": "DEBUG",
         "PYTHONUNBUFFERED": "1",

@@ -178,16 +178,10 @@ def test_the_client_address_comes_from_a_trusted_proxy_only(tmp: Path) -> None:
 
         def client(server: ServerProcess, request: str) -> str:
             """The client its access line names (written after the answer: waited for)."""
-            found: list[str] = []
-
-            def logged() -> bool:
-                found[:] = [r["client"] for r in server.log_records()
-                            if r.get("logger") == "tfserver.access"
-                            and r.get("request_id") == request]
-                return bool(found)
-
-            wait_for(logged, timeout=30)
-            return found[0]
+            found = server.records(lambda r: r.get("logger") == "tfserver.access"
+                                   and r.get("request_id") == request, timeout=30)
+            assert found, f"no access line for {request}"
+            return str(found[0]["client"])
 
         assert client(trusting, "proxied") == "198.51.100.7"
         assert client(trusting, "malformed") == "127.0.0.1"

@@ -343,6 +343,34 @@ print("err " + sys.argv[2], file=sys.stderr, flush=True)
     assert list(tf._spool().iterdir()) == []
 
 
+def _run_leaving_a_member(tmp_path: Path
+                          ) -> tuple[Terraform, RunControl, threading.Event, threading.Thread]:
+    """A cancelable apply whose stand-in starts a `sleep` in its group (its pid written to
+    member.pid) and sleeps; the run's runner, control, end and thread."""
+    marker = tmp_path / "member.pid"
+    tf = runner(tmp_path, f"""
+import subprocess
+member = subprocess.Popen(["sleep", "60"])
+open({str(marker)!r}, "w").write(str(member.pid))
+time.sleep(60)
+""", kill_grace=30)
+    control = RunControl()
+    done = threading.Event()
+    thread = threading.Thread(target=lambda: (tf.run(["apply"], cwd=tmp_path, timeout=60,
+                                                     control=control), done.set()))
+    return tf, control, done, thread
+
+
+def _member(tmp_path: Path) -> int:
+    """The pid the stand-in of `_run_leaving_a_member` wrote, once it has (bounded)."""
+    marker = tmp_path / "member.pid"
+    deadline = time.monotonic() + 30
+    while not marker.exists() or not marker.read_text():
+        assert time.monotonic() < deadline, "the stand-in did not start"
+        time.sleep(0.01)
+    return int(marker.read_text())
+
+
 def test_a_stopped_run_ends_only_once_nothing_of_its_group_is_left(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # SIGKILL is delivered when its target next runs: the run must wait for that, or a
@@ -357,23 +385,9 @@ def test_a_stopped_run_ends_only_once_nothing_of_its_group_is_left(
             os.kill(proc.pid, signal.SIGKILL)
 
     monkeypatch.setattr(process, "_kill_group", kill_the_leader)
-    marker = tmp_path / "member.pid"
-    tf = runner(tmp_path, f"""
-import subprocess
-member = subprocess.Popen(["sleep", "60"])
-open({str(marker)!r}, "w").write(str(member.pid))
-time.sleep(60)
-""", kill_grace=30)
-    control = RunControl()
-    done = threading.Event()
-    thread = threading.Thread(target=lambda: (tf.run(["apply"], cwd=tmp_path, timeout=60,
-                                                     control=control), done.set()))
+    tf, control, done, thread = _run_leaving_a_member(tmp_path)
     thread.start()
-    deadline = time.monotonic() + 30
-    while not marker.exists() or not marker.read_text():
-        assert time.monotonic() < deadline, "the stand-in did not start"
-        time.sleep(0.01)
-    member = int(marker.read_text())
+    member = _member(tmp_path)
     try:
         control.kill("cancel")
         assert not done.wait(1.0), "the run ended while its group still had a member"
@@ -395,25 +409,11 @@ def test_a_member_left_as_a_zombie_does_not_hold_the_run(tmp_path: Path) -> None
     libc = ctypes.CDLL(None, use_errno=True)
     pr_set_child_subreaper = 36
     assert libc.prctl(pr_set_child_subreaper, 1, 0, 0, 0) == 0, ctypes.get_errno()
-    marker = tmp_path / "member.pid"
-    tf = runner(tmp_path, f"""
-import subprocess
-member = subprocess.Popen(["sleep", "60"])
-open({str(marker)!r}, "w").write(str(member.pid))
-time.sleep(60)
-""", kill_grace=30)
-    control = RunControl()
-    done = threading.Event()
-    thread = threading.Thread(target=lambda: (tf.run(["apply"], cwd=tmp_path, timeout=60,
-                                                     control=control), done.set()))
+    tf, control, done, thread = _run_leaving_a_member(tmp_path)
     member = 0
     try:
         thread.start()
-        deadline = time.monotonic() + 30
-        while not marker.exists() or not marker.read_text():
-            assert time.monotonic() < deadline, "the stand-in did not start"
-            time.sleep(0.01)
-        member = int(marker.read_text())
+        member = _member(tmp_path)
         control.kill("cancel")
         assert _ends(member, within=30), "the member outlived SIGKILL"
         assert Path(f"/proc/{member}").exists()  # a zombie of this process: not reaped yet

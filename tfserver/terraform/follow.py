@@ -100,7 +100,7 @@ def sweep(folder: Path, ended: Callable[[str, float], bool], *, limit: int = 200
             asked += 1
             if not ended(found["run"], time.time() - written):
                 continue
-        elif int(found["pid"]) != os.getpid() and _runs(int(found["pid"])):
+        elif int(found["pid"]) != os.getpid() and process_runs(int(found["pid"])):
             continue
         try:
             for path in paths:
@@ -125,7 +125,8 @@ def _stems(folder: Path) -> list[tuple[float, str]]:
     return sorted((mtime, stem) for stem, mtime in written.items())
 
 
-def _runs(pid: int) -> bool:
+def process_runs(pid: int) -> bool:
+    """Whether a process of that id exists (True for another user's)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 from ..errors import TFServerError, Unavailable
 from ..files import new_private, private_dir, tighten_tree, write_all
 from .args import build_args
+from .follow import process_runs
 from .output import error_text
 from .process import Runner
 
@@ -268,9 +269,8 @@ def remove_orphan_var_dirs(parent: Path) -> None:
             pid = int(folder.name.split("-")[2])
             if folder.stat().st_uid != os.getuid():
                 continue
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(folder, ignore_errors=True)
-            logger.info("removed %s, left by a stopped tfserver", folder)
         except (ValueError, OSError):
             continue
+        if not process_runs(pid):
+            shutil.rmtree(folder, ignore_errors=True)
+            logger.info("removed %s, left by a stopped tfserver", folder)

@@ -5,9 +5,12 @@ terraform and moto's server, behind a proxy that loses chosen answers."""
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from lossy_proxy import LossyProxy, start_lossy_proxy
@@ -77,14 +80,19 @@ def test_a_lock_written_twice_is_cleared_and_the_run_goes_on(
         server.stop()
 
 
+@pytest.mark.parametrize("ids", [("a", "b"), ("twin", "twin")])
 def test_two_replicas_on_one_host_never_clear_a_lock_as_their_own(
-        tmp: Path, moto: Moto, store: dict[str, str], proxy: LossyProxy) -> None:  # noqa: F811
+        tmp: Path, moto: Moto, store: dict[str, str], proxy: LossyProxy,  # noqa: F811
+        ids: tuple[str, str]) -> None:
     """Two replicas of one user on one host take locks with the same `Who`: a lock taken
     while one's terraform ran may be the other's (its run not stored yet), so neither
-    clears one. The lost write then leaves the lock, as before: 409, the lock shown."""
+    clears one. The lost write then leaves the lock, as before: 409, the lock shown.
+    The same holds for two that share a replica id (two servers on one host left to the
+    default, the host name): one cleared the other's lock mid-apply, and its own
+    terraform then applied beside it (test_s3's race saw a 502)."""
     env = {**store, **MODES["dynamodb"], "TF_STATE_ENDPOINT": proxy.url}
-    a = start_server(tmp / "a", env={**env, "TFSERVER_REPLICA_ID": "a"})
-    b = start_server(tmp / "b", env={**env, "TFSERVER_REPLICA_ID": "b"})
+    a = start_server(tmp / "a", env={**env, "TFSERVER_REPLICA_ID": ids[0]})
+    b = start_server(tmp / "b", env={**env, "TFSERVER_REPLICA_ID": ids[1]})
     bucket = store["TF_STATE_BUCKET"]
     try:
         assert b.request("PUT", "/basic/on-b", {"name": "b"}).status == 201
@@ -224,3 +232,81 @@ def test_a_run_of_this_replica_still_stored_active_is_no_holder(
         assert r.status == 409 and len(proxy.lost) == 2, (r.body, said(server))
     finally:
         server.stop()
+
+
+class _Backend:
+    """A state store with only what `OwnLocks` uses: objects, and the locks cleared."""
+
+    def __init__(self, root: Path) -> None:
+        from tfserver.storage.local import LocalObjects
+
+        self.objects = LocalObjects(root)
+        self.cleared: list[str] = []
+
+    def clear_lock(self, module: str, workspace: str, lock_id: str) -> bool:
+        self.cleared.append(lock_id)
+        return True
+
+
+class _Runner:
+    """Terraform that finds a lock taken as it runs, by this user and host, then succeeds."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def run(self, args: Any, **_: Any) -> RunResult:
+        import datetime
+
+        self.calls += 1
+        if self.calls > 1:
+            return RunResult(tuple(args), 0)
+        now = datetime.datetime.now(datetime.UTC)
+        return locked(now.strftime("%Y-%m-%d %H:%M:%S.%f +0000 UTC"),
+                      who=sorted(terraform_who())[0])
+
+
+def _own_locks(backend: _Backend, replica: str) -> Any:
+    from tfserver.app.ownlock import OwnLocks
+    from tfserver.runs.store import RunStore
+
+    return OwnLocks(_Runner(), backend, RunStore(backend.objects),  # type: ignore[arg-type]
+                    replica, longest_run=120)
+
+
+def _apply(locks: Any, tmp: Path) -> RunResult:
+    locks.runner.calls = 0  # its first terraform finds the lock
+    return locks.run(["apply"], "basic", "local.x", "run-1", cwd=tmp,  # type: ignore[no-any-return]
+                     deadline=time.monotonic() + 60, control=None, on_event=None)
+
+
+def test_each_server_process_names_itself_and_a_gone_one_stops_counting(tmp: Path) -> None:
+    """One name per process (never shared by two of one replica id), written again every
+    REFRESH seconds as a new object; another's name younger than a run can last stops a
+    clear, an older one (a process gone) is removed and does not."""
+    from tfserver.app import ownlock
+
+    backend = _Backend(tmp / "objects")
+    alone = _own_locks(backend, "twin")
+    assert _apply(alone, tmp).returncode == 0 and backend.cleared == ["abc"]
+    folders = [ownlock.PRESENCE + quote(who, safe="") + "/" for who in alone.who]
+    assert all(backend.objects.keys(f) == [f"{alone.token}-1"] for f in folders)
+
+    twin = _own_locks(backend, "twin")  # the same replica id: a name of its own
+    assert _apply(twin, tmp).returncode == 1 and backend.cleared == ["abc"]
+    assert _apply(alone, tmp).returncode == 1  # and neither clears one, whichever asks
+
+    alone._written -= ownlock.REFRESH  # its name is old: the next run writes a new one
+    _apply(alone, tmp)
+    assert all(f"{alone.token}-2" in backend.objects.keys(f) and
+               f"{alone.token}-1" not in backend.objects.keys(f) for f in folders)
+
+    for folder in folders:  # the twin was killed long ago: its name is that old
+        key = folder + f"{twin.token}-1"
+        backend.objects.put(key, json.dumps({"at": time.time() - alone.fresh_for - 1,
+                                             "replica": "twin"}).encode())
+    assert _apply(alone, tmp).returncode == 0 and backend.cleared == ["abc", "abc"]
+    assert all(backend.objects.keys(f) == [f"{alone.token}-2"] for f in folders)
+
+    for folder in folders:  # a name that cannot be read may be of a running process
+        backend.objects.put(folder + "damaged", b"[")
+    assert _apply(alone, tmp).returncode == 1 and len(backend.cleared) == 2

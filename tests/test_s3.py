@@ -95,6 +95,8 @@ def test_apply_get_destroy_in_each_lock_mode(tmp: Path, moto: Moto, store: dict[
 
 def test_two_replicas_on_one_bucket_never_overlap(tmp: Path, moto: Moto,
                                                   store: dict[str, str]) -> None:
+    """Both keep the default replica id (the host name), as two servers on one host
+    would: each once took the other's lock mid-apply for its own (app/ownlock.py)."""
     env = {**store, **MODES["both"]}
     one = start_server(tmp / "one", env=env)
     two = start_server(tmp / "two", env=env)

@@ -215,7 +215,7 @@ class Executor:
         self.resolve = resolve or (lambda spec: None)
         self.workspaces = Workspaces(runner, backend, expiries, lock_wait=lock_wait)
         #: Terraform for a run; a lock it finds its own is cleared (`ownlock.py`).
-        self.terraform = OwnLocks(runner, backend, store, replica)
+        self.terraform = OwnLocks(runner, backend, store, replica, longest_run=run_timeout)
         # Keeps inputs while terraform runs (off the critical path); `run_thread` is
         # called first in each of its threads (the server's `Affinity.anywhere`).
         self._background = ThreadPoolExecutor(max_workers=max_workers,

@@ -7,11 +7,13 @@ lock, and terraform fails with "Error acquiring the state lock", naming its own 
 leaves it held. Every later run of the instance would then be refused until an admin
 cleared it. `OwnLocks.run` clears such a lock (`StateBackend.clear_lock`) and runs
 terraform once more, only when `own_lock_id` finds the lock taken by that very process's
-user and host while it ran, no other run holds the instance, and no other replica runs
-terraform as the same user on the same host: every replica names itself under
-`_replicas/<user@host>/` before its first terraform, so that a lock of another replica on
-this host (the same `Who`, a run whose record is not stored yet) is never taken for one's
-own. Replicas on separate hosts (containers) each have a `Who` of their own.
+user and host while it ran, no other run holds the instance, and no other server process
+may run terraform as the same user on the same host: each process names itself under
+`_replicas/<user@host>/` before its runs (a name of its own, whatever its replica id,
+written again every `REFRESH` seconds), so that a lock of another process on this host
+(the same `Who`, a run whose record is not stored yet) is never taken for one's own. A
+name not written again for longer than a run can last is a process that is gone. Replicas
+on separate hosts (containers) each have a `Who` of their own.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ import contextlib
 import datetime
 import json
 import logging
+import math
 import os
 import pwd
 import re
+import secrets
 import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -38,8 +42,14 @@ from .holder import lock_holder
 
 logger = logging.getLogger(__name__)
 
-#: Where each replica names itself under its `Who` (user@host), before its first run.
+#: Where each server process names itself under its `Who` (user@host), before its runs.
 PRESENCE = "_replicas/"
+
+#: How often (seconds) a process that runs terraform writes its name again.
+REFRESH = 60.0
+
+#: Beyond a run's longest terraform: its kill grace and the clock between two writes.
+_MARGIN = 60.0
 
 #: The lock's `Operation` each terraform command takes it for.
 LOCK_OPERATIONS = {"apply": "OperationTypeApply", "destroy": "OperationTypeApply",
@@ -103,40 +113,80 @@ class OwnLocks:
     held that is its own cleared and terraform run once more."""
 
     def __init__(self, runner: Runner, backend: StateBackend, store: RunStore,
-                 replica: str) -> None:
+                 replica: str, *, longest_run: float) -> None:
         self.runner = runner
         self.backend = backend
         self.store = store
         self.replica = replica
         #: The `Who` of the locks this server's terraform takes.
         self.who = terraform_who()
-        self._named = False
+        #: This process's name under each `Who`: never two processes', even of one
+        #: replica id (two servers on one host left to the default, its host name).
+        self.token = secrets.token_hex(8)
+        #: How long after its last write a name may still be of a running terraform.
+        self.fresh_for = REFRESH + longest_run + _MARGIN
+        self._writes = 0
+        self._written = -math.inf  # monotonic
 
     def _presence(self, who: str) -> str:
         return f"{PRESENCE}{quote(who, safe='')}/"
 
-    def _name_this_replica(self) -> None:
-        """Before this replica's first terraform: its name under each of its `Who`s."""
-        if self._named:
+    def _name(self, writes: int) -> str:
+        # A new object at each write: a name read as stale is never written again, so
+        # the process that removes it can never remove a fresh one.
+        return f"{self.token}-{writes}"
+
+    def _name_this_process(self) -> None:
+        """Before a run: this process's name under each of its `Who`s, written again
+        once it is `REFRESH` old (the previous one removed)."""
+        if time.monotonic() - self._written < REFRESH:
             return
+        doc = json.dumps({"at": time.time(), "replica": self.replica}).encode()
         try:
             for who in self.who:
-                self.backend.objects.put(self._presence(who) + quote(self.replica, safe=""),
-                                         json.dumps({"at": time.time()}).encode())
-            self._named = True
+                self.backend.objects.put(self._presence(who) + self._name(self._writes + 1),
+                                         doc)
+            self._writes += 1
+            self._written = time.monotonic()
         except TFServerError as e:
-            logger.warning("this replica's name not kept beside the state (tried again at "
+            logger.warning("this server's name not kept beside the state (tried again at "
                            "the next run): %s", e.detail)
+            return
+        if self._writes > 1:
+            with contextlib.suppress(TFServerError):
+                for who in self.who:
+                    self.backend.objects.delete(self._presence(who) +
+                                                self._name(self._writes - 1))
+
+    def _written_at(self, key: str) -> float | None:
+        try:
+            doc = json.loads(self.backend.objects.get(key) or b"null")
+            return float(doc["at"]) if isinstance(doc, dict) else None
+        except (ValueError, TypeError, KeyError):
+            return None
 
     def _alone(self) -> bool:
-        """True when no other replica ever named itself with this replica's `Who`."""
-        mine = quote(self.replica, safe="")
+        """True when no other process wrote its name under this process's `Who`s within
+        `fresh_for`; older names (processes gone) are removed."""
+        if self._writes == 0:
+            return False
+        mine, now = self._name(self._writes), time.time()
         try:
-            return self._named and all(
-                name == mine for who in self.who
-                for name in self.backend.objects.keys(self._presence(who), limit=100))
+            for who in self.who:
+                folder = self._presence(who)
+                names = self.backend.objects.keys(folder, limit=100)
+                for name in names:
+                    if name == mine:
+                        continue
+                    at = self._written_at(folder + name)
+                    if at is None or now - at <= self.fresh_for:
+                        return False  # unreadable: it may be of a running process
+                    self.backend.objects.delete(folder + name)
+                if len(names) == 100:
+                    return False  # more may follow; they are read at the next one
         except TFServerError:
             return False
+        return True
 
     def run(self, args: Sequence[str], module: str, workspace: str, run_id: str, *,
             cwd: Path, deadline: float, control: RunControl | None,
@@ -156,7 +206,7 @@ class OwnLocks:
                                    control=control, on_event=on_event,
                                    on_start=first_start, label=run_id)
 
-        self._name_this_replica()
+        self._name_this_process()
         began = time.time()
         result = run()
         lock_id = own_lock_id(result, began, time.time(), self.who)

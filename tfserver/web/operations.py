@@ -19,11 +19,10 @@ from ..errors import BadRequest, NotFound, Rejected, Unavailable
 from ..runs.store import ENDED
 from . import docs, render, streams
 from .request import Call, Reply, Request
+from .schemas import MAX_PREFER_WAIT
 
 # RFC 7240: a preference's value is a token or a quoted string (`wait=5`, `wait="5"`).
 _PREFER_WAIT = re.compile(r'^wait\s*=\s*(?:(\d+)|"(\d+)")$')
-#: The longest `Prefer: wait=N` honoured (App Platform's edge cuts requests at ~100 s).
-MAX_PREFER_WAIT = 90
 
 
 # -- the server -------------------------------------------------------------------------

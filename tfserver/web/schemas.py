@@ -26,6 +26,9 @@ NDJSON = "application/x-ndjson"
 SSE = "text/event-stream"
 
 RUN_ID = "^[0-9a-f]{32}$"
+#: The longest `Prefer: wait=N` honoured, in seconds (App Platform's edge cuts requests
+#: at about 100 s).
+MAX_PREFER_WAIT = 90
 #: A key of visible ASCII, bare or as a quoted string (`"key"`); no stray quote.
 IDEMPOTENCY_KEY = '^(?:[!#-~]{1,255}|"[!#-~]{1,255}")$'
 SCHEMAS = "#/components/schemas/"
@@ -294,7 +297,7 @@ BEFORE = param("before", "query", {"type": "string", "pattern": RUN_ID},
 PREFER = param("Prefer", "header", {"type": "string", "examples": ["respond-async",
                                                                      "wait=10"]},
                  "RFC 7240: `respond-async` answers 202 at once with the run's record; "
-                 "`wait=N` waits up to N seconds (at most 90), then 202.")
+                 f"`wait=N` waits up to N seconds (at most {MAX_PREFER_WAIT}), then 202.")
 IDEMPOTENCY = param("Idempotency-Key", "header",
                       {"type": "string", "pattern": IDEMPOTENCY_KEY},
                       "The same key with the same request gives the same run, never a "

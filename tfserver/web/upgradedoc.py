@@ -8,6 +8,7 @@ from typing import Any
 
 from ..module.discover import Module
 from .schemas import (
+    MAX_PREFER_WAIT,
     RUN_ID,
     STRING,
     TIME,
@@ -93,7 +94,8 @@ def module_upgrade_operations(module: Module, settings: DocSettings) -> dict[str
 #: `Prefer: wait=N` on an upgrade's record: no polling while it plans or applies.
 WAIT_UPGRADE = param("Prefer", "header", {"type": "string", "examples": ["wait=60"]},
                      "RFC 7240 `wait=N`: answer once the upgrade is no longer planning or "
-                     "applying, or after N seconds (at most 90), whichever comes first.")
+                     f"applying, or after N seconds (at most {MAX_PREFER_WAIT}), whichever "
+                     "comes first.")
 
 
 def upgrade_operations(settings: DocSettings) -> dict[str, Any]:

@@ -310,3 +310,10 @@ def test_each_server_process_names_itself_and_a_gone_one_stops_counting(tmp: Pat
     for folder in folders:  # a name that cannot be read may be of a running process
         backend.objects.put(folder + "damaged", b"[")
     assert _apply(alone, tmp).returncode == 1 and len(backend.cleared) == 2
+
+    for folder in folders:  # each start leaves a name: the next start removes the old
+        backend.objects.put(folder + "gone-1", json.dumps({"at": 1.0}).encode())
+    late = _own_locks(backend, "late")
+    assert _apply(late, tmp).returncode == 1 and len(backend.cleared) == 2
+    assert all(sorted(backend.objects.keys(f)) ==
+               sorted([f"{alone.token}-2", f"{late.token}-1", "damaged"]) for f in folders)

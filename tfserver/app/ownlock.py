@@ -138,7 +138,8 @@ class OwnLocks:
 
     def _name_this_process(self) -> None:
         """Before a run: this process's name under each of its `Who`s, written again
-        once it is `REFRESH` old (the previous one removed)."""
+        once it is `REFRESH` old (the previous one removed). At the first, the names of
+        processes gone are removed: each start leaves one."""
         if time.monotonic() - self._written < REFRESH:
             return
         doc = json.dumps({"at": time.time(), "replica": self.replica}).encode()
@@ -152,11 +153,13 @@ class OwnLocks:
             logger.warning("this server's name not kept beside the state (tried again at "
                            "the next run): %s", e.detail)
             return
-        if self._writes > 1:
-            with contextlib.suppress(TFServerError):
-                for who in self.who:
+        with contextlib.suppress(TFServerError):
+            for who in self.who:
+                if self._writes > 1:
                     self.backend.objects.delete(self._presence(who) +
                                                 self._name(self._writes - 1))
+                else:
+                    self._others(self._presence(who))
 
     def _written_at(self, key: str) -> float | None:
         try:
@@ -165,28 +168,29 @@ class OwnLocks:
         except (ValueError, TypeError, KeyError):
             return None
 
-    def _alone(self) -> bool:
-        """True when no other process wrote its name under this process's `Who`s within
-        `fresh_for`; older names (processes gone) are removed."""
-        if self._writes == 0:
-            return False
+    def _others(self, folder: str) -> bool:
+        """True when a name in `folder` but this process's may be of a running process
+        (written within `fresh_for`, or unreadable); the older ones are removed."""
         mine, now = self._name(self._writes), time.time()
+        names = self.backend.objects.keys(folder, limit=100)
+        others = len(names) == 100  # more may follow: they are read at the next call
+        for name in names:
+            if name == mine:
+                continue
+            at = self._written_at(folder + name)
+            if at is None or now - at <= self.fresh_for:
+                others = True
+            else:
+                self.backend.objects.delete(folder + name)
+        return others
+
+    def _alone(self) -> bool:
+        """True when no other process may run terraform as this process's `Who`s."""
         try:
-            for who in self.who:
-                folder = self._presence(who)
-                names = self.backend.objects.keys(folder, limit=100)
-                for name in names:
-                    if name == mine:
-                        continue
-                    at = self._written_at(folder + name)
-                    if at is None or now - at <= self.fresh_for:
-                        return False  # unreadable: it may be of a running process
-                    self.backend.objects.delete(folder + name)
-                if len(names) == 100:
-                    return False  # more may follow; they are read at the next one
+            return self._writes > 0 and not any(
+                [self._others(self._presence(who)) for who in self.who])
         except TFServerError:
             return False
-        return True
 
     def run(self, args: Sequence[str], module: str, workspace: str, run_id: str, *,
             cwd: Path, deadline: float, control: RunControl | None,

@@ -19,6 +19,7 @@ from support import Moto, start_server
 from test_s3 import (
     MODES,
     assert_no_locks,
+    keys,
     lock_rows,
     store,  # noqa: F401 - the fixture
 )
@@ -76,8 +77,10 @@ def test_a_lock_written_twice_is_cleared_and_the_run_goes_on(
         assert lock_rows(moto, bucket) == [], said(server)
         assert_no_locks(moto, bucket)
         assert server.request("GET", "/basic/twice").status == 404
+        assert [k for k in keys(moto, bucket) if "/_replicas/" in k]  # its name
     finally:
         server.stop()
+    assert [k for k in keys(moto, bucket) if "/_replicas/" in k] == []  # a clean stop
 
 
 @pytest.mark.parametrize("ids", [("a", "b"), ("twin", "twin")])
@@ -279,10 +282,20 @@ def _apply(locks: Any, tmp: Path) -> RunResult:
                      deadline=time.monotonic() + 60, control=None, on_event=None)
 
 
-def test_each_server_process_names_itself_and_a_gone_one_stops_counting(tmp: Path) -> None:
+def _name(backend: _Backend, folder: str, name: str, ago: float,
+          until: float | None = None) -> None:
+    """A name written `ago` seconds since, as a process that may run until `until`."""
+    at = time.time() - ago
+    backend.objects.put(folder + name, json.dumps(
+        {"at": at, "until": at if until is None else until, "replica": "x"}).encode())
+
+
+def test_each_server_process_names_itself_and_a_gone_one_stops_counting(
+        tmp: Path, caplog: pytest.LogCaptureFixture) -> None:
     """One name per process (never shared by two of one replica id), written again every
-    REFRESH seconds as a new object; another's name younger than a run can last stops a
-    clear, an older one (a process gone) is removed and does not."""
+    REFRESH seconds as a new object; another's name younger than a run can last (by its
+    writer's run timeout or this one's) stops a clear, an older one (a process gone) is
+    removed and does not."""
     from tfserver.app import ownlock
 
     backend = _Backend(tmp / "objects")
@@ -300,20 +313,72 @@ def test_each_server_process_names_itself_and_a_gone_one_stops_counting(tmp: Pat
     assert all(f"{alone.token}-2" in backend.objects.keys(f) and
                f"{alone.token}-1" not in backend.objects.keys(f) for f in folders)
 
+    twin_name = f"{twin.token}-1"
+    for folder in folders:  # written before the twin's longest run began: it may run on
+        _name(backend, folder, twin_name, ago=ownlock.REFRESH + 120 - 1)
+    assert _apply(alone, tmp).returncode == 1 and len(backend.cleared) == 1
+    for folder in folders:  # older, but its writer's run timeout is longer than ours
+        _name(backend, folder, twin_name, ago=alone.fresh_for + 1, until=time.time() + 60)
+    assert _apply(alone, tmp).returncode == 1 and len(backend.cleared) == 1
     for folder in folders:  # the twin was killed long ago: its name is that old
-        key = folder + f"{twin.token}-1"
-        backend.objects.put(key, json.dumps({"at": time.time() - alone.fresh_for - 1,
-                                             "replica": "twin"}).encode())
+        _name(backend, folder, twin_name, ago=alone.fresh_for + 1)
     assert _apply(alone, tmp).returncode == 0 and backend.cleared == ["abc", "abc"]
     assert all(backend.objects.keys(f) == [f"{alone.token}-2"] for f in folders)
 
     for folder in folders:  # a name that cannot be read may be of a running process
         backend.objects.put(folder + "damaged", b"[")
     assert _apply(alone, tmp).returncode == 1 and len(backend.cleared) == 2
+    assert any("damaged beside the state cannot be read" in r.getMessage()
+               for r in caplog.records)
 
-    for folder in folders:  # each start leaves a name: the next start removes the old
-        backend.objects.put(folder + "gone-1", json.dumps({"at": 1.0}).encode())
+
+def test_a_first_run_removes_the_names_of_processes_gone_and_a_stop_its_own(
+        tmp: Path) -> None:
+    from tfserver.app import ownlock
+
+    backend = _Backend(tmp / "objects")
     late = _own_locks(backend, "late")
-    assert _apply(late, tmp).returncode == 1 and len(backend.cleared) == 2
-    assert all(sorted(backend.objects.keys(f)) ==
-               sorted([f"{alone.token}-2", f"{late.token}-1", "damaged"]) for f in folders)
+    folders = [ownlock.PRESENCE + quote(who, safe="") + "/" for who in late.who]
+    for folder in folders:  # each start leaves a name (a crash, or a stop mid-run)
+        _name(backend, folder, "gone-1", ago=late.fresh_for + 1)
+        _name(backend, folder, "live-1", ago=1)
+    late.name_this_process()
+    assert all(backend.objects.keys(f) == sorted([f"{late.token}-1", "live-1"])
+               for f in folders)
+    late.close()  # no terraform of it runs any longer
+    assert all(backend.objects.keys(f) == ["live-1"] for f in folders)
+
+
+def test_runs_that_start_at_once_leave_the_process_one_name(tmp: Path) -> None:
+    """Two runs of one process starting together once wrote two names and removed the
+    one just written: the process had none while its terraform ran."""
+    import threading
+
+    from tfserver.app import ownlock
+    from tfserver.storage.local import LocalObjects
+
+    class Slow(LocalObjects):
+        puts: list[str] = []
+
+        def put(self, key: str, data: bytes) -> None:
+            self.puts.append(key)
+            time.sleep(0.05)
+            super().put(key, data)
+
+    backend = _Backend(tmp / "objects")
+    backend.objects = Slow(tmp / "objects")
+    locks = _own_locks(backend, "solo")
+    together = threading.Barrier(2)
+
+    def start() -> None:
+        together.wait(10)
+        locks.name_this_process()
+
+    threads = [threading.Thread(target=start) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    folders = [ownlock.PRESENCE + quote(who, safe="") + "/" for who in locks.who]
+    assert all(backend.objects.keys(f) == [f"{locks.token}-1"] for f in folders)
+    assert len(Slow.puts) == len(folders)  # the second waited for the first's write

@@ -222,9 +222,12 @@ class Executor:
                                               thread_name_prefix="keep-inputs",
                                               initializer=run_thread)
 
-    def close(self) -> None:
-        """Wait for background writes; remove the var-file folder."""
+    def close(self, *, idle: bool = False) -> None:
+        """Wait for background writes; remove the var-file folder, and this process's
+        name beside the state once no terraform of it runs (`idle`)."""
         self._background.shutdown(wait=True)
+        if idle:
+            self.terraform.close()
         if self.var_files is not None:
             self.var_files.close()
 
@@ -234,6 +237,7 @@ class Executor:
         name, ws = spec.module.name, spec.workspace
         deadline = time.monotonic() + self.run_timeout
         wc = self.copies.ready(spec.module.copy_key)
+        self.terraform.name_this_process()  # before any terraform here takes a lock
         existed = self.backend.exists(name, ws)
         destroying = spec.operation in ("destroy", "plan-destroy")
         if spec.operation == "destroy" and not existed and spec.plan_of is None:

@@ -28,6 +28,7 @@ import pwd
 import re
 import secrets
 import socket
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -125,60 +126,81 @@ class OwnLocks:
         self.token = secrets.token_hex(8)
         #: How long after its last write a name may still be of a running terraform.
         self.fresh_for = REFRESH + longest_run + _MARGIN
-        self._writes = 0
+        #: Names tried so far (each attempt takes a new number), and the last written.
+        self._attempts = 0
+        self._current: str | None = None
         self._written = -math.inf  # monotonic
+        # Runs of several instances start at once: one writes the name, the rest wait.
+        self._mutex = threading.Lock()
 
     def _presence(self, who: str) -> str:
         return f"{PRESENCE}{quote(who, safe='')}/"
 
-    def _name(self, writes: int) -> str:
-        # A new object at each write: a name read as stale is never written again, so
-        # the process that removes it can never remove a fresh one.
-        return f"{self.token}-{writes}"
+    def name_this_process(self) -> None:
+        """Before a run's first terraform: this process's name under each of its
+        `Who`s, written again once it is `REFRESH` old (the previous one removed). At
+        the first, the names of processes gone are removed: each start leaves one."""
+        with self._mutex:
+            if time.monotonic() - self._written < REFRESH:
+                return
+            # A new object at each attempt: a name read as stale is never written
+            # again, so the process that removes it can never remove a fresh one.
+            self._attempts += 1
+            name, now = f"{self.token}-{self._attempts}", time.time()
+            doc = json.dumps({"at": now, "until": now + self.fresh_for,
+                              "replica": self.replica}).encode()
+            try:
+                for who in self.who:
+                    self.backend.objects.put(self._presence(who) + name, doc)
+            except TFServerError as e:
+                logger.warning("this server's name not kept beside the state (tried again "
+                               "at the next run): %s", e.detail)
+                return
+            previous, self._current, self._written = self._current, name, time.monotonic()
+            with contextlib.suppress(TFServerError):
+                for who in self.who:
+                    if previous is not None:
+                        self.backend.objects.delete(self._presence(who) + previous)
+                    else:
+                        self._others(self._presence(who))
 
-    def _name_this_process(self) -> None:
-        """Before a run: this process's name under each of its `Who`s, written again
-        once it is `REFRESH` old (the previous one removed). At the first, the names of
-        processes gone are removed: each start leaves one."""
-        if time.monotonic() - self._written < REFRESH:
-            return
-        doc = json.dumps({"at": time.time(), "replica": self.replica}).encode()
-        try:
-            for who in self.who:
-                self.backend.objects.put(self._presence(who) + self._name(self._writes + 1),
-                                         doc)
-            self._writes += 1
-            self._written = time.monotonic()
-        except TFServerError as e:
-            logger.warning("this server's name not kept beside the state (tried again at "
-                           "the next run): %s", e.detail)
-            return
-        with contextlib.suppress(TFServerError):
-            for who in self.who:
-                if self._writes > 1:
-                    self.backend.objects.delete(self._presence(who) +
-                                                self._name(self._writes - 1))
-                else:
-                    self._others(self._presence(who))
+    def close(self) -> None:
+        """Remove this process's name: called only once no terraform of it runs."""
+        with self._mutex:
+            current, self._current = self._current, None
+            if current is not None:
+                with contextlib.suppress(TFServerError):
+                    for who in self.who:
+                        self.backend.objects.delete(self._presence(who) + current)
 
-    def _written_at(self, key: str) -> float | None:
+    def _fresh_until(self, key: str) -> float | None:
+        """Until when the name may be of a running process: by its writer's run timeout
+        or this process's, the later; None when it cannot be read."""
         try:
             doc = json.loads(self.backend.objects.get(key) or b"null")
-            return float(doc["at"]) if isinstance(doc, dict) else None
+            if not isinstance(doc, dict):
+                return None
+            at = float(doc["at"])
+            return max(at + self.fresh_for, float(doc.get("until", at)))
         except (ValueError, TypeError, KeyError):
             return None
 
     def _others(self, folder: str) -> bool:
         """True when a name in `folder` but this process's may be of a running process
-        (written within `fresh_for`, or unreadable); the older ones are removed."""
-        mine, now = self._name(self._writes), time.time()
+        (or cannot be read); the older ones are removed."""
+        mine, now = self._current, time.time()
         names = self.backend.objects.keys(folder, limit=100)
         others = len(names) == 100  # more may follow: they are read at the next call
         for name in names:
             if name == mine:
                 continue
-            at = self._written_at(folder + name)
-            if at is None or now - at <= self.fresh_for:
+            until = self._fresh_until(folder + name)
+            if until is None:
+                logger.warning("the name %s%s beside the state cannot be read: a lock "
+                               "terraform finds its own is not cleared on this host while "
+                               "it is there", folder, name)
+                others = True
+            elif now <= until:
                 others = True
             else:
                 self.backend.objects.delete(folder + name)
@@ -187,7 +209,7 @@ class OwnLocks:
     def _alone(self) -> bool:
         """True when no other process may run terraform as this process's `Who`s."""
         try:
-            return self._writes > 0 and not any(
+            return self._current is not None and not any(
                 [self._others(self._presence(who)) for who in self.who])
         except TFServerError:
             return False
@@ -210,7 +232,7 @@ class OwnLocks:
                                    control=control, on_event=on_event,
                                    on_start=first_start, label=run_id)
 
-        self._name_this_process()
+        self.name_this_process()
         began = time.time()
         result = run()
         lock_id = own_lock_id(result, began, time.time(), self.who)

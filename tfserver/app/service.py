@@ -157,7 +157,7 @@ class Service(UpgradeCalls, ApprovalCalls):
         self.reaper.stop_event.set()
         self.approvals.stop()
         self.runs.stop()
-        self.executor.close()
+        self.executor.close(idle=self.runs.wait_idle(0))
         self.backend.close()
 
     def readiness(self) -> Readiness:

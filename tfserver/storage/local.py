@@ -158,7 +158,10 @@ class LocalObjects:
 
     def delete(self, key: str) -> None:
         """Remove the file."""
-        self._path(key).unlink(missing_ok=True)
+        try:
+            self._path(key).unlink(missing_ok=True)
+        except OSError as e:
+            raise BackendError(f"cannot remove {key}: {e.strerror}") from e
 
     def keys(self, folder: str, *, start_after: str = "", limit: int = 1000) -> list[str]:
         """The folder's file names, sorted."""

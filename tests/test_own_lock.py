@@ -276,6 +276,13 @@ def _own_locks(backend: _Backend, replica: str) -> Any:
                     replica, longest_run=120)
 
 
+def _folders(locks: Any) -> list[str]:
+    """Where `locks`' process names itself: one folder for each of its `Who`s."""
+    from tfserver.app import ownlock
+
+    return [ownlock.PRESENCE + quote(who, safe="") + "/" for who in locks.who]
+
+
 def _apply(locks: Any, tmp: Path) -> RunResult:
     locks.runner.calls = 0  # its first terraform finds the lock
     return locks.run(["apply"], "basic", "local.x", "run-1", cwd=tmp,  # type: ignore[no-any-return]
@@ -301,7 +308,7 @@ def test_each_server_process_names_itself_and_a_gone_one_stops_counting(
     backend = _Backend(tmp / "objects")
     alone = _own_locks(backend, "twin")
     assert _apply(alone, tmp).returncode == 0 and backend.cleared == ["abc"]
-    folders = [ownlock.PRESENCE + quote(who, safe="") + "/" for who in alone.who]
+    folders = _folders(alone)
     assert all(backend.objects.keys(f) == [f"{alone.token}-1"] for f in folders)
 
     twin = _own_locks(backend, "twin")  # the same replica id: a name of its own
@@ -334,11 +341,10 @@ def test_each_server_process_names_itself_and_a_gone_one_stops_counting(
 
 def test_a_first_run_removes_the_names_of_processes_gone_and_a_stop_its_own(
         tmp: Path) -> None:
-    from tfserver.app import ownlock
 
     backend = _Backend(tmp / "objects")
     late = _own_locks(backend, "late")
-    folders = [ownlock.PRESENCE + quote(who, safe="") + "/" for who in late.who]
+    folders = _folders(late)
     for folder in folders:  # each start leaves a name (a crash, or a stop mid-run)
         _name(backend, folder, "gone-1", ago=late.fresh_for + 1)
         _name(backend, folder, "live-1", ago=1)
@@ -354,7 +360,6 @@ def test_runs_that_start_at_once_leave_the_process_one_name(tmp: Path) -> None:
     one just written: the process had none while its terraform ran."""
     import threading
 
-    from tfserver.app import ownlock
     from tfserver.storage.local import LocalObjects
 
     class Slow(LocalObjects):
@@ -379,6 +384,6 @@ def test_runs_that_start_at_once_leave_the_process_one_name(tmp: Path) -> None:
         thread.start()
     for thread in threads:
         thread.join(10)
-    folders = [ownlock.PRESENCE + quote(who, safe="") + "/" for who in locks.who]
+    folders = _folders(locks)
     assert all(backend.objects.keys(f) == [f"{locks.token}-1"] for f in folders)
     assert len(Slow.puts) == len(folders)  # the second waited for the first's write

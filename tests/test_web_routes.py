@@ -344,3 +344,25 @@ def test_idempotency_keys_one_header_with_balanced_quotes(steps: ServerProcess) 
     assert bare.status in (200, 201) and bare.json["run_id"] == quoted.json["run_id"]
     assert steps.request("GET", f"/runs/{quoted.json['run_id']}").json[
         "idempotency_key"] == key
+
+
+def test_the_labels_kept_for_metrics_stay_bounded_under_hostile_paths_and_methods() -> None:
+    """A path's label and a label set's metric children are kept between answers; paths
+    and methods a client makes up (distinct, long, junk) never grow what is kept."""
+    from tfserver.metrics import Metrics
+    from tfserver.web import routes
+
+    long_path = "/demo/" + "x" * 300
+    for i in range(2_000):
+        assert routes.template(f"/demo/i{i}") == ("/{module}/{instance}", "demo", f"i{i}")
+    assert routes.template(long_path) == routes._label(long_path)
+    assert routes._labelled.cache_info().currsize <= 256
+    assert routes.template("/no/such/route/here") == ("unmatched", None, None)
+
+    metrics = Metrics()
+    for i in range(5_000):
+        metrics.request(f"M{i}" * 50, routes.template(f"/a/b/c/d{i}")[0], 404 + i % 3, 0.001)
+    assert len(metrics._children) == 3  # the method is `other`, the route `unmatched`
+    text = metrics.render().decode()
+    assert 'tfserver_http_requests_total{method="other",route="unmatched",status="404"}' \
+        in text and "M1" not in text

@@ -26,6 +26,11 @@ def method_label(method: str) -> str:
     return method if method in _METHODS else "other"
 
 
+#: Label sets of answered requests whose metric children are kept (methods, routes and
+#: statuses are each a bounded set: a few hundred at most).
+_CHILDREN_KEPT = 2048
+
+
 class Metrics:
     """Every metric of DESIGN.md's Operability section."""
 
@@ -38,6 +43,7 @@ class Metrics:
         self.http_duration = Histogram("tfserver_http_request_duration_seconds",
                                        "Time to answer an HTTP request (a stream: to its end)",
                                        ["route"], registry=r)
+        self._children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         self.runs = Counter("tfserver_runs_total", "Runs that ended",
                             ["module", "operation", "status"], registry=r)
         self.run_duration = Histogram("tfserver_run_duration_seconds",
@@ -98,8 +104,17 @@ class Metrics:
 
     def request(self, method: str, route: str, status: int, seconds: float) -> None:
         """An HTTP request was answered."""
-        self.http_requests.labels(method_label(method), route, str(status)).inc()
-        self.http_duration.labels(route).observe(seconds)
+        key = (method_label(method), route, status)
+        children = self._children.get(key)
+        if children is None:
+            # `labels` takes a lock and builds its key at each call (half the cost of
+            # counting a request): the children of a label set are kept.
+            children = (self.http_requests.labels(key[0], route, str(status)),
+                        self.http_duration.labels(route))
+            if len(self._children) < _CHILDREN_KEPT:  # bounded labels; a bound anyway
+                self._children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def run(self, module: str, operation: str, status: str, seconds: float | None) -> None:
         """A run ended."""

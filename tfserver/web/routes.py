@@ -13,6 +13,7 @@ parameter in the first segment never takes a literal first segment of the table
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -197,11 +198,20 @@ def match(path: str) -> Match | None:
 def template(path: str) -> tuple[str, str | None, str | None]:
     """The route label of a path (a bounded set, for metrics labels; `unmatched` when no
     route has it), and the module and instance it names, if any."""
+    # Each answer asks for its path's label again (metrics, audit): the short paths'
+    # are kept. A long one (a head's line may take 64 KiB) is matched each time.
+    return _labelled(path) if len(path) <= 200 else _label(path)
+
+
+def _label(path: str) -> tuple[str, str | None, str | None]:
     found = match(path)
     if found is None:
         return "unmatched", None, None
     module = found.params.get("module")
     return found.label, module, found.params.get("instance", "default" if module else None)
+
+
+_labelled = functools.lru_cache(maxsize=256)(_label)
 
 
 #: What a worker of the `sqs` engine answers (it runs terraform; the API is elsewhere).

@@ -387,3 +387,21 @@ def test_runs_that_start_at_once_leave_the_process_one_name(tmp: Path) -> None:
     folders = _folders(locks)
     assert all(backend.objects.keys(f) == [f"{locks.token}-1"] for f in folders)
     assert len(Slow.puts) == len(folders)  # the second waited for the first's write
+
+
+def test_a_process_says_once_when_another_may_run_with_its_replica_id(
+        tmp: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Two servers on one host left to one replica id (the default: the host name) mark
+    each other's active runs lost at start: the second says so at its first run."""
+    backend = _Backend(tmp / "objects")
+    _own_locks(backend, "twin").name_this_process()
+    _own_locks(backend, "other").name_this_process()
+
+    def told() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "TFSERVER_REPLICA_ID" in r.getMessage()]
+
+    assert told() == []
+    twin = _own_locks(backend, "twin")
+    twin.name_this_process()
+    _apply(twin, tmp)
+    assert len(told()) == 1 and "'twin'" in told()[0]

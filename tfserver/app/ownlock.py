@@ -132,6 +132,7 @@ class OwnLocks:
         self._written = -math.inf  # monotonic
         # Runs of several instances start at once: one writes the name, the rest wait.
         self._mutex = threading.Lock()
+        self._told = False  # that another process may have this replica id
 
     def _presence(self, who: str) -> str:
         return f"{PRESENCE}{quote(who, safe='')}/"
@@ -173,17 +174,27 @@ class OwnLocks:
                     for who in self.who:
                         self.backend.objects.delete(self._presence(who) + current)
 
-    def _fresh_until(self, key: str) -> float | None:
-        """Until when the name may be of a running process: by its writer's run timeout
-        or this process's, the later; None when it cannot be read."""
+    def _fresh_until(self, key: str) -> tuple[float, str] | None:
+        """Until when the name may be of a running process (by its writer's run timeout
+        or this process's, the later), and its replica id; None when it cannot be read."""
         try:
             doc = json.loads(self.backend.objects.get(key) or b"null")
             if not isinstance(doc, dict):
                 return None
             at = float(doc["at"])
-            return max(at + self.fresh_for, float(doc.get("until", at)))
+            return max(at + self.fresh_for, float(doc.get("until", at))), str(
+                doc.get("replica", ""))
         except (ValueError, TypeError, KeyError):
             return None
+
+    def _same_id(self, replica: str) -> None:
+        """Say once that another process may run with this process's replica id."""
+        if replica == self.replica and not self._told:
+            self._told = True
+            logger.warning("another server process with replica id %r wrote beside the "
+                           "state on this host and may still run: if it does, give each "
+                           "its own TFSERVER_REPLICA_ID (a start marks lost the active "
+                           "runs of its id)", replica)
 
     def _others(self, folder: str) -> bool:
         """True when a name in `folder` but this process's may be of a running process
@@ -194,14 +205,15 @@ class OwnLocks:
         for name in names:
             if name == mine:
                 continue
-            until = self._fresh_until(folder + name)
-            if until is None:
+            read = self._fresh_until(folder + name)
+            if read is None:
                 logger.warning("the name %s%s beside the state cannot be read: a lock "
                                "terraform finds its own is not cleared on this host while "
                                "it is there", folder, name)
                 others = True
-            elif now <= until:
+            elif now <= read[0]:
                 others = True
+                self._same_id(read[1])
             else:
                 self.backend.objects.delete(folder + name)
         return others

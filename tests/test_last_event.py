@@ -22,7 +22,7 @@ from test_runner_io import _alive
 from tfserver.terraform.follow import Output
 from tfserver.terraform.output import last_event
 from tfserver.terraform.process import Terraform
-from tfserver.terraform.wake import Wakes
+from tfserver.terraform.wake import Wake, Wakes
 
 PLAN = [{"type": "version"},
         {"type": "change_summary", "changes": {"add": 1, "change": 0, "remove": 0,
@@ -213,3 +213,29 @@ def test_last_event_of_each_command() -> None:
 
 def _readable(fd: int, timeout: float) -> bool:
     return bool(select.select([fd], [], [], timeout)[0])
+
+
+def test_an_apply_whose_events_all_came_before_the_watch_still_ends_at_its_last_event(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """terraform (here a quick stand-in on a busy machine) may write every event before
+    its output file is watched: no write wakes the reader after, and the run waited for
+    the exit (CI saw it: the stand-in's own deadline, 30 s, then `running() == 0`)."""
+    go = tmp_path / "go"
+    monkeypatch.setattr(Output, "POLL", 60.0)  # only a wake or the exit would read again
+    written = tmp_path / "written"
+
+    class Late(Wakes):
+        def watch(self, path: Path) -> Wake | None:
+            until(written.exists)  # the stand-in has written everything
+            return super().watch(path)
+
+    tf = stand_in(tmp_path, PLAN + APPLIED,
+                  f"open({str(written)!r}, 'w').close()\n" + waits_for(go), wakes=Late())
+    started = time.monotonic()
+    result = tf.run(["apply", "-json"], cwd=tmp_path, timeout=60)
+    assert result.ok and result.changes == {"add": 1, "change": 0, "remove": 0}
+    assert tf.running() == 1, "the run waited for the exit"
+    assert time.monotonic() - started < 20
+    go.touch()
+    assert until(lambda: tf.running() == 0)
+    tf.close()

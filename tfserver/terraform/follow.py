@@ -208,6 +208,9 @@ class Output:
         """Read what comes until the process exits (or, unless `to_exit`, reports its last
         event) or the monotonic time `until` passes; True when it did (everything it wrote
         until then is read)."""
+        # What came before the wake watched the file (terraform may have written all of
+        # it by then) wakes nobody: read first, then wait.
+        self._drain()
         while not (self.exited or (self.finished and not to_exit)):
             left = until - time.monotonic()
             if left <= 0:

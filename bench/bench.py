@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from support import start_server  # noqa: E402
+from support import on_tmpfs, start_server  # noqa: E402
 
 ENV = {
     "PATH": os.environ["PATH"],
@@ -145,16 +145,19 @@ def main() -> int:
     base = Path(tempfile.mkdtemp(prefix="tfserver-bench-"))
     results = {}
     try:
-        served = base / "modules"
-        for name, path in MODULES.items():
-            shutil.copytree(path, served / name)
-        srv = start_server(base / "srv", modules_dir=served, env={"TFSERVER_LOG_LEVEL": "INFO"})
-        for module in MODULES:
-            raw = prepare_raw(base, module)
-            for change in (True, False):
-                key = f"{module}, {'change' if change else 'no-op'}"
-                results[key] = run_scenario(srv.url, module, raw, base, args.rounds, change)
-        srv.stop()
+        with on_tmpfs() as scratch:
+            served = base / "modules"
+            for name, path in MODULES.items():
+                shutil.copytree(path, served / name)
+            # Var files and terraform's output on tmpfs, as the server puts them by default.
+            srv = start_server(base / "srv", modules_dir=served,
+                               env={"TFSERVER_LOG_LEVEL": "INFO", **scratch})
+            for module in MODULES:
+                raw = prepare_raw(base, module)
+                for change in (True, False):
+                    key = f"{module}, {'change' if change else 'no-op'}"
+                    results[key] = run_scenario(srv.url, module, raw, base, args.rounds, change)
+            srv.stop()
     finally:
         shutil.rmtree(base, ignore_errors=True)
 

@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from support import start_server  # noqa: E402
+from support import on_tmpfs, start_server  # noqa: E402
 
 MINIMAL = ROOT / "bench" / "modules" / "minimal"
 
@@ -113,9 +113,11 @@ def main() -> int:
         policy.write_text(f'[[webhooks]]\nurl = "{receiver}"\n'
                           'secret = "env:BENCH_HOOK_SECRET"\nevents = ["run.finished"]\n'
                           'tenants = ["*"]\n')
-        plain, hooked = measure(base, served, script, args.rounds, {
-            "TFSERVER_POLICY": str(policy), "TFSERVER_WEBHOOK_ALLOW": "127.0.0.1",
-            "BENCH_HOOK_SECRET": "whsec_" + base64.b64encode(b"0123456789abcdef0123").decode()})
+        with on_tmpfs() as scratch:  # var files and output where the server puts them
+            plain, hooked = measure(base, served, script, args.rounds, scratch, {
+                "TFSERVER_POLICY": str(policy), "TFSERVER_WEBHOOK_ALLOW": "127.0.0.1",
+                "BENCH_HOOK_SECRET": "whsec_"
+                + base64.b64encode(b"0123456789abcdef0123").decode()})
     finally:
         shutil.rmtree(base, ignore_errors=True)
     stand_in_p50 = statistics.median(execs)
@@ -135,12 +137,13 @@ def main() -> int:
     return 0
 
 
-def measure(base: Path, served: Path, script: Path, rounds: int, hook_env: dict[str, str]
+def measure(base: Path, served: Path, script: Path, rounds: int, common: dict[str, str],
+            hook_env: dict[str, str]
             ) -> tuple[tuple[list[float], float], tuple[list[float], float]]:
     """For a server without and one with a webhook, their applies taken in turn (so drift
     hits both alike): sorted PUT latencies (s) and the server's CPU seconds per apply."""
     servers = [start_server(base / name, modules_dir=served, env={
-        "TFSERVER_LOG_LEVEL": "INFO", "TFSERVER_TERRAFORM": str(script), **env})
+        "TFSERVER_LOG_LEVEL": "INFO", "TFSERVER_TERRAFORM": str(script), **common, **env})
         for name, env in (("plain", {}), ("hooked", hook_env))]
     try:
         conns = [http.client.HTTPConnection(s.url.split("//")[1], timeout=60) for s in servers]

@@ -10,9 +10,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,23 @@ class ServerProcess:
         if self._reader is not None:
             self._reader.join(timeout=10)  # its last lines were not all read yet
         return code
+
+
+@contextlib.contextmanager
+def on_tmpfs() -> Iterator[dict[str, str]]:
+    """The setting that puts a server's var files and terraform's output in a private
+    folder on /dev/shm, where the server puts them by default (`start_server` keeps them
+    beside each test's state instead), removed after; no setting where /dev/shm is not
+    writable. For benchmarks: on disk, terraform's fsync of its state flushes them too."""
+    shm = Path("/dev/shm")
+    if not (shm.is_dir() and os.access(shm, os.W_OK)):
+        yield {}
+        return
+    folder = tempfile.mkdtemp(prefix="tfserver-bench-", dir=shm)
+    try:
+        yield {"TFSERVER_TMP_DIR": folder}
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def launch(argv: list[str], *, cwd: Path, env: dict[str, str],

@@ -149,8 +149,10 @@ def start_defaults(cwd: Path) -> ServerProcess:
     """`python -m tfserver` as `make run` starts it: no settings but a free port, in a
     working directory that holds the repo's `modules/` (the default modules folder)."""
     shutil.copytree(ROOT / "modules", cwd / "modules")
+    # PYTHONPATH: this checkout's package, not the one the venv was installed from (a
+    # git worktree shares the main checkout's venv); still no tfserver setting.
     srv = launch([sys.executable, "-m", "tfserver", "--port", "0"], cwd=cwd,
-                 env={"PATH": os.environ["PATH"], "HOME": str(cwd)})
+                 env={"PATH": os.environ["PATH"], "HOME": str(cwd), "PYTHONPATH": str(ROOT)})
     assert srv.url.startswith("http://127.0.0.1:"), srv.log_text()
     deadline = time.monotonic() + 30
     while srv.request("GET", "/demo").status != 200:  # droplet cannot init offline
